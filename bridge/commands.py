@@ -1,0 +1,252 @@
+"""The command relay: carries set/get commands to nodes over TCP and reports every outcome.
+
+One asyncio loop (its own thread) holds one connection and one queue per node, because the
+ESP8266 firmware serves at most four clients and answers one request at a time; a slow or dead
+node only delays its own queue. Every command ends in exactly one CommandResult: a reply, a
+timeout, a refused connection, an undecodable reply, a full queue or an unknown node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from hacer.messages import CommandResult
+from hacer.nodewire import ReplyDecoder, Value, WireError, encode_get, encode_set
+
+log = logging.getLogger(__name__)
+
+QUEUE_LIMIT = 256
+IDLE_CLOSE_SECONDS = 5.0
+# A raw error text has no end marker: it ends when the node pauses this long.
+RAW_ERROR_PAUSE = 0.05
+
+
+@dataclass(frozen=True)
+class Command:
+    """One node command and where its answer goes."""
+
+    node_id: int
+    op: str  # "set" or "get"
+    key: str
+    value: Value | None = None
+    correlation: bytes | None = None
+    response_topic: str | None = None
+
+
+Resolver = Callable[[int], "tuple[str, int] | None"]
+ResultSink = Callable[[CommandResult, Command], None]
+
+
+class CommandRelay:
+    """Per-node queues and connections in one asyncio loop; see the module docstring."""
+
+    def __init__(self, resolve: Resolver, on_result: ResultSink, timeout: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._resolve = resolve
+        self._on_result = on_result
+        self._timeout = timeout
+        self._clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._channels: dict[int, _NodeChannel] = {}
+        self.counts: Counter[str] = Counter()
+
+    def start(self) -> None:
+        """Start the relay's event loop thread."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.call_soon(ready.set)
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="command-relay", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        """Close every connection and stop the loop."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+
+        async def shutdown() -> None:
+            for channel in list(self._channels.values()):
+                await channel.close()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        thread.join(5)
+        self._loop = self._thread = None
+
+    def submit(self, command: Command) -> None:
+        """Queue a command (from any thread); its result is reported whatever happens."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("command relay is not started")
+        loop.call_soon_threadsafe(self._enqueue, command)
+
+    # --- inside the loop --------------------------------------------------------------------
+
+    def _enqueue(self, command: Command) -> None:
+        address = self._resolve(command.node_id)
+        if address is None:
+            self._report(command, ok=False, error="unknown node")
+            return
+        channel = self._channels.get(command.node_id)
+        if channel is None or channel.closed:
+            channel = _NodeChannel(self, command.node_id)
+            self._channels[command.node_id] = channel
+        if channel.queue.qsize() >= QUEUE_LIMIT:
+            self._report(command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node")
+            return
+        channel.queue.put_nowait(command)
+        channel.ensure_worker()
+
+    def _report(self, command: Command, ok: bool, value: Value | None = None,
+                raw: str = "", error: str | None = None) -> None:
+        self.counts["ok" if ok else "failed"] += 1
+        correlation = None
+        if command.correlation is not None:
+            correlation = command.correlation.decode(errors="backslashreplace")
+        result = CommandResult(command.node_id, command.op, command.key, ok, value, raw, error,
+                               correlation, self._clock())
+        try:
+            self._on_result(result, command)
+        except Exception:
+            log.exception("result of %s %s on node %s could not be published",
+                          command.op, command.key, command.node_id)
+
+
+class _NodeChannel:
+    """The queue and the connection of one node."""
+
+    def __init__(self, relay: CommandRelay, node_id: int) -> None:
+        self.relay = relay
+        self.node_id = node_id
+        self.queue: asyncio.Queue[Command] = asyncio.Queue()
+        self.closed = False
+        self._worker: asyncio.Task[None] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._address: tuple[str, int] | None = None
+        self._decoder = ReplyDecoder()
+
+    def ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        self._decoder = ReplyDecoder()
+        if writer is not None:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def _work(self) -> None:
+        relay = self.relay
+        while True:
+            try:
+                command = await asyncio.wait_for(self.queue.get(), IDLE_CLOSE_SECONDS)
+            except asyncio.TimeoutError:
+                if self.queue.empty():
+                    await self._disconnect()
+                    if relay._channels.get(self.node_id) is self:
+                        del relay._channels[self.node_id]
+                    self.closed = True
+                    return
+                continue
+            try:
+                await self._execute(command)
+            except Exception as exc:  # never let one command end the node's queue
+                log.exception("command %s %s on node %s failed", command.op, command.key, self.node_id)
+                relay._report(command, ok=False, error=f"internal error: {exc}")
+                await self._disconnect()
+
+    async def _execute(self, command: Command) -> None:
+        relay = self.relay
+        try:
+            request = encode_set(command.key, command.value) if command.op == "set" \
+                else encode_get(command.key)  # type: ignore[arg-type]
+        except WireError as exc:
+            relay._report(command, ok=False, error=str(exc))
+            return
+        address = relay._resolve(self.node_id)
+        if address is None:
+            relay._report(command, ok=False, error="unknown node")
+            return
+        if address != self._address:  # the node moved: the old connection is useless
+            await self._disconnect()
+            self._address = address
+        deadline = asyncio.get_running_loop().time() + relay._timeout
+        for attempt in (1, 2):
+            reused = self._writer is not None
+            try:
+                reply = await asyncio.wait_for(self._exchange(address, request), relay._timeout)
+            except asyncio.TimeoutError:
+                await self._disconnect()
+                relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s")
+                return
+            except WireError as exc:
+                await self._disconnect()
+                relay._report(command, ok=False, raw=str(exc), error=f"undecodable reply: {exc}")
+                return
+            except (ConnectionError, OSError) as exc:
+                await self._disconnect()
+                # A kept connection may have been closed by the node while idle: retry once.
+                if reused and attempt == 1 and asyncio.get_running_loop().time() < deadline:
+                    continue
+                relay._report(command, ok=False, error=f"cannot reach {address[0]}:{address[1]}: "
+                                                       f"{exc.strerror or exc.__class__.__name__}")
+                return
+            if command.op == "set":
+                relay._report(command, ok=reply.ok, value=command.value if reply.ok else reply.value,
+                              raw=reply.raw, error=None if reply.ok else str(reply.value))
+            else:
+                relay._report(command, ok=reply.ok, value=reply.value, raw=reply.raw,
+                              error=None if reply.ok else str(reply.value))
+            return
+
+    async def _exchange(self, address: tuple[str, int], request: bytes):  # -> Reply
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(*address)
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(request)
+        await self._writer.drain()
+        decoder = self._decoder
+        while True:
+            if decoder.raw_error_pending:
+                try:
+                    data = await asyncio.wait_for(self._reader.read(4096), RAW_ERROR_PAUSE)
+                except asyncio.TimeoutError:
+                    reply = decoder.finish()
+                    if reply is not None:
+                        return reply
+                    continue
+            else:
+                data = await self._reader.read(4096)
+            if not data:
+                if decoder.pending:
+                    reply = decoder.finish()
+                    if reply is not None:
+                        await self._disconnect()
+                        return reply
+                raise ConnectionResetError("node closed the connection")
+            reply = decoder.feed(data)
+            if reply is not None:
+                return reply

@@ -1,0 +1,46 @@
+"""`python manage.py bridge`: read settings, wire the bridge, run until a signal."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+
+from bridge.service import Bridge
+from hacer.bus import Bus
+from hacer.settings import Settings
+from hacer.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def build_bridge(settings: Settings) -> Bridge:
+    """Build a bridge (not started) from settings."""
+    topics = Topics(settings.topic_prefix)
+    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-bridge-{socket.gethostname()}-{os.getpid()}",
+              presence_topic=topics.build("bridge_state"))
+    return Bridge(
+        bus, topics,
+        discovery_host=settings.discovery_host,
+        discovery_port=settings.discovery_port,
+        node_port=settings.node_port,
+        offline_after=settings.offline_after,
+        node_timeout=settings.node_timeout,
+        state_dir=settings.state_dir,
+        stats_interval=settings.stats_interval,
+        lastseen_interval=settings.lastseen_interval,
+    )
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the bridge until SIGINT or SIGTERM."""
+    settings = settings or Settings.from_env()
+    bridge = build_bridge(settings)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    bridge.start()
+    log.info("bridge running (broker %s, prefix %s)", settings.mqtt_url, settings.topic_prefix)
+    done.wait()
+    bridge.stop()

@@ -1,0 +1,205 @@
+"""The live node table: who is online, at which address, with which last known values.
+
+Presence is announced only on change (new node, online/offline, address, type, name, port or
+interval); a beacon from a known node only refreshes its last-seen time. Offline deadlines live
+in a heap checked lazily, so a beacon costs a dict lookup and no heap work.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from hacer.messages import OFFLINE, ONLINE, Presence
+from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
+
+
+class PresencePublisher(Protocol):
+    """Where the tracker announces changes."""
+
+    def presence(self, presence: Presence) -> None:
+        """Publish a node's presence (retained)."""
+
+    def values(self, node_id: int, values: dict[str, Value]) -> None:
+        """Publish a node's last known values (retained)."""
+
+
+@dataclass
+class NodeRecord:
+    """What the bridge knows of one node."""
+
+    id: int
+    type: str
+    ip: str
+    online: bool
+    since: float
+    last_seen: float
+    port: int | None = None
+    interval: float | None = None
+    name: str | None = None
+    values: dict[str, Value] = field(default_factory=dict)
+
+    def presence(self) -> Presence:
+        """Return the presence message of this record."""
+        return Presence(self.id, self.type, self.ip, ONLINE if self.online else OFFLINE,
+                        self.since, self.last_seen, self.port, self.interval, self.name)
+
+    def announced(self) -> tuple[object, ...]:
+        """Return the fields whose change is worth announcing."""
+        return (self.type, self.ip, self.online, self.port, self.interval, self.name)
+
+
+def same_announcement(a: Presence, b: Presence) -> bool:
+    """Tell whether two presences differ only in their times."""
+    return (a.type, a.ip, a.state, a.port, a.interval, a.name) == \
+        (b.type, b.ip, b.state, b.port, b.interval, b.name)
+
+
+class PresenceTracker:
+    """Thread-safe node table with offline deadlines; see the module docstring."""
+
+    def __init__(self, publisher: PresencePublisher, offline_after: float | None,
+                 clock: Callable[[], float]) -> None:
+        self._publisher = publisher
+        self._offline_after = offline_after
+        self._clock = clock
+        self._nodes: dict[int, NodeRecord] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._fresh: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self.deadline_changed = threading.Event()
+
+    def offline_after(self, record: NodeRecord) -> float:
+        """Seconds without a beacon before `record` goes offline."""
+        if self._offline_after is not None:
+            return self._offline_after
+        return 3 * (record.interval or DEFAULT_BEACON_INTERVAL)
+
+    # --- beacons ----------------------------------------------------------------------------
+
+    def observe(self, beacon: Beacon, ip: str, now: float) -> None:
+        """Take one beacon received from `ip` at `now`."""
+        with self._lock:
+            record = self._nodes.get(beacon.id)
+            if record is not None and record.online and record.ip == ip and record.type == beacon.type \
+                    and beacon.name == record.name and beacon.port == record.port \
+                    and beacon.interval == record.interval:
+                record.last_seen = now  # the common case: nothing to announce
+                self._fresh[beacon.id] = now
+                if beacon.state:
+                    self._merge_values(record, beacon.state)
+                return
+            if record is None:
+                record = NodeRecord(beacon.id, beacon.type, ip, True, now, now)
+                self._nodes[beacon.id] = record
+            elif not record.online:
+                record.online, record.since = True, now
+            record.ip, record.type, record.last_seen = ip, beacon.type, now
+            record.name, record.port, record.interval = beacon.name, beacon.port, beacon.interval
+            self._fresh[beacon.id] = now
+            self._push_deadline(record)
+            presence = record.presence()
+            if beacon.state:
+                self._merge_values(record, beacon.state)
+        self._publisher.presence(presence)
+
+    def _merge_values(self, record: NodeRecord, values: dict[str, Value]) -> None:
+        if all(record.values.get(k) == v for k, v in values.items()):
+            return
+        record.values.update(values)
+        self._publisher.values(record.id, dict(record.values))
+
+    def update_values(self, node_id: int, values: dict[str, Value]) -> None:
+        """Record values a node reported (command replies); publish them when they change."""
+        with self._lock:
+            record = self._nodes.get(node_id)
+            if record is not None:
+                self._merge_values(record, values)
+
+    # --- deadlines --------------------------------------------------------------------------
+
+    def _push_deadline(self, record: NodeRecord, not_before: float = 0.0) -> None:
+        deadline = max(record.last_seen + self.offline_after(record), not_before)
+        first = self._deadlines[0][0] if self._deadlines else None
+        heapq.heappush(self._deadlines, (deadline, record.id))
+        if first is None or deadline < first:
+            self.deadline_changed.set()
+
+    def expire(self, now: float) -> float | None:
+        """Mark offline every node past its deadline; return the next deadline, if any."""
+        gone: list[Presence] = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, node_id = heapq.heappop(self._deadlines)
+                record = self._nodes.get(node_id)
+                if record is None or not record.online:
+                    continue
+                deadline = record.last_seen + self.offline_after(record)
+                if deadline > now:  # beaconed since this entry was pushed
+                    heapq.heappush(self._deadlines, (deadline, node_id))
+                    continue
+                record.online, record.since = False, deadline
+                gone.append(record.presence())
+            next_deadline = self._deadlines[0][0] if self._deadlines else None
+        for presence in gone:
+            self._publisher.presence(presence)
+        return next_deadline
+
+    # --- restore and repair -----------------------------------------------------------------
+
+    def reconcile(self, retained: Iterable[Presence], retained_values: dict[int, dict[str, Value]],
+                  started_at: float, last_seen_hints: dict[int, float] | None = None) -> int:
+        """Adopt retained presence of nodes not known here; republish ours where it differs.
+
+        A restored online node keeps its deadline, except that it gets one beacon interval
+        from `started_at` to show itself (its beacons were missed while the bridge was away).
+        Returns how many presences were republished.
+        """
+        hints = last_seen_hints or {}
+        republish: list[Presence] = []
+        retained_by_id = {p.id: p for p in retained}
+        with self._lock:
+            for node_id, presence in retained_by_id.items():
+                if node_id in self._nodes:
+                    continue
+                last_seen = max(presence.last_seen, hints.get(node_id, 0.0))
+                record = NodeRecord(presence.id, presence.type, presence.ip, presence.state == ONLINE,
+                                    presence.since, last_seen, presence.port, presence.interval,
+                                    presence.name, dict(retained_values.get(node_id, {})))
+                self._nodes[node_id] = record
+                if record.online:
+                    grace = min(record.interval or DEFAULT_BEACON_INTERVAL, self.offline_after(record))
+                    self._push_deadline(record, not_before=started_at + grace)
+            for node_id, record in self._nodes.items():
+                theirs = retained_by_id.get(node_id)
+                if theirs is None or not same_announcement(theirs, record.presence()):
+                    republish.append(record.presence())
+                if record.values and retained_values.get(node_id) != record.values:
+                    self._publisher.values(node_id, dict(record.values))
+        for presence in republish:
+            self._publisher.presence(presence)
+        return len(republish)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def take_fresh(self) -> dict[int, float]:
+        """Return and forget the last-seen times refreshed since the previous call."""
+        with self._lock:
+            fresh, self._fresh = self._fresh, {}
+        return fresh
+
+    def last_seen_all(self) -> dict[int, float]:
+        """Return every node's last-seen time."""
+        with self._lock:
+            return {node_id: r.last_seen for node_id, r in self._nodes.items()}
+
+    def get(self, node_id: int) -> NodeRecord | None:
+        """Return the record of a node (a live object: read, do not change)."""
+        return self._nodes.get(node_id)
+
+    def counts(self) -> tuple[int, int]:
+        """Return (online, offline) node counts."""
+        with self._lock:
+            online = sum(1 for r in self._nodes.values() if r.online)
+            return online, len(self._nodes) - online

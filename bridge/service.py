@@ -1,0 +1,273 @@
+"""The bridge: wires the beacon listener, the presence tracker and the command relay to the bus.
+
+It also owns the bridge's housekeeping thread (offline deadlines, last-seen batches, stats,
+the last-seen checkpoint) and the repair done on every broker connect: read the retained
+presence and values, adopt what it does not know, republish what the broker lost.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from bridge.commands import Command, CommandRelay
+from bridge.listener import BeaconListener
+from bridge.presence import PresenceTracker
+from hacer.bus import Bus, BusError, Message
+from hacer.messages import (BridgeStats, CommandResult, GetCommand, LastSeenBatch, MessageError,
+                            NodeValues, Presence, SetCommand)
+from hacer.nodewire import Value
+from hacer.topics import TopicError, Topics, is_wildcard
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 5.0
+
+
+class BusPresencePublisher:
+    """Publishes the tracker's changes as retained messages; notes what could not be sent."""
+
+    def __init__(self, bus: Bus, topics: Topics) -> None:
+        self._bus = bus
+        self._topics = topics
+        self.failures = 0
+
+    def presence(self, presence: Presence) -> None:
+        self._publish(self._topics.build("node_presence", presence.id), presence.to_payload())
+
+    def values(self, node_id: int, values: dict[str, Value]) -> None:
+        self._publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        # Never block the listener: whatever is not sent now, the next connect's repair resends.
+        try:
+            if not self._bus.publish(topic, payload, qos=1, retain=True, block=False):
+                self.failures += 1
+        except BusError:
+            self.failures += 1
+
+
+class Bridge:
+    """The bridge process's parts, started and stopped together."""
+
+    def __init__(self, bus: Bus, topics: Topics, *, discovery_host: str, discovery_port: int,
+                 node_port: int, offline_after: float | None, node_timeout: float,
+                 state_dir: Path | None, stats_interval: float = 10.0,
+                 lastseen_interval: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.node_port = node_port
+        self.clock = clock
+        self.stats_interval = stats_interval
+        self.lastseen_interval = lastseen_interval
+        self.checkpoint_path = state_dir / "bridge-lastseen.json" if state_dir else None
+        self.publisher = BusPresencePublisher(bus, topics)
+        self.tracker = PresenceTracker(self.publisher, offline_after, clock)
+        self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
+        self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
+        self.started_at = 0.0
+        self.restored = threading.Event()
+        self._stopping = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+        self._repair_lock = threading.Lock()
+        self._last_stats: BridgeStats | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, restore_timeout: float = 10.0) -> None:
+        """Connect, restore the node table from the broker, then listen and serve commands."""
+        self.started_at = self.clock()
+        self.relay.start()
+        self.bus.subscribe(self.topics.filter("node_set"), self._on_set, send_retained=False)
+        self.bus.subscribe(self.topics.filter("node_get"), self._on_get, send_retained=False)
+        self.bus.on_connect(self._on_connect)
+        self.bus.start()
+        if not self.restored.wait(restore_timeout):
+            log.warning("no broker within %s s: listening anyway; the node table is restored "
+                        "when the broker answers", restore_timeout)
+        self.listener.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="bridge-housekeeping",
+                                             daemon=True)
+        self._housekeeper.start()
+
+    def stop(self) -> None:
+        """Stop listening, save the checkpoint and leave the bus (bridge state `offline`)."""
+        self._stopping.set()
+        self.tracker.deadline_changed.set()
+        self.listener.stop()
+        if self._housekeeper is not None:
+            self._housekeeper.join(5)
+        self._save_checkpoint()
+        self.relay.stop()
+        self.bus.stop()
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def _on_set(self, message: Message) -> None:
+        self._on_command(message, "set")
+
+    def _on_get(self, message: Message) -> None:
+        self._on_command(message, "get")
+
+    def _on_command(self, message: Message, op: str) -> None:
+        try:
+            node_id = self.topics.node_id(message.topic)
+        except TopicError:
+            log.warning("ignored %s on odd topic %s", op, message.topic)
+            return
+        commands: list[Command] = []
+        try:
+            if op == "set":
+                for key, value in SetCommand.from_payload(message.payload).values.items():
+                    commands.append(Command(node_id, op, key, value, message.correlation,
+                                            message.response_topic))
+            else:
+                for key in GetCommand.from_payload(message.payload).keys:
+                    commands.append(Command(node_id, op, key, None, message.correlation,
+                                            message.response_topic))
+        except MessageError as exc:
+            self.relay.counts["bad_request"] += 1
+            bad = Command(node_id, op, "", None, message.correlation, message.response_topic)
+            correlation = message.correlation.decode(errors="backslashreplace") if message.correlation else None
+            self._publish_result(CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
+                                               correlation, self.clock()), bad)
+            return
+        for command in commands:
+            self.relay.submit(command)
+
+    def _address_of(self, node_id: int) -> tuple[str, int] | None:
+        record = self.tracker.get(node_id)
+        if record is None:
+            return None
+        return record.ip, record.port or self.node_port
+
+    def _publish_result(self, result: CommandResult, command: Command) -> None:
+        payload = result.to_payload()
+        self.bus.publish(self.topics.build("node_result", result.node_id), payload,
+                         correlation=command.correlation)
+        if command.response_topic and not is_wildcard(command.response_topic):
+            self.bus.publish(command.response_topic, payload, correlation=command.correlation)
+        if result.ok and result.value is not None:
+            self.tracker.update_values(result.node_id, {result.key: result.value})
+
+    # --- repair on connect ------------------------------------------------------------------
+
+    def _on_connect(self, session_present: bool) -> None:
+        threading.Thread(target=self._repair, name="bridge-repair", daemon=True).start()
+
+    def _repair(self) -> None:
+        """Read the retained presence and values, adopt unknown nodes, resend what differs."""
+        with self._repair_lock:
+            presences: dict[int, Presence] = {}
+            values: dict[int, dict[str, Value]] = {}
+
+            def collect_presence(message: Message) -> None:
+                if message.retain and message.payload:
+                    try:
+                        presence = Presence.from_payload(message.payload)
+                    except MessageError as exc:
+                        log.warning("ignored retained %s: %s", message.topic, exc)
+                        return
+                    presences[presence.id] = presence
+
+            def collect_values(message: Message) -> None:
+                if message.retain and message.payload:
+                    try:
+                        values[self.topics.node_id(message.topic)] = \
+                            NodeValues.from_payload(message.payload).values
+                    except (MessageError, TopicError) as exc:
+                        log.warning("ignored retained %s: %s", message.topic, exc)
+
+            presence_filter = self.topics.filter("node_presence")
+            state_filter = self.topics.filter("node_state")
+            self.bus.subscribe(presence_filter, collect_presence)
+            self.bus.subscribe(state_filter, collect_values)
+            try:
+                self.bus.sync(timeout=30)
+            except BusError as exc:
+                log.warning("could not read the retained node table: %s", exc)
+                return
+            finally:
+                self.bus.unsubscribe(presence_filter)
+                self.bus.unsubscribe(state_filter)
+            republished = self.tracker.reconcile(presences.values(), values, self.started_at,
+                                                 self._load_checkpoint())
+            log.info("node table: %d retained presence(s) read, %d republished",
+                     len(presences), republished)
+            self.restored.set()
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = self.clock()
+        next_lastseen = now + self.lastseen_interval
+        next_stats = now
+        next_checkpoint = now + CHECKPOINT_EVERY
+        while not self._stopping.is_set():
+            now = self.clock()
+            next_deadline = self.tracker.expire(now)
+            if now >= next_lastseen:
+                self._publish_lastseen()
+                next_lastseen = now + self.lastseen_interval
+            if now >= next_stats:
+                self._publish_stats()
+                next_stats = now + self.stats_interval
+            if now >= next_checkpoint:
+                self._save_checkpoint()
+                next_checkpoint = now + CHECKPOINT_EVERY
+            wake = min(next_lastseen, next_stats, next_checkpoint)
+            if next_deadline is not None:
+                wake = min(wake, next_deadline)
+            self.tracker.deadline_changed.clear()
+            self.tracker.deadline_changed.wait(max(0.0, wake - self.clock()))
+
+    def _publish_lastseen(self) -> None:
+        fresh = self.tracker.take_fresh()
+        if fresh and self.bus.connected:
+            self.bus.publish(self.topics.build("bridge_lastseen"), LastSeenBatch(fresh).to_payload(), qos=0)
+
+    def stats(self) -> BridgeStats:
+        """Return the bridge's counters now."""
+        online, offline = self.tracker.counts()
+        return BridgeStats(
+            datagrams=self.listener.datagrams,
+            accepted=self.listener.accepted,
+            dropped=dict(self.listener.drops.counts),
+            kernel_drops=self.listener.kernel_drops(),
+            nodes_online=online,
+            nodes_offline=offline,
+            commands=dict(self.relay.counts),
+            publish_failures=self.publisher.failures,
+        )
+
+    def _publish_stats(self) -> None:
+        stats = self.stats()
+        if stats != self._last_stats and self.bus.connected:
+            self.bus.publish(self.topics.build("bridge_stats"), stats.to_payload(), qos=0, retain=True)
+            self._last_stats = stats
+
+    # --- checkpoint of last-seen times (retained presence is only as fresh as its last change) -
+
+    def _save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        try:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = self.checkpoint_path.with_suffix(".tmp")
+            scratch.write_text(json.dumps(self.tracker.last_seen_all()))
+            os.replace(scratch, self.checkpoint_path)
+        except OSError as exc:
+            log.warning("could not save %s: %s", self.checkpoint_path, exc)
+
+    def _load_checkpoint(self) -> dict[int, float]:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return {}
+        try:
+            return {int(k): float(v) for k, v in json.loads(self.checkpoint_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("ignored unreadable %s: %s", self.checkpoint_path, exc)
+            return {}

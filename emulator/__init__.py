@@ -1,0 +1,1 @@
+"""Emulated 2015 nodes for demos, tests and benchmarks."""

@@ -1,0 +1,1 @@
+"""hacer shared core: settings, topics, messages, bus, models, node wire codec."""

@@ -1,0 +1,343 @@
+"""The MQTT client every hacer process uses; the only module that imports paho.
+
+A `Bus` connects with MQTT 5, sets its last will before connecting, reconnects with backoff,
+renews every registered subscription on each connect and only then publishes its retained
+birth message, bounds its unconfirmed QoS 1 publishes, and dispatches messages to handlers
+that must not block; a handler's exception is logged and counted, never raised into paho.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from hacer.topics import Topics, is_wildcard
+
+log = logging.getLogger(__name__)
+
+
+class BusError(RuntimeError):
+    """The bus could not do what was asked (not connected in time, refused publish)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A received message, free of paho types."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+    correlation: bytes | None = None
+    response_topic: str | None = None
+
+
+Handler = Callable[[Message], None]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to reach the broker, parsed from a URL."""
+
+    host: str
+    port: int
+    transport: str = "tcp"
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    path: str = "/mqtt"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse mqtt://, mqtts://, ws:// or wss:// URLs (user:password@ allowed)."""
+    parts = urlsplit(url)
+    defaults = {"mqtt": (1883, "tcp", False), "mqtts": (8883, "tcp", True),
+                "ws": (80, "websockets", False), "wss": (443, "websockets", True)}
+    if parts.scheme not in defaults or not parts.hostname:
+        raise BusError(f"broker URL {url!r} is not mqtt://host[:port] (or mqtts, ws, wss)")
+    port, transport, tls = defaults[parts.scheme]
+    return BrokerAddress(
+        host=parts.hostname,
+        port=parts.port or port,
+        transport=transport,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        path=parts.path or "/mqtt",
+    )
+
+
+@dataclass
+class _Subscription:
+    topic_filter: str
+    match_filter: str
+    qos: int
+    handler: Handler
+    no_local: bool
+    send_retained: bool
+
+
+class Bus:
+    """One MQTT connection with its subscriptions, birth and will; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        topics: Topics,
+        client_id: str,
+        *,
+        presence_topic: str | None = None,
+        clean_start: bool = True,
+        session_expiry: int = 0,
+        max_unconfirmed: int = 10_000,
+        keepalive: int = 15,
+    ) -> None:
+        self.address = parse_broker_url(url)
+        self.topics = topics
+        self.client_id = client_id
+        self.presence_topic = presence_topic
+        self.clean_start = clean_start
+        self.session_expiry = session_expiry
+        self.keepalive = keepalive
+        self.handler_errors = 0
+        self._subscriptions: list[_Subscription] = []
+        self._connect_hooks: list[Callable[[bool], None]] = []
+        self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
+        self._pending_mids: set[int] = set()
+        self._lock = threading.RLock()
+        self._connected = threading.Event()
+        self._sync_waiters: dict[str, threading.Event] = {}
+        self._client: paho.Client | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; reconnects by itself until stop()."""
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5,
+            transport=self.address.transport,
+            reconnect_on_failure=True,
+        )
+        if self.address.transport == "websockets":
+            client.ws_set_options(path=self.address.path)
+        if self.address.tls:
+            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.presence_topic:
+            client.will_set(self.presence_topic, b"offline", qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=0.1, max_delay=5)  # type: ignore[arg-type]
+        client.max_inflight_messages_set(1000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        self._client = client
+        self.subscribe(self.topics.build("client_sync", self.client_id), self._on_sync, qos=1)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.session_expiry
+        client.connect_async(
+            self.address.host, self.address.port, keepalive=self.keepalive,
+            clean_start=self.clean_start, properties=properties,
+        )
+        client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish `offline` on the presence topic (a clean disconnect sends no will) and close."""
+        client = self._client
+        if client is None:
+            return
+        if self.presence_topic and self.connected:
+            info = client.publish(self.presence_topic, b"offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        client.disconnect()
+        client.loop_stop()
+        self._client = None
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        """Tell whether the connection is up and subscriptions renewed."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; raise BusError after `timeout` seconds."""
+        if not self._connected.wait(timeout):
+            raise BusError(f"no broker at {self.address.host}:{self.address.port} after {timeout} s")
+
+    def on_connect(self, hook: Callable[[bool], None]) -> None:
+        """Call `hook(session_present)` after every connect, once subscriptions are renewed."""
+        self._connect_hooks.append(hook)
+
+    # --- subscribe / publish ---------------------------------------------------------------
+
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        no_local: bool = False,
+        send_retained: bool = True,
+    ) -> None:
+        """Register `handler` for `topic_filter` (a `$share/...` filter too), renewed on reconnect."""
+        match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+        sub = _Subscription(topic_filter, match_filter, qos, handler, no_local, send_retained)
+        with self._lock:
+            self._subscriptions.append(sub)
+        if self.connected and self._client is not None:
+            self._client.subscribe(topic_filter, options=self._options(sub))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop every registration of `topic_filter`."""
+        with self._lock:
+            self._subscriptions = [s for s in self._subscriptions if s.topic_filter != topic_filter]
+        if self._client is not None:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+        block: bool = True,
+        timeout: float = 30.0,
+    ) -> bool:
+        """Queue a publish; at most `max_unconfirmed` QoS 1 publishes wait for their ack.
+
+        When that many wait, block up to `timeout` (raising BusError), or with block=False
+        return False at once so the caller can repair state later instead.
+        """
+        if is_wildcard(topic):
+            raise BusError(f"cannot publish to the wildcard topic {topic!r}")
+        client = self._client
+        if client is None:
+            raise BusError("bus is not started")
+        properties = None
+        if correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        if qos > 0 and not self._unconfirmed.acquire(blocking=block, timeout=timeout if block else None):
+            if block:
+                raise BusError(f"broker confirmed nothing for {timeout} s")
+            return False
+        with self._lock:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if qos > 0:
+                if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                    self._unconfirmed.release()
+                    raise BusError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
+                self._pending_mids.add(info.mid)
+        return True
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Wait until every message the broker queued for us before this call has been handled.
+
+        Retained messages sent on subscribe are queued before our own later publish, so the
+        arrival of a marker published to ourselves tells that they have all been dispatched.
+        """
+        token = uuid.uuid4().hex
+        arrived = threading.Event()
+        self._sync_waiters[token] = arrived
+        try:
+            self.publish(self.topics.build("client_sync", self.client_id), token, qos=1)
+            if not arrived.wait(timeout):
+                raise BusError(f"sync marker not back within {timeout} s")
+        finally:
+            self._sync_waiters.pop(token, None)
+
+    # --- paho callbacks (paho's thread: never block, never raise) --------------------------
+
+    def _options(self, sub: _Subscription) -> SubscribeOptions:
+        return SubscribeOptions(
+            qos=sub.qos,
+            noLocal=sub.no_local,
+            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if sub.send_retained
+            else SubscribeOptions.RETAIN_DO_NOT_SEND,
+        )
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        # paho leaves Nagle on, which stalls the first messages of a stream by ~40 ms.
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        if reason.is_failure:
+            log.warning("broker %s:%s refused %s: %s", self.address.host, self.address.port,
+                        self.client_id, reason)
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        if subscriptions:
+            client.subscribe([(s.topic_filter, self._options(s)) for s in subscriptions])
+        if self.presence_topic:
+            client.publish(self.presence_topic, b"online", qos=1, retain=True)
+        log.info("%s connected to %s:%s (session present: %s)", self.client_id,
+                 self.address.host, self.address.port, flags.session_present)
+        self._connected.set()
+        for hook in self._connect_hooks:
+            try:
+                hook(flags.session_present)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("connect hook %r failed", hook)
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
+                       reason: ReasonCode, properties: Properties | None) -> None:
+        self._connected.clear()
+        if self._client is not None:
+            log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        with self._lock:
+            if mid in self._pending_mids:
+                self._pending_mids.discard(mid)
+                self._unconfirmed.release()
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        message = Message(
+            topic=msg.topic,
+            payload=msg.payload,
+            retain=bool(msg.retain),
+            qos=msg.qos,
+            correlation=getattr(props, "CorrelationData", None),
+            response_topic=getattr(props, "ResponseTopic", None),
+        )
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for sub in subscriptions:
+            if not paho.topic_matches_sub(sub.match_filter, message.topic):
+                continue
+            try:
+                sub.handler(message)
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for %s failed on payload %r", message.topic, message.payload[:200])
+
+    def _on_sync(self, message: Message) -> None:
+        waiter = self._sync_waiters.get(message.payload.decode(errors="replace"))
+        if waiter is not None:
+            waiter.set()

@@ -1,0 +1,143 @@
+"""Database models (SQLAlchemy 2.x) with the fixed rows of 2015, and the engine set-up.
+
+Table and column names follow the 2015 schema (`node`, `node_type`, `script_log_entry`,
+`script_log_entry_type`), so a 2015 database file opens as it is.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import DateTime, ForeignKey, Integer, BigInteger, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from hacer.nodewire import NODE_TYPES
+
+LOG_ENTRY_TYPES = ("launch", "output", "sent_set", "sent_get", "result", "exception", "exit_status")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every hacer table."""
+
+
+class _FixedRows:
+    """Tables whose rows are a fixed list of names, inserted by insert_types()."""
+
+    NAMES: ClassVar[tuple[str, ...]] = ()
+    id: Mapped[int]
+    name: Mapped[str]
+
+    @classmethod
+    def insert_types(cls, session: Session | None = None) -> None:
+        """Insert the missing fixed rows (idempotent), as the 2015 shell set-up did."""
+        if session is None:
+            session = Database.current().session()
+            with session:
+                cls.insert_types(session)
+                session.commit()
+            return
+        present = set(session.scalars(select(cls.name)))  # type: ignore[attr-defined]
+        for position, name in enumerate(cls.NAMES, start=1):
+            if name not in present:
+                session.add(cls(id=position, name=name))  # type: ignore[call-arg]
+        session.flush()
+
+
+class NodeType(_FixedRows, Base):
+    """Node types: toggle, light_rgb, sensor_temp, thermostat, other."""
+
+    __tablename__ = "node_type"
+    NAMES = NODE_TYPES
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ScriptLogEntryType(_FixedRows, Base):
+    """Script log entry types: launch, output, sent_set, sent_get, result, exception, exit_status."""
+
+    __tablename__ = "script_log_entry_type"
+    NAMES = LOG_ENTRY_TYPES
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Node(Base):
+    """A node seen on the network; `id` is its ESP chip id."""
+
+    __tablename__ = "node"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(String(64), unique=True)
+    type_id: Mapped[int] = mapped_column(ForeignKey("node_type.id"))
+    ip: Mapped[str] = mapped_column(String(64), default="")
+    last_update: Mapped[datetime | None] = mapped_column(DateTime)
+    type: Mapped[NodeType] = relationship(lazy="joined")
+
+
+class ScriptLogEntry(Base):
+    """One entry of a script run's log; `thread_id` numbers the run, as in 2015."""
+
+    __tablename__ = "script_log_entry"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    timestamp: Mapped[datetime] = mapped_column(DateTime)
+    thread_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    script_name: Mapped[str] = mapped_column(String(255))
+    params: Mapped[str] = mapped_column(Text, default="[]")
+    entry_type_id: Mapped[int] = mapped_column(ForeignKey("script_log_entry_type.id"))
+    data: Mapped[str] = mapped_column(Text, default="")
+    entry_type: Mapped[ScriptLogEntryType] = relationship(lazy="joined")
+
+
+class Database:
+    """An engine and its session factory for one database URL."""
+
+    _current: ClassVar["Database | None"] = None
+
+    def __init__(self, url: str, **engine_options: Any) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url, **engine_options)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_all(self) -> None:
+        """Create the missing tables (the 2015 `db.create_all()`)."""
+        Base.metadata.create_all(self.engine)
+
+    def init(self) -> None:
+        """Create the schema and the fixed rows; safe to run any number of times."""
+        self.create_all()
+        with self.session() as session:
+            NodeType.insert_types(session)
+            ScriptLogEntryType.insert_types(session)
+            session.commit()
+
+    def make_current(self) -> "Database":
+        """Make this the database of argument-less 2015 calls such as NodeType.insert_types()."""
+        Database._current = self
+        return self
+
+    @classmethod
+    def current(cls) -> "Database":
+        """Return the database made current (by `manage.py shell`)."""
+        if cls._current is None:
+            raise RuntimeError("no current database: pass a session, or use `python manage.py shell`")
+        return cls._current
+
+
+def make_engine(url: str, **options: Any) -> Engine:
+    """Create an engine; SQLite gets WAL and a busy timeout so several processes can share it."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    if url.startswith("sqlite"):
+        options.setdefault("connect_args", {"timeout": 30})
+    engine = create_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,266 @@
+"""The node wire protocols of 2015: UDP beacon JSON and the TCP command encoding.
+
+Beacon: a JSON object such as {"id": 1234567, "type": "toggle"} of at most 1024 bytes, with
+optional newer fields name, interval, port and state.
+Commands: integers are `i<n>e`, strings `<len>:<text>` (a string of digits goes as an integer);
+set is `s<key><value>`, get is `g<key>`; a reply is `+` or `-` and one value, except that some
+firmware sends raw error text after `-`, which only an idle pause ends.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+MAX_BEACON_BYTES = 1024
+MAX_NODE_ID = 2**53 - 1
+NODE_TYPES = ("toggle", "light_rgb", "sensor_temp", "thermostat", "other")
+DEFAULT_BEACON_INTERVAL = 60.0
+
+Value = Union[int, str]
+
+
+class BeaconError(ValueError):
+    """A datagram that is not a valid beacon; `reason` names the counter it goes to."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Beacon:
+    """A decoded node beacon."""
+
+    id: int
+    type: str
+    name: str | None = None
+    interval: float | None = None
+    port: int | None = None
+    state: dict[str, Value] = field(default_factory=dict)
+    declared_type: str = ""
+
+    def to_payload(self) -> bytes:
+        """Encode the beacon as a node would send it."""
+        body: dict[str, Any] = {"id": self.id, "type": self.declared_type or self.type}
+        if self.name is not None:
+            body["name"] = self.name
+        if self.interval is not None:
+            body["interval"] = self.interval
+        if self.port is not None:
+            body["port"] = self.port
+        if self.state:
+            body["state"] = self.state
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is an int subclass and never a valid id or port
+
+
+def decode_beacon(datagram: bytes) -> Beacon:
+    """Decode one beacon datagram; raise BeaconError with a counter reason if it is not one."""
+    if len(datagram) > MAX_BEACON_BYTES:
+        raise BeaconError("too_large", f"{len(datagram)} bytes, more than {MAX_BEACON_BYTES}")
+    try:
+        body = json.loads(datagram)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BeaconError("not_json", f"not JSON: {exc}") from None
+    if type(body) is not dict:
+        raise BeaconError("not_object", f"a JSON {type(body).__name__}, not an object")
+    node_id = body.get("id")
+    if not _is_int(node_id) or not 0 <= node_id <= MAX_NODE_ID:
+        raise BeaconError("bad_id", f"id {node_id!r} is not an integer in 0..2^53-1")
+    declared = body.get("type")
+    if type(declared) is not str or not 0 < len(declared) <= 64:
+        raise BeaconError("bad_type", f"type {declared!r} is not a short string")
+    if len(body) == 2:  # the 2015 beacon: nothing more to check
+        return Beacon(node_id, declared if declared in NODE_TYPES else "other", declared_type=declared)
+    name = body.get("name")
+    if name is not None and (type(name) is not str or len(name) > 64):
+        raise BeaconError("bad_field", f"name {name!r} is not a string of at most 64 characters")
+    interval = body.get("interval")
+    if interval is not None:
+        if type(interval) not in (int, float) or not 1 <= interval <= 86400:
+            raise BeaconError("bad_field", f"interval {interval!r} is not a number of seconds in 1..86400")
+        interval = float(interval)
+    port = body.get("port")
+    if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+        raise BeaconError("bad_field", f"port {port!r} is not an integer in 1..65535")
+    state = body.get("state")
+    if state is None:
+        state = {}
+    elif type(state) is not dict or len(state) > 32 or not all(
+        type(v) in (int, str) and len(k) <= 64 for k, v in state.items()
+    ):
+        raise BeaconError("bad_field", "state is not an object of at most 32 integer or string values")
+    return Beacon(
+        node_id,
+        declared if declared in NODE_TYPES else "other",
+        name=name or None,
+        interval=interval,
+        port=port,
+        state=state,
+        declared_type=declared,
+    )
+
+
+# --- TCP command encoding -------------------------------------------------------------------
+
+
+class WireError(ValueError):
+    """A value that cannot be encoded, or a reply that cannot be decoded."""
+
+
+def encode_value(value: Value) -> bytes:
+    """Encode one value; a string of digits is sent as an integer, as the 2015 server did."""
+    if type(value) is bool:
+        value = int(value)
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is int:
+        return b"i%de" % value
+    if type(value) is str:
+        if value.isascii() and value.isdigit():
+            return b"i%se" % value.encode()
+        raw = value.encode()
+        return b"%d:%s" % (len(raw), raw)
+    raise WireError(f"{value!r} is neither an integer nor a string")
+
+
+def encode_set(key: str, value: Value) -> bytes:
+    """Encode a set command."""
+    return b"s" + encode_value(key) + encode_value(value)
+
+
+def encode_get(key: str) -> bytes:
+    """Encode a get command."""
+    return b"g" + encode_value(key)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A decoded node reply."""
+
+    ok: bool
+    value: Value
+    raw: str
+
+
+class ReplyDecoder:
+    """Incremental decoder of one reply at a time, fed with bytes as they arrive.
+
+    `feed` returns a Reply once the bytes seen hold a whole one (keeping any excess for the
+    next reply) and None while more are needed. A raw error text has no end marker: after an
+    idle pause the caller calls `finish`, which returns it.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.raw_error_pending = False  # True while the buffer holds an unterminated raw error
+
+    @property
+    def pending(self) -> bool:
+        """Tell whether part of a reply has been received."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes) -> Reply | None:
+        """Add received bytes; return the reply they complete, if any."""
+        self._buffer += data
+        buf = self._buffer
+        if not buf:
+            return None
+        if buf[:1] not in (b"+", b"-"):
+            raise WireError(f"reply starts with {buf[:1]!r}, not + or -")
+        ok = buf[:1] == b"+"
+        parsed = _parse_value(buf, 1)
+        if parsed is None:
+            return None
+        if parsed is _RAW:
+            if ok:
+                raise WireError(f"success reply {buf[:40]!r} is not an encoded value")
+            self.raw_error_pending = True
+            return None  # raw error text: only an idle pause ends it
+        value, end = parsed
+        self._buffer = buf[end:]
+        return Reply(ok, value, buf[:end].decode(errors="replace"))
+
+    def finish(self) -> Reply | None:
+        """End a raw error text at an idle pause; return it, or None when nothing is pending."""
+        buf, self._buffer = self._buffer, b""
+        self.raw_error_pending = False
+        if not buf:
+            return None
+        if buf[:1] == b"-":
+            parsed = _parse_value(buf, 1)
+            if parsed is _RAW:
+                text = buf[1:].decode(errors="replace").rstrip("\r\n")
+                return Reply(False, text, buf.decode(errors="replace"))
+        raise WireError(f"incomplete reply {buf[:40]!r}")
+
+
+_RAW = object()
+
+
+def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | object | None:
+    """Parse an encoded value at `pos`: (value, end), None if incomplete, _RAW if not encoded."""
+    if pos >= len(buf):
+        return None
+    first = buf[pos:pos + 1]
+    if first == b"i":
+        end = buf.find(b"e", pos + 1)
+        digits = buf[pos + 1:end if end >= 0 else len(buf)]
+        body = digits[1:] if digits[:1] == b"-" else digits
+        if body and not body.isdigit() or (not body and end >= 0):
+            return _RAW
+        if end < 0:
+            return None if len(digits) < 24 else _RAW
+        return int(digits), end + 1
+    if first.isdigit():
+        colon = pos
+        while colon < len(buf) and buf[colon:colon + 1].isdigit():
+            colon += 1
+        if colon == len(buf):
+            return None if colon - pos < 7 else _RAW
+        if buf[colon:colon + 1] != b":":
+            return _RAW
+        length = int(buf[pos:colon])
+        end = colon + 1 + length
+        if len(buf) < end:
+            return None
+        return buf[colon + 1:end].decode(errors="replace"), end
+    return _RAW
+
+
+def decode_request(buf: bytes) -> tuple[str, str, Value | None, int] | None:
+    """Decode one command at the start of `buf` as a node does: (op, key, value, bytes used).
+
+    Returns None while the command is incomplete; raises WireError for bytes that are not one.
+    """
+    if not buf:
+        return None
+    op = buf[:1]
+    if op not in (b"s", b"g"):
+        raise WireError(f"command starts with {op!r}, not s or g")
+    key = _parse_value(buf, 1)
+    if key is None:
+        return None
+    if key is _RAW:
+        raise WireError("command key is not an encoded value")
+    key_value, end = key  # type: ignore[misc]
+    if op == b"g":
+        return "get", str(key_value), None, end
+    value = _parse_value(buf, end)
+    if value is None:
+        return None
+    if value is _RAW:
+        raise WireError("command value is not an encoded value")
+    set_value, end = value  # type: ignore[misc]
+    return "set", str(key_value), set_value, end
+
+
+def encode_reply(ok: bool, value: Value, raw_text: bool = False) -> bytes:
+    """Encode a node's reply; raw_text sends an error's text bare, as some firmware does."""
+    if raw_text and not ok:
+        return b"-" + str(value).encode()
+    return (b"+" if ok else b"-") + encode_value(value)

@@ -1,0 +1,87 @@
+"""Settings: every environment variable hacer reads is read here, once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """A setting has a value hacer cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None, low: float) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if value < low:
+        raise SettingsError(f"{name}={value} is below {low}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration of one hacer process."""
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    topic_prefix: str = "hacer"
+    database_url: str = field(default_factory=lambda: sqlite_url(PROJECT_DIR / "hacer.db"))
+    discovery_host: str = "0.0.0.0"
+    discovery_port: int = 7775
+    node_port: int = 7777
+    # None: three times the interval the node announces (60 s when it does not say).
+    offline_after: float | None = None
+    node_timeout: float = 3.0
+    stats_interval: float = 10.0
+    lastseen_interval: float = 2.0
+    state_dir: Path = PROJECT_DIR / "var"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Read settings from the environment (or the given mapping)."""
+        env = os.environ if env is None else env
+        database_url = env.get("HACER_DATABASE_URL", "").strip()
+        if not database_url:
+            db_path = env.get("HADB_PATH", "").strip()
+            database_url = sqlite_url(Path(db_path) if db_path else PROJECT_DIR / "hacer.db")
+        prefix = env.get("HACER_TOPIC_PREFIX", "hacer").strip().strip("/")
+        if not prefix or any(c in prefix for c in "+#\0"):
+            raise SettingsError(f"HACER_TOPIC_PREFIX={prefix!r} must be a non-empty topic without wildcards")
+        return cls(
+            mqtt_url=env.get("HACER_MQTT_URL", "").strip() or cls.mqtt_url,
+            topic_prefix=prefix,
+            database_url=database_url,
+            discovery_host=env.get("HACER_DISCOVERY_HOST", "").strip() or cls.discovery_host,
+            discovery_port=_int(env, "HACER_DISCOVERY_PORT", 7775, 1, 65535),
+            node_port=_int(env, "HACER_NODE_PORT", 7777, 1, 65535),
+            offline_after=_float(env, "HACER_OFFLINE_AFTER", None, 0.1),
+            node_timeout=_float(env, "HACER_NODE_TIMEOUT", 3.0, 0.05) or 3.0,
+            stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
+            lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
+            state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var"),
+        )
+
+
+def sqlite_url(path: Path) -> str:
+    """Return the SQLAlchemy URL of a SQLite file."""
+    return f"sqlite:///{Path(path).resolve()}"

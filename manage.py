@@ -1,0 +1,118 @@
+"""hacer's command line: `python manage.py <command>` (as in 2015: `python manage.py runserver`)."""
+from __future__ import annotations
+
+import argparse
+import code
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
+
+from hacer.settings import PROJECT_DIR, Settings
+
+log = logging.getLogger("hacer.manage")
+
+# The parts runserver starts, each as its own process.
+PARTS = ("bridge",)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with times and the logger's name."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_bridge(args: argparse.Namespace) -> None:
+    from bridge.main import main
+    main()
+
+
+def cmd_initdb(args: argparse.Namespace) -> None:
+    from hacer.models import Database
+    settings = Settings.from_env()
+    Database(settings.database_url).init()
+    log.info("database ready: %s", settings.database_url)
+
+
+def cmd_shell(args: argparse.Namespace) -> None:
+    from hacer import models
+    settings = Settings.from_env()
+    db = models.Database(settings.database_url).make_current()
+    namespace = {"db": db, "settings": settings, "models": models,
+                 "Node": models.Node, "NodeType": models.NodeType,
+                 "ScriptLogEntry": models.ScriptLogEntry,
+                 "ScriptLogEntryType": models.ScriptLogEntryType}
+    code.interact(banner=f"hacer shell: db ({settings.database_url}), models, {', '.join(sorted(namespace))}",
+                  local=namespace)
+
+
+def cmd_emulate(args: argparse.Namespace) -> None:
+    from emulator.main import main
+    main(args.emulator_args)
+
+
+def cmd_runserver(args: argparse.Namespace) -> None:
+    from hacer.broker import BrokerProcess, port_answers
+    settings = Settings.from_env()
+    url = urlsplit(settings.mqtt_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 1883
+    broker = None
+    if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
+        broker = BrokerProcess(settings.state_dir / "mosquitto", [port, port + 7118])
+        broker.start()
+        log.info("started mosquitto on %s:%d (websockets %d); log in %s", host, port, port + 7118,
+                 broker.work_dir / "mosquitto.log")
+    else:
+        log.info("using the broker at %s", settings.mqtt_url)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        while not stopping.is_set():
+            for part in PARTS:
+                child = children.get(part)
+                if child is None or child.poll() is not None:
+                    if child is not None:
+                        log.error("%s exited with %s; restarting it", part, child.returncode)
+                    children[part] = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), part])
+            stopping.wait(1.0)
+    finally:
+        for child in children.values():
+            child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if broker is not None:
+            broker.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the command."""
+    parser = argparse.ArgumentParser(prog="manage.py", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)"
+                        ).set_defaults(func=cmd_runserver)
+    commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
+    commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)"
+                        ).set_defaults(func=cmd_initdb)
+    commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"
+                        ).set_defaults(func=cmd_shell)
+    emulate = commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False)
+    emulate.add_argument("emulator_args", nargs=argparse.REMAINDER)
+    emulate.set_defaults(func=cmd_emulate)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    os.chdir(PROJECT_DIR)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

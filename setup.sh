@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up hacer on a fresh Debian/Ubuntu machine: system packages (as root), the virtual
+# environment in .venv and the pinned Python packages. Safe to run again: it only adds what is
+# missing. `./setup.sh --dev` adds the test dependencies.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto mosquitto-clients)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q && apt-get install -y -q "${need_apt[@]}"
+        # Debian starts a system broker on 1883; hacer starts its own when it needs one.
+    else
+        echo "setup: missing ${need_apt[*]}; install with: sudo apt-get install -y ${need_apt[*]}" >&2
+        exit 1
+    fi
+fi
+
+requirements=requirements.txt
+[ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=".venv/.installed-$(cat requirements.txt "$requirements" | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
+    touch "$stamp"
+fi

@@ -1,0 +1,185 @@
+"""Fixtures: a real mosquitto per test on free ports, bus clients, watchers and hacer processes."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from hacer.broker import BrokerProcess
+from hacer.bus import Bus, Message
+from hacer.settings import PROJECT_DIR
+from hacer.topics import Topics
+
+POSTGRES_URL = os.environ.get("HACER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """Return a port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll `predicate` until it is truthy; for state with no event to wait on (files, processes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Watcher:
+    """Collects the messages of a topic filter and waits for the ones a test expects."""
+
+    def __init__(self, bus: Bus, topic_filter: str) -> None:
+        self.messages: list[Message] = []
+        self._changed = threading.Condition()
+        bus.subscribe(topic_filter, self._on_message)
+
+    def _on_message(self, message: Message) -> None:
+        with self._changed:
+            self.messages.append(message)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10.0,
+                 start: int = 0) -> Message:
+        """Return the first message from index `start` on that satisfies `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            index = start
+            while True:
+                while index < len(self.messages):
+                    if predicate(self.messages[index]):
+                        return self.messages[index]
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching message within {timeout} s; got "
+                                         f"{[(m.topic, m.payload[:80]) for m in self.messages[-10:]]}")
+                self._changed.wait(remaining)
+
+    def topic(self, topic: str) -> list[Message]:
+        """Return the messages received on one topic."""
+        with self._changed:
+            return [m for m in self.messages if m.topic == topic]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A mosquitto from mosquitto/dev.conf on free ports, its files in the test's folder."""
+    process = BrokerProcess(tmp_path / "broker", [free_port(), free_port()])
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def topics() -> Topics:
+    return Topics("hacer")
+
+
+@pytest.fixture
+def make_bus(broker: BrokerProcess, topics: Topics) -> Iterator[Callable[..., Bus]]:
+    """Start connected Bus clients; fail the test if any handler raised."""
+    buses: list[Bus] = []
+
+    def make(client_id: str | None = None, **options: object) -> Bus:
+        bus = Bus(broker.url, topics, client_id or f"test-{uuid.uuid4().hex[:8]}", **options)  # type: ignore[arg-type]
+        bus.start()
+        bus.wait_connected(10)
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.stop()
+    assert all(bus.handler_errors == 0 for bus in buses), "a bus handler raised; see the log"
+
+
+@pytest.fixture
+def watch(make_bus: Callable[..., Bus]) -> Callable[[str], Watcher]:
+    """Watch a topic filter with a fresh client, subscribed when this returns."""
+    def make(topic_filter: str) -> Watcher:
+        bus = make_bus()
+        watcher = Watcher(bus, topic_filter)
+        bus.sync()
+        return watcher
+    return make
+
+
+class HacerProcess:
+    """A `python manage.py <command>` child with its output in a file."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.command = command
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "HacerProcess":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *self.command],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=PROJECT_DIR)
+        return self
+
+    def stop(self, kill: bool = False) -> int:
+        process, self.process = self.process, None
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            return process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
+    """Environment for hacer children: this test's broker, free ports, files in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
+    env.update({
+        "HACER_MQTT_URL": broker.url,
+        "HACER_DISCOVERY_HOST": "127.0.0.1",
+        "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
+        "HACER_NODE_PORT": str(free_port()),
+        "HACER_STATE_DIR": str(tmp_path / "state"),
+        "HADB_PATH": str(tmp_path / "hacer.db"),
+        "HACER_STATS_INTERVAL": "0.5",
+        "HACER_LASTSEEN_INTERVAL": "0.5",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., HacerProcess]]:
+    """Start hacer child processes; stop them all at the end of the test."""
+    children: list[HacerProcess] = []
+
+    def start(command: list[str], env: dict[str, str], name: str | None = None) -> HacerProcess:
+        child = HacerProcess(command, env, tmp_path / f"{name or command[0]}-{len(children)}.log").start()
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.stop()
