@@ -77,8 +77,10 @@ class CommandRelay:
             return
 
         async def shutdown() -> None:
-            for channel in list(self._channels.values()):
+            channels = list(self._channels.values())
+            for channel in channels:
                 await channel.close()
+            await asyncio.gather(*(c.worker for c in channels if c.worker), return_exceptions=True)
             loop.stop()
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop)
@@ -132,20 +134,20 @@ class _NodeChannel:
         self.node_id = node_id
         self.queue: asyncio.Queue[Command] = asyncio.Queue()
         self.closed = False
-        self._worker: asyncio.Task[None] | None = None
+        self.worker: asyncio.Task[None] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._address: tuple[str, int] | None = None
         self._decoder = ReplyDecoder()
 
     def ensure_worker(self) -> None:
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._work())
 
     async def close(self) -> None:
         self.closed = True
-        if self._worker is not None:
-            self._worker.cancel()
+        if self.worker is not None:
+            self.worker.cancel()
         await self._disconnect()
 
     async def _disconnect(self) -> None:

@@ -64,14 +64,19 @@ class BeaconListener:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def start(self) -> None:
-        """Bind the socket and start receiving."""
+    def bind(self) -> None:
+        """Bind the socket; datagrams wait in the kernel's buffer until start()."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _grow_receive_buffer(sock)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self._sock = sock
+
+    def start(self) -> None:
+        """Start receiving (binding first if bind() was not called)."""
+        if self._sock is None:
+            self.bind()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="beacon-listener", daemon=True)
         self._thread.start()
@@ -80,7 +85,11 @@ class BeaconListener:
     def stop(self) -> None:
         """Stop receiving and close the socket."""
         sock, thread = self._sock, self._thread
-        if sock is None or thread is None:
+        if sock is None:
+            return
+        if thread is None:
+            sock.close()
+            self._sock = None
             return
         self._stopping = True
         # A blocked recvfrom on UDP cannot be interrupted by close(); wake it with a datagram.

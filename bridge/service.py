@@ -81,6 +81,7 @@ class Bridge:
     def start(self, restore_timeout: float = 10.0) -> None:
         """Connect, restore the node table from the broker, then listen and serve commands."""
         self.started_at = self.clock()
+        self.listener.bind()
         self.relay.start()
         self.bus.subscribe(self.topics.filter("node_set"), self._on_set, send_retained=False)
         self.bus.subscribe(self.topics.filter("node_get"), self._on_get, send_retained=False)

@@ -89,6 +89,7 @@ class Emulator:
         self._thread: threading.Thread | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._connections: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
         self._clients: dict[int, int] = {}
         self._sock: socket.socket | None = None
         self._wake: dict[int, asyncio.Event] = {}
@@ -146,11 +147,14 @@ class Emulator:
             self._tasks.append(asyncio.get_running_loop().create_task(self._beacon_loop(node)))
 
     async def _close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
         for server in self._servers:
             server.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        # Closing ends a connection's handler normally; cancelling it would log from asyncio.
+        for writer in self._connections.values():
+            writer.close()
+        await asyncio.gather(*self._tasks, *self._connections, return_exceptions=True)
 
     async def _beacon_loop(self, node: EmulatedNode) -> None:
         # Bound to the node's address, so the bridge sees it as the datagram's source.
@@ -180,6 +184,9 @@ class Emulator:
             writer.close()  # the firmware refuses a fifth client
             return
         self._clients[node.id] = self._clients.get(node.id, 0) + 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
         buffer = b""
         try:
             while True:
@@ -213,6 +220,7 @@ class Emulator:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._connections.pop(task, None)
             self._clients[node.id] -= 1
             writer.close()
 

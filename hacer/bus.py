@@ -158,7 +158,7 @@ class Bus:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish `offline` on the presence topic (a clean disconnect sends no will) and close."""
-        client = self._client
+        client, self._client = self._client, None  # from here a disconnect is not a loss
         if client is None:
             return
         if self.presence_topic and self.connected:
@@ -169,7 +169,6 @@ class Bus:
                 pass
         client.disconnect()
         client.loop_stop()
-        self._client = None
         self._connected.clear()
 
     @property

@@ -1,0 +1,287 @@
+"""The bridge as a process: real mosquitto, real UDP beacons and TCP nodes on 127/8."""
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import pytest
+
+from emulator.nodes import Emulator, EmulatedNode, make_nodes
+from hacer.messages import BridgeStats, CommandResult, NodeValues, Presence
+
+from conftest import free_port, wait_until
+
+
+@pytest.fixture
+def bridge_env(hacer_env):
+    hacer_env["HACER_OFFLINE_AFTER"] = "1.5"
+    return hacer_env
+
+
+@pytest.fixture
+def start_bridge(spawn, bridge_env, watch, topics):
+    """Start `manage.py bridge`; return once its retained state says online."""
+    state = watch(topics.build("bridge_state"))
+
+    def start():
+        count = len([m for m in state.messages if m.payload == b"online"])
+        child = spawn(["bridge"], bridge_env)
+        state.wait_for(lambda m: m.payload == b"online", timeout=15,
+                       start=len(state.messages) if count else 0)
+        return child
+
+    return start
+
+
+def target(env):
+    return ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"]))
+
+
+@pytest.fixture
+def nodes(bridge_env):
+    """One emulated node of each type, on 127.0.0.2..5, serving this test's node port."""
+    made = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"],
+                      port=int(bridge_env["HACER_NODE_PORT"]), interval=0.5,
+                      base_id=uuid.uuid4().int % 10**9)
+    emulator = Emulator(made, target(bridge_env))
+    yield made, emulator
+    emulator.stop()
+
+
+def presence_of(message):
+    return Presence.from_payload(message.payload)
+
+
+def test_beacon_becomes_retained_presence_with_source_ip(start_bridge, bridge_env, watch, topics, make_bus):
+    start_bridge()
+    node = EmulatedNode(1234567, "toggle", "127.0.0.7", interval=60)
+    Emulator([node], target(bridge_env), serve_tcp=False).send_beacon(node)
+    presence = watch(topics.filter("node_presence")).wait_for(lambda m: True)
+    got = presence_of(presence)
+    assert (got.id, got.type, got.ip, got.state) == (1234567, "toggle", "127.0.0.7", "online")
+    assert presence.topic == "hacer/nodes/1234567/presence"
+    # a late subscriber gets it retained
+    late = watch(topics.build("node_presence", 1234567))
+    assert late.messages and late.messages[0].retain
+
+
+def test_presence_published_on_change_only_then_offline_and_back(start_bridge, bridge_env, watch, topics):
+    start_bridge()
+    watcher = watch(topics.filter("node_presence"))
+    node = EmulatedNode(42, "light_rgb", "127.0.0.9", interval=60)
+    emulator = Emulator([node], target(bridge_env), serve_tcp=False)
+    for _ in range(20):
+        emulator.send_beacon(node)
+    online = watcher.wait_for(lambda m: presence_of(m).state == "online")
+    offline = watcher.wait_for(lambda m: presence_of(m).state == "offline", timeout=5)
+    went_offline = presence_of(offline)
+    # offline within one second of the deadline (last beacon + HACER_OFFLINE_AFTER)
+    assert 1.5 <= went_offline.since - went_offline.last_seen < 1.6
+    assert presence_of(offline).since - presence_of(online).last_seen < 2.5
+    assert len(watcher.messages) == 2  # 20 beacons, one announcement
+    emulator.send_beacon(node)
+    back = watcher.wait_for(lambda m: presence_of(m).state == "online", start=2)
+    assert presence_of(back).ip == "127.0.0.9"
+
+
+def test_ip_change_is_announced(start_bridge, bridge_env, watch, topics):
+    start_bridge()
+    watcher = watch(topics.filter("node_presence"))
+    emulator = Emulator([], target(bridge_env), serve_tcp=False)
+    emulator.send_beacon(EmulatedNode(43, "toggle", "127.0.0.10"))
+    emulator.send_beacon(EmulatedNode(43, "toggle", "127.0.0.11"))
+    moved = watcher.wait_for(lambda m: presence_of(m).ip == "127.0.0.11")
+    assert presence_of(moved).state == "online"
+
+
+def test_bridge_restart_keeps_timers_and_announces_nothing_twice(start_bridge, bridge_env, watch, topics):
+    bridge_env["HACER_OFFLINE_AFTER"] = "4"
+    bridge = start_bridge()
+    watcher = watch(topics.filter("node_presence"))
+    emulator = Emulator([], target(bridge_env), serve_tcp=False)
+    quiet = EmulatedNode(50, "toggle", "127.0.0.12")
+    emulator.send_beacon(quiet)
+    first = watcher.wait_for(lambda m: True)
+    assert bridge.stop() == 0
+    start_bridge()
+    offline = watcher.wait_for(lambda m: presence_of(m).state == "offline", timeout=8)
+    # on time: 4 s after the only beacon, though the bridge restarted in between
+    assert abs(presence_of(offline).since - (presence_of(first).last_seen + 4)) < 1.0
+    assert [presence_of(m).state for m in watcher.messages] == ["online", "offline"]
+
+
+def test_bridge_killed_restores_from_retained(start_bridge, bridge_env, watch, topics):
+    bridge_env["HACER_OFFLINE_AFTER"] = "4"
+    bridge = start_bridge()
+    watcher = watch(topics.filter("node_presence"))
+    emulator = Emulator([], target(bridge_env), serve_tcp=False)
+    emulator.send_beacon(EmulatedNode(51, "thermostat", "127.0.0.13"))
+    watcher.wait_for(lambda m: True)
+    bridge.stop(kill=True)
+    start_bridge()
+    watcher.wait_for(lambda m: presence_of(m).state == "offline", timeout=8)
+    assert [presence_of(m).state for m in watcher.messages] == ["online", "offline"]
+
+
+def command(bus, topics, node_id, op, payload, correlation=None):
+    bus.publish(topics.build(f"node_{op}", node_id), payload, correlation=correlation)
+
+
+def result_of(message):
+    return CommandResult.from_payload(message.payload)
+
+
+def test_set_and_get_round_trips_for_every_type(start_bridge, nodes, make_bus, watch, topics):
+    start_bridge()
+    made, emulator = nodes
+    made[2].split_replies = True  # a reply split across reads
+    presence = watch(topics.filter("node_presence"))
+    emulator.start()
+    for node in made:
+        presence.wait_for(lambda m, n=node: presence_of(m).id == n.id)
+    results = watch(topics.filter("node_result"))
+    states = watch(topics.filter("node_state"))
+    bus = make_bus()
+    toggle, light, thermostat, sensor = made
+    cases = [
+        (toggle, "set", '{"on": 1}', {"ok": True, "value": 1, "raw": "+i1e"}),
+        (toggle, "get", "on", {"ok": True, "value": 1, "raw": "+i1e"}),
+        (light, "set", json.dumps({"color": 0x00FF80}), {"ok": True, "value": 0x00FF80, "raw": "+15:Key Set Success"}),
+        (light, "set", '{"name": "desk"}', {"ok": True, "value": "desk"}),
+        (light, "get", '"color"', {"ok": True, "value": 0x00FF80, "raw": "+i65408e"}),
+        (thermostat, "get", "temperature", {"ok": True, "value": 21, "raw": "+i21e"}),
+        (thermostat, "set", '{"target": 23}', {"ok": True, "value": 23}),
+        (thermostat, "set", '{"temperature": 30}', {"ok": False, "error": "Key Is Read Only", "raw": "-Key Is Read Only"}),
+        (sensor, "get", "humidity", {"ok": False, "error": "Key Not Found", "raw": "-Key Not Found"}),
+        (light, "get", "humidity", {"ok": False, "error": "Key Not Found", "raw": "-13:Key Not Found"}),
+        (sensor, "get", '["temperature", "name"]', {"ok": True, "value": 21}),
+    ]
+    for index, (node, op, payload, expected) in enumerate(cases):
+        correlation = f"c{index}".encode()
+        command(bus, topics, node.id, op, payload, correlation)
+        message = results.wait_for(lambda m, c=correlation: m.correlation == c)
+        result = result_of(message)
+        assert result.node_id == node.id and result.op == op
+        assert result.correlation == correlation.decode()
+        for field, value in expected.items():
+            assert getattr(result, field) == value, (payload, result)
+    assert toggle.values["on"] == 1 and light.values == {"color": 0x00FF80, "name": "desk"}
+    assert thermostat.values["target"] == 23
+    state = states.wait_for(lambda m: topics.node_id(m.topic) == light.id and
+                            NodeValues.from_payload(m.payload).values == {"color": 0x00FF80, "name": "desk"})
+    assert state.retain is False or state.retain is True  # delivered live; retained checked below
+    late = watch(topics.build("node_state", thermostat.id))
+    assert late.messages[0].retain
+    assert NodeValues.from_payload(late.messages[0].payload).values == {"temperature": 21, "target": 23}
+
+
+def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch, topics):
+    start_bridge()
+    made, emulator = nodes
+    presence = watch(topics.filter("node_presence"))
+    emulator.start()
+    presence.wait_for(lambda m: presence_of(m).id == made[0].id)
+    replies = watch("test/replies/1")
+    bus = make_bus()
+    bus._client.publish(topics.build("node_get", made[0].id), "on", qos=1,
+                        properties=_request_properties("test/replies/1", b"xyz"))
+    reply = replies.wait_for(lambda m: True)
+    assert reply.correlation == b"xyz" and result_of(reply).value == 0
+
+
+def _request_properties(response_topic, correlation):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = response_topic
+    properties.CorrelationData = correlation
+    return properties
+
+
+def test_dead_node_times_out_without_blocking_others(start_bridge, bridge_env, nodes, make_bus, watch, topics):
+    bridge_env["HACER_NODE_TIMEOUT"] = "1"
+    start_bridge()
+    made, emulator = nodes
+    made[0].mute = True
+    presence = watch(topics.filter("node_presence"))
+    emulator.start()
+    for node in made:
+        presence.wait_for(lambda m, n=node: presence_of(m).id == n.id)
+    # a node whose address refuses connections
+    refused_ip = "127.0.0.250"
+    Emulator([], target(bridge_env), serve_tcp=False).send_beacon(EmulatedNode(99, "toggle", refused_ip))
+    presence.wait_for(lambda m: presence_of(m).id == 99)
+    results = watch(topics.filter("node_result"))
+    bus = make_bus()
+    command(bus, topics, made[0].id, "get", "on", b"mute")
+    command(bus, topics, 99, "get", "on", b"refused")
+    command(bus, topics, 123456789, "get", "on", b"unknown")
+    for index in range(10):  # the other node answers while the mute one waits
+        command(bus, topics, made[1].id, "get", "color", f"ok{index}".encode())
+    fast = [result_of(results.wait_for(lambda m, i=i: m.correlation == f"ok{i}".encode())) for i in range(10)]
+    assert all(r.ok for r in fast)
+    refused = result_of(results.wait_for(lambda m: m.correlation == b"refused"))
+    assert not refused.ok and "cannot reach" in refused.error
+    unknown = result_of(results.wait_for(lambda m: m.correlation == b"unknown"))
+    assert not unknown.ok and unknown.error == "unknown node"
+    timed_out = results.wait_for(lambda m: m.correlation == b"mute")
+    assert results.messages.index(timed_out) > max(results.messages.index(m) for m in results.messages
+                                                   if m.correlation and m.correlation.startswith(b"ok"))
+    assert "no reply within 1 s" in result_of(timed_out).error
+
+
+def test_bad_command_payloads_get_an_answer(start_bridge, make_bus, watch, topics):
+    start_bridge()
+    results = watch(topics.filter("node_result"))
+    bus = make_bus()
+    command(bus, topics, 5, "set", "not json", b"a")
+    command(bus, topics, 5, "set", '{"on": [1]}', b"b")
+    command(bus, topics, 5, "get", "[]", b"c")
+    for correlation in (b"a", b"b", b"c"):
+        result = result_of(results.wait_for(lambda m, c=correlation: m.correlation == c))
+        assert not result.ok and result.error.startswith("bad request")
+
+
+def test_bad_datagrams_are_counted_and_dropped(start_bridge, bridge_env, watch, topics):
+    bridge = start_bridge()
+    stats = watch(topics.build("bridge_stats"))
+    presence = watch(topics.filter("node_presence"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for datagram in [b"garbage", b"[]", b'{"id": "x", "type": "toggle"}', b'{"id": 1}', b"{" * 2000,
+                         b'{"id": 1, "type": "toggle", "port": 0}']:
+            sock.sendto(datagram, target(bridge_env))
+        sock.sendto(b'{"id": 8, "type": "toggle"}', target(bridge_env))
+    presence.wait_for(lambda m: presence_of(m).id == 8)
+    message = stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).accepted == 1, timeout=5)
+    counted = BridgeStats.from_payload(message.payload)
+    assert counted.dropped == {"not_json": 1, "not_object": 1, "bad_id": 1, "bad_type": 1,
+                               "too_large": 1, "bad_field": 1}
+    assert counted.datagrams == 7 and counted.kernel_drops == 0
+    assert bridge.process.poll() is None
+    assert "dropped 1 bad datagram" in bridge.output()
+
+
+def test_broker_restart_mid_stream_presence_whole_again(start_bridge, bridge_env, broker, nodes, make_bus, watch, topics):
+    start_bridge()
+    made, emulator = nodes
+    presence = watch(topics.filter("node_presence"))
+    emulator.start()
+    for node in made:
+        presence.wait_for(lambda m, n=node: presence_of(m).id == n.id)
+    # Lose everything the broker held: stop it and wipe its persistence, then start it again.
+    broker.stop(kill=True)
+    for path in (broker.work_dir / "data").iterdir():
+        path.unlink()
+    extra = EmulatedNode(77, "toggle", "127.0.0.40")
+    Emulator([], target(bridge_env), serve_tcp=False).send_beacon(extra)  # seen while the broker is down
+    broker.start()
+    fresh = watch(topics.filter("node_presence"))
+    bridge_state = watch(topics.build("bridge_state"))
+    bridge_state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    wanted = {n.id for n in made} | {77}
+    wait_until(lambda: {presence_of(m).id for m in fresh.messages} >= wanted, timeout=15,
+               what="all presences republished")
+    results = watch(topics.filter("node_result"))
+    command(make_bus(), topics, made[0].id, "get", "on", b"after")
+    assert result_of(results.wait_for(lambda m: m.correlation == b"after")).ok
