@@ -39,10 +39,11 @@ def cmd_initdb(args: argparse.Namespace) -> None:
 
 
 def cmd_shell(args: argparse.Namespace) -> None:
+    from sqlalchemy import select
     from hacer import models
     settings = Settings.from_env()
     db = models.Database(settings.database_url).make_current()
-    namespace = {"db": db, "settings": settings, "models": models,
+    namespace = {"db": db, "settings": settings, "models": models, "select": select,
                  "Node": models.Node, "NodeType": models.NodeType,
                  "ScriptLogEntry": models.ScriptLogEntry,
                  "ScriptLogEntryType": models.ScriptLogEntryType}

@@ -115,6 +115,8 @@ class Bus:
         self._connect_hooks: list[Callable[[bool], None]] = []
         self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
         self._pending_mids: set[int] = set()
+        self._pending_qos0: set[int] = set()
+        self._early_acks: set[int] = set()
         self._lock = threading.RLock()
         self._connected = threading.Event()
         self._sync_waiters: dict[str, threading.Event] = {}
@@ -240,13 +242,21 @@ class Bus:
             if block:
                 raise BusError(f"broker confirmed nothing for {timeout} s")
             return False
+        # Never hold our lock while calling paho: paho holds its own while calling on_publish,
+        # which may even run before publish() returns the mid; `_early_acks` catches those.
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0 and info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            self._unconfirmed.release()
+            raise BusError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
         with self._lock:
-            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-            if qos > 0:
-                if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                if qos > 0:
                     self._unconfirmed.release()
-                    raise BusError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
+            elif qos > 0:
                 self._pending_mids.add(info.mid)
+            elif info.rc == paho.MQTT_ERR_SUCCESS:
+                self._pending_qos0.add(info.mid)
         return True
 
     def sync(self, timeout: float = 10.0) -> None:
@@ -305,6 +315,8 @@ class Bus:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
                        reason: ReasonCode, properties: Properties | None) -> None:
         self._connected.clear()
+        with self._lock:
+            self._pending_qos0.clear()  # unsent QoS 0 messages are dropped without a callback
         if self._client is not None:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
 
@@ -314,6 +326,10 @@ class Bus:
             if mid in self._pending_mids:
                 self._pending_mids.discard(mid)
                 self._unconfirmed.release()
+            elif mid in self._pending_qos0:
+                self._pending_qos0.discard(mid)
+            else:
+                self._early_acks.add(mid)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)

@@ -171,7 +171,7 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., HacerProcess]]:
+def spawn(tmp_path: Path, broker: BrokerProcess) -> Iterator[Callable[..., HacerProcess]]:
     """Start hacer child processes; stop them all at the end of the test."""
     children: list[HacerProcess] = []
 

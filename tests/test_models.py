@@ -1,0 +1,81 @@
+"""Schema and fixed rows on SQLite and PostgreSQL; `initdb` and the 2015 shell set-up."""
+import subprocess
+import sys
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from hacer.models import LOG_ENTRY_TYPES, Database, Node, NodeType, ScriptLogEntryType
+from hacer.nodewire import NODE_TYPES
+from hacer.settings import PROJECT_DIR
+
+from conftest import POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'hacer.db'}"
+        return
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    admin = Database(POSTGRES_URL)
+    try:
+        with admin.engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means no server here
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.engine.dispose()
+
+
+def fixed_rows(db):
+    with db.session() as session:
+        return (sorted(session.scalars(select(NodeType.name))),
+                sorted(session.scalars(select(ScriptLogEntryType.name))))
+
+
+def test_init_is_idempotent(database_url):
+    db = Database(database_url)
+    db.init()
+    db.init()
+    assert fixed_rows(db) == (sorted(NODE_TYPES), sorted(LOG_ENTRY_TYPES))
+    with db.session() as session:
+        session.add(Node(id=2**53 - 1, name="big", type_id=1, ip="10.0.0.2"))
+        session.commit()
+        assert session.get(Node, 2**53 - 1).type.name == "toggle"
+    db.engine.dispose()
+
+
+def test_2015_shell_setup_still_works(database_url):
+    db = Database(database_url).make_current()
+    db.create_all()
+    NodeType.insert_types()
+    ScriptLogEntryType.insert_types()
+    NodeType.insert_types()
+    assert fixed_rows(db) == (sorted(NODE_TYPES), sorted(LOG_ENTRY_TYPES))
+    db.engine.dispose()
+
+
+def run_manage(args, env, stdin=None):
+    return subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_initdb_command_uses_hadb_path_and_database_url(hacer_env, tmp_path):
+    for _ in range(2):
+        done = run_manage(["initdb"], hacer_env)
+        assert done.returncode == 0, done.stderr
+    assert fixed_rows(Database(f"sqlite:///{hacer_env['HADB_PATH']}"))[0] == sorted(NODE_TYPES)
+    other = tmp_path / "other.db"
+    done = run_manage(["initdb"], {**hacer_env, "HACER_DATABASE_URL": f"sqlite:///{other}"})
+    assert done.returncode == 0 and other.exists()
+
+
+def test_shell_runs_the_2015_setup(hacer_env):
+    done = run_manage(["shell"], hacer_env, stdin="db.create_all()\nNodeType.insert_types()\n"
+                      "ScriptLogEntryType.insert_types()\nprint(sorted(t.name for t in db.session().scalars(select(NodeType))))\n")
+    assert done.returncode == 0, done.stderr
+    assert str(sorted(NODE_TYPES)) in done.stdout
