@@ -1,0 +1,101 @@
+"""The production broker config: authentication, the per-role ACL, and the bridge running under it."""
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from emulator.nodes import Emulator, EmulatedNode
+from hacer.broker import CONFIG_DIR, BrokerProcess
+from hacer.bus import Bus, BusError
+from hacer.messages import Presence
+from hacer.topics import Topics
+
+from conftest import Watcher, broker_dir, free_port
+
+USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "viewer")
+
+
+@pytest.fixture
+def production_broker():
+    work = broker_dir()
+    passwords = work / "passwd"
+    for user in USERS:
+        flags = ["-b"] if passwords.exists() else ["-c", "-b"]
+        subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
+    acl = work / "acl"
+    shutil.copy(CONFIG_DIR / "acl", acl)
+    for path in (passwords, acl):
+        shutil.chown(path, "mosquitto", "mosquitto")
+    process = BrokerProcess(work, [free_port(), free_port()], template=CONFIG_DIR / "production.conf",
+                            password_file=passwords, acl_file=acl)
+    process.start()
+    yield process
+    process.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def url(broker, user):
+    return f"mqtt://{user}:{user}-secret@127.0.0.1:{broker.port}" if user else broker.url
+
+
+@pytest.fixture
+def connect(production_broker):
+    buses = []
+
+    def make(user, wait=True):
+        bus = Bus(url(production_broker, user), Topics(), f"{user or 'anon'}-{uuid.uuid4().hex[:6]}")
+        bus.start()
+        buses.append(bus)
+        if wait:
+            bus.wait_connected(5)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.stop()
+
+
+def test_anonymous_and_wrong_password_refused(connect, production_broker):
+    with pytest.raises(BusError):
+        connect(None, wait=False).wait_connected(1.5)
+    bad = Bus(f"mqtt://viewer:wrong@127.0.0.1:{production_broker.port}", Topics(), "bad")
+    bad.start()
+    try:
+        with pytest.raises(BusError):
+            bad.wait_connected(1.5)
+    finally:
+        bad.stop()
+
+
+def test_viewer_reads_everything_and_writes_nothing(connect):
+    topics = Topics()
+    api = connect("hacer-api")
+    seen = Watcher(api, "hacer/#")
+    api.sync()
+    viewer = connect("viewer")
+    watched = Watcher(viewer, "hacer/#")
+    viewer.sync()
+    viewer.publish(topics.build("node_set", 5), '{"on": 1}')
+    viewer.publish(topics.build("run_request"), '{"script": "toggle"}')
+    # The viewer's own sync marker is allowed; had the set gone through, it would arrive first.
+    marker = viewer.topics.build("client_sync", viewer.client_id)
+    viewer.publish(marker, "after")
+    seen.wait_for(lambda m: m.topic == marker and m.payload == b"after")
+    assert [m.topic for m in seen.messages if "sync" not in m.topic] == []
+    api.publish(topics.build("node_meta", 5), '{"id": 5, "name": "lamp", "type": "toggle"}', retain=True)
+    watched.wait_for(lambda m: m.topic == topics.build("node_meta", 5))
+
+
+def test_bridge_works_under_its_role(production_broker, spawn, hacer_env, connect):
+    env = {**hacer_env, "HACER_MQTT_URL": url(production_broker, "hacer-bridge")}
+    viewer = connect("viewer")
+    presence = Watcher(viewer, "hacer/nodes/+/presence")
+    state = Watcher(viewer, "hacer/bridge/state")
+    viewer.sync()
+    spawn(["bridge"], env)
+    state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    node = EmulatedNode(31337, "toggle", "127.0.0.20")
+    Emulator([], ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"])), serve_tcp=False).send_beacon(node)
+    got = Presence.from_payload(presence.wait_for(lambda m: True).payload)
+    assert (got.id, got.ip) == (31337, "127.0.0.20")

@@ -1,0 +1,31 @@
+"""docs/topics.md documents exactly the topics of hacer/topics.py."""
+import re
+
+from hacer.settings import PROJECT_DIR
+from hacer.topics import TOPIC_SPECS
+
+DOC = (PROJECT_DIR / "docs" / "topics.md").read_text()
+
+
+def documented_rows():
+    rows = {}
+    for line in DOC.splitlines():
+        match = re.match(r"\| `hacer/([^`]+)` \| (yes|no) \| ([012]) \| (.+?) \|$", line)
+        if match:
+            pattern = re.sub(r"<[a-z_]+>", "{arg}", match[1])
+            rows[pattern] = (match[2] == "yes", int(match[3]), match[4])
+    return rows
+
+
+def test_table_matches_the_topic_module():
+    expected = {spec.pattern: (spec.retained, spec.qos, spec.publisher) for spec in TOPIC_SPECS}
+    assert documented_rows() == expected
+
+
+def test_every_topic_has_a_section_with_an_example_command():
+    sections = re.split(r"^### ", DOC, flags=re.M)[1:]
+    by_pattern = {re.sub(r"<[a-z_]+>", "{arg}", s.split("`")[1].removeprefix("hacer/")): s for s in sections}
+    for spec in TOPIC_SPECS:
+        assert spec.pattern in by_pattern, f"no section for {spec.pattern}"
+        if spec.name != "client_sync":
+            assert "mosquitto_" in by_pattern[spec.pattern], f"no example command for {spec.pattern}"
