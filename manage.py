@@ -63,10 +63,10 @@ def cmd_runserver(args: argparse.Namespace) -> None:
     host, port = url.hostname or "127.0.0.1", url.port or 1883
     broker = None
     if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
-        broker = BrokerProcess(settings.state_dir / "mosquitto", [port, port + 7118])
+        broker = BrokerProcess(settings.state_dir / "mosquitto", [port, settings.mqtt_ws_port])
         broker.start()
-        log.info("started mosquitto on %s:%d (websockets %d); log in %s", host, port, port + 7118,
-                 broker.work_dir / "mosquitto.log")
+        log.info("started mosquitto on %s:%d (websockets %d); log in %s", host, port,
+                 settings.mqtt_ws_port, broker.work_dir / "mosquitto.log")
     else:
         log.info("using the broker at %s", settings.mqtt_url)
     stopping = threading.Event()
@@ -106,10 +106,12 @@ def main(argv: list[str] | None = None) -> None:
                         ).set_defaults(func=cmd_initdb)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"
                         ).set_defaults(func=cmd_shell)
-    emulate = commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False)
-    emulate.add_argument("emulator_args", nargs=argparse.REMAINDER)
-    emulate.set_defaults(func=cmd_emulate)
-    args = parser.parse_args(argv)
+    commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False
+                        ).set_defaults(func=cmd_emulate)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "emulate":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.emulator_args = rest
     setup_logging(args.verbose)
     os.chdir(PROJECT_DIR)
     args.func(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -27,8 +28,13 @@ class BrokerError(RuntimeError):
 
 
 def render_config(template: Path, ports: list[int], data_dir: Path,
-                  password_file: Path | None = None, acl_file: Path | None = None) -> str:
-    """Return `template` with its listeners on `ports` (in order) and its files in `data_dir`."""
+                  password_file: Path | None = None, acl_file: Path | None = None,
+                  user: str | None = None) -> str:
+    """Return `template` with its listeners on `ports` (in order) and its files in `data_dir`.
+
+    `user` keeps a broker started by root as the invoking user, so it can write the data
+    folder wherever that is (mosquitto otherwise switches to its own user).
+    """
     lines = []
     remaining = list(ports)
     for line in template.read_text().splitlines():
@@ -44,6 +50,8 @@ def render_config(template: Path, ports: list[int], data_dir: Path,
         elif words[:1] == ["acl_file"] and acl_file is not None:
             line = f"acl_file {acl_file}"
         lines.append(line)
+    if user is not None:
+        lines.append(f"user {user}")
     return "\n".join(lines) + "\n"
 
 
@@ -92,14 +100,9 @@ class BrokerProcess:
         """Start mosquitto and wait until its MQTT port accepts connections."""
         data_dir = self.work_dir / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:  # mosquitto drops root to its own user, which must own the files
-            try:
-                shutil.chown(data_dir, "mosquitto", "mosquitto")
-            except (LookupError, OSError):
-                pass
         config = self.work_dir / "mosquitto.conf"
-        config.write_text(render_config(self.template, self.ports, data_dir,
-                                        self.password_file, self.acl_file))
+        config.write_text(render_config(self.template, self.ports, data_dir, self.password_file,
+                                        self.acl_file, user=pwd.getpwuid(os.geteuid()).pw_name))
         log_file = open(self.work_dir / "mosquitto.log", "ab")
         self.process = subprocess.Popen([mosquitto_binary(), "-c", str(config)],
                                         stdout=log_file, stderr=subprocess.STDOUT,

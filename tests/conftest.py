@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -79,21 +77,13 @@ class Watcher:
             return [m for m in self.messages if m.topic == topic]
 
 
-def broker_dir() -> Path:
-    """A folder mosquitto can use after it drops root (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="hacer-broker-"))
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A mosquitto from mosquitto/dev.conf on free ports, with its own files."""
-    process = BrokerProcess(broker_dir(), [free_port(), free_port()])
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """A mosquitto from mosquitto/dev.conf on free ports, its files in the test's folder."""
+    process = BrokerProcess(tmp_path / "broker", [free_port(), free_port()])
     process.start()
     yield process
     process.stop()
-    shutil.rmtree(process.work_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -171,6 +161,7 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
         "HACER_DISCOVERY_HOST": "127.0.0.1",
         "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
         "HACER_NODE_PORT": str(free_port()),
+        "HACER_MQTT_WS_PORT": str(free_port()),
         "HACER_STATE_DIR": str(tmp_path / "state"),
         "HADB_PATH": str(tmp_path / "hacer.db"),
         "HACER_STATS_INTERVAL": "0.5",

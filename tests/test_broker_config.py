@@ -11,28 +11,26 @@ from hacer.bus import Bus, BusError
 from hacer.messages import Presence
 from hacer.topics import Topics
 
-from conftest import Watcher, broker_dir, free_port
+from conftest import Watcher, free_port
 
 USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "viewer")
 
 
 @pytest.fixture
-def production_broker():
-    work = broker_dir()
+def production_broker(tmp_path):
+    work = tmp_path / "broker"
+    work.mkdir()
     passwords = work / "passwd"
     for user in USERS:
         flags = ["-b"] if passwords.exists() else ["-c", "-b"]
         subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
     acl = work / "acl"
     shutil.copy(CONFIG_DIR / "acl", acl)
-    for path in (passwords, acl):
-        shutil.chown(path, "mosquitto", "mosquitto")
     process = BrokerProcess(work, [free_port(), free_port()], template=CONFIG_DIR / "production.conf",
                             password_file=passwords, acl_file=acl)
     process.start()
     yield process
     process.stop()
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def url(broker, user):
@@ -99,3 +97,13 @@ def test_bridge_works_under_its_role(production_broker, spawn, hacer_env, connec
     Emulator([], ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"])), serve_tcp=False).send_beacon(node)
     got = Presence.from_payload(presence.wait_for(lambda m: True).payload)
     assert (got.id, got.ip) == (31337, "127.0.0.20")
+
+
+def test_dev_broker_keeps_retained_messages_across_a_kill(broker, make_bus, watch):
+    bus = make_bus()
+    for index in range(50):
+        bus.publish(f"hacer/nodes/{index}/presence", f'{{"n": {index}}}', retain=True)
+    bus.sync()  # every publish before the marker has been acknowledged
+    broker.restart(kill=True)
+    kept = watch("hacer/nodes/+/presence")
+    assert len(kept.messages) == 50 and all(m.retain for m in kept.messages)

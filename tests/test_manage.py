@@ -1,0 +1,72 @@
+"""The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from hacer.broker import port_answers
+from hacer.bus import Bus
+from hacer.messages import CommandResult, Presence
+from hacer.settings import Settings, SettingsError
+from hacer.topics import Topics
+
+from conftest import Watcher, free_port, wait_until
+
+
+def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path):
+    port = free_port()
+    env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}"}
+    server = spawn(["runserver"], env)
+    wait_until(lambda: port_answers("127.0.0.1", port), timeout=15, what="runserver's mosquitto")
+    bus = Bus(env["HACER_MQTT_URL"], Topics(), "probe")
+    bus.start()
+    try:
+        bus.wait_connected(10)
+        state = Watcher(bus, "hacer/bridge/state")
+        state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    finally:
+        bus.stop()
+    assert server.stop() == 0
+    assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
+
+
+def test_runserver_uses_a_broker_that_answers(spawn, hacer_env, broker, watch):
+    state = watch("hacer/bridge/state")
+    server = spawn(["runserver"], hacer_env)
+    state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    assert "using the broker at" in server.output()
+    server.stop()
+    state.wait_for(lambda m: m.payload == b"offline", timeout=15)
+    assert broker.process.poll() is None
+
+
+def test_emulate_command_serves_nodes_the_bridge_commands(spawn, hacer_env, watch, make_bus):
+    hacer_env["HACER_OFFLINE_AFTER"] = "3"
+    presence = watch("hacer/nodes/+/presence")
+    results = watch("hacer/nodes/+/result")
+    spawn(["bridge"], hacer_env)
+    spawn(["emulate", "--count", "2", "--types", "toggle,thermostat", "--interval", "1",
+           "--first-ip", "127.0.0.30", "--base-id", "5000"], hacer_env, name="emulate")
+    for node_id in (5000, 5001):
+        presence.wait_for(lambda m, n=node_id: Presence.from_payload(m.payload).id == n, timeout=15)
+    bus = make_bus()
+    bus.publish("hacer/nodes/5001/get", "temperature", correlation=b"t")
+    result = CommandResult.from_payload(results.wait_for(lambda m: m.correlation == b"t").payload)
+    assert result.ok and result.value == 21
+
+
+def test_settings_defaults_and_errors(tmp_path):
+    settings = Settings.from_env({})
+    assert (settings.mqtt_url, settings.topic_prefix, settings.discovery_port, settings.node_port) == \
+        ("mqtt://127.0.0.1:1883", "hacer", 7775, 7777)
+    assert settings.offline_after is None and settings.database_url.startswith("sqlite:///")
+    db = tmp_path / "x.db"
+    assert Settings.from_env({"HADB_PATH": str(db)}).database_url == f"sqlite:///{db}"
+    assert Settings.from_env({"HADB_PATH": str(db), "HACER_DATABASE_URL": "postgresql://h/db"}).database_url \
+        == "postgresql://h/db"
+    assert Settings.from_env({"HACER_OFFLINE_AFTER": "90"}).offline_after == 90.0
+    for bad in ({"HACER_DISCOVERY_PORT": "x"}, {"HACER_NODE_PORT": "70000"}, {"HACER_TOPIC_PREFIX": "a/#"},
+                {"HACER_OFFLINE_AFTER": "-1"}):
+        with pytest.raises(SettingsError):
+            Settings.from_env(bad)
