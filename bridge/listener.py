@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -135,7 +136,7 @@ class BeaconListener:
 
 def _grow_receive_buffer(sock: socket.socket) -> None:
     """Ask for a 128 MiB receive buffer (root may exceed net.core.rmem_max with FORCE)."""
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    force = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
     if force is not None and os.geteuid() == 0:
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, RECEIVE_BUFFER_BYTES)

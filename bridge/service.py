@@ -26,14 +26,21 @@ from hacer.topics import TopicError, Topics, is_wildcard
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 5.0
+LASTSEEN_CHUNK = 5000  # about 200 kB per message
 
 
 class BusPresencePublisher:
-    """Publishes the tracker's changes as retained messages; notes what could not be sent."""
+    """Publishes the tracker's changes as retained messages without ever blocking the listener.
+
+    What the bus cannot take at once (too many unconfirmed, or no broker) is kept, latest per
+    topic, and sent again by `resend()`; the repair on each connect covers a lost broker.
+    """
 
     def __init__(self, bus: Bus, topics: Topics) -> None:
         self._bus = bus
         self._topics = topics
+        self._unsent: dict[str, bytes] = {}
+        self._lock = threading.Lock()
         self.failures = 0
 
     def presence(self, presence: Presence) -> None:
@@ -43,12 +50,27 @@ class BusPresencePublisher:
         self._publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        # Never block the listener: whatever is not sent now, the next connect's repair resends.
-        try:
-            if not self._bus.publish(topic, payload, qos=1, retain=True, block=False):
+        with self._lock:
+            try:
+                sent = self._bus.publish(topic, payload, qos=1, retain=True, block=False)
+            except BusError:
+                sent = False
+            if sent:
+                self._unsent.pop(topic, None)
+            else:
                 self.failures += 1
-        except BusError:
-            self.failures += 1
+                self._unsent[topic] = payload
+
+    def resend(self) -> int:
+        """Try again what could not be sent; return how many are still waiting."""
+        with self._lock:
+            waiting = list(self._unsent.items())
+        for topic, payload in waiting:
+            with self._lock:
+                if self._unsent.get(topic) is not payload:
+                    continue  # a newer message for this topic went out or is waiting
+            self._publish(topic, payload)
+        return len(self._unsent)
 
 
 class Bridge:
@@ -221,15 +243,22 @@ class Bridge:
                 self._save_checkpoint()
                 next_checkpoint = now + CHECKPOINT_EVERY
             wake = min(next_lastseen, next_stats, next_checkpoint)
+            if self.publisher.resend():
+                wake = min(wake, now + 0.2)
             if next_deadline is not None:
                 wake = min(wake, next_deadline)
             self.tracker.deadline_changed.clear()
             self.tracker.deadline_changed.wait(max(0.0, wake - self.clock()))
 
     def _publish_lastseen(self) -> None:
-        fresh = self.tracker.take_fresh()
-        if fresh and self.bus.connected:
-            self.bus.publish(self.topics.build("bridge_lastseen"), LastSeenBatch(fresh).to_payload(), qos=0)
+        fresh = list(self.tracker.take_fresh().items())
+        if not self.bus.connected:
+            return
+        # Chunks keep each message far below the broker's packet limit (100 000 nodes beaconing
+        # every 6 s made a 1.3 MB batch, and mosquitto closed the connection).
+        for start in range(0, len(fresh), LASTSEEN_CHUNK):
+            batch = LastSeenBatch(dict(fresh[start:start + LASTSEEN_CHUNK]))
+            self.bus.publish(self.topics.build("bridge_lastseen"), batch.to_payload(), qos=0)
 
     def stats(self) -> BridgeStats:
         """Return the bridge's counters now."""

@@ -111,6 +111,7 @@ class Bus:
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.handler_errors = 0
+        self.messages_received = 0
         self._subscriptions: list[_Subscription] = []
         self._connect_hooks: list[Callable[[bool], None]] = []
         self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
@@ -264,14 +265,19 @@ class Bus:
 
         Retained messages sent on subscribe are queued before our own later publish, so the
         arrival of a marker published to ourselves tells that they have all been dispatched.
+        Raises BusError when `timeout` seconds pass with no message arriving at all (a big
+        retained table may take longer than that in total).
         """
         token = uuid.uuid4().hex
         arrived = threading.Event()
         self._sync_waiters[token] = arrived
         try:
             self.publish(self.topics.build("client_sync", self.client_id), token, qos=1)
-            if not arrived.wait(timeout):
-                raise BusError(f"sync marker not back within {timeout} s")
+            seen = -1
+            while not arrived.wait(timeout):
+                if self.messages_received == seen:
+                    raise BusError(f"sync marker not back and nothing received for {timeout} s")
+                seen = self.messages_received
         finally:
             self._sync_waiters.pop(token, None)
 
@@ -332,6 +338,7 @@ class Bus:
                 self._early_acks.add(mid)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        self.messages_received += 1
         props = getattr(msg, "properties", None)
         message = Message(
             topic=msg.topic,

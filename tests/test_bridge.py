@@ -285,3 +285,30 @@ def test_broker_restart_mid_stream_presence_whole_again(start_bridge, bridge_env
     results = watch(topics.filter("node_result"))
     command(make_bus(), topics, made[0].id, "get", "on", b"after")
     assert result_of(results.wait_for(lambda m: m.correlation == b"after")).ok
+
+
+def test_fuzzed_datagrams_never_stop_the_bridge(start_bridge, bridge_env, watch, topics):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    bridge = start_bridge()
+    stats = watch(topics.build("bridge_stats"))
+    sent = []
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(min_size=1, max_size=1500),
+                     st.dictionaries(st.sampled_from(["id", "type", "name", "interval", "port", "state"]),
+                                     st.one_of(st.integers(-2, 2**60), st.text(max_size=8), st.none(),
+                                               st.floats(allow_nan=False), st.booleans()))
+                     .map(lambda d: json.dumps(d).encode())))
+    def send(datagram):
+        sock.sendto(datagram, target(bridge_env))
+        sent.append(datagram)
+
+    send()
+    sock.close()
+    final = stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).datagrams == len(sent), timeout=10)
+    counted = BridgeStats.from_payload(final.payload)
+    assert counted.accepted + sum(counted.dropped.values()) == len(sent)
+    assert "internal_error" not in counted.dropped and counted.kernel_drops == 0
+    assert bridge.process.poll() is None
