@@ -183,8 +183,10 @@ class _NodeChannel:
     async def _execute(self, command: Command) -> None:
         relay = self.relay
         try:
-            request = encode_set(command.key, command.value) if command.op == "set" \
-                else encode_get(command.key)  # type: ignore[arg-type]
+            if command.op == "set" and command.value is not None:
+                request = encode_set(command.key, command.value)
+            else:
+                request = encode_get(command.key)
         except WireError as exc:
             relay._report(command, ok=False, error=str(exc))
             return

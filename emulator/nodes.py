@@ -8,6 +8,7 @@ default): the emulator never broadcasts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import random
@@ -141,7 +142,7 @@ class Emulator:
         for node in self.nodes:
             if self.serve_tcp:
                 server = await asyncio.start_server(
-                    lambda r, w, n=node: self._serve(n, r, w), node.ip, node.port, reuse_address=True)
+                    functools.partial(self._serve, node), node.ip, node.port, reuse_address=True)
                 self._servers.append(server)
             self._wake[node.id] = asyncio.Event()
             self._tasks.append(asyncio.get_running_loop().create_task(self._beacon_loop(node)))

@@ -131,7 +131,7 @@ class Bus:
             paho.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5,
-            transport=self.address.transport,
+            transport="websockets" if self.address.transport == "websockets" else "tcp",
             reconnect_on_failure=True,
         )
         if self.address.transport == "websockets":

@@ -37,7 +37,7 @@ class _FixedRows:
                 cls.insert_types(session)
                 session.commit()
             return
-        present = set(session.scalars(select(cls.name)))  # type: ignore[attr-defined]
+        present = set(session.scalars(select(cls.name)))
         for position, name in enumerate(cls.NAMES, start=1):
             if name not in present:
                 session.add(cls(id=position, name=name))  # type: ignore[call-arg]

@@ -54,10 +54,6 @@ class Beacon:
         return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _is_int(value: object) -> bool:
-    return type(value) is int  # bool is an int subclass and never a valid id or port
-
-
 def decode_beacon(datagram: bytes) -> Beacon:
     """Decode one beacon datagram; raise BeaconError with a counter reason if it is not one."""
     if len(datagram) > MAX_BEACON_BYTES:
@@ -69,7 +65,8 @@ def decode_beacon(datagram: bytes) -> Beacon:
     if type(body) is not dict:
         raise BeaconError("not_object", f"a JSON {type(body).__name__}, not an object")
     node_id = body.get("id")
-    if not _is_int(node_id) or not 0 <= node_id <= MAX_NODE_ID:
+    # `type(...) is int` because bool is an int subclass and never a valid id or port.
+    if type(node_id) is not int or not 0 <= node_id <= MAX_NODE_ID:
         raise BeaconError("bad_id", f"id {node_id!r} is not an integer in 0..2^53-1")
     declared = body.get("type")
     if type(declared) is not str or not 0 < len(declared) <= 64:
@@ -85,7 +82,7 @@ def decode_beacon(datagram: bytes) -> Beacon:
             raise BeaconError("bad_field", f"interval {interval!r} is not a number of seconds in 1..86400")
         interval = float(interval)
     port = body.get("port")
-    if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+    if port is not None and (type(port) is not int or not 1 <= port <= 65535):
         raise BeaconError("bad_field", f"port {port!r} is not an integer in 1..65535")
     state = body.get("state")
     if state is None:
@@ -173,14 +170,15 @@ class ReplyDecoder:
         if buf[:1] not in (b"+", b"-"):
             raise WireError(f"reply starts with {buf[:1]!r}, not + or -")
         ok = buf[:1] == b"+"
-        parsed = _parse_value(buf, 1)
-        if parsed is None:
-            return None
-        if parsed is _RAW:
+        try:
+            parsed = _parse_value(buf, 1)
+        except _NotEncoded:
             if ok:
-                raise WireError(f"success reply {buf[:40]!r} is not an encoded value")
+                raise WireError(f"success reply {buf[:40]!r} is not an encoded value") from None
             self.raw_error_pending = True
             return None  # raw error text: only an idle pause ends it
+        if parsed is None:
+            return None
         value, end = parsed
         self._buffer = buf[end:]
         return Reply(ok, value, buf[:end].decode(errors="replace"))
@@ -192,18 +190,20 @@ class ReplyDecoder:
         if not buf:
             return None
         if buf[:1] == b"-":
-            parsed = _parse_value(buf, 1)
-            if parsed is _RAW:
+            try:
+                _parse_value(buf, 1)
+            except _NotEncoded:
                 text = buf[1:].decode(errors="replace").rstrip("\r\n")
                 return Reply(False, text, buf.decode(errors="replace"))
         raise WireError(f"incomplete reply {buf[:40]!r}")
 
 
-_RAW = object()
+class _NotEncoded(Exception):
+    """The bytes are not an encoded value (a raw error text, or garbage)."""
 
 
-def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | object | None:
-    """Parse an encoded value at `pos`: (value, end), None if incomplete, _RAW if not encoded."""
+def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | None:
+    """Parse an encoded value at `pos`: (value, end), or None while incomplete."""
     if pos >= len(buf):
         return None
     first = buf[pos:pos + 1]
@@ -212,24 +212,28 @@ def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | object | None:
         digits = buf[pos + 1:end if end >= 0 else len(buf)]
         body = digits[1:] if digits[:1] == b"-" else digits
         if body and not body.isdigit() or (not body and end >= 0):
-            return _RAW
+            raise _NotEncoded
         if end < 0:
-            return None if len(digits) < 24 else _RAW
+            if len(digits) >= 24:
+                raise _NotEncoded
+            return None
         return int(digits), end + 1
     if first.isdigit():
         colon = pos
         while colon < len(buf) and buf[colon:colon + 1].isdigit():
             colon += 1
         if colon == len(buf):
-            return None if colon - pos < 7 else _RAW
+            if colon - pos >= 7:
+                raise _NotEncoded
+            return None
         if buf[colon:colon + 1] != b":":
-            return _RAW
+            raise _NotEncoded
         length = int(buf[pos:colon])
         end = colon + 1 + length
         if len(buf) < end:
             return None
         return buf[colon + 1:end].decode(errors="replace"), end
-    return _RAW
+    raise _NotEncoded
 
 
 def decode_request(buf: bytes) -> tuple[str, str, Value | None, int] | None:
@@ -242,20 +246,19 @@ def decode_request(buf: bytes) -> tuple[str, str, Value | None, int] | None:
     op = buf[:1]
     if op not in (b"s", b"g"):
         raise WireError(f"command starts with {op!r}, not s or g")
-    key = _parse_value(buf, 1)
-    if key is None:
-        return None
-    if key is _RAW:
-        raise WireError("command key is not an encoded value")
-    key_value, end = key  # type: ignore[misc]
-    if op == b"g":
-        return "get", str(key_value), None, end
-    value = _parse_value(buf, end)
+    try:
+        key = _parse_value(buf, 1)
+        if key is None:
+            return None
+        key_value, end = key
+        if op == b"g":
+            return "get", str(key_value), None, end
+        value = _parse_value(buf, end)
+    except _NotEncoded:
+        raise WireError(f"command {buf[:40]!r} is not made of encoded values") from None
     if value is None:
         return None
-    if value is _RAW:
-        raise WireError("command value is not an encoded value")
-    set_value, end = value  # type: ignore[misc]
+    set_value, end = value
     return "set", str(key_value), set_value, end
 
 

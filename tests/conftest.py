@@ -46,12 +46,14 @@ class Watcher:
 
     def __init__(self, bus: Bus, topic_filter: str) -> None:
         self.messages: list[Message] = []
+        self.arrival_times: list[float] = []
         self._changed = threading.Condition()
         bus.subscribe(topic_filter, self._on_message)
 
     def _on_message(self, message: Message) -> None:
         with self._changed:
             self.messages.append(message)
+            self.arrival_times.append(time.time())
             self._changed.notify_all()
 
     def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10.0,
