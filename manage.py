@@ -17,7 +17,7 @@ from hacer.settings import PROJECT_DIR, Settings
 log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
-PARTS = ("bridge",)
+PARTS = ("bridge", "runner")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -28,6 +28,11 @@ def setup_logging(verbose: bool = False) -> None:
 
 def cmd_bridge(args: argparse.Namespace) -> None:
     from bridge.main import main
+    main()
+
+
+def cmd_runner(args: argparse.Namespace) -> None:
+    from runner.main import main
     main()
 
 
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)"
                         ).set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
+    commands.add_parser("runner", help="a runner alone (start several to share the work)"
+                        ).set_defaults(func=cmd_runner)
     commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)"
                         ).set_defaults(func=cmd_initdb)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"

@@ -99,26 +99,27 @@ class CommandRelay:
     def _enqueue(self, command: Command) -> None:
         address = self._resolve(command.node_id)
         if address is None:
-            self._report(command, ok=False, error="unknown node")
+            self._report(command, ok=False, error="unknown node", reason="unknown_node")
             return
         channel = self._channels.get(command.node_id)
         if channel is None or channel.closed:
             channel = _NodeChannel(self, command.node_id)
             self._channels[command.node_id] = channel
         if channel.queue.qsize() >= QUEUE_LIMIT:
-            self._report(command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node")
+            self._report(command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node",
+                         reason="busy")
             return
         channel.queue.put_nowait(command)
         channel.ensure_worker()
 
     def _report(self, command: Command, ok: bool, value: Value | None = None,
-                raw: str = "", error: str | None = None) -> None:
+                raw: str = "", error: str | None = None, reason: str | None = None) -> None:
         self.counts["ok" if ok else "failed"] += 1
         correlation = None
         if command.correlation is not None:
             correlation = command.correlation.decode(errors="backslashreplace")
         result = CommandResult(command.node_id, command.op, command.key, ok, value, raw, error,
-                               correlation, self._clock())
+                               correlation, self._clock(), reason)
         try:
             self._on_result(result, command)
         except Exception:
@@ -177,7 +178,7 @@ class _NodeChannel:
                 await self._execute(command)
             except Exception as exc:  # never let one command end the node's queue
                 log.exception("command %s %s on node %s failed", command.op, command.key, self.node_id)
-                relay._report(command, ok=False, error=f"internal error: {exc}")
+                relay._report(command, ok=False, error=f"internal error: {exc}", reason="bad_request")
                 await self._disconnect()
 
     async def _execute(self, command: Command) -> None:
@@ -188,11 +189,11 @@ class _NodeChannel:
             else:
                 request = encode_get(command.key)
         except WireError as exc:
-            relay._report(command, ok=False, error=str(exc))
+            relay._report(command, ok=False, error=str(exc), reason="bad_request")
             return
         address = relay._resolve(self.node_id)
         if address is None:
-            relay._report(command, ok=False, error="unknown node")
+            relay._report(command, ok=False, error="unknown node", reason="unknown_node")
             return
         if address != self._address:  # the node moved: the old connection is useless
             await self._disconnect()
@@ -204,11 +205,13 @@ class _NodeChannel:
                 reply = await asyncio.wait_for(self._exchange(address, request), relay._timeout)
             except asyncio.TimeoutError:
                 await self._disconnect()
-                relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s")
+                relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s",
+                              reason="timeout")
                 return
             except WireError as exc:
                 await self._disconnect()
-                relay._report(command, ok=False, raw=str(exc), error=f"undecodable reply: {exc}")
+                relay._report(command, ok=False, raw=str(exc), error=f"undecodable reply: {exc}",
+                              reason="bad_reply")
                 return
             except (ConnectionError, OSError) as exc:
                 await self._disconnect()
@@ -216,14 +219,13 @@ class _NodeChannel:
                 if reused and attempt == 1 and asyncio.get_running_loop().time() < deadline:
                     continue
                 relay._report(command, ok=False, error=f"cannot reach {address[0]}:{address[1]}: "
-                                                       f"{exc.strerror or exc.__class__.__name__}")
+                                                       f"{exc.strerror or exc.__class__.__name__}",
+                              reason="unreachable")
                 return
-            if command.op == "set":
-                relay._report(command, ok=reply.ok, value=command.value if reply.ok else reply.value,
-                              raw=reply.raw, error=None if reply.ok else str(reply.value))
-            else:
-                relay._report(command, ok=reply.ok, value=reply.value, raw=reply.raw,
-                              error=None if reply.ok else str(reply.value))
+            value = command.value if reply.ok and command.op == "set" else reply.value
+            relay._report(command, ok=reply.ok, value=value, raw=reply.raw,
+                          error=None if reply.ok else str(reply.value),
+                          reason=None if reply.ok else "node_error")
             return
 
     async def _exchange(self, address: tuple[str, int], request: bytes):  # -> Reply

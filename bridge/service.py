@@ -157,7 +157,7 @@ class Bridge:
             bad = Command(node_id, op, "", None, message.correlation, message.response_topic)
             correlation = message.correlation.decode(errors="backslashreplace") if message.correlation else None
             self._publish_result(CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
-                                               correlation, self.clock()), bad)
+                                               correlation, self.clock(), "bad_request"), bad)
             return
         for command in commands:
             self.relay.submit(command)

@@ -41,6 +41,7 @@ class Message:
     qos: int
     correlation: bytes | None = None
     response_topic: str | None = None
+    mid: int = 0
 
 
 Handler = Callable[[Message], None]
@@ -86,6 +87,7 @@ class _Subscription:
     handler: Handler
     no_local: bool
     send_retained: bool
+    manual_ack: bool = False
 
 
 class Bus:
@@ -98,18 +100,24 @@ class Bus:
         client_id: str,
         *,
         presence_topic: str | None = None,
+        birth: bytes = b"online",
+        will: bytes = b"offline",
         clean_start: bool = True,
         session_expiry: int = 0,
         max_unconfirmed: int = 10_000,
         keepalive: int = 15,
+        manual_ack: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
         self.topics = topics
         self.client_id = client_id
         self.presence_topic = presence_topic
+        self.birth = birth
+        self.will = will
         self.clean_start = clean_start
         self.session_expiry = session_expiry
         self.keepalive = keepalive
+        self.manual_ack = manual_ack
         self.handler_errors = 0
         self.messages_received = 0
         self._subscriptions: list[_Subscription] = []
@@ -133,6 +141,7 @@ class Bus:
             protocol=paho.MQTTv5,
             transport="websockets" if self.address.transport == "websockets" else "tcp",
             reconnect_on_failure=True,
+            manual_ack=self.manual_ack,
         )
         if self.address.transport == "websockets":
             client.ws_set_options(path=self.address.path)
@@ -141,7 +150,7 @@ class Bus:
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.presence_topic:
-            client.will_set(self.presence_topic, b"offline", qos=1, retain=True)
+            client.will_set(self.presence_topic, self.will, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=0.1, max_delay=5)  # type: ignore[arg-type]
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
@@ -160,12 +169,12 @@ class Bus:
         client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Publish `offline` on the presence topic (a clean disconnect sends no will) and close."""
+        """Publish the will on the presence topic (a clean disconnect sends none) and close."""
         client, self._client = self._client, None  # from here a disconnect is not a loss
         if client is None:
             return
         if self.presence_topic and self.connected:
-            info = client.publish(self.presence_topic, b"offline", qos=1, retain=True)
+            info = client.publish(self.presence_topic, self.will, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
@@ -198,10 +207,17 @@ class Bus:
         qos: int = 1,
         no_local: bool = False,
         send_retained: bool = True,
+        manual_ack: bool = False,
     ) -> None:
-        """Register `handler` for `topic_filter` (a `$share/...` filter too), renewed on reconnect."""
+        """Register `handler` for `topic_filter` (a `$share/...` filter too), renewed on reconnect.
+
+        With manual_ack (on a Bus made with manual_ack=True) the handler must call ack(message)
+        once the message is safe; the broker redelivers it otherwise.
+        """
+        if manual_ack and not self.manual_ack:
+            raise BusError("manual_ack subscriptions need a Bus made with manual_ack=True")
         match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
-        sub = _Subscription(topic_filter, match_filter, qos, handler, no_local, send_retained)
+        sub = _Subscription(topic_filter, match_filter, qos, handler, no_local, send_retained, manual_ack)
         with self._lock:
             self._subscriptions.append(sub)
         if self.connected and self._client is not None:
@@ -260,6 +276,17 @@ class Bus:
                 self._pending_qos0.add(info.mid)
         return True
 
+    def ack(self, message: Message) -> None:
+        """Acknowledge a message received through a manual_ack subscription."""
+        client = self._client
+        if client is not None and message.qos > 0:
+            client.ack(message.mid, message.qos)
+
+    @property
+    def unconfirmed(self) -> int:
+        """How many QoS 1 publishes wait for the broker's acknowledgement."""
+        return len(self._pending_mids)
+
     def sync(self, timeout: float = 10.0) -> None:
         """Wait until every message the broker queued for us before this call has been handled.
 
@@ -307,7 +334,7 @@ class Bus:
         if subscriptions:
             client.subscribe([(s.topic_filter, self._options(s)) for s in subscriptions])
         if self.presence_topic:
-            client.publish(self.presence_topic, b"online", qos=1, retain=True)
+            client.publish(self.presence_topic, self.birth, qos=1, retain=True)
         log.info("%s connected to %s:%s (session present: %s)", self.client_id,
                  self.address.host, self.address.port, flags.session_present)
         self._connected.set()
@@ -323,7 +350,12 @@ class Bus:
         self._connected.clear()
         with self._lock:
             self._pending_qos0.clear()  # unsent QoS 0 messages are dropped without a callback
-        if self._client is not None:
+        if self._client is None:
+            return
+        if reason == "Session taken over":
+            log.error("another client connected with the id %s: each process needs its own id "
+                      "(set HACER_RUNNER_ID for a second runner on one host)", self.client_id)
+        else:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int,
@@ -347,17 +379,22 @@ class Bus:
             qos=msg.qos,
             correlation=getattr(props, "CorrelationData", None),
             response_topic=getattr(props, "ResponseTopic", None),
+            mid=msg.mid,
         )
         with self._lock:
             subscriptions = list(self._subscriptions)
+        acked_by_handler = False
         for sub in subscriptions:
             if not paho.topic_matches_sub(sub.match_filter, message.topic):
                 continue
+            acked_by_handler |= sub.manual_ack
             try:
                 sub.handler(message)
             except Exception:
                 self.handler_errors += 1
                 log.exception("handler for %s failed on payload %r", message.topic, message.payload[:200])
+        if self.manual_ack and not acked_by_handler and message.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
     def _on_sync(self, message: Message) -> None:
         waiter = self._sync_waiters.get(message.payload.decode(errors="replace"))

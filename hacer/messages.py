@@ -6,6 +6,7 @@ by people with mosquitto_sub as easily as by programs.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -129,6 +130,8 @@ def _command_value(key: str, value: Any) -> Value:
         return int(value)
     if type(value) not in (int, str):
         raise MessageError(f"value of {key!r} is {value!r}: send an integer or a string")
+    if type(value) is str and value.isascii() and value.isdigit():
+        return int(value)  # what the node receives anyway (the wire sends digits as integers)
     return value
 
 
@@ -194,6 +197,9 @@ class CommandResult:
     error: str | None = None
     correlation: str | None = None
     at: float = 0.0
+    # Why it failed, for programs: node_error, timeout, unreachable, unknown_node, bad_reply,
+    # bad_request or busy (None on success).
+    reason: str | None = None
 
     def to_payload(self) -> bytes:
         """Encode as the result JSON."""
@@ -216,6 +222,7 @@ class CommandResult:
                 error=body.get("error"),
                 correlation=body.get("correlation"),
                 at=parse_time(body["at"]),
+                reason=body.get("reason"),
             )
         except KeyError as exc:
             raise MessageError(f"result lacks {exc}") from None
@@ -269,3 +276,176 @@ class BridgeStats:
             return cls(**body)
         except TypeError as exc:
             raise MessageError(f"bad stats: {exc}") from None
+
+
+# --- runs --------------------------------------------------------------------------------------
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_PARAMS = 32
+MAX_PARAM_CHARS = 1024
+
+
+def check_run_id(value: Any) -> str:
+    """Return a run id as text; raise MessageError unless it is 1-64 of [A-Za-z0-9_.-]."""
+    if type(value) is int and value >= 0:
+        value = str(value)
+    if type(value) is not str or not RUN_ID_PATTERN.fullmatch(value) or value in (".", ".."):
+        raise MessageError(f"run_id {value!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def _optional_time(value: float | None) -> str | None:
+    return None if value is None else iso_time(value)
+
+
+def _parse_optional_time(value: Any) -> float | None:
+    return None if value is None else parse_time(value)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A request to run `script` with `params` (the node name first, as in 2015)."""
+
+    script: str
+    params: tuple[str, ...] = ()
+    run_id: str | None = None
+    requested_by: str = ""
+    timeout: float | None = None
+
+    def to_payload(self) -> bytes:
+        """Encode as the request JSON."""
+        body: dict[str, Any] = {"script": self.script, "params": list(self.params),
+                                "requested_by": self.requested_by}
+        if self.run_id is not None:
+            body["run_id"] = self.run_id
+        if self.timeout is not None:
+            body["timeout"] = self.timeout
+        return _dump(body)
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "RunRequest":
+        """Decode a request; numbers among the params become text, anything else is refused."""
+        body = _json_object(payload)
+        script = body.get("script")
+        if type(script) is not str or not 0 < len(script) <= 255:
+            raise MessageError(f"script {script!r} is not a name")
+        params = body.get("params", [])
+        if type(params) is not list or len(params) > MAX_PARAMS:
+            raise MessageError(f"params must be a list of at most {MAX_PARAMS} strings")
+        texts = []
+        for param in params:
+            if type(param) in (int, float):
+                param = str(param)
+            if type(param) is not str or len(param) > MAX_PARAM_CHARS or "\0" in param:
+                raise MessageError(f"param {str(param)[:40]!r} is not a string of at most "
+                                   f"{MAX_PARAM_CHARS} characters")
+            texts.append(param)
+        run_id = body.get("run_id")
+        timeout = body.get("timeout")
+        if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
+            raise MessageError(f"timeout {timeout!r} is not a positive number of seconds")
+        requested_by = body.get("requested_by") or ""
+        return cls(script, tuple(texts), None if run_id is None else check_run_id(run_id),
+                   str(requested_by)[:64], None if timeout is None else float(timeout))
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's state, published by the runner at every change."""
+
+    run_id: str
+    script: str
+    params: tuple[str, ...]
+    state: str
+    runner: str
+    exit_code: int | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    requested_by: str = ""
+
+    def to_payload(self) -> bytes:
+        """Encode as the status JSON."""
+        body = asdict(self)
+        body["params"] = list(self.params)
+        for name in ("queued_at", "started_at", "finished_at"):
+            body[name] = _optional_time(body[name])
+        return _dump(body)
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "RunStatus":
+        """Decode a status JSON."""
+        body = _json_object(payload)
+        try:
+            return cls(
+                run_id=check_run_id(body["run_id"]), script=str(body["script"]),
+                params=tuple(str(p) for p in body.get("params") or ()), state=str(body["state"]),
+                runner=str(body.get("runner") or ""), exit_code=body.get("exit_code"),
+                queued_at=_parse_optional_time(body.get("queued_at")),
+                started_at=_parse_optional_time(body.get("started_at")),
+                finished_at=_parse_optional_time(body.get("finished_at")),
+                error=body.get("error"), requested_by=str(body.get("requested_by") or ""),
+            )
+        except KeyError as exc:
+            raise MessageError(f"status lacks {exc}") from None
+
+
+LOG_ENTRY_TYPES = ("launch", "output", "sent_set", "sent_get", "result", "exception", "exit_status")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One entry of a run's log; `seq` numbers a run's entries from 1 without gaps."""
+
+    run_id: str
+    seq: int
+    timestamp: float
+    entry_type: str
+    data: str
+
+    def to_payload(self) -> bytes:
+        """Encode as the log JSON."""
+        body = asdict(self)
+        body["timestamp"] = iso_time(self.timestamp)
+        return _dump(body)
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "LogEntry":
+        """Decode a log JSON."""
+        body = _json_object(payload)
+        try:
+            entry = cls(check_run_id(body["run_id"]), int(body["seq"]), parse_time(body["timestamp"]),
+                        str(body["entry_type"]), str(body["data"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MessageError(f"bad log entry: {exc}") from None
+        if entry.entry_type not in LOG_ENTRY_TYPES:
+            raise MessageError(f"entry type {entry.entry_type!r} is not one of {LOG_ENTRY_TYPES}")
+        return entry
+
+
+@dataclass(frozen=True)
+class RunnerState:
+    """A runner's retained state: capacity and what it runs now."""
+
+    runner: str
+    state: str
+    capacity: int = 0
+    running: tuple[str, ...] = ()
+    queued: int = 0
+
+    def to_payload(self) -> bytes:
+        """Encode as the runner state JSON."""
+        body = asdict(self)
+        body["running"] = list(self.running)
+        return _dump(body)
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "RunnerState":
+        """Decode a runner state JSON."""
+        body = _json_object(payload)
+        try:
+            return cls(str(body["runner"]), str(body["state"]), int(body.get("capacity", 0)),
+                       tuple(str(r) for r in body.get("running") or ()), int(body.get("queued", 0)))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MessageError(f"bad runner state: {exc}") from None

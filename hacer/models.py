@@ -12,9 +12,9 @@ from sqlalchemy import DateTime, ForeignKey, Integer, BigInteger, String, Text, 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from hacer.messages import LOG_ENTRY_TYPES
 from hacer.nodewire import NODE_TYPES
 
-LOG_ENTRY_TYPES = ("launch", "output", "sent_set", "sent_get", "result", "exception", "exit_status")
 
 
 class Base(DeclarativeBase):
@@ -86,6 +86,18 @@ class ScriptLogEntry(Base):
     entry_type_id: Mapped[int] = mapped_column(ForeignKey("script_log_entry_type.id"))
     data: Mapped[str] = mapped_column(Text, default="")
     entry_type: Mapped[ScriptLogEntryType] = relationship(lazy="joined")
+
+
+class RunClaim(Base):
+    """A run request a runner has taken: the one place that makes a run id run only once."""
+
+    __tablename__ = "run_claim"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    runner_id: Mapped[str] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    request: Mapped[str] = mapped_column(Text)
+    claimed_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Database:

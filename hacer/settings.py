@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -57,6 +58,12 @@ class Settings:
     stats_interval: float = 10.0
     lastseen_interval: float = 2.0
     state_dir: Path = PROJECT_DIR / "var"
+    scripts_dir: Path = PROJECT_DIR / "scripts"
+    runner_id: str = field(default_factory=socket.gethostname)
+    runner_capacity: int = 4
+    run_timeout: float = 300.0
+    cancel_grace: float = 5.0
+    runner_takeover: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -82,6 +89,12 @@ class Settings:
             stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
             lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
             state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var"),
+            scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts"),
+            runner_id=env.get("HACER_RUNNER_ID", "").strip() or socket.gethostname(),
+            runner_capacity=_int(env, "HACER_RUNNER_CAPACITY", 4, 1, 256),
+            run_timeout=_float(env, "HACER_RUN_TIMEOUT", 300.0, 0.1) or 300.0,
+            cancel_grace=_float(env, "HACER_CANCEL_GRACE", 5.0, 0.0) or 0.0,
+            runner_takeover=_float(env, "HACER_RUNNER_TAKEOVER", 10.0, 0.1) or 10.0,
         )
 
 

@@ -1,0 +1,1 @@
+"""The runner process: run requests become script processes with live logs."""

@@ -1,0 +1,302 @@
+"""The library automation scripts import, and the channel between a script and its runner.
+
+A script's log entries travel to the runner on its own stdout, as lines that start with
+ENTRY_MARKER followed by JSON; every other line is plain output. One pipe keeps the order in
+which the script printed and logged. The runner is the only publisher of a run's log.
+
+Importing this module is cheap: the bus (paho) is imported on the first node command, so a
+script that only prints starts as fast as Python does.
+
+    from hacer import scripting
+    lamp = scripting.node("desk lamp")            # by name or id, with presence
+    scripting.set(lamp, "on", 1)                  # waits for the node's answer
+    scripting.log(f"temperature {scripting.get('hall', 'temperature')}")
+    scripting.request_run("gettemp", ["hall"])
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hacer.bus import Bus, Message
+    from hacer.messages import CommandResult
+
+ENTRY_MARKER = "\x1ehacer-entry "
+SCRIPT_ENTRY_TYPES = ("output", "sent_set", "sent_get", "result", "exception")
+
+
+class ScriptError(Exception):
+    """Base of the errors this library raises."""
+
+
+class NodeNotFound(ScriptError):
+    """No node has that name or id."""
+
+
+class CommandFailed(ScriptError):
+    """The node (or the bridge on its behalf) answered with a failure."""
+
+    def __init__(self, result: "CommandResult") -> None:
+        super().__init__(result.error or "command failed")
+        self.result = result
+
+
+class CommandTimeout(ScriptError):
+    """No result came back in time (is the bridge running?)."""
+
+
+# --- the channel to the runner ----------------------------------------------------------------
+
+def encode_entry(entry_type: str, data: str) -> str:
+    """Return the line that carries one log entry to the runner."""
+    return ENTRY_MARKER + json.dumps({"entry_type": entry_type, "data": data}) + "\n"
+
+
+def decode_line(line: str) -> tuple[str, str]:
+    """Return (entry_type, data) of one line of a script's output."""
+    if line.startswith(ENTRY_MARKER):
+        try:
+            body = json.loads(line[len(ENTRY_MARKER):])
+            if body.get("entry_type") in SCRIPT_ENTRY_TYPES:
+                return body["entry_type"], str(body.get("data", ""))
+        except (ValueError, AttributeError):
+            pass
+    return "output", line
+
+
+def emit(entry_type: str, data: str) -> None:
+    """Send a log entry of this run to the runner (plain stdout when run by hand)."""
+    if entry_type not in SCRIPT_ENTRY_TYPES:
+        raise ValueError(f"scripts cannot log {entry_type!r} entries")
+    if os.environ.get("HACER_RUN_ID"):
+        sys.stdout.write(encode_entry(entry_type, data))
+    else:
+        sys.stdout.write(f"[{entry_type}] {data}\n")
+    sys.stdout.flush()
+
+
+_failed = False
+
+
+def mark_failed() -> None:
+    """Make the run end as failed even if the script then exits normally."""
+    global _failed
+    _failed = True
+
+
+def failed() -> bool:
+    """Tell whether the run was marked failed."""
+    return _failed
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def run_id() -> str:
+    """This run's id ("" when the script runs by hand)."""
+    return os.environ.get("HACER_RUN_ID", "")
+
+
+def params() -> list[str]:
+    """The run's parameters: the node name first, then the user's parameters."""
+    return sys.argv[1:]
+
+
+def log(message: object) -> None:
+    """Log an `output` entry."""
+    emit("output", str(message))
+
+
+# --- nodes through the bus --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Node:
+    """A node as the bus knows it."""
+
+    id: int
+    name: str
+    type: str
+    ip: str
+    online: bool
+
+
+class Hub:
+    """A script's connection to the bus, made on first use."""
+
+    def __init__(self, url: str | None = None, prefix: str | None = None) -> None:
+        self.url = url or os.environ.get("HACER_MQTT_URL", "mqtt://127.0.0.1:1883")
+        self.prefix = prefix or os.environ.get("HACER_TOPIC_PREFIX", "hacer")
+        self._bus: Bus | None = None
+        self._results: dict[bytes, CommandResult] = {}
+        self._arrived = threading.Condition()
+        self._subscribed: dict[int, bool] = {}  # (the name `set` is this module's set())
+
+    @property
+    def bus(self) -> "Bus":
+        """The connected bus (connecting now if needed)."""
+        if self._bus is None:
+            from hacer.bus import Bus
+            from hacer.topics import Topics
+            bus = Bus(self.url, Topics(self.prefix), f"hacer-script-{run_id() or 'manual'}-{uuid.uuid4().hex[:6]}")
+            bus.start()
+            bus.wait_connected(10)
+            self._bus = bus
+        return self._bus
+
+    def close(self) -> None:
+        """Disconnect."""
+        if self._bus is not None:
+            self._bus.stop()
+            self._bus = None
+
+    def nodes(self, type: str | None = None) -> list[Node]:
+        """Return every node the bus knows (names from `meta`, addresses from `presence`)."""
+        from hacer.messages import MessageError, Presence
+        bus = self.bus
+        topics = bus.topics
+        meta: dict[int, dict[str, Any]] = {}
+        presence: dict[int, Presence] = {}
+
+        def on_meta(message: "Message") -> None:
+            try:
+                body = json.loads(message.payload)
+                meta[topics.node_id(message.topic)] = body if isinstance(body, dict) else {}
+            except ValueError:
+                pass
+
+        def on_presence(message: "Message") -> None:
+            try:
+                found = Presence.from_payload(message.payload)
+            except MessageError:
+                return
+            presence[found.id] = found
+
+        meta_filter, presence_filter = topics.filter("node_meta"), topics.filter("node_presence")
+        bus.subscribe(meta_filter, on_meta)
+        bus.subscribe(presence_filter, on_presence)
+        try:
+            bus.sync()
+        finally:
+            bus.unsubscribe(meta_filter)
+            bus.unsubscribe(presence_filter)
+        found_nodes = []
+        for node_id in sorted(meta.keys() | presence.keys()):
+            seen = presence.get(node_id)
+            name = str(meta.get(node_id, {}).get("name") or (seen.name if seen else "") or "")
+            node_type = seen.type if seen else str(meta.get(node_id, {}).get("type", "other"))
+            node = Node(node_id, name, node_type, seen.ip if seen else "", bool(seen and seen.state == "online"))
+            if type is None or node.type == type:
+                found_nodes.append(node)
+        return found_nodes
+
+    def node(self, name_or_id: str | int) -> Node:
+        """Return the node with this name, or this id; raise NodeNotFound."""
+        wanted = str(name_or_id)
+        nodes = self.nodes()
+        for node in nodes:
+            if node.name and node.name == wanted:
+                return node
+        if wanted.isdigit():
+            for node in nodes:
+                if node.id == int(wanted):
+                    return node
+        raise NodeNotFound(f"no node named {wanted!r}")
+
+    def _on_result(self, message: "Message") -> None:
+        from hacer.messages import CommandResult
+        if message.correlation is None:
+            return
+        with self._arrived:
+            self._results[message.correlation] = CommandResult.from_payload(message.payload)
+            self._arrived.notify_all()
+
+    def command(self, node: Node | str | int, op: str, key: str, value: Any = None,
+                timeout: float = 5.0) -> "CommandResult":
+        """Send one set or get through the bridge and return its result (failures included)."""
+        target = node if isinstance(node, Node) else self.node(node)
+        bus = self.bus
+        if target.id not in self._subscribed:
+            bus.subscribe(bus.topics.build("node_result", target.id), self._on_result)
+            bus.sync()
+            self._subscribed[target.id] = True
+        correlation = uuid.uuid4().hex.encode()
+        payload = json.dumps({key: value}) if op == "set" else json.dumps(key)
+        bus.publish(bus.topics.build(f"node_{op}", target.id), payload, correlation=correlation)
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while correlation not in self._results:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommandTimeout(f"no result for {op} {key} on node {target.id} within {timeout} s")
+                self._arrived.wait(remaining)
+            return self._results.pop(correlation)
+
+    def set(self, node: Node | str | int, key: str, value: Any, timeout: float = 5.0) -> Any:
+        """Set a value on a node; return the value set, raise CommandFailed if refused."""
+        result = self.command(node, "set", key, value, timeout)
+        if not result.ok:
+            raise CommandFailed(result)
+        return result.value
+
+    def get(self, node: Node | str | int, key: str, timeout: float = 5.0) -> Any:
+        """Return a value of a node; raise CommandFailed if it has none."""
+        result = self.command(node, "get", key, None, timeout)
+        if not result.ok:
+            raise CommandFailed(result)
+        return result.value
+
+    def request_run(self, script: str, run_params: list[str] | None = None) -> str:
+        """Ask the runners to run another script; return its run id."""
+        from hacer.messages import RunRequest
+        new_id = uuid.uuid4().hex
+        request = RunRequest(script, tuple(run_params or ()), new_id, requested_by=f"script:{run_id()}")
+        self.bus.publish(self.bus.topics.build("run_request"), request.to_payload())
+        return new_id
+
+
+_hub: Hub | None = None
+
+
+def hub() -> Hub:
+    """The script's hub (one per process: a script is its own process)."""
+    global _hub
+    if _hub is None:
+        _hub = Hub()
+    return _hub
+
+
+def nodes(type: str | None = None) -> list[Node]:
+    """Return every node, or those of one type."""
+    return hub().nodes(type)
+
+
+def node(name_or_id: str | int) -> Node:
+    """Return a node by name or id."""
+    return hub().node(name_or_id)
+
+
+def set(node: Node | str | int, key: str, value: Any, timeout: float = 5.0) -> Any:  # noqa: A001
+    """Set a value on a node."""
+    return hub().set(node, key, value, timeout)
+
+
+def get(node: Node | str | int, key: str, timeout: float = 5.0) -> Any:
+    """Get a value from a node."""
+    return hub().get(node, key, timeout)
+
+
+def request_run(script: str, run_params: list[str] | None = None) -> str:
+    """Request another run; return its run id."""
+    return hub().request_run(script, run_params)
+
+
+def close() -> None:
+    """Disconnect from the bus, if connected."""
+    if _hub is not None:
+        _hub.close()

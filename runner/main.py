@@ -1,0 +1,53 @@
+"""`python manage.py runner`: read settings, wire the runner, run until a signal."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from hacer.bus import Bus
+from hacer.messages import RunnerState
+from hacer.models import Database
+from hacer.scriptdir import ScriptDir
+from hacer.settings import Settings
+from hacer.topics import Topics
+from runner.service import Runner, RunnerConfig
+
+log = logging.getLogger(__name__)
+
+# A runner's queued requests wait in its broker session while it is away (a restart, an
+# upgrade): keep the session a week.
+SESSION_EXPIRY = 7 * 24 * 3600
+
+
+def build_runner(settings: Settings) -> Runner:
+    """Build a runner (not started) from settings."""
+    topics = Topics(settings.topic_prefix)
+    database = Database(settings.database_url)
+    database.init()
+    offline = RunnerState(settings.runner_id, "offline").to_payload()
+    # A stable client id: the broker parks this runner's share of requests in its session.
+    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-runner-{settings.runner_id}",
+              presence_topic=topics.build("runner_state", settings.runner_id), will=offline,
+              clean_start=False, session_expiry=SESSION_EXPIRY, manual_ack=True)
+    script_env = {**os.environ, "HACER_MQTT_URL": settings.mqtt_url,
+                  "HACER_TOPIC_PREFIX": settings.topic_prefix, "HACER_DATABASE_URL": settings.database_url}
+    config = RunnerConfig(runner_id=settings.runner_id, capacity=settings.runner_capacity,
+                          default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
+                          takeover_after=settings.runner_takeover, script_env=script_env)
+    return Runner(bus, topics, database.session, ScriptDir(settings.scripts_dir), config)
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the runner until SIGINT or SIGTERM."""
+    settings = settings or Settings.from_env()
+    runner = build_runner(settings)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    runner.start()
+    log.info("runner %s running %s with capacity %d", settings.runner_id, settings.scripts_dir,
+             settings.runner_capacity)
+    done.wait()
+    runner.stop()

@@ -1,0 +1,69 @@
+"""Turns a script's output bytes into log entries, within bounds.
+
+Lines longer than `line_limit` are cut (the rest is counted, not kept), and past `total_limit`
+bytes nothing more is logged; `finish()` then adds one entry saying what was cut. Memory stays
+at one read plus one line whatever the script prints, even with no newline ever.
+"""
+from __future__ import annotations
+
+from hacer.scripting import decode_line
+
+
+class OutputSplitter:
+    """Splits a byte stream into (entry_type, data) entries; see the module docstring."""
+
+    def __init__(self, line_limit: int = 8192, total_limit: int = 64 * 1024 * 1024) -> None:
+        self.line_limit = line_limit
+        self.total_limit = total_limit
+        self.logged_bytes = 0
+        self.cut_bytes = 0
+        self.cut_lines = 0
+        self._partial = bytearray()
+        self._skipping = 0  # bytes of the current over-long line not kept
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        """Return the entries completed by `data`."""
+        entries: list[tuple[str, str]] = []
+        start = 0
+        while start < len(data):
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            room = self.line_limit - len(self._partial)
+            piece = data[start:end]
+            if self._skipping or len(piece) > room:
+                keep = max(room, 0) if not self._skipping else 0
+                self._partial += piece[:keep]
+                self._skipping += len(piece) - keep
+            else:
+                self._partial += piece
+            if newline < 0:
+                break
+            self._complete(entries)
+            start = newline + 1
+        return entries
+
+    def finish(self) -> list[tuple[str, str]]:
+        """Return the last, unterminated line and a note of what was cut, if anything."""
+        entries: list[tuple[str, str]] = []
+        if self._partial or self._skipping:
+            self._complete(entries)
+        if self.cut_bytes or self.cut_lines:
+            entries.append(("output", f"[hacer: output cut: {self.cut_bytes} bytes not logged "
+                                      f"({self.cut_lines} lines over {self.line_limit} bytes, "
+                                      f"log limit {self.total_limit} bytes)]"))
+        return entries
+
+    def _complete(self, entries: list[tuple[str, str]]) -> None:
+        line = self._partial.decode(errors="replace")
+        skipped = self._skipping
+        self._partial = bytearray()
+        self._skipping = 0
+        if skipped:
+            self.cut_lines += 1
+            self.cut_bytes += skipped
+            line += f" [hacer: {skipped} more bytes of this line cut]"
+        if self.logged_bytes + len(line) > self.total_limit:
+            self.cut_bytes += len(line)
+            return
+        self.logged_bytes += len(line)
+        entries.append(decode_line(line.removesuffix("\r")))

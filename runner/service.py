@@ -1,0 +1,464 @@
+"""The runner: run requests from the bus become script processes, with their logs on the bus.
+
+Flow: a request arrives through the MQTT 5 shared subscription (so runners share the work) on
+a durable session, and is acknowledged only once claimed in the database; the claim (a row
+keyed by run id) is what makes a run id run once, however often the request is delivered and
+whichever runner gets it. Claimed runs wait in order for one of `capacity` workers. A worker
+starts the script in its own process group, turns its output into log entries (the runner is
+the only publisher of a run's log, so entries are numbered without gaps), enforces the time
+limit and cancels, and publishes the final status.
+
+A runner that starts finds its own claims: runs that were running are `lost`, queued ones run.
+A runner that sees another go offline (its last will) and stay offline takes over its queued
+claims and reports its running ones `lost`.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hacer import runstates
+from hacer.bus import Bus, Message
+from hacer.messages import LogEntry, MessageError, RunnerState, RunRequest, RunStatus
+from hacer.models import RunClaim
+from hacer.scriptdir import ScriptDir
+from hacer.settings import PROJECT_DIR
+from hacer.topics import TopicError, Topics
+from runner.output import OutputSplitter
+
+log = logging.getLogger(__name__)
+
+SHARE_GROUP = "hacer-runners"
+# While more log publishes than this wait for the broker, consecutive output lines are sent
+# together in one entry (up to BATCH_BYTES), so a fast printer is not held to one line per ack.
+BATCH_WHEN_UNCONFIRMED = 64
+BATCH_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How a runner behaves; see Settings for the environment variables."""
+
+    runner_id: str
+    capacity: int = 4
+    default_timeout: float = 300.0
+    max_timeout: float = 24 * 3600.0
+    cancel_grace: float = 5.0
+    takeover_after: float = 10.0
+    line_limit: int = 8192
+    output_limit: int = 64 * 1024 * 1024
+    python: str = sys.executable
+    script_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """One claimed run, from queued to finished."""
+
+    request: RunRequest
+    run_id: str
+    script_path: Path
+    queued_at: float
+    seq: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    cancel_requested: bool = False
+    timed_out: bool = False
+    started_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
+
+
+class Runner:
+    """See the module docstring. Does nothing until start()."""
+
+    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], scripts: ScriptDir,
+                 config: RunnerConfig, clock: Callable[[], float] = time.time) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.sessions = sessions
+        self.scripts = scripts
+        self.config = config
+        self.clock = clock
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._waiting: deque[Run] = deque()
+        self._running: dict[str, Run] = {}
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._offline_runners: dict[str, float] = {}
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe, start the workers, then recover this runner's earlier claims."""
+        self.bus.birth = self._state_payload()
+        self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.build("run_request")),
+                           self._on_request, manual_ack=True)
+        self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
+        self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
+        self._spawn_thread(self._dispatch, "runner-dispatch")
+        for index in range(self.config.capacity):
+            self._spawn_thread(self._work, f"runner-worker-{index}")
+        self.bus.start()
+        self._inbox.put(lambda: self._recover(self.config.runner_id))
+
+    def stop(self) -> None:
+        """Stop taking runs, end the running ones (cancelled) and leave the bus.
+
+        Runs still waiting stay claimed: this runner resumes them when it starts again, or
+        another runner takes them over once it sees this one offline.
+        """
+        with self._changed:
+            self._stopping = True
+            running = list(self._running.values())
+            self._changed.notify_all()
+        for run in running:
+            self._cancel(run, "runner stopped")
+        self._inbox.put(lambda: None)
+        for thread in self._threads:
+            thread.join(self.config.cancel_grace + 5)
+        self.bus.will = RunnerState(self.config.runner_id, "offline").to_payload()
+        self.bus.stop()
+
+    def _spawn_thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # --- bus callbacks (paho's thread: hand over, never block) -----------------------------
+
+    def _on_request(self, message: Message) -> None:
+        self._inbox.put(lambda: self._accept(message))
+
+    def _on_cancel(self, message: Message) -> None:
+        try:
+            _, run_id = self.topics.parse(message.topic)
+        except TopicError:
+            return
+        if run_id:
+            self._inbox.put(lambda: self._cancel_by_id(run_id))
+
+    def _on_runner_state(self, message: Message) -> None:
+        try:
+            state = RunnerState.from_payload(message.payload)
+        except MessageError:
+            return
+        if state.runner == self.config.runner_id:
+            return
+        if state.state == "offline":
+            self._offline_runners[state.runner] = self.clock()
+            timer = threading.Timer(self.config.takeover_after,
+                                    lambda: self._inbox.put(lambda: self._take_over(state.runner)))
+            timer.daemon = True
+            timer.start()
+        else:
+            self._offline_runners.pop(state.runner, None)
+
+    # --- dispatcher thread ------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopping:
+            task = self._inbox.get()
+            try:
+                task()
+            except Exception:
+                log.exception("runner task failed")
+
+    def _accept(self, message: Message) -> None:
+        """Validate and claim one request; acknowledge it once that is durable."""
+        try:
+            request = RunRequest.from_payload(message.payload)
+        except MessageError as exc:
+            self._refuse(None, None, f"bad run request: {exc}")
+            self.bus.ack(message)
+            return
+        run_id = request.run_id or uuid.uuid4().hex
+        script = self.scripts.find(request.script)
+        if script is None:
+            self._refuse(run_id, request, f"no script named {request.script!r} in {self.scripts.folder.name}/")
+            self.bus.ack(message)
+            return
+        now = self.clock()
+        try:
+            with self.sessions() as session:
+                session.add(RunClaim(run_id=run_id, runner_id=self.config.runner_id, state=runstates.QUEUED,
+                                     request=request.to_payload().decode(), claimed_at=_utc(now),
+                                     updated_at=_utc(now)))
+                session.commit()
+        except IntegrityError:
+            log.info("run %s already claimed: duplicate delivery ignored", run_id)
+            self.bus.ack(message)
+            return
+        self.bus.ack(message)
+        self._enqueue(Run(replace(request, run_id=run_id), run_id, script.path, now))
+
+    def _enqueue(self, run: Run) -> None:
+        self._publish_status(run, runstates.QUEUED)
+        with self._changed:
+            self._waiting.append(run)
+            self._changed.notify()
+        self._publish_state()
+
+    def _refuse(self, run_id: str | None, request: RunRequest | None, why: str) -> None:
+        """Report a request that cannot run: a `failed` status and an exception entry."""
+        run = Run(request or RunRequest("", ()), run_id or uuid.uuid4().hex, Path(), self.clock())
+        log.warning("run %s refused: %s", run.run_id, why)
+        self._log(run, "exception", why)
+        self._log(run, "exit_status", "failed")
+        self._publish_status(run, runstates.FAILED, error=why, finished=True)
+
+    def _cancel_by_id(self, run_id: str) -> None:
+        with self._changed:
+            waiting = next((r for r in self._waiting if r.run_id == run_id), None)
+            if waiting is not None:
+                self._waiting.remove(waiting)
+            running = self._running.get(run_id)
+        if waiting is not None:
+            self._log(waiting, "exit_status", "failed")
+            self._finish_claim(waiting, runstates.CANCELLED)
+            self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started",
+                                 finished=True)
+            self._publish_state()
+        elif running is not None:
+            self._cancel(running, "cancelled")
+
+    # --- claims of runners that are gone ----------------------------------------------------
+
+    def _recover(self, runner_id: str) -> None:
+        """Report `runner_id`'s running claims lost and queue its waiting ones here."""
+        with self.sessions() as session:
+            claims = session.scalars(select(RunClaim).where(
+                RunClaim.runner_id == runner_id,
+                RunClaim.state.in_([runstates.QUEUED, runstates.RUNNING]))).all()
+        for claim in claims:
+            try:
+                request = RunRequest.from_payload(claim.request)
+            except MessageError:
+                continue
+            script = self.scripts.find(request.script)
+            if claim.state == runstates.RUNNING or script is None:
+                if self._move_claim(claim.run_id, runner_id, runstates.RUNNING, state=runstates.LOST):
+                    run = Run(request, claim.run_id, Path(), claim.claimed_at.timestamp())
+                    self._publish_status(run, runstates.LOST, error=f"runner {runner_id} went away "
+                                         "while it ran", finished=True)
+            elif self._move_claim(claim.run_id, runner_id, runstates.QUEUED, runner=self.config.runner_id):
+                log.info("resuming run %s (claimed by %s)", claim.run_id, runner_id)
+                self._enqueue(Run(request, claim.run_id, script.path, self.clock()))
+
+    def _move_claim(self, run_id: str, runner_id: str, from_state: str, state: str | None = None,
+                    runner: str | None = None) -> bool:
+        """Change a claim only if it is still as seen; tell whether this runner won."""
+        values: dict[str, object] = {"updated_at": _utc(self.clock())}
+        if state:
+            values["state"] = state
+        if runner:
+            values["runner_id"] = runner
+        with self.sessions() as session:
+            result = session.execute(update(RunClaim).where(
+                RunClaim.run_id == run_id, RunClaim.runner_id == runner_id,
+                RunClaim.state == from_state).values(**values))
+            session.commit()
+            return result.rowcount == 1  # type: ignore[attr-defined]
+
+    def _take_over(self, runner_id: str) -> None:
+        if runner_id in self._offline_runners and not self._stopping:
+            log.warning("runner %s is offline: taking over its claims", runner_id)
+            self._recover(runner_id)
+
+    def _finish_claim(self, run: Run, state: str) -> None:
+        with self.sessions() as session:
+            session.execute(update(RunClaim).where(RunClaim.run_id == run.run_id).values(
+                state=state, updated_at=_utc(self.clock())))
+            session.commit()
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting and not self._stopping:
+                    self._changed.wait()
+                if self._stopping:
+                    return
+                run = self._waiting.popleft()
+                self._running[run.run_id] = run
+            self._publish_state()
+            try:
+                self._execute(run)
+            except Exception as exc:
+                log.exception("run %s failed inside the runner", run.run_id)
+                self._log(run, "exception", f"runner error: {type(exc).__name__}: {exc}")
+                self._log(run, "exit_status", "failed")
+                self._finish_claim(run, runstates.FAILED)
+                self._publish_status(run, runstates.FAILED, error=str(exc), finished=True)
+            finally:
+                with self._changed:
+                    self._running.pop(run.run_id, None)
+                self._publish_state()
+
+    def _execute(self, run: Run) -> None:
+        """Run one script to its end, publishing its log and status."""
+        request = run.request
+        self._move_claim(run.run_id, self.config.runner_id, runstates.QUEUED, state=runstates.RUNNING)
+        run.started_at = self.clock()
+        self._publish_status(run, runstates.RUNNING)
+        self._log(run, "launch", json.dumps({"script": request.script, "params": list(request.params)}))
+        env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": str(PROJECT_DIR)}
+        with run.lock:
+            if run.cancel_requested:  # cancelled between leaving the queue and here
+                self._log(run, "exit_status", "failed")
+                self._finish_claim(run, runstates.CANCELLED)
+                self._publish_status(run, runstates.CANCELLED, error="cancelled", finished=True)
+                return
+            run.process = subprocess.Popen(
+                [self.config.python, "-m", "hacer.scriptmain", str(run.script_path), *request.params],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=env, cwd=run.script_path.parent, process_group=0, preexec_fn=_die_with_parent,
+                close_fds=True)
+        timeout = min(request.timeout or self.config.default_timeout, self.config.max_timeout)
+        limit = threading.Timer(timeout, self._time_out, args=(run,))
+        limit.daemon = True
+        limit.start()
+        threading.Thread(target=self._reap_group, args=(run,), daemon=True).start()
+        try:
+            self._stream_output(run)
+        finally:
+            limit.cancel()
+        exit_code = run.process.wait()
+        if run.cancel_requested:
+            state = runstates.CANCELLED
+        elif run.timed_out:
+            state = runstates.TIMED_OUT
+        else:
+            state = runstates.SUCCEEDED if exit_code == 0 else runstates.FAILED
+        self._log(run, "exit_status", "success" if state == runstates.SUCCEEDED else "failed")
+        self._finish_claim(run, state)
+        error = {runstates.TIMED_OUT: f"time limit of {timeout:g} s reached",
+                 runstates.CANCELLED: "cancelled"}.get(state)
+        self._publish_status(run, state, exit_code=exit_code, error=error, finished=True)
+
+    def _stream_output(self, run: Run) -> None:
+        assert run.process is not None and run.process.stdout is not None
+        splitter = OutputSplitter(self.config.line_limit, self.config.output_limit)
+        fd = run.process.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            entries = splitter.feed(chunk) if chunk else splitter.finish()
+            self._log_entries(run, entries)
+            if not chunk:
+                break
+        run.process.stdout.close()
+
+    def _log_entries(self, run: Run, entries: list[tuple[str, str]]) -> None:
+        batch: list[str] = []
+        size = 0
+        for entry_type, data in entries:
+            batching = entry_type == "output" and self.bus.unconfirmed > BATCH_WHEN_UNCONFIRMED
+            if batch and (not batching or size + len(data) > BATCH_BYTES):
+                self._log(run, "output", "\n".join(batch))
+                batch, size = [], 0
+            if batching:
+                batch.append(data)
+                size += len(data) + 1
+            else:
+                self._log(run, entry_type, data)
+        if batch:
+            self._log(run, "output", "\n".join(batch))
+
+    def _reap_group(self, run: Run) -> None:
+        """When the script exits, end what it left running in its group (it holds the pipe)."""
+        assert run.process is not None
+        run.process.wait()
+        if _signal_group(run.process.pid, signal.SIGTERM):
+            time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
+            _signal_group(run.process.pid, signal.SIGKILL)
+
+    def _time_out(self, run: Run) -> None:
+        run.timed_out = True
+        self._cancel(run, "time limit")
+
+    def _cancel(self, run: Run, why: str) -> None:
+        """End a run's whole process group: TERM, a grace period, then KILL."""
+        with run.lock:
+            if why != "time limit":
+                run.cancel_requested = True
+            process = run.process
+        if process is None or process.poll() is not None:
+            return
+        log.info("ending run %s (%s)", run.run_id, why)
+        _signal_group(process.pid, signal.SIGTERM)
+
+        def kill_after_grace() -> None:
+            try:
+                process.wait(self.config.cancel_grace)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process.pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_after_grace, daemon=True).start()
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def _log(self, run: Run, entry_type: str, data: str) -> None:
+        run.seq += 1
+        entry = LogEntry(run.run_id, run.seq, self.clock(), entry_type, data)
+        self.bus.publish(self.topics.build("run_log", run.run_id), entry.to_payload())
+
+    def _publish_status(self, run: Run, state: str, exit_code: int | None = None,
+                        error: str | None = None, finished: bool = False) -> None:
+        status = RunStatus(run.run_id, run.request.script, run.request.params, state, self.config.runner_id,
+                           exit_code, run.queued_at, run.started_at, self.clock() if finished else None,
+                           error, run.request.requested_by)
+        self.bus.publish(self.topics.build("run_status", run.run_id), status.to_payload())
+
+    def _state_payload(self) -> bytes:
+        with self._changed:
+            running = tuple(self._running)
+            waiting = len(self._waiting)
+        return RunnerState(self.config.runner_id, "online", self.config.capacity, running, waiting).to_payload()
+
+    def _publish_state(self) -> None:
+        payload = self._state_payload()
+        self.bus.birth = payload
+        self.bus.publish(self.topics.build("runner_state", self.config.runner_id), payload, retain=True)
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Signal a process group; tell whether any process was left in it."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the runner dies, so no script outlives its runner."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

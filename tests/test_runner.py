@@ -1,0 +1,407 @@
+"""The runner as a process: real mosquitto, real script subprocesses, emulated nodes via the bridge."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from emulator.nodes import Emulator, make_nodes
+from hacer import runstates
+from hacer.messages import LogEntry, Presence, RunnerState, RunRequest, RunStatus
+from hacer.settings import PROJECT_DIR
+
+from conftest import wait_until
+
+TEST_SCRIPTS = {
+    "crash": "raise ValueError('boom')\n",
+    "block": (  # blocks until the test opens its FIFO for writing
+        "import sys\nprint('waiting', sys.argv[1], flush=True)\nopen(sys.argv[1]).read()\nprint('released')\n"),
+    "family": (  # leaves a child and a grandchild behind, records their pids, then waits
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '1000'])\n"
+        "grand = subprocess.Popen([sys.executable, '-c', 'import subprocess; p = subprocess.Popen([\"sleep\", \"1000\"]);"
+        " print(p.pid, flush=True); p.wait()'], stdout=subprocess.PIPE, text=True)\n"
+        "pids = [child.pid, grand.pid, int(grand.stdout.readline())]\n"
+        "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
+        "print('family ready', flush=True)\n"
+        "time.sleep(1000)\n"),
+    "spam": (
+        "import sys\nn = int(sys.argv[1])\nw = sys.stdout.write\nfor i in range(n):\n    w(f'line {i}\\n')\n"),
+    "noeol": "import sys\nsys.stdout.write('x' * int(sys.argv[1]))\n",
+    "echo": "import sys\nprint(repr(sys.argv[1:]))\n",
+}
+
+
+@pytest.fixture
+def scripts_dir(tmp_path):
+    folder = tmp_path / "scripts"
+    shutil.copytree(PROJECT_DIR / "scripts", folder)
+    for name, text in TEST_SCRIPTS.items():
+        (folder / f"{name}.py").write_text(text)
+    return folder
+
+
+@pytest.fixture
+def runner_env(hacer_env, scripts_dir):
+    hacer_env.update({
+        "HACER_SCRIPTS_DIR": str(scripts_dir),
+        "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
+        "HACER_CANCEL_GRACE": "1",
+        "HACER_RUNNER_TAKEOVER": "0.5",
+        "HACER_OFFLINE_AFTER": "30",
+    })
+    return hacer_env
+
+
+class Runs:
+    """Every run status and log entry on the bus, by run id."""
+
+    def __init__(self, watcher):
+        self.watcher = watcher
+
+    def statuses(self, run_id):
+        return [RunStatus.from_payload(m.payload) for m in self.watcher.topic(f"hacer/runs/{run_id}/status")]
+
+    def entries(self, run_id):
+        return [LogEntry.from_payload(m.payload) for m in self.watcher.topic(f"hacer/runs/{run_id}/log")]
+
+    def wait_state(self, run_id, states, timeout=20):
+        states = {states} if isinstance(states, str) else set(states)
+        message = self.watcher.wait_for(
+            lambda m: m.topic == f"hacer/runs/{run_id}/status" and RunStatus.from_payload(m.payload).state in states,
+            timeout=timeout)
+        return RunStatus.from_payload(message.payload)
+
+    def wait_finished(self, run_id, timeout=20):
+        status = self.wait_state(run_id, runstates.FINISHED_STATES, timeout)
+        if status.state != runstates.LOST:  # the exit_status entry is published before the status
+            self.watcher.wait_for(lambda m: m.topic == f"hacer/runs/{run_id}/log" and
+                                  LogEntry.from_payload(m.payload).entry_type == "exit_status", timeout=5)
+        return status
+
+    def wait_entry(self, run_id, predicate, timeout=20):
+        message = self.watcher.wait_for(lambda m: m.topic == f"hacer/runs/{run_id}/log" and
+                                        predicate(LogEntry.from_payload(m.payload)), timeout=timeout)
+        return LogEntry.from_payload(message.payload)
+
+    def log_of(self, run_id):
+        entries = self.entries(run_id)
+        assert [e.seq for e in entries] == list(range(1, len(entries) + 1)), "gaps or disorder in the log"
+        return [(e.entry_type, e.data) for e in entries]
+
+
+@pytest.fixture
+def runs(make_bus):
+    # A durable session, so what the runner publishes while this watcher is away (a broker
+    # restart) still reaches it.
+    from conftest import Watcher
+    bus = make_bus(clean_start=False, session_expiry=600)
+    watcher = Watcher(bus, "hacer/runs/#")
+    bus.sync()
+    return Runs(watcher)
+
+
+@pytest.fixture
+def start_runner(spawn, runner_env, watch):
+    states = watch("hacer/runners/+/state")
+
+    def start(runner_id=None, **env):
+        rid = runner_id or f"r-{uuid.uuid4().hex[:6]}"
+        child_env = {**runner_env, **env, "HACER_RUNNER_ID": rid}
+        seen = len(states.messages)
+        child = spawn(["runner"], child_env, name=f"runner-{rid}")
+        states.wait_for(lambda m: m.topic == f"hacer/runners/{rid}/state" and
+                        RunnerState.from_payload(m.payload).state == "online", timeout=20, start=seen)
+        child.runner_id = rid
+        return child
+
+    start.states = states
+    return start
+
+
+@pytest.fixture
+def requester(make_bus):
+    bus = make_bus()
+
+    def request(script, params=(), run_id=None, **fields):
+        run_id = run_id or uuid.uuid4().hex[:12]
+        bus.publish("hacer/runs/request", RunRequest(script, tuple(params), run_id, "test", **fields).to_payload())
+        return run_id
+
+    request.bus = bus
+    return request
+
+
+@pytest.fixture
+def named_nodes(spawn, runner_env, make_bus, watch):
+    """The bridge and one emulated node of each type, named as the api would name them."""
+    presence = watch("hacer/nodes/+/presence")
+    spawn(["bridge"], runner_env)
+    nodes = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"],
+                       port=int(runner_env["HACER_NODE_PORT"]), interval=5, first_ip="127.0.0.60",
+                       base_id=uuid.uuid4().int % 10**9)
+    emulator = Emulator(nodes, ("127.0.0.1", int(runner_env["HACER_DISCOVERY_PORT"])))
+    emulator.start()
+    for node in nodes:
+        presence.wait_for(lambda m, n=node: Presence.from_payload(m.payload).id == n.id, timeout=15)
+    bus = make_bus()
+    names = ["outlet1", "desk", "hall", "cellar"]
+    for node, name in zip(nodes, names):
+        bus.publish(f"hacer/nodes/{node.id}/meta", json.dumps({"id": node.id, "name": name, "type": node.type}),
+                    retain=True)
+    bus.sync()
+    yield dict(zip(names, nodes))
+    emulator.stop()
+
+
+def test_2015_scripts_against_emulated_nodes(named_nodes, start_runner, requester, runs):
+    start_runner()
+    toggle = requester("toggle", ["outlet1", "1"])
+    assert runs.wait_finished(toggle).state == runstates.SUCCEEDED
+    assert named_nodes["outlet1"].values["on"] == 1
+    launch, *rest = runs.log_of(toggle)
+    assert launch == ("launch", json.dumps({"script": "toggle", "params": ["outlet1", "1"]}))
+    assert rest == [("sent_set", '"on": "1"'), ("result", "+i1e"), ("exit_status", "success")]
+
+    gettemp = requester("gettemp", ["hall"])
+    assert runs.wait_finished(gettemp).exit_code == 0
+    assert runs.log_of(gettemp)[1:] == [("sent_get", '"temperature"'), ("result", "+i21e"),
+                                        ("output", "21"), ("exit_status", "success")]
+
+    settarget = requester("settarget", ["hall", "23"])
+    assert runs.wait_finished(settarget).state == runstates.SUCCEEDED
+    assert named_nodes["hall"].values["target"] == 23
+
+    setcolor = requester("setcolor", ["desk", "#00ff80"])
+    assert runs.wait_finished(setcolor).state == runstates.SUCCEEDED
+    assert named_nodes["desk"].values["color"] == 0x00FF80
+    assert ("result", "+15:Key Set Success") in runs.log_of(setcolor)
+
+    test = requester("test", ["anything", "a b"])
+    assert runs.wait_finished(test).state == runstates.SUCCEEDED
+    assert ("output", "test script running with ['anything', 'a b']") in runs.log_of(test)
+
+
+def test_failures_inside_the_with_block_fail_the_run(named_nodes, start_runner, requester, runs):
+    start_runner()
+    read_only = requester("settarget", ["cellar", "5"])  # sensor_temp has no target
+    status = runs.wait_finished(read_only)
+    assert (status.state, status.exit_code) == (runstates.FAILED, 1)
+    log = runs.log_of(read_only)
+    assert ("exception", "InvalidCommand: target: Key Not Found") in log
+    assert log[-1] == ("exit_status", "failed") and [t for t, _ in log].count("exit_status") == 1
+
+    unknown = requester("gettemp", ["nowhere"])
+    status = runs.wait_finished(unknown)
+    assert status.state == runstates.FAILED
+    assert ("exception", "NodeNotConnected: no node named 'nowhere'") in runs.log_of(unknown)
+
+
+def test_a_2015_script_file_runs_unchanged(named_nodes, start_runner, requester, runs, scripts_dir):
+    (scripts_dir / "oldstyle.py").write_text(
+        "from hasapi import NodeConnection\n"
+        "with NodeConnection() as conn:          # connects to the node named by the first parameter\n"
+        "    conn.setVal(\"on\", conn.params[0])   # params = the parameters after the node name\n"
+        "    t = conn.getVal(\"on\")\n"
+        "    conn.log(t)                         # an `output` log entry\n")
+    start_runner()
+    run_id = requester("oldstyle", ["outlet1", "1"])
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    assert runs.log_of(run_id)[1:] == [("sent_set", '"on": "1"'), ("result", "+i1e"), ("sent_get", '"on"'),
+                                       ("result", "+i1e"), ("output", "1"), ("exit_status", "success")]
+
+
+def test_new_scripts_all_off_and_report(named_nodes, start_runner, requester, runs):
+    named_nodes["outlet1"].values["on"] = 1
+    start_runner()
+    all_off = requester("all_off", ["toggle"])
+    assert runs.wait_finished(all_off).state == runstates.SUCCEEDED
+    assert named_nodes["outlet1"].values["on"] == 0
+    assert ("output", "outlet1: off") in runs.log_of(all_off)
+    report = requester("nodes_report")
+    assert runs.wait_finished(report).state == runstates.SUCCEEDED
+    lines = [data for kind, data in runs.log_of(report) if kind == "output"]
+    hall = named_nodes["hall"]
+    assert f"{hall.id} hall thermostat {hall.ip} online" in lines
+
+
+def test_uncaught_exception_is_an_entry(start_runner, requester, runs):
+    start_runner()
+    run_id = requester("crash")
+    status = runs.wait_finished(run_id)
+    assert (status.state, status.exit_code) == (runstates.FAILED, 1)
+    log = runs.log_of(run_id)
+    assert ("exception", "ValueError: boom") in log
+    assert ("output", "Traceback (most recent call last):") in log
+
+
+@pytest.mark.parametrize("script", ["../../etc/passwd", "/etc/passwd", "toggle; rm -rf /", "$(touch pwned)",
+                                    "scripts/../test", "../scripts/test", "test\0x"])
+def test_bad_script_names_are_refused_and_nothing_spawned(start_runner, requester, runs, script, tmp_path):
+    start_runner()
+    run_id = requester(script)
+    status = runs.wait_finished(run_id)
+    assert status.state == runstates.FAILED
+    log = runs.log_of(run_id)
+    assert log[0][0] == "exception" and log[-1] == ("exit_status", "failed")
+    assert not any(kind == "launch" for kind, _ in log)
+    assert not (tmp_path / "pwned").exists() and not (PROJECT_DIR / "pwned").exists()
+
+
+def test_shell_metacharacters_in_params_stay_text(start_runner, requester, runs, tmp_path):
+    start_runner()
+    marker = tmp_path / "pwned"
+    params = [f"; touch {marker}", f"$(touch {marker})", f"`touch {marker}`", "a\nb", "*"]
+    run_id = requester("echo", params)
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    assert ("output", repr(params)) in runs.log_of(run_id)
+    assert not marker.exists()
+
+
+def test_bad_requests_get_a_failed_status(start_runner, requester, runs):
+    start_runner()
+    for body in ['{"script": "test", "params": "notalist"}', "not json", '{"script": "test", "params": [{}]}',
+                 json.dumps({"script": "test", "params": ["x"] * 100})]:
+        requester.bus.publish("hacer/runs/request", body)
+    def statuses():
+        return [RunStatus.from_payload(m.payload) for m in runs.watcher.messages if m.topic.endswith("/status")]
+    wait_until(lambda: len(statuses()) >= 4, what="four failed statuses")
+    assert [s.state for s in statuses()] == [runstates.FAILED] * 4
+    assert all(s.error.startswith("bad run request") for s in statuses())
+
+
+def fifo(tmp_path, name):
+    path = tmp_path / f"{name}.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def release(path):
+    with open(path, "w") as pipe:
+        pipe.write("go")
+
+
+def test_concurrency_limit_and_queue_order(start_runner, requester, runs, tmp_path):
+    runner = start_runner(HACER_RUNNER_CAPACITY="2")
+    pipes = [fifo(tmp_path, f"p{i}") for i in range(5)]
+    run_ids = [requester("block", [str(p)]) for p in pipes]
+    runs.wait_state(run_ids[0], runstates.RUNNING)
+    runs.wait_state(run_ids[1], runstates.RUNNING)
+    states = start_runner.states
+    states.wait_for(lambda m: RunnerState.from_payload(m.payload).queued == 3)
+    for index in range(5):
+        release(pipes[index])
+        assert runs.wait_finished(run_ids[index]).state == runstates.SUCCEEDED
+    started = [runs.wait_state(r, runstates.RUNNING).started_at for r in run_ids]
+    # the first two start together; the waiting ones in request order, after them
+    assert started[2:] == sorted(started[2:]) and min(started[2:]) > max(started[:2])
+    assert max(RunnerState.from_payload(m.payload).running.__len__() for m in states.messages
+               if m.topic == f"hacer/runners/{runner.runner_id}/state") == 2
+
+
+def test_cancel_ends_the_whole_process_group(start_runner, requester, runs, tmp_path):
+    start_runner()
+    pid_file = tmp_path / "pids"
+    run_id = requester("family", [str(pid_file)])
+    runs.wait_entry(run_id, lambda e: e.data == "family ready")
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert all(_alive(pid) for pid in pids)
+    requester.bus.publish(f"hacer/runs/{run_id}/cancel", b"")
+    status = runs.wait_finished(run_id)
+    assert status.state == runstates.CANCELLED
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=5, what="the script's children to die")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead, waiting for its parent
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_time_limit(start_runner, requester, runs, tmp_path):
+    start_runner()
+    run_id = requester("block", [str(fifo(tmp_path, "never"))], timeout=0.5)
+    status = runs.wait_finished(run_id)
+    assert status.state == runstates.TIMED_OUT and "time limit" in status.error
+    assert runs.log_of(run_id)[-1] == ("exit_status", "failed")
+
+
+def test_bounded_output(start_runner, requester, runs):
+    start_runner()
+    run_id = requester("noeol", ["3000000"])  # 3 MB with no newline
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    outputs = [data for kind, data in runs.log_of(run_id) if kind == "output"]
+    assert len(outputs[0]) < 9000 and "more bytes of this line cut" in outputs[0]
+    assert "output cut" in outputs[-1]
+
+
+def test_two_runners_200_requests_each_run_exactly_once(start_runner, requester, runs):
+    first, second = start_runner(), start_runner()
+    run_ids = [requester("test", [str(i)]) for i in range(200)]
+    finished = [runs.wait_finished(r, timeout=60) for r in run_ids]
+    assert all(s.state == runstates.SUCCEEDED for s in finished)
+    assert {s.runner for s in finished} == {first.runner_id, second.runner_id}
+    for run_id in run_ids:
+        assert [e for e, _ in runs.log_of(run_id)].count("launch") == 1
+    # a duplicate delivery of an accepted request is not run again
+    again = requester("test", ["0"], run_id=run_ids[0])
+    marker = requester("test", ["marker"])
+    runs.wait_finished(marker)
+    assert [s.state for s in runs.statuses(again)].count(runstates.RUNNING) == 1
+
+
+def test_requests_sent_while_the_runner_is_down_run_when_it_returns(start_runner, requester, runs):
+    runner = start_runner()
+    assert runner.stop() == 0
+    run_ids = [requester("test", [str(i)]) for i in range(5)]
+    start_runner(runner.runner_id)
+    for run_id in run_ids:
+        assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+
+
+def test_runner_killed_mid_run_is_lost(start_runner, requester, runs, tmp_path):
+    doomed = start_runner()
+    start_runner()  # the survivor that notices
+    pipes = [fifo(tmp_path, f"k{i}") for i in range(2)]
+    run_ids = [requester("block", [str(p)]) for p in pipes]
+    running = [r for r in run_ids if runs.wait_state(r, runstates.RUNNING).runner == doomed.runner_id]
+    assert running, "the shared subscription gave the doomed runner nothing"
+    doomed.stop(kill=True)
+    for run_id in running:
+        status = runs.wait_finished(run_id)
+        assert status.state == runstates.LOST and doomed.runner_id in status.error
+    for pipe, run_id in zip(pipes, run_ids):
+        if run_id not in running:
+            release(pipe)
+            assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+
+
+def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs, tmp_path):
+    runner = start_runner()
+    run_id = requester("block", [str(fifo(tmp_path, "r"))])
+    runs.wait_state(run_id, runstates.RUNNING)
+    runner.stop(kill=True)
+    start_runner(runner.runner_id)
+    assert runs.wait_finished(run_id).state == runstates.LOST
+
+
+def test_broker_restart_during_a_run_keeps_its_log_whole(start_runner, requester, runs, broker, tmp_path):
+    start_runner()
+    pipe = fifo(tmp_path, "b")
+    run_id = requester("block", [str(pipe)])
+    runs.wait_entry(run_id, lambda e: e.data.startswith("waiting"))
+    broker.restart()
+    threading.Thread(target=release, args=(pipe,), daemon=True).start()
+    status = runs.wait_finished(run_id, timeout=30)
+    assert status.state == runstates.SUCCEEDED
+    log = runs.log_of(run_id)
+    assert [kind for kind, _ in log] == ["launch", "output", "output", "exit_status"]
+    assert log[2] == ("output", "released")
