@@ -15,16 +15,15 @@ script that only prints starts as fast as Python does.
 """
 from __future__ import annotations
 
-import json
+# Only os and sys at import time (each import here delays every script's first line):
+# json, threading, uuid and the bus are imported where first needed.
 import os
 import sys
-import threading
-import time
-import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from hacer.bus import Bus, Message
     from hacer.messages import CommandResult
 
@@ -56,12 +55,14 @@ class CommandTimeout(ScriptError):
 
 def encode_entry(entry_type: str, data: str) -> str:
     """Return the line that carries one log entry to the runner."""
+    import json
     return ENTRY_MARKER + json.dumps({"entry_type": entry_type, "data": data}) + "\n"
 
 
 def decode_line(line: str) -> tuple[str, str]:
     """Return (entry_type, data) of one line of a script's output."""
     if line.startswith(ENTRY_MARKER):
+        import json
         try:
             body = json.loads(line[len(ENTRY_MARKER):])
             if body.get("entry_type") in SCRIPT_ENTRY_TYPES:
@@ -115,21 +116,23 @@ def log(message: object) -> None:
 
 # --- nodes through the bus --------------------------------------------------------------------
 
-@dataclass(frozen=True)
 class Node:
     """A node as the bus knows it."""
 
-    id: int
-    name: str
-    type: str
-    ip: str
-    online: bool
+    __slots__ = ("id", "name", "type", "ip", "online")
+
+    def __init__(self, id: int, name: str, type: str, ip: str, online: bool) -> None:  # noqa: A002
+        self.id, self.name, self.type, self.ip, self.online = id, name, type, ip, online
+
+    def __repr__(self) -> str:
+        return f"Node(id={self.id}, name={self.name!r}, type={self.type!r}, ip={self.ip!r}, online={self.online})"
 
 
 class Hub:
     """A script's connection to the bus, made on first use."""
 
     def __init__(self, url: str | None = None, prefix: str | None = None) -> None:
+        import threading
         self.url = url or os.environ.get("HACER_MQTT_URL", "mqtt://127.0.0.1:1883")
         self.prefix = prefix or os.environ.get("HACER_TOPIC_PREFIX", "hacer")
         self._bus: Bus | None = None
@@ -141,6 +144,8 @@ class Hub:
     def bus(self) -> "Bus":
         """The connected bus (connecting now if needed)."""
         if self._bus is None:
+            import uuid
+
             from hacer.bus import Bus
             from hacer.topics import Topics
             bus = Bus(self.url, Topics(self.prefix), f"hacer-script-{run_id() or 'manual'}-{uuid.uuid4().hex[:6]}")
@@ -157,6 +162,8 @@ class Hub:
 
     def nodes(self, type: str | None = None) -> list[Node]:
         """Return every node the bus knows (names from `meta`, addresses from `presence`)."""
+        import json
+
         from hacer.messages import MessageError, Presence
         bus = self.bus
         topics = bus.topics
@@ -219,6 +226,9 @@ class Hub:
     def command(self, node: Node | str | int, op: str, key: str, value: Any = None,
                 timeout: float = 5.0) -> "CommandResult":
         """Send one set or get through the bridge and return its result (failures included)."""
+        import json
+        import time
+        import uuid
         target = node if isinstance(node, Node) else self.node(node)
         bus = self.bus
         if target.id not in self._subscribed:
@@ -253,6 +263,8 @@ class Hub:
 
     def request_run(self, script: str, run_params: list[str] | None = None) -> str:
         """Ask the runners to run another script; return its run id."""
+        import uuid
+
         from hacer.messages import RunRequest
         new_id = uuid.uuid4().hex
         request = RunRequest(script, tuple(run_params or ()), new_id, requested_by=f"script:{run_id()}")

@@ -1,4 +1,4 @@
-"""Runs one script for the runner: `python -m hacer.scriptmain <script.py> <params...>`.
+"""Runs one script for the runner: `python hacer/scriptmain.py <script.py> <params...>`.
 
 The script runs as `__main__` with the usual argv; an exception it does not catch becomes an
 `exception` entry ("<type>: <message>") after its traceback, and the exit code is 1 then, or
@@ -7,23 +7,41 @@ when the script's `with NodeConnection()` block failed.
 from __future__ import annotations
 
 import os
-import runpy
 import sys
-import traceback
 
+# Run as a file (not -m, which costs runpy), so the project folder comes from PYTHONPATH.
 from hacer import scripting
+
+
+def die_with_runner() -> None:
+    """Get SIGKILL when the runner dies, so no script outlives it (Linux).
+
+    Done here rather than in a preexec_fn, which would make every spawn a full fork of the
+    runner (4.4 ms measured, against 0.1 ms).
+    """
+    runner_pid = os.environ.get("HACER_RUNNER_PID")
+    if not runner_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # (not `signal`: its enum import alone costs 3 ms per script start)
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != int(runner_pid):  # the runner died before the line above
+        os._exit(1)
 
 
 def main() -> None:
     """Run the script named by argv[1]."""
-    path = sys.argv[1]
+    die_with_runner()
+    path = os.path.abspath(sys.argv[1])
     sys.argv = [path, *sys.argv[2:]]
-    sys.path[0] = os.path.dirname(os.path.abspath(path))
+    sys.path[0] = os.path.dirname(path)
+    with open(path, "rb") as source:
+        code = compile(source.read(), path, "exec")
     try:
-        runpy.run_path(path, run_name="__main__")
+        exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the run's log must say it
+        import traceback
         traceback.print_exc()
         sys.stderr.flush()
         scripting.emit("exception", f"{type(exc).__name__}: {exc}")

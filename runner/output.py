@@ -18,6 +18,7 @@ class OutputSplitter:
         self.logged_bytes = 0
         self.cut_bytes = 0
         self.cut_lines = 0
+        self.full = False  # past total_limit: nothing more is logged
         self._partial = bytearray()
         self._skipping = 0  # bytes of the current over-long line not kept
 
@@ -62,7 +63,8 @@ class OutputSplitter:
             self.cut_lines += 1
             self.cut_bytes += skipped
             line += f" [hacer: {skipped} more bytes of this line cut]"
-        if self.logged_bytes + len(line) > self.total_limit:
+        if self.full or self.logged_bytes + len(line) > self.total_limit:
+            self.full = True
             self.cut_bytes += len(line)
             return
         self.logged_bytes += len(line)

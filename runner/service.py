@@ -14,7 +14,6 @@ claims and reports its running ones `lost`.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from runner.output import OutputSplitter
 log = logging.getLogger(__name__)
 
 SHARE_GROUP = "hacer-runners"
+SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 # While more log publishes than this wait for the broker, consecutive output lines are sent
 # together in one entry (up to BATCH_BYTES), so a fast printer is not held to one line per ack.
 BATCH_WHEN_UNCONFIRMED = 64
@@ -325,7 +325,7 @@ class Runner:
         self._publish_status(run, runstates.RUNNING)
         self._log(run, "launch", json.dumps({"script": request.script, "params": list(request.params)}))
         env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(PROJECT_DIR)}
+               "PYTHONPATH": str(PROJECT_DIR), "HACER_RUNNER_PID": str(os.getpid())}
         with run.lock:
             if run.cancel_requested:  # cancelled between leaving the queue and here
                 self._log(run, "exit_status", "failed")
@@ -333,10 +333,9 @@ class Runner:
                 self._publish_status(run, runstates.CANCELLED, error="cancelled", finished=True)
                 return
             run.process = subprocess.Popen(
-                [self.config.python, "-m", "hacer.scriptmain", str(run.script_path), *request.params],
+                [self.config.python, str(SCRIPT_MAIN), str(run.script_path), *request.params],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=env, cwd=run.script_path.parent, process_group=0, preexec_fn=_die_with_parent,
-                close_fds=True)
+                env=env, cwd=run.script_path.parent, process_group=0, close_fds=True)
         timeout = min(request.timeout or self.config.default_timeout, self.config.max_timeout)
         limit = threading.Timer(timeout, self._time_out, args=(run,))
         limit.daemon = True
@@ -452,13 +451,3 @@ def _signal_group(pgid: int, signum: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the runner dies, so no script outlives its runner."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

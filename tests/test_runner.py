@@ -26,7 +26,8 @@ TEST_SCRIPTS = {
         "child = subprocess.Popen(['sleep', '1000'])\n"
         "grand = subprocess.Popen([sys.executable, '-c', 'import subprocess; p = subprocess.Popen([\"sleep\", \"1000\"]);"
         " print(p.pid, flush=True); p.wait()'], stdout=subprocess.PIPE, text=True)\n"
-        "pids = [child.pid, grand.pid, int(grand.stdout.readline())]\n"
+        "import os\n"
+        "pids = [os.getpid(), child.pid, grand.pid, int(grand.stdout.readline())]\n"
         "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
         "print('family ready', flush=True)\n"
         "time.sleep(1000)\n"),
@@ -386,9 +387,12 @@ def test_runner_killed_mid_run_is_lost(start_runner, requester, runs, tmp_path):
 
 def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs, tmp_path):
     runner = start_runner()
-    run_id = requester("block", [str(fifo(tmp_path, "r"))])
-    runs.wait_state(run_id, runstates.RUNNING)
+    pid_file = tmp_path / "pids"
+    run_id = requester("family", [str(pid_file)])
+    runs.wait_entry(run_id, lambda e: e.data == "family ready")
+    script_pid = int(pid_file.read_text().split()[0])
     runner.stop(kill=True)
+    wait_until(lambda: not _alive(script_pid), timeout=5, what="the script to die with its runner")
     start_runner(runner.runner_id)
     assert runs.wait_finished(run_id).state == runstates.LOST
 
