@@ -122,6 +122,25 @@ def watch(make_bus: Callable[..., Bus]) -> Callable[[str], Watcher]:
     return make
 
 
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema in the test PostgreSQL; skipped, saying why, when none answers."""
+    from sqlalchemy import text
+
+    from hacer.models import Database
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    admin = Database(POSTGRES_URL)
+    try:
+        with admin.engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means no server here
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.engine.dispose()
+
+
 class HacerProcess:
     """A `python manage.py <command>` child with its output in a file."""
 

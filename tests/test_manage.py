@@ -7,7 +7,7 @@ import pytest
 
 from hacer.broker import port_answers
 from hacer.bus import Bus
-from hacer.messages import CommandResult, Presence
+from hacer.messages import CommandResult, Presence, RunnerState
 from hacer.settings import Settings, SettingsError
 from hacer.topics import Topics
 
@@ -25,6 +25,8 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
         bus.wait_connected(10)
         state = Watcher(bus, "hacer/bridge/state")
         state.wait_for(lambda m: m.payload == b"online", timeout=15)
+        runner = Watcher(bus, "hacer/runners/+/state")
+        runner.wait_for(lambda m: RunnerState.from_payload(m.payload).state == "online", timeout=15)
     finally:
         bus.stop()
     assert server.stop() == 0

@@ -1,34 +1,20 @@
 """Schema and fixed rows on SQLite and PostgreSQL; `initdb` and the 2015 shell set-up."""
 import subprocess
 import sys
-import uuid
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from hacer.models import LOG_ENTRY_TYPES, Database, Node, NodeType, ScriptLogEntryType
 from hacer.nodewire import NODE_TYPES
 from hacer.settings import PROJECT_DIR
 
-from conftest import POSTGRES_URL
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'hacer.db'}"
-        return
-    schema = f"test_{uuid.uuid4().hex[:10]}"
-    admin = Database(POSTGRES_URL)
-    try:
-        with admin.engine.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-    except Exception as exc:  # noqa: BLE001 - any connection failure means no server here
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
-    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    with admin.engine.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.engine.dispose()
+        return f"sqlite:///{tmp_path / 'hacer.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 def fixed_rows(db):

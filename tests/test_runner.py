@@ -344,8 +344,10 @@ def test_bounded_output(start_runner, requester, runs):
     assert "output cut" in outputs[-1]
 
 
-def test_two_runners_200_requests_each_run_exactly_once(start_runner, requester, runs):
-    first, second = start_runner(), start_runner()
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_runners_200_requests_each_run_exactly_once(start_runner, requester, runs, database, request):
+    env = {"HACER_DATABASE_URL": request.getfixturevalue("postgres_url")} if database == "postgresql" else {}
+    first, second = start_runner(**env), start_runner(**env)
     run_ids = [requester("test", [str(i)]) for i in range(200)]
     finished = [runs.wait_finished(r, timeout=60) for r in run_ids]
     assert all(s.state == runstates.SUCCEEDED for s in finished)
@@ -409,3 +411,26 @@ def test_broker_restart_during_a_run_keeps_its_log_whole(start_runner, requester
     log = runs.log_of(run_id)
     assert [kind for kind, _ in log] == ["launch", "output", "output", "exit_status"]
     assert log[2] == ("output", "released")
+
+
+def test_a_script_requests_another_run_and_uses_the_modern_library(named_nodes, start_runner, requester, runs,
+                                                                    scripts_dir):
+    (scripts_dir / "chain.py").write_text(
+        "from hacer import scripting\n"
+        "hall = scripting.node('hall')\n"
+        "scripting.log(f'{hall.name} {hall.type} online={hall.online}')\n"
+        "scripting.log(scripting.get(hall.id, 'temperature', timeout=5))\n"
+        "try:\n"
+        "    scripting.get('cellar', 'nothing')\n"
+        "except scripting.CommandFailed as exc:\n"
+        "    scripting.log(f'refused: {exc.result.reason} {exc}')\n"
+        "scripting.log('child ' + scripting.request_run('test', ['from-chain']))\n")
+    start_runner()
+    run_id = requester("chain")
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    outputs = [data for kind, data in runs.log_of(run_id) if kind == "output"]
+    assert outputs[:3] == ["hall thermostat online=True", "21", "refused: node_error Key Not Found"]
+    child = outputs[3].removeprefix("child ")
+    status = runs.wait_finished(child)
+    assert status.state == runstates.SUCCEEDED and status.requested_by == f"script:{run_id}"
+    assert ("output", "test script running with ['from-chain']") in runs.log_of(child)
