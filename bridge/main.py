@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import threading
 
 from bridge.service import Bridge
 from hacer.bus import Bus
+from hacer.lifecycle import run_until_signal
 from hacer.settings import Settings
 from hacer.topics import Topics
 
@@ -37,10 +36,5 @@ def main(settings: Settings | None = None) -> None:
     """Run the bridge until SIGINT or SIGTERM."""
     settings = settings or Settings.from_env()
     bridge = build_bridge(settings)
-    done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
-    bridge.start()
-    log.info("bridge running (broker %s, prefix %s)", settings.mqtt_url, settings.topic_prefix)
-    done.wait()
-    bridge.stop()
+    log.info("starting the bridge (broker %s, prefix %s)", settings.mqtt_url, settings.topic_prefix)
+    run_until_signal(bridge)

@@ -4,10 +4,9 @@ from __future__ import annotations
 import compileall
 import logging
 import os
-import signal
-import threading
 
 from hacer.bus import Bus
+from hacer.lifecycle import run_until_signal
 from hacer.messages import RunnerState
 from hacer.models import Database
 from hacer.scriptdir import ScriptDir
@@ -55,11 +54,6 @@ def main(settings: Settings | None = None) -> None:
     """Run the runner until SIGINT or SIGTERM."""
     settings = settings or Settings.from_env()
     runner = build_runner(settings)
-    done = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
-    runner.start()
-    log.info("runner %s running %s with capacity %d", settings.runner_id, settings.scripts_dir,
+    log.info("starting runner %s on %s with capacity %d", settings.runner_id, settings.scripts_dir,
              settings.runner_capacity)
-    done.wait()
-    runner.stop()
+    run_until_signal(runner)

@@ -1,0 +1,26 @@
+"""Running a part of hacer as a process until SIGINT or SIGTERM."""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Protocol
+
+
+class Part(Protocol):
+    """Anything with start() and stop()."""
+
+    def start(self) -> None:
+        """Start."""
+
+    def stop(self) -> None:
+        """Stop."""
+
+
+def run_until_signal(part: Part) -> None:
+    """Start `part`, wait for SIGINT or SIGTERM, then stop it."""
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    part.start()
+    done.wait()
+    part.stop()
