@@ -17,13 +17,13 @@ from hacer.settings import PROJECT_DIR, Settings
 log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
-PARTS = ("bridge", "runner")
+PARTS = ("bridge", "runner", "api")
 
 
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with times and the logger's name."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -33,6 +33,16 @@ def cmd_bridge(args: argparse.Namespace) -> None:
 
 def cmd_runner(args: argparse.Namespace) -> None:
     from runner.main import main
+    main()
+
+
+def cmd_api(args: argparse.Namespace) -> None:
+    # A fresh interpreter, so eventlet patches the standard library before anything imports it.
+    os.execv(sys.executable, [sys.executable, "-m", "api", *args.extra])
+
+
+def cmd_recorder(args: argparse.Namespace) -> None:
+    from api.recorder_main import main
     main()
 
 
@@ -74,29 +84,48 @@ def cmd_runserver(args: argparse.Namespace) -> None:
                  settings.mqtt_ws_port, broker.work_dir / "mosquitto.log")
     else:
         log.info("using the broker at %s", settings.mqtt_url)
+    parts = [[part] for part in PARTS]
+    if args.emulate:
+        # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
+        parts.append(["emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval"])
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         while not stopping.is_set():
-            for part in PARTS:
+            for command in parts:
+                part = command[0]
                 child = children.get(part)
                 if child is None or child.poll() is not None:
                     if child is not None:
                         log.error("%s exited with %s; restarting it", part, child.returncode)
-                    children[part] = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), part])
+                    children[part] = start_part(command)
             stopping.wait(1.0)
     finally:
         for child in children.values():
             child.send_signal(signal.SIGTERM)
         for child in children.values():
             try:
-                child.wait(10)
+                child.wait(15)
             except subprocess.TimeoutExpired:
                 child.kill()
         if broker is not None:
             broker.stop()
+
+
+def start_part(command: list[str]) -> subprocess.Popen[bytes]:
+    """Start `manage.py <command>`, its output lines prefixed with the part's name."""
+    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *command],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def copy() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            sys.stderr.write(f"{command[0]:>8} | {line.decode(errors='replace')}")
+
+    threading.Thread(target=copy, name=f"output-{command[0]}", daemon=True).start()
+    return child
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,11 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="manage.py", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)"
-                        ).set_defaults(func=cmd_runserver)
+    runserver = commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)")
+    runserver.add_argument("--emulate", type=int, default=0, metavar="N", help="also run N emulated nodes")
+    runserver.set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
     commands.add_parser("runner", help="a runner alone (start several to share the work)"
                         ).set_defaults(func=cmd_runner)
+    commands.add_parser("api", help="the api (REST, websockets, control app) and its recorder; "
+                        "--no-recorder for extra api workers").set_defaults(func=cmd_api)
+    commands.add_parser("recorder", help="the recorder alone (bus -> database)").set_defaults(func=cmd_recorder)
     commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)"
                         ).set_defaults(func=cmd_initdb)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"
@@ -116,9 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False
                         ).set_defaults(func=cmd_emulate)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "emulate":
+    if rest and args.command not in ("emulate", "api"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.emulator_args = rest
+    args.emulator_args = args.extra = rest
     setup_logging(args.verbose)
     os.chdir(PROJECT_DIR)
     args.func(args)

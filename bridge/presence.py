@@ -181,6 +181,11 @@ class PresenceTracker:
             self._publisher.presence(presence)
         return len(republish)
 
+    def forget(self, node_id: int) -> bool:
+        """Drop a node (deleted through the api); tell whether it was known."""
+        with self._lock:
+            return self._nodes.pop(node_id, None) is not None
+
     # --- reading ----------------------------------------------------------------------------
 
     def take_fresh(self) -> dict[int, float]:

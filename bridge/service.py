@@ -96,6 +96,8 @@ class Bridge:
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._repair_lock = threading.Lock()
+        self._retained_presence: dict[int, Presence] = {}
+        self._retained_values: dict[int, dict[str, Value]] = {}
         self._last_stats: BridgeStats | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -107,6 +109,10 @@ class Bridge:
         self.relay.start()
         self.bus.subscribe(self.topics.filter("node_set"), self._on_set, send_retained=False)
         self.bus.subscribe(self.topics.filter("node_get"), self._on_get, send_retained=False)
+        # Every (re)subscription brings the retained table, which the repair after each connect
+        # reads; live messages on these topics are our own, except an empty presence: a delete.
+        self.bus.subscribe(self.topics.filter("node_presence"), self._on_presence)
+        self.bus.subscribe(self.topics.filter("node_state"), self._on_values)
         self.bus.on_connect(self._on_connect)
         self.bus.start()
         if not self.restored.wait(restore_timeout):
@@ -162,6 +168,34 @@ class Bridge:
         for command in commands:
             self.relay.submit(command)
 
+    def _on_presence(self, message: Message) -> None:
+        if message.retain and message.payload:
+            try:
+                presence = Presence.from_payload(message.payload)
+            except MessageError as exc:
+                log.warning("ignored retained %s: %s", message.topic, exc)
+                return
+            with self._repair_lock:
+                self._retained_presence[presence.id] = presence
+        elif not message.payload:  # cleared by the api: the node was deleted
+            try:
+                node_id = self.topics.node_id(message.topic)
+            except TopicError:
+                return
+            if self.tracker.forget(node_id):
+                log.info("node %s deleted: forgotten until its next beacon", node_id)
+
+    def _on_values(self, message: Message) -> None:
+        if message.retain and message.payload:
+            try:
+                values = NodeValues.from_payload(message.payload).values
+                node_id = self.topics.node_id(message.topic)
+            except (MessageError, TopicError) as exc:
+                log.warning("ignored retained %s: %s", message.topic, exc)
+                return
+            with self._repair_lock:
+                self._retained_values[node_id] = values
+
     def _address_of(self, node_id: int) -> tuple[str, int] | None:
         record = self.tracker.get(node_id)
         if record is None:
@@ -183,45 +217,18 @@ class Bridge:
         threading.Thread(target=self._repair, name="bridge-repair", daemon=True).start()
 
     def _repair(self) -> None:
-        """Read the retained presence and values, adopt unknown nodes, resend what differs."""
+        """Once the retained table has arrived, adopt unknown nodes and resend what differs."""
+        try:
+            self.bus.sync(timeout=30)
+        except BusError as exc:
+            log.warning("could not read the retained node table: %s", exc)
+            return
         with self._repair_lock:
-            presences: dict[int, Presence] = {}
-            values: dict[int, dict[str, Value]] = {}
-
-            def collect_presence(message: Message) -> None:
-                if message.retain and message.payload:
-                    try:
-                        presence = Presence.from_payload(message.payload)
-                    except MessageError as exc:
-                        log.warning("ignored retained %s: %s", message.topic, exc)
-                        return
-                    presences[presence.id] = presence
-
-            def collect_values(message: Message) -> None:
-                if message.retain and message.payload:
-                    try:
-                        values[self.topics.node_id(message.topic)] = \
-                            NodeValues.from_payload(message.payload).values
-                    except (MessageError, TopicError) as exc:
-                        log.warning("ignored retained %s: %s", message.topic, exc)
-
-            presence_filter = self.topics.filter("node_presence")
-            state_filter = self.topics.filter("node_state")
-            self.bus.subscribe(presence_filter, collect_presence)
-            self.bus.subscribe(state_filter, collect_values)
-            try:
-                self.bus.sync(timeout=30)
-            except BusError as exc:
-                log.warning("could not read the retained node table: %s", exc)
-                return
-            finally:
-                self.bus.unsubscribe(presence_filter)
-                self.bus.unsubscribe(state_filter)
-            republished = self.tracker.reconcile(presences.values(), values, self.started_at,
-                                                 self._load_checkpoint())
-            log.info("node table: %d retained presence(s) read, %d republished",
-                     len(presences), republished)
-            self.restored.set()
+            presences, self._retained_presence = self._retained_presence, {}
+            values, self._retained_values = self._retained_values, {}
+        republished = self.tracker.reconcile(presences.values(), values, self.started_at, self._load_checkpoint())
+        log.info("node table: %d retained presence(s) read, %d republished", len(presences), republished)
+        self.restored.set()
 
     # --- housekeeping -----------------------------------------------------------------------
 

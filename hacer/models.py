@@ -8,7 +8,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, ForeignKey, Integer, BigInteger, String, Text, create_engine, event, select
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -71,14 +72,37 @@ class Node(Base):
     type_id: Mapped[int] = mapped_column(ForeignKey("node_type.id"))
     ip: Mapped[str] = mapped_column(String(64), default="")
     last_update: Mapped[datetime | None] = mapped_column(DateTime)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
     type: Mapped[NodeType] = relationship(lazy="joined")
+
+
+class Run(Base):
+    """A run as the recorder saw it; `id` is the integer thread id of the 2015 API."""
+
+    __tablename__ = "run"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), unique=True)
+    script: Mapped[str] = mapped_column(String(255), default="")
+    params: Mapped[str] = mapped_column(Text, default="[]")  # JSON list, the node name first
+    state: Mapped[str] = mapped_column(String(16), index=True)  # hacer.runstates
+    runner: Mapped[str] = mapped_column(String(128), default="")  # "" until a runner took it
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str] = mapped_column(String(64), default="")
+    requested_at: Mapped[datetime] = mapped_column(DateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    request: Mapped[str] = mapped_column(Text, default="")  # as published, to send again
 
 
 class ScriptLogEntry(Base):
     """One entry of a script run's log; `thread_id` numbers the run, as in 2015."""
 
     __tablename__ = "script_log_entry"
+    __table_args__ = (UniqueConstraint("thread_id", "seq"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int | None] = mapped_column(Integer)  # the bus's numbering (none in 2015 rows)
     timestamp: Mapped[datetime] = mapped_column(DateTime)
     thread_id: Mapped[int] = mapped_column(BigInteger, index=True)
     script_name: Mapped[str] = mapped_column(String(255))

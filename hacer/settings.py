@@ -64,6 +64,11 @@ class Settings:
     run_timeout: float = 300.0
     cancel_grace: float = 5.0
     runner_takeover: float = 10.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 5000
+    api_token: str = ""
+    recorder_id: str = field(default_factory=socket.gethostname)
+    rescue_after: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -95,6 +100,11 @@ class Settings:
             run_timeout=_float(env, "HACER_RUN_TIMEOUT", 300.0, 0.1) or 300.0,
             cancel_grace=_float(env, "HACER_CANCEL_GRACE", 5.0, 0.0) or 0.0,
             runner_takeover=_float(env, "HACER_RUNNER_TAKEOVER", 10.0, 0.1) or 10.0,
+            http_host=env.get("HACER_HTTP_HOST", "").strip() or "127.0.0.1",
+            http_port=_int(env, "HACER_HTTP_PORT", 5000, 1, 65535),
+            api_token=env.get("HACER_API_TOKEN", "").strip(),
+            recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
+            rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
         )
 
 

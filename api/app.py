@@ -1,0 +1,60 @@
+"""The api app factory: REST under /api, websockets relaying the bus, the control app at /.
+
+`create_app(config)` builds everything and starts nothing: `api.main` (or a test) starts the
+bus after the app exists, so a reloader or a test client never opens a second connection.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Any, Mapping
+
+from flask import Flask, send_from_directory
+from flask.typing import ResponseReturnValue
+from flask_socketio import SocketIO
+
+from api.errors import register_error_handlers
+from api.live import LiveView
+from api.services import Services
+from hacer.bus import Bus
+from hacer.models import Database
+from hacer.scriptdir import ScriptDir
+from hacer.settings import Settings
+from hacer.topics import Topics
+
+socketio = SocketIO()
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the api app. Config keys: HACER_SETTINGS (a Settings), HACER_BUS (a bus to use
+    instead of a new one), ASYNC_MODE (eventlet by default), and any Flask setting."""
+    config = dict(config or {})
+    settings: Settings = config.pop("HACER_SETTINGS", None) or Settings.from_env()
+    topics = Topics(settings.topic_prefix)
+    bus = config.pop("HACER_BUS", None) or Bus(
+        settings.mqtt_url, topics, client_id=f"hacer-api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}",
+        presence_topic=topics.build("api_state"))
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
+    app.config.update(config)
+    live = LiveView(bus, topics)
+    live.subscribe()
+    database = Database(settings.database_url)
+    app.extensions["hacer"] = Services(settings, topics, bus, live, database.session, ScriptDir(settings.scripts_dir))
+
+    from api.rest import api
+    app.register_blueprint(api)
+    register_error_handlers(app)
+
+    from api import events
+    socketio.init_app(app, async_mode=app.config.get("ASYNC_MODE", "eventlet"), cors_allowed_origins=[])
+    events.attach(socketio, live, settings.api_token)
+
+    @app.get("/")
+    def control_app() -> ResponseReturnValue:
+        return send_from_directory(app.static_folder or "static", "index.html")
+
+    return app

@@ -1,0 +1,54 @@
+"""Websockets: a snapshot on connect, then every change of the live view, numbered to resume.
+
+Events go to every client except run log entries, which go to the room of their run (a client
+joins it with `watch_run`). A client that reconnects sends `resume` with the last `seq` it saw
+and gets what it missed, or a fresh snapshot when that is no longer kept.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import request
+from flask_socketio import SocketIO, join_room, leave_room
+
+from api.live import Event, LiveView
+
+
+def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
+    """Register the websocket handlers and relay the live view's events."""
+
+    def relay(event: Event) -> None:
+        socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=event["room"])
+
+    live.add_listener(relay)
+
+    @socketio.on("connect")
+    def connect(auth: Any = None) -> bool:
+        if token:
+            given = auth.get("token", "") if isinstance(auth, dict) else ""
+            if not hmac.compare_digest(str(given).encode(), token.encode()):
+                return False
+        socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
+        return True
+
+    @socketio.on("resume")
+    def resume(data: Any) -> None:
+        seq = data.get("seq") if isinstance(data, dict) else None
+        missed = live.since(seq) if isinstance(seq, int) else None
+        if missed is None:
+            socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
+            return
+        for event in missed:
+            socketio.emit("event", {k: v for k, v in event.items() if k != "room"},
+                          to=request.sid)  # type: ignore[attr-defined]
+
+    @socketio.on("watch_run")
+    def watch_run(data: Any) -> None:
+        if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+            join_room(f"run:{data['run_id']}")
+
+    @socketio.on("unwatch_run")
+    def unwatch_run(data: Any) -> None:
+        if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+            leave_room(f"run:{data['run_id']}")

@@ -1,0 +1,188 @@
+"""The api's live view of the bus: node presence, names and values, runs, bridge and runners.
+
+Fed by retained and live messages (so a new api process knows everything at once), it answers
+health checks and node commands over REST, and hands every change to listeners (the websocket
+relay) numbered by a sequence that clients use to resume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+from hacer import runstates
+from hacer.bus import Bus, Message
+from hacer.messages import CommandResult, LogEntry, MessageError, NodeValues, Presence, RunnerState, RunStatus
+from hacer.topics import TopicError, Topics
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+Listener = Callable[[Event], None]
+HISTORY = 5000  # events kept for clients that resume after a short disconnect
+
+
+class CommandTimeout(Exception):
+    """The bridge sent no result in time."""
+
+
+class LiveView:
+    """See the module docstring."""
+
+    def __init__(self, bus: Bus, topics: Topics) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.nodes: dict[int, dict[str, Any]] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.bridge_state = "unknown"
+        self.runners: dict[str, dict[str, Any]] = {}
+        self.seq = 0
+        self.history: deque[Event] = deque(maxlen=HISTORY)
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+        self._results: dict[bytes, tuple[threading.Event, list[CommandResult]]] = {}
+
+    def subscribe(self) -> None:
+        """Register the subscriptions (before the bus starts)."""
+        topics = self.topics
+        for name in ("node_presence", "node_meta", "node_state"):
+            self.bus.subscribe(topics.filter(name), self._on_node)
+        self.bus.subscribe(topics.filter("run_status"), self._on_run_status)
+        self.bus.subscribe(topics.filter("run_log"), self._on_run_log, qos=1)
+        self.bus.subscribe(topics.build("bridge_state"), self._on_bridge_state)
+        self.bus.subscribe(topics.filter("runner_state"), self._on_runner_state)
+        self.bus.subscribe(topics.filter("node_result"), self._on_result)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(event)` for every change from now on."""
+        self._listeners.append(listener)
+
+    def snapshot(self) -> Event:
+        """Everything a new client needs, with the sequence number it is valid at."""
+        with self._lock:
+            active = [run for run in self.runs.values() if run["state"] not in runstates.FINISHED_STATES]
+            return {"seq": self.seq, "nodes": sorted(self.nodes.values(), key=lambda n: n["id"]),
+                    "runs": active, "bridge": self.bridge_state, "runners": list(self.runners.values())}
+
+    def since(self, seq: int) -> list[Event] | None:
+        """The events after `seq`, or None when they are no longer all kept."""
+        with self._lock:
+            if seq > self.seq:
+                return None
+            if seq == self.seq:
+                return []
+            if not self.history or self.history[0]["seq"] > seq + 1:
+                return None
+            return [event for event in self.history if event["seq"] > seq]
+
+    def _emit(self, kind: str, data: dict[str, Any], room: str | None = None) -> None:
+        with self._lock:
+            self.seq += 1
+            event = {"seq": self.seq, "kind": kind, "data": data, "room": room}
+            if room is None:
+                self.history.append(event)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
+
+    # --- bus handlers -----------------------------------------------------------------------
+
+    def _on_node(self, message: Message) -> None:
+        try:
+            name, arg = self.topics.parse(message.topic)
+            node_id = int(arg or "")
+        except (TopicError, ValueError):
+            return
+        if not message.payload:  # a deleted node's retained topics are cleared
+            with self._lock:
+                removed = self.nodes.pop(node_id, None)
+            if removed is not None:
+                self._emit("node_removed", {"id": node_id})
+            return
+        try:
+            with self._lock:
+                node = self.nodes.setdefault(node_id, {"id": node_id, "name": "", "type": "other", "ip": "",
+                                                       "state": "unknown", "values": {}, "last_seen": None})
+                if name == "node_presence":
+                    presence = Presence.from_payload(message.payload)
+                    node.update(type=presence.type, ip=presence.ip, state=presence.state,
+                                last_seen=presence.last_seen, since=presence.since)
+                elif name == "node_meta":
+                    body = json.loads(message.payload)
+                    node["name"] = str(body.get("name") or "")
+                else:
+                    node["values"] = NodeValues.from_payload(message.payload).values
+                data = dict(node)
+        except (MessageError, ValueError, AttributeError) as exc:
+            log.warning("ignored %s: %s", message.topic, exc)
+            return
+        self._emit("node", data)
+
+    def _on_run_status(self, message: Message) -> None:
+        try:
+            status = RunStatus.from_payload(message.payload)
+        except MessageError:
+            return
+        data = {"run_id": status.run_id, "script": status.script, "params": list(status.params),
+                "state": status.state, "exit_code": status.exit_code, "runner": status.runner,
+                "error": status.error}
+        with self._lock:
+            if status.state in runstates.FINISHED_STATES:
+                self.runs.pop(status.run_id, None)
+            else:
+                self.runs[status.run_id] = data
+        self._emit("run", data)
+
+    def _on_run_log(self, message: Message) -> None:
+        try:
+            entry = LogEntry.from_payload(message.payload)
+        except MessageError:
+            return
+        self._emit("log", {"run_id": entry.run_id, "seq": entry.seq, "entry_type": entry.entry_type,
+                           "data": entry.data, "timestamp": entry.timestamp}, room=f"run:{entry.run_id}")
+
+    def _on_bridge_state(self, message: Message) -> None:
+        self.bridge_state = message.payload.decode(errors="replace")
+        self._emit("bridge", {"state": self.bridge_state})
+
+    def _on_runner_state(self, message: Message) -> None:
+        try:
+            state = RunnerState.from_payload(message.payload)
+        except MessageError:
+            return
+        data = {"runner": state.runner, "state": state.state, "capacity": state.capacity,
+                "running": list(state.running), "queued": state.queued}
+        with self._lock:
+            self.runners[state.runner] = data
+        self._emit("runner", data)
+
+    # --- node commands ----------------------------------------------------------------------
+
+    def _on_result(self, message: Message) -> None:
+        if message.correlation is None:
+            return
+        waiter = self._results.get(message.correlation)
+        if waiter is not None:
+            waiter[1].append(CommandResult.from_payload(message.payload))
+            waiter[0].set()
+
+    def command(self, node_id: int, op: str, payload: str, count: int, timeout: float) -> list[CommandResult]:
+        """Send a set or get to a node through the bridge; return its `count` results."""
+        correlation = uuid.uuid4().hex.encode()
+        arrived = threading.Event()
+        results: list[CommandResult] = []
+        self._results[correlation] = (arrived, results)
+        try:
+            self.bus.publish(self.topics.build(f"node_{op}", node_id), payload, correlation=correlation)
+            while len(results) < count:
+                if not arrived.wait(timeout):
+                    raise CommandTimeout(f"the bridge answered {len(results)} of {count} within {timeout} s")
+                arrived.clear()
+            return results
+        finally:
+            self._results.pop(correlation, None)

@@ -1,0 +1,49 @@
+"""The api process's main(): settings, the recorder child, the app, the bus, eventlet's server."""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from api.app import create_app, socketio
+from hacer.models import Database
+from hacer.settings import PROJECT_DIR, Settings
+
+log = logging.getLogger("api")
+
+
+def main() -> None:
+    """Serve until interrupted; the recorder runs as a child process unless --no-recorder."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    Database(settings.database_url).init()
+    host = settings.http_host
+    if not settings.api_token and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", host)
+        host = "127.0.0.1"
+    elif not settings.api_token:
+        log.info("no HACER_API_TOKEN: the api serves 127.0.0.1 only and asks no token")
+    recorder = None
+    if "--no-recorder" not in sys.argv:
+        recorder = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "recorder"])
+    app = create_app({"HACER_SETTINGS": settings})
+    services = app.extensions["hacer"]
+    services.bus.start()
+    # eventlet's server ends cleanly on KeyboardInterrupt; make SIGTERM one, so `finally` runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    log.info("api on http://%s:%d/ (broker %s)", host, settings.http_port, settings.mqtt_url)
+    try:
+        socketio.run(app, host=host, port=settings.http_port, log_output=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        services.bus.stop()
+        if recorder is not None:
+            recorder.terminate()
+            recorder.wait(10)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

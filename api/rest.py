@@ -1,0 +1,355 @@
+"""The REST API under /api: the 2015 endpoints field for field, and what came after them."""
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from api.errors import ApiError, bad_request, not_found
+from api.live import CommandTimeout
+from api.services import Services
+from hacer import runstates
+from hacer.messages import LOG_ENTRY_TYPES, GetCommand, MessageError, RunRequest, SetCommand
+from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
+from hacer.scriptdir import Script
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+MAX_PER_PAGE = 1000
+UNPAGED_ENTRIES = 10_000
+
+
+def services() -> Services:
+    return current_app.extensions["hacer"]
+
+
+@api.before_request
+def check_token() -> None:
+    token = services().settings.api_token
+    if not token:
+        return
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "this server needs `Authorization: Bearer <HACER_API_TOKEN>`")
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, whatever its content type says (2015 clients send none)."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def page_args() -> tuple[int, int]:
+    """`page` (from 1) and `per_page` (at most MAX_PER_PAGE) of the query string."""
+    try:
+        page = int(request.args.get("page", "1"))
+        per_page = int(request.args.get("per_page", "100"))
+    except ValueError:
+        raise bad_request("page and per_page must be integers") from None
+    if page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
+        raise bad_request(f"page must be >= 1 and per_page in 1..{MAX_PER_PAGE}")
+    return page, per_page
+
+
+def time_arg(name: str) -> datetime | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"{name}={raw!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def stamp(moment: datetime | None, fraction: bool = False) -> str:
+    """The 2015 time format, `YYYY-MM-DDTHH:MM:SS` (UTC); "" when unknown."""
+    if moment is None:
+        return ""
+    return moment.isoformat(timespec="milliseconds" if fraction else "seconds")
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+def node_json(node: Node) -> dict[str, Any]:
+    return {"id": node.id, "name": node.name or "", "type": node.type.name, "ip": node.ip or "",
+            "last_updated": stamp(node.last_update)}
+
+
+@api.get("/nodes")
+def list_nodes() -> ResponseReturnValue:
+    with services().sessions() as session:
+        nodes = session.scalars(select(Node).order_by(Node.id)).all()
+        return jsonify({"node_list": [node_json(n) for n in nodes]})
+
+
+def find_node(session: Any, node_id: int) -> Node:
+    node = session.get(Node, node_id)
+    if node is None:
+        raise not_found(f"no node with id {node_id}")
+    return node
+
+
+@api.get("/nodes/id/<int:node_id>")
+def get_node(node_id: int) -> ResponseReturnValue:
+    with services().sessions() as session:
+        return jsonify(node_json(find_node(session, node_id)))
+
+
+@api.get("/nodes/name/<path:name>")
+def get_node_by_name(name: str) -> ResponseReturnValue:
+    with services().sessions() as session:
+        node = session.scalar(select(Node).where(Node.name == name))
+        if node is None:
+            raise not_found(f"no node named {name!r}")
+        return jsonify(node_json(node))
+
+
+@api.post("/nodes/id/<int:node_id>")
+def rename_node(node_id: int) -> ResponseReturnValue:
+    body = json_body()
+    name = body.get("name")
+    if not isinstance(name, str) or not 0 < len(name.strip()) <= 64:
+        raise bad_request("name must be a string of 1 to 64 characters")
+    name = name.strip()
+    svc = services()
+    with svc.sessions() as session:
+        node = find_node(session, node_id)
+        node.name = name
+        try:
+            session.commit()
+        except IntegrityError:
+            raise ApiError(409, f"the name {name!r} is taken") from None
+        svc.publish_meta(node)
+        return jsonify({"success": True, "node": node_json(node)})
+
+
+@api.delete("/nodes/id/<int:node_id>")
+def delete_node(node_id: int) -> ResponseReturnValue:
+    svc = services()
+    with svc.sessions() as session:
+        session.delete(find_node(session, node_id))
+        session.commit()
+    for name in ("node_presence", "node_meta", "node_state"):  # an empty retained message clears
+        svc.bus.publish(svc.topics.build(name, node_id), b"", retain=True)
+    return jsonify({"success": True})
+
+
+@api.get("/node_types")
+def node_types() -> ResponseReturnValue:
+    with services().sessions() as session:
+        return jsonify({"node_types": [t.name for t in session.scalars(select(NodeType).order_by(NodeType.id))]})
+
+
+def command_reply(node_id: int, op: str, payload: str, count: int) -> ResponseReturnValue:
+    svc = services()
+    with svc.sessions() as session:
+        find_node(session, node_id)
+    try:
+        results = svc.live.command(node_id, op, payload, count, svc.settings.node_timeout + 2)
+    except CommandTimeout as exc:
+        raise ApiError(504, str(exc)) from None
+    body = [json.loads(r.to_payload()) for r in results]
+    if any(r.reason == "timeout" for r in results):
+        return jsonify({"error": "node timeout", "message": "the node did not answer", "results": body}), 504
+    if not all(r.ok for r in results):
+        return jsonify({"error": "node error", "message": "; ".join(r.error or "" for r in results if not r.ok),
+                        "results": body}), 502
+    return jsonify({"results": body})
+
+
+@api.post("/nodes/id/<int:node_id>/set")
+def set_values(node_id: int) -> ResponseReturnValue:
+    try:
+        command = SetCommand.from_payload(json.dumps(json_body()))
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
+    return command_reply(node_id, "set", command.to_payload().decode(), len(command.values))
+
+
+@api.get("/nodes/id/<int:node_id>/get/<key>")
+def get_value(node_id: int, key: str) -> ResponseReturnValue:
+    try:
+        command = GetCommand.from_payload(json.dumps(key))
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
+    return command_reply(node_id, "get", command.to_payload().decode(), 1)
+
+
+# --- scripts and runs -------------------------------------------------------------------------
+
+@api.get("/scripts/list")
+def list_scripts() -> ResponseReturnValue:
+    return jsonify({"script_list": [{"id": s.id, "name": s.name} for s in services().scripts.list()]})
+
+
+@api.post("/scripts/exec/id/<int:script_id>")
+def exec_script_by_id(script_id: int) -> ResponseReturnValue:
+    script = services().scripts.find_id(script_id)
+    if script is None:
+        raise not_found(f"no script with id {script_id}")
+    return exec_script(script)
+
+
+@api.post("/scripts/exec/name/<name>")
+def exec_script_by_name(name: str) -> ResponseReturnValue:
+    script = services().scripts.find(name)
+    if script is None:
+        raise not_found(f"no script named {name!r}")
+    return exec_script(script)
+
+
+def exec_script(script: Script) -> ResponseReturnValue:
+    body = json_body()
+    params = body.get("params", [])
+    timeout = body.get("timeout")
+    run_id = uuid.uuid4().hex
+    try:
+        request_payload = RunRequest.from_payload(json.dumps(
+            {"script": script.name, "params": params, "run_id": run_id, "requested_by": "rest",
+             **({"timeout": timeout} if timeout is not None else {})})).to_payload()
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
+    svc = services()
+    thread_id = svc.record_request(run_id, script.name, params, request_payload)
+    svc.bus.publish(svc.topics.build("run_request"), request_payload)
+    return jsonify({"status": "ok", "log_thread_id": thread_id, "run_id": run_id})
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    return {"thread_id": run.id, "run_id": run.run_id, "script": run.script, "params": json.loads(run.params),
+            "state": run.state, "runner": run.runner, "exit_code": run.exit_code, "error": run.error,
+            "requested_by": run.requested_by, "requested_at": stamp(run.requested_at, True),
+            "queued_at": stamp(run.queued_at, True), "started_at": stamp(run.started_at, True),
+            "finished_at": stamp(run.finished_at, True)}
+
+
+@api.get("/runs")
+def list_runs() -> ResponseReturnValue:
+    page, per_page = page_args()
+    query = select(Run)
+    if "state" in request.args:
+        if request.args["state"] not in runstates.ALL_STATES:
+            raise bad_request(f"state must be one of {', '.join(runstates.ALL_STATES)}")
+        query = query.where(Run.state == request.args["state"])
+    if "script" in request.args:
+        query = query.where(Run.script == request.args["script"])
+    with services().sessions() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery()))
+        runs = session.scalars(query.order_by(Run.id.desc()).offset((page - 1) * per_page).limit(per_page)).all()
+        return jsonify({"runs": [run_json(r) for r in runs], "page": page, "per_page": per_page, "total": total})
+
+
+def find_run(session: Any, key: str) -> Run:
+    run = session.scalar(select(Run).where(Run.run_id == key))
+    if run is None and key.isdigit():
+        run = session.get(Run, int(key))
+    if run is None:
+        raise not_found(f"no run {key!r}")
+    return run
+
+
+@api.get("/runs/<key>")
+def get_run(key: str) -> ResponseReturnValue:
+    with services().sessions() as session:
+        return jsonify(run_json(find_run(session, key)))
+
+
+@api.post("/runs/<key>/cancel")
+def cancel_run(key: str) -> ResponseReturnValue:
+    svc = services()
+    with svc.sessions() as session:
+        run = find_run(session, key)
+        if run.state in runstates.FINISHED_STATES:
+            raise ApiError(409, f"run {run.run_id} has already ended ({run.state})")
+        svc.bus.publish(svc.topics.build("run_cancel", run.run_id), b"")
+        return jsonify({"success": True, "run_id": run.run_id})
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+def entry_json(entry: ScriptLogEntry) -> dict[str, Any]:
+    try:
+        params = [str(p) for p in json.loads(entry.params or "[]")]
+    except ValueError:
+        params = []
+    return {"id": entry.id, "timestamp": stamp(entry.timestamp, True), "thread_id": entry.thread_id,
+            "script_name": entry.script_name or "", "params": params, "entry_type": entry.entry_type.name,
+            "data": entry.data or ""}
+
+
+def entries(thread_id: int | None = None) -> ResponseReturnValue:
+    query = select(ScriptLogEntry)
+    if thread_id is not None:
+        query = query.where(ScriptLogEntry.thread_id == thread_id)
+    if "script" in request.args:
+        query = query.where(ScriptLogEntry.script_name == request.args["script"])
+    if "entry_type" in request.args:
+        if request.args["entry_type"] not in LOG_ENTRY_TYPES:
+            raise bad_request(f"entry_type must be one of {', '.join(LOG_ENTRY_TYPES)}")
+        query = query.join(ScriptLogEntryType).where(ScriptLogEntryType.name == request.args["entry_type"])
+    since, until = time_arg("since"), time_arg("until")
+    if since:
+        query = query.where(ScriptLogEntry.timestamp >= since)
+    if until:
+        query = query.where(ScriptLogEntry.timestamp < until)
+    with services().sessions() as session:
+        if "page" in request.args or "per_page" in request.args:
+            page, per_page = page_args()
+            query = query.order_by(ScriptLogEntry.thread_id, ScriptLogEntry.seq, ScriptLogEntry.id)
+            found = list(session.scalars(query.offset((page - 1) * per_page).limit(per_page)))
+        elif thread_id is None:  # without paging, the latest entries, oldest first
+            found = list(session.scalars(query.order_by(ScriptLogEntry.id.desc()).limit(UNPAGED_ENTRIES)))[::-1]
+        else:
+            found = list(session.scalars(query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)))
+        return jsonify({"entry_list": [entry_json(e) for e in found]})
+
+
+@api.get("/logs/script")
+def all_entries() -> ResponseReturnValue:
+    return entries()
+
+
+@api.get("/logs/script/thread_id/<int:thread_id>")
+def thread_entries(thread_id: int) -> ResponseReturnValue:
+    return entries(thread_id)
+
+
+# --- health -----------------------------------------------------------------------------------
+
+@api.get("/health")
+def health() -> ResponseReturnValue:
+    svc = services()
+    try:
+        with svc.sessions() as session:
+            session.scalar(select(func.count()).select_from(NodeType))
+        database = "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: that is what a health check is for
+        database = f"error: {type(exc).__name__}"
+    runners = [r for r in svc.live.runners.values() if r["state"] == "online"]
+    healthy = svc.bus.connected and database == "ok" and svc.live.bridge_state == "online" and runners
+    return jsonify({
+        "status": "ok" if healthy else "degraded",
+        "broker": "connected" if svc.bus.connected else "disconnected",
+        "bridge": svc.live.bridge_state,
+        "runners": runners,
+        "database": database,
+        "versions": svc.versions(),
+    }), 200 if healthy else 503

@@ -1,0 +1,57 @@
+"""What the api's handlers use: settings, the bus and its live view, the database, the scripts."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.live import LiveView
+from hacer import runstates
+from hacer.bus import Bus
+from hacer.models import Node, Run
+from hacer.scriptdir import ScriptDir
+from hacer.settings import Settings
+from hacer.topics import Topics
+
+
+@dataclass
+class Services:
+    """The api's collaborators, built by create_app (nothing started there)."""
+
+    settings: Settings
+    topics: Topics
+    bus: Bus
+    live: LiveView
+    sessions: sessionmaker[Session]
+    scripts: ScriptDir
+
+    def publish_meta(self, node: Node) -> None:
+        """Publish a node's retained `meta` (after a rename)."""
+        payload = json.dumps({"id": node.id, "name": node.name or "", "type": node.type.name},
+                             separators=(",", ":"))
+        self.bus.publish(self.topics.build("node_meta", node.id), payload, retain=True)
+
+    def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> int:
+        """Insert the run row of a REST request and return its 2015 thread id."""
+        with self.sessions() as session:
+            run = Run(run_id=run_id, script=script, params=json.dumps([str(p) for p in params]),
+                      state=runstates.QUEUED, runner="", requested_by="rest", request=payload.decode(),
+                      requested_at=datetime.fromtimestamp(time.time(), timezone.utc).replace(tzinfo=None))
+            session.add(run)
+            session.commit()
+            return run.id
+
+    def versions(self) -> dict[str, str]:
+        """Versions of hacer's main dependencies."""
+        found = {}
+        for package in ("flask", "flask-socketio", "eventlet", "paho-mqtt", "sqlalchemy"):
+            try:
+                found[package] = version(package)
+            except PackageNotFoundError:
+                found[package] = "not installed"
+        return found

@@ -1,0 +1,264 @@
+"""The api against the whole system: real broker, bridge, runner, recorder, api and emulated nodes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from emulator.nodes import Emulator, make_nodes
+from hacer import runstates
+from hacer.broker import BrokerProcess, port_answers
+from hacer.bus import Bus
+from hacer.settings import PROJECT_DIR
+from hacer.topics import Topics
+
+from conftest import Watcher, free_port, wait_until
+
+
+class System:
+    """One whole hacer: every part a process, talking through one mosquitto."""
+
+    def __init__(self, work: Path, database_url: str | None) -> None:
+        self.work = work
+        self.broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
+        self.env.update({
+            "HACER_DISCOVERY_HOST": "127.0.0.1", "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
+            "HACER_NODE_PORT": str(free_port()), "HACER_HTTP_PORT": str(free_port()),
+            "HACER_STATE_DIR": str(work / "state"), "HADB_PATH": str(work / "hacer.db"),
+            "HACER_SCRIPTS_DIR": str(work / "scripts"), "HACER_NODE_TIMEOUT": "1",
+            "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}", "HACER_RECORDER_ID": f"rec-{uuid.uuid4().hex[:6]}",
+            "HACER_RESCUE_AFTER": "1", "HACER_LASTSEEN_INTERVAL": "0.5", "PYTHONUNBUFFERED": "1",
+        })
+        if database_url:
+            self.env["HACER_DATABASE_URL"] = database_url
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = f"http://127.0.0.1:{self.env['HACER_HTTP_PORT']}"
+
+    def start(self) -> None:
+        (self.work / "scripts").mkdir()
+        for script in (PROJECT_DIR / "scripts").glob("*.py"):
+            (self.work / "scripts" / script.name).write_text(script.read_text())
+        (self.work / "scripts" / "block.py").write_text("import sys\nprint('waiting', flush=True)\nopen(sys.argv[1]).read()\n")
+        self.broker.start()
+        self.env["HACER_MQTT_URL"] = self.broker.url
+        for part in ("bridge", "runner", "api"):
+            self.start_part(part)
+        wait_until(lambda: port_answers("127.0.0.1", int(self.env["HACER_HTTP_PORT"])), 20, "the api to listen")
+        wait_until(lambda: requests.get(self.url + "/api/health").status_code == 200, 20, "a healthy system")
+
+    def start_part(self, part: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.work / f"{part}.log", "ab")
+        process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), part, *args],
+                                   env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[part + "".join(args)] = process
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.broker.stop()
+
+    def get(self, path: str, **kwargs):
+        return requests.get(self.url + path, timeout=10, **kwargs)
+
+    def post(self, path: str, **kwargs):
+        return requests.post(self.url + path, timeout=10, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def system(request, tmp_path_factory):
+    database_url = None
+    if request.param == "postgresql":
+        database_url = request.getfixturevalue("module_postgres_url")
+    whole = System(tmp_path_factory.mktemp("system"), database_url)
+    whole.start()
+    nodes = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"], first_ip="127.0.0.80",
+                       port=int(whole.env["HACER_NODE_PORT"]), interval=2, base_id=uuid.uuid4().int % 10**9)
+    whole.nodes = nodes
+    whole.emulator = Emulator(nodes, ("127.0.0.1", int(whole.env["HACER_DISCOVERY_PORT"])))
+    whole.emulator.start()
+    wait_until(lambda: len(whole.get("/api/nodes").json()["node_list"]) >= 4, 20, "the nodes recorded")
+    yield whole
+    whole.emulator.stop()
+    whole.stop()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url():
+    from sqlalchemy import text
+
+    from conftest import POSTGRES_URL
+    from hacer.models import Database
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+    admin = Database(POSTGRES_URL)
+    try:
+        with admin.engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}")
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.engine.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.engine.dispose()
+
+
+@pytest.fixture
+def bus(system):
+    client = Bus(system.broker.url, Topics(), f"test-{uuid.uuid4().hex[:8]}")
+    client.start()
+    client.wait_connected(10)
+    yield client
+    client.stop()
+
+
+def node_of(system, node_type):
+    return next(n for n in system.nodes if n.type == node_type)
+
+
+def wait_run(system, thread_id, states=runstates.FINISHED_STATES, timeout=20):
+    return wait_until(lambda: (r := system.get(f"/api/runs/{thread_id}").json()).get("state") in states and r,
+                      timeout, f"run {thread_id} to reach {states}")
+
+
+def test_2015_node_endpoints_field_for_field(system):
+    listed = system.get("/api/nodes").json()["node_list"]
+    toggle = node_of(system, "toggle")
+    node = next(n for n in listed if n["id"] == toggle.id)
+    assert set(node) == {"id", "name", "type", "ip", "last_updated"}
+    assert (node["type"], node["ip"], type(node["name"])) == ("toggle", toggle.ip, str)
+    assert len(node["last_updated"]) == 19 and node["last_updated"][10] == "T"
+    assert system.get(f"/api/nodes/id/{toggle.id}").json() == node
+    missing = system.get("/api/nodes/id/1")
+    assert missing.status_code == 404 and missing.json()["message"] == "no node with id 1"
+    assert system.get("/api/nodes/name/nobody").status_code == 404
+
+
+def test_rename_accepts_2015_bodies_and_publishes_meta(system, bus):
+    light = node_of(system, "light_rgb")
+    meta = Watcher(bus, f"hacer/nodes/{light.id}/meta")
+    # the 2015 app sends JSON without a JSON content type
+    answer = system.post(f"/api/nodes/id/{light.id}", data='{"name": "desk lamp", "other": 1}',
+                         headers={"Content-Type": "text/plain"})
+    assert answer.status_code == 200 and answer.json()["success"] is True
+    assert system.get("/api/nodes/name/desk lamp").json()["id"] == light.id
+    meta.wait_for(lambda m: json.loads(m.payload)["name"] == "desk lamp")
+    thermostat = node_of(system, "thermostat")
+    taken = system.post(f"/api/nodes/id/{thermostat.id}", json={"name": "desk lamp"})
+    assert taken.status_code == 409 and "taken" in taken.json()["message"]
+    for body in ("not json", "[1]", '{"name": 5}', "{}"):
+        bad = system.post(f"/api/nodes/id/{light.id}", data=body)
+        assert bad.status_code == 400 and bad.json()["message"]
+    assert system.post("/api/nodes/id/1", json={"name": "x"}).status_code == 404
+    assert system.post(f"/api/nodes/id/{light.id}", data="x" * 100_000).status_code == 413
+
+
+def test_scripts_list_and_exec_then_logs(system):
+    scripts = system.get("/api/scripts/list").json()["script_list"]
+    toggle = next(s for s in scripts if s["name"] == "toggle")
+    assert toggle["id"] == int(hashlib.md5(b"toggle").hexdigest()[:8], 16)
+    outlet = node_of(system, "toggle")
+    answer = system.post(f"/api/scripts/exec/id/{toggle['id']}", data=json.dumps({"params": [str(outlet.id), "1"]}))
+    body = answer.json()
+    assert answer.status_code == 200 and body["status"] == "ok" and isinstance(body["log_thread_id"], int)
+    run = wait_run(system, body["log_thread_id"])
+    assert run["state"] == runstates.SUCCEEDED and run["exit_code"] == 0
+    assert outlet.values["on"] == 1
+    entries = wait_until(lambda: (e := system.get(f"/api/logs/script/thread_id/{body['log_thread_id']}")
+                                  .json()["entry_list"]) and e[-1]["entry_type"] == "exit_status" and e, 10, "entries")
+    assert [e["entry_type"] for e in entries] == ["launch", "sent_set", "result", "exit_status"]
+    for entry in entries:
+        assert {k: type(v) for k, v in entry.items()} == {"id": int, "timestamp": str, "thread_id": int,
+                                                          "script_name": str, "params": list, "entry_type": str,
+                                                          "data": str}
+        assert entry["params"] == ["1"] and entry["script_name"] == "toggle"  # without the node name
+    by_name = system.post("/api/scripts/exec/name/test", json={"params": ["a", "b"]}).json()
+    assert wait_run(system, by_name["log_thread_id"])["state"] == runstates.SUCCEEDED
+    assert system.post("/api/scripts/exec/name/nothing", json={}).status_code == 404
+    assert system.post("/api/scripts/exec/id/1", json={}).status_code == 404
+    assert system.post("/api/scripts/exec/name/test", json={"params": "x"}).status_code == 400
+    assert system.post("/api/scripts/exec/name/test", json={"params": [{}]}).status_code == 400
+    everything = system.get("/api/logs/script").json()["entry_list"]
+    assert {e["thread_id"] for e in everything} >= {body["log_thread_id"], by_name["log_thread_id"]}
+    outputs = system.get("/api/logs/script", params={"entry_type": "output", "script": "test"}).json()["entry_list"]
+    assert outputs and all(e["entry_type"] == "output" and e["script_name"] == "test" for e in outputs)
+    assert system.get("/api/logs/script", params={"entry_type": "nope"}).status_code == 400
+    page = system.get("/api/logs/script", params={"per_page": 2, "page": 1}).json()["entry_list"]
+    assert len(page) == 2
+
+
+def test_a_run_requested_on_the_bus_is_recorded(system, bus):
+    run_id = uuid.uuid4().hex
+    bus.publish("hacer/runs/request", json.dumps({"run_id": run_id, "script": "test", "params": ["bus"]}))
+    run = wait_run(system, run_id)
+    assert run["state"] == runstates.SUCCEEDED and isinstance(run["thread_id"], int)
+    assert run["requested_by"] == "" and run["params"] == ["bus"]
+    listed = system.get("/api/runs", params={"script": "test", "per_page": 1000}).json()
+    assert run_id in [r["run_id"] for r in listed["runs"]] and listed["total"] >= 1
+
+
+def test_node_set_and_get_over_rest(system):
+    thermostat = node_of(system, "thermostat")
+    answer = system.post(f"/api/nodes/id/{thermostat.id}/set", json={"target": 25})
+    assert answer.status_code == 200 and answer.json()["results"][0]["ok"] is True
+    assert thermostat.values["target"] == 25
+    got = system.get(f"/api/nodes/id/{thermostat.id}/get/temperature").json()["results"][0]
+    assert (got["value"], got["raw"]) == (21, "+i21e")
+    refused = system.get(f"/api/nodes/id/{thermostat.id}/get/humidity")
+    assert refused.status_code == 502 and refused.json()["results"][0]["reason"] == "node_error"
+    sensor = node_of(system, "sensor_temp")
+    sensor.mute = True
+    try:
+        slow = system.get(f"/api/nodes/id/{sensor.id}/get/temperature")
+        assert slow.status_code == 504
+    finally:
+        sensor.mute = False
+    assert system.post(f"/api/nodes/id/{thermostat.id}/set", json={}).status_code == 400
+
+
+def test_cancel_a_run_over_rest(system, tmp_path):
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    started = system.post("/api/scripts/exec/name/block", json={"params": [str(fifo)]}).json()
+    wait_run(system, started["log_thread_id"], {runstates.RUNNING})
+    assert system.post(f"/api/runs/{started['run_id']}/cancel").json()["success"] is True
+    assert wait_run(system, started["log_thread_id"])["state"] == runstates.CANCELLED
+    assert system.post(f"/api/runs/{started['run_id']}/cancel").status_code == 409
+
+
+def test_health_and_types(system):
+    health = system.get("/api/health").json()
+    assert health["status"] == "ok" and health["bridge"] == "online" and health["runners"]
+    assert system.get("/api/node_types").json()["node_types"] == ["toggle", "light_rgb", "sensor_temp",
+                                                                  "thermostat", "other"]
+    assert system.get("/api/nowhere").json()["error"] == "not found"
+
+
+def test_delete_node_clears_its_retained_topics(system, bus):
+    from emulator.nodes import EmulatedNode
+    gone = EmulatedNode(777000 + uuid.uuid4().int % 1000, "toggle", "127.0.0.99")
+    system.emulator.send_beacon(gone)
+    wait_until(lambda: system.get(f"/api/nodes/id/{gone.id}").status_code == 200, 10, "the node recorded")
+    answer = requests.delete(f"{system.url}/api/nodes/id/{gone.id}", timeout=10)
+    assert answer.status_code == 200 and answer.json()["success"] is True
+    assert system.get(f"/api/nodes/id/{gone.id}").status_code == 404
+    retained = Watcher(bus, f"hacer/nodes/{gone.id}/#")
+    bus.sync()
+    assert [m for m in retained.messages if m.payload] == []
+    assert requests.delete(f"{system.url}/api/nodes/id/{gone.id}", timeout=10).status_code == 404
