@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -262,3 +261,148 @@ def test_delete_node_clears_its_retained_topics(system, bus):
     bus.sync()
     assert [m for m in retained.messages if m.payload] == []
     assert requests.delete(f"{system.url}/api/nodes/id/{gone.id}", timeout=10).status_code == 404
+
+
+def socket_client(system, **auth):
+    import socketio
+    client = socketio.Client(reconnection=False)
+    received = {"snapshot": [], "event": []}
+    client.on("snapshot", lambda data: received["snapshot"].append(data))
+    client.on("event", lambda data: received["event"].append(data))
+    client.connect(system.url, transports=["websocket"], auth=auth or None, wait_timeout=10)
+    client.received = received
+    return client
+
+
+def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
+    client = socket_client(system)
+    try:
+        wait_until(lambda: client.received["snapshot"], 10, "a snapshot")
+        snapshot = client.received["snapshot"][0]
+        ids = {n["id"] for n in snapshot["nodes"]}
+        assert {n.id for n in system.nodes} <= ids and isinstance(snapshot["seq"], int)
+        light = node_of(system, "light_rgb")
+        system.post(f"/api/nodes/id/{light.id}/set", json={"color": 0x123456})
+        wait_until(lambda: any(e["kind"] == "node" and e["data"]["id"] == light.id and
+                               e["data"]["values"].get("color") == 0x123456 for e in client.received["event"]),
+                   10, "the node's new value")
+        run = system.post("/api/scripts/exec/name/test", json={"params": ["ws"]}).json()
+        client.emit("watch_run", {"run_id": run["run_id"]})
+        wait_until(lambda: any(e["kind"] == "run" and e["data"]["run_id"] == run["run_id"] and
+                               e["data"]["state"] == "succeeded" for e in client.received["event"]), 10, "run events")
+        seqs = [e["seq"] for e in client.received["event"]]
+        assert seqs == sorted(seqs)
+    finally:
+        client.disconnect()
+    # a client that comes back with the last seq it saw gets what it missed
+    last = seqs[-1]
+    system.post(f"/api/nodes/id/{light.id}/set", json={"color": 0x654321})
+    again = socket_client(system)
+    try:
+        wait_until(lambda: again.received["snapshot"], 10, "a snapshot")
+        again.received["event"].clear()
+        again.emit("resume", {"seq": last})
+        wait_until(lambda: any(e["kind"] == "node" and e["data"].get("values", {}).get("color") == 0x654321
+                               for e in again.received["event"]), 10, "the missed event")
+        assert all(e["seq"] > last for e in again.received["event"])
+        again.received["snapshot"].clear()
+        again.emit("resume", {"seq": -5})  # too old: a fresh snapshot instead
+        wait_until(lambda: again.received["snapshot"], 10, "a fresh snapshot")
+    finally:
+        again.disconnect()
+
+
+def test_token_protects_rest_and_websockets(system):
+    port = free_port()
+    api = system.start_part("api", "--no-recorder",
+                            env={"HACER_HTTP_PORT": str(port), "HACER_API_TOKEN": "s3cret"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: port_answers("127.0.0.1", port), 20, "the second api")
+        assert requests.get(url + "/api/nodes", timeout=5).status_code == 401
+        ok = requests.get(url + "/api/nodes", headers={"Authorization": "Bearer s3cret"}, timeout=5)
+        assert ok.status_code == 200 and ok.json()["node_list"]
+        import socketio
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            socketio.Client(reconnection=False).connect(url, transports=["websocket"], auth={"token": "wrong"},
+                                                        wait_timeout=5)
+        good = socketio.Client(reconnection=False)
+        snapshots = []
+        good.on("snapshot", snapshots.append)
+        good.connect(url, transports=["websocket"], auth={"token": "s3cret"}, wait_timeout=5)
+        wait_until(lambda: snapshots, 10, "a snapshot with the token")
+        good.disconnect()
+    finally:
+        api.terminate()
+        api.wait(10)
+
+
+def test_recorder_down_mid_run_history_is_whole(system, tmp_path):
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    started = system.post("/api/scripts/exec/name/block", json={"params": [str(fifo)]}).json()
+    wait_run(system, started["log_thread_id"], {runstates.RUNNING})
+    # the recorder is the api's child: stop the whole api, let the run end unrecorded, start again
+    api = system.processes["api"]
+    api.send_signal(signal.SIGTERM)
+    api.wait(15)
+    assert not port_answers("127.0.0.1", int(system.env["HACER_HTTP_PORT"]))
+    with open(fifo, "w") as pipe:
+        pipe.write("go")
+    system.start_part("api")
+    wait_until(lambda: port_answers("127.0.0.1", int(system.env["HACER_HTTP_PORT"])), 20, "the api again")
+    run = wait_run(system, started["log_thread_id"])
+    assert run["state"] == runstates.SUCCEEDED
+    entries = system.get(f"/api/logs/script/thread_id/{started['log_thread_id']}").json()["entry_list"]
+    assert [e["entry_type"] for e in entries] == ["launch", "output", "exit_status"]
+
+
+def test_request_parked_for_a_dead_runner_is_rescued(system, bus, tmp_path):
+    # A runner that subscribed once and never returns: the broker parks its share for it.
+    ghost_id = f"ghost-{uuid.uuid4().hex[:6]}"
+    ghost = system.start_part("runner", env={"HACER_RUNNER_ID": ghost_id})
+    states = Watcher(bus, f"hacer/runners/{ghost_id}/state")
+    states.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
+    ghost.send_signal(signal.SIGKILL)
+    ghost.wait()
+    states.wait_for(lambda m: b'"offline"' in m.payload, timeout=20)
+    thread_ids = [system.post("/api/scripts/exec/name/test", json={"params": [str(i)]}).json()["log_thread_id"]
+                  for i in range(6)]
+    runs = [wait_run(system, t, timeout=30) for t in thread_ids]
+    assert all(r["state"] == runstates.SUCCEEDED for r in runs)
+    assert {r["runner"] for r in runs} == {system.env["HACER_RUNNER_ID"]}
+    for thread_id in thread_ids:
+        entries = system.get(f"/api/logs/script/thread_id/{thread_id}").json()["entry_list"]
+        assert [e["entry_type"] for e in entries].count("launch") == 1
+
+
+def test_two_api_processes_both_relay_and_write_once(system):
+    port = free_port()
+    second = system.start_part("api", env={"HACER_HTTP_PORT": str(port), "HACER_RECORDER_ID": "second"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: port_answers("127.0.0.1", port), 20, "the second api")
+        first_client = socket_client(system)
+        second_system = type("Second", (), {"url": url})()
+        second_client = socket_client(second_system)
+        thread_ids = []
+        for index in range(20):
+            target = system if index % 2 else second_system
+            answer = requests.post(f"{target.url}/api/scripts/exec/name/test", json={"params": [str(index)]},
+                                   timeout=10).json()
+            thread_ids.append(answer["log_thread_id"])
+        for thread_id in thread_ids:
+            wait_run(system, thread_id)
+        for client in (first_client, second_client):
+            wait_until(lambda c=client: len({e["data"]["run_id"] for e in c.received["event"]
+                                             if e["kind"] == "run" and e["data"]["state"] == "succeeded"}) >= 20,
+                       10, "every run's end relayed by this api")
+            client.disconnect()
+        for thread_id in thread_ids:
+            entries = wait_until(lambda t=thread_id: (e := system.get(f"/api/logs/script/thread_id/{t}")
+                                                      .json()["entry_list"]) and len(e) >= 3 and e, 10, "entries")
+            assert [e["entry_type"] for e in entries] == ["launch", "output", "exit_status"]
+        assert len(set(thread_ids)) == 20
+    finally:
+        second.terminate()
+        second.wait(15)
