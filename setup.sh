@@ -5,9 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+dev=false
+[ "${1:-}" = "--dev" ] && dev=true
+
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto mosquitto-clients)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the control app's Socket.IO client
+# The browser test drives Debian's Chromium (no browser download).
+$dev && ! command -v chromium >/dev/null 2>&1 && need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
@@ -20,7 +26,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 requirements=requirements.txt
-[ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
+$dev && requirements=requirements-dev.txt
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -28,4 +34,9 @@ stamp=".venv/.installed-$(cat requirements.txt "$requirements" | sha256sum | cut
 if [ ! -e "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -r "$requirements"
     touch "$stamp"
+fi
+
+# The control app's browser dependencies, pinned in package.json / package-lock.json.
+if [ ! -e node_modules/socket.io-client/dist/socket.io.min.js ]; then
+    npm ci --omit=dev --no-audit --no-fund --loglevel=error
 fi

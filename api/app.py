@@ -20,7 +20,7 @@ from api.services import Services
 from hacer.bus import Bus
 from hacer.models import Database
 from hacer.scriptdir import ScriptDir
-from hacer.settings import Settings
+from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 
 socketio = SocketIO()
@@ -56,5 +56,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/")
     def control_app() -> ResponseReturnValue:
         return send_from_directory(app.static_folder or "static", "index.html")
+
+    @app.get("/vendor/<path:name>")
+    def vendor(name: str) -> ResponseReturnValue:
+        # The Socket.IO browser client, installed from the npm registry by setup.sh (package.json).
+        return send_from_directory(PROJECT_DIR / "node_modules" / "socket.io-client" / "dist", name)
 
     return app

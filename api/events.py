@@ -23,18 +23,8 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
 
     live.add_listener(relay)
 
-    @socketio.on("connect")
-    def connect(auth: Any = None) -> bool:
-        if token:
-            given = auth.get("token", "") if isinstance(auth, dict) else ""
-            if not hmac.compare_digest(str(given).encode(), token.encode()):
-                return False
-        socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
-        return True
-
-    @socketio.on("resume")
-    def resume(data: Any) -> None:
-        seq = data.get("seq") if isinstance(data, dict) else None
+    def catch_up(seq: Any) -> None:
+        """Send the events after `seq`, or a snapshot when they are not all kept any more."""
         missed = live.since(seq) if isinstance(seq, int) else None
         if missed is None:
             socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
@@ -42,6 +32,18 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
         for event in missed:
             socketio.emit("event", {k: v for k, v in event.items() if k != "room"},
                           to=request.sid)  # type: ignore[attr-defined]
+
+    @socketio.on("connect")
+    def connect(auth: Any = None) -> bool:
+        auth = auth if isinstance(auth, dict) else {}
+        if token and not hmac.compare_digest(str(auth.get("token", "")).encode(), token.encode()):
+            return False
+        catch_up(auth.get("seq"))
+        return True
+
+    @socketio.on("resume")
+    def resume(data: Any) -> None:
+        catch_up(data.get("seq") if isinstance(data, dict) else None)
 
     @socketio.on("watch_run")
     def watch_run(data: Any) -> None:

@@ -1,0 +1,174 @@
+// The hacer control app: REST for actions, Socket.IO for live state. Plain JS, no build step.
+"use strict";
+
+const state = { nodes: new Map(), seq: 0, watching: null, token: localStorage.getItem("hacerToken") || "" };
+const $ = (selector) => document.querySelector(selector);
+
+async function api(method, path, body) {
+  const headers = { "Content-Type": "application/json" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const response = await fetch("/api" + path, { method, headers, body: body && JSON.stringify(body) });
+  if (response.status === 401) {
+    state.token = prompt("This hacer needs its API token:") || "";
+    localStorage.setItem("hacerToken", state.token);
+    return api(method, path, body);
+  }
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.message || response.statusText);
+  return data;
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function renderNodes() {
+  // Never redraw under the user's typing: wait until the table loses focus.
+  if ($("#nodes").contains(document.activeElement)) { state.renderLater = true; return; }
+  const body = $("#nodes tbody");
+  body.replaceChildren();
+  for (const node of [...state.nodes.values()].sort((a, b) => a.id - b.id)) {
+    const row = body.insertRow();
+    row.dataset.id = node.id;
+    cell(row, node.id);
+    const name = document.createElement("input");
+    name.className = "name";
+    name.value = node.name;
+    name.setAttribute("aria-label", "name of " + node.id);
+    name.addEventListener("change", () => rename(node.id, name.value));
+    row.insertCell().append(name);
+    cell(row, node.type);
+    cell(row, node.ip);
+    cell(row, node.state, "state-" + node.state);
+    cell(row, Object.entries(node.values || {}).map(([k, v]) => `${k}=${v}`).join(" "));
+    const key = document.createElement("input");
+    key.className = "value"; key.placeholder = "key"; key.setAttribute("aria-label", "key for " + node.id);
+    const value = document.createElement("input");
+    value.className = "value"; value.placeholder = "value"; value.setAttribute("aria-label", "value for " + node.id);
+    const send = document.createElement("button");
+    send.textContent = "set";
+    send.addEventListener("click", () => setValue(node.id, key.value, value.value));
+    row.insertCell().append(key, value, send);
+  }
+}
+
+$("#nodes").addEventListener("focusout", () => {
+  if (state.renderLater) { state.renderLater = false; setTimeout(renderNodes); }
+});
+
+async function rename(id, name) {
+  try { await api("POST", `/nodes/id/${id}`, { name }); } catch (error) { alert(error.message); }
+}
+
+async function setValue(id, key, value) {
+  const number = Number(value);
+  try {
+    await api("POST", `/nodes/id/${id}/set`, { [key]: value.trim() !== "" && Number.isInteger(number) ? number : value });
+  } catch (error) { alert(error.message); }
+}
+
+async function loadScripts() {
+  const { script_list } = await api("GET", "/scripts/list");
+  $("#script").replaceChildren(...script_list.map((s) => new Option(s.name, s.name)));
+}
+
+async function loadRuns() {
+  const { runs } = await api("GET", "/runs?per_page=20");
+  const body = $("#runs tbody");
+  body.replaceChildren();
+  for (const run of runs) {
+    const row = body.insertRow();
+    row.dataset.runId = run.run_id;
+    cell(row, run.thread_id);
+    cell(row, run.script);
+    cell(row, run.params.join(" "));
+    cell(row, run.state);
+    cell(row, run.exit_code ?? "");
+    cell(row, run.started_at);
+    row.addEventListener("click", () => showLog(run.run_id, run.thread_id));
+  }
+}
+
+async function showLog(runId, threadId) {
+  watch(runId);
+  $("#log-run").textContent = "#" + threadId;
+  const { entry_list } = await api("GET", `/logs/script/thread_id/${threadId}`);
+  $("#log").textContent = entry_list.map((e) => `[${e.entry_type}] ${e.data}`).join("\n") + "\n";
+}
+
+function watch(runId) {
+  if (state.watching) socket.emit("unwatch_run", { run_id: state.watching });
+  state.watching = runId;
+  socket.emit("watch_run", { run_id: runId });
+}
+
+$("#run-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const params = $("#params").value.trim().split(/\s+/).filter(Boolean);
+  try {
+    const started = await api("POST", "/scripts/exec/name/" + encodeURIComponent($("#script").value), { params });
+    $("#log").textContent = "";
+    $("#log-run").textContent = "#" + started.log_thread_id;
+    watch(started.run_id);
+  } catch (error) { alert(error.message); }
+});
+
+function applySnapshot(snapshot) {
+  state.seq = snapshot.seq;
+  state.nodes = new Map(snapshot.nodes.map((n) => [n.id, n]));
+  $("#bridge").textContent = "bridge " + snapshot.bridge;
+  $("#bridge").className = "badge " + (snapshot.bridge === "online" ? "online" : "offline");
+  showRunners(snapshot.runners);
+  renderNodes();
+  loadRuns();
+}
+
+const runners = new Map();
+function showRunners(list) {
+  for (const runner of list) runners.set(runner.runner, runner);
+  const online = [...runners.values()].filter((r) => r.state === "online").length;
+  $("#runners").textContent = `runners ${online}`;
+  $("#runners").className = "badge " + (online ? "online" : "offline");
+}
+
+function applyEvent(event) {
+  if (event.seq) state.seq = Math.max(state.seq, event.seq);
+  const data = event.data;
+  if (event.kind === "node") { state.nodes.set(data.id, data); renderNodes(); }
+  else if (event.kind === "node_removed") { state.nodes.delete(data.id); renderNodes(); }
+  else if (event.kind === "bridge") { applySnapshot({ ...snapshotShell(), bridge: data.state }); }
+  else if (event.kind === "runner") showRunners([data]);
+  else if (event.kind === "run") loadRuns();
+  else if (event.kind === "log" && data.run_id === state.watching) {
+    $("#log").textContent += `[${data.entry_type}] ${data.data}\n`;
+  }
+}
+
+function snapshotShell() {
+  return { seq: state.seq, nodes: [...state.nodes.values()], runners: [...runners.values()] };
+}
+
+// On every (re)connect the server gets the last seq seen: it answers with what was missed,
+// or a fresh snapshot when that is no longer kept (or on the first connect, seq null).
+let connectedBefore = false;
+const socket = io({
+  auth: (send) => send({ token: state.token, seq: connectedBefore ? state.seq : null }),
+  transports: ["websocket"],
+});
+socket.on("connect", () => {
+  $("#connection").textContent = "live";
+  $("#connection").className = "badge online";
+  if (state.watching) socket.emit("watch_run", { run_id: state.watching });
+  connectedBefore = true;
+  loadScripts();
+  loadRuns();
+});
+socket.on("disconnect", () => {
+  $("#connection").textContent = "reconnecting…";
+  $("#connection").className = "badge offline";
+});
+socket.on("snapshot", applySnapshot);
+socket.on("event", applyEvent);

@@ -1,0 +1,57 @@
+"""The control app in headless Chromium (Debian's package, driven by Playwright) against the whole system."""
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+
+from emulator.nodes import EmulatedNode
+
+from test_api import System, module_postgres_url, system  # noqa: F401 - the whole-system fixtures
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page(tmp_path):
+    if CHROMIUM is None:
+        pytest.fail("chromium is missing: `./setup.sh --dev` installs it (as root)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        context = browser.new_context()
+        yield context.new_page()
+        browser.close()
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: F811
+    from playwright.sync_api import expect
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    expect(page.locator("#bridge")).to_have_text("bridge online")
+
+    newcomer = EmulatedNode(880000 + uuid.uuid4().int % 10000, "toggle", "127.0.0.120",
+                            port=int(system.env["HACER_NODE_PORT"]))
+    system.emulator.send_beacon(newcomer)
+    row = page.locator(f'#nodes tr[data-id="{newcomer.id}"]')
+    expect(row.locator("td.state-online")).to_have_text("online", timeout=10_000)
+
+    name = row.locator("input.name")
+    name.fill("porch light")
+    name.press("Enter")
+    name.blur()
+    expect(page.locator(f'#nodes tr[data-id="{newcomer.id}"] input.name')).to_have_value("porch light")
+    assert system.get("/api/nodes/name/porch light").json()["id"] == newcomer.id
+
+    page.select_option("#script", "test")
+    page.fill("#params", "from-the-browser 42")
+    page.click("#run-form button")
+    expect(page.locator("#log")).to_contain_text("test script running with ['from-the-browser', '42']",
+                                                 timeout=10_000)
+    expect(page.locator("#log")).to_contain_text("[exit_status] success")
+    expect(page.locator("#runs tbody tr").first).to_contain_text("succeeded", timeout=10_000)
+    page.screenshot(path=str(system.work / "control-app.png"))
