@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.errors import ApiError, bad_request, not_found
 from api.live import CommandTimeout
+from api.openapi import document
 from api.services import Services
 from hacer import runstates
 from hacer.messages import LOG_ENTRY_TYPES, GetCommand, MessageError, RunRequest, SetCommand
@@ -330,6 +331,11 @@ def all_entries() -> ResponseReturnValue:
 @api.get("/logs/script/thread_id/<int:thread_id>")
 def thread_entries(thread_id: int) -> ResponseReturnValue:
     return entries(thread_id)
+
+
+@api.get("/openapi.json")
+def openapi() -> ResponseReturnValue:
+    return jsonify(document())
 
 
 # --- health -----------------------------------------------------------------------------------
