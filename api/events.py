@@ -7,12 +7,21 @@ and gets what it missed, or a fresh snapshot when that is no longer kept.
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
 from api.live import Event, LiveView
+
+log = logging.getLogger(__name__)
+
+
+# A client with more packets than this waiting to be sent is too slow: it is disconnected (its
+# queue dropped) and, once back, resumes from its last seq or gets a snapshot. Emitting only
+# queues, so a slow client never delays the others; this bounds the memory it can hold.
+MAX_QUEUED_PACKETS = 2000
 
 
 def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
@@ -22,6 +31,19 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
         socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=event["room"])
 
     live.add_listener(relay)
+
+    def drop_slow_clients() -> None:
+        while True:
+            socketio.sleep(1.0)
+            engine = getattr(socketio.server, "eio", None)
+            for eio_socket in list(getattr(engine, "sockets", {}).values()):
+                queue = getattr(eio_socket, "queue", None)
+                if queue is not None and queue.qsize() > MAX_QUEUED_PACKETS:
+                    log.warning("websocket client %s is %d packets behind: disconnecting it",
+                                eio_socket.sid, queue.qsize())
+                    eio_socket.close(wait=False, abort=True)
+
+    watchdog: list[Any] = []  # started by the first client, so it runs in the server's loop
 
     def catch_up(seq: Any) -> None:
         """Send the events after `seq`, or a snapshot when they are not all kept any more."""
@@ -38,6 +60,8 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
         auth = auth if isinstance(auth, dict) else {}
         if token and not hmac.compare_digest(str(auth.get("token", "")).encode(), token.encode()):
             return False
+        if not watchdog:
+            watchdog.append(socketio.start_background_task(drop_slow_clients))
         catch_up(auth.get("seq"))
         return True
 

@@ -406,3 +406,24 @@ def test_two_api_processes_both_relay_and_write_once(system):
     finally:
         second.terminate()
         second.wait(15)
+
+
+def test_gunicorn_with_the_eventlet_worker_serves_the_api(system, bus):
+    port = free_port()
+    env = {**system.env, "HACER_HTTP_PORT": str(port)}
+    log = open(system.work / "gunicorn.log", "ab")
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn.conf.py", "api.wsgi:app"],
+                              env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: port_answers("127.0.0.1", port), 20, "gunicorn to listen")
+        nodes = requests.get(f"http://127.0.0.1:{port}/api/nodes", timeout=10).json()["node_list"]
+        assert {n.id for n in system.nodes} <= {n["id"] for n in nodes}
+        health = wait_until(lambda: (h := requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)).status_code
+                            == 200 and h.json(), 20, "gunicorn's api to see the bus")
+        assert health["broker"] == "connected"
+        client = socket_client(type("Gunicorn", (), {"url": f"http://127.0.0.1:{port}"})())
+        wait_until(lambda: client.received["snapshot"], 10, "a snapshot through gunicorn")
+        client.disconnect()
+    finally:
+        server.terminate()
+        server.wait(15)
