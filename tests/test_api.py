@@ -427,3 +427,35 @@ def test_gunicorn_with_the_eventlet_worker_serves_the_api(system, bus):
     finally:
         server.terminate()
         server.wait(15)
+
+
+def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
+    import websocket  # the websocket-client package: a raw client that can stop reading
+    slow = websocket.create_connection(f"ws://127.0.0.1:{system.env['HACER_HTTP_PORT']}/socket.io/"
+                                       "?EIO=4&transport=websocket",
+                                       sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),), timeout=10)
+    assert slow.recv().startswith("0")  # engine.io open
+    slow.send("40")  # socket.io connect; from here on it never reads
+    fast = socket_client(system)
+    try:
+        flood = 40_000
+        node_id = 990000 + uuid.uuid4().int % 10000
+        for index in range(flood):
+            bus.publish(f"hacer/nodes/{node_id}/state", json.dumps({"n": index}), qos=0)
+        wait_until(lambda: any(e["kind"] == "node" and e["data"]["values"].get("n") == flood - 1
+                               for e in fast.received["event"][-50:]), 60, "the fast client to get the last event")
+
+        def slow_is_closed():
+            try:
+                while slow.recv():
+                    pass
+            except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+                return True
+            return True  # an empty frame: closed
+
+        assert slow_is_closed()
+        assert "packets behind: disconnecting it" in (system.work / "api.log").read_text()
+    finally:
+        fast.disconnect()
+        slow.close()
+        bus.publish(f"hacer/nodes/{node_id}/state", b"", retain=True)
