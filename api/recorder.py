@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SHARE_GROUP = "hacer-recorders"
 BATCH_LIMIT = 2000
+GATHER_SECONDS = 0.01
 RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_status", "run_log")
 
 
@@ -49,7 +50,8 @@ def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str
     if not rows:
         return
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    session.execute(dialect.insert(table).values(rows).on_conflict_do_nothing(index_elements=keys))
+    # Rows as parameters (executemany), not a VALUES list: the statement compiles once, cached.
+    session.execute(dialect.insert(table).on_conflict_do_nothing(index_elements=keys), rows)
 
 
 def meta_payload(node: Node) -> bytes:
@@ -75,6 +77,9 @@ class Recorder:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._type_ids: dict[str, int] = {}
+        # run id -> (thread id, script, params without the node name), for log entries: a batch
+        # of entries from many runs would otherwise cost a query per run.
+        self._entry_context: dict[str, tuple[int, str, str]] = {}
         self._entry_type_ids: dict[str, int] = {}
 
     def start(self) -> None:
@@ -119,9 +124,11 @@ class Recorder:
                     pending.append(self._inbox.get(timeout=0.2))
                 except queue.Empty:
                     continue
+            # Group commit: a moment for a burst to gather, so one transaction writes many.
+            gather_until = time.monotonic() + GATHER_SECONDS
             while len(pending) < BATCH_LIMIT:
                 try:
-                    pending.append(self._inbox.get_nowait())
+                    pending.append(self._inbox.get(timeout=max(0.0, gather_until - time.monotonic())))
                 except queue.Empty:
                     break
             try:
@@ -164,7 +171,8 @@ class Recorder:
                     log.warning("not recorded: %s: %s (%r)", message.topic, exc, message.payload[:200])
             session.flush()
             for entry in entries:
-                entry["thread_id"] = runs[entry.pop("run_id")].id
+                thread_id, entry["script_name"], entry["params"] = self._context(runs, entry.pop("run_id"))
+                entry["thread_id"] = thread_id
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             if last_seen:
                 self._last_seen(session, last_seen)
@@ -232,11 +240,20 @@ class Recorder:
         run.finished_at = utc(status.finished_at) or run.finished_at
 
     def _entry(self, session: Session, runs: dict[str, Run], entry: LogEntry) -> dict[str, Any]:
-        run = self._run(session, runs, entry.run_id)
-        params = json.loads(run.params or "[]")
+        if entry.run_id not in self._entry_context:
+            self._run(session, runs, entry.run_id)
         return {"run_id": entry.run_id, "seq": entry.seq, "timestamp": utc(entry.timestamp),
-                "script_name": run.script, "params": json.dumps(params[1:]),
                 "entry_type_id": self._entry_type_ids[entry.entry_type], "data": entry.data}
+
+    def _context(self, runs: dict[str, Run], run_id: str) -> tuple[int, str, str]:
+        """(thread id, script, params without the node name) of a run, cached."""
+        run = runs.get(run_id)
+        if run is not None:  # touched in this batch: its row is the truth
+            if len(self._entry_context) > 100_000:
+                self._entry_context.clear()
+            params = json.loads(run.params or "[]")
+            self._entry_context[run_id] = (run.id, run.script, json.dumps(params[1:]))
+        return self._entry_context[run_id]
 
     # --- rescue -----------------------------------------------------------------------------
 

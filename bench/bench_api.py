@@ -1,0 +1,245 @@
+"""Api benchmarks, each printed against a baseline measured in the same run.
+
+    .venv/bin/python bench/bench_api.py            # about 2 minutes
+    .venv/bin/python bench/bench_api.py --quick
+
+1. beacon -> websocket event at 200 connected clients, p50/p99 (goal p99 < 20 ms), against the
+   same beacon -> retained presence at a plain MQTT subscriber.
+2. GET /api/nodes with 10 000 nodes (goal p50 < 50 ms), against GET /api/node_types on the
+   same server (the cost of a request that reads next to nothing).
+3. recorder throughput: log entries written per second with none lost (goal >= 5 000/s on
+   SQLite), against a bare executemany of the same rows into the same kind of table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import requests
+import socketio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hacer.broker import BrokerProcess, port_answers  # noqa: E402
+from hacer.bus import Bus  # noqa: E402
+from hacer.messages import LogEntry, RunStatus  # noqa: E402
+from hacer.models import Database, Node  # noqa: E402
+from hacer.topics import Topics  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    clients_count, samples = (50, 30) if args.quick else (200, 100)
+    node_count, entries_count = (2_000, 10_000) if args.quick else (10_000, 50_000)
+
+    with tempfile.TemporaryDirectory(prefix="hacer-bench-") as tmp:
+        work = Path(os.environ.get("HACER_BENCH_DIR") or tmp)
+        broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+        broker.start()
+        env = {**os.environ, "HACER_MQTT_URL": broker.url, "HADB_PATH": str(work / "hacer.db"),
+               "HACER_HTTP_PORT": str(free_port()), "HACER_DISCOVERY_HOST": "127.0.0.1",
+               "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)), "HACER_STATE_DIR": str(work / "state"),
+               "HACER_RECORDER_ID": f"bench-{uuid.uuid4().hex[:6]}"}
+        url = f"http://127.0.0.1:{env['HACER_HTTP_PORT']}"
+        processes = [subprocess.Popen([sys.executable, str(PROJECT / "manage.py"), part], env=env,
+                                      stdout=open(work / f"{part}.log", "ab"), stderr=subprocess.STDOUT)
+                     for part in ("bridge", "api")]
+        topics = Topics("hacer")
+        try:
+            wait_for(lambda: port_answers("127.0.0.1", int(env["HACER_HTTP_PORT"])), 30, "the api")
+            beacon_to_websocket(url, broker, env, topics, clients_count, samples)
+            nodes_endpoint(url, work, node_count)
+            recorder_throughput(work, topics, entries_count)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(15)
+            broker.stop()
+
+
+def beacon_to_websocket(url: str, broker: BrokerProcess, env: dict[str, str], topics: Topics,
+                        clients_count: int, samples: int) -> None:
+    print(f"1. beacon -> event, {clients_count} websocket clients, {samples} new nodes")
+    arrivals: dict[int, dict[int, float]] = {}  # node id -> client -> first arrival
+    lock = threading.Lock()
+
+    def listener(client_index: int):
+        def on_event(event: dict) -> None:
+            if event.get("kind") == "node" and event["data"].get("state") == "online":
+                now = time.perf_counter()
+                with lock:
+                    arrivals.setdefault(event["data"]["id"], {}).setdefault(client_index, now)
+        return on_event
+
+    clients = []
+    for index in range(clients_count):
+        client = socketio.Client(reconnection=False)
+        client.on("event", listener(index))
+        client.connect(url, transports=["websocket"], wait_timeout=10)
+        clients.append(client)
+    mqtt_arrivals: dict[int, float] = {}
+    watcher = Bus(broker.url, topics, "bench-mqtt-watch")
+    watcher.subscribe(topics.filter("node_presence"),
+                      lambda m: mqtt_arrivals.setdefault(json.loads(m.payload)["id"], time.perf_counter()))
+    watcher.start()
+    watcher.wait_connected(10)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.2", 0))
+    target = ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"]))
+    websocket_ms, mqtt_ms = [], []
+    base = 500_000_000 + uuid.uuid4().int % 1000 * 1000
+    for index in range(samples):
+        node_id = base + index
+        sent = time.perf_counter()
+        sock.sendto(json.dumps({"id": node_id, "type": "toggle"}).encode(), target)
+        wait_for(lambda: len(arrivals.get(node_id, {})) == clients_count, 10, "every client's event")
+        websocket_ms += [(t - sent) * 1000 for t in arrivals[node_id].values()]
+        mqtt_ms.append((mqtt_arrivals[node_id] - sent) * 1000)
+        time.sleep(0.01)  # a beacon every 10 ms, not a burst: this measures latency, not throughput
+    for client in clients:
+        client.disconnect()
+    watcher.stop()
+    print(f"   plain MQTT subscriber:   p50 {percentile(mqtt_ms, 0.5):6.2f} ms  p99 {percentile(mqtt_ms, 0.99):6.2f} ms")
+    print(f"   websocket clients:       p50 {percentile(websocket_ms, 0.5):6.2f} ms  "
+          f"p99 {percentile(websocket_ms, 0.99):6.2f} ms   (goal p99 < 20 ms)")
+    print(f"   ratio websocket / MQTT at p50: {percentile(websocket_ms, 0.5) / percentile(mqtt_ms, 0.5):.1f}x")
+
+
+def nodes_endpoint(url: str, work: Path, node_count: int) -> None:
+    print(f"2. GET /api/nodes with {node_count} nodes")
+    database = Database(f"sqlite:///{work / 'hacer.db'}")
+    with database.session() as session:
+        session.add_all(Node(id=1_000_000 + i, name=f"node {i}", type_id=1, ip=f"10.0.{i // 250}.{i % 250}")
+                        for i in range(node_count))
+        session.commit()
+    http = requests.Session()
+    for path in ("/api/nodes", "/api/node_types"):
+        http.get(url + path)  # warm up
+    nodes_ms, small_ms = [], []
+    for _ in range(30):
+        started = time.perf_counter()
+        listed = http.get(url + "/api/nodes").json()["node_list"]
+        nodes_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        http.get(url + "/api/node_types").json()
+        small_ms.append((time.perf_counter() - started) * 1000)
+    assert len(listed) >= node_count
+    print(f"   GET /api/node_types:     p50 {statistics.median(small_ms):6.2f} ms")
+    print(f"   GET /api/nodes:          p50 {statistics.median(nodes_ms):6.2f} ms  p99 {percentile(nodes_ms, 0.99):6.2f} ms"
+          f"   (goal p50 < 50 ms)")
+
+
+def recorder_throughput(work: Path, topics: Topics, count: int) -> None:
+    print(f"3. recorder: {count} log entries of 100 runs, published as runners do, to a recorder alone")
+    bare = bare_executemany(work, count)
+    print(f"   bare executemany into SQLite: {bare:10,.0f} rows/s")
+    template = PROJECT / "mosquitto" / "dev.conf"
+    fast = work / "dev-autosave-1s.conf"
+    fast.write_text(template.read_text().replace("autosave_on_changes true", "autosave_on_changes false"))
+    for label, config in (("project broker (saves on every change)", template),
+                          ("broker saving every second", fast)):
+        broker = BrokerProcess(work / f"broker-{config.stem}", [free_port(), free_port()], template=config)
+        broker.start()
+        try:
+            rate, lost = feed_a_recorder(broker, work / f"{config.stem}.db", topics, count)
+        finally:
+            broker.stop()
+        print(f"   {label:40} {rate:8,.0f} entries/s, lost {lost}   (goal >= 5 000/s)")
+
+
+def bare_executemany(work: Path, count: int) -> float:
+    """Baseline: the same rows straight into a table of the same shape, one executemany."""
+    bare = sqlite3.connect(work / "bare.db")
+    bare.execute("PRAGMA journal_mode=WAL")
+    bare.execute("CREATE TABLE e (id INTEGER PRIMARY KEY, timestamp TEXT, thread_id INT, seq INT, script_name TEXT,"
+                 " params TEXT, entry_type_id INT, data TEXT, UNIQUE (thread_id, seq))")
+    rows = [(str(time.time()), t, s, "bench", "[]", 2, f"line {s}") for t in range(100)
+            for s in range(1, count // 100 + 1)]
+    started = time.perf_counter()
+    bare.executemany("INSERT INTO e (timestamp, thread_id, seq, script_name, params, entry_type_id, data)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    bare.commit()
+    return len(rows) / (time.perf_counter() - started)
+
+
+def feed_a_recorder(broker: BrokerProcess, db_path: Path, topics: Topics, count: int) -> tuple[float, int]:
+    """Start a recorder on `broker`, publish `count` entries, return (entries/s, lost)."""
+    env = {**os.environ, "HACER_MQTT_URL": broker.url, "HADB_PATH": str(db_path),
+           "HACER_RECORDER_ID": f"bench-{uuid.uuid4().hex[:6]}"}
+    recorder = subprocess.Popen([sys.executable, str(PROJECT / "manage.py"), "recorder"], env=env,
+                                stdout=open(db_path.with_suffix(".log"), "ab"), stderr=subprocess.STDOUT)
+    bus = Bus(broker.url, topics, "bench-recorder-feed")
+    bus.start()
+    bus.wait_connected(10)
+    db = sqlite3.connect(db_path)
+
+    def written() -> int:
+        try:
+            return db.execute("SELECT count(*) FROM script_log_entry").fetchone()[0]
+        except sqlite3.OperationalError:  # the recorder has not made the table yet
+            return -1
+
+    try:
+        wait_for(lambda: written() >= 0, 30, "the recorder's schema")
+        runs = [uuid.uuid4().hex for _ in range(100)]
+
+        def runs_recorded() -> bool:
+            # Sent until recorded: what is published before the recorder subscribes is not kept.
+            for run_id in runs:
+                bus.publish(topics.build("run_status", run_id),
+                            RunStatus(run_id, "bench", ("node", "p"), "running", "bench").to_payload())
+            time.sleep(0.2)
+            return db.execute("SELECT count(*) FROM run").fetchone()[0] >= 100
+
+        wait_for(runs_recorded, 30, "the runs recorded")
+        started = time.perf_counter()
+        for seq in range(1, count // len(runs) + 1):
+            for run_id in runs:
+                bus.publish(topics.build("run_log", run_id),
+                            LogEntry(run_id, seq, time.time(), "output", f"line {seq}").to_payload())
+        wait_for(lambda: written() >= count, 300, "every entry written")
+        rate = count / (time.perf_counter() - started)
+        return rate, count - written()
+    finally:
+        bus.stop()
+        recorder.terminate()
+        recorder.wait(15)
+
+
+if __name__ == "__main__":
+    main()
