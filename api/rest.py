@@ -100,9 +100,14 @@ def list_nodes() -> ResponseReturnValue:
     query = select(Node.id, Node.name, NodeType.name, Node.ip, Node.last_update).join(NodeType).order_by(Node.id)
     with services().sessions() as session:
         rows = session.execute(query).all()
-    return jsonify({"node_list": [{"id": node_id, "name": name or "", "type": type_name, "ip": ip or "",
-                                   "last_updated": stamp(last_update)}
-                                  for node_id, name, type_name, ip, last_update in rows]})
+    return fast_json({"node_list": [{"id": node_id, "name": name or "", "type": type_name, "ip": ip or "",
+                                     "last_updated": stamp(last_update)}
+                                    for node_id, name, type_name, ip, last_update in rows]})
+
+
+def fast_json(body: Any) -> ResponseReturnValue:
+    """A JSON response without Flask's key sorting and indentation checks (big lists)."""
+    return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
 
 
 def find_node(session: Any, node_id: int) -> Node:

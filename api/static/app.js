@@ -1,7 +1,8 @@
 // The hacer control app: REST for actions, Socket.IO for live state. Plain JS, no build step.
 "use strict";
 
-const state = { nodes: new Map(), seq: 0, watching: null, token: localStorage.getItem("hacerToken") || "" };
+const state = { nodes: new Map(), runs: new Map(), seq: 0, watching: null,
+                token: localStorage.getItem("hacerToken") || "" };
 const $ = (selector) => document.querySelector(selector);
 
 async function api(method, path, body) {
@@ -75,11 +76,25 @@ async function loadScripts() {
   $("#script").replaceChildren(...script_list.map((s) => new Option(s.name, s.name)));
 }
 
+// Runs: history from REST, kept current by run events (the database may lag the bus a little).
 async function loadRuns() {
   const { runs } = await api("GET", "/runs?per_page=20");
+  for (const run of runs) state.runs.set(run.run_id, { ...state.runs.get(run.run_id), ...run });
+  renderRuns();
+}
+
+function updateRun(data) {
+  const known = state.runs.get(data.run_id);
+  state.runs.set(data.run_id, { thread_id: "", started_at: "", ...known, ...data });
+  renderRuns();
+  if (!known || known.thread_id === "") loadRuns();  // its thread id and times
+}
+
+function renderRuns() {
   const body = $("#runs tbody");
   body.replaceChildren();
-  for (const run of runs) {
+  const order = (run) => (run.thread_id === "" ? Infinity : run.thread_id);
+  for (const run of [...state.runs.values()].sort((a, b) => order(b) - order(a)).slice(0, 20)) {
     const row = body.insertRow();
     row.dataset.runId = run.run_id;
     cell(row, run.thread_id);
@@ -141,7 +156,7 @@ function applyEvent(event) {
   else if (event.kind === "node_removed") { state.nodes.delete(data.id); renderNodes(); }
   else if (event.kind === "bridge") { applySnapshot({ ...snapshotShell(), bridge: data.state }); }
   else if (event.kind === "runner") showRunners([data]);
-  else if (event.kind === "run") loadRuns();
+  else if (event.kind === "run") updateRun(data);
   else if (event.kind === "log" && data.run_id === state.watching) {
     $("#log").textContent += `[${data.entry_type}] ${data.data}\n`;
   }

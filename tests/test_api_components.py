@@ -1,0 +1,94 @@
+"""The api app alone: Flask's and Flask-SocketIO's test clients, a recording bus, SQLite.
+
+What crosses processes is proven in test_api.py against the real system; these pin down the
+app's own behaviour quickly and run it in Flask-SocketIO's `threading` mode.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from api.app import create_app, socketio
+from hacer.bus import Message
+from hacer.messages import Presence, RunRequest
+from hacer.models import Database, Node
+from hacer.settings import Settings
+from hacer.topics import Topics
+
+
+class RecordingBus:
+    """Records publishes; lets the test deliver messages to the subscribed handlers."""
+
+    def __init__(self) -> None:
+        self.topics = Topics()
+        self.published: list[tuple[str, bytes, bool]] = []
+        self.handlers: list[tuple[str, object]] = []
+        self.connected = True
+
+    def subscribe(self, topic_filter, handler, **options) -> None:
+        self.handlers.append((topic_filter, handler))
+
+    def publish(self, topic, payload, *, qos=1, retain=False, correlation=None, **options) -> bool:
+        self.published.append((topic, payload.encode() if isinstance(payload, str) else payload, retain))
+        return True
+
+    def deliver(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        from paho.mqtt.client import topic_matches_sub
+        for topic_filter, handler in self.handlers:
+            if topic_matches_sub(topic_filter, topic):
+                handler(Message(topic, payload, retain, 1))
+
+
+@pytest.fixture
+def app(tmp_path):
+    settings = Settings.from_env({"HADB_PATH": str(tmp_path / "api.db"), "HACER_SCRIPTS_DIR": str(tmp_path)})
+    (tmp_path / "lamp.py").write_text("print('on')\n")
+    Database(settings.database_url).init()
+    bus = RecordingBus()
+    app = create_app({"HACER_SETTINGS": settings, "HACER_BUS": bus, "ASYNC_MODE": "threading", "TESTING": True})
+    with Database(settings.database_url).session() as session:
+        session.add(Node(id=7, name=None, type_id=1, ip="10.0.0.7"))
+        session.commit()
+    app.bus = bus
+    return app
+
+
+def test_rename_without_content_type_publishes_retained_meta(app):
+    client = app.test_client()
+    answer = client.post("/api/nodes/id/7", data='{"name": "lamp"}', content_type="text/plain")
+    assert answer.status_code == 200 and answer.get_json()["success"] is True
+    assert app.bus.published == [("hacer/nodes/7/meta", b'{"id":7,"name":"lamp","type":"toggle"}', True)]
+    assert client.get("/api/nodes/name/lamp").get_json()["ip"] == "10.0.0.7"
+
+
+def test_exec_records_the_run_and_publishes_the_request(app):
+    client = app.test_client()
+    body = client.post("/api/scripts/exec/name/lamp", data=json.dumps({"params": ["7", 1]})).get_json()
+    assert body["status"] == "ok" and body["log_thread_id"] == 1
+    topic, payload, retain = app.bus.published[-1]
+    request = RunRequest.from_payload(payload)
+    assert (topic, retain, request.script, request.params, request.run_id) == \
+        ("hacer/runs/request", False, "lamp", ("7", "1"), body["run_id"])
+    assert client.get(f"/api/runs/{body['log_thread_id']}").get_json()["state"] == "queued"
+
+
+def test_errors_are_json(app):
+    client = app.test_client()
+    assert client.get("/api/nodes/id/99").get_json() == {"error": "not found", "message": "no node with id 99"}
+    assert client.post("/api/nodes/id/7", data="[").status_code == 400
+    assert client.put("/api/nodes").get_json()["error"] == "method not allowed"
+    assert client.post("/api/nodes/id/7", data="x" * 70_000).get_json()["error"] == "too large"
+
+
+def test_websocket_snapshot_then_live_node_event(app):
+    ws = socketio.test_client(app)
+    snapshot = next(r for r in ws.get_received() if r["name"] == "snapshot")["args"][0]
+    assert snapshot["nodes"] == [] and snapshot["seq"] == 0
+    presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0)
+    app.bus.deliver("hacer/nodes/7/presence", presence.to_payload(), retain=True)
+    event = next(r for r in ws.get_received() if r["name"] == "event")["args"][0]
+    assert (event["seq"], event["kind"], event["data"]["state"]) == (1, "node", "online")
+    ws.emit("resume", {"seq": 0})
+    assert [r["args"][0]["seq"] for r in ws.get_received()] == [1]
+    ws.disconnect()
