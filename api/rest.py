@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.exc import IntegrityError
 
 from api.errors import ApiError, bad_request, not_found
@@ -96,13 +96,15 @@ def node_json(node: Node) -> dict[str, Any]:
 
 @api.get("/nodes")
 def list_nodes() -> ResponseReturnValue:
-    # Plain rows, not ORM objects: 10 000 nodes are listed in a few milliseconds.
-    query = select(Node.id, Node.name, NodeType.name, Node.ip, Node.last_update).join(NodeType).order_by(Node.id)
+    # Plain rows, not ORM objects, and the time as the database's text ("YYYY-MM-DD HH:MM:SS...")
+    # rather than datetimes: 10 000 nodes are listed in a few milliseconds.
+    query = select(Node.id, Node.name, NodeType.name, Node.ip, cast(Node.last_update, String)) \
+        .join(NodeType).order_by(Node.id)
     with services().sessions() as session:
         rows = session.execute(query).all()
     return fast_json({"node_list": [{"id": node_id, "name": name or "", "type": type_name, "ip": ip or "",
-                                     "last_updated": stamp(last_update)}
-                                    for node_id, name, type_name, ip, last_update in rows]})
+                                     "last_updated": (updated or "")[:19].replace(" ", "T")}
+                                    for node_id, name, type_name, ip, updated in rows]})
 
 
 def fast_json(body: Any) -> ResponseReturnValue:

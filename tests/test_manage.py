@@ -4,6 +4,7 @@ import socket
 import subprocess
 
 import pytest
+import requests
 
 from hacer.broker import port_answers
 from hacer.bus import Bus
@@ -16,8 +17,8 @@ from conftest import Watcher, free_port, wait_until
 
 def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path):
     port = free_port()
-    env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}"}
-    server = spawn(["runserver"], env)
+    env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}", "HACER_HTTP_PORT": str(free_port())}
+    server = spawn(["runserver", "--emulate", "2"], env)
     wait_until(lambda: port_answers("127.0.0.1", port), timeout=15, what="runserver's mosquitto")
     bus = Bus(env["HACER_MQTT_URL"], Topics(), "probe")
     bus.start()
@@ -27,19 +28,34 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
         state.wait_for(lambda m: m.payload == b"online", timeout=15)
         runner = Watcher(bus, "hacer/runners/+/state")
         runner.wait_for(lambda m: RunnerState.from_payload(m.payload).state == "online", timeout=15)
+        api = Watcher(bus, "hacer/api/state")
+        api.wait_for(lambda m: m.payload == b"online", timeout=15)
+        url = f"http://127.0.0.1:{env['HACER_HTTP_PORT']}/api/nodes"
+        wait_until(lambda: len(requests.get(url, timeout=5).json()["node_list"]) == 2, 15, "the emulated nodes")
     finally:
         bus.stop()
     assert server.stop() == 0
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
+    log = server.output()
+    for part in ("bridge", "runner", "api", "emulate"):
+        assert f"{part:>8} | " in log, f"no {part} lines in the log"
+    orphans = subprocess.run(["pgrep", "-f", env["HACER_STATE_DIR"]], capture_output=True, text=True).stdout
+    assert orphans == "", "processes outlived runserver"
 
 
 def test_runserver_uses_a_broker_that_answers(spawn, hacer_env, broker, watch):
-    state = watch("hacer/bridge/state")
-    server = spawn(["runserver"], hacer_env)
-    state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    states = watch("hacer/+/state")
+    runner = watch("hacer/runners/+/state")
+    server = spawn(["runserver"], {**hacer_env, "HACER_HTTP_PORT": str(free_port())})
+    for topic in ("hacer/bridge/state", "hacer/api/state"):
+        states.wait_for(lambda m, t=topic: m.topic == t and m.payload == b"online", timeout=15)
+    runner.wait_for(lambda m: RunnerState.from_payload(m.payload).state == "online", timeout=15)
     assert "using the broker at" in server.output()
     server.stop()
-    state.wait_for(lambda m: m.payload == b"offline", timeout=15)
+    # one stop, and every retained state ends offline
+    for topic in ("hacer/bridge/state", "hacer/api/state"):
+        states.wait_for(lambda m, t=topic: m.topic == t and m.payload == b"offline", timeout=15)
+    runner.wait_for(lambda m: RunnerState.from_payload(m.payload).state == "offline", timeout=15)
     assert broker.process.poll() is None
 
 
