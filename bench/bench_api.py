@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import sqlite3
@@ -92,26 +93,46 @@ def main() -> None:
             broker.stop()
 
 
-def beacon_to_websocket(url: str, broker: BrokerProcess, env: dict[str, str], topics: Topics,
-                        clients_count: int, samples: int) -> None:
-    print(f"1. beacon -> event, {clients_count} websocket clients, {samples} new nodes")
-    arrivals: dict[int, dict[int, float]] = {}  # node id -> client -> first arrival
+def client_process(url: str, count: int, ready, arrivals, stop) -> None:
+    """`count` websocket clients in one process; report (node id, arrival time) of online nodes."""
+    seen: set[tuple[int, int]] = set()
     lock = threading.Lock()
 
-    def listener(client_index: int):
+    def listener(index: int):
         def on_event(event: dict) -> None:
             if event.get("kind") == "node" and event["data"].get("state") == "online":
-                now = time.perf_counter()
+                now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
                 with lock:
-                    arrivals.setdefault(event["data"]["id"], {}).setdefault(client_index, now)
+                    if (index, event["data"]["id"]) not in seen:
+                        seen.add((index, event["data"]["id"]))
+                        arrivals.put((event["data"]["id"], now))
         return on_event
 
     clients = []
-    for index in range(clients_count):
+    for index in range(count):
         client = socketio.Client(reconnection=False)
         client.on("event", listener(index))
         client.connect(url, transports=["websocket"], wait_timeout=10)
         clients.append(client)
+    ready.put(count)
+    stop.wait()
+    for client in clients:
+        client.disconnect()
+
+
+def beacon_to_websocket(url: str, broker: BrokerProcess, env: dict[str, str], topics: Topics,
+                        clients_count: int, samples: int) -> None:
+    processes_count = 4
+    print(f"1. beacon -> event, {clients_count} websocket clients in {processes_count} processes, "
+          f"{samples} new nodes")
+    context = multiprocessing.get_context("spawn")
+    ready, arrivals, stop = context.Queue(), context.Queue(), context.Event()
+    workers = [context.Process(target=client_process, args=(url, clients_count // processes_count, ready, arrivals, stop))
+               for _ in range(processes_count)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get(timeout=60)
     mqtt_arrivals: dict[int, float] = {}
     watcher = Bus(broker.url, topics, "bench-mqtt-watch")
     watcher.subscribe(topics.filter("node_presence"),
@@ -123,16 +144,21 @@ def beacon_to_websocket(url: str, broker: BrokerProcess, env: dict[str, str], to
     target = ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"]))
     websocket_ms, mqtt_ms = [], []
     base = 500_000_000 + uuid.uuid4().int % 1000 * 1000
+    expected = clients_count // processes_count * processes_count
     for index in range(samples):
         node_id = base + index
         sent = time.perf_counter()
         sock.sendto(json.dumps({"id": node_id, "type": "toggle"}).encode(), target)
-        wait_for(lambda: len(arrivals.get(node_id, {})) == clients_count, 10, "every client's event")
-        websocket_ms += [(t - sent) * 1000 for t in arrivals[node_id].values()]
+        for _ in range(expected):
+            arrived_id, arrived = arrivals.get(timeout=10)
+            assert arrived_id == node_id
+            websocket_ms.append((arrived - sent) * 1000)
+        wait_for(lambda: node_id in mqtt_arrivals, 10, "the MQTT subscriber")
         mqtt_ms.append((mqtt_arrivals[node_id] - sent) * 1000)
         time.sleep(0.01)  # a beacon every 10 ms, not a burst: this measures latency, not throughput
-    for client in clients:
-        client.disconnect()
+    stop.set()
+    for worker in workers:
+        worker.join(30)
     watcher.stop()
     print(f"   plain MQTT subscriber:   p50 {percentile(mqtt_ms, 0.5):6.2f} ms  p99 {percentile(mqtt_ms, 0.99):6.2f} ms")
     print(f"   websocket clients:       p50 {percentile(websocket_ms, 0.5):6.2f} ms  "
