@@ -12,6 +12,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from hacer.parentdeath import child_env, die_with_parent_from_env
 from hacer.settings import PROJECT_DIR, Settings
 
 log = logging.getLogger("hacer.manage")
@@ -117,7 +118,7 @@ def cmd_runserver(args: argparse.Namespace) -> None:
 def start_part(command: list[str]) -> subprocess.Popen[bytes]:
     """Start `manage.py <command>`, its output lines prefixed with the part's name."""
     child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *command],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
 
     def copy() -> None:
         assert child.stdout is not None
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command not in ("emulate", "api"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.emulator_args = args.extra = rest
+    die_with_parent_from_env()  # a part started by runserver (or the api's recorder) ends with it
     setup_logging(args.verbose)
     os.chdir(PROJECT_DIR)
     args.func(args)

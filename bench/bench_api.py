@@ -38,26 +38,9 @@ from hacer.messages import LogEntry, RunStatus  # noqa: E402
 from hacer.models import Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
+from bench.common import free_port, percentile, wait_for  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def main() -> None:

@@ -34,13 +34,9 @@ from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import Presence  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
+from bench.common import free_port, percentile  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_sender(port: int, ids: int, rounds: int, pace_seconds: float = 0.0) -> subprocess.Popen[bytes]:
@@ -63,11 +59,6 @@ for r in range({rounds}):
             time.sleep(max(0.0, start + pace * (s + 1) / slices - time.monotonic()))
 """
     return subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --- 1. ingest -----------------------------------------------------------------------------

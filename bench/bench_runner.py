@@ -30,18 +30,9 @@ from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
+from bench.common import free_port, percentile  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def bare_start(samples: int) -> tuple[list[float], list[float]]:

@@ -38,6 +38,7 @@ from hacer import runstates
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, RunnerState, RunRequest, RunStatus
 from hacer.models import RunClaim
+from hacer.parentdeath import PARENT_ENV
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TopicError, Topics
@@ -325,7 +326,7 @@ class Runner:
         self._publish_status(run, runstates.RUNNING)
         self._log(run, "launch", json.dumps({"script": request.script, "params": list(request.params)}))
         env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(PROJECT_DIR), "HACER_RUNNER_PID": str(os.getpid())}
+               "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
         with run.lock:
             if run.cancel_requested:  # cancelled between leaving the queue and here
                 self._log(run, "exit_status", "failed")

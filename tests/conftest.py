@@ -16,6 +16,7 @@ import pytest
 
 from hacer.broker import BrokerProcess
 from hacer.bus import Bus, Message
+from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 
@@ -152,8 +153,9 @@ class HacerProcess:
 
     def start(self) -> "HacerProcess":
         with open(self.log_path, "ab") as log:
+            # child_env: the child dies with this test process, even if pytest is killed
             self.process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *self.command],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            env=child_env(self.env), stdout=log, stderr=subprocess.STDOUT,
                                             cwd=PROJECT_DIR)
         return self
 

@@ -17,6 +17,7 @@ import requests
 from emulator.nodes import Emulator, make_nodes
 from hacer import runstates
 from hacer.broker import BrokerProcess, port_answers
+from hacer.parentdeath import child_env
 from hacer.bus import Bus
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
@@ -41,7 +42,8 @@ class System:
         })
         if database_url:
             self.env["HACER_DATABASE_URL"] = database_url
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}  # the latest of each part
+        self.all_processes: list[subprocess.Popen[bytes]] = []
         self.url = f"http://127.0.0.1:{self.env['HACER_HTTP_PORT']}"
 
     def start(self) -> None:
@@ -59,15 +61,16 @@ class System:
     def start_part(self, part: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{part}.log", "ab")
         process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), part, *args],
-                                   env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
-        self.processes[part + "".join(args)] = process
+                                   env=child_env({**self.env, **(env or {})}), stdout=log, stderr=subprocess.STDOUT)
+        self.processes.setdefault(part + "".join(args), process)
+        self.all_processes.append(process)
         return process
 
     def stop(self) -> None:
-        for process in self.processes.values():
+        for process in self.all_processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
+        for process in self.all_processes:
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:
@@ -360,7 +363,7 @@ def test_recorder_down_mid_run_history_is_whole(system, tmp_path):
     started = system.post("/api/scripts/exec/name/block", json={"params": [str(fifo)]}).json()
     wait_run(system, started["log_thread_id"], {runstates.RUNNING})
     # the recorder is the api's child: stop the whole api, let the run end unrecorded, start again
-    api = system.processes["api"]
+    api = system.processes.pop("api")
     api.send_signal(signal.SIGTERM)
     api.wait(15)
     assert not port_answers("127.0.0.1", int(system.env["HACER_HTTP_PORT"]))

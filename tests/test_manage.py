@@ -88,3 +88,30 @@ def test_settings_defaults_and_errors(tmp_path):
                 {"HACER_OFFLINE_AFTER": "-1"}):
         with pytest.raises(SettingsError):
             Settings.from_env(bad)
+
+
+def children_of(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_the_api_and_its_recorder_stop_together(spawn, hacer_env, how):
+    port = free_port()
+    api = spawn(["api"], {**hacer_env, "HACER_HTTP_PORT": str(port)})
+    wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api")
+    recorder = wait_until(lambda: children_of(api.process.pid), 10, "the recorder child")[0]
+    api.process.send_signal(how)
+    api.process.wait(15)
+    if how != signal.SIGKILL:
+        assert api.process.returncode == 0, api.output()
+        assert "api stopped" in api.output()
+    wait_until(lambda: gone(recorder), 10, "the recorder to end with the api")
