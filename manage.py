@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from urllib.parse import urlsplit
 
 from hacer.parentdeath import child_env, die_with_parent_from_env

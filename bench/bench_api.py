@@ -38,7 +38,7 @@ from hacer.messages import LogEntry, RunStatus  # noqa: E402
 from hacer.models import Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
-from bench.common import free_port, percentile, wait_for  # noqa: E402
+from bench.common import broker_saving_every_second, free_port, percentile, wait_for  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -177,11 +177,8 @@ def recorder_throughput(work: Path, topics: Topics, count: int) -> None:
     print(f"3. recorder: {count} log entries of 100 runs, published as runners do, to a recorder alone")
     bare = bare_executemany(work, count)
     print(f"   bare executemany into SQLite: {bare:10,.0f} rows/s")
-    template = PROJECT / "mosquitto" / "dev.conf"
-    fast = work / "dev-autosave-1s.conf"
-    fast.write_text(template.read_text().replace("autosave_on_changes true", "autosave_on_changes false"))
-    for label, config in (("project broker (saves on every change)", template),
-                          ("broker saving every second", fast)):
+    for label, config in (("project broker (saves on every change)", PROJECT / "mosquitto" / "dev.conf"),
+                          ("broker saving every second", broker_saving_every_second(work))):
         broker = BrokerProcess(work / f"broker-{config.stem}", [free_port(), free_port()], template=config)
         broker.start()
         try:

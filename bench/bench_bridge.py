@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import socket
 import statistics
@@ -34,7 +35,7 @@ from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import Presence  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
-from bench.common import free_port, percentile  # noqa: E402
+from bench.common import broker_saving_every_second, free_port, percentile  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -270,10 +271,10 @@ def main() -> None:
         workdir = Path(tmp)
         brokers: list[BrokerProcess] = []
 
-        def fresh_broker() -> BrokerProcess:
+        def fresh_broker(config: Path = PROJECT / "mosquitto" / "dev.conf") -> BrokerProcess:
             """A new broker per phase: mosquitto saves its whole store on every change (dev
             config), so the retained table one phase leaves would slow the next."""
-            broker = BrokerProcess(workdir / f"broker{len(brokers)}", [free_port(), free_port()])
+            broker = BrokerProcess(workdir / f"broker{len(brokers)}", [free_port(), free_port()], template=config)
             broker.start()
             brokers.append(broker)
             return broker
@@ -292,10 +293,13 @@ def main() -> None:
             print(f"   online at the end: {online}, offline events: {went_offline}, "
                   f"kernel drops: {hold_drops}, beacons handled: {accepted} of {hold_ids * hold_rounds}")
 
+            gc.collect()  # the hold phase's 100 000 records must not be collected during timing
             print(f"3. presence latency, {samples} new nodes (first beacon -> retained presence at a subscriber)")
-            latencies = presence_latency(fresh_broker(), workdir, samples)
-            print(f"   p50 {percentile(latencies, 0.5):.2f} ms  p99 {percentile(latencies, 0.99):.2f} ms"
-                  f"   (goal p99 < 5 ms)")
+            for label, config in (("project broker (saves on every change)", PROJECT / "mosquitto" / "dev.conf"),
+                                  ("broker saving every second", broker_saving_every_second(workdir))):
+                latencies = presence_latency(fresh_broker(config), workdir, samples)
+                print(f"   {label:40} p50 {percentile(latencies, 0.5):.2f} ms  "
+                      f"p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 < 5 ms)")
 
             print(f"4. set round trip, {samples} each, same emulated node")
             direct, bridged = command_round_trips(fresh_broker(), workdir, samples)

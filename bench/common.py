@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -26,3 +27,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def broker_saving_every_second(folder: Path) -> Path:
+    """A copy of mosquitto/dev.conf that saves its store every second instead of every change.
+
+    The project's configs save on every change (nothing lost on a kill); benchmarks run both to
+    show what that costs.
+    """
+    template = Path(__file__).resolve().parent.parent / "mosquitto" / "dev.conf"
+    config = folder / "dev-autosave-1s.conf"
+    config.write_text(template.read_text().replace("autosave_on_changes true", "autosave_on_changes false"))
+    return config

@@ -11,7 +11,7 @@ import pytest
 from emulator.nodes import Emulator, EmulatedNode, make_nodes
 from hacer.messages import BridgeStats, CommandResult, NodeValues, Presence
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 
 
 @pytest.fixture

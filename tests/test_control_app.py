@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 
 import pytest
@@ -55,3 +56,40 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     expect(page.locator("#log")).to_contain_text("[exit_status] success")
     expect(page.locator("#runs tbody tr").first).to_contain_text("succeeded", timeout=10_000)
     page.screenshot(path=str(system.work / "control-app.png"))
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page):  # noqa: F811
+    import signal
+
+    from playwright.sync_api import expect
+
+    from hacer.broker import port_answers
+
+    from conftest import wait_until
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+
+    api = system.processes.pop("api")
+    api.send_signal(signal.SIGTERM)
+    api.wait(15)
+    expect(page.locator("#connection")).to_have_text("reconnecting…", timeout=10_000)
+    system.start_part("api")
+    wait_until(lambda: port_answers("127.0.0.1", int(system.env["HACER_HTTP_PORT"])), 20, "the api again")
+    expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
+
+    system.broker.restart()
+    after = EmulatedNode(890000 + uuid.uuid4().int % 10000, "light_rgb", "127.0.0.121",
+                         port=int(system.env["HACER_NODE_PORT"]))
+    # the bridge, the api and the page are all back once a new node's presence reaches the page
+    row = page.locator(f'#nodes tr[data-id="{after.id}"] td.state-online')
+    last_beacon = [0.0]
+
+    def shown() -> int:
+        if time.monotonic() - last_beacon[0] > 0.5:  # a beacon every half second, as a node retries
+            system.emulator.send_beacon(after)
+            last_beacon[0] = time.monotonic()
+        return row.count()
+
+    wait_until(shown, 30, "the node on the page")
+    expect(row).to_have_text("online")

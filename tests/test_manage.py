@@ -1,6 +1,5 @@
 """The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
 import signal
-import socket
 import subprocess
 
 import pytest

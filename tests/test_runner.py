@@ -6,7 +6,6 @@ import os
 import shutil
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 
