@@ -19,6 +19,7 @@ from api.live import LiveView
 from api.services import Services
 from hacer.bus import Bus
 from hacer.models import Database
+from hacer.nodecommands import NodeCommandClient
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
@@ -42,8 +43,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config)
     live = LiveView(bus, topics)
     live.subscribe()
+    commands = NodeCommandClient(bus, topics)
+    commands.subscribe()
     database = Database(settings.database_url)
-    app.extensions["hacer"] = Services(settings, topics, bus, live, database.session, ScriptDir(settings.scripts_dir))
+    app.extensions["hacer"] = Services(settings, topics, bus, live, commands, database.session,
+                                       ScriptDir(settings.scripts_dir))
 
     from api.rest import api
     app.register_blueprint(api)

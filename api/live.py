@@ -6,16 +6,15 @@ relay) numbered by a sequence that clients use to resume.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import uuid
 from collections import deque
 from typing import Any, Callable
 
 from hacer import runstates
 from hacer.bus import Bus, Message
-from hacer.messages import CommandResult, LogEntry, MessageError, NodeValues, Presence, RunnerState, RunStatus
+from hacer.messages import (LogEntry, MessageError, NodeMeta, NodeValues, Presence, RunnerState,
+                            RunStatus)
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -23,10 +22,6 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
 HISTORY = 5000  # events kept for clients that resume after a short disconnect
-
-
-class CommandTimeout(Exception):
-    """The bridge sent no result in time."""
 
 
 class LiveView:
@@ -43,7 +38,6 @@ class LiveView:
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
-        self._results: dict[bytes, tuple[threading.Event, list[CommandResult]]] = {}
 
     def subscribe(self) -> None:
         """Register the subscriptions (before the bus starts)."""
@@ -54,7 +48,6 @@ class LiveView:
         self.bus.subscribe(topics.filter("run_log"), self._on_run_log, qos=1)
         self.bus.subscribe(topics.build("bridge_state"), self._on_bridge_state)
         self.bus.subscribe(topics.filter("runner_state"), self._on_runner_state)
-        self.bus.subscribe(topics.filter("node_result"), self._on_result)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` for every change from now on."""
@@ -113,12 +106,11 @@ class LiveView:
                     node.update(type=presence.type, ip=presence.ip, state=presence.state,
                                 last_seen=presence.last_seen, since=presence.since)
                 elif name == "node_meta":
-                    body = json.loads(message.payload)
-                    node["name"] = str(body.get("name") or "")
+                    node["name"] = NodeMeta.from_payload(message.payload).name
                 else:
                     node["values"] = NodeValues.from_payload(message.payload).values
                 data = dict(node)
-        except (MessageError, ValueError, AttributeError) as exc:
+        except (MessageError, ValueError) as exc:
             log.warning("ignored %s: %s", message.topic, exc)
             return
         self._emit("node", data)
@@ -160,29 +152,3 @@ class LiveView:
         with self._lock:
             self.runners[state.runner] = data
         self._emit("runner", data)
-
-    # --- node commands ----------------------------------------------------------------------
-
-    def _on_result(self, message: Message) -> None:
-        if message.correlation is None:
-            return
-        waiter = self._results.get(message.correlation)
-        if waiter is not None:
-            waiter[1].append(CommandResult.from_payload(message.payload))
-            waiter[0].set()
-
-    def command(self, node_id: int, op: str, payload: str, count: int, timeout: float) -> list[CommandResult]:
-        """Send a set or get to a node through the bridge; return its `count` results."""
-        correlation = uuid.uuid4().hex.encode()
-        arrived = threading.Event()
-        results: list[CommandResult] = []
-        self._results[correlation] = (arrived, results)
-        try:
-            self.bus.publish(self.topics.build(f"node_{op}", node_id), payload, correlation=correlation)
-            while len(results) < count:
-                if not arrived.wait(timeout):
-                    raise CommandTimeout(f"the bridge answered {len(results)} of {count} within {timeout} s")
-                arrived.clear()
-            return results
-        finally:
-            self._results.pop(correlation, None)

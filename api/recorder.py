@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
 from hacer.bus import Bus, Message
-from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RunnerState, RunRequest,
-                            RunStatus)
-from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
+from hacer.messages import (LastSeenBatch, LogEntry, MessageError, NodeMeta, Presence, RunnerState,
+                            RunRequest, RunStatus)
+from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,8 @@ RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_statu
 
 
 def utc(timestamp: float | None) -> datetime | None:
-    """A naive UTC datetime (the database's convention) from a Unix time."""
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
+    """The database's datetime of a Unix time that may be missing."""
+    return None if timestamp is None else utc_datetime(timestamp)
 
 
 def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]],
@@ -52,12 +50,6 @@ def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     # Rows as parameters (executemany), not a VALUES list: the statement compiles once, cached.
     session.execute(dialect.insert(table).on_conflict_do_nothing(index_elements=keys), rows)
-
-
-def meta_payload(node: Node) -> bytes:
-    """The retained `meta` of a node."""
-    return json.dumps({"id": node.id, "name": node.name or "", "type": node.type.name},
-                      separators=(",", ":")).encode()
 
 
 class Recorder:
@@ -158,7 +150,7 @@ class Recorder:
                         if message.payload:
                             new = self._presence(session, Presence.from_payload(message.payload))
                             if new is not None:
-                                new_nodes.append((new.id, meta_payload(new)))
+                                new_nodes.append((new.id, NodeMeta(new.id, new.name or "", new.type.name).to_payload()))
                     elif name == "bridge_lastseen":
                         last_seen.update(LastSeenBatch.from_payload(message.payload).last_seen)
                     elif name == "run_request":

@@ -13,12 +13,12 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.exc import IntegrityError
 
 from api.errors import ApiError, bad_request, not_found
-from api.live import CommandTimeout
 from api.openapi import document
 from api.services import Services
 from hacer import runstates
 from hacer.messages import LOG_ENTRY_TYPES, GetCommand, MessageError, RunRequest, SetCommand
 from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
+from hacer.nodecommands import CommandTimeout
 from hacer.scriptdir import Script
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -170,12 +170,12 @@ def node_types() -> ResponseReturnValue:
         return jsonify({"node_types": [t.name for t in session.scalars(select(NodeType).order_by(NodeType.id))]})
 
 
-def command_reply(node_id: int, op: str, payload: str, count: int) -> ResponseReturnValue:
+def command_reply(node_id: int, command: SetCommand | GetCommand) -> ResponseReturnValue:
     svc = services()
     with svc.sessions() as session:
         find_node(session, node_id)
     try:
-        results = svc.live.command(node_id, op, payload, count, svc.settings.node_timeout + 2)
+        results = svc.commands.command(node_id, command, svc.settings.node_timeout + 2)
     except CommandTimeout as exc:
         raise ApiError(504, str(exc)) from None
     body = [json.loads(r.to_payload()) for r in results]
@@ -193,7 +193,7 @@ def set_values(node_id: int) -> ResponseReturnValue:
         command = SetCommand.from_payload(json.dumps(json_body()))
     except MessageError as exc:
         raise bad_request(str(exc)) from None
-    return command_reply(node_id, "set", command.to_payload().decode(), len(command.values))
+    return command_reply(node_id, command)
 
 
 @api.get("/nodes/id/<int:node_id>/get/<key>")
@@ -202,7 +202,7 @@ def get_value(node_id: int, key: str) -> ResponseReturnValue:
         command = GetCommand.from_payload(json.dumps(key))
     except MessageError as exc:
         raise bad_request(str(exc)) from None
-    return command_reply(node_id, "get", command.to_payload().decode(), 1)
+    return command_reply(node_id, command)
 
 
 # --- scripts and runs -------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -13,7 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.live import LiveView
 from hacer import runstates
 from hacer.bus import Bus
-from hacer.models import Node, Run
+from hacer.messages import NodeMeta
+from hacer.models import Node, Run, utc_datetime
+from hacer.nodecommands import NodeCommandClient
 from hacer.scriptdir import ScriptDir
 from hacer.settings import Settings
 from hacer.topics import Topics
@@ -27,21 +28,21 @@ class Services:
     topics: Topics
     bus: Bus
     live: LiveView
+    commands: NodeCommandClient
     sessions: sessionmaker[Session]
     scripts: ScriptDir
 
     def publish_meta(self, node: Node) -> None:
         """Publish a node's retained `meta` (after a rename)."""
-        payload = json.dumps({"id": node.id, "name": node.name or "", "type": node.type.name},
-                             separators=(",", ":"))
-        self.bus.publish(self.topics.build("node_meta", node.id), payload, retain=True)
+        meta = NodeMeta(node.id, node.name or "", node.type.name)
+        self.bus.publish(self.topics.build("node_meta", node.id), meta.to_payload(), retain=True)
 
     def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> int:
         """Insert the run row of a REST request and return its 2015 thread id."""
         with self.sessions() as session:
             run = Run(run_id=run_id, script=script, params=json.dumps([str(p) for p in params]),
                       state=runstates.QUEUED, runner="", requested_by="rest", request=payload.decode(),
-                      requested_at=datetime.fromtimestamp(time.time(), timezone.utc).replace(tzinfo=None))
+                      requested_at=utc_datetime(time.time()))
             session.add(run)
             session.commit()
             return run.id

@@ -37,6 +37,11 @@ class Command:
     correlation: bytes | None = None
     response_topic: str | None = None
 
+    @property
+    def correlation_text(self) -> str | None:
+        """The MQTT 5 correlation data as the result's `correlation` text."""
+        return None if self.correlation is None else self.correlation.decode(errors="backslashreplace")
+
 
 Resolver = Callable[[int], "tuple[str, int] | None"]
 ResultSink = Callable[[CommandResult, Command], None]
@@ -115,11 +120,8 @@ class CommandRelay:
     def _report(self, command: Command, ok: bool, value: Value | None = None,
                 raw: str = "", error: str | None = None, reason: str | None = None) -> None:
         self.counts["ok" if ok else "failed"] += 1
-        correlation = None
-        if command.correlation is not None:
-            correlation = command.correlation.decode(errors="backslashreplace")
         result = CommandResult(command.node_id, command.op, command.key, ok, value, raw, error,
-                               correlation, self._clock(), reason)
+                               command.correlation_text, self._clock(), reason)
         try:
             self._on_result(result, command)
         except Exception:

@@ -148,25 +148,17 @@ class Bridge:
         except TopicError:
             log.warning("ignored %s on odd topic %s", op, message.topic)
             return
-        commands: list[Command] = []
         try:
-            if op == "set":
-                for key, value in SetCommand.from_payload(message.payload).values.items():
-                    commands.append(Command(node_id, op, key, value, message.correlation,
-                                            message.response_topic))
-            else:
-                for key in GetCommand.from_payload(message.payload).keys:
-                    commands.append(Command(node_id, op, key, None, message.correlation,
-                                            message.response_topic))
+            items = SetCommand.from_payload(message.payload).values.items() if op == "set" \
+                else [(key, None) for key in GetCommand.from_payload(message.payload).keys]
         except MessageError as exc:
             self.relay.counts["bad_request"] += 1
             bad = Command(node_id, op, "", None, message.correlation, message.response_topic)
-            correlation = message.correlation.decode(errors="backslashreplace") if message.correlation else None
             self._publish_result(CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
-                                               correlation, self.clock(), "bad_request"), bad)
+                                               bad.correlation_text, self.clock(), "bad_request"), bad)
             return
-        for command in commands:
-            self.relay.submit(command)
+        for key, value in items:
+            self.relay.submit(Command(node_id, op, key, value, message.correlation, message.response_topic))
 
     def _on_presence(self, message: Message) -> None:
         if message.retain and message.payload:

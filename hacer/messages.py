@@ -105,6 +105,30 @@ class Presence:
 
 
 @dataclass(frozen=True)
+class NodeMeta:
+    """Retained name and type of a node, published by the api (`{"id":1,"name":"lamp","type":"toggle"}`)."""
+
+    id: int
+    name: str
+    type: str
+
+    def to_payload(self) -> bytes:
+        """Encode as the retained meta JSON."""
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "NodeMeta":
+        """Decode a meta JSON; a missing name is "" and an unknown type `other`."""
+        body = _json_object(payload)
+        node_type = body.get("type")
+        try:
+            return cls(_node_id(body["id"]), str(body.get("name") or ""),
+                       node_type if node_type in NODE_TYPES else "other")
+        except KeyError as exc:
+            raise MessageError(f"meta lacks {exc}") from None
+
+
+@dataclass(frozen=True)
 class NodeValues:
     """Retained last known values of a node (`{"on": 1, "temperature": 21}`)."""
 

@@ -5,7 +5,7 @@ Table and column names follow the 2015 schema (`node`, `node_type`, `script_log_
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
@@ -16,6 +16,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from hacer.messages import LOG_ENTRY_TYPES
 from hacer.nodewire import NODE_TYPES
 
+
+
+def utc_datetime(timestamp: float) -> datetime:
+    """A naive UTC datetime, as every DateTime column here holds, from a Unix time."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

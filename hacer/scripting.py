@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from hacer.bus import Bus, Message
     from hacer.messages import CommandResult
+    from hacer.nodecommands import NodeCommandClient
 
 ENTRY_MARKER = "\x1ehacer-entry "
 SCRIPT_ENTRY_TYPES = ("output", "sent_set", "sent_get", "result", "exception")
@@ -132,13 +133,10 @@ class Hub:
     """A script's connection to the bus, made on first use."""
 
     def __init__(self, url: str | None = None, prefix: str | None = None) -> None:
-        import threading
         self.url = url or os.environ.get("HACER_MQTT_URL", "mqtt://127.0.0.1:1883")
         self.prefix = prefix or os.environ.get("HACER_TOPIC_PREFIX", "hacer")
         self._bus: Bus | None = None
-        self._results: dict[bytes, CommandResult] = {}
-        self._arrived = threading.Condition()
-        self._subscribed: dict[int, bool] = {}  # (the name `set` is this module's set())
+        self._commands: NodeCommandClient | None = None
 
     @property
     def bus(self) -> "Bus":
@@ -165,20 +163,18 @@ class Hub:
 
     def nodes(self, type: str | None = None) -> list[Node]:
         """Return every node the bus knows (names from `meta`, addresses from `presence`)."""
-        import json
-
-        from hacer.messages import MessageError, Presence
+        from hacer.messages import MessageError, NodeMeta, Presence
         bus = self.bus
         topics = bus.topics
-        meta: dict[int, dict[str, Any]] = {}
+        meta: dict[int, NodeMeta] = {}
         presence: dict[int, Presence] = {}
 
         def on_meta(message: "Message") -> None:
             try:
-                body = json.loads(message.payload)
-                meta[topics.node_id(message.topic)] = body if isinstance(body, dict) else {}
-            except ValueError:
-                pass
+                found = NodeMeta.from_payload(message.payload)
+            except MessageError:
+                return
+            meta[found.id] = found
 
         def on_presence(message: "Message") -> None:
             try:
@@ -197,9 +193,9 @@ class Hub:
             bus.unsubscribe(presence_filter)
         found_nodes = []
         for node_id in sorted(meta.keys() | presence.keys()):
-            seen = presence.get(node_id)
-            name = str(meta.get(node_id, {}).get("name") or (seen.name if seen else "") or "")
-            node_type = seen.type if seen else str(meta.get(node_id, {}).get("type", "other"))
+            seen, known = presence.get(node_id), meta.get(node_id)
+            name = (known.name if known else "") or (seen.name if seen else "") or ""
+            node_type = seen.type if seen else (known.type if known else "other")
             node = Node(node_id, name, node_type, seen.ip if seen else "", bool(seen and seen.state == "online"))
             if type is None or node.type == type:
                 found_nodes.append(node)
@@ -218,37 +214,21 @@ class Hub:
                     return node
         raise NodeNotFound(f"no node named {wanted!r}")
 
-    def _on_result(self, message: "Message") -> None:
-        from hacer.messages import CommandResult
-        if message.correlation is None:
-            return
-        with self._arrived:
-            self._results[message.correlation] = CommandResult.from_payload(message.payload)
-            self._arrived.notify_all()
-
     def command(self, node: Node | str | int, op: str, key: str, value: Any = None,
                 timeout: float = 5.0) -> "CommandResult":
         """Send one set or get through the bridge and return its result (failures included)."""
-        import json
-        import time
-        import uuid
+        from hacer.messages import GetCommand, SetCommand
+        from hacer.nodecommands import CommandTimeout as NoResult, NodeCommandClient
         target = node if isinstance(node, Node) else self.node(node)
-        bus = self.bus
-        if target.id not in self._subscribed:
-            bus.subscribe(bus.topics.build("node_result", target.id), self._on_result)
-            bus.sync()
-            self._subscribed[target.id] = True
-        correlation = uuid.uuid4().hex.encode()
-        payload = json.dumps({key: value}) if op == "set" else json.dumps(key)
-        bus.publish(bus.topics.build(f"node_{op}", target.id), payload, correlation=correlation)
-        deadline = time.monotonic() + timeout
-        with self._arrived:
-            while correlation not in self._results:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CommandTimeout(f"no result for {op} {key} on node {target.id} within {timeout} s")
-                self._arrived.wait(remaining)
-            return self._results.pop(correlation)
+        if self._commands is None:
+            self._commands = NodeCommandClient(self.bus, self.bus.topics)
+            self._commands.subscribe()
+            self.bus.sync()  # subscribed before the first command goes out
+        command = SetCommand({key: value}) if op == "set" else GetCommand((key,))
+        try:
+            return self._commands.command(target.id, command, timeout)[0]
+        except NoResult:
+            raise CommandTimeout(f"no result for {op} {key} on node {target.id} within {timeout} s") from None
 
     def set(self, node: Node | str | int, key: str, value: Any, timeout: float = 5.0) -> Any:
         """Set a value on a node; return the value set, raise CommandFailed if refused."""

@@ -26,7 +26,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hacer import runstates
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, RunnerState, RunRequest, RunStatus
-from hacer.models import RunClaim
+from hacer.models import RunClaim, utc_datetime
 from hacer.parentdeath import PARENT_ENV
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
@@ -84,10 +83,6 @@ class Run:
     timed_out: bool = False
     started_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
 
 
 class Runner:
@@ -204,8 +199,8 @@ class Runner:
         try:
             with self.sessions() as session:
                 session.add(RunClaim(run_id=run_id, runner_id=self.config.runner_id, state=runstates.QUEUED,
-                                     request=request.to_payload().decode(), claimed_at=_utc(now),
-                                     updated_at=_utc(now)))
+                                     request=request.to_payload().decode(), claimed_at=utc_datetime(now),
+                                     updated_at=utc_datetime(now)))
                 session.commit()
         except IntegrityError:
             log.info("run %s already claimed: duplicate delivery ignored", run_id)
@@ -270,7 +265,7 @@ class Runner:
     def _move_claim(self, run_id: str, runner_id: str, from_state: str, state: str | None = None,
                     runner: str | None = None) -> bool:
         """Change a claim only if it is still as seen; tell whether this runner won."""
-        values: dict[str, object] = {"updated_at": _utc(self.clock())}
+        values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
         if state:
             values["state"] = state
         if runner:
@@ -290,7 +285,7 @@ class Runner:
     def _finish_claim(self, run: Run, state: str) -> None:
         with self.sessions() as session:
             session.execute(update(RunClaim).where(RunClaim.run_id == run.run_id).values(
-                state=state, updated_at=_utc(self.clock())))
+                state=state, updated_at=utc_datetime(self.clock())))
             session.commit()
 
     # --- workers ----------------------------------------------------------------------------
