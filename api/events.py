@@ -72,7 +72,13 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
     @socketio.on("watch_run")
     def watch_run(data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
-            join_room(f"run:{data['run_id']}")
+            room = f"run:{data['run_id']}"
+            join_room(room)
+            # What the run logged before the client asked (a short run may be over already);
+            # joined first, so nothing falls between; clients drop entries they already have.
+            for event in live.room_events(room):
+                socketio.emit("event", {k: v for k, v in event.items() if k != "room"},
+                              to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("unwatch_run")
     def unwatch_run(data: Any) -> None:

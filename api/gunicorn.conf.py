@@ -3,6 +3,9 @@ import os
 
 worker_class = "eventlet"
 workers = 1
+# Websocket connections never end by themselves: waiting the default 30 s for them on every
+# stop only delays it.
+graceful_timeout = 5
 bind = f"{os.environ.get('HACER_HTTP_HOST', '127.0.0.1')}:{os.environ.get('HACER_HTTP_PORT', '5000')}"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 from hacer import runstates
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 Listener = Callable[[Event], None]
 HISTORY = 5000  # events kept for clients that resume after a short disconnect
+ROOMS_KEPT, ROOM_HISTORY = 200, 1000  # the latest runs' log events, for clients that watch late
 
 
 class LiveView:
@@ -36,6 +37,7 @@ class LiveView:
         self.runners: dict[str, dict[str, Any]] = {}
         self.seq = 0
         self.history: deque[Event] = deque(maxlen=HISTORY)
+        self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
@@ -71,12 +73,23 @@ class LiveView:
                 return None
             return [event for event in self.history if event["seq"] > seq]
 
+    def room_events(self, room: str) -> list[Event]:
+        """The kept events of a room (a run's log), for a client that joins it late."""
+        with self._lock:
+            return list(self._room_history.get(room, ()))
+
     def _emit(self, kind: str, data: dict[str, Any], room: str | None = None) -> None:
         with self._lock:
             self.seq += 1
             event = {"seq": self.seq, "kind": kind, "data": data, "room": room}
             if room is None:
                 self.history.append(event)
+            else:
+                kept = self._room_history.pop(room, None) or deque(maxlen=ROOM_HISTORY)
+                kept.append(event)
+                self._room_history[room] = kept  # most recently active last
+                if len(self._room_history) > ROOMS_KEPT:
+                    self._room_history.popitem(last=False)
         for listener in self._listeners:
             try:
                 listener(event)

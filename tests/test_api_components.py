@@ -92,3 +92,16 @@ def test_websocket_snapshot_then_live_node_event(app):
     ws.emit("resume", {"seq": 0})
     assert [r["args"][0]["seq"] for r in ws.get_received()] == [1]
     ws.disconnect()
+
+
+def test_a_late_watcher_gets_the_runs_kept_log(app):
+    from hacer.messages import LogEntry
+    for seq, entry_type in enumerate(["launch", "output", "exit_status"], start=1):
+        app.bus.deliver("hacer/runs/r1/log", LogEntry("r1", seq, 1.0, entry_type, "x").to_payload())
+    ws = socketio.test_client(app)
+    ws.get_received()
+    ws.emit("watch_run", {"run_id": "r1"})
+    replayed = [r["args"][0]["data"] for r in ws.get_received() if r["name"] == "event"]
+    assert [(e["run_id"], e["seq"], e["entry_type"]) for e in replayed] == \
+        [("r1", 1, "launch"), ("r1", 2, "output"), ("r1", 3, "exit_status")]
+    ws.disconnect()

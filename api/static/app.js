@@ -77,9 +77,19 @@ async function loadScripts() {
 }
 
 // Runs: history from REST, kept current by run events (the database may lag the bus a little).
+const finished = (runState) => runState && !["queued", "running"].includes(runState);
+
 async function loadRuns() {
   const { runs } = await api("GET", "/runs?per_page=20");
-  for (const run of runs) state.runs.set(run.run_id, { ...state.runs.get(run.run_id), ...run });
+  for (const run of runs) {
+    const known = state.runs.get(run.run_id);
+    // The database may lag the bus: an end already seen in an event is never undone by it.
+    const merged = { ...known, ...run };
+    if (known && finished(known.state) && !finished(run.state)) {
+      Object.assign(merged, { state: known.state, exit_code: known.exit_code });
+    }
+    state.runs.set(run.run_id, merged);
+  }
   renderRuns();
 }
 
@@ -108,15 +118,20 @@ function renderRuns() {
 }
 
 async function showLog(runId, threadId) {
-  watch(runId);
+  $("#log").textContent = "";
+  watch(runId);  // the server sends the entries it still keeps, then the live ones
   $("#log-run").textContent = "#" + threadId;
   const { entry_list } = await api("GET", `/logs/script/thread_id/${threadId}`);
-  $("#log").textContent = entry_list.map((e) => `[${e.entry_type}] ${e.data}`).join("\n") + "\n";
+  if (state.watching !== runId || state.logShown.size) return;  // the live view had it
+  // An older run: its history; logs are numbered from 1 without gaps, so position is seq.
+  entry_list.forEach((e, index) => state.logShown.add(index + 1));
+  $("#log").textContent = entry_list.map((e) => `[${e.entry_type}] ${e.data}\n`).join("");
 }
 
 function watch(runId) {
   if (state.watching) socket.emit("unwatch_run", { run_id: state.watching });
   state.watching = runId;
+  state.logShown = new Set();
   socket.emit("watch_run", { run_id: runId });
 }
 
@@ -157,7 +172,8 @@ function applyEvent(event) {
   else if (event.kind === "bridge") { applySnapshot({ ...snapshotShell(), bridge: data.state }); }
   else if (event.kind === "runner") showRunners([data]);
   else if (event.kind === "run") updateRun(data);
-  else if (event.kind === "log" && data.run_id === state.watching) {
+  else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
+    state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice
     $("#log").textContent += `[${data.entry_type}] ${data.data}\n`;
   }
 }
