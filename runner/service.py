@@ -253,11 +253,15 @@ class Runner:
             except MessageError:
                 continue
             script = self.scripts.find(request.script)
-            if claim.state == runstates.RUNNING or script is None:
+            run = Run(request, claim.run_id, Path(), claim.claimed_at.timestamp())
+            if claim.state == runstates.RUNNING:
                 if self._move_claim(claim.run_id, runner_id, runstates.RUNNING, state=runstates.LOST):
-                    run = Run(request, claim.run_id, Path(), claim.claimed_at.timestamp())
                     self._publish_status(run, runstates.LOST, error=f"runner {runner_id} went away "
                                          "while it ran", finished=True)
+            elif script is None:
+                if self._move_claim(claim.run_id, runner_id, runstates.QUEUED, state=runstates.FAILED):
+                    self._refuse(run.run_id, request, f"no script named {request.script!r} any more "
+                                 f"in {self.scripts.folder.name}/")
             elif self._move_claim(claim.run_id, runner_id, runstates.QUEUED, runner=self.config.runner_id):
                 log.info("resuming run %s (claimed by %s)", claim.run_id, runner_id)
                 self._enqueue(Run(request, claim.run_id, script.path, self.clock()))

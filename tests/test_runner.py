@@ -398,6 +398,22 @@ def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs
     assert runs.wait_finished(run_id).state == runstates.LOST
 
 
+def test_a_queued_run_whose_script_was_removed_fails_on_restart(start_runner, requester, runs, tmp_path,
+                                                                 scripts_dir):
+    runner = start_runner(HACER_RUNNER_CAPACITY="1")
+    (scripts_dir / "doomed.py").write_text("print('never')\n")
+    blocker = requester("block", [str(fifo(tmp_path, "q"))])
+    runs.wait_state(blocker, runstates.RUNNING)
+    queued = requester("doomed")
+    runs.wait_state(queued, runstates.QUEUED)
+    runner.stop(kill=True)
+    (scripts_dir / "doomed.py").unlink()
+    start_runner(runner.runner_id)
+    status = runs.wait_finished(queued)
+    assert status.state == runstates.FAILED and "doomed" in status.error
+    assert runs.wait_finished(blocker).state == runstates.LOST
+
+
 def test_broker_restart_during_a_run_keeps_its_log_whole(start_runner, requester, runs, broker, tmp_path):
     start_runner()
     pipe = fifo(tmp_path, "b")
