@@ -9,7 +9,9 @@ dev=false
 [ "${1:-}" = "--dev" ] && dev=true
 
 need_apt=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto mosquitto-clients)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# mosquitto_sub/_pub: for watching the bus by hand, and the recorder benchmark's baseline.
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the control app's Socket.IO client
 # The browser test drives Debian's Chromium (no browser download).

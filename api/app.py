@@ -24,8 +24,6 @@ from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 
-socketio = SocketIO()
-
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -54,7 +52,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
 
     from api import events
-    socketio.init_app(app, async_mode=app.config.get("ASYNC_MODE", "eventlet"), cors_allowed_origins=[])
+    # The app's own server (app.extensions["socketio"]), so two apps in one process stay apart.
+    socketio = SocketIO(app, async_mode=app.config.get("ASYNC_MODE", "eventlet"), cors_allowed_origins=[])
     events.attach(socketio, live, settings.api_token)
 
     @app.get("/")

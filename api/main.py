@@ -10,7 +10,7 @@ import sys
 import eventlet
 import eventlet.event
 
-from api.app import create_app, socketio
+from api.app import create_app
 from hacer.models import Database
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR, Settings
@@ -44,6 +44,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.ready() or stop.send())
     log.info("api on http://%s:%d/ (broker %s)", host, settings.http_port, settings.mqtt_url)
+    socketio = app.extensions["socketio"]
     server = eventlet.spawn(socketio.run, app, host=host, port=settings.http_port, log_output=False)
     try:
         stop.wait()

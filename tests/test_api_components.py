@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from api.app import create_app, socketio
+from api.app import create_app
 from hacer.bus import Message
 from hacer.messages import Presence, RunRequest
 from hacer.models import Database, Node
@@ -82,7 +82,7 @@ def test_errors_are_json(app):
 
 
 def test_websocket_snapshot_then_live_node_event(app):
-    ws = socketio.test_client(app)
+    ws = app.extensions["socketio"].test_client(app)
     snapshot = next(r for r in ws.get_received() if r["name"] == "snapshot")["args"][0]
     assert snapshot["nodes"] == [] and snapshot["seq"] == 0
     presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0)
@@ -98,7 +98,7 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
     from hacer.messages import LogEntry
     for seq, entry_type in enumerate(["launch", "output", "exit_status"], start=1):
         app.bus.deliver("hacer/runs/r1/log", LogEntry("r1", seq, 1.0, entry_type, "x").to_payload())
-    ws = socketio.test_client(app)
+    ws = app.extensions["socketio"].test_client(app)
     ws.get_received()
     ws.emit("watch_run", {"run_id": "r1"})
     replayed = [r["args"][0]["data"] for r in ws.get_received() if r["name"] == "event"]
