@@ -114,6 +114,7 @@ class LiveView:
             with self._lock:
                 node = self.nodes.setdefault(node_id, {"id": node_id, "name": "", "type": "other", "ip": "",
                                                        "state": "unknown", "values": {}, "last_seen": None})
+                before = dict(node)
                 if name == "node_presence":
                     presence = Presence.from_payload(message.payload)
                     node.update(type=presence.type, ip=presence.ip, state=presence.state,
@@ -126,7 +127,10 @@ class LiveView:
         except (MessageError, ValueError) as exc:
             log.warning("ignored %s: %s", message.topic, exc)
             return
-        self._emit("node", data)
+        # A new node's first `meta` (no name yet) or a retained copy seen again changes nothing a
+        # client shows: not worth a frame to every client.
+        if data != before:
+            self._emit("node", data)
 
     def _on_run_status(self, message: Message) -> None:
         try:

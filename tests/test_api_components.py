@@ -94,6 +94,20 @@ def test_websocket_snapshot_then_live_node_event(app):
     ws.disconnect()
 
 
+def test_node_messages_that_change_nothing_send_no_event(app):
+    from hacer.messages import NodeMeta
+    ws = app.extensions["socketio"].test_client(app)
+    ws.get_received()
+    presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0).to_payload()
+    app.bus.deliver("hacer/nodes/7/presence", presence, retain=True)
+    app.bus.deliver("hacer/nodes/7/meta", NodeMeta(7, "", "toggle").to_payload(), retain=True)  # no name yet
+    app.bus.deliver("hacer/nodes/7/presence", presence, retain=True)  # the retained copy, again
+    app.bus.deliver("hacer/nodes/7/meta", NodeMeta(7, "lamp", "toggle").to_payload(), retain=True)
+    events = [r["args"][0] for r in ws.get_received() if r["name"] == "event"]
+    assert [(e["seq"], e["data"]["name"]) for e in events] == [(1, ""), (2, "lamp")]
+    ws.disconnect()
+
+
 def test_a_late_watcher_gets_the_runs_kept_log(app):
     from hacer.messages import LogEntry
     for seq, entry_type in enumerate(["launch", "output", "exit_status"], start=1):
