@@ -104,7 +104,7 @@ async def _clients(port: int, count: int, ready, arrivals, stop) -> None:
             await ws.recv()  # Engine.IO open
             await ws.send("40")  # Socket.IO connect to "/"
             connected.append(ws)
-            reported: set[int] = set()  # a node's first event only (its `meta` follows)
+            reported: set[int] = set()  # a node's first online event only (a rename would follow)
             async for frame in ws:
                 now = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
                 if frame == "2":
