@@ -46,6 +46,23 @@ def cmd_recorder(args: argparse.Namespace) -> None:
     main()
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    import uuid
+
+    from hacer.bus import Bus
+    from hacer.topics import Topics
+    from runner.request import request_run
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # the run's log is the output here
+    settings = Settings.from_env()
+    bus = Bus(settings.mqtt_url, Topics(settings.topic_prefix), client_id=f"hacer-cli-{uuid.uuid4().hex[:8]}")
+    try:
+        code = request_run(bus, args.script, args.params, follow=not args.detach)
+    finally:
+        bus.stop()
+    sys.exit(code)
+
+
 def cmd_initdb(args: argparse.Namespace) -> None:
     from hacer.models import Database
     settings = Settings.from_env()
@@ -142,6 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("api", help="the api (REST, websockets, control app) and its recorder; "
                         "--no-recorder for extra api workers").set_defaults(func=cmd_api)
     commands.add_parser("recorder", help="the recorder alone (bus -> database)").set_defaults(func=cmd_recorder)
+    run = commands.add_parser("run", help="request a run of a script and follow its log (exit code: the run's)")
+    run.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    run.add_argument("script")
+    run.add_argument("params", nargs=argparse.REMAINDER, help="the script's parameters, as they are")
+    run.set_defaults(func=cmd_run)
     commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)"
                         ).set_defaults(func=cmd_initdb)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -34,6 +37,7 @@ TEST_SCRIPTS = {
         "import sys\nn = int(sys.argv[1])\nw = sys.stdout.write\nfor i in range(n):\n    w(f'line {i}\\n')\n"),
     "noeol": "import sys\nsys.stdout.write('x' * int(sys.argv[1]))\n",
     "echo": "import sys\nprint(repr(sys.argv[1:]))\n",
+    "exit3": "import sys\nprint('bye')\nsys.exit(3)\n",
 }
 
 
@@ -449,3 +453,55 @@ def test_a_script_requests_another_run_and_uses_the_modern_library(named_nodes, 
     status = runs.wait_finished(child)
     assert status.state == runstates.SUCCEEDED and status.requested_by == f"script:{run_id}"
     assert ("output", "test script running with ['from-chain']") in runs.log_of(child)
+
+
+def manage_run(runner_env, *args):
+    return subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), "run", *args], env=runner_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_run_command_follows_the_log_and_exits_with_the_runs_code(start_runner, runner_env):
+    start_runner()
+    done = manage_run(runner_env, "echo", "a b", "-1", "; rm -rf /")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "['a b', '-1', '; rm -rf /']\n"
+    assert "[launch]" in done.stderr and "succeeded" in done.stderr
+    failed = manage_run(runner_env, "exit3")
+    assert (failed.returncode, failed.stdout) == (3, "bye\n")
+    assert "failed" in failed.stderr
+    unknown = manage_run(runner_env, "no_such_script")
+    assert unknown.returncode == 1 and "no script named 'no_such_script'" in unknown.stderr
+
+
+def test_the_run_command_detached_prints_the_run_id(start_runner, runner_env, runs):
+    start_runner()
+    done = manage_run(runner_env, "--detach", "echo", "x")
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip()
+    status = runs.wait_finished(run_id)
+    assert (status.state, status.requested_by) == (runstates.SUCCEEDED, "cli")
+
+
+def test_the_run_command_says_when_no_runner_takes_the_run(runner_env):
+    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "echo"], env=runner_env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr.readline().startswith("run ")
+        assert "no runner has taken run" in child.stderr.readline()
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp_path):
+    start_runner()
+    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "block", str(fifo(tmp_path, "c"))],
+                             env=runner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("waiting")
+        child.send_signal(signal.SIGINT)
+        assert child.wait(30) == 1
+        err = child.stderr.read()
+        assert "cancelling run" in err and err.rstrip().endswith(" cancelled"), err
+    finally:
+        child.kill()

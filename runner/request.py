@@ -1,0 +1,82 @@
+"""`manage.py run SCRIPT [PARAMS...]`: request a run from a terminal and follow it to its end.
+
+The script's `output` entries go to stdout as they come, the other entries to stderr; the exit
+code is the run's (0 when it succeeded). Ctrl-C cancels the run; a second one stops waiting.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import uuid
+from typing import TextIO
+
+from hacer import runstates
+from hacer.bus import Bus, Message
+from hacer.messages import LogEntry, MessageError, RunRequest, RunStatus
+
+NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothing happens
+EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status
+
+
+def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True,
+                out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Publish a run request; with `follow`, print its log until it ends and return its exit code."""
+    topics = bus.topics
+    run_id = uuid.uuid4().hex
+    inbox: queue.Queue[Message] = queue.Queue()
+    if follow:  # subscribed before the request goes out, so nothing is missed
+        for name in ("run_log", "run_status"):
+            bus.subscribe(topics.build(name, run_id), inbox.put)
+    bus.start()
+    bus.wait_connected(10)
+    bus.sync()
+    bus.publish(topics.build("run_request"), RunRequest(script, tuple(params), run_id, "cli").to_payload())
+    if not follow:
+        print(run_id, file=out)
+        return 0
+    print(f"run {run_id}: {script} {' '.join(params)}".rstrip(), file=err)
+    return _follow(bus, run_id, inbox, out, err)
+
+
+def _follow(bus: Bus, run_id: str, inbox: queue.Queue[Message], out: TextIO, err: TextIO) -> int:
+    status: RunStatus | None = None
+    exit_entry_seen = noticed = cancelled = False
+    while True:
+        finished = status is not None and status.state in runstates.FINISHED_STATES
+        if finished and (exit_entry_seen or (status and status.state == runstates.LOST)):  # lost: no exit entry
+            break
+        timeout = EXIT_ENTRY_WAIT if finished else NO_RUNNER_NOTICE_AFTER if not (status or noticed) else None
+        try:
+            message = inbox.get(timeout=timeout)
+        except queue.Empty:
+            if finished:
+                break  # its exit_status entry did not come: the status says enough
+            print(f"no runner has taken run {run_id} yet: is one running on this broker?", file=err)
+            noticed = True
+            continue
+        except KeyboardInterrupt:
+            if cancelled:
+                return 130
+            cancelled = True
+            print(f"cancelling run {run_id} (Ctrl-C again to stop waiting)", file=err)
+            bus.publish(bus.topics.build("run_cancel", run_id), b"")
+            continue
+        try:
+            if message.topic.endswith("/status"):
+                status = RunStatus.from_payload(message.payload)
+                continue
+            entry = LogEntry.from_payload(message.payload)
+        except MessageError as exc:
+            print(f"ignored a bad message on {message.topic}: {exc}", file=err)
+            continue
+        exit_entry_seen = exit_entry_seen or entry.entry_type == "exit_status"
+        if entry.entry_type == "output":
+            print(entry.data, file=out, flush=True)
+        else:
+            print(f"[{entry.entry_type}] {entry.data}", file=err, flush=True)
+    assert status is not None
+    why = f": {status.error}" if status.error and status.error != status.state else ""
+    print(f"run {run_id} {status.state}{why}", file=err)
+    if status.state == runstates.SUCCEEDED:
+        return 0
+    return status.exit_code if status.exit_code and status.exit_code > 0 else 1
