@@ -13,7 +13,7 @@ from typing import Any
 from flask import request
 from flask_socketio import SocketIO, join_room, leave_room
 
-from api.live import Event, LiveView
+from api.live import Event, LiveView, run_room
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
     @socketio.on("watch_run")
     def watch_run(data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
-            room = f"run:{data['run_id']}"
+            room = run_room(data["run_id"])
             join_room(room)
             # What the run logged before the client asked (a short run may be over already);
             # joined first, so nothing falls between; clients drop entries they already have.
@@ -83,4 +83,4 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
     @socketio.on("unwatch_run")
     def unwatch_run(data: Any) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
-            leave_room(f"run:{data['run_id']}")
+            leave_room(run_room(data["run_id"]))

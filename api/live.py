@@ -25,6 +25,11 @@ HISTORY = 5000  # events kept for clients that resume after a short disconnect
 ROOMS_KEPT, ROOM_HISTORY = 200, 1000  # the latest runs' log events, for clients that watch late
 
 
+def run_room(run_id: str) -> str:
+    """The websocket room of a run's log events."""
+    return f"run:{run_id}"
+
+
 class LiveView:
     """See the module docstring."""
 
@@ -153,7 +158,7 @@ class LiveView:
         except MessageError:
             return
         self._emit("log", {"run_id": entry.run_id, "seq": entry.seq, "entry_type": entry.entry_type,
-                           "data": entry.data, "timestamp": entry.timestamp}, room=f"run:{entry.run_id}")
+                           "data": entry.data, "timestamp": entry.timestamp}, room=run_room(entry.run_id))
 
     def _on_bridge_state(self, message: Message) -> None:
         self.bridge_state = message.payload.decode(errors="replace")

@@ -162,9 +162,9 @@ class Recorder:
                 except (MessageError, TopicError) as exc:
                     log.warning("not recorded: %s: %s (%r)", message.topic, exc, message.payload[:200])
             session.flush()
+            contexts = {run_id: self._context(runs, run_id) for run_id in {e["run_id"] for e in entries}}
             for entry in entries:
-                thread_id, entry["script_name"], entry["params"] = self._context(runs, entry.pop("run_id"))
-                entry["thread_id"] = thread_id
+                entry["thread_id"], entry["script_name"], entry["params"] = contexts[entry.pop("run_id")]
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             if last_seen:
                 self._last_seen(session, last_seen)
@@ -269,7 +269,7 @@ class Recorder:
                 log.warning("run %s not taken by any runner for %s s: requesting it again",
                             run.run_id, self.rescue_after)
                 self.bus.publish(self.topics.build("run_request"), run.request)
-                run.requested_at = utc(self.clock()) or run.requested_at
+                run.requested_at = utc_datetime(self.clock())
                 self.rescued += 1
             session.commit()
 

@@ -102,7 +102,7 @@ class Runner:
         self._changed = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self._offline_runners: dict[str, float] = {}
+        self._offline_runners: set[str] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -163,13 +163,13 @@ class Runner:
         if state.runner == self.config.runner_id:
             return
         if state.state == "offline":
-            self._offline_runners[state.runner] = self.clock()
+            self._offline_runners.add(state.runner)
             timer = threading.Timer(self.config.takeover_after,
                                     lambda: self._inbox.put(lambda: self._take_over(state.runner)))
             timer.daemon = True
             timer.start()
         else:
-            self._offline_runners.pop(state.runner, None)
+            self._offline_runners.discard(state.runner)
 
     # --- dispatcher thread ------------------------------------------------------------------
 
