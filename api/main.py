@@ -23,10 +23,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     Database(settings.database_url).init()
-    host = settings.http_host
-    if not settings.api_token and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", host)
-        host = "127.0.0.1"
+    host = settings.served_http_host
+    if host != settings.http_host:
+        log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", settings.http_host)
     elif not settings.api_token:
         log.info("no HACER_API_TOKEN: the api serves 127.0.0.1 only and asks no token")
     recorder = None

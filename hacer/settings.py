@@ -70,6 +70,13 @@ class Settings:
     recorder_id: str = field(default_factory=socket.gethostname)
     rescue_after: float = 5.0
 
+    @property
+    def served_http_host(self) -> str:
+        """Where the api listens: HACER_HTTP_HOST, but loopback only while no API token is set."""
+        if not self.api_token and self.http_host not in ("127.0.0.1", "localhost", "::1"):
+            return "127.0.0.1"
+        return self.http_host
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Read settings from the environment (or the given mapping)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -430,12 +431,16 @@ def test_two_api_processes_both_relay_and_write_once(system):
 
 def test_gunicorn_with_the_eventlet_worker_serves_the_api(system, bus):
     port = free_port()
-    env = {**system.env, "HACER_HTTP_PORT": str(port)}
+    # Asked for every interface but given no token: loopback only, as `manage.py api` does.
+    env = {**system.env, "HACER_HTTP_PORT": str(port), "HACER_HTTP_HOST": "0.0.0.0", "HACER_API_TOKEN": ""}
     log = open(system.work / "gunicorn.log", "ab")
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn.conf.py", "api.wsgi:app"],
                               env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: port_answers("127.0.0.1", port), 20, "gunicorn to listen")
+        listening = wait_until(lambda: re.search(r"Listening at: (\S+)", (system.work / "gunicorn.log").read_text()),
+                               10, "gunicorn's listening line")
+        assert listening.group(1) == f"http://127.0.0.1:{port}"
         nodes = requests.get(f"http://127.0.0.1:{port}/api/nodes", timeout=10).json()["node_list"]
         assert {n.id for n in system.nodes} <= {n["id"] for n in nodes}
         health = wait_until(lambda: (h := requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)).status_code
