@@ -136,6 +136,8 @@ class Hub:
         self.url, self.prefix = url, prefix  # None: the settings (the runner passes its own)
         self._bus: Bus | None = None
         self._commands: NodeCommandClient | None = None
+        self._meta: dict[int, Any] | None = None
+        self._presence: dict[int, Any] | None = None
 
     @property
     def bus(self) -> "Bus":
@@ -162,37 +164,11 @@ class Hub:
         if self._bus is not None:
             self._bus.stop()
             self._bus = None
+            self._meta = self._presence = None  # their subscriptions went with the bus
 
     def nodes(self, type: str | None = None) -> list[Node]:
         """Return every node the bus knows (names from `meta`, addresses from `presence`)."""
-        from hacer.messages import MessageError, NodeMeta, Presence
-        bus = self.bus
-        topics = bus.topics
-        meta: dict[int, NodeMeta] = {}
-        presence: dict[int, Presence] = {}
-
-        def on_meta(message: "Message") -> None:
-            try:
-                found = NodeMeta.from_payload(message.payload)
-            except MessageError:
-                return
-            meta[found.id] = found
-
-        def on_presence(message: "Message") -> None:
-            try:
-                found = Presence.from_payload(message.payload)
-            except MessageError:
-                return
-            presence[found.id] = found
-
-        meta_filter, presence_filter = topics.filter("node_meta"), topics.filter("node_presence")
-        bus.subscribe(meta_filter, on_meta)
-        bus.subscribe(presence_filter, on_presence)
-        try:
-            bus.sync()
-        finally:
-            bus.unsubscribe(meta_filter)
-            bus.unsubscribe(presence_filter)
+        meta, presence = (dict(found) for found in self._directory())  # a copy: the bus thread updates them
         found_nodes = []
         for node_id in sorted(meta.keys() | presence.keys()):
             seen, known = presence.get(node_id), meta.get(node_id)
@@ -202,6 +178,33 @@ class Hub:
             if type is None or node.type == type:
                 found_nodes.append(node)
         return found_nodes
+
+    def _directory(self) -> "tuple[dict[int, Any], dict[int, Any]]":
+        """The nodes' `meta` and `presence` by id, read once and then kept up to date by the bus."""
+        if self._meta is None or self._presence is None:
+            from hacer.messages import NodeMeta, Presence
+            from hacer.topics import TopicError
+            bus = self.bus
+            meta: dict[int, NodeMeta] = {}
+            presence: dict[int, Presence] = {}
+
+            def keep(into: "dict[int, Any]", decode: "Any") -> "Any":
+                def on_message(message: "Message") -> None:
+                    try:
+                        node_id = int(bus.topics.parse(message.topic)[1] or "")
+                        if not message.payload:  # a deleted node's retained topics are cleared
+                            into.pop(node_id, None)
+                        else:
+                            into[node_id] = decode(message.payload)
+                    except (TopicError, ValueError):  # MessageError is a ValueError
+                        return
+                return on_message
+
+            bus.subscribe(bus.topics.filter("node_meta"), keep(meta, NodeMeta.from_payload))
+            bus.subscribe(bus.topics.filter("node_presence"), keep(presence, Presence.from_payload))
+            bus.sync()
+            self._meta, self._presence = meta, presence
+        return self._meta, self._presence
 
     def node(self, name_or_id: str | int) -> Node:
         """Return the node with this name, or this id; raise NodeNotFound."""
