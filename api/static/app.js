@@ -149,11 +149,15 @@ $("#run-form").addEventListener("submit", async (event) => {
 function applySnapshot(snapshot) {
   state.seq = snapshot.seq;
   state.nodes = new Map(snapshot.nodes.map((n) => [n.id, n]));
-  $("#bridge").textContent = "bridge " + snapshot.bridge;
-  $("#bridge").className = "badge " + (snapshot.bridge === "online" ? "online" : "offline");
+  showBridge(snapshot.bridge);
   showRunners(snapshot.runners);
   renderNodes();
   loadRuns();
+}
+
+function showBridge(bridgeState) {
+  $("#bridge").textContent = "bridge " + bridgeState;
+  $("#bridge").className = "badge " + (bridgeState === "online" ? "online" : "offline");
 }
 
 const runners = new Map();
@@ -169,17 +173,13 @@ function applyEvent(event) {
   const data = event.data;
   if (event.kind === "node") { state.nodes.set(data.id, data); renderNodes(); }
   else if (event.kind === "node_removed") { state.nodes.delete(data.id); renderNodes(); }
-  else if (event.kind === "bridge") { applySnapshot({ ...snapshotShell(), bridge: data.state }); }
+  else if (event.kind === "bridge") showBridge(data.state);
   else if (event.kind === "runner") showRunners([data]);
   else if (event.kind === "run") updateRun(data);
   else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
     state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice
     $("#log").textContent += `[${data.entry_type}] ${data.data}\n`;
   }
-}
-
-function snapshotShell() {
-  return { seq: state.seq, nodes: [...state.nodes.values()], runners: [...runners.values()] };
 }
 
 // On every (re)connect the server gets the last seq seen: it answers with what was missed,
