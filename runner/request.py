@@ -6,9 +6,10 @@ code is the run's (0 when it succeeded). Ctrl-C cancels the run; a second one st
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import uuid
-from typing import TextIO
+from typing import TextIO, Union
 
 from hacer import runstates
 from hacer.bus import Bus, Message
@@ -16,6 +17,9 @@ from hacer.messages import LogEntry, MessageError, RunRequest, RunStatus
 
 NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothing happens
 EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status
+CTRL_C = object()  # put in the inbox by the SIGINT handler
+
+Inbox = queue.SimpleQueue[Union[Message, object]]
 
 
 def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True,
@@ -23,22 +27,31 @@ def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True
     """Publish a run request; with `follow`, print its log until it ends and return its exit code."""
     topics = bus.topics
     run_id = uuid.uuid4().hex
-    inbox: queue.Queue[Message] = queue.Queue()
+    # A SimpleQueue, because its put may interrupt its own get in the same thread (the signal handler).
+    inbox: Inbox = queue.SimpleQueue()
     if follow:  # subscribed before the request goes out, so nothing is missed
         for name in ("run_log", "run_status"):
             bus.subscribe(topics.build(name, run_id), inbox.put)
     bus.start()
     bus.wait_connected(10)
     bus.sync()
-    bus.publish(topics.build("run_request"), RunRequest(script, tuple(params), run_id, "cli").to_payload())
+    request = RunRequest(script, tuple(params), run_id, "cli").to_payload()
     if not follow:
+        bus.publish(topics.build("run_request"), request)
         print(run_id, file=out)
         return 0
-    print(f"run {run_id}: {script} {' '.join(params)}".rstrip(), file=err)
-    return _follow(bus, run_id, inbox, out, err)
+    # From the request on, Ctrl-C arrives as an inbox item rather than a KeyboardInterrupt, which
+    # could strike anywhere (while printing an entry, say) and end the command without cancelling.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: inbox.put(CTRL_C))
+    try:
+        bus.publish(topics.build("run_request"), request)
+        print(f"run {run_id}: {script} {' '.join(params)}".rstrip(), file=err)
+        return _follow(bus, run_id, inbox, out, err)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
-def _follow(bus: Bus, run_id: str, inbox: queue.Queue[Message], out: TextIO, err: TextIO) -> int:
+def _follow(bus: Bus, run_id: str, inbox: Inbox, out: TextIO, err: TextIO) -> int:
     status: RunStatus | None = None
     exit_entry_seen = noticed = cancelled = False
     while True:
@@ -54,13 +67,14 @@ def _follow(bus: Bus, run_id: str, inbox: queue.Queue[Message], out: TextIO, err
             print(f"no runner has taken run {run_id} yet: is one running on this broker?", file=err)
             noticed = True
             continue
-        except KeyboardInterrupt:
+        if message is CTRL_C:
             if cancelled:
                 return 130
             cancelled = True
             print(f"cancelling run {run_id} (Ctrl-C again to stop waiting)", file=err)
             bus.publish(bus.topics.build("run_cancel", run_id), b"")
             continue
+        assert isinstance(message, Message)
         try:
             if message.topic.endswith("/status"):
                 status = RunStatus.from_payload(message.payload)

@@ -1,6 +1,7 @@
 """The runner as a process: real mosquitto, real script subprocesses, emulated nodes via the bridge."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -491,6 +492,32 @@ def test_the_run_command_says_when_no_runner_takes_the_run(runner_env):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_ctrl_c_while_an_entry_is_printed_still_cancels_the_run(start_runner, broker, topics, tmp_path):
+    # The signal lands inside the write of the script's first line, the moment the subprocess test
+    # above sends it; as a KeyboardInterrupt there it ended the command and left the run going.
+    from hacer.bus import Bus
+    from runner.request import request_run
+
+    class InterruptedOutput(io.StringIO):
+        def write(self, text):
+            if text.startswith("waiting"):
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    start_runner()
+    out, err = InterruptedOutput(), io.StringIO()
+    bus = Bus(broker.url, topics, f"test-cli-{uuid.uuid4().hex[:8]}")
+    try:
+        code = request_run(bus, "block", [str(fifo(tmp_path, "i"))], out=out, err=err)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C ended the command instead of cancelling the run")
+    finally:
+        bus.stop()
+    assert code == 1
+    assert "cancelling run" in err.getvalue() and err.getvalue().rstrip().endswith(" cancelled"), err.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp_path):
