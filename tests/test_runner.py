@@ -508,6 +508,7 @@ def test_a_ctrl_c_while_an_entry_is_printed_still_cancels_the_run(start_runner, 
 
     start_runner()
     out, err = InterruptedOutput(), io.StringIO()
+    handler_before = signal.getsignal(signal.SIGINT)
     bus = Bus(broker.url, topics, f"test-cli-{uuid.uuid4().hex[:8]}")
     try:
         code = request_run(bus, "block", [str(fifo(tmp_path, "i"))], out=out, err=err)
@@ -517,7 +518,7 @@ def test_a_ctrl_c_while_an_entry_is_printed_still_cancels_the_run(start_runner, 
         bus.stop()
     assert code == 1
     assert "cancelling run" in err.getvalue() and err.getvalue().rstrip().endswith(" cancelled"), err.getvalue()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp_path):
