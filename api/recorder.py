@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SHARE_GROUP = "hacer-recorders"
 BATCH_LIMIT = 2000
 GATHER_SECONDS = 0.01
+META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's meta
 RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_status", "run_log")
 
 
@@ -124,7 +125,7 @@ class Recorder:
                 except queue.Empty:
                     break
             try:
-                new_nodes = self._write(pending)
+                self._write(pending)
             except Exception:
                 log.exception("writing %d message(s) failed; trying again", len(pending))
                 self._stopping.wait(1.0)
@@ -133,11 +134,9 @@ class Recorder:
                 self.bus.ack(message)
             self.written += len(pending)
             pending = []
-            for node in new_nodes:
-                self.bus.publish(self.topics.build("node_meta", node[0]), node[1], retain=True)
 
-    def _write(self, messages: list[Message]) -> list[tuple[int, bytes]]:
-        """Apply a batch in one transaction; return the meta messages of new nodes."""
+    def _write(self, messages: list[Message]) -> None:
+        """Apply a batch in one transaction."""
         new_nodes: list[tuple[int, bytes]] = []
         with self.sessions() as session:
             runs: dict[str, Run] = {}
@@ -168,8 +167,11 @@ class Recorder:
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             if last_seen:
                 self._last_seen(session, last_seen)
+            # A new node's meta is at the broker before the api can see the node: a rename or
+            # delete the api publishes once it does is never overtaken by this first meta.
+            self.bus.publish_confirmed([(self.topics.build("node_meta", node_id), meta) for node_id, meta in new_nodes],
+                                       retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
-        return new_nodes
 
     def _presence(self, session: Session, presence: Presence) -> Node | None:
         node = session.get(Node, presence.id)

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -246,6 +247,24 @@ class Bus:
         When that many wait, block up to `timeout` (raising BusError), or with block=False
         return False at once so the caller can repair state later instead.
         """
+        return self._publish(topic, payload, qos, retain, correlation, block, timeout) is not None
+
+    def publish_confirmed(self, messages: list[tuple[str, bytes]], *, retain: bool = False,
+                          timeout: float = 10.0) -> None:
+        """Publish (topic, payload) pairs at QoS 1; return once the broker has acknowledged all."""
+        sent = [(topic, self._publish(topic, payload, 1, retain, None, True, timeout)) for topic, payload in messages]
+        deadline = time.monotonic() + timeout
+        for topic, info in sent:
+            assert info is not None  # blocking publishes return one or raise
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:  # not connected: paho sends it on reconnect
+                raise BusError(f"publish to {topic} not confirmed: {exc}") from None
+            if not info.is_published():
+                raise BusError(f"publish to {topic} not confirmed within {timeout} s")
+
+    def _publish(self, topic: str, payload: bytes | str, qos: int, retain: bool, correlation: bytes | None,
+                 block: bool, timeout: float) -> paho.MQTTMessageInfo | None:
         if is_wildcard(topic):
             raise BusError(f"cannot publish to the wildcard topic {topic!r}")
         client = self._client
@@ -258,7 +277,7 @@ class Bus:
         if qos > 0 and not self._unconfirmed.acquire(blocking=block, timeout=timeout if block else None):
             if block:
                 raise BusError(f"broker confirmed nothing for {timeout} s")
-            return False
+            return None
         # Never hold our lock while calling paho: paho holds its own while calling on_publish,
         # which may even run before publish() returns the mid; `_early_acks` catches those.
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -274,7 +293,7 @@ class Bus:
                 self._pending_mids.add(info.mid)
             elif info.rc == paho.MQTT_ERR_SUCCESS:
                 self._pending_qos0.add(info.mid)
-        return True
+        return info
 
     def ack(self, message: Message) -> None:
         """Acknowledge a message received through a manual_ack subscription."""

@@ -36,6 +36,8 @@ class RecordingBus:
     def deliver(self, topic: str, payload: bytes, retain: bool = False) -> None:
         from paho.mqtt.client import topic_matches_sub
         for topic_filter, handler in self.handlers:
+            if topic_filter.startswith("$share/"):  # $share/<group>/<filter>
+                topic_filter = topic_filter.split("/", 2)[2]
             if topic_matches_sub(topic_filter, topic):
                 handler(Message(topic, payload, retain, 1))
 
@@ -119,3 +121,38 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
     assert [(e["run_id"], e["seq"], e["entry_type"]) for e in replayed] == \
         [("r1", 1, "launch"), ("r1", 2, "output"), ("r1", 3, "exit_status")]
     ws.disconnect()
+
+
+def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_node(tmp_path):
+    # Otherwise a rename or delete the api publishes at once could reach the broker first,
+    # and this blank meta would then overwrite it.
+    from api.recorder import Recorder
+    from conftest import wait_until
+    from hacer.messages import NodeMeta
+    database = Database(f"sqlite:///{tmp_path / 'recorder.db'}")
+    database.init()
+    visible_at_confirm = []
+
+    class ConfirmingBus(RecordingBus):
+        def start(self): pass
+        def stop(self): pass
+        def ack(self, message): pass
+
+        def publish_confirmed(self, messages, *, retain=False, timeout=10.0):
+            with database.session() as session:  # what the api would see now
+                visible_at_confirm.extend(session.get(Node, 42) for _ in messages)
+            for topic, payload in messages:
+                self.publish(topic, payload, retain=retain)
+
+    bus = ConfirmingBus()
+    recorder = Recorder(bus, bus.topics, database.session)
+    recorder.start()
+    try:
+        bus.deliver(bus.topics.build("node_presence", 42), Presence(42, "toggle", "10.0.0.42", "online", 1.0, 1.0).to_payload())
+        wait_until(lambda: recorder.written == 1, 10, "the presence recorded")
+    finally:
+        recorder.stop()
+    assert visible_at_confirm == [None]
+    assert bus.published == [(bus.topics.build("node_meta", 42), NodeMeta(42, "", "toggle").to_payload(), True)]
+    with database.session() as session:
+        assert session.get(Node, 42) is not None

@@ -11,7 +11,7 @@ from hacer.bus import Bus, BusError
 from hacer.messages import Presence
 from hacer.topics import Topics
 
-from conftest import Watcher, free_port
+from conftest import Watcher, free_port, wait_until
 
 USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "viewer")
 
@@ -107,3 +107,15 @@ def test_dev_broker_keeps_retained_messages_across_a_kill(broker, make_bus, watc
     broker.restart(kill=True)
     kept = watch("hacer/nodes/+/presence")
     assert len(kept.messages) == 50 and all(m.retain for m in kept.messages)
+
+
+def test_publish_confirmed_returns_once_the_broker_holds_them_and_fails_while_it_is_down(broker, make_bus, watch):
+    bus = make_bus()
+    bus.publish_confirmed([(f"hacer/nodes/{index}/meta", f'{{"n": {index}}}') for index in range(50)], retain=True)
+    broker.restart(kill=True)  # at once: only what the broker acknowledged can be there
+    kept = watch("hacer/nodes/+/meta")
+    assert len(kept.messages) == 50
+    broker.stop()
+    wait_until(lambda: not bus.connected, 10, "the bus to see the broker gone")
+    with pytest.raises(BusError, match="not confirmed"):
+        bus.publish_confirmed([("hacer/nodes/1/meta", "{}")], timeout=1)
