@@ -106,7 +106,7 @@ def test_bridge_restart_keeps_timers_and_announces_nothing_twice(start_bridge, b
     quiet = EmulatedNode(50, "toggle", "127.0.0.12")
     emulator.send_beacon(quiet)
     first = watcher.wait_for(lambda m: True)
-    assert bridge.stop() == 0
+    assert bridge.stop() == 0, bridge.output()
     start_bridge()
     offline = watcher.wait_for(lambda m: presence_of(m).state == "offline", timeout=8)
     # on time: 4 s after the only beacon, though the bridge restarted in between

@@ -33,7 +33,7 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
         wait_until(lambda: len(requests.get(url, timeout=5).json()["node_list"]) == 2, 15, "the emulated nodes")
     finally:
         bus.stop()
-    assert server.stop() == 0
+    assert server.stop() == 0, server.output()
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
     log = server.output()
     for part in ("bridge", "runner", "api", "emulate"):
