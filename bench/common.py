@@ -32,7 +32,7 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
 def broker_saving_every_second(folder: Path) -> Path:
     """A copy of mosquitto/dev.conf that saves its store every second instead of every change.
 
-    The project's configs save on every change (nothing lost on a kill); benchmarks run both to
+    The project's configs save on every change (a kill loses at most a moment); benchmarks run both to
     show what that costs.
     """
     template = Path(__file__).resolve().parent.parent / "mosquitto" / "dev.conf"
