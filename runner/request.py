@@ -9,7 +9,7 @@ import queue
 import signal
 import sys
 import uuid
-from typing import TextIO, Union
+from typing import TextIO
 
 from hacer import runstates
 from hacer.bus import Bus, Message
@@ -19,7 +19,7 @@ NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothi
 EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status
 CTRL_C = object()  # put in the inbox by the SIGINT handler
 
-Inbox = queue.SimpleQueue[Union[Message, object]]
+Inbox = queue.SimpleQueue[object]  # messages and CTRL_C
 
 
 def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True,
