@@ -252,13 +252,15 @@ class Bus:
     def publish_confirmed(self, messages: list[tuple[str, bytes]], *, retain: bool = False,
                           timeout: float = 10.0) -> None:
         """Publish (topic, payload) pairs at QoS 1; return once the broker has acknowledged all."""
+        if not self.connected:  # not queued for the reconnect: a caller that retries would pile them up
+            raise BusError("publish not confirmed: not connected")
         sent = [(topic, self._publish(topic, payload, 1, retain, None, True, timeout)) for topic, payload in messages]
         deadline = time.monotonic() + timeout
         for topic, info in sent:
             assert info is not None  # blocking publishes return one or raise
             try:
                 info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as exc:  # not connected: paho sends it on reconnect
+            except (RuntimeError, ValueError) as exc:  # disconnected since: paho sends it on reconnect
                 raise BusError(f"publish to {topic} not confirmed: {exc}") from None
             if not info.is_published():
                 raise BusError(f"publish to {topic} not confirmed within {timeout} s")
