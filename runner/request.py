@@ -54,6 +54,7 @@ def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True
 def _follow(bus: Bus, run_id: str, inbox: Inbox, out: TextIO, err: TextIO) -> int:
     status: RunStatus | None = None
     exit_entry_seen = noticed = cancelled = False
+    last_seq = 0
     while True:
         finished = status is not None and status.state in runstates.FINISHED_STATES
         if finished and (exit_entry_seen or (status and status.state == runstates.LOST)):  # lost: no exit entry
@@ -83,6 +84,9 @@ def _follow(bus: Bus, run_id: str, inbox: Inbox, out: TextIO, err: TextIO) -> in
         except MessageError as exc:
             print(f"ignored a bad message on {message.topic}: {exc}", file=err)
             continue
+        if entry.seq <= last_seq:  # delivered again (QoS 1 is at least once, e.g. across a broker restart)
+            continue
+        last_seq = entry.seq
         exit_entry_seen = exit_entry_seen or entry.entry_type == "exit_status"
         if entry.entry_type == "output":
             print(entry.data, file=out, flush=True)
