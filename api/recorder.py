@@ -223,15 +223,20 @@ class Recorder:
 
     def _status(self, session: Session, runs: dict[str, Run], status: RunStatus) -> None:
         run = self._run(session, runs, status.run_id)
-        if run.state in runstates.FINISHED_STATES and status.state not in runstates.FINISHED_STATES:
-            return  # a late status never reopens a finished run
-        run.state, run.runner, run.exit_code, run.error = status.state, status.runner, status.exit_code, status.error
-        run.script = status.script or run.script
-        run.params = json.dumps(list(status.params))
-        run.requested_by = status.requested_by or run.requested_by
-        run.queued_at = utc(status.queued_at) or run.queued_at
-        run.started_at = utc(status.started_at) or run.started_at
-        run.finished_at = utc(status.finished_at) or run.finished_at
+        session.flush()
+        values = {"state": status.state, "runner": status.runner, "exit_code": status.exit_code,
+                  "error": status.error, "script": status.script or run.script,
+                  "params": json.dumps(list(status.params)), "requested_by": status.requested_by or run.requested_by,
+                  "queued_at": utc(status.queued_at) or run.queued_at,
+                  "started_at": utc(status.started_at) or run.started_at,
+                  "finished_at": utc(status.finished_at) or run.finished_at}
+        guard = Run.id == run.id
+        if status.state not in runstates.FINISHED_STATES:
+            # A late status never reopens a finished run. Checked by the UPDATE itself, not on the
+            # row read earlier: another recorder may have finished the run since that read.
+            guard &= Run.state.not_in(runstates.FINISHED_STATES)
+        session.execute(update(Run).where(guard).values(values).execution_options(synchronize_session=False))
+        session.refresh(run)
 
     def _entry(self, session: Session, runs: dict[str, Run], entry: LogEntry) -> dict[str, Any]:
         if entry.run_id not in self._entry_context:

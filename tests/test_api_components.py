@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import select
 
 from api.app import create_app
 from hacer.bus import Message
@@ -156,3 +157,35 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
     assert bus.published == [(bus.topics.build("node_meta", 42), NodeMeta(42, "", "toggle").to_payload(), True)]
     with database.session() as session:
         assert session.get(Node, 42) is not None
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(tmp_path, database, request):
+    # Two recorders share the work: one may read a run, then the other finish it, then the
+    # first apply an older status. The batch's steps are driven by hand to put them in that order.
+    from api.recorder import Recorder
+    from hacer import runstates
+    from hacer.messages import RunStatus
+    from hacer.models import Run
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else f"sqlite:///{tmp_path / 'r.db'}"
+    database = Database(url)
+    database.init()
+    first, second = (Recorder(RecordingBus(), Topics(), database.session) for _ in range(2))
+    running = RunStatus("r1", "lamp", ("hall",), runstates.RUNNING, "runner-a", queued_at=1.0, started_at=2.0)
+    succeeded = RunStatus("r1", "lamp", ("hall",), runstates.SUCCEEDED, "runner-a", exit_code=0, queued_at=1.0,
+                          started_at=2.0, finished_at=3.0)
+    with database.session() as session:
+        first._status(session, {}, RunStatus("r1", "lamp", ("hall",), runstates.QUEUED, "runner-a", queued_at=1.0))
+        session.commit()
+    with database.session() as late:
+        late_runs: dict = {}
+        first._run(late, late_runs, "r1")  # the late recorder has read the run: queued
+        with database.session() as meanwhile:
+            second._status(meanwhile, {}, succeeded)
+            meanwhile.commit()
+        first._status(late, late_runs, running)
+        assert late_runs["r1"].state == runstates.SUCCEEDED  # what the rest of the batch goes on with
+        late.commit()
+    with database.session() as session:
+        run = session.scalar(select(Run).where(Run.run_id == "r1"))
+        assert (run.state, run.exit_code, run.finished_at is not None) == (runstates.SUCCEEDED, 0, True)
