@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
 from hacer.bus import Bus, Message
-from hacer.messages import (LastSeenBatch, LogEntry, MessageError, NodeMeta, Presence, RunnerState,
-                            RunRequest, RunStatus)
+from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RunnerState, RunRequest,
+                            RunStatus)
 from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
 
@@ -137,7 +137,7 @@ class Recorder:
 
     def _write(self, messages: list[Message]) -> None:
         """Apply a batch in one transaction."""
-        new_nodes: list[tuple[int, bytes]] = []
+        new_nodes: list[Node] = []
         with self.sessions() as session:
             runs: dict[str, Run] = {}
             entries: list[dict[str, Any]] = []
@@ -149,7 +149,7 @@ class Recorder:
                         if message.payload:
                             new = self._presence(session, Presence.from_payload(message.payload))
                             if new is not None:
-                                new_nodes.append((new.id, NodeMeta(new.id, new.name or "", new.type.name).to_payload()))
+                                new_nodes.append(new)
                     elif name == "bridge_lastseen":
                         last_seen.update(LastSeenBatch.from_payload(message.payload).last_seen)
                     elif name == "run_request":
@@ -169,8 +169,8 @@ class Recorder:
                 self._last_seen(session, last_seen)
             # A new node's meta is at the broker before the api can see the node: a rename or
             # delete the api publishes once it does is never overtaken by this first meta.
-            self.bus.publish_confirmed([(self.topics.build("node_meta", node_id), meta) for node_id, meta in new_nodes],
-                                       retain=True, timeout=META_CONFIRM_WITHIN)
+            self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
+                                        for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
 
     def _presence(self, session: Session, presence: Presence) -> Node | None:

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.live import LiveView
 from hacer import runstates
 from hacer.bus import Bus
-from hacer.messages import NodeMeta
 from hacer.models import Node, Run, utc_datetime
 from hacer.nodecommands import NodeCommandClient
 from hacer.scriptdir import ScriptDir
@@ -34,8 +33,7 @@ class Services:
 
     def publish_meta(self, node: Node) -> None:
         """Publish a node's retained `meta` (after a rename)."""
-        meta = NodeMeta(node.id, node.name or "", node.type.name)
-        self.bus.publish(self.topics.build("node_meta", node.id), meta.to_payload(), retain=True)
+        self.bus.publish(self.topics.build("node_meta", node.id), node.meta().to_payload(), retain=True)
 
     def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> int:
         """Insert the run row of a REST request and return its 2015 thread id."""

@@ -13,7 +13,7 @@ from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, Stri
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from hacer.messages import LOG_ENTRY_TYPES
+from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
 from hacer.nodewire import NODE_TYPES
 
 
@@ -79,6 +79,10 @@ class Node(Base):
     last_update: Mapped[datetime | None] = mapped_column(DateTime)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     type: Mapped[NodeType] = relationship(lazy="joined")
+
+    def meta(self) -> NodeMeta:
+        """The node's retained `meta` message."""
+        return NodeMeta(self.id, self.name or "", self.type.name)
 
 
 class Run(Base):

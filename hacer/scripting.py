@@ -191,7 +191,7 @@ class Hub:
             def keep(into: "dict[int, Any]", decode: "Any") -> "Any":
                 def on_message(message: "Message") -> None:
                     try:
-                        node_id = int(bus.topics.parse(message.topic)[1] or "")
+                        node_id = bus.topics.node_id(message.topic)
                         if not message.payload:  # a deleted node's retained topics are cleared
                             into.pop(node_id, None)
                         else:

@@ -14,6 +14,7 @@ from typing import TextIO
 from hacer import runstates
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, RunRequest, RunStatus
+from hacer.topics import TopicError
 
 NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothing happens
 EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status
@@ -77,11 +78,11 @@ def _follow(bus: Bus, run_id: str, inbox: Inbox, out: TextIO, err: TextIO) -> in
             continue
         assert isinstance(message, Message)
         try:
-            if message.topic.endswith("/status"):
+            if bus.topics.parse(message.topic)[0] == "run_status":
                 status = RunStatus.from_payload(message.payload)
                 continue
             entry = LogEntry.from_payload(message.payload)
-        except MessageError as exc:
+        except (MessageError, TopicError) as exc:
             print(f"ignored a bad message on {message.topic}: {exc}", file=err)
             continue
         if entry.seq <= last_seq:  # delivered again (QoS 1 is at least once, e.g. across a broker restart)

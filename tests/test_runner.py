@@ -463,9 +463,15 @@ def test_a_script_requests_another_run_and_uses_the_modern_library(named_nodes, 
     assert ("output", "test script running with ['from-chain']") in runs.log_of(child)
 
 
+MANAGE_RUN = [sys.executable, str(PROJECT_DIR / "manage.py"), "run"]
+
+
 def manage_run(runner_env, *args):
-    return subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), "run", *args], env=runner_env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([*MANAGE_RUN, *args], env=runner_env, capture_output=True, text=True, timeout=60)
+
+
+def start_manage_run(runner_env, *args, stdout=subprocess.PIPE):
+    return subprocess.Popen([*MANAGE_RUN, *args], env=runner_env, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
 def test_the_run_command_follows_the_log_and_exits_with_the_runs_code(start_runner, runner_env):
@@ -491,8 +497,7 @@ def test_the_run_command_detached_prints_the_run_id(start_runner, runner_env, ru
 
 
 def test_the_run_command_says_when_no_runner_takes_the_run(runner_env):
-    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "echo"], env=runner_env,
-                             stderr=subprocess.PIPE, text=True)
+    child = start_manage_run(runner_env, "echo", stdout=None)
     try:
         assert child.stderr.readline().startswith("run ")
         assert "no runner has taken run" in child.stderr.readline()
@@ -504,8 +509,7 @@ def test_the_run_command_says_when_no_runner_takes_the_run(runner_env):
 def test_the_run_command_prints_an_entry_delivered_twice_once(start_runner, runner_env, runs, requester, tmp_path):
     start_runner()
     pipe = fifo(tmp_path, "d")
-    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "block", str(pipe)],
-                             env=runner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = start_manage_run(runner_env, "block", str(pipe))
     try:
         run_id = child.stderr.readline().split()[1].rstrip(":")
         assert child.stdout.readline().startswith("waiting")
@@ -521,7 +525,7 @@ def test_the_run_command_prints_an_entry_delivered_twice_once(start_runner, runn
 
 def test_a_ctrl_c_while_an_entry_is_printed_still_cancels_the_run(start_runner, broker, topics, tmp_path):
     # The signal lands inside the write of the script's first line, the moment the subprocess test
-    # above sends it; as a KeyboardInterrupt there it ended the command and left the run going.
+    # below sends it; as a KeyboardInterrupt there it ended the command and left the run going.
     from hacer.bus import Bus
     from runner.request import request_run
 
@@ -548,8 +552,7 @@ def test_a_ctrl_c_while_an_entry_is_printed_still_cancels_the_run(start_runner, 
 
 def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp_path):
     start_runner()
-    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "block", str(fifo(tmp_path, "c"))],
-                             env=runner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = start_manage_run(runner_env, "block", str(fifo(tmp_path, "c")))
     try:
         assert child.stdout.readline().startswith("waiting")
         child.send_signal(signal.SIGINT)
