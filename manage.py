@@ -17,7 +17,7 @@ from hacer.settings import PROJECT_DIR, Settings
 log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
-PARTS = ("bridge", "runner", "api")
+PARTS = ("bridge", "runner", "recorder", "api")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -42,7 +42,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 
 def cmd_recorder(args: argparse.Namespace) -> None:
-    from api.recorder_main import main
+    from recorder.main import main
     main()
 
 
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
     commands.add_parser("runner", help="a runner alone (start several to share the work)"
                         ).set_defaults(func=cmd_runner)
-    commands.add_parser("api", help="the api (REST, websockets, control app) and its recorder; "
-                        "--no-recorder for extra api workers").set_defaults(func=cmd_api)
+    commands.add_parser("api", help="the api (REST, websockets, control app)").set_defaults(func=cmd_api)
     commands.add_parser("recorder", help="the recorder alone (bus -> database)").set_defaults(func=cmd_recorder)
     run = commands.add_parser("run", help="request a run of a script and follow its log (exit code: the run's)")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
@@ -174,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command not in ("emulate", "api"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.emulator_args = args.extra = rest
-    die_with_parent_from_env()  # a part started by runserver (or the api's recorder) ends with it
+    die_with_parent_from_env()  # a part started by runserver ends with it
     setup_logging(args.verbose)
     os.chdir(PROJECT_DIR)
     args.func(args)

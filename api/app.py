@@ -43,7 +43,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     live.subscribe()
     commands = NodeCommandClient(bus, topics)
     commands.subscribe()
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, settings.database_timeout)
     app.extensions["hacer"] = Services(settings, topics, bus, live, commands, database.session,
                                        ScriptDir(settings.scripts_dir))
 

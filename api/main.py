@@ -1,25 +1,22 @@
-"""The api process's main(): settings, the recorder child, the app, the bus, eventlet's server."""
+"""The api process's main(): settings, the app, the bus, eventlet's server."""
 from __future__ import annotations
 
 import gc
 import logging
 import signal
-import subprocess
-import sys
 
 import eventlet
 import eventlet.event
 
 from api.app import create_app
 from hacer.models import Database
-from hacer.parentdeath import child_env
-from hacer.settings import PROJECT_DIR, Settings
+from hacer.settings import Settings
 
 log = logging.getLogger("api")
 
 
 def main() -> None:
-    """Serve until interrupted; the recorder runs as a child process unless --no-recorder."""
+    """Serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     Database(settings.database_url).init()
@@ -28,9 +25,6 @@ def main() -> None:
         log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", settings.http_host)
     elif not settings.api_token:
         log.info("no HACER_API_TOKEN: the api serves 127.0.0.1 only and asks no token")
-    recorder = None
-    if "--no-recorder" not in sys.argv:
-        recorder = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "recorder"], env=child_env())
     app = create_app({"HACER_SETTINGS": settings})
     services = app.extensions["hacer"]
     services.bus.start()
@@ -50,7 +44,4 @@ def main() -> None:
     finally:
         server.kill()
         services.bus.stop()
-        if recorder is not None:
-            recorder.terminate()
-            recorder.wait(10)
         log.info("api stopped")

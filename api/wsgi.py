@@ -4,8 +4,7 @@
 
 gunicorn's eventlet worker patches the standard library before it imports this module. One
 worker per process (Socket.IO needs each client to stay on one process); scale out with more
-processes behind nginx (ip_hash), each with `manage.py api --no-recorder` semantics: run the
-recorder once with `manage.py recorder`.
+processes behind nginx (ip_hash). The recorder is a part of its own: `manage.py recorder`.
 """
 from api.app import create_app
 

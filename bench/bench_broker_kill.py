@@ -1,5 +1,5 @@
-"""What a broker kill loses of what it had acknowledged, with the project's broker and with one
-saving every second.
+"""What a broker kill loses of what it had acknowledged, with the project's broker (saving every second) and with
+one saving on every change.
 
 Each round publishes 50 retained messages, waits for every acknowledgement, kills mosquitto at
 once (SIGKILL), restarts it and counts what it no longer holds. Run: .venv/bin/python bench/bench_broker_kill.py
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import broker_saving_every_second, free_port  # noqa: E402
+from bench.common import broker_saving_on_every_change, free_port  # noqa: E402
 from hacer.broker import CONFIG_DIR, BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
@@ -60,12 +60,12 @@ def main() -> None:
     args = parser.parse_args()
     total = args.rounds * MESSAGES
     with tempfile.TemporaryDirectory() as folder:
-        every_change = lost_after_kills(Path(folder) / "every-change", CONFIG_DIR / "dev.conf", args.rounds)
-        every_second = lost_after_kills(Path(folder) / "every-second", broker_saving_every_second(Path(folder)),
+        every_second = lost_after_kills(Path(folder) / "every-second", CONFIG_DIR / "dev.conf", args.rounds)
+        every_change = lost_after_kills(Path(folder) / "every-change", broker_saving_on_every_change(Path(folder)),
                                         args.rounds)
     print(f"acknowledged, then lost to a kill right after ({args.rounds} kills, {total} messages):")
-    print(f"  project's broker (saves on every change): {every_change} ({every_change / total:.1%})")
-    print(f"  broker saving every second:               {every_second} ({every_second / total:.1%})")
+    print(f"  project's broker (saves every second):  {every_second} ({every_second / total:.1%})")
+    print(f"  broker saving on every change:          {every_change} ({every_change / total:.1%})")
 
 
 if __name__ == "__main__":

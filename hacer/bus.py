@@ -198,6 +198,10 @@ class Bus:
         """Call `hook(session_present)` after every connect, once subscriptions are renewed."""
         self._connect_hooks.append(hook)
 
+    def remove_connect_hook(self, hook: Callable[[bool], None]) -> None:
+        """Stop calling a hook given to on_connect."""
+        self._connect_hooks.remove(hook)
+
     # --- subscribe / publish ---------------------------------------------------------------
 
     def subscribe(
@@ -252,6 +256,8 @@ class Bus:
     def publish_confirmed(self, messages: list[tuple[str, bytes]], *, retain: bool = False,
                           timeout: float = 10.0) -> None:
         """Publish (topic, payload) pairs at QoS 1; return once the broker has acknowledged all."""
+        if not messages:
+            return
         if not self.connected:  # not queued for the reconnect: a caller that retries would pile them up
             raise BusError("publish not confirmed: not connected")
         sent = [(topic, self._publish(topic, payload, 1, retain, None, True, timeout)) for topic, payload in messages]

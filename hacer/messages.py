@@ -11,10 +11,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from hacer import runstates
 from hacer.nodewire import MAX_NODE_ID, NODE_TYPES, Value
 
 ONLINE = "online"
 OFFLINE = "offline"
+MAX_NODE_NAME = 64  # the node.name column
+LATEST_TIME = 7_258_118_400.0  # 2200-01-01: later times are someone's mistake, not a node's
 
 
 class MessageError(ValueError):
@@ -33,11 +36,14 @@ def parse_time(text: Any) -> float:
         raise MessageError(f"time {text!r} is not a string")
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise MessageError(f"time {text!r} is not ISO 8601") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        timestamp = moment.timestamp()
+    except (ValueError, OverflowError):
+        raise MessageError(f"time {text[:40]!r} is not ISO 8601") from None
+    if not 0 <= timestamp < LATEST_TIME:
+        raise MessageError(f"time {text[:40]!r} is not between 1970 and 2200")
+    return timestamp
 
 
 def _json_object(payload: bytes | str) -> dict[str, Any]:
@@ -52,6 +58,24 @@ def _json_object(payload: bytes | str) -> dict[str, Any]:
 
 def _dump(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _text(value: Any, what: str, max_chars: int, *, empty: bool = True) -> str:
+    """A string of at most `max_chars` characters without NUL (no database column holds one)."""
+    if type(value) is not str or len(value) > max_chars or "\0" in value or (not empty and not value):
+        raise MessageError(f"{what} {str(value)[:40]!r} is not a{'' if empty else ' non-empty'} string of at most "
+                           f"{max_chars} characters without NUL")
+    return value
+
+
+def _optional_text(value: Any, what: str, max_chars: int) -> str | None:
+    return None if value is None else _text(value, what, max_chars)
+
+
+def _int_in(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise MessageError(f"{what} {value!r} is not an integer in {low}..{high}")
+    return value
 
 
 def _node_id(value: Any) -> int:
@@ -86,16 +110,20 @@ class Presence:
         """Decode a presence JSON."""
         body = _json_object(payload)
         try:
+            interval = body.get("interval")
+            if interval is not None and (type(interval) not in (int, float) or not 0 < interval < 1e9):
+                raise MessageError(f"presence interval {interval!r} is not a positive number")
+            port = body.get("port")
             presence = cls(
                 id=_node_id(body["id"]),
                 type=body["type"] if body["type"] in NODE_TYPES else "other",
-                ip=str(body["ip"]),
+                ip=_text(body["ip"], "presence ip", 64),
                 state=body["state"],
                 since=parse_time(body["since"]),
                 last_seen=parse_time(body["last_seen"]),
-                port=body.get("port"),
-                interval=body.get("interval"),
-                name=body.get("name"),
+                port=None if port is None else _int_in(port, "presence port", 1, 65535),
+                interval=interval,
+                name=_optional_text(body.get("name"), "presence name", MAX_NODE_NAME),
             )
         except KeyError as exc:
             raise MessageError(f"presence lacks {exc}") from None
@@ -122,7 +150,7 @@ class NodeMeta:
         body = _json_object(payload)
         node_type = body.get("type")
         try:
-            return cls(_node_id(body["id"]), str(body.get("name") or ""),
+            return cls(_node_id(body["id"]), _text(body.get("name") or "", "meta name", MAX_NODE_NAME),
                        node_type if node_type in NODE_TYPES else "other")
         except KeyError as exc:
             raise MessageError(f"meta lacks {exc}") from None
@@ -307,6 +335,12 @@ class BridgeStats:
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_PARAMS = 32
 MAX_PARAM_CHARS = 1024
+MAX_SCRIPT_CHARS = 255  # the run.script column
+MAX_RUNNER_CHARS = 128  # the run.runner column
+MAX_REQUESTER_CHARS = 64  # the run.requested_by column
+MAX_ERROR_CHARS = 4096
+MAX_SEQ = 2**31 - 1
+MAX_ENTRY_CHARS = 1 << 20  # above the runner's own batches (64 KiB) and under the broker's packet limit
 
 
 def check_run_id(value: Any) -> str:
@@ -350,9 +384,7 @@ class RunRequest:
     def from_payload(cls, payload: bytes | str) -> "RunRequest":
         """Decode a request; numbers among the params become text, anything else is refused."""
         body = _json_object(payload)
-        script = body.get("script")
-        if type(script) is not str or not 0 < len(script) <= 255:
-            raise MessageError(f"script {script!r} is not a name")
+        script = _text(body.get("script"), "script", MAX_SCRIPT_CHARS, empty=False)
         params = body.get("params", [])
         if type(params) is not list or len(params) > MAX_PARAMS:
             raise MessageError(f"params must be a list of at most {MAX_PARAMS} strings")
@@ -366,11 +398,19 @@ class RunRequest:
             texts.append(param)
         run_id = body.get("run_id")
         timeout = body.get("timeout")
-        if timeout is not None and (type(timeout) not in (int, float) or timeout <= 0):
+        if timeout is not None and (type(timeout) not in (int, float) or not 0 < timeout < 1e9):
             raise MessageError(f"timeout {timeout!r} is not a positive number of seconds")
-        requested_by = body.get("requested_by") or ""
+        requested_by = _text(body.get("requested_by") or "", "requested_by", 1 << 16)
         return cls(script, tuple(texts), None if run_id is None else check_run_id(run_id),
-                   str(requested_by)[:64], None if timeout is None else float(timeout))
+                   requested_by[:MAX_REQUESTER_CHARS], None if timeout is None else float(timeout))
+
+    @staticmethod
+    def run_id_of(payload: bytes | str) -> str | None:
+        """The valid run id of a request that may be bad otherwise, so its refusal reaches the requester."""
+        try:
+            return check_run_id(_json_object(payload).get("run_id"))
+        except MessageError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -399,17 +439,26 @@ class RunStatus:
 
     @classmethod
     def from_payload(cls, payload: bytes | str) -> "RunStatus":
-        """Decode a status JSON."""
+        """Decode a status JSON, refusing what a run's row cannot hold."""
         body = _json_object(payload)
         try:
+            params = body.get("params") or []
+            if type(params) is not list or len(params) > MAX_PARAMS:
+                raise MessageError(f"params must be a list of at most {MAX_PARAMS} strings")
+            exit_code = body.get("exit_code")
+            state = body["state"]
+            if state not in runstates.ALL_STATES:
+                raise MessageError(f"state {str(state)[:40]!r} is not one of {', '.join(runstates.ALL_STATES)}")
             return cls(
-                run_id=check_run_id(body["run_id"]), script=str(body["script"]),
-                params=tuple(str(p) for p in body.get("params") or ()), state=str(body["state"]),
-                runner=str(body.get("runner") or ""), exit_code=body.get("exit_code"),
+                run_id=check_run_id(body["run_id"]), script=_text(body["script"], "script", MAX_SCRIPT_CHARS),
+                params=tuple(_text(p, "param", MAX_PARAM_CHARS) for p in params), state=state,
+                runner=_text(body.get("runner") or "", "runner", MAX_RUNNER_CHARS),
+                exit_code=None if exit_code is None else _int_in(exit_code, "exit_code", -(2**31), 2**31 - 1),
                 queued_at=_parse_optional_time(body.get("queued_at")),
                 started_at=_parse_optional_time(body.get("started_at")),
                 finished_at=_parse_optional_time(body.get("finished_at")),
-                error=body.get("error"), requested_by=str(body.get("requested_by") or ""),
+                error=_optional_text(body.get("error"), "error", MAX_ERROR_CHARS),
+                requested_by=_text(body.get("requested_by") or "", "requested_by", MAX_REQUESTER_CHARS),
             )
         except KeyError as exc:
             raise MessageError(f"status lacks {exc}") from None
@@ -439,10 +488,11 @@ class LogEntry:
         """Decode a log JSON."""
         body = _json_object(payload)
         try:
-            entry = cls(check_run_id(body["run_id"]), int(body["seq"]), parse_time(body["timestamp"]),
-                        str(body["entry_type"]), str(body["data"]))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise MessageError(f"bad log entry: {exc}") from None
+            entry = cls(check_run_id(body["run_id"]), _int_in(body["seq"], "seq", 1, MAX_SEQ),
+                        parse_time(body["timestamp"]), str(body["entry_type"]),
+                        _text(body["data"], "data", MAX_ENTRY_CHARS))
+        except KeyError as exc:
+            raise MessageError(f"log entry lacks {exc}") from None
         if entry.entry_type not in LOG_ENTRY_TYPES:
             raise MessageError(f"entry type {entry.entry_type!r} is not one of {LOG_ENTRY_TYPES}")
         return entry
@@ -469,7 +519,67 @@ class RunnerState:
         """Decode a runner state JSON."""
         body = _json_object(payload)
         try:
-            return cls(str(body["runner"]), str(body["state"]), int(body.get("capacity", 0)),
-                       tuple(str(r) for r in body.get("running") or ()), int(body.get("queued", 0)))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise MessageError(f"bad runner state: {exc}") from None
+            running = body.get("running") or []
+            if type(running) is not list or len(running) > 1024:
+                raise MessageError("running must be a list of run ids")
+            state = body["state"]
+            if state not in (ONLINE, OFFLINE):
+                raise MessageError(f"runner state {str(state)[:40]!r} is not online or offline")
+            return cls(_text(body["runner"], "runner", MAX_RUNNER_CHARS, empty=False), state,
+                       _int_in(body.get("capacity", 0), "capacity", 0, 1_000_000),
+                       tuple(check_run_id(r) for r in running), _int_in(body.get("queued", 0), "queued", 0, 2**31))
+        except KeyError as exc:
+            raise MessageError(f"runner state lacks {exc}") from None
+
+
+@dataclass(frozen=True)
+class RunRecorded:
+    """What a recorder has durably written of a run: log entries 1..seq, and the run's state."""
+
+    run_id: str
+    seq: int
+    state: str  # "" while no status is recorded
+
+    def to_payload(self) -> bytes:
+        """Encode as the recorded JSON."""
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "RunRecorded":
+        """Decode a recorded JSON."""
+        body = _json_object(payload)
+        try:
+            state = body["state"]
+            if state != "" and state not in runstates.ALL_STATES:
+                raise MessageError(f"state {str(state)[:40]!r} is not a run state")
+            return cls(check_run_id(body["run_id"]), _int_in(body["seq"], "seq", 0, MAX_SEQ), state)
+        except KeyError as exc:
+            raise MessageError(f"recorded lacks {exc}") from None
+
+
+@dataclass(frozen=True)
+class RecorderState:
+    """A recorder's retained state and counters."""
+
+    recorder: str
+    state: str
+    written: int = 0
+    set_aside: int = 0
+
+    def to_payload(self) -> bytes:
+        """Encode as the recorder state JSON."""
+        return _dump(asdict(self))
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> "RecorderState":
+        """Decode a recorder state JSON."""
+        body = _json_object(payload)
+        try:
+            state = body["state"]
+            if state not in (ONLINE, OFFLINE):
+                raise MessageError(f"recorder state {str(state)[:40]!r} is not online or offline")
+            return cls(_text(body["recorder"], "recorder", MAX_RUNNER_CHARS, empty=False), state,
+                       _int_in(body.get("written", 0), "written", 0, 2**63),
+                       _int_in(body.get("set_aside", 0), "set_aside", 0, 2**63))
+        except KeyError as exc:
+            raise MessageError(f"recorder state lacks {exc}") from None

@@ -5,17 +5,21 @@ Table and column names follow the 2015 schema (`node`, `node_type`, `script_log_
 """
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, select)
+                        create_engine, event, select, text)
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
 from hacer.nodewire import NODE_TYPES
 
+INIT_TRIES = 5
+SCHEMA_LOCK_KEY = 7775_7777  # any constant: the advisory lock every part takes to create the schema
 
 
 def utc_datetime(timestamp: float) -> datetime:
@@ -133,14 +137,35 @@ class RunClaim(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class RunnerHeartbeat(Base):
+    """A runner's heartbeat: a counter it moves on while it lives (see runner/claims.py)."""
+
+    __tablename__ = "runner_heartbeat"
+    runner_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    beat: Mapped[int] = mapped_column(BigInteger, default=0)
+    beat_at: Mapped[datetime] = mapped_column(DateTime)  # for people: the runner's clock
+
+
+class DeadLetter(Base):
+    """A bus message a recorder could not write, set aside (acknowledged) instead of retried forever."""
+
+    __tablename__ = "dead_letter"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    topic: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[str] = mapped_column(Text)  # its first bytes, as repr() text (it may hold anything)
+    error: Mapped[str] = mapped_column(Text)
+    recorder: Mapped[str] = mapped_column(String(128), default="")
+    at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Database:
     """An engine and its session factory for one database URL."""
 
     _current: ClassVar["Database | None"] = None
 
-    def __init__(self, url: str, **engine_options: Any) -> None:
+    def __init__(self, url: str, busy_timeout: float = 10.0, **engine_options: Any) -> None:
         self.url = url
-        self.engine: Engine = make_engine(url, **engine_options)
+        self.engine: Engine = make_engine(url, busy_timeout, **engine_options)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_all(self) -> None:
@@ -148,12 +173,21 @@ class Database:
         Base.metadata.create_all(self.engine)
 
     def init(self) -> None:
-        """Create the schema and the fixed rows; safe to run any number of times."""
-        self.create_all()
-        with self.session() as session:
-            NodeType.insert_types(session)
-            ScriptLogEntryType.insert_types(session)
-            session.commit()
+        """Create the schema and the fixed rows; safe to run any number of times, by parts starting at once."""
+        for attempt in range(INIT_TRIES):
+            try:
+                with self.session() as session:
+                    if self.engine.dialect.name == "postgresql":  # one creator at a time, until commit
+                        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                    Base.metadata.create_all(session.connection())
+                    NodeType.insert_types(session)
+                    ScriptLogEntryType.insert_types(session)
+                    session.commit()
+                return
+            except (IntegrityError, OperationalError):  # SQLite: another part created it between check and create
+                if attempt == INIT_TRIES - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     def make_current(self) -> "Database":
         """Make this the database of argument-less 2015 calls such as NodeType.insert_types()."""
@@ -168,12 +202,12 @@ class Database:
         return cls._current
 
 
-def make_engine(url: str, **options: Any) -> Engine:
+def make_engine(url: str, busy_timeout: float = 10.0, **options: Any) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so several processes can share it."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
-        options.setdefault("connect_args", {"timeout": 30})
+        options.setdefault("connect_args", {"timeout": busy_timeout})
     engine = create_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)

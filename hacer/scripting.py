@@ -52,6 +52,10 @@ class CommandTimeout(ScriptError):
     """No result came back in time (is the bridge running?)."""
 
 
+class RunNotTaken(ScriptError):
+    """No runner took a requested run in time (is one running?)."""
+
+
 # --- the channel to the runner ----------------------------------------------------------------
 
 def encode_entry(entry_type: str, data: str) -> str:
@@ -249,14 +253,19 @@ class Hub:
             raise CommandFailed(result)
         return result.value
 
-    def request_run(self, script: str, run_params: list[str] | None = None) -> str:
-        """Ask the runners to run another script; return its run id."""
+    def request_run(self, script: str, run_params: list[str] | None = None, timeout: float = 10.0) -> str:
+        """Ask the runners to run another script; return its run id once a runner has taken it.
+
+        Raises RunNotTaken when no runner took it within `timeout` seconds (it may still run later).
+        """
         import uuid
 
         from hacer.messages import RunRequest
+        from hacer.runrequest import request_until_claimed
         new_id = uuid.uuid4().hex
         request = RunRequest(script, tuple(run_params or ()), new_id, requested_by=f"script:{run_id()}")
-        self.bus.publish(self.bus.topics.build("run_request"), request.to_payload())
+        if request_until_claimed(self.bus, request, timeout) is None:
+            raise RunNotTaken(f"no runner took run {new_id} of {script!r} within {timeout} s")
         return new_id
 
 
@@ -291,9 +300,9 @@ def get(node: Node | str | int, key: str, timeout: float = 5.0) -> Any:
     return hub().get(node, key, timeout)
 
 
-def request_run(script: str, run_params: list[str] | None = None) -> str:
-    """Request another run; return its run id."""
-    return hub().request_run(script, run_params)
+def request_run(script: str, run_params: list[str] | None = None, timeout: float = 10.0) -> str:
+    """Request another run; return its run id once a runner has taken it (RunNotTaken otherwise)."""
+    return hub().request_run(script, run_params, timeout)
 
 
 def close() -> None:

@@ -69,6 +69,9 @@ class Settings:
     api_token: str = ""
     recorder_id: str = field(default_factory=socket.gethostname)
     rescue_after: float = 5.0
+    resend_after: float = 5.0
+    database_timeout: float = 10.0
+    runner_outbox_bytes: int = 64 * 1024 * 1024
 
     @property
     def served_http_host(self) -> str:
@@ -112,6 +115,9 @@ class Settings:
             api_token=env.get("HACER_API_TOKEN", "").strip(),
             recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
             rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
+            resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,
+            database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
+            runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),
         )
 
 

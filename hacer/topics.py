@@ -35,7 +35,9 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("run_status", "runs/{arg}/status", False, 1, "runner"),
     TopicSpec("run_log", "runs/{arg}/log", False, 1, "runner"),
     TopicSpec("run_cancel", "runs/{arg}/cancel", False, 1, "api, anyone allowed"),
+    TopicSpec("run_recorded", "runs/{arg}/recorded", False, 0, "recorder"),
     TopicSpec("runner_state", "runners/{arg}/state", True, 1, "runner"),
+    TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder"),
     TopicSpec("api_state", "api/state", True, 1, "api"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),
 )
@@ -108,7 +110,7 @@ class Topics:
     def node_id(self, topic: str) -> int:
         """Return the integer node id of a node topic."""
         name, arg = self.parse(topic)
-        if not name.startswith("node_") or arg is None or not arg.isdigit():
+        if not name.startswith("node_") or arg is None or not (arg.isascii() and arg.isdigit()):
             raise TopicError(f"{topic!r} is not a node topic")
         return int(arg)
 

@@ -12,6 +12,8 @@ from hacer.models import Database
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
+from runner.claims import ClaimStore
+from runner.outbox import Outbox
 from runner.service import Runner, RunnerConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def build_runner(settings: Settings) -> Runner:
     """Build a runner (not started) from settings."""
     precompile_script_library()
     topics = Topics(settings.topic_prefix)
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, settings.database_timeout)
     database.init()
     offline = RunnerState(settings.runner_id, "offline").to_payload()
     # A stable client id: the broker parks this runner's share of requests in its session.
@@ -46,8 +48,11 @@ def build_runner(settings: Settings) -> Runner:
                   "HACER_TOPIC_PREFIX": settings.topic_prefix, "HACER_DATABASE_URL": settings.database_url}
     config = RunnerConfig(runner_id=settings.runner_id, capacity=settings.runner_capacity,
                           default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
-                          takeover_after=settings.runner_takeover, script_env=script_env)
-    return Runner(bus, topics, database.session, ScriptDir(settings.scripts_dir), config)
+                          takeover_after=settings.runner_takeover, resend_after=settings.resend_after,
+                          script_env=script_env)
+    outbox = Outbox(resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes)
+    return Runner(bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir),
+                  config, outbox)
 
 
 def main(settings: Settings | None = None) -> None:

@@ -68,4 +68,5 @@ class OutputSplitter:
             self.cut_bytes += len(line)
             return
         self.logged_bytes += len(line)
-        entries.append(decode_line(line.removesuffix("\r")))
+        entry_type, data = decode_line(line.removesuffix("\r"))
+        entries.append((entry_type, data.replace("\0", "\ufffd")))  # no database column holds a NUL

@@ -8,17 +8,21 @@ from __future__ import annotations
 import queue
 import signal
 import sys
+import time
 import uuid
 from typing import TextIO
 
 from hacer import runstates
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, RunRequest, RunStatus
+from hacer.runrequest import RESEND_EVERY, request_until_claimed
 from hacer.topics import TopicError
 
 NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothing happens
 EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status
+DETACHED_CLAIM_WAIT = 10.0  # seconds --detach sends its request until a runner takes it
 CTRL_C = object()  # put in the inbox by the SIGINT handler
+RECONNECTED = object()  # put in the inbox after every connect
 
 Inbox = queue.SimpleQueue[object]  # messages and CTRL_C
 
@@ -36,38 +40,50 @@ def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True
     bus.start()
     bus.wait_connected(10)
     bus.sync()
-    request = RunRequest(script, tuple(params), run_id, "cli").to_payload()
+    request = RunRequest(script, tuple(params), run_id, "cli")
     if not follow:
-        bus.publish(topics.build("run_request"), request)
+        if request_until_claimed(bus, request, DETACHED_CLAIM_WAIT) is None:
+            print(f"no runner has taken run {run_id} yet: it waits for one", file=err)
         print(run_id, file=out)
         return 0
     # From the request on, Ctrl-C arrives as an inbox item rather than a KeyboardInterrupt, which
     # could strike anywhere (while printing an entry, say) and end the command without cancelling.
     previous = signal.signal(signal.SIGINT, lambda signum, frame: inbox.put(CTRL_C))
+    bus.on_connect(lambda session_present: inbox.put(RECONNECTED))
     try:
-        bus.publish(topics.build("run_request"), request)
         print(f"run {run_id}: {script} {' '.join(params)}".rstrip(), file=err)
-        return _follow(bus, run_id, inbox, out, err)
+        return _follow(bus, request, inbox, out, err)
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _follow(bus: Bus, run_id: str, inbox: Inbox, out: TextIO, err: TextIO) -> int:
+def _follow(bus: Bus, request: RunRequest, inbox: Inbox, out: TextIO, err: TextIO) -> int:
+    run_id = request.run_id
     status: RunStatus | None = None
     exit_entry_seen = noticed = cancelled = False
     last_seq = 0
+    notice_at = time.monotonic() + NO_RUNNER_NOTICE_AFTER
+    send_at = 0.0
     while True:
         finished = status is not None and status.state in runstates.FINISHED_STATES
         if finished and (exit_entry_seen or (status and status.state == runstates.LOST)):  # lost: no exit entry
             break
-        timeout = EXIT_ENTRY_WAIT if finished else NO_RUNNER_NOTICE_AFTER if not (status or noticed) else None
+        if status is None and time.monotonic() >= send_at:  # sent until a runner has taken it
+            if bus.connected:
+                bus.publish(bus.topics.build("run_request"), request.to_payload())
+            send_at = time.monotonic() + RESEND_EVERY
+        if status is None and not noticed and time.monotonic() >= notice_at:
+            print(f"no runner has taken run {run_id} yet: is one running on this broker?", file=err)
+            noticed = True
+        timeout = EXIT_ENTRY_WAIT if finished else max(0.0, send_at - time.monotonic()) if status is None else None
         try:
             message = inbox.get(timeout=timeout)
         except queue.Empty:
             if finished:
                 break  # its exit_status entry did not come: the status says enough
-            print(f"no runner has taken run {run_id} yet: is one running on this broker?", file=err)
-            noticed = True
+            continue
+        if message is RECONNECTED:
+            send_at = 0.0  # the broker may have lost it: send again at once unless taken
             continue
         if message is CTRL_C:
             if cancelled:

@@ -9,11 +9,17 @@ the only publisher of a run's log, so entries are numbered without gaps), enforc
 limit and cancels, and publishes the final status.
 
 A runner that starts finds its own claims: runs that were running are `lost`, queued ones run.
-A runner that sees another go offline (its last will) and stay offline takes over its queued
-claims and reports its running ones `lost`.
+Ownership is decided in the database (runner/claims.py): a run starts only if its claim moved
+from queued to running for this runner; a runner whose heartbeat there stops moving is taken
+over (its queued claims run elsewhere, its running ones are `lost`); a runner that finds a
+running claim taken from it kills that run and publishes nothing more of it.
+
+Every status and log entry is held in an Outbox until a recorder confirms it written, and sent
+again when it is not (runner/outbox.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,18 +35,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
-from hacer.bus import Bus, Message
-from hacer.messages import LogEntry, MessageError, RunnerState, RunRequest, RunStatus
-from hacer.models import RunClaim, utc_datetime
+from hacer.bus import Bus, BusError, Message
+from hacer.messages import (LogEntry, MessageError, RecorderState, RunnerState, RunRecorded, RunRequest,
+                            RunStatus)
 from hacer.parentdeath import PARENT_ENV
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TopicError, Topics
+from runner.claims import AlreadyClaimed, ClaimStore
+from runner.outbox import Outbox
 from runner.output import OutputSplitter
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 # together in one entry (up to BATCH_BYTES), so a fast printer is not held to one line per ack.
 BATCH_WHEN_UNCONFIRMED = 64
 BATCH_BYTES = 64 * 1024
+CLAIM_TRIES = 3  # a claim that fails for a database error (locked, gone) is tried this often
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class RunnerConfig:
     max_timeout: float = 24 * 3600.0
     cancel_grace: float = 5.0
     takeover_after: float = 10.0
+    resend_after: float = 5.0
     line_limit: int = 8192
     output_limit: int = 64 * 1024 * 1024
     python: str = sys.executable
@@ -82,40 +90,49 @@ class Run:
     cancel_requested: bool = False
     timed_out: bool = False
     started_at: float | None = None
+    fenced: bool = False  # another runner owns it now: publish nothing more of it
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Runner:
     """See the module docstring. Does nothing until start()."""
 
-    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], scripts: ScriptDir,
-                 config: RunnerConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, bus: Bus, topics: Topics, claims: ClaimStore, scripts: ScriptDir, config: RunnerConfig,
+                 outbox: Outbox, clock: Callable[[], float] = time.time) -> None:
         self.bus = bus
         self.topics = topics
-        self.sessions = sessions
+        self.claims = claims
         self.scripts = scripts
         self.config = config
+        self.outbox = outbox
         self.clock = clock
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._waiting: deque[Run] = deque()
         self._running: dict[str, Run] = {}
         self._changed = threading.Condition()
         self._stopping = False
+        self._stopped = threading.Event()
+        self._resend_all = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._offline_runners: set[str] = set()
+        self._recorders_online: set[str] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Subscribe, start the workers, then recover this runner's earlier claims."""
+        """Beat once, subscribe, start the workers, then recover this runner's earlier claims."""
+        self.claims.beat()
         self.bus.birth = self._state_payload()
         self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.build("run_request")),
                            self._on_request, manual_ack=True)
         self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
-        self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
+        self.bus.subscribe(self.topics.filter("run_recorded"), self._on_recorded, qos=0)
+        self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
+        self.bus.on_connect(lambda session_present: self._resend_all.set())
         self._spawn_thread(self._dispatch, "runner-dispatch")
         for index in range(self.config.capacity):
             self._spawn_thread(self._work, f"runner-worker-{index}")
+        self._spawn_thread(self._heartbeat, "runner-heartbeat")
+        self._spawn_thread(self._resend, "runner-resend")
         self.bus.start()
         self._inbox.put(lambda: self._recover(self.config.runner_id))
 
@@ -129,6 +146,7 @@ class Runner:
             self._stopping = True
             running = list(self._running.values())
             self._changed.notify_all()
+        self._stopped.set()
         for run in running:
             self._cancel(run, "runner stopped")
         self._inbox.put(lambda: None)
@@ -155,21 +173,27 @@ class Runner:
         if run_id:
             self._inbox.put(lambda: self._cancel_by_id(run_id))
 
-    def _on_runner_state(self, message: Message) -> None:
+    def _on_recorded(self, message: Message) -> None:
         try:
-            state = RunnerState.from_payload(message.payload)
-        except MessageError:
+            recorded = RunRecorded.from_payload(message.payload)
+            if self.topics.parse(message.topic)[1] != recorded.run_id:
+                raise MessageError("the topic names another run")
+        except (MessageError, TopicError) as exc:
+            log.warning("ignored %s: %s (%r)", message.topic, exc, message.payload[:100])
             return
-        if state.runner == self.config.runner_id:
+        self.outbox.confirm(recorded)
+
+    def _on_recorder_state(self, message: Message) -> None:
+        try:
+            state = RecorderState.from_payload(message.payload)
+            if self.topics.parse(message.topic)[1] != state.recorder:
+                raise MessageError("the topic names another recorder")
+        except (MessageError, TopicError):
             return
-        if state.state == "offline":
-            self._offline_runners.add(state.runner)
-            timer = threading.Timer(self.config.takeover_after,
-                                    lambda: self._inbox.put(lambda: self._take_over(state.runner)))
-            timer.daemon = True
-            timer.start()
+        if state.state == "online":
+            self._recorders_online.add(state.recorder)
         else:
-            self._offline_runners.discard(state.runner)
+            self._recorders_online.discard(state.recorder)
 
     # --- dispatcher thread ------------------------------------------------------------------
 
@@ -182,11 +206,11 @@ class Runner:
                 log.exception("runner task failed")
 
     def _accept(self, message: Message) -> None:
-        """Validate and claim one request; acknowledge it once that is durable."""
+        """Validate and claim one request; acknowledge it once the claim (or refusal) is durable."""
         try:
             request = RunRequest.from_payload(message.payload)
         except MessageError as exc:
-            self._refuse(None, None, f"bad run request: {exc}")
+            self._refuse(RunRequest.run_id_of(message.payload), None, f"bad run request: {exc}")
             self.bus.ack(message)
             return
         run_id = request.run_id or uuid.uuid4().hex
@@ -195,19 +219,33 @@ class Runner:
             self._refuse(run_id, request, f"no script named {request.script!r} in {self.scripts.folder.name}/")
             self.bus.ack(message)
             return
-        now = self.clock()
+        request = replace(request, run_id=run_id)
         try:
-            with self.sessions() as session:
-                session.add(RunClaim(run_id=run_id, runner_id=self.config.runner_id, state=runstates.QUEUED,
-                                     request=request.to_payload().decode(), claimed_at=utc_datetime(now),
-                                     updated_at=utc_datetime(now)))
-                session.commit()
-        except IntegrityError:
+            self._claim(run_id, request, runstates.QUEUED)
+        except AlreadyClaimed:
             log.info("run %s already claimed: duplicate delivery ignored", run_id)
             self.bus.ack(message)
             return
+        except SQLAlchemyError as exc:
+            self._report_unclaimed(run_id, request, f"database error, the run was not claimed: {exc}")
+            self.bus.ack(message)
+            return
         self.bus.ack(message)
-        self._enqueue(Run(replace(request, run_id=run_id), run_id, script.path, now))
+        self._enqueue(Run(request, run_id, script.path, self.clock()))
+
+    def _claim(self, run_id: str, request: RunRequest, state: str) -> None:
+        """Claim a run id, trying again a few times while the database is busy or away."""
+        for attempt in range(CLAIM_TRIES):
+            try:
+                self.claims.claim(run_id, request.to_payload().decode(), state)
+                return
+            except AlreadyClaimed:
+                raise
+            except SQLAlchemyError as exc:
+                if attempt == CLAIM_TRIES - 1:
+                    raise
+                log.warning("claiming run %s failed (%s); trying again", run_id, exc)
+                self._stopped.wait(1.0)
 
     def _enqueue(self, run: Run) -> None:
         self._publish_status(run, runstates.QUEUED)
@@ -217,12 +255,28 @@ class Runner:
         self._publish_state()
 
     def _refuse(self, run_id: str | None, request: RunRequest | None, why: str) -> None:
-        """Report a request that cannot run: a `failed` status and an exception entry."""
-        run = Run(request or RunRequest("", ()), run_id or uuid.uuid4().hex, Path(), self.clock())
-        log.warning("run %s refused: %s", run.run_id, why)
+        """Report a request that cannot run (a `failed` status and an exception entry).
+
+        The refusal claims its run id first (as failed), so a request reusing a live run's id
+        cannot write into that run.
+        """
+        request = replace(request or RunRequest("", ()), run_id=run_id or uuid.uuid4().hex)
+        assert request.run_id is not None
+        try:
+            self._claim(request.run_id, request, runstates.FAILED)
+        except AlreadyClaimed:
+            log.warning("refused a request for run %s, which exists already: %s", request.run_id, why)
+            return
+        except SQLAlchemyError as exc:
+            why = f"{why}; and the database failed: {exc}"
+        self._report_unclaimed(request.run_id, request, why)
+
+    def _report_unclaimed(self, run_id: str, request: RunRequest, why: str) -> None:
+        log.warning("run %s refused: %s", run_id, why)
+        run = Run(request, run_id, Path(), self.clock())
         self._log(run, "exception", why)
         self._log(run, "exit_status", "failed")
-        self._publish_status(run, runstates.FAILED, error=why, finished=True)
+        self._publish_status(run, runstates.FAILED, error=why[:2000], finished=True)
 
     def _cancel_by_id(self, run_id: str) -> None:
         with self._changed:
@@ -231,10 +285,10 @@ class Runner:
                 self._waiting.remove(waiting)
             running = self._running.get(run_id)
         if waiting is not None:
-            self._log(waiting, "exit_status", "failed")
-            self._finish_claim(waiting, runstates.CANCELLED)
-            self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started",
-                                 finished=True)
+            if self.claims.move(run_id, from_states=(runstates.QUEUED,), state=runstates.CANCELLED):
+                self._log(waiting, "exit_status", "failed")
+                self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started",
+                                     finished=True)
             self._publish_state()
         elif running is not None:
             self._cancel(running, "cancelled")
@@ -242,55 +296,73 @@ class Runner:
     # --- claims of runners that are gone ----------------------------------------------------
 
     def _recover(self, runner_id: str) -> None:
-        """Report `runner_id`'s running claims lost and queue its waiting ones here."""
-        with self.sessions() as session:
-            claims = session.scalars(select(RunClaim).where(
-                RunClaim.runner_id == runner_id,
-                RunClaim.state.in_([runstates.QUEUED, runstates.RUNNING]))).all()
-        for claim in claims:
+        """Report `runner_id`'s running claims lost and queue its waiting ones here (each move fenced)."""
+        for claim in self.claims.active_claims(runner_id):
             try:
                 request = RunRequest.from_payload(claim.request)
             except MessageError:
                 continue
             script = self.scripts.find(request.script)
-            run = Run(request, claim.run_id, Path(), claim.claimed_at.timestamp())
+            run = Run(request, claim.run_id, Path(), claim.claimed_at)
             if claim.state == runstates.RUNNING:
-                if self._move_claim(claim.run_id, runner_id, runstates.RUNNING, state=runstates.LOST):
+                if self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.RUNNING,),
+                                    state=runstates.LOST):
                     self._publish_status(run, runstates.LOST, error=f"runner {runner_id} went away "
                                          "while it ran", finished=True)
             elif script is None:
-                if self._move_claim(claim.run_id, runner_id, runstates.QUEUED, state=runstates.FAILED):
-                    self._refuse(run.run_id, request, f"no script named {request.script!r} any more "
-                                 f"in {self.scripts.folder.name}/")
-            elif self._move_claim(claim.run_id, runner_id, runstates.QUEUED, runner=self.config.runner_id):
+                if self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,),
+                                    state=runstates.FAILED):
+                    self._report_unclaimed(run.run_id, request, f"no script named {request.script!r} any more "
+                                           f"in {self.scripts.folder.name}/")
+            elif self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,),
+                                  new_owner=self.config.runner_id):
                 log.info("resuming run %s (claimed by %s)", claim.run_id, runner_id)
                 self._enqueue(Run(request, claim.run_id, script.path, self.clock()))
 
-    def _move_claim(self, run_id: str, runner_id: str, from_state: str, state: str | None = None,
-                    runner: str | None = None) -> bool:
-        """Change a claim only if it is still as seen; tell whether this runner won."""
-        values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
-        if state:
-            values["state"] = state
-        if runner:
-            values["runner_id"] = runner
-        with self.sessions() as session:
-            result = session.execute(update(RunClaim).where(
-                RunClaim.run_id == run_id, RunClaim.runner_id == runner_id,
-                RunClaim.state == from_state).values(**values))
-            session.commit()
-            return result.rowcount == 1  # type: ignore[attr-defined]
+    # --- heartbeat, fences, takeover, resends -----------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Beat; stop the runs taken from this runner; take over the runners that stopped beating."""
+        interval = max(0.05, self.config.takeover_after / 4)
+        while not self._stopped.wait(interval):
+            try:
+                self.claims.beat()
+                with self._changed:
+                    running = [run for run in self._running.values() if run.started_at is not None]
+                for run_id in self.claims.taken([run.run_id for run in running]):
+                    self._fence(next(run for run in running if run.run_id == run_id))
+                for runner_id in self.claims.silent_runners(self.config.takeover_after):
+                    self._inbox.put(functools.partial(self._take_over, runner_id))
+            except SQLAlchemyError as exc:
+                log.warning("heartbeat failed: %s", exc)
 
     def _take_over(self, runner_id: str) -> None:
-        if runner_id in self._offline_runners and not self._stopping:
-            log.warning("runner %s is offline: taking over its claims", runner_id)
+        if not self._stopping and self.claims.active_claims(runner_id):
+            log.warning("runner %s has stopped beating: taking over its claims", runner_id)
             self._recover(runner_id)
 
-    def _finish_claim(self, run: Run, state: str) -> None:
-        with self.sessions() as session:
-            session.execute(update(RunClaim).where(RunClaim.run_id == run.run_id).values(
-                state=state, updated_at=utc_datetime(self.clock())))
-            session.commit()
+    def _fence(self, run: Run) -> None:
+        """Another runner owns this run now: end it and publish nothing more of it."""
+        log.error("run %s was taken over by another runner: ending it here", run.run_id)
+        with run.lock:
+            run.fenced = True
+            process = run.process
+        self.outbox.forget(run.run_id)
+        if process is not None and process.poll() is None:
+            _signal_group(process.pid, signal.SIGKILL)
+
+    def _resend(self) -> None:
+        """Send again what no recorder confirmed: everything after a reconnect, and what waited too long."""
+        while not self._stopped.is_set():
+            everything = self._resend_all.wait(max(0.05, self.config.resend_after / 2))
+            self._resend_all.clear()
+            if not (everything or self._recorders_online) or not self.bus.connected:
+                continue
+            try:
+                for topic, payload in self.outbox.due(self.clock(), everything):
+                    self.bus.publish(topic, payload)
+            except BusError as exc:
+                log.warning("sending unconfirmed messages again failed: %s", exc)
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -308,10 +380,7 @@ class Runner:
                 self._execute(run)
             except Exception as exc:
                 log.exception("run %s failed inside the runner", run.run_id)
-                self._log(run, "exception", f"runner error: {type(exc).__name__}: {exc}")
-                self._log(run, "exit_status", "failed")
-                self._finish_claim(run, runstates.FAILED)
-                self._publish_status(run, runstates.FAILED, error=str(exc), finished=True)
+                self._finish(run, runstates.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
             finally:
                 with self._changed:
                     self._running.pop(run.run_id, None)
@@ -320,22 +389,23 @@ class Runner:
     def _execute(self, run: Run) -> None:
         """Run one script to its end, publishing its log and status."""
         request = run.request
-        self._move_claim(run.run_id, self.config.runner_id, runstates.QUEUED, state=runstates.RUNNING)
+        if not self.claims.move(run.run_id, from_states=(runstates.QUEUED,), state=runstates.RUNNING):
+            log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
+            return
         run.started_at = self.clock()
         self._publish_status(run, runstates.RUNNING)
         self._log(run, "launch", json.dumps({"script": request.script, "params": list(request.params)}))
         env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
-        with run.lock:
-            if run.cancel_requested:  # cancelled between leaving the queue and here
-                self._log(run, "exit_status", "failed")
-                self._finish_claim(run, runstates.CANCELLED)
-                self._publish_status(run, runstates.CANCELLED, error="cancelled", finished=True)
-                return
-            run.process = subprocess.Popen(
-                [self.config.python, str(SCRIPT_MAIN), str(run.script_path), *request.params],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=env, cwd=run.script_path.parent, process_group=0, close_fds=True)
+        with run.lock:  # a cancel or a fence from now on finds the process
+            if not (run.cancel_requested or run.fenced):
+                run.process = subprocess.Popen(
+                    [self.config.python, str(SCRIPT_MAIN), str(run.script_path), *request.params],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    env=env, cwd=run.script_path.parent, process_group=0, close_fds=True)
+        if run.process is None:  # cancelled or taken between leaving the queue and here
+            self._finish(run, runstates.CANCELLED, error="cancelled")
+            return
         timeout = min(request.timeout or self.config.default_timeout, self.config.max_timeout)
         limit = threading.Timer(timeout, self._time_out, args=(run,))
         limit.daemon = True
@@ -352,10 +422,18 @@ class Runner:
             state = runstates.TIMED_OUT
         else:
             state = runstates.SUCCEEDED if exit_code == 0 else runstates.FAILED
-        self._log(run, "exit_status", "success" if state == runstates.SUCCEEDED else "failed")
-        self._finish_claim(run, state)
         error = {runstates.TIMED_OUT: f"time limit of {timeout:g} s reached",
                  runstates.CANCELLED: "cancelled"}.get(state)
+        self._finish(run, state, exit_code=exit_code, error=error)
+
+    def _finish(self, run: Run, state: str, exit_code: int | None = None, error: str | None = None) -> None:
+        """End a run's claim, then its log and status, if the claim is still this runner's."""
+        if run.fenced or not self.claims.move(run.run_id, state=state):
+            log.warning("run %s ended here as %s, but another runner owns it now: not reported", run.run_id, state)
+            return
+        if error and state == runstates.FAILED:
+            self._log(run, "exception", error)
+        self._log(run, "exit_status", "success" if state == runstates.SUCCEEDED else "failed")
         self._publish_status(run, state, exit_code=exit_code, error=error, finished=True)
 
     def _stream_output(self, run: Run) -> None:
@@ -421,16 +499,26 @@ class Runner:
     # --- publishing -------------------------------------------------------------------------
 
     def _log(self, run: Run, entry_type: str, data: str) -> None:
+        if run.fenced:
+            return
         run.seq += 1
-        entry = LogEntry(run.run_id, run.seq, self.clock(), entry_type, data)
-        self.bus.publish(self.topics.build("run_log", run.run_id), entry.to_payload())
+        now = self.clock()
+        topic, payload = self.topics.build("run_log", run.run_id), LogEntry(run.run_id, run.seq, now, entry_type,
+                                                                            data).to_payload()
+        self.outbox.add_entry(run.run_id, run.seq, topic, payload, now)  # held before it can be confirmed
+        self.bus.publish(topic, payload)
 
     def _publish_status(self, run: Run, state: str, exit_code: int | None = None,
                         error: str | None = None, finished: bool = False) -> None:
+        if run.fenced:
+            return
+        now = self.clock()
         status = RunStatus(run.run_id, run.request.script, run.request.params, state, self.config.runner_id,
-                           exit_code, run.queued_at, run.started_at, self.clock() if finished else None,
+                           exit_code, run.queued_at, run.started_at, now if finished else None,
                            error, run.request.requested_by)
-        self.bus.publish(self.topics.build("run_status", run.run_id), status.to_payload())
+        topic, payload = self.topics.build("run_status", run.run_id), status.to_payload()
+        self.outbox.add_status(run.run_id, state, topic, payload, now)
+        self.bus.publish(topic, payload)
 
     def _state_payload(self) -> bytes:
         with self._changed:

@@ -127,7 +127,7 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
 def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_node(tmp_path):
     # Otherwise a rename or delete the api publishes at once could reach the broker first,
     # and this blank meta would then overwrite it.
-    from api.recorder import Recorder
+    from recorder.service import Recorder
     from conftest import wait_until
     from hacer.messages import NodeMeta
     database = Database(f"sqlite:///{tmp_path / 'recorder.db'}")
@@ -163,7 +163,7 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
 def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(tmp_path, database, request):
     # Two recorders share the work: one may read a run, then the other finish it, then the
     # first apply an older status. The batch's steps are driven by hand to put them in that order.
-    from api.recorder import Recorder
+    from recorder.service import Recorder
     from hacer import runstates
     from hacer.messages import RunStatus
     from hacer.models import Run

@@ -57,7 +57,7 @@ def runner_env(hacer_env, scripts_dir):
         "HACER_SCRIPTS_DIR": str(scripts_dir),
         "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
         "HACER_CANCEL_GRACE": "1",
-        "HACER_RUNNER_TAKEOVER": "0.5",
+        "HACER_RUNNER_TAKEOVER": "3",
         "HACER_OFFLINE_AFTER": "30",
     })
     return hacer_env
@@ -561,3 +561,116 @@ def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp
         assert "cancelling run" in err and err.rstrip().endswith(" cancelled"), err
     finally:
         child.kill()
+
+
+# --- fences, refusals, resends (issue: nothing lost, exactly once) ----------------------------
+
+def runner_database(env):
+    from hacer.models import Database
+    from hacer.settings import Settings
+    return Database(Settings.from_env(env).database_url)
+
+
+def test_a_forged_offline_message_takes_nothing_over(start_runner, requester, runs, tmp_path, runner_env):
+    # Runner A holds 4 running and 2 queued runs; anyone publishes "A is offline" on its topic.
+    first = start_runner(HACER_RUNNER_CAPACITY="4")
+    pipes = [fifo(tmp_path, f"f{i}") for i in range(6)]
+    run_ids = [requester("block", [str(p)]) for p in pipes]
+    for run_id in run_ids[:4]:
+        runs.wait_state(run_id, runstates.RUNNING)
+    second = start_runner(HACER_RUNNER_CAPACITY="4")
+    forged = RunnerState(first.runner_id, "offline").to_payload()
+    requester.bus.publish(f"hacer/runners/{first.runner_id}/state", forged, retain=True)
+    # Nothing to await: takeover would come within HACER_RUNNER_TAKEOVER (3 s); give it twice that.
+    marker = requester("test", ["marker"])
+    runs.wait_finished(marker)
+    threading.Event().wait(2 * float(runner_env["HACER_RUNNER_TAKEOVER"]))
+    for pipe in pipes:
+        release(pipe)
+    finished = [runs.wait_finished(r, timeout=30) for r in run_ids]
+    assert [s.state for s in finished] == [runstates.SUCCEEDED] * 6
+    assert {s.runner for s in finished} == {first.runner_id}, "the forged message moved runs"
+    for run_id in run_ids:
+        assert [e for e, _ in runs.log_of(run_id)].count("launch") == 1
+        assert runstates.LOST not in [s.state for s in runs.statuses(run_id)]
+    assert second.process.poll() is None
+
+
+def test_a_runner_that_stops_beating_is_taken_over_and_ends_a_run_taken_from_it(start_runner, requester, runs,
+                                                                                tmp_path, runner_env):
+    # A frozen runner (SIGSTOP: no heartbeat, still connected) loses its runs to the other; when
+    # it wakes up it finds its claim taken, kills that run and publishes nothing more of it.
+    frozen = start_runner(HACER_RUNNER_CAPACITY="1")
+    pid_file = tmp_path / "pids"
+    held = requester("family", [str(pid_file)])
+    runs.wait_entry(held, lambda e: e.data == "family ready")
+    script_pid = int(pid_file.read_text().split()[0])
+    waiting = requester("test", ["after"])
+    runs.wait_state(waiting, runstates.QUEUED)
+    survivor = start_runner()
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        lost = runs.wait_finished(held, timeout=30)
+        assert lost.state == runstates.LOST and lost.runner == survivor.runner_id
+        resumed = runs.wait_finished(waiting, timeout=30)
+        assert resumed.state == runstates.SUCCEEDED and resumed.runner == survivor.runner_id
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: not _alive(script_pid), 20, "the taken run's script to be ended by its old runner")
+    marker = requester("test", ["marker"])
+    runs.wait_finished(marker)
+    assert [s.state for s in runs.statuses(held)][-1] == runstates.LOST, "the old runner reported the run"
+    assert "taken over" in frozen.output()
+
+
+def test_a_request_reusing_a_live_run_id_cannot_write_into_it(start_runner, requester, runs, tmp_path):
+    start_runner()
+    pipe = fifo(tmp_path, "live")
+    live = requester("block", [str(pipe)])
+    runs.wait_entry(live, lambda e: e.data.startswith("waiting"))
+    requester("no_such_script", run_id=live)
+    requester.bus.publish("hacer/runs/request", json.dumps({"run_id": live, "script": ""}))
+    marker = requester("test", ["marker"])
+    runs.wait_finished(marker)
+    release(pipe)
+    assert runs.wait_finished(live).state == runstates.SUCCEEDED
+    assert [s.state for s in runs.statuses(live)] == [runstates.QUEUED, runstates.RUNNING, runstates.SUCCEEDED]
+    assert [kind for kind, _ in runs.log_of(live)] == ["launch", "output", "output", "exit_status"]
+
+
+def test_a_bad_request_with_a_readable_run_id_gets_its_failed_status(start_runner, requester, runs):
+    start_runner()
+    requester.bus.publish("hacer/runs/request", json.dumps({"run_id": "empty-script", "script": ""}))
+    status = runs.wait_finished("empty-script")
+    assert status.state == runstates.FAILED and "script" in status.error
+    assert [kind for kind, _ in runs.log_of("empty-script")] == ["exception", "exit_status"]
+
+
+def test_a_locked_database_fails_the_request_with_its_reason(start_runner, requester, runs, runner_env):
+    import sqlite3
+    start_runner(HACER_DATABASE_TIMEOUT="0.2")
+    lock = sqlite3.connect(runner_env["HADB_PATH"], isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        run_id = requester("test", ["x"])
+        status = runs.wait_finished(run_id, timeout=30)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert status.state == runstates.FAILED and "database" in status.error
+    after = requester("test", ["y"])
+    assert runs.wait_finished(after).state == runstates.SUCCEEDED
+
+
+def test_the_run_command_sends_its_request_until_a_runner_takes_it(start_runner, runner_env, tmp_path):
+    # No runner has ever subscribed on this broker, so the first request is dropped by the broker.
+    follow = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "test", "late"],
+                              env=runner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        follow.stderr.readline()  # "run <id>: test late": the request is out
+        start_runner()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, err
+    assert "late" in out

@@ -3,10 +3,19 @@
 It subscribes through the shared subscription `$share/hacer-recorders/...` on a durable session,
 so a recorder that was down catches up and two recorders never write a message twice. Messages
 are written in batches, one transaction each, and acknowledged to the broker only after the
-commit: a crash loses nothing (the broker delivers them again; writes are idempotent).
+commit: a crash loses nothing (the broker delivers them again; writes are idempotent). After
+each commit it says on `runs/<run_id>/recorded` what it holds of every run the batch touched
+(log entries 1..seq without a gap, and the run's state), so runners can let go of what they
+hold and send again what is missing.
 
-It runs in its own process with plain threads (`manage.py recorder`, or started by
-`manage.py api`), so blocking database calls never stall the api's eventlet hub.
+A message that cannot be written (a payload that fails its checks, or one the database refuses)
+is set aside in `dead_letter` and acknowledged, never retried forever: a failing batch is written
+again one message at a time to find it. A log entry set aside this way leaves a placeholder
+entry, so the run's log keeps its numbering without a gap. Database errors that pass (a locked
+or full database, a lost connection) are retried, with the batch kept.
+
+It runs in its own process with plain threads (`manage.py recorder`), so blocking database
+calls never stall the api's eventlet hub.
 """
 from __future__ import annotations
 
@@ -20,13 +29,14 @@ from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.bus import Bus, Message
-from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RunnerState, RunRequest,
-                            RunStatus)
-from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
+from hacer.bus import Bus, BusError, Message
+from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RecorderState, RunnerState,
+                            RunRecorded, RunRequest, RunStatus)
+from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -36,6 +46,8 @@ BATCH_LIMIT = 2000
 GATHER_SECONDS = 0.01
 META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's meta
 RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_status", "run_log")
+DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
+STATE_EVERY = 5.0  # seconds between republished counters
 
 
 def utc(timestamp: float | None) -> datetime | None:
@@ -56,15 +68,18 @@ def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str
 class Recorder:
     """See the module docstring. Does nothing until start()."""
 
-    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], *,
+    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], *, recorder_id: str = "recorder",
                  rescue_after: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         self.bus = bus
         self.topics = topics
         self.sessions = sessions
+        self.recorder_id = recorder_id
         self.rescue_after = rescue_after
         self.clock = clock
         self.written = 0
         self.rescued = 0
+        self.set_aside = 0
+        self._watermarks: dict[str, int] = {}  # run id -> log entries 1..n known written
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._online_runners: set[str] = set()
         self._stopping = threading.Event()
@@ -84,6 +99,7 @@ class Recorder:
             self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.filter(name)), self._inbox.put,
                                manual_ack=True)
         self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
+        self.bus.birth = self._state_payload()
         for target, name in ((self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -97,10 +113,15 @@ class Recorder:
             thread.join(10)
         self.bus.stop()
 
+    def _state_payload(self) -> bytes:
+        return RecorderState(self.recorder_id, "online", self.written, self.set_aside).to_payload()
+
     def _on_runner_state(self, message: Message) -> None:
         try:
             state = RunnerState.from_payload(message.payload)
-        except MessageError:
+            if self.topics.parse(message.topic)[1] != state.runner:
+                raise MessageError("the topic names another runner")
+        except (MessageError, TopicError):
             return
         if state.state == "online":
             self._online_runners.add(state.runner)
@@ -111,7 +132,11 @@ class Recorder:
 
     def _write_loop(self) -> None:
         pending: list[Message] = []
+        state_due = time.monotonic() + STATE_EVERY
         while not (self._stopping.is_set() and self._inbox.empty() and not pending):
+            if time.monotonic() > state_due:
+                self._publish_state()
+                state_due = time.monotonic() + STATE_EVERY
             if not pending:
                 try:
                     pending.append(self._inbox.get(timeout=0.2))
@@ -125,7 +150,7 @@ class Recorder:
                 except queue.Empty:
                     break
             try:
-                self._write(pending)
+                self._write_batch(pending)
             except Exception:
                 log.exception("writing %d message(s) failed; trying again", len(pending))
                 self._stopping.wait(1.0)
@@ -135,19 +160,40 @@ class Recorder:
             self.written += len(pending)
             pending = []
 
-    def _write(self, messages: list[Message]) -> None:
-        """Apply a batch in one transaction."""
+    def _write_batch(self, messages: list[Message]) -> None:
+        """Write a batch in one transaction; if the database refuses it, one message at a time."""
+        try:
+            self._publish_recorded(self._write(messages))
+            return
+        except (OperationalError, InterfaceError, BusError):
+            raise  # passing trouble (locked, full, connection lost, broker away): the whole batch again
+        except (StatementError, ValueError) as exc:
+            log.warning("a batch of %d failed (%s); writing its messages one at a time", len(messages), exc)
+        for message in messages:
+            try:
+                self._publish_recorded(self._write([message]))
+            except (OperationalError, InterfaceError, BusError):
+                raise
+            except (StatementError, ValueError) as exc:
+                self._set_aside([(message, f"the database refused it: {exc}")])
+
+    def _write(self, messages: list[Message]) -> dict[str, Run]:
+        """Apply messages in one transaction; return the runs they touched."""
         new_nodes: list[Node] = []
+        bad: list[tuple[Message, str]] = []
         with self.sessions() as session:
             runs: dict[str, Run] = {}
             entries: list[dict[str, Any]] = []
             last_seen: dict[int, float] = {}
             for message in messages:
                 try:
-                    name, _ = self.topics.parse(message.topic)
+                    name, arg = self.topics.parse(message.topic)
                     if name == "node_presence":
                         if message.payload:
-                            new = self._presence(session, Presence.from_payload(message.payload))
+                            presence = Presence.from_payload(message.payload)
+                            if str(presence.id) != arg:
+                                raise MessageError("the topic names another node")
+                            new = self._presence(session, presence)
                             if new is not None:
                                 new_nodes.append(new)
                     elif name == "bridge_lastseen":
@@ -155,11 +201,14 @@ class Recorder:
                     elif name == "run_request":
                         self._request(session, runs, message.payload)
                     elif name == "run_status":
-                        self._status(session, runs, RunStatus.from_payload(message.payload))
+                        status = RunStatus.from_payload(message.payload)
+                        if status.run_id != arg:
+                            raise MessageError("the topic names another run")
+                        self._status(session, runs, status)
                     elif name == "run_log":
-                        entries.append(self._entry(session, runs, LogEntry.from_payload(message.payload)))
+                        entries.append(self._entry(session, runs, self._log_entry(arg, message, bad)))
                 except (MessageError, TopicError) as exc:
-                    log.warning("not recorded: %s: %s (%r)", message.topic, exc, message.payload[:200])
+                    bad.append((message, str(exc)))
             session.flush()
             contexts = {run_id: self._context(runs, run_id) for run_id in {e["run_id"] for e in entries}}
             for entry in entries:
@@ -167,11 +216,72 @@ class Recorder:
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             if last_seen:
                 self._last_seen(session, last_seen)
-            # A new node's meta is at the broker before the api can see the node: a rename or
-            # delete the api publishes once it does is never overtaken by this first meta.
-            self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
-                                        for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
+            self._add_dead_letters(session, bad)
+            if new_nodes:
+                # A new node's meta is at the broker before the api can see the node: a rename or
+                # delete the api publishes once it does is never overtaken by this first meta.
+                self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
+                                            for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
+        return runs
+
+    def _log_entry(self, run_id: str | None, message: Message, bad: list[tuple[Message, str]]) -> LogEntry:
+        """The entry of a log message; one that fails its checks but names its place becomes a placeholder."""
+        try:
+            entry = LogEntry.from_payload(message.payload)
+            if entry.run_id != run_id:
+                raise MessageError("the topic names another run")
+            return entry
+        except MessageError as exc:
+            seq = _seq_of(message.payload)
+            if run_id is None or seq is None:
+                raise
+            bad.append((message, str(exc)))
+            return LogEntry(run_id, seq, self.clock(), "exception", f"[hacer: entry {seq} set aside by the "
+                            f"recorder: {str(exc)[:200]}]")
+
+    def _set_aside(self, bad: list[tuple[Message, str]]) -> None:
+        with self.sessions() as session:
+            self._add_dead_letters(session, bad)
+            session.commit()
+
+    def _add_dead_letters(self, session: Session, bad: list[tuple[Message, str]]) -> None:
+        for message, why in bad:
+            log.warning("set aside %s: %s (%r)", message.topic[:200], why, message.payload[:200])
+            session.add(DeadLetter(topic=message.topic[:512], payload=repr(message.payload[:DEAD_LETTER_BYTES]),
+                                   error=why[:2000], recorder=self.recorder_id, at=utc_datetime(self.clock())))
+        self.set_aside += len(bad)
+
+    def _publish_recorded(self, runs: dict[str, Run]) -> None:
+        """Say what is written of each run a batch touched (QoS 0: a lost one only costs a resend)."""
+        if not runs:
+            return
+        with self.sessions() as session:
+            for run_id, run in runs.items():
+                seq = self._watermark(session, run_id, run.id)
+                self.bus.publish(self.topics.build("run_recorded", run_id),
+                                 RunRecorded(run_id, seq, run.state).to_payload(), qos=0)
+
+    def _watermark(self, session: Session, run_id: str, thread_id: int) -> int:
+        """The n such that log entries 1..n of a run are all written (read on from the last known n)."""
+        known = self._watermarks.get(run_id, 0)
+        for seq in session.scalars(select(ScriptLogEntry.seq).where(
+                ScriptLogEntry.thread_id == thread_id, ScriptLogEntry.seq > known).order_by(ScriptLogEntry.seq)):
+            if seq != known + 1:
+                break
+            known = seq
+        if len(self._watermarks) > 100_000:
+            self._watermarks.clear()
+        self._watermarks[run_id] = known
+        return known
+
+    def _publish_state(self) -> None:
+        self.bus.birth = self._state_payload()
+        try:
+            self.bus.publish(self.topics.build("recorder_state", self.recorder_id), self.bus.birth, retain=True,
+                             block=False)
+        except BusError:
+            pass  # not started yet, or stopping
 
     def _presence(self, session: Session, presence: Presence) -> Node | None:
         node = session.get(Node, presence.id)
@@ -215,7 +325,7 @@ class Recorder:
             return  # the runner names it; its status creates the row
         run = self._run(session, runs, request.run_id)
         if not run.request:
-            run.request = payload.decode()
+            run.request = request.to_payload().decode()
             run.script = run.script or request.script
             if run.params == "[]":
                 run.params = json.dumps(list(request.params))
@@ -230,11 +340,10 @@ class Recorder:
                   "queued_at": utc(status.queued_at) or run.queued_at,
                   "started_at": utc(status.started_at) or run.started_at,
                   "finished_at": utc(status.finished_at) or run.finished_at}
-        guard = Run.id == run.id
-        if status.state not in runstates.FINISHED_STATES:
-            # A late status never reopens a finished run. Checked by the UPDATE itself, not on the
-            # row read earlier: another recorder may have finished the run since that read.
-            guard &= Run.state.not_in(runstates.FINISHED_STATES)
+        # A finished run never changes again: a late status cannot reopen it, and its first end
+        # stays (the claims make sure only one runner ends a run). Checked by the UPDATE itself,
+        # not on the row read earlier: another recorder may have finished the run since that read.
+        guard = (Run.id == run.id) & Run.state.not_in(runstates.FINISHED_STATES)
         session.execute(update(Run).where(guard).values(values).execution_options(synchronize_session=False))
         session.refresh(run)
 
@@ -280,3 +389,12 @@ class Recorder:
                 self.rescued += 1
             session.commit()
 
+
+
+def _seq_of(payload: bytes) -> int | None:
+    """The seq of a log payload that may be bad otherwise."""
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if type(seq) is int and 1 <= seq < 2**31 else None

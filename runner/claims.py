@@ -1,0 +1,121 @@
+"""The runners' claims and heartbeats in the database: who owns each run, decided by fences.
+
+A claim is a row keyed by run id: inserting it is what makes a run id run once. Every later
+change is a conditional UPDATE naming the owner and the state it expects, and tells whether it
+matched, so a runner acts on a run only while the database says the run is its own. Whether
+another runner is gone is read from its heartbeat counter here, never from a bus message: a
+runner whose counter has not moved for `takeover_after` seconds (of the watcher's own clock, so
+clocks need not agree) is taken over.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hacer import runstates
+from hacer.models import RunClaim, RunnerHeartbeat, utc_datetime
+
+ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
+
+
+class AlreadyClaimed(Exception):
+    """The run id has a claim already: a duplicate delivery, or a run id used again."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim as read from the database."""
+
+    run_id: str
+    runner_id: str
+    state: str
+    request: str
+    claimed_at: float
+
+
+class ClaimStore:
+    """See the module docstring; `runner_id` is the runner this store acts for."""
+
+    def __init__(self, sessions: sessionmaker[Session], runner_id: str,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.sessions = sessions
+        self.runner_id = runner_id
+        self.clock = clock
+        self.monotonic = monotonic
+        self._observed: dict[str, tuple[int, float]] = {}  # runner -> (beat, when it last moved)
+
+    def claim(self, run_id: str, request: str, state: str = runstates.QUEUED) -> None:
+        """Insert the claim of `run_id` for this runner; raise AlreadyClaimed if it has one."""
+        now = utc_datetime(self.clock())
+        try:
+            with self.sessions() as session:
+                session.add(RunClaim(run_id=run_id, runner_id=self.runner_id, state=state, request=request,
+                                     claimed_at=now, updated_at=now))
+                session.commit()
+        except IntegrityError:
+            raise AlreadyClaimed(run_id) from None
+
+    def move(self, run_id: str, *, owner: str | None = None, from_states: tuple[str, ...] = ACTIVE_STATES,
+             state: str | None = None, new_owner: str | None = None) -> bool:
+        """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`."""
+        values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
+        if state:
+            values["state"] = state
+        if new_owner:
+            values["runner_id"] = new_owner
+        with self.sessions() as session:
+            result = session.execute(update(RunClaim).where(
+                RunClaim.run_id == run_id, RunClaim.runner_id == (owner or self.runner_id),
+                RunClaim.state.in_(from_states)).values(**values))
+            session.commit()
+            return result.rowcount == 1  # type: ignore[attr-defined]
+
+    def active_claims(self, runner_id: str) -> list[Claim]:
+        """The queued and running claims of `runner_id`."""
+        with self.sessions() as session:
+            rows = session.scalars(select(RunClaim).where(
+                RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))).all()
+        return [Claim(r.run_id, r.runner_id, r.state, r.request, r.claimed_at.timestamp()) for r in rows]
+
+    def taken(self, run_ids: list[str]) -> list[str]:
+        """Those of `run_ids` taken from this runner: another runner owns them, or reported them lost."""
+        if not run_ids:
+            return []
+        with self.sessions() as session:
+            return list(session.scalars(select(RunClaim.run_id).where(
+                RunClaim.run_id.in_(run_ids),
+                (RunClaim.runner_id != self.runner_id) | (RunClaim.state == runstates.LOST))))
+
+    def beat(self) -> None:
+        """Move this runner's heartbeat counter on."""
+        now = utc_datetime(self.clock())
+        with self.sessions() as session:
+            result = session.execute(update(RunnerHeartbeat).where(RunnerHeartbeat.runner_id == self.runner_id)
+                                     .values(beat=RunnerHeartbeat.beat + 1, beat_at=now))
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                session.add(RunnerHeartbeat(runner_id=self.runner_id, beat=1, beat_at=now))
+            try:
+                session.commit()
+            except IntegrityError:  # another process of the same id inserted it first
+                session.rollback()
+
+    def silent_runners(self, takeover_after: float) -> list[str]:
+        """Other runners whose heartbeat has not moved for `takeover_after` seconds, as seen from here."""
+        with self.sessions() as session:
+            beats = dict(session.execute(select(RunnerHeartbeat.runner_id, RunnerHeartbeat.beat)).tuples().all())
+        now = self.monotonic()
+        silent = []
+        for runner_id, beat in beats.items():
+            if runner_id == self.runner_id:
+                continue
+            seen = self._observed.get(runner_id)
+            if seen is None or seen[0] != beat:
+                self._observed[runner_id] = (beat, now)
+            elif now - seen[1] >= takeover_after:
+                silent.append(runner_id)
+        return silent
