@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint,
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event, select, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -144,6 +144,22 @@ class RunnerHeartbeat(Base):
     runner_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     beat: Mapped[int] = mapped_column(BigInteger, default=0)
     beat_at: Mapped[datetime] = mapped_column(DateTime)  # for people: the runner's clock
+
+
+class RunOutbox(Base):
+    """A run's status or log entry a runner published and no recorder has confirmed yet (runner/outbox.py)."""
+
+    __tablename__ = "run_outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runner_id: Mapped[str] = mapped_column(String(128), index=True)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    seq: Mapped[int] = mapped_column(Integer)  # 0: the run's latest status; else the log entry's seq
+    state: Mapped[str] = mapped_column(String(16), default="")  # of a status
+    topic: Mapped[str] = mapped_column(String(512))
+    payload: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer)
+    sent_at: Mapped[float] = mapped_column(Float)  # Unix time of the last send
+    sends: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class DeadLetter(Base):

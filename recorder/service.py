@@ -177,8 +177,8 @@ class Recorder:
             except (StatementError, ValueError) as exc:
                 self._set_aside([(message, f"the database refused it: {exc}")])
 
-    def _write(self, messages: list[Message]) -> dict[str, Run]:
-        """Apply messages in one transaction; return the runs they touched."""
+    def _write(self, messages: list[Message]) -> set[str]:
+        """Apply messages in one transaction; return the ids of the runs they touched."""
         new_nodes: list[Node] = []
         bad: list[tuple[Message, str]] = []
         with self.sessions() as session:
@@ -223,7 +223,7 @@ class Recorder:
                 self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
                                             for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
-        return runs
+        return set(runs) | set(contexts)
 
     def _log_entry(self, run_id: str | None, message: Message, bad: list[tuple[Message, str]]) -> LogEntry:
         """The entry of a log message; one that fails its checks but names its place becomes a placeholder."""
@@ -252,15 +252,16 @@ class Recorder:
                                    error=why[:2000], recorder=self.recorder_id, at=utc_datetime(self.clock())))
         self.set_aside += len(bad)
 
-    def _publish_recorded(self, runs: dict[str, Run]) -> None:
+    def _publish_recorded(self, run_ids: set[str]) -> None:
         """Say what is written of each run a batch touched (QoS 0: a lost one only costs a resend)."""
-        if not runs:
+        if not run_ids:
             return
         with self.sessions() as session:
-            for run_id, run in runs.items():
-                seq = self._watermark(session, run_id, run.id)
+            rows = session.execute(select(Run.run_id, Run.id, Run.state).where(Run.run_id.in_(run_ids))).all()
+            for run_id, thread_id, state in rows:
+                seq = self._watermark(session, run_id, thread_id)
                 self.bus.publish(self.topics.build("run_recorded", run_id),
-                                 RunRecorded(run_id, seq, run.state).to_payload(), qos=0)
+                                 RunRecorded(run_id, seq, state).to_payload(), qos=0)
 
     def _watermark(self, session: Session, run_id: str, thread_id: int) -> int:
         """The n such that log entries 1..n of a run are all written (read on from the last known n)."""

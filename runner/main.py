@@ -50,7 +50,8 @@ def build_runner(settings: Settings) -> Runner:
                           default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
                           takeover_after=settings.runner_takeover, resend_after=settings.resend_after,
                           script_env=script_env)
-    outbox = Outbox(resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes)
+    outbox = Outbox(database.session, settings.runner_id, resend_after=settings.resend_after,
+                    max_bytes=settings.runner_outbox_bytes)
     return Runner(bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir),
                   config, outbox)
 

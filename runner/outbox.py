@@ -1,156 +1,163 @@
-"""What a runner has published of its runs and no recorder has confirmed yet, to send again.
+"""What runners have published of their runs and no recorder has confirmed yet, kept in the database.
 
 The broker acknowledges a publish before it saves it, so a broker that dies can lose a run's
-last status or log lines after the runner saw them acknowledged. The runner therefore keeps
-each run's latest status and its unconfirmed log entries until a recorder says (on
-`runs/<run_id>/recorded`) that it has written them: log entries 1..seq, and which state.
-What is still unconfirmed is sent again after every reconnect and, while a recorder is online,
-when it has waited `resend_after` seconds.
+last status or log lines after the runner saw them acknowledged; and a runner that dies takes
+its memory with it. So a runner writes each log entry and each run's latest status into
+`run_outbox` before it publishes them, and deletes them when a recorder says (on
+`runs/<run_id>/recorded`) that it has written them: log entries 1..seq, and which state. What is
+still held is sent again after every reconnect and, while a recorder is online, once it has
+waited `resend_after` seconds; a runner that takes over a dead one adopts its rows and sends
+them, so a run that ended just before its runner died still reaches the database whole.
 
-Memory is bounded: past `max_bytes` held, the oldest runs' entries are let go (counted in
-`dropped`); they were published once and wait in the recorders' broker session for them. A
-message sent `max_sends` times without a confirmation is let go too (counted), so a message a
-recorder cannot write is never sent forever.
+Bounded: past `max_bytes` held by one runner, its oldest log entries are let go (counted in
+`dropped`; they were published once and may still wait in a recorder's broker session); a row
+sent `max_sends` times without a confirmation is let go too (`gave_up`), so a message no
+recorder can write is never sent forever.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import queue
+import time
+from typing import Callable
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
 from hacer.messages import RunRecorded
+from hacer.models import RunOutbox
 
-
-@dataclass
-class _Held:
-    topic: str
-    payload: bytes
-    sent_at: float
-    sends: int = 1
-
-
-@dataclass
-class _HeldRun:
-    entries: OrderedDict[int, _Held] = field(default_factory=OrderedDict)
-    status: _Held | None = None
-    state: str = ""
+STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entries 1..n
 
 
 class Outbox:
-    """See the module docstring. Thread-safe: workers add, the bus thread confirms."""
+    """See the module docstring; `runner_id` is the runner this outbox acts for. Thread-safe."""
 
-    def __init__(self, *, resend_after: float = 5.0, max_bytes: int = 64 * 1024 * 1024, max_sends: int = 20) -> None:
+    def __init__(self, sessions: sessionmaker[Session], runner_id: str, *, resend_after: float = 5.0,
+                 max_bytes: int = 64 * 1024 * 1024, max_sends: int = 20,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.sessions = sessions
+        self.runner_id = runner_id
         self.resend_after = resend_after
         self.max_bytes = max_bytes
         self.max_sends = max_sends
-        self.held_bytes = 0
+        self.clock = clock
         self.dropped = 0
         self.gave_up = 0
-        self._runs: OrderedDict[str, _HeldRun] = OrderedDict()
-        self._lock = threading.Lock()
+        self._confirmations: queue.SimpleQueue[RunRecorded] = queue.SimpleQueue()
+        self._held_runs: set[str] = set()  # runs this runner holds rows of (so others' confirmations cost nothing)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._runs)
+    def hold_entries(self, run_id: str, entries: list[tuple[int, str, bytes]]) -> None:
+        """Keep (seq, topic, payload) log entries about to be published."""
+        now = self.clock()
+        self._held_runs.add(run_id)
+        with self.sessions() as session:
+            session.execute(insert(RunOutbox), [
+                {"runner_id": self.runner_id, "run_id": run_id, "seq": seq, "state": "", "topic": topic,
+                 "payload": payload.decode(), "size": len(payload), "sent_at": now, "sends": 1}
+                for seq, topic, payload in entries])
+            session.commit()
 
-    def add_entry(self, run_id: str, seq: int, topic: str, payload: bytes, now: float) -> None:
-        """Hold a log entry just published."""
-        with self._lock:
-            run = self._run(run_id)
-            run.entries[seq] = _Held(topic, payload, now)
-            self.held_bytes += len(payload)
-            self._bound()
-
-    def add_status(self, run_id: str, state: str, topic: str, payload: bytes, now: float) -> None:
-        """Hold a run's latest status just published (it replaces the one held before)."""
-        with self._lock:
-            run = self._run(run_id)
-            if run.status is not None:
-                self.held_bytes -= len(run.status.payload)
-            run.status, run.state = _Held(topic, payload, now), state
-            self.held_bytes += len(payload)
-            self._bound()
+    def hold_status(self, run_id: str, state: str, topic: str, payload: bytes) -> None:
+        """Keep a run's latest status about to be published (it replaces the one held before)."""
+        self._held_runs.add(run_id)
+        with self.sessions() as session:
+            session.execute(delete(RunOutbox).where(RunOutbox.run_id == run_id, RunOutbox.seq == STATUS_SEQ))
+            session.add(RunOutbox(runner_id=self.runner_id, run_id=run_id, seq=STATUS_SEQ, state=state, topic=topic,
+                                  payload=payload.decode(), size=len(payload), sent_at=self.clock(), sends=1))
+            session.commit()
 
     def confirm(self, recorded: RunRecorded) -> None:
-        """Let go of what a recorder has written."""
-        with self._lock:
-            run = self._runs.get(recorded.run_id)
-            if run is None:
-                return
-            while run.entries:
-                seq = next(iter(run.entries))
-                if seq > recorded.seq:
-                    break
-                self.held_bytes -= len(run.entries.pop(seq).payload)
-            # A finished row never changes again (the recorder keeps the first end), so it confirms any status.
-            if run.status is not None and (recorded.state == run.state
-                                           or recorded.state in runstates.FINISHED_STATES):
-                self.held_bytes -= len(run.status.payload)
-                run.status = None
-            self._forget_if_done(recorded.run_id, run)
+        """Note what a recorder has written (from the bus thread: applied later by apply())."""
+        if recorded.run_id in self._held_runs:
+            self._confirmations.put(recorded)
+
+    def apply(self) -> None:
+        """Let go of what recorders confirmed since the last call."""
+        confirmed: dict[str, RunRecorded] = {}
+        while True:
+            try:
+                recorded = self._confirmations.get_nowait()
+            except queue.Empty:
+                break
+            known = confirmed.get(recorded.run_id)
+            if known is None or recorded.seq >= known.seq:
+                confirmed[recorded.run_id] = recorded
+        if not confirmed:
+            return
+        with self.sessions() as session:
+            for recorded in confirmed.values():
+                session.execute(delete(RunOutbox).where(RunOutbox.run_id == recorded.run_id,
+                                                        RunOutbox.seq > STATUS_SEQ, RunOutbox.seq <= recorded.seq))
+                status = delete(RunOutbox).where(RunOutbox.run_id == recorded.run_id, RunOutbox.seq == STATUS_SEQ)
+                # A finished row never changes again (the recorder keeps the first end): it confirms any status.
+                if recorded.state not in runstates.FINISHED_STATES:
+                    status = status.where(RunOutbox.state == recorded.state)
+                session.execute(status)
+            left = set(session.scalars(select(RunOutbox.run_id).where(RunOutbox.run_id.in_(list(confirmed)))))
+            session.commit()
+        self._held_runs -= set(confirmed) - left
 
     def forget(self, run_id: str) -> None:
         """Stop holding a run (another runner owns it now)."""
-        with self._lock:
-            run = self._runs.pop(run_id, None)
-            if run is not None:
-                self.held_bytes -= sum(len(h.payload) for h in self._held(run))
+        with self.sessions() as session:
+            session.execute(delete(RunOutbox).where(RunOutbox.run_id == run_id, RunOutbox.runner_id == self.runner_id))
+            session.commit()
+        self._held_runs.discard(run_id)
 
-    def due(self, now: float, everything: bool = False) -> list[tuple[str, bytes]]:
-        """The (topic, payload) pairs to send again now, entries before their status, counted as sent."""
-        out: list[tuple[str, bytes]] = []
-        with self._lock:
-            for run_id, run in list(self._runs.items()):
-                for held in self._held(run):
-                    if not everything and now - held.sent_at < self.resend_after:
-                        continue
-                    if held.sends >= self.max_sends:
-                        self._let_go(run, held)
-                        self.gave_up += 1
-                        continue
-                    held.sends += 1
-                    held.sent_at = now
-                    out.append((held.topic, held.payload))
-                self._forget_if_done(run_id, run)
-        return out
+    def adopt(self, runner_id: str) -> int:
+        """Take over what `runner_id` (gone, or this runner's earlier process) still holds; return how many rows."""
+        with self.sessions() as session:
+            run_ids = set(session.scalars(select(RunOutbox.run_id).where(RunOutbox.runner_id == runner_id)))
+            if run_ids and runner_id != self.runner_id:
+                session.execute(update(RunOutbox).where(RunOutbox.runner_id == runner_id)
+                                .values(runner_id=self.runner_id, sent_at=0.0))
+                session.commit()
+        self._held_runs |= run_ids
+        return len(run_ids)
+
+    def due(self, everything: bool = False) -> list[tuple[str, bytes]]:
+        """The (topic, payload) pairs to send again now, in the order they were held, counted as sent."""
+        now = self.clock()
+        with self.sessions() as session:
+            query = select(RunOutbox.id, RunOutbox.topic, RunOutbox.payload, RunOutbox.sends).where(
+                RunOutbox.runner_id == self.runner_id).order_by(RunOutbox.run_id, RunOutbox.seq == STATUS_SEQ,
+                                                                RunOutbox.seq)
+            if not everything:
+                query = query.where(RunOutbox.sent_at <= now - self.resend_after)
+            rows = session.execute(query).all()
+            if not rows:
+                return []
+            given_up = [row.id for row in rows if row.sends >= self.max_sends]
+            sending = [row for row in rows if row.sends < self.max_sends]
+            session.execute(delete(RunOutbox).where(RunOutbox.id.in_(given_up)))
+            session.execute(update(RunOutbox).where(RunOutbox.id.in_([row.id for row in sending]))
+                            .values(sent_at=now, sends=RunOutbox.sends + 1))
+            session.commit()
+        self.gave_up += len(given_up)
+        return [(row.topic, row.payload.encode()) for row in sending]
+
+    def bound(self) -> None:
+        """Let go of this runner's oldest log entries past max_bytes (statuses are small and kept)."""
+        with self.sessions() as session:
+            mine = RunOutbox.runner_id == self.runner_id
+            total = session.scalar(select(func.coalesce(func.sum(RunOutbox.size), 0)).where(mine)) or 0
+            if total <= self.max_bytes:
+                return
+            doomed, excess = [], total - self.max_bytes
+            for row_id, size in session.execute(select(RunOutbox.id, RunOutbox.size).where(
+                    mine, RunOutbox.seq > STATUS_SEQ).order_by(RunOutbox.id)):
+                if excess <= 0:
+                    break
+                doomed.append(row_id)
+                excess -= size
+            session.execute(delete(RunOutbox).where(RunOutbox.id.in_(doomed)))
+            session.commit()
+        self.dropped += len(doomed)
 
     def held(self, run_id: str) -> tuple[list[int], str | None]:
-        """The seqs and the status state held for a run (for tests and stats)."""
-        with self._lock:
-            run = self._runs.get(run_id)
-            if run is None:
-                return [], None
-            return list(run.entries), run.state if run.status is not None else None
-
-    # --- under the lock -------------------------------------------------------------------
-
-    def _run(self, run_id: str) -> _HeldRun:
-        run = self._runs.get(run_id)
-        if run is None:
-            run = self._runs[run_id] = _HeldRun()
-        return run
-
-    @staticmethod
-    def _held(run: _HeldRun) -> list[_Held]:
-        return [*run.entries.values(), *([run.status] if run.status is not None else [])]
-
-    def _let_go(self, run: _HeldRun, held: _Held) -> None:
-        self.held_bytes -= len(held.payload)
-        if held is run.status:
-            run.status = None
-        else:
-            run.entries = OrderedDict((s, h) for s, h in run.entries.items() if h is not held)
-
-    def _forget_if_done(self, run_id: str, run: _HeldRun) -> None:
-        if run.status is None and not run.entries:
-            self._runs.pop(run_id, None)
-
-    def _bound(self) -> None:
-        """Let go of the oldest entries past max_bytes (statuses are small and kept)."""
-        while self.held_bytes > self.max_bytes:
-            oldest = next((run for run in self._runs.values() if run.entries), None)
-            if oldest is None:
-                return
-            self.held_bytes -= len(oldest.entries.popitem(last=False)[1].payload)
-            self.dropped += 1
+        """The seqs of the log entries and the state of the status held for a run."""
+        with self.sessions() as session:
+            rows = session.execute(select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id)
+                                   .order_by(RunOutbox.seq)).all()
+        return [seq for seq, _ in rows if seq != STATUS_SEQ], next((s for q, s in rows if q == STATUS_SEQ), None)

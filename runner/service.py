@@ -14,8 +14,8 @@ from queued to running for this runner; a runner whose heartbeat there stops mov
 over (its queued claims run elsewhere, its running ones are `lost`); a runner that finds a
 running claim taken from it kills that run and publishes nothing more of it.
 
-Every status and log entry is held in an Outbox until a recorder confirms it written, and sent
-again when it is not (runner/outbox.py).
+Every status and log entry is held in the database (runner/outbox.py) from before it is
+published until a recorder confirms it written, and sent again when it is not.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 BATCH_WHEN_UNCONFIRMED = 64
 BATCH_BYTES = 64 * 1024
 CLAIM_TRIES = 3  # a claim that fails for a database error (locked, gone) is tried this often
+CONFIRM_EVERY = 0.1  # seconds between applying recorders' confirmations to the outbox
+BOUND_EVERY = 5.0  # seconds between checks of the outbox's size
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Runner:
     def start(self) -> None:
         """Beat once, subscribe, start the workers, then recover this runner's earlier claims."""
         self.claims.beat()
+        self.outbox.adopt(self.config.runner_id)  # what this runner's earlier process still held
         self.bus.birth = self._state_payload()
         self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.build("run_request")),
                            self._on_request, manual_ack=True)
@@ -274,8 +277,7 @@ class Runner:
     def _report_unclaimed(self, run_id: str, request: RunRequest, why: str) -> None:
         log.warning("run %s refused: %s", run_id, why)
         run = Run(request, run_id, Path(), self.clock())
-        self._log(run, "exception", why)
-        self._log(run, "exit_status", "failed")
+        self._log(run, ("exception", why), ("exit_status", "failed"))
         self._publish_status(run, runstates.FAILED, error=why[:2000], finished=True)
 
     def _cancel_by_id(self, run_id: str) -> None:
@@ -286,7 +288,7 @@ class Runner:
             running = self._running.get(run_id)
         if waiting is not None:
             if self.claims.move(run_id, from_states=(runstates.QUEUED,), state=runstates.CANCELLED):
-                self._log(waiting, "exit_status", "failed")
+                self._log(waiting, ("exit_status", "failed"))
                 self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started",
                                      finished=True)
             self._publish_state()
@@ -337,8 +339,13 @@ class Runner:
                 log.warning("heartbeat failed: %s", exc)
 
     def _take_over(self, runner_id: str) -> None:
-        if not self._stopping and self.claims.active_claims(runner_id):
-            log.warning("runner %s has stopped beating: taking over its claims", runner_id)
+        if self._stopping:
+            return
+        held = self.outbox.adopt(runner_id)  # first: what it published and no recorder confirmed
+        if held or self.claims.active_claims(runner_id):
+            log.warning("runner %s has stopped beating: taking over its claims and %d unconfirmed message(s)",
+                        runner_id, held)
+            self._resend_all.set()
             self._recover(runner_id)
 
     def _fence(self, run: Run) -> None:
@@ -352,16 +359,23 @@ class Runner:
             _signal_group(process.pid, signal.SIGKILL)
 
     def _resend(self) -> None:
-        """Send again what no recorder confirmed: everything after a reconnect, and what waited too long."""
+        """Let go of what recorders confirmed; send again what they did not, all of it after a reconnect."""
+        next_check = next_bound = 0.0
         while not self._stopped.is_set():
-            everything = self._resend_all.wait(max(0.05, self.config.resend_after / 2))
-            self._resend_all.clear()
-            if not (everything or self._recorders_online) or not self.bus.connected:
-                continue
+            everything = self._resend_all.wait(CONFIRM_EVERY)
             try:
-                for topic, payload in self.outbox.due(self.clock(), everything):
+                self.outbox.apply()
+                now = time.monotonic()
+                if now >= next_bound:
+                    self.outbox.bound()
+                    next_bound = now + BOUND_EVERY
+                if not self.bus.connected or not (everything or (self._recorders_online and now >= next_check)):
+                    continue
+                self._resend_all.clear()
+                next_check = now + max(0.05, self.config.resend_after / 2)
+                for topic, payload in self.outbox.due(everything):
                     self.bus.publish(topic, payload)
-            except BusError as exc:
+            except (BusError, SQLAlchemyError) as exc:
                 log.warning("sending unconfirmed messages again failed: %s", exc)
 
     # --- workers ----------------------------------------------------------------------------
@@ -394,7 +408,7 @@ class Runner:
             return
         run.started_at = self.clock()
         self._publish_status(run, runstates.RUNNING)
-        self._log(run, "launch", json.dumps({"script": request.script, "params": list(request.params)}))
+        self._log(run, ("launch", json.dumps({"script": request.script, "params": list(request.params)})))
         env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
         with run.lock:  # a cancel or a fence from now on finds the process
@@ -431,9 +445,8 @@ class Runner:
         if run.fenced or not self.claims.move(run.run_id, state=state):
             log.warning("run %s ended here as %s, but another runner owns it now: not reported", run.run_id, state)
             return
-        if error and state == runstates.FAILED:
-            self._log(run, "exception", error)
-        self._log(run, "exit_status", "success" if state == runstates.SUCCEEDED else "failed")
+        exception = [("exception", error)] if error and state == runstates.FAILED else []
+        self._log(run, *exception, ("exit_status", "success" if state == runstates.SUCCEEDED else "failed"))
         self._publish_status(run, state, exit_code=exit_code, error=error, finished=True)
 
     def _stream_output(self, run: Run) -> None:
@@ -449,20 +462,22 @@ class Runner:
         run.process.stdout.close()
 
     def _log_entries(self, run: Run, entries: list[tuple[str, str]]) -> None:
+        out: list[tuple[str, str]] = []
         batch: list[str] = []
         size = 0
         for entry_type, data in entries:
             batching = entry_type == "output" and self.bus.unconfirmed > BATCH_WHEN_UNCONFIRMED
             if batch and (not batching or size + len(data) > BATCH_BYTES):
-                self._log(run, "output", "\n".join(batch))
+                out.append(("output", "\n".join(batch)))
                 batch, size = [], 0
             if batching:
                 batch.append(data)
                 size += len(data) + 1
             else:
-                self._log(run, entry_type, data)
+                out.append((entry_type, data))
         if batch:
-            self._log(run, "output", "\n".join(batch))
+            out.append(("output", "\n".join(batch)))
+        self._log(run, *out)
 
     def _reap_group(self, run: Run) -> None:
         """When the script exits, end what it left running in its group (it holds the pipe)."""
@@ -498,15 +513,17 @@ class Runner:
 
     # --- publishing -------------------------------------------------------------------------
 
-    def _log(self, run: Run, entry_type: str, data: str) -> None:
-        if run.fenced:
+    def _log(self, run: Run, *entries: tuple[str, str]) -> None:
+        """Publish (entry_type, data) entries, held in the outbox first."""
+        if run.fenced or not entries:
             return
-        run.seq += 1
-        now = self.clock()
-        topic, payload = self.topics.build("run_log", run.run_id), LogEntry(run.run_id, run.seq, now, entry_type,
-                                                                            data).to_payload()
-        self.outbox.add_entry(run.run_id, run.seq, topic, payload, now)  # held before it can be confirmed
-        self.bus.publish(topic, payload)
+        topic, now, held = self.topics.build("run_log", run.run_id), self.clock(), []
+        for entry_type, data in entries:
+            run.seq += 1
+            held.append((run.seq, topic, LogEntry(run.run_id, run.seq, now, entry_type, data).to_payload()))
+        self.outbox.hold_entries(run.run_id, held)
+        for _, _, payload in held:
+            self.bus.publish(topic, payload)
 
     def _publish_status(self, run: Run, state: str, exit_code: int | None = None,
                         error: str | None = None, finished: bool = False) -> None:
@@ -517,7 +534,7 @@ class Runner:
                            exit_code, run.queued_at, run.started_at, now if finished else None,
                            error, run.request.requested_by)
         topic, payload = self.topics.build("run_status", run.run_id), status.to_payload()
-        self.outbox.add_status(run.run_id, state, topic, payload, now)
+        self.outbox.hold_status(run.run_id, state, topic, payload)
         self.bus.publish(topic, payload)
 
     def _state_payload(self) -> bytes:

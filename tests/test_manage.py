@@ -1,4 +1,5 @@
 """The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
+import os
 import signal
 import subprocess
 
@@ -36,7 +37,7 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
     assert server.stop() == 0, server.output()
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
     log = server.output()
-    for part in ("bridge", "runner", "api", "emulate"):
+    for part in ("bridge", "runner", "recorder", "api", "emulate"):
         assert f"{part:>8} | " in log, f"no {part} lines in the log"
     orphans = subprocess.run(["pgrep", "-f", env["HACER_STATE_DIR"]], capture_output=True, text=True).stdout
     assert orphans == "", "processes outlived runserver"
@@ -94,23 +95,34 @@ def children_of(pid):
         return [int(child) for child in children.read().split()]
 
 
-def gone(pid):
+def command_line(pid):
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] == "Z"
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")
     except FileNotFoundError:
-        return True
+        return []
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_the_api_and_its_recorder_stop_together(spawn, hacer_env, how):
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_the_api_stops_cleanly_on_a_signal(spawn, hacer_env, how):
     port = free_port()
     api = spawn(["api"], {**hacer_env, "HACER_HTTP_PORT": str(port)})
     wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api")
-    recorder = wait_until(lambda: children_of(api.process.pid), 10, "the recorder child")[0]
+    assert children_of(api.process.pid) == [], "the api starts no recorder of its own any more"
     api.process.send_signal(how)
-    api.process.wait(15)
-    if how != signal.SIGKILL:
-        assert api.process.returncode == 0, api.output()
-        assert "api stopped" in api.output()
-    wait_until(lambda: gone(recorder), 10, "the recorder to end with the api")
+    assert api.process.wait(15) == 0, api.output()
+    assert "api stopped" in api.output()
+
+
+def test_runserver_restarts_a_recorder_that_dies(spawn, hacer_env, broker, watch):
+    states = watch("hacer/recorders/+/state")
+    server = spawn(["runserver"], {**hacer_env, "HACER_HTTP_PORT": str(free_port())})
+    states.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
+    recorder = wait_until(lambda: [p for p in children_of(server.process.pid) if b"recorder" in command_line(p)],
+                          10, "runserver's recorder")[0]
+    seen = len(states.messages)
+    os.kill(recorder, signal.SIGKILL)
+    states.wait_for(lambda m: b'"offline"' in m.payload, timeout=30, start=seen)  # its last will
+    states.wait_for(lambda m: b'"online"' in m.payload, timeout=30, start=seen)
+    assert "recorder exited with -9; restarting it" in server.output()
+    assert server.stop() == 0, server.output()

@@ -1,4 +1,6 @@
-"""Runner parts without processes: output splitting and limits, the script channel, the catalog."""
+"""Runner parts without processes: output splitting and limits, the script channel, the catalog, the outbox."""
+import pytest
+
 from hacer.scriptdir import ScriptDir, script_id
 from hacer.scripting import decode_line, encode_entry
 from runner.output import OutputSplitter
@@ -47,3 +49,78 @@ def test_scripts_are_found_only_in_the_listing(tmp_path):
 def test_decode_line_is_lenient():
     assert decode_line("plain") == ("output", "plain")
     assert decode_line("\x1ehacer-entry {bad json") == ("output", "\x1ehacer-entry {bad json")
+
+
+# --- the outbox: held in the database until recorded ------------------------------------------
+
+@pytest.fixture
+def outbox_of(tmp_path):
+    from hacer.models import Database
+    from runner.outbox import Outbox
+    database = Database(f"sqlite:///{tmp_path / 'outbox.db'}")
+    database.init()
+    now = [0.0]
+
+    def make(runner_id="a", **options):
+        return Outbox(database.session, runner_id, clock=lambda: now[0], **options)
+    make.now = now
+    return make
+
+
+def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
+    from hacer.messages import RunRecorded
+    outbox = outbox_of(resend_after=5.0)
+    outbox.hold_entries("r", [(seq, "t/log", b"e%d" % seq) for seq in (1, 2, 3)])
+    outbox.hold_status("r", "running", "t/status", b"running")
+    outbox_of.now[0] = 1.0
+    assert outbox.due() == []  # not waited long enough
+    outbox.confirm(RunRecorded("r", 2, "queued"))
+    outbox.confirm(RunRecorded("other", 9, "succeeded"))  # another runner's run: nothing to do
+    outbox.apply()
+    assert outbox.held("r") == ([3], "running")
+    outbox_of.now[0] = 6.0
+    assert outbox.due() == [("t/log", b"e3"), ("t/status", b"running")]
+    outbox_of.now[0] = 7.0
+    assert outbox.due() == []  # just sent again
+    assert outbox.due(everything=True) == [("t/log", b"e3"), ("t/status", b"running")]
+    outbox.hold_status("r", "succeeded", "t/status", b"succeeded")
+    outbox.confirm(RunRecorded("r", 3, "succeeded"))
+    outbox.apply()
+    assert outbox.held("r") == ([], None) and outbox.due(everything=True) == []
+
+
+def test_a_recorded_end_confirms_any_status_held(outbox_of):
+    from hacer.messages import RunRecorded
+    outbox = outbox_of()
+    outbox.hold_status("r", "running", "t/status", b"running")
+    outbox.confirm(RunRecorded("r", 0, "lost"))  # taken over and ended by another runner
+    outbox.apply()
+    assert outbox.held("r") == ([], None)
+
+
+def test_a_runner_taking_over_adopts_what_the_dead_one_held(outbox_of):
+    dead, alive = outbox_of("dead"), outbox_of("alive")
+    dead.hold_entries("r", [(1, "t/log", b"e1")])
+    dead.hold_status("r", "succeeded", "t/status", b"succeeded")
+    assert alive.due(everything=True) == []
+    assert alive.adopt("dead") == 1
+    assert alive.due(everything=True) == [("t/log", b"e1"), ("t/status", b"succeeded")]
+    assert dead.due(everything=True) == []
+
+
+def test_the_outbox_is_bounded_and_gives_up_on_what_is_never_confirmed(outbox_of):
+    outbox = outbox_of(resend_after=0.0, max_bytes=1000, max_sends=3)
+    outbox.hold_entries("old", [(seq, "t/log", b"x" * 100) for seq in range(1, 51)])
+    outbox.hold_entries("new", [(seq, "t/log", b"x" * 100) for seq in range(51, 101)])
+    outbox.bound()  # 100 entries of 100 bytes: ten times the bound
+    assert outbox.dropped == 90
+    assert outbox.held("old") == ([], None) and outbox.held("new")[0] == list(range(91, 101))
+    assert len(outbox.due()) == 10 and len(outbox.due()) == 10
+    assert outbox.due() == [] and outbox.gave_up == 10 and outbox.held("new") == ([], None)
+
+
+def test_a_nul_in_output_becomes_a_replacement_character():
+    # No database text column holds a NUL (PostgreSQL refuses it): the runner never sends one.
+    splitter = OutputSplitter()
+    entries = splitter.feed(b"a\x00b\n" + encode_entry("sent_get", "k\x00").encode())
+    assert entries == [("output", "a\ufffdb"), ("sent_get", "k\ufffd")]
