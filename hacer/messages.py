@@ -534,27 +534,47 @@ class RunnerState:
 
 @dataclass(frozen=True)
 class RunRecorded:
-    """What a recorder has durably written of a run: log entries 1..seq, and the run's state."""
+    """What a recorder has durably written of one run: log entries 1..seq, and the run's state."""
 
     run_id: str
     seq: int
     state: str  # "" while no status is recorded
 
+
+MAX_RECORDED_RUNS = 10_000
+
+
+@dataclass(frozen=True)
+class RunsRecorded:
+    """What a recorder has written of the runs one batch touched, in one message (not one per run).
+
+    `{"recorder":"kitchen-pi","runs":{"a1b2c3":{"seq":4,"state":"succeeded"}}}`
+    """
+
+    recorder: str
+    runs: tuple[RunRecorded, ...]
+
     def to_payload(self) -> bytes:
         """Encode as the recorded JSON."""
-        return _dump(asdict(self))
+        return _dump({"recorder": self.recorder,
+                      "runs": {run.run_id: {"seq": run.seq, "state": run.state} for run in self.runs}})
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RunRecorded":
+    def from_payload(cls, payload: bytes | str) -> "RunsRecorded":
         """Decode a recorded JSON."""
         body = _json_object(payload)
-        try:
-            state = body["state"]
+        runs = body.get("runs")
+        if type(runs) is not dict or len(runs) > MAX_RECORDED_RUNS:
+            raise MessageError(f"runs must be an object of at most {MAX_RECORDED_RUNS} runs")
+        recorded = []
+        for run_id, written in runs.items():
+            if type(written) is not dict:
+                raise MessageError(f"run {str(run_id)[:40]!r}: not an object")
+            state = written.get("state")
             if state != "" and state not in runstates.ALL_STATES:
                 raise MessageError(f"state {str(state)[:40]!r} is not a run state")
-            return cls(check_run_id(body["run_id"]), _int_in(body["seq"], "seq", 0, MAX_SEQ), state)
-        except KeyError as exc:
-            raise MessageError(f"recorded lacks {exc}") from None
+            recorded.append(RunRecorded(check_run_id(run_id), _int_in(written.get("seq"), "seq", 0, MAX_SEQ), state))
+        return cls(_text(body.get("recorder"), "recorder", MAX_RUNNER_CHARS, empty=False), tuple(recorded))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("run_status", "runs/{arg}/status", False, 1, "runner"),
     TopicSpec("run_log", "runs/{arg}/log", False, 1, "runner"),
     TopicSpec("run_cancel", "runs/{arg}/cancel", False, 1, "api, anyone allowed"),
-    TopicSpec("run_recorded", "runs/{arg}/recorded", False, 0, "recorder"),
+    TopicSpec("runs_recorded", "runs/recorded", False, 0, "recorder"),
     TopicSpec("runner_state", "runners/{arg}/state", True, 1, "runner"),
     TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder"),
     TopicSpec("api_state", "api/state", True, 1, "api"),

@@ -4,7 +4,7 @@ It subscribes through the shared subscription `$share/hacer-recorders/...` on a 
 so a recorder that was down catches up and two recorders never write a message twice. Messages
 are written in batches, one transaction each, and acknowledged to the broker only after the
 commit: a crash loses nothing (the broker delivers them again; writes are idempotent). After
-each commit it says on `runs/<run_id>/recorded` what it holds of every run the batch touched
+each commit it says on `runs/recorded` what it holds of every run the batch touched
 (log entries 1..seq without a gap, and the run's state), so runners can let go of what they
 hold and send again what is missing.
 
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RecorderState, RunnerState,
-                            RunRecorded, RunRequest, RunStatus)
+                            RunRecorded, RunRequest, RunsRecorded, RunStatus)
 from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
 
@@ -48,6 +48,8 @@ META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's
 RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_status", "run_log")
 DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 STATE_EVERY = 5.0  # seconds between republished counters
+# The runs a batch touched: run id -> (thread id, state if known, seqs of the entries written)
+Touched = dict[str, tuple[int, "str | None", list[int]]]
 
 
 def utc(timestamp: float | None) -> datetime | None:
@@ -79,7 +81,9 @@ class Recorder:
         self.written = 0
         self.rescued = 0
         self.set_aside = 0
-        self._watermarks: dict[str, int] = {}  # run id -> log entries 1..n known written
+        # run id -> (n, seqs above n): log entries 1..n known written, and the later ones this recorder wrote
+        self._watermarks: dict[str, tuple[int, set[int]]] = {}
+        self._run_states: dict[str, str] = {}  # run id -> the state this recorder last wrote or read
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._online_runners: set[str] = set()
         self._stopping = threading.Event()
@@ -150,35 +154,41 @@ class Recorder:
                 except queue.Empty:
                     break
             try:
-                self._write_batch(pending)
+                touched = self._write_batch(pending)
             except Exception:
                 log.exception("writing %d message(s) failed; trying again", len(pending))
                 self._stopping.wait(1.0)
                 continue
-            for message in pending:
+            for message in pending:  # first: the broker sends no more than its in-flight window unacknowledged
                 self.bus.ack(message)
             self.written += len(pending)
             pending = []
+            try:
+                self._publish_recorded(touched)
+            except Exception:  # a lost confirmation costs a resend, nothing more
+                log.exception("saying what was recorded failed")
 
-    def _write_batch(self, messages: list[Message]) -> None:
+    def _write_batch(self, messages: list[Message]) -> Touched:
         """Write a batch in one transaction; if the database refuses it, one message at a time."""
         try:
-            self._publish_recorded(self._write(messages))
-            return
+            return self._write(messages)
         except (OperationalError, InterfaceError, BusError):
             raise  # passing trouble (locked, full, connection lost, broker away): the whole batch again
         except (StatementError, ValueError) as exc:
             log.warning("a batch of %d failed (%s); writing its messages one at a time", len(messages), exc)
+        touched: Touched = {}
         for message in messages:
             try:
-                self._publish_recorded(self._write([message]))
+                for run_id, (thread_id, state, seqs) in self._write([message]).items():
+                    touched.setdefault(run_id, (thread_id, state, []))[2].extend(seqs)
             except (OperationalError, InterfaceError, BusError):
                 raise
             except (StatementError, ValueError) as exc:
                 self._set_aside([(message, f"the database refused it: {exc}")])
+        return touched
 
-    def _write(self, messages: list[Message]) -> set[str]:
-        """Apply messages in one transaction; return the ids of the runs they touched."""
+    def _write(self, messages: list[Message]) -> Touched:
+        """Apply messages in one transaction; return the runs they touched: thread id, state (if known), seqs."""
         new_nodes: list[Node] = []
         bad: list[tuple[Message, str]] = []
         with self.sessions() as session:
@@ -211,6 +221,13 @@ class Recorder:
                     bad.append((message, str(exc)))
             session.flush()
             contexts = {run_id: self._context(runs, run_id) for run_id in {e["run_id"] for e in entries}}
+            for run in runs.values():
+                self._run_states[run.run_id] = run.state
+            touched: Touched = {run_id: (run.id, run.state, []) for run_id, run in runs.items()}
+            for entry in entries:
+                run_id = entry["run_id"]
+                touched.setdefault(run_id, (contexts[run_id][0], self._run_states.get(run_id), []))[2].append(
+                    entry["seq"])
             for entry in entries:
                 entry["thread_id"], entry["script_name"], entry["params"] = contexts[entry.pop("run_id")]
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
@@ -223,7 +240,7 @@ class Recorder:
                 self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
                                             for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
-        return set(runs) | set(contexts)
+        return touched
 
     def _log_entry(self, run_id: str | None, message: Message, bad: list[tuple[Message, str]]) -> LogEntry:
         """The entry of a log message; one that fails its checks but names its place becomes a placeholder."""
@@ -252,28 +269,47 @@ class Recorder:
                                    error=why[:2000], recorder=self.recorder_id, at=utc_datetime(self.clock())))
         self.set_aside += len(bad)
 
-    def _publish_recorded(self, run_ids: set[str]) -> None:
-        """Say what is written of each run a batch touched (QoS 0: a lost one only costs a resend)."""
-        if not run_ids:
+    def _publish_recorded(self, touched: Touched) -> None:
+        """Say what is written of each run a batch touched (QoS 0: a lost one only costs a resend).
+
+        A run's state is the one this recorder last wrote or read: another recorder may have moved
+        it on since, which only delays a confirmation (runners hold what is not confirmed).
+        """
+        if not touched:
             return
         with self.sessions() as session:
-            rows = session.execute(select(Run.run_id, Run.id, Run.state).where(Run.run_id.in_(run_ids))).all()
-            for run_id, thread_id, state in rows:
-                seq = self._watermark(session, run_id, thread_id)
-                self.bus.publish(self.topics.build("run_recorded", run_id),
-                                 RunRecorded(run_id, seq, state).to_payload(), qos=0)
+            unknown = [run_id for run_id, (_, state, _) in touched.items() if state is None]
+            if unknown:
+                self._run_states.update(session.execute(select(Run.run_id, Run.state).where(
+                    Run.run_id.in_(unknown))).tuples().all())
+            runs = tuple(RunRecorded(run_id, self._watermark(session, run_id, thread_id, seqs),
+                                     state or self._run_states.get(run_id, ""))
+                         for run_id, (thread_id, state, seqs) in touched.items())
+        # One message a batch: the broker's work is per message, and it is what sets the pace.
+        self.bus.publish(self.topics.build("runs_recorded"), RunsRecorded(self.recorder_id, runs).to_payload(), qos=0)
 
-    def _watermark(self, session: Session, run_id: str, thread_id: int) -> int:
-        """The n such that log entries 1..n of a run are all written (read on from the last known n)."""
-        known = self._watermarks.get(run_id, 0)
-        for seq in session.scalars(select(ScriptLogEntry.seq).where(
-                ScriptLogEntry.thread_id == thread_id, ScriptLogEntry.seq > known).order_by(ScriptLogEntry.seq)):
-            if seq != known + 1:
-                break
-            known = seq
+    def _watermark(self, session: Session, run_id: str, thread_id: int, written: list[int]) -> int:
+        """The n such that log entries 1..n of a run are all written.
+
+        From what this recorder wrote when that leaves no gap (no query); else from the database,
+        read on from the last known n (entries another recorder, or an earlier process, wrote).
+        """
+        known, above = self._watermarks.get(run_id, (0, set()))
+        above.update(written)
+        while known + 1 in above:
+            above.remove(known + 1)
+            known += 1
+        if above:
+            for seq in session.scalars(select(ScriptLogEntry.seq).where(
+                    ScriptLogEntry.thread_id == thread_id, ScriptLogEntry.seq > known).order_by(ScriptLogEntry.seq)):
+                if seq != known + 1:
+                    break
+                known = seq
+            above = {seq for seq in above if seq > known}
         if len(self._watermarks) > 100_000:
             self._watermarks.clear()
-        self._watermarks[run_id] = known
+            self._run_states.clear()
+        self._watermarks[run_id] = (known, above)
         return known
 
     def _publish_state(self) -> None:

@@ -4,7 +4,7 @@ The broker acknowledges a publish before it saves it, so a broker that dies can 
 last status or log lines after the runner saw them acknowledged; and a runner that dies takes
 its memory with it. So a runner writes each log entry and each run's latest status into
 `run_outbox` before it publishes them, and deletes them when a recorder says (on
-`runs/<run_id>/recorded`) that it has written them: log entries 1..seq, and which state. What is
+`runs/recorded`) that it has written them: log entries 1..seq, and which state. What is
 still held is sent again after every reconnect and, while a recorder is online, once it has
 waited `resend_after` seconds; a runner that takes over a dead one adopts its rows and sends
 them, so a run that ended just before its runner died still reaches the database whole.

@@ -33,13 +33,13 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import (LogEntry, MessageError, RecorderState, RunnerState, RunRecorded, RunRequest,
+from hacer.messages import (LogEntry, MessageError, RecorderState, RunnerState, RunRequest, RunsRecorded,
                             RunStatus)
 from hacer.parentdeath import PARENT_ENV
 from hacer.scriptdir import ScriptDir
@@ -50,6 +50,7 @@ from runner.outbox import Outbox
 from runner.output import OutputSplitter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARE_GROUP = "hacer-runners"
 SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
@@ -57,7 +58,7 @@ SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 # together in one entry (up to BATCH_BYTES), so a fast printer is not held to one line per ack.
 BATCH_WHEN_UNCONFIRMED = 64
 BATCH_BYTES = 64 * 1024
-CLAIM_TRIES = 3  # a claim that fails for a database error (locked, gone) is tried this often
+DB_TRIES = 3  # a claim change that fails for a database error (locked, gone) is tried this often
 CONFIRM_EVERY = 0.1  # seconds between applying recorders' confirmations to the outbox
 BOUND_EVERY = 5.0  # seconds between checks of the outbox's size
 
@@ -117,6 +118,7 @@ class Runner:
         self._resend_all = threading.Event()
         self._threads: list[threading.Thread] = []
         self._recorders_online: set[str] = set()
+        self.unheld = 0  # messages the outbox could not keep (database failing): sent once
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ class Runner:
         self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.build("run_request")),
                            self._on_request, manual_ack=True)
         self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
-        self.bus.subscribe(self.topics.filter("run_recorded"), self._on_recorded, qos=0)
+        self.bus.subscribe(self.topics.build("runs_recorded"), self._on_recorded, qos=0)
         self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
         self.bus.on_connect(lambda session_present: self._resend_all.set())
         self._spawn_thread(self._dispatch, "runner-dispatch")
@@ -178,13 +180,12 @@ class Runner:
 
     def _on_recorded(self, message: Message) -> None:
         try:
-            recorded = RunRecorded.from_payload(message.payload)
-            if self.topics.parse(message.topic)[1] != recorded.run_id:
-                raise MessageError("the topic names another run")
-        except (MessageError, TopicError) as exc:
+            recorded = RunsRecorded.from_payload(message.payload)
+        except MessageError as exc:
             log.warning("ignored %s: %s (%r)", message.topic, exc, message.payload[:100])
             return
-        self.outbox.confirm(recorded)
+        for run in recorded.runs:
+            self.outbox.confirm(run)
 
     def _on_recorder_state(self, message: Message) -> None:
         try:
@@ -238,17 +239,22 @@ class Runner:
 
     def _claim(self, run_id: str, request: RunRequest, state: str) -> None:
         """Claim a run id, trying again a few times while the database is busy or away."""
-        for attempt in range(CLAIM_TRIES):
+        self._with_retries(f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(),
+                                                                                state))
+
+    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
+        """Call a database operation, again a few times while the database is busy or away."""
+        for attempt in range(DB_TRIES):
             try:
-                self.claims.claim(run_id, request.to_payload().decode(), state)
-                return
+                return call()
             except AlreadyClaimed:
                 raise
             except SQLAlchemyError as exc:
-                if attempt == CLAIM_TRIES - 1:
+                if attempt == DB_TRIES - 1:
                     raise
-                log.warning("claiming run %s failed (%s); trying again", run_id, exc)
+                log.warning("%s failed (%s); trying again", what, str(exc).splitlines()[0])
                 self._stopped.wait(1.0)
+        raise AssertionError("unreachable")
 
     def _enqueue(self, run: Run) -> None:
         self._publish_status(run, runstates.QUEUED)
@@ -394,7 +400,10 @@ class Runner:
                 self._execute(run)
             except Exception as exc:
                 log.exception("run %s failed inside the runner", run.run_id)
-                self._finish(run, runstates.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
+                try:
+                    self._finish(run, runstates.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
+                except Exception:
+                    log.exception("run %s could not be reported failed", run.run_id)
             finally:
                 with self._changed:
                     self._running.pop(run.run_id, None)
@@ -442,7 +451,15 @@ class Runner:
 
     def _finish(self, run: Run, state: str, exit_code: int | None = None, error: str | None = None) -> None:
         """End a run's claim, then its log and status, if the claim is still this runner's."""
-        if run.fenced or not self.claims.move(run.run_id, state=state):
+        try:
+            owned = not run.fenced and self._with_retries(f"ending the claim of run {run.run_id}",
+                                                          lambda: self.claims.move(run.run_id, state=state))
+        except SQLAlchemyError as exc:
+            # Its end is still told: the recorder keeps a run's first end, and a runner taking the
+            # claim over meanwhile could only have reported it lost.
+            log.error("run %s ended as %s but its claim could not be ended: %s", run.run_id, state, exc)
+            owned = True
+        if not owned:
             log.warning("run %s ended here as %s, but another runner owns it now: not reported", run.run_id, state)
             return
         exception = [("exception", error)] if error and state == runstates.FAILED else []
@@ -521,7 +538,7 @@ class Runner:
         for entry_type, data in entries:
             run.seq += 1
             held.append((run.seq, topic, LogEntry(run.run_id, run.seq, now, entry_type, data).to_payload()))
-        self.outbox.hold_entries(run.run_id, held)
+        self._hold(run.run_id, lambda: self.outbox.hold_entries(run.run_id, held))
         for _, _, payload in held:
             self.bus.publish(topic, payload)
 
@@ -534,8 +551,17 @@ class Runner:
                            exit_code, run.queued_at, run.started_at, now if finished else None,
                            error, run.request.requested_by)
         topic, payload = self.topics.build("run_status", run.run_id), status.to_payload()
-        self.outbox.hold_status(run.run_id, state, topic, payload)
+        self._hold(run.run_id, lambda: self.outbox.hold_status(run.run_id, state, topic, payload))
         self.bus.publish(topic, payload)
+
+    def _hold(self, run_id: str, hold: Callable[[], None]) -> None:
+        """Keep a message in the outbox; when the database cannot, it is still sent, once."""
+        try:
+            hold()
+        except SQLAlchemyError as exc:
+            self.unheld += 1
+            log.warning("run %s: a message sent without being held (the database failed: %s)", run_id,
+                        str(exc).splitlines()[0])
 
     def _state_payload(self) -> bytes:
         with self._changed:

@@ -16,7 +16,7 @@ from hacer.topics import Topics
 
 from conftest import Watcher, free_port, wait_until
 
-USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "viewer")
+USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "viewer")
 
 
 @pytest.fixture
@@ -86,6 +86,21 @@ def test_viewer_reads_everything_and_writes_nothing(connect):
     assert [m.topic for m in seen.messages if "sync" not in m.topic] == []
     api.publish(topics.build("node_meta", 5), '{"id": 5, "name": "lamp", "type": "toggle"}', retain=True)
     watched.wait_for(lambda m: m.topic == topics.build("node_meta", 5))
+
+
+def test_only_the_recorder_says_what_is_recorded(connect):
+    topics = Topics()
+    viewer = connect("viewer")
+    seen = Watcher(viewer, topics.build("runs_recorded"))
+    viewer.sync()
+    forged = b'{"recorder":"x","runs":{"r1":{"seq":9,"state":"succeeded"}}}'
+    for role in ("hacer-runner", "hacer-api", "hacer-bridge"):
+        forger = connect(role)
+        forger.publish(topics.build("runs_recorded"), forged, qos=1)
+        forger.sync()  # the broker has handled that publish: had it been allowed, it is on its way
+    real = b'{"recorder":"x","runs":{"r1":{"seq":1,"state":"running"}}}'
+    connect("hacer-recorder").publish(topics.build("runs_recorded"), real, qos=1)
+    assert seen.wait_for(lambda m: True).payload == real and len(seen.messages) == 1
 
 
 def test_bridge_works_under_its_role(production_broker, spawn, hacer_env, connect):

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import LogEntry, Presence, RunRecorded, RunStatus
+from hacer.messages import LogEntry, Presence, RunRecorded, RunsRecorded, RunStatus
 from hacer.models import Database, DeadLetter, Node, Run, ScriptLogEntry
 from hacer.topics import Topics
 from recorder.service import Recorder
@@ -43,8 +43,11 @@ class AckingBus(RecordingBus):
         for topic, payload in messages:
             self.publish(topic, payload, retain=retain)
 
+    def recorded_messages(self) -> list[RunsRecorded]:
+        return [RunsRecorded.from_payload(p) for t, p, _ in self.published if t == "hacer/runs/recorded"]
+
     def recorded(self) -> list[RunRecorded]:
-        return [RunRecorded.from_payload(p) for t, p, _ in self.published if t.endswith("/recorded")]
+        return [run for message in self.recorded_messages() for run in message.runs]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -69,10 +72,12 @@ def recorder(database):
 def deliver_all(recorder, messages):
     """Deliver (topic, payload) pairs and wait until the recorder has acknowledged them all."""
     bus = recorder.test_bus
-    before = len(bus.acked)
+    before, said = len(bus.acked), len(bus.recorded_messages())
     for topic, payload in messages:
         bus.deliver(topic, payload)
     wait_until(lambda: len(bus.acked) >= before + len(messages), 15, "every message acknowledged")
+    if any(topic.startswith("hacer/runs/") for topic, _ in messages):  # said after the acknowledgements
+        wait_until(lambda: len(bus.recorded_messages()) > said, 15, "what was recorded said")
 
 
 def status(run_id, state, **fields):
