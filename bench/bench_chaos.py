@@ -121,7 +121,29 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
             time.sleep(rng.uniform(0.3, 2.0))
             broker.start()
 
+    database = Database(database_url)
+    whole_at: dict[str, float] = {}
+    rows: dict[str, tuple[Run, list[tuple[int, str, str]]]] = {}
+    requesting = threading.Event()
+    requesting.set()
+
+    def watch() -> None:  # when each run is first seen whole in the database
+        nonlocal rows
+        deadline = None
+        while len(whole_at) < count and (deadline is None or time.monotonic() < deadline):
+            rows = read_runs(database)
+            now = time.monotonic()
+            with lock:
+                for run_id in requested:
+                    if run_id not in whole_at and run_id in rows and is_whole(*rows[run_id]):
+                        whole_at[run_id] = now
+            if deadline is None and not requesting.is_set():
+                deadline = now + 180
+            time.sleep(0.25)
+
     began = time.monotonic()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     killer = threading.Thread(target=kill_the_broker)
     killer.start()
     spacing = kills * 2.8 / count  # requests spread over the kills
@@ -139,20 +161,10 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
         killer.join()
         for job in jobs:
             job.result()
+    requesting.clear()
     print(f"{count} runs requested in {time.monotonic() - began:.0f} s across {kills} broker kills, "
           f"a runner kill and a recorder kill")
-
-    database = Database(database_url)
-    whole_at: dict[str, float] = {}
-    deadline = time.monotonic() + 600
-    rows: dict[str, tuple[Run, list[tuple[int, str, str]]]] = {}
-    while len(whole_at) < count and time.monotonic() < deadline:
-        rows = read_runs(database)
-        now = time.monotonic()
-        for run_id in requested:
-            if run_id not in whole_at and run_id in rows and is_whole(*rows[run_id]):
-                whole_at[run_id] = now
-        time.sleep(0.25)
+    watcher.join()
     bus.stop()
     for process in processes.values():
         process.send_signal(signal.SIGTERM)
@@ -171,6 +183,10 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
     print(f"lost: {len(lost)}   started twice: {twice}   recorded incomplete: {len(incomplete)}   "
           f"ended `lost` with the killed runner: {killed}")
     print(f"worst request -> recorded whole: {worst:.1f} s")
+    for run_id in (lost + incomplete)[:10]:
+        run, entries = rows.get(run_id, (None, []))
+        print(f"  {run_id}: {run.state if run else 'no row'}, runner {run.runner if run else '?'}, "
+              f"entries {[(seq, kind) for seq, kind, _ in entries]}")
 
 
 def read_runs(database: Database) -> dict[str, tuple[Run, list[tuple[int, str, str]]]]:
