@@ -40,6 +40,8 @@ def test_node_id_needs_digits():
         Topics().node_id("hacer/nodes/abc/set")
     with pytest.raises(TopicError):
         Topics().node_id("hacer/runs/5/log")
+    with pytest.raises(TopicError):  # full-width digits: str.isdigit() says yes, int() reads 1000
+        Topics().node_id("hacer/nodes/\uff11\uff10\uff10\uff10/set")
 
 
 def test_wildcards_detected():
