@@ -336,7 +336,8 @@ class Runner:
             try:
                 self.claims.beat()
                 with self._changed:
-                    running = [run for run in self._running.values() if run.started_at is not None]
+                    running = [run for run in self._running.values()
+                               if run.started_at is not None and not run.fenced]
                 for run_id in self.claims.taken([run.run_id for run in running]):
                     self._fence(next(run for run in running if run.run_id == run_id))
                 for runner_id in self.claims.silent_runners(self.config.takeover_after):
