@@ -221,8 +221,6 @@ class Recorder:
                     bad.append((message, str(exc)))
             session.flush()
             contexts = {run_id: self._context(runs, run_id) for run_id in {e["run_id"] for e in entries}}
-            for run in runs.values():
-                self._run_states[run.run_id] = run.state
             touched: Touched = {run_id: (run.id, run.state, []) for run_id, run in runs.items()}
             for entry in entries:
                 run_id = entry["run_id"]
@@ -240,6 +238,8 @@ class Recorder:
                 self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
                                             for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
             session.commit()
+        for run in runs.values():  # only what is committed may ever be confirmed
+            self._run_states[run.run_id] = run.state
         return touched
 
     def _log_entry(self, run_id: str | None, message: Message, bad: list[tuple[Message, str]]) -> LogEntry:
