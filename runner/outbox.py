@@ -111,7 +111,7 @@ class Outbox:
             run_ids = set(session.scalars(select(RunOutbox.run_id).where(RunOutbox.runner_id == runner_id)))
             if run_ids and runner_id != self.runner_id:
                 session.execute(update(RunOutbox).where(RunOutbox.runner_id == runner_id)
-                                .values(runner_id=self.runner_id, sent_at=0.0))
+                                .values(runner_id=self.runner_id, sent_at=self.clock()))  # sent once taken over
                 session.commit()
         self._held_runs |= run_ids
         return len(run_ids)

@@ -352,8 +352,8 @@ class Runner:
         if held or self.claims.active_claims(runner_id):
             log.warning("runner %s has stopped beating: taking over its claims and %d unconfirmed message(s)",
                         runner_id, held)
+            self._recover(runner_id)  # before the resend: a `lost` replaces a held `running`
             self._resend_all.set()
-            self._recover(runner_id)
 
     def _fence(self, run: Run) -> None:
         """Another runner owns this run now: end it and publish nothing more of it."""
