@@ -365,7 +365,7 @@ class Bus:
         log.info("%s connected to %s:%s (session present: %s)", self.client_id,
                  self.address.host, self.address.port, flags.session_present)
         self._connected.set()
-        for hook in self._connect_hooks:
+        for hook in list(self._connect_hooks):  # a requester may remove its hook meanwhile
             try:
                 hook(flags.session_present)
             except Exception:

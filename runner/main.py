@@ -48,8 +48,7 @@ def build_runner(settings: Settings) -> Runner:
                   "HACER_TOPIC_PREFIX": settings.topic_prefix, "HACER_DATABASE_URL": settings.database_url}
     config = RunnerConfig(runner_id=settings.runner_id, capacity=settings.runner_capacity,
                           default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
-                          takeover_after=settings.runner_takeover, resend_after=settings.resend_after,
-                          script_env=script_env)
+                          takeover_after=settings.runner_takeover, script_env=script_env)
     outbox = Outbox(database.session, settings.runner_id, resend_after=settings.resend_after,
                     max_bytes=settings.runner_outbox_bytes)
     return Runner(bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir),

@@ -73,7 +73,6 @@ class RunnerConfig:
     max_timeout: float = 24 * 3600.0
     cancel_grace: float = 5.0
     takeover_after: float = 10.0
-    resend_after: float = 5.0
     line_limit: int = 8192
     output_limit: int = 64 * 1024 * 1024
     python: str = sys.executable
@@ -379,7 +378,7 @@ class Runner:
                 if not self.bus.connected or not (everything or (self._recorders_online and now >= next_check)):
                     continue
                 self._resend_all.clear()
-                next_check = now + max(0.05, self.config.resend_after / 2)
+                next_check = now + max(0.05, self.outbox.resend_after / 2)
                 for topic, payload in self.outbox.due(everything):
                     self.bus.publish(topic, payload)
             except (BusError, SQLAlchemyError) as exc:
