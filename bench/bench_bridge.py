@@ -95,7 +95,8 @@ def bridge_ingest(broker: BrokerProcess, total: int, ids: int) -> tuple[float, i
     topics = Topics("bench")
     bus = Bus(broker.url, topics, "bench-bridge", presence_topic=topics.build("bridge_state"))
     bridge = Bridge(bus, topics, discovery_host="127.0.0.1", discovery_port=0, node_port=7777,
-                    offline_after=600, node_timeout=3, state_dir=None)
+                    offline_after=600, node_timeout=3, state_dir=None,
+                    max_nodes=10**7, new_nodes_per_second=10**7)
     bridge.start()
     port = bridge.listener.port
     # Register the ids first: the steady state is known nodes refreshing their last-seen time.
@@ -135,7 +136,8 @@ def hold(broker: BrokerProcess, ids: int, interval: float, rounds: int) -> tuple
     watcher.wait_connected(10)
     bus = Bus(broker.url, topics, "bench-hold-bridge")
     bridge = Bridge(bus, topics, discovery_host="127.0.0.1", discovery_port=0, node_port=7777,
-                    offline_after=None, node_timeout=3, state_dir=None)
+                    offline_after=None, node_timeout=3, state_dir=None,
+                    max_nodes=10**7, new_nodes_per_second=10**7)
     bridge.start()
     # The tracker's default (3 x the announced interval) with the scaled-down interval:
     bridge.tracker._offline_after = 3 * interval

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hacer.messages import CommandResult
-from hacer.nodewire import ReplyDecoder, Value, WireError, encode_get, encode_set
+from hacer.nodewire import Reply, ReplyDecoder, Value, WireError, encode_get, encode_set
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,12 @@ class Command:
     @property
     def correlation_text(self) -> str | None:
         """The MQTT 5 correlation data as the result's `correlation` text."""
-        return None if self.correlation is None else self.correlation.decode(errors="backslashreplace")
+        return correlation_text(self.correlation)
+
+
+def correlation_text(correlation: bytes | None) -> str | None:
+    """Return MQTT 5 correlation data as a result's `correlation` text."""
+    return None if correlation is None else correlation.decode(errors="backslashreplace")
 
 
 Resolver = Callable[[int], "tuple[str, int] | None"]
@@ -200,11 +205,12 @@ class _NodeChannel:
         if address != self._address:  # the node moved: the old connection is useless
             await self._disconnect()
             self._address = address
-        deadline = asyncio.get_running_loop().time() + relay._timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + relay._timeout
         for attempt in (1, 2):
             reused = self._writer is not None
             try:
-                reply = await asyncio.wait_for(self._exchange(address, request), relay._timeout)
+                reply = await self._exchange(address, request, deadline)
             except asyncio.TimeoutError:
                 await self._disconnect()
                 relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s",
@@ -212,13 +218,13 @@ class _NodeChannel:
                 return
             except WireError as exc:
                 await self._disconnect()
-                relay._report(command, ok=False, raw=str(exc), error=f"undecodable reply: {exc}",
+                relay._report(command, ok=False, raw=str(exc)[:200], error=f"undecodable reply: {exc}",
                               reason="bad_reply")
                 return
             except (ConnectionError, OSError) as exc:
                 await self._disconnect()
                 # A kept connection may have been closed by the node while idle: retry once.
-                if reused and attempt == 1 and asyncio.get_running_loop().time() < deadline:
+                if reused and attempt == 1 and loop.time() < deadline:
                     continue
                 relay._report(command, ok=False, error=f"cannot reach {address[0]}:{address[1]}: "
                                                        f"{exc.strerror or exc.__class__.__name__}",
@@ -230,24 +236,40 @@ class _NodeChannel:
                           reason=None if reply.ok else "node_error")
             return
 
-    async def _exchange(self, address: tuple[str, int], request: bytes):  # -> Reply
+    async def _exchange(self, address: tuple[str, int], request: bytes, deadline: float) -> Reply:
+        """Send one request and read its reply, every wait bounded by `deadline` (loop time).
+
+        Each step has its own bounded wait rather than one wait_for around the whole exchange:
+        on Python 3.11 an outer wait_for can lose its timeout while an inner one is pending.
+        """
+        loop = asyncio.get_running_loop()
+
+        def left() -> float:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return remaining
+
         if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(*address)
+            self._reader, self._writer = await asyncio.wait_for(asyncio.open_connection(*address), left())
         assert self._reader is not None and self._writer is not None
         self._writer.write(request)
-        await self._writer.drain()
+        await asyncio.wait_for(self._writer.drain(), left())
         decoder = self._decoder
         while True:
             if decoder.raw_error_pending:
+                pause = min(RAW_ERROR_PAUSE, left())
                 try:
-                    data = await asyncio.wait_for(self._reader.read(4096), RAW_ERROR_PAUSE)
+                    data = await asyncio.wait_for(self._reader.read(4096), pause)
                 except asyncio.TimeoutError:
+                    if pause < RAW_ERROR_PAUSE:
+                        raise
                     reply = decoder.finish()
                     if reply is not None:
                         return reply
                     continue
             else:
-                data = await self._reader.read(4096)
+                data = await asyncio.wait_for(self._reader.read(4096), left())
             if not data:
                 if decoder.pending:
                     reply = decoder.finish()

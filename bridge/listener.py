@@ -23,7 +23,8 @@ RECEIVE_BUFFER_BYTES = 128 * 1024 * 1024
 # Read more than the 1024 bytes a beacon may have, so an oversized datagram is seen as such.
 READ_BYTES = 2048
 
-BeaconSink = Callable[[Beacon, str, float], None]
+# Returns why a beacon was refused (a drop counter reason), or None when it was taken.
+BeaconSink = Callable[[Beacon, str, float], "str | None"]
 
 
 class DropCounter:
@@ -126,12 +127,16 @@ class BeaconListener:
             except BeaconError as exc:
                 self.drops.drop(exc.reason, ip, str(exc))
                 continue
-            self.accepted += 1
             try:
-                sink(beacon, ip, clock())
+                refused = sink(beacon, ip, clock())
             except Exception:  # a bug in the tracker must not end the listener
                 self.drops.drop("internal_error", ip, "see the traceback above")
                 log.exception("beacon from %s could not be handled", ip)
+                continue
+            if refused:
+                self.drops.drop(refused, ip, f"new node {beacon.id} refused")
+            else:
+                self.accepted += 1
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:

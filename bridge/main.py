@@ -27,6 +27,8 @@ def build_bridge(settings: Settings) -> Bridge:
         offline_after=settings.offline_after,
         node_timeout=settings.node_timeout,
         state_dir=settings.state_dir,
+        max_nodes=settings.max_nodes,
+        new_nodes_per_second=settings.new_nodes_per_second,
         stats_interval=settings.stats_interval,
         lastseen_interval=settings.lastseen_interval,
     )

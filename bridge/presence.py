@@ -7,12 +7,17 @@ in a heap checked lazily, so a beacon costs a dict lookup and no heap work.
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 from hacer.messages import OFFLINE, ONLINE, Presence
 from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
+
+log = logging.getLogger(__name__)
+
+MAX_VALUES_PER_NODE = 64
 
 
 class PresencePublisher(Protocol):
@@ -39,31 +44,44 @@ class NodeRecord:
     interval: float | None = None
     name: str | None = None
     values: dict[str, Value] = field(default_factory=dict)
+    moved_from: str | None = None
+    moved_at: float | None = None
 
     def presence(self) -> Presence:
         """Return the presence message of this record."""
         return Presence(self.id, self.type, self.ip, ONLINE if self.online else OFFLINE,
-                        self.since, self.last_seen, self.port, self.interval, self.name)
+                        self.since, self.last_seen, self.port, self.interval, self.name,
+                        self.moved_from, self.moved_at)
+
+    def address(self, default_port: int) -> str:
+        """Return `ip:port` where this node's commands go."""
+        return f"{self.ip}:{self.port or default_port}"
 
     def announced(self) -> tuple[object, ...]:
         """Return the fields whose change is worth announcing."""
-        return (self.type, self.ip, self.online, self.port, self.interval, self.name)
+        return (self.type, self.ip, self.online, self.port, self.interval, self.name, self.moved_from)
 
 
 def same_announcement(a: Presence, b: Presence) -> bool:
     """Tell whether two presences differ only in their times."""
-    return (a.type, a.ip, a.state, a.port, a.interval, a.name) == \
-        (b.type, b.ip, b.state, b.port, b.interval, b.name)
+    return (a.type, a.ip, a.state, a.port, a.interval, a.name, a.moved_from) == \
+        (b.type, b.ip, b.state, b.port, b.interval, b.name, b.moved_from)
 
 
 class PresenceTracker:
     """Thread-safe node table with offline deadlines; see the module docstring."""
 
     def __init__(self, publisher: PresencePublisher, offline_after: float | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, max_nodes: int = 10_000,
+                 new_nodes_per_second: float = 50.0, node_port: int = 7777) -> None:
         self._publisher = publisher
         self._offline_after = offline_after
         self._clock = clock
+        self._max_nodes = max_nodes
+        self._new_per_second = new_nodes_per_second
+        self._new_allowance = new_nodes_per_second  # a token bucket, one second deep
+        self._new_checked = clock()
+        self._node_port = node_port
         self._nodes: dict[int, NodeRecord] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._fresh: dict[int, float] = {}
@@ -78,8 +96,13 @@ class PresenceTracker:
 
     # --- beacons ----------------------------------------------------------------------------
 
-    def observe(self, beacon: Beacon, ip: str, now: float) -> None:
-        """Take one beacon received from `ip` at `now`."""
+    def observe(self, beacon: Beacon, ip: str, now: float) -> str | None:
+        """Take one beacon received from `ip` at `now`; return why it was refused, if it was.
+
+        A new node is refused (`node_limit`, `new_node_rate`) past the node table's size or the
+        rate of new nodes per second, so a flood of made-up ids cannot swamp the bus and the
+        recorder; a refused node is taken at a later beacon.
+        """
         with self._lock:
             record = self._nodes.get(beacon.id)
             if record is not None and record.online and record.ip == ip and record.type == beacon.type \
@@ -89,12 +112,22 @@ class PresenceTracker:
                 self._fresh[beacon.id] = now
                 if beacon.state:
                     self._merge_values(record, beacon.state)
-                return
+                return None
             if record is None:
+                refused = self._admit(now)
+                if refused:
+                    return refused
                 record = NodeRecord(beacon.id, beacon.type, ip, True, now, now)
                 self._nodes[beacon.id] = record
-            elif not record.online:
-                record.online, record.since = True, now
+            else:
+                if not record.online:
+                    record.online, record.since = True, now
+                if record.ip != ip or record.port != beacon.port:
+                    # Beacons are unauthenticated: a move is allowed (DHCP) but never silent.
+                    old = record.address(self._node_port)
+                    record.moved_from, record.moved_at = old, now
+                    log.warning("node %s moved from %s to %s:%s", beacon.id, old, ip,
+                                beacon.port or self._node_port)
             record.ip, record.type, record.last_seen = ip, beacon.type, now
             record.name, record.port, record.interval = beacon.name, beacon.port, beacon.interval
             self._fresh[beacon.id] = now
@@ -103,10 +136,25 @@ class PresenceTracker:
             if beacon.state:
                 self._merge_values(record, beacon.state)
         self._publisher.presence(presence)
+        return None
+
+    def _admit(self, now: float) -> str | None:
+        if len(self._nodes) >= self._max_nodes:
+            return "node_limit"
+        self._new_allowance = min(self._new_per_second,
+                                  self._new_allowance + (now - self._new_checked) * self._new_per_second)
+        self._new_checked = now
+        if self._new_allowance < 1:
+            return "new_node_rate"
+        self._new_allowance -= 1
+        return None
 
     def _merge_values(self, record: NodeRecord, values: dict[str, Value]) -> None:
         if all(record.values.get(k) == v for k, v in values.items()):
             return
+        if len(record.values.keys() | values.keys()) > MAX_VALUES_PER_NODE:
+            log.warning("node %s: values beyond %d keys are not kept", record.id, MAX_VALUES_PER_NODE)
+            values = {k: v for k, v in values.items() if k in record.values}
         record.values.update(values)
         self._publisher.values(record.id, dict(record.values))
 
@@ -166,7 +214,8 @@ class PresenceTracker:
                 last_seen = max(presence.last_seen, hints.get(node_id, 0.0))
                 record = NodeRecord(presence.id, presence.type, presence.ip, presence.state == ONLINE,
                                     presence.since, last_seen, presence.port, presence.interval,
-                                    presence.name, dict(retained_values.get(node_id, {})))
+                                    presence.name, dict(retained_values.get(node_id, {})),
+                                    presence.moved_from, presence.moved_at)
                 self._nodes[node_id] = record
                 if record.online:
                     grace = min(record.interval or DEFAULT_BEACON_INTERVAL, self.offline_after(record))

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bridge.commands import Command, CommandRelay
+from bridge.commands import Command, CommandRelay, correlation_text
 from bridge.listener import BeaconListener
 from bridge.presence import PresenceTracker
-from hacer.bus import Bus, BusError, Message
+from hacer.bus import Bus, BusError, Message, MessageTooLarge
 from hacer.messages import (BridgeStats, CommandResult, GetCommand, LastSeenBatch, MessageError,
                             NodeValues, Presence, SetCommand)
 from hacer.nodewire import Value
-from hacer.topics import TopicError, Topics, is_wildcard
+from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class BusPresencePublisher:
         with self._lock:
             try:
                 sent = self._bus.publish(topic, payload, qos=1, retain=True, block=False)
+            except MessageTooLarge:
+                self._unsent.pop(topic, None)  # the bus counted it; resending cannot help
+                return
             except BusError:
                 sent = False
             if sent:
@@ -78,7 +81,8 @@ class Bridge:
 
     def __init__(self, bus: Bus, topics: Topics, *, discovery_host: str, discovery_port: int,
                  node_port: int, offline_after: float | None, node_timeout: float,
-                 state_dir: Path | None, stats_interval: float = 10.0,
+                 state_dir: Path | None, max_nodes: int = 10_000, new_nodes_per_second: float = 50.0,
+                 stats_interval: float = 10.0,
                  lastseen_interval: float = 2.0, clock: Callable[[], float] = time.time) -> None:
         self.bus = bus
         self.topics = topics
@@ -88,7 +92,8 @@ class Bridge:
         self.lastseen_interval = lastseen_interval
         self.checkpoint_path = state_dir / "bridge-lastseen.json" if state_dir else None
         self.publisher = BusPresencePublisher(bus, topics)
-        self.tracker = PresenceTracker(self.publisher, offline_after, clock)
+        self.tracker = PresenceTracker(self.publisher, offline_after, clock, max_nodes=max_nodes,
+                                       new_nodes_per_second=new_nodes_per_second, node_port=node_port)
         self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
         self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
         self.started_at = 0.0
@@ -144,19 +149,19 @@ class Bridge:
 
     def _on_command(self, message: Message, op: str) -> None:
         try:
-            node_id = self.topics.node_id(message.topic)
-        except TopicError:
-            log.warning("ignored %s on odd topic %s", op, message.topic)
-            return
-        try:
+            node_id: int | None = self.topics.node_id(message.topic)
             items = SetCommand.from_payload(message.payload).values.items() if op == "set" \
                 else [(key, None) for key in GetCommand.from_payload(message.payload).keys]
-        except MessageError as exc:
+        except (TopicError, MessageError) as exc:
             self.relay.counts["bad_request"] += 1
-            bad = Command(node_id, op, "", None, message.correlation, message.response_topic)
-            self._publish_result(CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
-                                               bad.correlation_text, self.clock(), "bad_request"), bad)
+            if isinstance(exc, TopicError):
+                node_id, exc = None, MessageError("the node id must be ASCII digits")
+            result = CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
+                                   correlation_text(message.correlation), self.clock(), "bad_request")
+            self._answer(result, self.topics.result_of_command(message.topic), message.correlation,
+                         message.response_topic)
             return
+        assert node_id is not None
         for key, value in items:
             self.relay.submit(Command(node_id, op, key, value, message.correlation, message.response_topic))
 
@@ -195,13 +200,23 @@ class Bridge:
         return record.ip, record.port or self.node_port
 
     def _publish_result(self, result: CommandResult, command: Command) -> None:
-        payload = result.to_payload()
-        self.bus.publish(self.topics.build("node_result", result.node_id), payload,
-                         correlation=command.correlation)
-        if command.response_topic and not is_wildcard(command.response_topic):
-            self.bus.publish(command.response_topic, payload, correlation=command.correlation)
+        self._answer(result, self.topics.build("node_result", command.node_id), command.correlation,
+                     command.response_topic)
         if result.ok and result.value is not None:
-            self.tracker.update_values(result.node_id, {result.key: result.value})
+            self.tracker.update_values(command.node_id, {result.key: result.value})
+
+    def _answer(self, result: CommandResult, result_topic: str, correlation: bytes | None,
+                response_topic: str | None) -> None:
+        payload = result.to_payload()
+        self.bus.publish(result_topic, payload, correlation=correlation)
+        if not response_topic:
+            return
+        if self.topics.is_reply_topic(response_topic):
+            self.bus.publish(response_topic, payload, correlation=correlation)
+        else:
+            self.relay.counts["bad_response_topic"] += 1
+            log.warning("did not answer on response topic %.80r: not under %s/replies/",
+                        response_topic, self.topics.prefix)
 
     # --- repair on connect ------------------------------------------------------------------
 

@@ -32,6 +32,15 @@ class BusError(RuntimeError):
     """The bus could not do what was asked (not connected in time, refused publish)."""
 
 
+class MessageTooLarge(BusError):
+    """A publish larger than the broker accepts: dropped and counted, since a retry cannot help."""
+
+
+# MQTT's own limit, until the broker's CONNACK announces a smaller one.
+MQTT_MAX_PACKET = 268_435_455
+PUBLISH_OVERHEAD = 64  # fixed header, lengths, packet id and properties other than correlation
+
+
 @dataclass(frozen=True)
 class Message:
     """A received message, free of paho types."""
@@ -121,6 +130,8 @@ class Bus:
         self.manual_ack = manual_ack
         self.handler_errors = 0
         self.messages_received = 0
+        self.too_large = 0
+        self.max_packet = MQTT_MAX_PACKET
         self._subscriptions: list[_Subscription] = []
         self._connect_hooks: list[Callable[[bool], None]] = []
         self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
@@ -278,6 +289,15 @@ class Bus:
         client = self._client
         if client is None:
             raise BusError("bus is not started")
+        if isinstance(payload, str):
+            payload = payload.encode()
+        size = len(topic.encode()) + len(payload) + len(correlation or b"") + PUBLISH_OVERHEAD
+        if size > self.max_packet:
+            self.too_large += 1
+            log.warning("dropped a %d-byte publish to %s: the broker accepts at most %d bytes",
+                        size, topic, self.max_packet)
+            raise MessageTooLarge(f"{size} bytes for {topic} is more than the broker's limit of "
+                                  f"{self.max_packet} bytes")
         properties = None
         if correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -356,6 +376,7 @@ class Bus:
             log.warning("broker %s:%s refused %s: %s", self.address.host, self.address.port,
                         self.client_id, reason)
             return
+        self.max_packet = getattr(properties, "MaximumPacketSize", None) or MQTT_MAX_PACKET
         with self._lock:
             subscriptions = list(self._subscriptions)
         if subscriptions:

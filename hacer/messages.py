@@ -97,12 +97,18 @@ class Presence:
     port: int | None = None
     interval: float | None = None
     name: str | None = None
+    # The address ("ip:port") a beacon last moved the node from, and when: beacons are
+    # unauthenticated, so a move is shown rather than taken silently.
+    moved_from: str | None = None
+    moved_at: float | None = None
 
     def to_payload(self) -> bytes:
         """Encode as the retained presence JSON."""
         body = asdict(self)
         body["since"] = iso_time(self.since)
         body["last_seen"] = iso_time(self.last_seen)
+        if self.moved_at is not None:
+            body["moved_at"] = iso_time(self.moved_at)
         return _dump({k: v for k, v in body.items() if v is not None})
 
     @classmethod
@@ -124,6 +130,8 @@ class Presence:
                 port=None if port is None else _int_in(port, "presence port", 1, 65535),
                 interval=interval,
                 name=_optional_text(body.get("name"), "presence name", MAX_NODE_NAME),
+                moved_from=_optional_text(body.get("moved_from"), "presence moved_from", 80),
+                moved_at=None if body.get("moved_at") is None else parse_time(body["moved_at"]),
             )
         except KeyError as exc:
             raise MessageError(f"presence lacks {exc}") from None
@@ -240,7 +248,7 @@ class GetCommand:
 class CommandResult:
     """The answer to one node command, success or failure, with the caller's correlation."""
 
-    node_id: int
+    node_id: int | None  # None when the command's topic named no valid node id
     op: str  # "set" or "get"
     key: str
     ok: bool
@@ -265,7 +273,7 @@ class CommandResult:
         body = _json_object(payload)
         try:
             return cls(
-                node_id=_node_id(body["node_id"]),
+                node_id=None if body["node_id"] is None else _node_id(body["node_id"]),
                 op=body["op"],
                 key=body["key"],
                 ok=bool(body["ok"]),

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 MAX_BEACON_BYTES = 1024
+# 2015 replies are a few dozen bytes; anything much longer is a broken or hostile node.
+MAX_REPLY_BYTES = 4096
 MAX_NODE_ID = 2**53 - 1
 NODE_TYPES = ("toggle", "light_rgb", "sensor_temp", "thermostat", "other")
 DEFAULT_BEACON_INTERVAL = 60.0
@@ -167,6 +169,9 @@ class ReplyDecoder:
         buf = self._buffer
         if not buf:
             return None
+        if len(buf) > MAX_REPLY_BYTES:
+            self._buffer = b""
+            raise WireError(f"reply longer than {MAX_REPLY_BYTES} bytes: {buf[:40]!r}...")
         if buf[:1] not in (b"+", b"-"):
             raise WireError(f"reply starts with {buf[:1]!r}, not + or -")
         ok = buf[:1] == b"+"
@@ -229,6 +234,8 @@ def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | None:
         if buf[colon:colon + 1] != b":":
             raise _NotEncoded
         length = int(buf[pos:colon])
+        if length > MAX_REPLY_BYTES:
+            raise WireError(f"a {length}-byte value is longer than a reply may be ({MAX_REPLY_BYTES} bytes)")
         end = colon + 1 + length
         if len(buf) < end:
             return None

@@ -1,6 +1,7 @@
 """Settings: every environment variable hacer reads is read here, once."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ def _float(env: Mapping[str, str], name: str, default: float | None, low: float)
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} is not a finite number")
     if value < low:
         raise SettingsError(f"{name}={value} is below {low}")
     return value
@@ -55,6 +58,9 @@ class Settings:
     # None: three times the interval the node announces (60 s when it does not say).
     offline_after: float | None = None
     node_timeout: float = 3.0
+    # A flood of made-up node ids is refused past these (counted as node_limit, new_node_rate).
+    max_nodes: int = 10_000
+    new_nodes_per_second: float = 50.0
     stats_interval: float = 10.0
     lastseen_interval: float = 2.0
     state_dir: Path = PROJECT_DIR / "var"
@@ -101,6 +107,8 @@ class Settings:
             node_port=_int(env, "HACER_NODE_PORT", 7777, 1, 65535),
             offline_after=_float(env, "HACER_OFFLINE_AFTER", None, 0.1),
             node_timeout=_float(env, "HACER_NODE_TIMEOUT", 3.0, 0.05) or 3.0,
+            max_nodes=_int(env, "HACER_MAX_NODES", 10_000, 1, 10_000_000),
+            new_nodes_per_second=_float(env, "HACER_NEW_NODES_PER_SECOND", 50.0, 1.0) or 50.0,
             stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
             lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
             state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var"),

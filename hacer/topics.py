@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hacer.nodewire import MAX_NODE_ID
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -40,7 +42,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder"),
     TopicSpec("api_state", "api/state", True, 1, "api"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),
+    # A requester's response topics: `replies/<its client id>/<anything>`.
+    TopicSpec("reply", "replies/{arg}", False, 1, "bridge, to a command's response topic"),
 )
+
+MAX_REPLY_TOPIC = 256
 
 SPECS_BY_NAME = {spec.name: spec for spec in TOPIC_SPECS}
 
@@ -107,10 +113,27 @@ class Topics:
                 return spec.name, arg
         raise TopicError(f"{topic!r} is not a hacer topic")
 
+    def is_reply_topic(self, topic: str) -> bool:
+        """Tell whether `topic` may be a command's response topic: under `<prefix>/replies/`.
+
+        Anything else would let a request make the bridge publish on a topic other parts own.
+        """
+        head = f"{self.prefix}/replies/"
+        return (topic.startswith(head) and len(topic) <= MAX_REPLY_TOPIC and not is_wildcard(topic)
+                and "\0" not in topic and "" not in topic[len(head):].split("/")[:1])
+
+    def result_of_command(self, topic: str) -> str:
+        """Return the result topic beside a set or get topic, whatever its id level holds."""
+        name, arg = self.parse(topic)
+        if name not in ("node_set", "node_get"):
+            raise TopicError(f"{topic!r} is not a node command topic")
+        return self.build("node_result", arg)
+
     def node_id(self, topic: str) -> int:
         """Return the integer node id of a node topic."""
         name, arg = self.parse(topic)
-        if not name.startswith("node_") or arg is None or not (arg.isascii() and arg.isdigit()):
+        if not name.startswith("node_") or arg is None or not (arg.isascii() and arg.isdigit()) \
+                or len(arg) > 16 or int(arg) > MAX_NODE_ID:
             raise TopicError(f"{topic!r} is not a node topic")
         return int(arg)
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import pytest
 
 from hacer.broker import BrokerProcess
+from hacer.messages import Presence
 from hacer.bus import Bus, Message
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
@@ -207,3 +208,34 @@ def spawn(tmp_path: Path, broker: BrokerProcess) -> Iterator[Callable[..., Hacer
     yield start
     for child in children:
         child.stop()
+
+
+# --- the bridge as a process ------------------------------------------------------------------
+
+@pytest.fixture
+def bridge_env(hacer_env):
+    hacer_env["HACER_OFFLINE_AFTER"] = "1.5"
+    return hacer_env
+
+
+@pytest.fixture
+def start_bridge(spawn, bridge_env, watch, topics):
+    """Start `manage.py bridge`; return once its retained state says online."""
+    state = watch(topics.build("bridge_state"))
+
+    def start():
+        count = len([m for m in state.messages if m.payload == b"online"])
+        child = spawn(["bridge"], bridge_env)
+        state.wait_for(lambda m: m.payload == b"online", timeout=15,
+                       start=len(state.messages) if count else 0)
+        return child
+
+    return start
+
+
+def target(env):
+    return ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"]))
+
+
+def presence_of(message):
+    return Presence.from_payload(message.payload)

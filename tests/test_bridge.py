@@ -11,32 +11,7 @@ import pytest
 from emulator.nodes import Emulator, EmulatedNode, make_nodes
 from hacer.messages import BridgeStats, CommandResult, NodeValues, Presence
 
-from conftest import wait_until
-
-
-@pytest.fixture
-def bridge_env(hacer_env):
-    hacer_env["HACER_OFFLINE_AFTER"] = "1.5"
-    return hacer_env
-
-
-@pytest.fixture
-def start_bridge(spawn, bridge_env, watch, topics):
-    """Start `manage.py bridge`; return once its retained state says online."""
-    state = watch(topics.build("bridge_state"))
-
-    def start():
-        count = len([m for m in state.messages if m.payload == b"online"])
-        child = spawn(["bridge"], bridge_env)
-        state.wait_for(lambda m: m.payload == b"online", timeout=15,
-                       start=len(state.messages) if count else 0)
-        return child
-
-    return start
-
-
-def target(env):
-    return ("127.0.0.1", int(env["HACER_DISCOVERY_PORT"]))
+from conftest import presence_of, target, wait_until
 
 
 @pytest.fixture
@@ -48,10 +23,6 @@ def nodes(bridge_env):
     emulator = Emulator(made, target(bridge_env))
     yield made, emulator
     emulator.stop()
-
-
-def presence_of(message):
-    return Presence.from_payload(message.payload)
 
 
 def test_beacon_becomes_retained_presence_with_source_ip(start_bridge, bridge_env, watch, topics, make_bus):
@@ -184,10 +155,10 @@ def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch
     presence = watch(topics.filter("node_presence"))
     emulator.start()
     presence.wait_for(lambda m: presence_of(m).id == made[0].id)
-    replies = watch("test/replies/1")
+    replies = watch(topics.prefix + "/replies/me/1")
     bus = make_bus()
     bus._client.publish(topics.build("node_get", made[0].id), "on", qos=1,
-                        properties=_request_properties("test/replies/1", b"xyz"))
+                        properties=_request_properties(topics.prefix + "/replies/me/1", b"xyz"))
     reply = replies.wait_for(lambda m: True)
     assert reply.correlation == b"xyz" and result_of(reply).value == 0
 
