@@ -15,6 +15,7 @@ from flask.typing import ResponseReturnValue
 from flask_socketio import SocketIO
 
 from api.errors import register_error_handlers
+from api.guard import RequestGuard, default_host_names
 from api.live import LiveView
 from api.services import Services
 from hacer.bus import Bus
@@ -53,8 +54,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     from api import events
     # The app's own server (app.extensions["socketio"]), so two apps in one process stay apart.
+    # No CORS handling in Socket.IO: RequestGuard checks every websocket connect's Origin.
     socketio = SocketIO(app, async_mode=app.config.get("ASYNC_MODE", "eventlet"), cors_allowed_origins=[])
     events.attach(socketio, live, settings.api_token)
+    # Outermost, around Socket.IO's middleware too.
+    app.wsgi_app = RequestGuard(app.wsgi_app, max_body=MAX_BODY_BYTES,  # type: ignore[method-assign]
+                                allowed_hosts=default_host_names() | set(settings.allowed_hosts),
+                                allowed_origins=settings.allowed_origins)
 
     @app.get("/")
     def control_app() -> ResponseReturnValue:

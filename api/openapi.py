@@ -18,10 +18,12 @@ def body(name_or_schema: str | dict[str, Any], description: str = "OK") -> dict[
 
 
 ERROR = body("Error", "error")
-INT_ID = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+NODE_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1}
+ROW_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+INT_ID = {"name": "node_id", "in": "path", "required": True, "schema": NODE_ID_SCHEMA}
 RUN_KEY = {"name": "key", "in": "path", "required": True, "description": "run id or thread id",
            "schema": {"type": "string"}}
-PAGING = [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+PAGING = [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
           {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
 JSON_OBJECT_BODY = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}},
                     "description": "JSON, with or without a JSON content type (2015 clients send none)"}
@@ -76,7 +78,10 @@ SCHEMAS: dict[str, Any] = {
                                                      "exception", "exit_status"]},
                              "data": TEXT}},
     "EntryList": {"type": "object", "required": ["entry_list"],
-                  "properties": {"entry_list": {"type": "array", "items": ref("Entry")}}},
+                  "properties": {"entry_list": {"type": "array", "items": ref("Entry")},
+                                 "truncated": {"type": "boolean", "description":
+                                               "a run's log read without paging stopped at 10 000 entries "
+                                               "or 4 MiB of data: page it to read the rest"}}},
     "NodeTypes": {"type": "object", "required": ["node_types"],
                   "properties": {"node_types": {"type": "array", "items": TEXT}}},
     "Health": {"type": "object", "required": ["status", "broker", "bridge", "runners", "database", "versions"],
@@ -118,7 +123,7 @@ PATHS: dict[str, Any] = {
     "/api/node_types": {"get": {"summary": "Node types", "responses": {"200": body("NodeTypes")}}},
     "/api/scripts/list": {"get": {"summary": "Scripts (2015)", "responses": {"200": body("ScriptList")}}},
     "/api/scripts/exec/id/{script_id}": {
-        "parameters": [{"name": "script_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+        "parameters": [{"name": "script_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}],
         "post": {"summary": "Run a script (2015): {\"params\": [...]}", "requestBody": JSON_OBJECT_BODY,
                  "responses": {"200": body("Started"), "400": ERROR, "404": ERROR}}},
     "/api/scripts/exec/name/{name}": {
@@ -138,8 +143,9 @@ PATHS: dict[str, Any] = {
                                  "parameters": LOG_FILTERS,
                                  "responses": {"200": body("EntryList"), "400": ERROR}}},
     "/api/logs/script/thread_id/{thread_id}": {
-        "parameters": [{"name": "thread_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
-        "get": {"summary": "A run's log entries (2015)", "parameters": LOG_FILTERS,
+        "parameters": [{"name": "thread_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}],
+        "get": {"summary": "A run's log entries (2015); without paging, the first 10 000 or 4 MiB",
+                "parameters": LOG_FILTERS,
                 "responses": {"200": body("EntryList"), "400": ERROR}}},
     "/api/health": {"get": {"summary": "Broker, bridge, runners, database, versions",
                             "responses": {"200": body("Health"), "503": body("Health", "degraded")}}},

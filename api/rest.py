@@ -11,6 +11,8 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import String, cast, func, select
 from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import BaseConverter
 
 from api.errors import ApiError, bad_request, not_found
 from api.openapi import document
@@ -24,7 +26,35 @@ from hacer.scriptdir import Script
 api = Blueprint("api", __name__, url_prefix="/api")
 
 MAX_PER_PAGE = 1000
+MAX_PAGE = 1_000_000
+# A log read without paging (the 2015 app's call) stops at whichever bound comes first.
 UNPAGED_ENTRIES = 10_000
+UNPAGED_BYTES = 4 * 1024 * 1024
+NODE_ID, ROW_ID = "node_id", "row_id"
+
+
+class _IdConverter(BaseConverter):
+    """An id in a path, answered 404 when out of range (Werkzeug's own bound answers POSTs 405)."""
+
+    regex = r"\d+"
+    maximum = 2**63 - 1  # database ids
+
+    def to_python(self, value: str) -> int:
+        if len(value) > 19 or int(value) > self.maximum:
+            raise NotFound(f"no such id: {value[:40]} is more than {self.maximum}")
+        return int(value)
+
+    def to_url(self, value: Any) -> str:
+        return str(int(value))
+
+
+class _NodeIdConverter(_IdConverter):
+    maximum = 2**53 - 1  # JSON's exact integers, as beacons carry them
+
+
+@api.record_once
+def _register_converters(state: Any) -> None:
+    state.app.url_map.converters.update({NODE_ID: _NodeIdConverter, ROW_ID: _IdConverter})
 
 
 def services() -> Services:
@@ -50,6 +80,8 @@ def json_body() -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(f"the body must be a JSON object, not {type(body).__name__}")
     return body
@@ -62,8 +94,8 @@ def page_args() -> tuple[int, int]:
         per_page = int(request.args.get("per_page", "100"))
     except ValueError:
         raise bad_request("page and per_page must be integers") from None
-    if page < 1 or not 1 <= per_page <= MAX_PER_PAGE:
-        raise bad_request(f"page must be >= 1 and per_page in 1..{MAX_PER_PAGE}")
+    if not 1 <= page <= MAX_PAGE or not 1 <= per_page <= MAX_PER_PAGE:
+        raise bad_request(f"page must be in 1..{MAX_PAGE} and per_page in 1..{MAX_PER_PAGE}")
     return page, per_page
 
 
@@ -73,10 +105,10 @@ def time_arg(name: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise bad_request(f"{name}={raw!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    except (ValueError, OverflowError):
+        raise bad_request(f"{name}={raw[:40]!r} is not an ISO 8601 time between years 1 and 9999") from None
     return moment
 
 
@@ -119,7 +151,7 @@ def find_node(session: Any, node_id: int) -> Node:
     return node
 
 
-@api.get("/nodes/id/<int:node_id>")
+@api.get(f"/nodes/id/<{NODE_ID}:node_id>")
 def get_node(node_id: int) -> ResponseReturnValue:
     with services().sessions() as session:
         return jsonify(node_json(find_node(session, node_id)))
@@ -134,7 +166,7 @@ def get_node_by_name(name: str) -> ResponseReturnValue:
         return jsonify(node_json(node))
 
 
-@api.post("/nodes/id/<int:node_id>")
+@api.post(f"/nodes/id/<{NODE_ID}:node_id>")
 def rename_node(node_id: int) -> ResponseReturnValue:
     body = json_body()
     name = body.get("name")
@@ -153,7 +185,7 @@ def rename_node(node_id: int) -> ResponseReturnValue:
         return jsonify({"success": True, "node": node_json(node)})
 
 
-@api.delete("/nodes/id/<int:node_id>")
+@api.delete(f"/nodes/id/<{NODE_ID}:node_id>")
 def delete_node(node_id: int) -> ResponseReturnValue:
     svc = services()
     with svc.sessions() as session:
@@ -187,7 +219,7 @@ def command_reply(node_id: int, command: SetCommand | GetCommand) -> ResponseRet
     return jsonify({"results": body})
 
 
-@api.post("/nodes/id/<int:node_id>/set")
+@api.post(f"/nodes/id/<{NODE_ID}:node_id>/set")
 def set_values(node_id: int) -> ResponseReturnValue:
     try:
         command = SetCommand.from_payload(json.dumps(json_body()))
@@ -196,7 +228,7 @@ def set_values(node_id: int) -> ResponseReturnValue:
     return command_reply(node_id, command)
 
 
-@api.get("/nodes/id/<int:node_id>/get/<key>")
+@api.get(f"/nodes/id/<{NODE_ID}:node_id>/get/<key>")
 def get_value(node_id: int, key: str) -> ResponseReturnValue:
     try:
         command = GetCommand.from_payload(json.dumps(key))
@@ -212,7 +244,7 @@ def list_scripts() -> ResponseReturnValue:
     return jsonify({"script_list": [{"id": s.id, "name": s.name} for s in services().scripts.list()]})
 
 
-@api.post("/scripts/exec/id/<int:script_id>")
+@api.post(f"/scripts/exec/id/<{ROW_ID}:script_id>")
 def exec_script_by_id(script_id: int) -> ResponseReturnValue:
     script = services().scripts.find_id(script_id)
     if script is None:
@@ -271,7 +303,7 @@ def list_runs() -> ResponseReturnValue:
 
 def find_run(session: Any, key: str) -> Run:
     run = session.scalar(select(Run).where(Run.run_id == key))
-    if run is None and key.isdigit():
+    if run is None and key.isascii() and key.isdigit() and int(key) < 2**63:
         run = session.get(Run, int(key))
     if run is None:
         raise not_found(f"no run {key!r}")
@@ -329,8 +361,15 @@ def entries(thread_id: int | None = None) -> ResponseReturnValue:
             found = list(session.scalars(query.offset((page - 1) * per_page).limit(per_page)))
         elif thread_id is None:  # without paging, the latest entries, oldest first
             found = list(session.scalars(query.order_by(ScriptLogEntry.id.desc()).limit(UNPAGED_ENTRIES)))[::-1]
-        else:
-            found = list(session.scalars(query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)))
+        else:  # one run without paging (the 2015 app): its first entries, within bounds
+            found, size = [], 0
+            rows = session.scalars(query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)
+                                   .limit(UNPAGED_ENTRIES + 1).execution_options(yield_per=500))
+            for entry in rows:
+                size += len(entry.data or "")
+                if len(found) == UNPAGED_ENTRIES or size > UNPAGED_BYTES:
+                    return jsonify({"entry_list": [entry_json(e) for e in found], "truncated": True})
+                found.append(entry)
         return jsonify({"entry_list": [entry_json(e) for e in found]})
 
 
@@ -339,7 +378,7 @@ def all_entries() -> ResponseReturnValue:
     return entries()
 
 
-@api.get("/logs/script/thread_id/<int:thread_id>")
+@api.get(f"/logs/script/thread_id/<{ROW_ID}:thread_id>")
 def thread_entries(thread_id: int) -> ResponseReturnValue:
     return entries(thread_id)
 

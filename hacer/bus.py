@@ -180,8 +180,12 @@ class Bus:
         )
         client.loop_start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Publish the will on the presence topic (a clean disconnect sends none) and close."""
+    def stop(self, timeout: float = 5.0, end_session: bool = False) -> None:
+        """Publish the will on the presence topic (a clean disconnect sends none) and close.
+
+        With end_session the broker drops this client's durable session (and its place in shared
+        subscriptions, whose messages would otherwise queue for it until the session expires).
+        """
         client, self._client = self._client, None  # from here a disconnect is not a loss
         if client is None:
             return
@@ -191,7 +195,11 @@ class Bus:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
                 pass
-        client.disconnect()
+        properties = None
+        if end_session:
+            properties = Properties(PacketTypes.DISCONNECT)
+            properties.SessionExpiryInterval = 0
+        client.disconnect(properties=properties)
         client.loop_stop()
         self._connected.clear()
 

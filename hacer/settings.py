@@ -43,6 +43,10 @@ def _float(env: Mapping[str, str], name: str, default: float | None, low: float)
     return value
 
 
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """The configuration of one hacer process."""
@@ -73,11 +77,20 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 5000
     api_token: str = ""
+    # Names the api is reached by beyond localhost, IP literals and this machine's own names
+    # ("*": any), and other origins whose pages may change things (DNS rebinding, CSRF).
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
     recorder_id: str = field(default_factory=socket.gethostname)
     rescue_after: float = 5.0
     resend_after: float = 5.0
     database_timeout: float = 10.0
     runner_outbox_bytes: int = 64 * 1024 * 1024
+    # How scripts reach the broker (their own role, `hacer-script`); "" means the runner's URL
+    # without its credentials. Scripts never get the runner's password.
+    script_mqtt_url: str = ""
+    # Variables of the runner's environment scripts see besides SCRIPT_ENV_ALLOWED.
+    script_env_names: tuple[str, ...] = ()
 
     @property
     def served_http_host(self) -> str:
@@ -111,8 +124,9 @@ class Settings:
             new_nodes_per_second=_float(env, "HACER_NEW_NODES_PER_SECOND", 50.0, 1.0) or 50.0,
             stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
             lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
-            state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var"),
-            scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts"),
+            # Resolved now: a relative folder would otherwise be read from each script's own folder.
+            state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var").resolve(),
+            scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts").resolve(),
             runner_id=env.get("HACER_RUNNER_ID", "").strip() or socket.gethostname(),
             runner_capacity=_int(env, "HACER_RUNNER_CAPACITY", 4, 1, 256),
             run_timeout=_float(env, "HACER_RUN_TIMEOUT", 300.0, 0.1) or 300.0,
@@ -121,6 +135,10 @@ class Settings:
             http_host=env.get("HACER_HTTP_HOST", "").strip() or "127.0.0.1",
             http_port=_int(env, "HACER_HTTP_PORT", 5000, 1, 65535),
             api_token=env.get("HACER_API_TOKEN", "").strip(),
+            script_mqtt_url=env.get("HACER_SCRIPT_MQTT_URL", "").strip(),
+            script_env_names=_list(env, "HACER_SCRIPT_ENV"),
+            allowed_hosts=_list(env, "HACER_ALLOWED_HOSTS"),
+            allowed_origins=_list(env, "HACER_ALLOWED_ORIGINS"),
             recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
             rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
             resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,

@@ -86,6 +86,7 @@ class Recorder:
         self._run_states: dict[str, str] = {}  # run id -> the state this recorder last wrote or read
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._online_runners: set[str] = set()
+        self._online_recorders: set[str] = set()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._type_ids: dict[str, int] = {}
@@ -103,6 +104,7 @@ class Recorder:
             self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.filter(name)), self._inbox.put,
                                manual_ack=True)
         self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
+        self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
         self.bus.birth = self._state_payload()
         for target, name in ((self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -115,7 +117,24 @@ class Recorder:
         self._stopping.set()
         for thread in self._threads:
             thread.join(10)
-        self.bus.stop()
+        # While another recorder runs, leave the shared group: the broker would go on queueing a
+        # share of every run's log for this stopped session, and runners resend what it holds.
+        others = self._online_recorders - {self.recorder_id}
+        if others:
+            log.info("recorder(s) %s online: ending this recorder's broker session", ", ".join(sorted(others)))
+        self.bus.stop(end_session=bool(others))
+
+    def _on_recorder_state(self, message: Message) -> None:
+        try:
+            state = RecorderState.from_payload(message.payload)
+        except MessageError:
+            return
+        if self.topics.build("recorder_state", state.recorder) != message.topic:
+            return
+        if state.state == "online":
+            self._online_recorders.add(state.recorder)
+        else:
+            self._online_recorders.discard(state.recorder)
 
     def _state_payload(self) -> bytes:
         return RecorderState(self.recorder_id, "online", self.written, self.set_aside).to_payload()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import compileall
 import logging
 import os
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from hacer.bus import Bus
 from hacer.lifecycle import run_until_signal
@@ -33,6 +35,31 @@ def precompile_script_library() -> None:
     compileall.compile_file(PROJECT_DIR / "hasapi.py", quiet=1)
 
 
+# What a script's process sees of the runner's environment: never its secrets (the api token,
+# the database URL, the runner's broker password).
+SCRIPT_ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                      "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8", "HACER_NODE_TIMEOUT")
+
+
+def script_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """Return the environment every script starts from (the runner adds the run's own)."""
+    allowed = set(SCRIPT_ENV_ALLOWED) | set(settings.script_env_names)
+    env = {k: v for k, v in environ.items() if k in allowed or k.startswith("LC_")}
+    env.update({"HACER_MQTT_URL": settings.script_mqtt_url or without_credentials(settings.mqtt_url),
+                "HACER_TOPIC_PREFIX": settings.topic_prefix})
+    return env
+
+
+def without_credentials(url: str) -> str:
+    """Return a broker URL without its user:password@."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    log.warning("scripts connect to the broker without the runner's credentials: set "
+                "HACER_SCRIPT_MQTT_URL with the hacer-script user (see mosquitto/acl)")
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def build_runner(settings: Settings) -> Runner:
     """Build a runner (not started) from settings."""
     precompile_script_library()
@@ -44,8 +71,7 @@ def build_runner(settings: Settings) -> Runner:
     bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-runner-{settings.runner_id}",
               presence_topic=topics.build("runner_state", settings.runner_id), will=offline,
               clean_start=False, session_expiry=SESSION_EXPIRY, manual_ack=True)
-    script_env = {**os.environ, "HACER_MQTT_URL": settings.mqtt_url,
-                  "HACER_TOPIC_PREFIX": settings.topic_prefix, "HACER_DATABASE_URL": settings.database_url}
+    script_env = script_environment(settings, os.environ)
     config = RunnerConfig(runner_id=settings.runner_id, capacity=settings.runner_capacity,
                           default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
                           takeover_after=settings.runner_takeover, script_env=script_env)

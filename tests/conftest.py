@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from hacer.broker import BrokerProcess
+from hacer.broker import CONFIG_DIR, BrokerProcess
 from hacer.messages import Presence
 from hacer.bus import Bus, Message
 from hacer.parentdeath import child_env
@@ -239,3 +240,46 @@ def target(env):
 
 def presence_of(message):
     return Presence.from_payload(message.payload)
+
+
+# --- the production broker: password file and ACL ---------------------------------------------
+
+USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "hacer-script", "viewer")
+
+
+@pytest.fixture
+def production_broker(tmp_path):
+    work = tmp_path / "broker"
+    work.mkdir()
+    passwords = work / "passwd"
+    for user in USERS:
+        flags = ["-b"] if passwords.exists() else ["-c", "-b"]
+        subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
+    acl = work / "acl"
+    shutil.copy(CONFIG_DIR / "acl", acl)
+    process = BrokerProcess(work, [free_port(), free_port()], template=CONFIG_DIR / "production.conf",
+                            password_file=passwords, acl_file=acl)
+    process.start()
+    yield process
+    process.stop()
+
+
+def url(broker, user):
+    return f"mqtt://{user}:{user}-secret@127.0.0.1:{broker.port}" if user else broker.url
+
+
+@pytest.fixture
+def connect(production_broker):
+    buses = []
+
+    def make(user, wait=True):
+        bus = Bus(url(production_broker, user), Topics(), f"{user or 'anon'}-{uuid.uuid4().hex[:6]}")
+        bus.start()
+        buses.append(bus)
+        if wait:
+            bus.wait_connected(5)
+        return bus
+
+    yield make
+    for bus in buses:
+        bus.stop()

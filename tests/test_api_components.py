@@ -136,7 +136,7 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
 
     class ConfirmingBus(RecordingBus):
         def start(self): pass
-        def stop(self): pass
+        def stop(self, end_session=False): pass
         def ack(self, message): pass
 
         def publish_confirmed(self, messages, *, retain=False, timeout=10.0):

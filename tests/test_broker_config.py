@@ -14,48 +14,7 @@ from hacer.bus import Bus, BusError
 from hacer.messages import Presence
 from hacer.topics import Topics
 
-from conftest import Watcher, free_port, wait_until
-
-USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "viewer")
-
-
-@pytest.fixture
-def production_broker(tmp_path):
-    work = tmp_path / "broker"
-    work.mkdir()
-    passwords = work / "passwd"
-    for user in USERS:
-        flags = ["-b"] if passwords.exists() else ["-c", "-b"]
-        subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
-    acl = work / "acl"
-    shutil.copy(CONFIG_DIR / "acl", acl)
-    process = BrokerProcess(work, [free_port(), free_port()], template=CONFIG_DIR / "production.conf",
-                            password_file=passwords, acl_file=acl)
-    process.start()
-    yield process
-    process.stop()
-
-
-def url(broker, user):
-    return f"mqtt://{user}:{user}-secret@127.0.0.1:{broker.port}" if user else broker.url
-
-
-@pytest.fixture
-def connect(production_broker):
-    buses = []
-
-    def make(user, wait=True):
-        bus = Bus(url(production_broker, user), Topics(), f"{user or 'anon'}-{uuid.uuid4().hex[:6]}")
-        bus.start()
-        buses.append(bus)
-        if wait:
-            bus.wait_connected(5)
-        return bus
-
-    yield make
-    for bus in buses:
-        bus.stop()
-
+from conftest import Watcher, free_port, url, wait_until
 
 def test_anonymous_and_wrong_password_refused(connect, production_broker):
     with pytest.raises(BusError):

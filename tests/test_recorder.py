@@ -31,7 +31,7 @@ class AckingBus(RecordingBus):
     def start(self) -> None:
         pass
 
-    def stop(self) -> None:
+    def stop(self, end_session: bool = False) -> None:
         pass
 
     def ack(self, message) -> None:

@@ -1,0 +1,176 @@
+"""One bad web page or one curious user against a live api (eventlet's server, real sockets)."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import uuid
+
+import pytest
+import requests
+
+from hacer.broker import BrokerProcess, port_answers
+from hacer.bus import Bus
+from hacer.messages import RunRequest
+from hacer.topics import Topics
+
+from conftest import HacerProcess, Watcher, free_port, wait_until
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """A broker and an api process (no token, the default), with a watcher on run requests."""
+    work = tmp_path_factory.mktemp("hostile-api")
+    broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+    broker.start()
+    port = free_port()
+    env = {"HACER_MQTT_URL": broker.url, "HACER_HTTP_PORT": str(port), "HADB_PATH": str(work / "hacer.db"),
+           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
+    process = HacerProcess(["api"], env, work / "api.log").start()
+    bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")
+    requests_seen = Watcher(bus, Topics().build("run_request"))
+    bus.start()
+    bus.wait_connected(10)
+    wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api to listen")
+    api = type("Api", (), {})()
+    api.url, api.port, api.process, api.requests = f"http://127.0.0.1:{port}", port, process, requests_seen
+    yield api
+    bus.stop()
+    process.stop()
+    broker.stop()
+
+
+def requested_params(api):
+    return [list(RunRequest.from_payload(m.payload).params) for m in api.requests.messages]
+
+
+def test_a_cross_origin_post_runs_nothing(api):
+    url = api.url + "/api/scripts/exec/name/test"
+    for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example", f"http://localhost:{api.port}"):
+        answer = requests.post(url, data='{"params": ["forged"]}', timeout=10,
+                               headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert answer.status_code == 403 and "HACER_ALLOWED_ORIGINS" in answer.json()["message"], origin
+    cross_site = requests.post(url, data='{"params": ["forged"]}', timeout=10, headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross_site.status_code == 403
+    own = requests.post(url, json={"params": ["own page"]}, timeout=10, headers={"Origin": api.url})
+    curl = requests.post(url, json={"params": ["curl"]}, timeout=10)
+    assert own.status_code == curl.status_code == 200
+    api.requests.wait_for(lambda m: list(RunRequest.from_payload(m.payload).params) == ["curl"])
+    assert ["forged"] not in requested_params(api)
+
+
+def test_a_cross_origin_websocket_is_refused(api):
+    import socketio
+    import websocket
+
+    ws_url = f"ws://127.0.0.1:{api.port}/socket.io/?EIO=4&transport=websocket"
+    for origin in ("http://evil.example", "null"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(ws_url, origin=origin, timeout=10)
+        assert refused.value.status_code == 403
+    own = socketio.Client(reconnection=False)  # sends the api's own origin
+    snapshots = []
+    own.on("snapshot", snapshots.append)
+    own.connect(api.url, transports=["websocket"], wait_timeout=5)
+    try:
+        wait_until(lambda: snapshots, 10, "a snapshot for the api's own origin")
+    finally:
+        own.disconnect()
+
+
+def test_a_rebound_host_name_is_refused(api):
+    rebound = requests.get(api.url + "/api/nodes", headers={"Host": f"evil.example:{api.port}"}, timeout=10)
+    assert rebound.status_code == 400 and "HACER_ALLOWED_HOSTS" in rebound.json()["message"]
+    for host in (f"localhost:{api.port}", f"127.0.0.1:{api.port}", f"[::1]:{api.port}", socket.gethostname()):
+        assert requests.get(api.url + "/api/nodes", headers={"Host": host}, timeout=10).status_code == 200, host
+
+
+def http_exchange(port: int, head: bytes, body_chunks, read_timeout: float = 20.0) -> tuple[bytes, int]:
+    """Send a request whose body comes from `body_chunks` until the server answers; return (answer, sent)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sent = 0
+    try:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered before the whole body: stop sending
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            sent += len(chunk)
+        sock.settimeout(read_timeout)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 4 + _length(answer):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+        return answer, sent
+    finally:
+        sock.close()
+
+
+def _length(answer: bytes) -> int:
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    for line in head.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_a_chunked_body_is_read_and_a_huge_one_refused_with_memory_flat(api):
+    head = (b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    answer, _ = http_exchange(api.port, head, [chunked(b'{"params": ["chunked"]}')])
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    api.requests.wait_for(lambda m: list(RunRequest.from_payload(m.payload).params) == ["chunked"])
+
+    before = rss_kib(api.process.process.pid)
+    mebibyte = b"x" * (1 << 20)
+    huge = (b"%x\r\n%s\r\n" % (len(mebibyte), mebibyte) for _ in range(400))
+    answer, sent = http_exchange(api.port, head, huge)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert "larger than" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"]
+    assert sent < 400 << 20  # refused before the client had sent it all
+    declared, _ = http_exchange(api.port, b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                          b"Content-Length: 419430400\r\n\r\n", [b"{}"])
+    assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
+    assert rss_kib(api.process.process.pid) - before < 32 * 1024
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/api/nodes/id/9223372036854775808", None),
+    ("GET", "/api/nodes/id/99999999999999999999999", None),
+    ("POST", "/api/nodes/id/9223372036854775808", {"name": "x"}),
+    ("DELETE", "/api/nodes/id/9223372036854775808", None),
+    ("POST", "/api/nodes/id/9223372036854775808/set", {"on": 1}),
+    ("GET", "/api/nodes/id/9223372036854775808/get/on", None),
+    ("POST", "/api/scripts/exec/id/9223372036854775808", None),
+    ("GET", "/api/runs/9223372036854775808", None),
+    ("GET", "/api/runs/%C2%B2", None),
+    ("GET", "/api/logs/script/thread_id/9223372036854775808", None),
+    ("GET", "/api/runs?page=4611686018427387904", None),
+    ("GET", "/api/logs/script?page=4611686018427387904&per_page=1000", None),
+    ("GET", "/api/logs/script?since=9999-12-31T23:00-05:00", None),
+    ("GET", "/api/logs/script?until=0001-01-01T00:00+05:00", None),
+    ("POST", "/api/scripts/exec/name/test", "[" * 30000 + "]" * 30000),
+    ("POST", "/api/nodes/id/1", "[" * 30000 + "]" * 30000),
+])
+def test_out_of_range_input_is_a_4xx_with_a_message(api, method, path, body):
+    data = body if isinstance(body, str) else None
+    answer = requests.request(method, api.url + path, json=body if not isinstance(body, str) else None,
+                              data=data, timeout=10)
+    assert answer.status_code in (400, 404), (answer.status_code, answer.text[:200])
+    assert answer.json()["message"]

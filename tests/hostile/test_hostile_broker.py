@@ -1,0 +1,53 @@
+"""A curious user with a broker account: the production ACL holds against the viewer and scripts."""
+from __future__ import annotations
+
+import uuid
+
+from hacer.bus import Bus
+from hacer.messages import RunRequest
+from hacer.runrequest import request_until_claimed
+from hacer.topics import Topics
+
+from conftest import Watcher, url
+
+
+def test_a_viewer_in_the_runners_group_reads_no_request_and_delays_none_for_good(
+        connect, production_broker, spawn, hacer_env):
+    # Mosquitto 2.0's ACL file grants every subscription and filters at delivery, and it checks a
+    # shared one against its topic alone: a viewer can join the runners' group. The ACL keeps the
+    # requests it is dealt from it (the broker drops them); requesters send again until claimed.
+    topics = Topics()
+    viewer = Bus(url(production_broker, "viewer"), topics, f"viewer-{uuid.uuid4().hex[:6]}")
+    taken_by_viewer = Watcher(viewer, Topics.shared("hacer-runners", topics.build("run_request")))
+    viewer.start()
+    viewer.wait_connected(5)
+    runner_env = {**hacer_env, "HACER_MQTT_URL": url(production_broker, "hacer-runner"),
+                  "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}"}
+    runner_state = Watcher(connect("hacer-api"), topics.build("runner_state", runner_env["HACER_RUNNER_ID"]))
+    spawn(["runner"], runner_env)
+    runner_state.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
+    requester = connect("hacer-api")
+    for index in range(6):
+        request = RunRequest("test", (str(index),), run_id=f"stolen-{uuid.uuid4().hex[:6]}")
+        status = request_until_claimed(requester, request, timeout=20)
+        assert status is not None and status.runner == runner_env["HACER_RUNNER_ID"], index
+    viewer.sync()
+    assert taken_by_viewer.messages == []
+    viewer.stop()
+
+
+def test_a_script_cannot_pose_as_a_runner_or_write_a_runs_log(connect):
+    topics = Topics()
+    api = connect("hacer-api")  # reads everything
+    seen = Watcher(api, "hacer/#")
+    api.sync()
+    script = connect("hacer-script")
+    script.publish(topics.build("run_status", "r1"), b'{"run_id":"r1","state":"succeeded"}')
+    script.publish(topics.build("run_log", "r1"), b'{"run_id":"r1","seq":1}')
+    script.publish(topics.build("runner_state", "r"), b'{"runner":"r","state":"offline"}')
+    script.publish(topics.build("runs_recorded"), b'{"recorder":"x","runs":{}}')
+    script.publish(topics.build("node_set", 5), b'{"on": 1}')  # what scripts are for
+    script.publish(topics.build("run_request"), b'{"script": "toggle"}')
+    seen.wait_for(lambda m: m.topic == topics.build("run_request"))
+    assert [m.topic for m in seen.messages if "clients" not in m.topic] == [
+        topics.build("node_set", 5), topics.build("run_request")]
