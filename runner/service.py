@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TopicError, Topics
 from runner.claims import AlreadyClaimed, ClaimStore
+from runner.leftovers import end_leftovers
 from runner.outbox import Outbox
 from runner.output import OutputSplitter
 
@@ -61,6 +63,8 @@ BATCH_BYTES = 64 * 1024
 DB_TRIES = 3  # a claim change that fails for a database error (locked, gone) is tried this often
 CONFIRM_EVERY = 0.1  # seconds between applying recorders' confirmations to the outbox
 BOUND_EVERY = 5.0  # seconds between checks of the outbox's size
+OUTPUT_POLL_MS = 500  # how often a quiet run's output reader looks at its deadline
+OUTPUT_GRACE = 2.0  # seconds the output is still read once the script and its leftovers are gone
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class Run:
     timed_out: bool = False
     started_at: float | None = None
     fenced: bool = False  # another runner owns it now: publish nothing more of it
+    output_deadline: float | None = None  # monotonic: when reading its output stops, whoever holds the pipe
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -433,7 +438,9 @@ class Runner:
         limit = threading.Timer(timeout, self._time_out, args=(run,))
         limit.daemon = True
         limit.start()
-        threading.Thread(target=self._reap_group, args=(run,), daemon=True).start()
+        assert run.process.stdout is not None
+        pipe_inode = os.fstat(run.process.stdout.fileno()).st_ino
+        threading.Thread(target=self._reap_group, args=(run, pipe_inode), daemon=True).start()
         try:
             self._stream_output(run)
         finally:
@@ -470,7 +477,18 @@ class Runner:
         assert run.process is not None and run.process.stdout is not None
         splitter = OutputSplitter(self.config.line_limit, self.config.output_limit)
         fd = run.process.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
+            deadline = run.output_deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                # Something the reaper could not end still holds the pipe: stop waiting for it.
+                self._log_entries(run, splitter.finish() + [
+                    ("output", "[hacer: output closed: a process outside the run still held it]")])
+                break
+            if not poller.poll(OUTPUT_POLL_MS if deadline is None else
+                               max(0, min(OUTPUT_POLL_MS, int((deadline - time.monotonic()) * 1000)))):
+                continue
             chunk = os.read(fd, 65536)
             entries = splitter.feed(chunk) if chunk else splitter.finish()
             self._log_entries(run, entries)
@@ -496,13 +514,18 @@ class Runner:
             out.append(("output", "\n".join(batch)))
         self._log(run, *out)
 
-    def _reap_group(self, run: Run) -> None:
-        """When the script exits, end what it left running in its group (it holds the pipe)."""
+    def _reap_group(self, run: Run, pipe_inode: int) -> None:
+        """When the script exits, end what it left running, in its group and outside it."""
         assert run.process is not None
         run.process.wait()
         if _signal_group(run.process.pid, signal.SIGTERM):
             time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
             _signal_group(run.process.pid, signal.SIGKILL)
+        left = end_leftovers(run.run_id, pipe_inode)
+        if left:
+            log.warning("run %s: ended %d process(es) it left outside its process group: %s",
+                        run.run_id, len(left), " ".join(map(str, left)))
+        run.output_deadline = time.monotonic() + OUTPUT_GRACE
 
     def _time_out(self, run: Run) -> None:
         run.timed_out = True

@@ -1,0 +1,67 @@
+"""One curious script against the runner: leftovers outside its group, the runner's secrets."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+from hacer import runstates
+from hacer.settings import PROJECT_DIR
+
+from conftest import wait_until
+from test_runner import requester, runner_env, runs, scripts_dir, start_runner  # noqa: F401 - fixtures
+
+ESCAPE = (  # a child in a session of its own keeps the run's stdout open; its pid goes to a file
+    "import subprocess, sys, time\n"
+    "child = subprocess.Popen(['setsid', 'sleep', '300'])\n"
+    "open(sys.argv[1], 'w').write(str(child.pid))\n"
+    "print('escaped', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_child_that_leaves_the_process_group_ends_with_the_run(scripts_dir, start_runner, runs,  # noqa: F811
+                                                                 requester, tmp_path):
+    (scripts_dir / "escape.py").write_text(ESCAPE)
+    start_runner()
+    for pause, timeout, expected in (("0", None, runstates.SUCCEEDED), ("300", 2.0, runstates.TIMED_OUT)):
+        pid_file = tmp_path / f"pid-{uuid.uuid4().hex[:6]}"
+        run_id = f"escape-{uuid.uuid4().hex[:6]}"
+        requester("escape", (str(pid_file), pause), run_id=run_id, **({"timeout": timeout} if timeout else {}))
+        started = time.monotonic()
+        assert runs.wait_finished(run_id, timeout=20).state == expected
+        assert time.monotonic() - started < 15
+        pid = int(pid_file.read_text())
+        wait_until(lambda p=pid: not alive(p), 5, "the escaped child to be gone")
+        assert ("output", "escaped") in runs.log_of(run_id)
+
+
+def test_scripts_see_no_secret_of_the_runner(scripts_dir, start_runner, runs, requester, runner_env):  # noqa: F811
+    (scripts_dir / "environ.py").write_text("import os\nfor k, v in sorted(os.environ.items()):\n    print(k, v)\n")
+    broker = runner_env["HACER_MQTT_URL"]
+    start_runner(HACER_API_TOKEN="api-secret", HACER_DATABASE_URL=f"sqlite:///{scripts_dir}/db-secret.db",
+                 HACER_MQTT_URL=broker.replace("mqtt://", "mqtt://hacer-runner:runner-secret@"),
+                 MY_SITE_VARIABLE="kept", HACER_SCRIPT_ENV="MY_SITE_VARIABLE")
+    run_id = f"env-{uuid.uuid4().hex[:6]}"
+    requester("environ", run_id=run_id)
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    seen = dict(line.split(" ", 1) for kind, line in runs.log_of(run_id) if kind == "output")
+    assert "secret" not in " ".join(f"{k} {v}" for k, v in seen.items())
+    assert seen["HACER_MQTT_URL"] == broker and seen["HACER_RUN_ID"] == run_id
+    assert seen["MY_SITE_VARIABLE"] == "kept"
+    assert not {"HACER_API_TOKEN", "HACER_DATABASE_URL", "HADB_PATH"} & seen.keys()
+
+
+def test_a_relative_scripts_folder_works(scripts_dir, start_runner, runs, requester):  # noqa: F811
+    start_runner(HACER_SCRIPTS_DIR=os.path.relpath(scripts_dir, PROJECT_DIR))  # runner's cwd: the project
+    run_id = f"rel-{uuid.uuid4().hex[:6]}"
+    requester("echo", ("relative",), run_id=run_id)
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    assert ("output", "['relative']") in runs.log_of(run_id)
