@@ -21,6 +21,7 @@ from hacer.bus import Bus, BusError, Message, MessageTooLarge
 from hacer.messages import (BridgeStats, CommandResult, GetCommand, LastSeenBatch, MessageError,
                             NodeValues, Presence, SetCommand)
 from hacer.nodewire import Value
+from hacer.settings import private_dir
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class Bridge:
         if self.checkpoint_path is None:
             return
         try:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.checkpoint_path.parent)
             scratch = self.checkpoint_path.with_suffix(".tmp")
             scratch.write_text(json.dumps(self.tracker.last_seen_all()))
             os.replace(scratch, self.checkpoint_path)

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hacer.settings import PROJECT_DIR
+from hacer.settings import PROJECT_DIR, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class BrokerError(RuntimeError):
 
 def render_config(template: Path, ports: list[int], data_dir: Path,
                   password_file: Path | None = None, acl_file: Path | None = None,
-                  user: str | None = None) -> str:
+                  user: str | None = None, tls_files: tuple[Path, Path] | None = None) -> str:
     """Return `template` with its listeners on `ports` (in order) and its files in `data_dir`.
 
     `user` keeps a broker started by root as the invoking user, so it can write the data
@@ -49,6 +49,8 @@ def render_config(template: Path, ports: list[int], data_dir: Path,
             line = f"password_file {password_file}"
         elif words[:1] == ["acl_file"] and acl_file is not None:
             line = f"acl_file {acl_file}"
+        elif words[:1] in (["certfile"], ["keyfile"]) and tls_files is not None:
+            line = f"{words[0]} {tls_files[0] if words[0] == 'certfile' else tls_files[1]}"
         lines.append(line)
     if user is not None:
         lines.append(f"user {user}")
@@ -77,8 +79,9 @@ class BrokerProcess:
 
     def __init__(self, work_dir: Path, ports: list[int], template: Path = CONFIG_DIR / "dev.conf",
                  host: str = "127.0.0.1", password_file: Path | None = None,
-                 acl_file: Path | None = None) -> None:
+                 acl_file: Path | None = None, tls_files: tuple[Path, Path] | None = None) -> None:
         self.work_dir = Path(work_dir)
+        self.tls_files = tls_files
         self.ports = ports
         self.template = template
         self.host = host
@@ -99,10 +102,11 @@ class BrokerProcess:
     def start(self, timeout: float = 10.0) -> None:
         """Start mosquitto and wait until its MQTT port accepts connections."""
         data_dir = self.work_dir / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         config = self.work_dir / "mosquitto.conf"
         config.write_text(render_config(self.template, self.ports, data_dir, self.password_file,
-                                        self.acl_file, user=pwd.getpwuid(os.geteuid()).pw_name))
+                                        self.acl_file, user=pwd.getpwuid(os.geteuid()).pw_name,
+                                        tls_files=self.tls_files))
         log_file = open(self.work_dir / "mosquitto.log", "ab")
         self.process = subprocess.Popen([mosquitto_binary(), "-c", str(config)],
                                         stdout=log_file, stderr=subprocess.STDOUT,

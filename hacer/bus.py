@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -68,10 +68,11 @@ class BrokerAddress:
     username: str | None = None
     password: str | None = None
     path: str = "/mqtt"
+    ca_file: str | None = None  # the CA to trust instead of the system's (a home broker's own)
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse mqtt://, mqtts://, ws:// or wss:// URLs (user:password@ allowed)."""
+    """Parse mqtt://, mqtts://, ws:// or wss:// URLs (user:password@ allowed, `?ca=<file>` for TLS)."""
     parts = urlsplit(url)
     defaults = {"mqtt": (1883, "tcp", False), "mqtts": (8883, "tcp", True),
                 "ws": (80, "websockets", False), "wss": (443, "websockets", True)}
@@ -86,6 +87,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         path=parts.path or "/mqtt",
+        ca_file=parse_qs(parts.query).get("ca", [None])[0],
     )
 
 
@@ -158,7 +160,7 @@ class Bus:
         if self.address.transport == "websockets":
             client.ws_set_options(path=self.address.path)
         if self.address.tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set(ca_certs=self.address.ca_file, cert_reqs=ssl.CERT_REQUIRED)
         if self.address.username:
             client.username_pw_set(self.address.username, self.address.password)
         if self.presence_topic:

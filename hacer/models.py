@@ -5,8 +5,10 @@ Table and column names follow the 2015 schema (`node`, `node_type`, `script_log_
 """
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
@@ -17,6 +19,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
 from hacer.nodewire import NODE_TYPES
+from hacer.settings import private_dir
 
 INIT_TRIES = 5
 SCHEMA_LOCK_KEY = 7775_7777  # any constant: the advisory lock every part takes to create the schema
@@ -226,8 +229,19 @@ def make_engine(url: str, busy_timeout: float = 10.0, **options: Any) -> Engine:
         options.setdefault("connect_args", {"timeout": busy_timeout})
     engine = create_engine(url, **options)
     if engine.dialect.name == "sqlite":
+        if engine.url.database and engine.url.database != ":memory:":
+            _create_private_file(Path(engine.url.database))
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def _create_private_file(path: Path) -> None:
+    """Create a SQLite file readable by its owner only (SQLite gives its -wal and -shm files the same mode)."""
+    private_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:

@@ -150,3 +150,12 @@ class Settings:
 def sqlite_url(path: Path) -> str:
     """Return the SQLAlchemy URL of a SQLite file."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def private_dir(path: Path) -> Path:
+    """Create a folder, and the parents it lacks, that only their owner may enter (existing ones are left)."""
+    missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for folder in missing:
+        folder.chmod(0o700)
+    return path

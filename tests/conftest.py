@@ -257,8 +257,12 @@ def production_broker(tmp_path):
         subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
     acl = work / "acl"
     shutil.copy(CONFIG_DIR / "acl", acl)
-    process = BrokerProcess(work, [free_port(), free_port()], template=CONFIG_DIR / "production.conf",
-                            password_file=passwords, acl_file=acl)
+    certificate, key = work / "hacer.crt", work / "hacer.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hacer",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
+                   check=True, capture_output=True)
+    process = BrokerProcess(work, [free_port(), free_port(), free_port()], template=CONFIG_DIR / "production.conf",
+                            password_file=passwords, acl_file=acl, tls_files=(certificate, key))
     process.start()
     yield process
     process.stop()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import uuid
 
-from hacer.bus import Bus
+import pytest
+
+from hacer.bus import Bus, BusError
 from hacer.messages import RunRequest
 from hacer.runrequest import request_until_claimed
 from hacer.topics import Topics
@@ -51,3 +53,28 @@ def test_a_script_cannot_pose_as_a_runner_or_write_a_runs_log(connect):
     seen.wait_for(lambda m: m.topic == topics.build("run_request"))
     assert [m.topic for m in seen.messages if "clients" not in m.topic] == [
         topics.build("node_set", 5), topics.build("run_request")]
+
+
+def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_broker):
+    from hacer.broker import render_config
+
+    tls_port = production_broker.ports[2]
+    certificate = production_broker.tls_files[0]
+    secure = Bus(f"mqtts://viewer:viewer-secret@127.0.0.1:{tls_port}?ca={certificate}", Topics(),
+                 f"tls-{uuid.uuid4().hex[:6]}")
+    secure.start()
+    try:
+        secure.wait_connected(10)
+        secure.sync()  # subscribed and read back over TLS
+    finally:
+        secure.stop()
+    untrusted = Bus(f"mqtts://viewer:viewer-secret@127.0.0.1:{tls_port}", Topics(), "tls-untrusted")
+    untrusted.start()
+    try:  # a certificate the system does not trust is refused without the ca
+        with pytest.raises(BusError):
+            untrusted.wait_connected(2)
+    finally:
+        untrusted.stop()
+    rendered = render_config(production_broker.template, [1883, 9001, 8883], production_broker.work_dir)
+    listeners = [line.split()[1:] for line in rendered.splitlines() if line.startswith("listener")]
+    assert listeners == [["1883", "127.0.0.1"], ["9001", "127.0.0.1"], ["8883", "0.0.0.0"]]

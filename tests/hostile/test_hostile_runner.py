@@ -65,3 +65,20 @@ def test_a_relative_scripts_folder_works(scripts_dir, start_runner, runs, reques
     requester("echo", ("relative",), run_id=run_id)
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
     assert ("output", "['relative']") in runs.log_of(run_id)
+
+
+def test_the_database_and_state_folders_are_private(spawn, hacer_env, tmp_path, watch, topics):
+    state = tmp_path / "private" / "state"
+    env = {**hacer_env, "HACER_STATE_DIR": str(state), "HADB_PATH": str(tmp_path / "private" / "db" / "hacer.db")}
+    watcher = watch(topics.filter("recorder_state"))
+    spawn(["recorder"], env)
+    watcher.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
+    bridge_state = watch(topics.build("bridge_state"))
+    bridge = spawn(["bridge"], env)
+    bridge_state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    bridge.stop()  # writes its checkpoint into the state folder
+    database = tmp_path / "private" / "db" / "hacer.db"
+    assert (database.stat().st_mode & 0o777) == 0o600
+    for path in (database.parent, tmp_path / "private", state):
+        assert (path.stat().st_mode & 0o777) == 0o700, path
+    assert all((f.stat().st_mode & 0o077) == 0 for f in database.parent.iterdir())
