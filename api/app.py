@@ -17,6 +17,7 @@ from flask_socketio import SocketIO
 from api.errors import register_error_handlers
 from api.guard import RequestGuard, default_host_names
 from api.live import LiveView
+from api.offhub import eventlet_runner, move_off_hub
 from api.services import Services
 from hacer.bus import Bus
 from hacer.models import Database
@@ -26,6 +27,7 @@ from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 
 MAX_BODY_BYTES = 64 * 1024
+API_DATABASE_TIMEOUT = 2.0
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -44,7 +46,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     live.subscribe()
     commands = NodeCommandClient(bus, topics)
     commands.subscribe()
-    database = Database(settings.database_url, settings.database_timeout)
+    # A short busy timeout: a locked database answers 503 rather than holding requests long.
+    database = Database(settings.database_url, min(settings.database_timeout, API_DATABASE_TIMEOUT))
+    async_mode = app.config.get("ASYNC_MODE", "eventlet")
+    if async_mode == "eventlet" and database.engine.dialect.name == "sqlite":
+        # psycopg already waits cooperatively under eventlet (measured); sqlite3 blocks the hub.
+        move_off_hub(database.engine, eventlet_runner())
     app.extensions["hacer"] = Services(settings, topics, bus, live, commands, database.session,
                                        ScriptDir(settings.scripts_dir))
 
@@ -55,7 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from api import events
     # The app's own server (app.extensions["socketio"]), so two apps in one process stay apart.
     # No CORS handling in Socket.IO: RequestGuard checks every websocket connect's Origin.
-    socketio = SocketIO(app, async_mode=app.config.get("ASYNC_MODE", "eventlet"), cors_allowed_origins=[])
+    socketio = SocketIO(app, async_mode=async_mode, cors_allowed_origins=[])
     events.attach(socketio, live, settings.api_token)
     # Outermost, around Socket.IO's middleware too.
     app.wsgi_app = RequestGuard(app.wsgi_app, max_body=MAX_BODY_BYTES,  # type: ignore[method-assign]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Flask, jsonify
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 
@@ -23,12 +24,12 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, message)
 
 
-def error_response(status: int, message: str) -> ResponseReturnValue:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> ResponseReturnValue:
     """The JSON body and status of an error."""
     names = {400: "bad request", 401: "unauthorized", 404: "not found", 405: "method not allowed",
              409: "conflict", 413: "too large", 500: "internal error", 503: "unavailable",
              504: "node timeout"}
-    return jsonify({"error": names.get(status, "error"), "message": message}), status
+    return jsonify({"error": names.get(status, "error"), "message": message}), status, headers or {}
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -41,6 +42,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> ResponseReturnValue:
         return error_response(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(OperationalError)
+    def database_busy(error: OperationalError) -> ResponseReturnValue:
+        app.logger.warning("database unavailable: %s", error.orig)
+        return error_response(503, "the database is busy or unreachable; try again shortly", {"Retry-After": "1"})
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> ResponseReturnValue:

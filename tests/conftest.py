@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from hacer.broker import CONFIG_DIR, BrokerProcess
+from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
 from hacer.messages import Presence
 from hacer.bus import Bus, Message
 from hacer.parentdeath import child_env
@@ -287,3 +287,30 @@ def connect(production_broker):
     yield make
     for bus in buses:
         bus.stop()
+
+
+# --- a live api process (the hostile suite) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live_api(tmp_path_factory):
+    """A broker and an api process (no token, the default), with a watcher on run requests."""
+    work = tmp_path_factory.mktemp("hostile-api")
+    broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+    broker.start()
+    port = free_port()
+    env = {"HACER_MQTT_URL": broker.url, "HACER_HTTP_PORT": str(port), "HADB_PATH": str(work / "hacer.db"),
+           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
+    process = HacerProcess(["api"], env, work / "api.log").start()
+    bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")
+    requests_seen = Watcher(bus, Topics().build("run_request"))
+    bus.start()
+    bus.wait_connected(10)
+    wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api to listen")
+    api = type("Api", (), {})()
+    api.url, api.port, api.process, api.requests = f"http://127.0.0.1:{port}", port, process, requests_seen
+    api.bus, api.database = bus, work / "hacer.db"
+    yield api
+    bus.stop()
+    process.stop()
+    broker.stop()

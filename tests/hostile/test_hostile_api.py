@@ -2,44 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
+import sqlite3
+import threading
+import time
 import uuid
 
 import pytest
 import requests
 
-from hacer.broker import BrokerProcess, port_answers
-from hacer.bus import Bus
-from hacer.messages import RunRequest
+from hacer.messages import Presence, RunRequest
 from hacer.topics import Topics
 
-from conftest import HacerProcess, Watcher, free_port, wait_until
+from conftest import wait_until
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """A broker and an api process (no token, the default), with a watcher on run requests."""
-    work = tmp_path_factory.mktemp("hostile-api")
-    broker = BrokerProcess(work / "broker", [free_port(), free_port()])
-    broker.start()
-    port = free_port()
-    env = {"HACER_MQTT_URL": broker.url, "HACER_HTTP_PORT": str(port), "HADB_PATH": str(work / "hacer.db"),
-           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1"}
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
-    process = HacerProcess(["api"], env, work / "api.log").start()
-    bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")
-    requests_seen = Watcher(bus, Topics().build("run_request"))
-    bus.start()
-    bus.wait_connected(10)
-    wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api to listen")
-    api = type("Api", (), {})()
-    api.url, api.port, api.process, api.requests = f"http://127.0.0.1:{port}", port, process, requests_seen
-    yield api
-    bus.stop()
-    process.stop()
-    broker.stop()
+def api(live_api):
+    return live_api
 
 
 def requested_params(api):
@@ -174,3 +155,46 @@ def test_out_of_range_input_is_a_4xx_with_a_message(api, method, path, body):
                               data=data, timeout=10)
     assert answer.status_code in (400, 404), (answer.status_code, answer.text[:200])
     assert answer.json()["message"]
+
+
+def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
+    import socketio
+
+    client = socketio.Client(reconnection=False)
+    arrived: dict[int, float] = {}
+    client.on("snapshot", lambda snapshot: None)
+    client.on("event", lambda event: event["kind"] == "node" and arrived.setdefault(event["data"]["id"],
+                                                                                      time.monotonic()))
+    client.connect(api.url, transports=["websocket"], wait_timeout=5)
+    locker = sqlite3.connect(api.database, isolation_level=None, timeout=10)
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:  # REST calls that each wait on the lock (a run request is written first)
+        while not stop.is_set():
+            answers.append(requests.post(api.url + "/api/scripts/exec/name/test", timeout=30).status_code)
+
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # in WAL mode: writers wait, readers go on
+        hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
+        for thread in hammers:
+            thread.start()
+        wait_until(lambda: 503 in answers, 20, "a 503 while the database is locked")
+        sent: dict[int, float] = {}
+        for node_id in range(700_000, 700_020):
+            sent[node_id] = time.monotonic()
+            api.bus.publish(Topics().build("node_presence", node_id),
+                            Presence(node_id, "toggle", "127.0.0.9", "online", time.time(), time.time()).to_payload(),
+                            retain=True)
+            time.sleep(0.05)  # pacing the publishes, so each one's latency is its own
+        wait_until(lambda: sent.keys() <= arrived.keys(), 20, "every node event over the websocket")
+        latencies = sorted(arrived[n] - sent[n] for n in sent)
+        # A hub blocked by the database would hold events for the api's 2 s busy timeout.
+        assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 1.9, latencies
+        assert set(answers) <= {503}
+    finally:
+        stop.set()
+        locker.execute("ROLLBACK")
+        locker.close()
+        client.disconnect()
+    assert requests.get(api.url + "/api/nodes", timeout=10).status_code == 200
