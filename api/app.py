@@ -27,7 +27,6 @@ from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 
 MAX_BODY_BYTES = 64 * 1024
-API_DATABASE_TIMEOUT = 2.0
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -46,8 +45,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     live.subscribe()
     commands = NodeCommandClient(bus, topics)
     commands.subscribe()
-    # A short busy timeout: a locked database answers 503 rather than holding requests long.
-    database = Database(settings.database_url, min(settings.database_timeout, API_DATABASE_TIMEOUT))
+    database = Database(settings.database_url, settings.database_timeout)
     async_mode = app.config.get("ASYNC_MODE", "eventlet")
     if async_mode == "eventlet" and database.engine.dialect.name == "sqlite":
         # psycopg already waits cooperatively under eventlet (measured); sqlite3 blocks the hub.

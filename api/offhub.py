@@ -4,7 +4,8 @@ native thread, so a locked or slow database delays requests that need it and not
 SQLAlchemy's own work (sessions, pools, ORM) stays in the green threads: its locks are eventlet's
 once monkey-patched and must not be taken from a native thread. Only the calls into the database
 driver (connect, execute, fetch, commit, rollback, close) go through `eventlet.tpool`, which is
-given one thread, since a driver connection may not be used from two threads at once.
+given a few threads: a connection is used by one green thread at a time (the pool checks it out),
+so its calls never run in two native threads at once.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 Runner = Callable[..., Any]
+DRIVER_THREADS = 4  # database calls at once; each may wait on a lock up to the busy timeout
 
 
 class OffHubCursor:
@@ -85,8 +87,8 @@ def move_off_hub(engine: Engine, run: Runner) -> None:
 
 
 def eventlet_runner() -> Runner:
-    """Return eventlet's tpool.execute, with the one native thread this module needs."""
+    """Return eventlet's tpool.execute, with DRIVER_THREADS native threads."""
     from eventlet import tpool
 
-    tpool.set_num_threads(1)
+    tpool.set_num_threads(DRIVER_THREADS)
     return tpool.execute

@@ -439,8 +439,10 @@ class Runner:
         limit.daemon = True
         limit.start()
         assert run.process.stdout is not None
-        pipe_inode = os.fstat(run.process.stdout.fileno()).st_ino
-        threading.Thread(target=self._reap_group, args=(run, pipe_inode), daemon=True).start()
+        # The reaper's own copy of the pipe's read end: the pipe (and its inode number, which
+        # finds the processes holding it) cannot go to another run's pipe before it is done.
+        pipe = os.dup(run.process.stdout.fileno())
+        threading.Thread(target=self._reap_group, args=(run, pipe), daemon=True).start()
         try:
             self._stream_output(run)
         finally:
@@ -514,14 +516,17 @@ class Runner:
             out.append(("output", "\n".join(batch)))
         self._log(run, *out)
 
-    def _reap_group(self, run: Run, pipe_inode: int) -> None:
+    def _reap_group(self, run: Run, pipe: int) -> None:
         """When the script exits, end what it left running, in its group and outside it."""
         assert run.process is not None
         run.process.wait()
         if _signal_group(run.process.pid, signal.SIGTERM):
             time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
             _signal_group(run.process.pid, signal.SIGKILL)
-        left = end_leftovers(run.run_id, pipe_inode)
+        try:
+            left = end_leftovers(run.run_id, os.fstat(pipe).st_ino)
+        finally:
+            os.close(pipe)
         if left:
             log.warning("run %s: ended %d process(es) it left outside its process group: %s",
                         run.run_id, len(left), " ".join(map(str, left)))

@@ -299,7 +299,8 @@ def live_api(tmp_path_factory):
     broker.start()
     port = free_port()
     env = {"HACER_MQTT_URL": broker.url, "HACER_HTTP_PORT": str(port), "HADB_PATH": str(work / "hacer.db"),
-           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1"}
+           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1",
+           "HACER_DATABASE_TIMEOUT": "2"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
     process = HacerProcess(["api"], env, work / "api.log").start()
     bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")

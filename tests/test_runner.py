@@ -361,7 +361,7 @@ def test_two_runners_200_requests_each_run_exactly_once(start_runner, requester,
     first, second = start_runner(**env), start_runner(**env)
     run_ids = [requester("test", [str(i)]) for i in range(200)]
     finished = [runs.wait_finished(r, timeout=60) for r in run_ids]
-    assert all(s.state == runstates.SUCCEEDED for s in finished)
+    assert all(s.state == runstates.SUCCEEDED for s in finished), [s for s in finished if s.state != runstates.SUCCEEDED][:3]
     assert {s.runner for s in finished} == {first.runner_id, second.runner_id}
     for run_id in run_ids:
         assert [e for e, _ in runs.log_of(run_id)].count("launch") == 1

@@ -192,7 +192,7 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
             time.sleep(0.05)  # pacing the publishes, so each one's latency is its own
         wait_until(lambda: sent.keys() <= arrived.keys(), 20, "every node event over the websocket")
         latencies = sorted(arrived[n] - sent[n] for n in sent)
-        # A hub blocked by the database would hold events for the api's 2 s busy timeout.
+        # A hub blocked by the database would hold events for the busy timeout (2 s here).
         assert latencies[len(latencies) // 2] < 0.5 and latencies[-1] < 1.9, latencies
         assert set(answers) <= {503}
     finally:

@@ -31,9 +31,13 @@ def test_generated_requests_get_no_server_error_and_json_errors(live_api):
                 tried[operation.label] = tried.get(operation.label, 0) + 1
                 assert response.status_code < 500, (case.method, case.formatted_path, case.body,
                                                     response.status_code, response.text[:300])
-                if response.status_code >= 400:
+                # 414: eventlet's server refuses a URL over 8 KiB before the app sees the request.
+                if response.status_code >= 400 and response.status_code != 414:
+                    what = (case.method, case.formatted_path, case.query, case.headers, case.body,
+                            response.status_code, dict(response.headers), response.text[:200])
+                    assert response.headers.get("content-type", [""])[0].startswith("application/json"), what
                     body = response.json()
-                    assert isinstance(body.get("message"), str) and body["message"], body
+                    assert isinstance(body.get("message"), str) and body["message"], what
 
             try:
                 call()
