@@ -9,6 +9,7 @@
 As in 2015 the `with` block swallows an exception (logged as `exception`); unlike 2015 the
 run then ends `failed`, in its exit_status entry, its status and its exit code.
 """
+
 from __future__ import annotations
 
 import sys
@@ -49,15 +50,16 @@ class NodeConnection:
         self.params = args[1:]
         self._node: scripting.Node | None = None
 
-    def __enter__(self) -> "NodeConnection":
+    def __enter__(self) -> NodeConnection:
         try:
             self._node = scripting.node(self.node_name)
         except scripting.NodeNotFound as exc:
             raise NodeNotConnected(str(exc)) from None
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         if exc is None:
             return False
         scripting.emit("exception", f"{exc_type.__name__ if exc_type else 'Exception'}: {exc}")

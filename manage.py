@@ -1,4 +1,5 @@
 """hacer's command line: `python manage.py <command>` (as in 2015: `python manage.py runserver`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,22 @@ PARTS = ("bridge", "runner", "recorder", "api")
 
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with times and the logger's name."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
     from bridge.main import main
+
     main()
 
 
 def cmd_runner(args: argparse.Namespace) -> None:
     from runner.main import main
+
     main()
 
 
@@ -43,6 +49,7 @@ def cmd_api(args: argparse.Namespace) -> None:
 
 def cmd_recorder(args: argparse.Namespace) -> None:
     from recorder.main import main
+
     main()
 
 
@@ -52,6 +59,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from hacer.bus import Bus
     from hacer.topics import Topics
     from runner.request import request_run
+
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the run's log is the output here
     settings = Settings.from_env()
@@ -65,6 +73,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_initdb(args: argparse.Namespace) -> None:
     from hacer.models import Database
+
     settings = Settings.from_env()
     Database(settings.database_url).init()
     log.info("database ready: %s", settings.database_url)
@@ -72,24 +81,35 @@ def cmd_initdb(args: argparse.Namespace) -> None:
 
 def cmd_shell(args: argparse.Namespace) -> None:
     from sqlalchemy import select
+
     from hacer import models
+
     settings = Settings.from_env()
     db = models.Database(settings.database_url).make_current()
-    namespace = {"db": db, "settings": settings, "models": models, "select": select,
-                 "Node": models.Node, "NodeType": models.NodeType,
-                 "ScriptLogEntry": models.ScriptLogEntry,
-                 "ScriptLogEntryType": models.ScriptLogEntryType}
-    code.interact(banner=f"hacer shell: db ({settings.database_url}), models, {', '.join(sorted(namespace))}",
-                  local=namespace)
+    namespace = {
+        "db": db,
+        "settings": settings,
+        "models": models,
+        "select": select,
+        "Node": models.Node,
+        "NodeType": models.NodeType,
+        "ScriptLogEntry": models.ScriptLogEntry,
+        "ScriptLogEntryType": models.ScriptLogEntryType,
+    }
+    code.interact(
+        banner=f"hacer shell: db ({settings.database_url}), models, {', '.join(sorted(namespace))}", local=namespace
+    )
 
 
 def cmd_emulate(args: argparse.Namespace) -> None:
     from emulator.main import main
+
     main(args.emulator_args)
 
 
 def cmd_runserver(args: argparse.Namespace) -> None:
     from hacer.broker import BrokerProcess, port_answers
+
     settings = Settings.from_env()
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883
@@ -97,8 +117,13 @@ def cmd_runserver(args: argparse.Namespace) -> None:
     if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
         broker = BrokerProcess(settings.state_dir / "mosquitto", [port, settings.mqtt_ws_port])
         broker.start()
-        log.info("started mosquitto on %s:%d (websockets %d); log in %s", host, port,
-                 settings.mqtt_ws_port, broker.work_dir / "mosquitto.log")
+        log.info(
+            "started mosquitto on %s:%d (websockets %d); log in %s",
+            host,
+            port,
+            settings.mqtt_ws_port,
+            broker.work_dir / "mosquitto.log",
+        )
     else:
         log.info("using the broker at %s", settings.mqtt_url)
     parts = [[part] for part in PARTS]
@@ -133,8 +158,12 @@ def cmd_runserver(args: argparse.Namespace) -> None:
 
 def start_part(command: list[str]) -> subprocess.Popen[bytes]:
     """Start `manage.py <command>`, its output lines prefixed with the part's name."""
-    child = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *command],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+    child = subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+    )
 
     def copy() -> None:
         assert child.stdout is not None
@@ -154,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     runserver.add_argument("--emulate", type=int, default=0, metavar="N", help="also run N emulated nodes")
     runserver.set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
-    commands.add_parser("runner", help="a runner alone (start several to share the work)"
-                        ).set_defaults(func=cmd_runner)
+    commands.add_parser("runner", help="a runner alone (start several to share the work)").set_defaults(func=cmd_runner)
     commands.add_parser("api", help="the api (REST, websockets, control app)").set_defaults(func=cmd_api)
     commands.add_parser("recorder", help="the recorder alone (bus -> database)").set_defaults(func=cmd_recorder)
     run = commands.add_parser("run", help="request a run of a script and follow its log (exit code: the run's)")
@@ -163,12 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("script")
     run.add_argument("params", nargs=argparse.REMAINDER, help="the script's parameters, as they are")
     run.set_defaults(func=cmd_run)
-    commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)"
-                        ).set_defaults(func=cmd_initdb)
-    commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)"
-                        ).set_defaults(func=cmd_shell)
-    commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False
-                        ).set_defaults(func=cmd_emulate)
+    commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)").set_defaults(
+        func=cmd_initdb
+    )
+    commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)").set_defaults(
+        func=cmd_shell
+    )
+    commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False).set_defaults(
+        func=cmd_emulate
+    )
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("emulate", "api"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

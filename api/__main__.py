@@ -1,4 +1,5 @@
 """`python -m api` (what `manage.py api` runs): the api on eventlet's server."""
+
 import warnings
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # known: see README

@@ -3,12 +3,14 @@
 `create_app(config)` builds everything and starts nothing: `api.main` (or a test) starts the
 bus after the app exists, so a reloader or a test client never opens a second connection.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, send_from_directory
 from flask.typing import ResponseReturnValue
@@ -36,8 +38,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings: Settings = config.pop("HACER_SETTINGS", None) or Settings.from_env()
     topics = Topics(settings.topic_prefix)
     bus = config.pop("HACER_BUS", None) or Bus(
-        settings.mqtt_url, topics, client_id=f"hacer-api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}",
-        presence_topic=topics.build("api_state"))
+        settings.mqtt_url,
+        topics,
+        client_id=f"hacer-api-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}",
+        presence_topic=topics.build("api_state"),
+    )
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     app.config.update(config)
@@ -50,22 +55,28 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if async_mode == "eventlet" and database.engine.dialect.name == "sqlite":
         # psycopg already waits cooperatively under eventlet (measured); sqlite3 blocks the hub.
         move_off_hub(database.engine, eventlet_runner())
-    app.extensions["hacer"] = Services(settings, topics, bus, live, commands, database.session,
-                                       ScriptDir(settings.scripts_dir))
+    app.extensions["hacer"] = Services(
+        settings, topics, bus, live, commands, database.session, ScriptDir(settings.scripts_dir)
+    )
 
     from api.rest import api
+
     app.register_blueprint(api)
     register_error_handlers(app)
 
     from api import events
+
     # The app's own server (app.extensions["socketio"]), so two apps in one process stay apart.
     # No CORS handling in Socket.IO: RequestGuard checks every websocket connect's Origin.
     socketio = SocketIO(app, async_mode=async_mode, cors_allowed_origins=[])
     events.attach(socketio, live, settings.api_token)
     # Outermost, around Socket.IO's middleware too.
-    app.wsgi_app = RequestGuard(app.wsgi_app, max_body=MAX_BODY_BYTES,  # type: ignore[method-assign]
-                                allowed_hosts=default_host_names() | set(settings.allowed_hosts),
-                                allowed_origins=settings.allowed_origins)
+    app.wsgi_app = RequestGuard(  # type: ignore[method-assign]
+        app.wsgi_app,
+        max_body=MAX_BODY_BYTES,
+        allowed_hosts=default_host_names() | set(settings.allowed_hosts),
+        allowed_origins=settings.allowed_origins,
+    )
 
     @app.get("/")
     def control_app() -> ResponseReturnValue:

@@ -1,4 +1,5 @@
 """REST errors: every error is JSON `{"error": <status name>, "message": <what went wrong>}`."""
+
 from __future__ import annotations
 
 from flask import Flask, jsonify
@@ -26,9 +27,17 @@ def not_found(message: str) -> ApiError:
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> ResponseReturnValue:
     """The JSON body and status of an error."""
-    names = {400: "bad request", 401: "unauthorized", 404: "not found", 405: "method not allowed",
-             409: "conflict", 413: "too large", 500: "internal error", 503: "unavailable",
-             504: "node timeout"}
+    names = {
+        400: "bad request",
+        401: "unauthorized",
+        404: "not found",
+        405: "method not allowed",
+        409: "conflict",
+        413: "too large",
+        500: "internal error",
+        503: "unavailable",
+        504: "node timeout",
+    }
     return jsonify({"error": names.get(status, "error"), "message": message}), status, headers or {}
 
 

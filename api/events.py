@@ -4,6 +4,7 @@ Events go to every client except run log entries, which go to the room of their 
 joins it with `watch_run`). A client that reconnects sends `resume` with the last `seq` it saw
 and gets what it missed, or a fresh snapshot when that is no longer kept.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -39,8 +40,9 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
             for eio_socket in list(getattr(engine, "sockets", {}).values()):
                 queue = getattr(eio_socket, "queue", None)
                 if queue is not None and queue.qsize() > MAX_QUEUED_PACKETS:
-                    log.warning("websocket client %s is %d packets behind: disconnecting it",
-                                eio_socket.sid, queue.qsize())
+                    log.warning(
+                        "websocket client %s is %d packets behind: disconnecting it", eio_socket.sid, queue.qsize()
+                    )
                     eio_socket.close(wait=False, abort=True)
 
     watchdog: list[Any] = []  # started by the first client, so it runs in the server's loop
@@ -52,8 +54,7 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
             socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
             return
         for event in missed:
-            socketio.emit("event", {k: v for k, v in event.items() if k != "room"},
-                          to=request.sid)  # type: ignore[attr-defined]
+            socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("connect")
     def connect(auth: Any = None) -> bool:
@@ -77,8 +78,7 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
             # What the run logged before the client asked (a short run may be over already);
             # joined first, so nothing falls between; clients drop entries they already have.
             for event in live.room_events(room):
-                socketio.emit("event", {k: v for k, v in event.items() if k != "room"},
-                              to=request.sid)  # type: ignore[attr-defined]
+                socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("unwatch_run")
     def unwatch_run(data: Any) -> None:

@@ -9,6 +9,7 @@ page's own domain point at 127.0.0.1. So, before Flask or Socket.IO see a reques
 - its body must fit MAX_BODY_BYTES however it is framed: a chunked body is read up to that
   bound here, since Werkzeug would otherwise ignore it.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,8 @@ import ipaddress
 import json
 import logging
 import socket
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,15 @@ def default_host_names() -> set[str]:
 class RequestGuard:
     """Wraps a WSGI app with the checks in the module docstring."""
 
-    def __init__(self, app: WsgiApp, *, max_body: int, allowed_hosts: Iterable[str],
-                 allowed_origins: Iterable[str], websocket_prefix: str = "/socket.io") -> None:
+    def __init__(
+        self,
+        app: WsgiApp,
+        *,
+        max_body: int,
+        allowed_hosts: Iterable[str],
+        allowed_origins: Iterable[str],
+        websocket_prefix: str = "/socket.io",
+    ) -> None:
         self.app = app
         self.max_body = max_body
         hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
@@ -59,9 +68,10 @@ class RequestGuard:
         log.warning("refused %s %s: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), message)
         names = {400: "bad request", 403: "forbidden", 413: "too large"}
         body = json.dumps({"error": names[status], "message": message}).encode()
-        start_response(f"{status} {names[status].title()}", [("Content-Type", "application/json"),
-                                                             ("Content-Length", str(len(body))),
-                                                             ("Connection", "close")])
+        start_response(
+            f"{status} {names[status].title()}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Connection", "close")],
+        )
         return [body]
 
     def _check_host(self, environ: Environ) -> tuple[int, str, str] | None:
@@ -70,8 +80,14 @@ class RequestGuard:
         host = _host_name(environ.get("HTTP_HOST") or environ.get("SERVER_NAME", ""))
         if host in self.allowed_hosts or host.endswith(".localhost") or _is_ip(host):
             return None
-        return 400, "host", (f"Host {host[:80]!r} is not served here: add it to HACER_ALLOWED_HOSTS "
-                             "if this api is reached by that name")
+        return (
+            400,
+            "host",
+            (
+                f"Host {host[:80]!r} is not served here: add it to HACER_ALLOWED_HOSTS "
+                "if this api is reached by that name"
+            ),
+        )
 
     def _check_origin(self, environ: Environ) -> tuple[int, str, str] | None:
         websocket = environ.get("PATH_INFO", "").startswith(self.websocket_prefix)
@@ -86,8 +102,11 @@ class RequestGuard:
         key = _origin_key(origin)
         if key == _host_key(environ.get("HTTP_HOST", "")) or key in self.allowed_origins:
             return None
-        return 403, "origin", (f"Origin {origin[:80]!r} may not change anything here: add it to "
-                               "HACER_ALLOWED_ORIGINS to allow it")
+        return (
+            403,
+            "origin",
+            (f"Origin {origin[:80]!r} may not change anything here: add it to HACER_ALLOWED_ORIGINS to allow it"),
+        )
 
     def _bound_body(self, environ: Environ) -> tuple[int, str, str] | None:
         too_large = (413, "body", f"the request body is larger than {self.max_body} bytes")
@@ -120,7 +139,7 @@ class RequestGuard:
 def _host_name(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):  # [::1]:5000
-        return host[1:host.find("]")] if "]" in host else host
+        return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -137,7 +156,7 @@ def _host_key(host: str) -> str:
     host = host.strip().lower().rstrip(".")
     for default in (":80", ":443"):
         if host.endswith(default):
-            return host[:-len(default)]
+            return host[: -len(default)]
     return host
 
 

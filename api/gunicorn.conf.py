@@ -1,4 +1,5 @@
 """gunicorn settings for the api: eventlet worker, one per process; the bus starts in the worker."""
+
 import sys
 from pathlib import Path
 

@@ -4,17 +4,18 @@ Fed by retained and live messages (so a new api process knows everything at once
 health checks and node commands over REST, and hands every change to listeners (the websocket
 relay) numbered by a sequence that clients use to resume.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hacer import runstates
 from hacer.bus import Bus, Message
-from hacer.messages import (LogEntry, MessageError, NodeMeta, NodeValues, Presence, RunnerState,
-                            RunStatus)
+from hacer.messages import LogEntry, MessageError, NodeMeta, NodeValues, Presence, RunnerState, RunStatus
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ class LiveView:
         """Everything a new client needs, with the sequence number it is valid at."""
         with self._lock:
             active = [run for run in self.runs.values() if run["state"] not in runstates.FINISHED_STATES]
-            return {"seq": self.seq, "nodes": sorted(self.nodes.values(), key=lambda n: n["id"]),
-                    "runs": active, "bridge": self.bridge_state, "runners": list(self.runners.values())}
+            return {
+                "seq": self.seq,
+                "nodes": sorted(self.nodes.values(), key=lambda n: n["id"]),
+                "runs": active,
+                "bridge": self.bridge_state,
+                "runners": list(self.runners.values()),
+            }
 
     def since(self, seq: int) -> list[Event] | None:
         """The events after `seq`, or None when they are no longer all kept."""
@@ -117,13 +123,28 @@ class LiveView:
             return
         try:
             with self._lock:
-                node = self.nodes.setdefault(node_id, {"id": node_id, "name": "", "type": "other", "ip": "",
-                                                       "state": "unknown", "values": {}, "last_seen": None})
+                node = self.nodes.setdefault(
+                    node_id,
+                    {
+                        "id": node_id,
+                        "name": "",
+                        "type": "other",
+                        "ip": "",
+                        "state": "unknown",
+                        "values": {},
+                        "last_seen": None,
+                    },
+                )
                 before = dict(node)
                 if name == "node_presence":
                     presence = Presence.from_payload(message.payload)
-                    node.update(type=presence.type, ip=presence.ip, state=presence.state,
-                                last_seen=presence.last_seen, since=presence.since)
+                    node.update(
+                        type=presence.type,
+                        ip=presence.ip,
+                        state=presence.state,
+                        last_seen=presence.last_seen,
+                        since=presence.since,
+                    )
                 elif name == "node_meta":
                     node["name"] = NodeMeta.from_payload(message.payload).name
                 else:
@@ -142,9 +163,15 @@ class LiveView:
             status = RunStatus.from_payload(message.payload)
         except MessageError:
             return
-        data = {"run_id": status.run_id, "script": status.script, "params": list(status.params),
-                "state": status.state, "exit_code": status.exit_code, "runner": status.runner,
-                "error": status.error}
+        data = {
+            "run_id": status.run_id,
+            "script": status.script,
+            "params": list(status.params),
+            "state": status.state,
+            "exit_code": status.exit_code,
+            "runner": status.runner,
+            "error": status.error,
+        }
         with self._lock:
             if status.state in runstates.FINISHED_STATES:
                 self.runs.pop(status.run_id, None)
@@ -157,8 +184,17 @@ class LiveView:
             entry = LogEntry.from_payload(message.payload)
         except MessageError:
             return
-        self._emit("log", {"run_id": entry.run_id, "seq": entry.seq, "entry_type": entry.entry_type,
-                           "data": entry.data, "timestamp": entry.timestamp}, room=run_room(entry.run_id))
+        self._emit(
+            "log",
+            {
+                "run_id": entry.run_id,
+                "seq": entry.seq,
+                "entry_type": entry.entry_type,
+                "data": entry.data,
+                "timestamp": entry.timestamp,
+            },
+            room=run_room(entry.run_id),
+        )
 
     def _on_bridge_state(self, message: Message) -> None:
         self.bridge_state = message.payload.decode(errors="replace")
@@ -169,8 +205,13 @@ class LiveView:
             state = RunnerState.from_payload(message.payload)
         except MessageError:
             return
-        data = {"runner": state.runner, "state": state.state, "capacity": state.capacity,
-                "running": list(state.running), "queued": state.queued}
+        data = {
+            "runner": state.runner,
+            "state": state.state,
+            "capacity": state.capacity,
+            "running": list(state.running),
+            "queued": state.queued,
+        }
         with self._lock:
             self.runners[state.runner] = data
         self._emit("runner", data)

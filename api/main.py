@@ -1,4 +1,5 @@
 """The api process's main(): settings, the app, the bus, eventlet's server."""
+
 from __future__ import annotations
 
 import gc

@@ -7,9 +7,11 @@ driver (connect, execute, fetch, commit, rollback, close) go through `eventlet.t
 given a few threads: a connection is used by one green thread at a time (the pool checks it out),
 so its calls never run in two native threads at once.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine

@@ -3,6 +3,7 @@
 tests/test_openapi.py checks that every route is documented and that real responses validate
 against the schemas here.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,134 +22,284 @@ ERROR = body("Error", "error")
 NODE_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1}
 ROW_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 INT_ID = {"name": "node_id", "in": "path", "required": True, "schema": NODE_ID_SCHEMA}
-RUN_KEY = {"name": "key", "in": "path", "required": True, "description": "run id or thread id",
-           "schema": {"type": "string"}}
-PAGING = [{"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
-          {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}]
-JSON_OBJECT_BODY = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}},
-                    "description": "JSON, with or without a JSON content type (2015 clients send none)"}
+RUN_KEY = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "run id or thread id",
+    "schema": {"type": "string"},
+}
+PAGING = [
+    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
+    {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+]
+JSON_OBJECT_BODY = {
+    "required": False,
+    "content": {"application/json": {"schema": {"type": "object"}}},
+    "description": "JSON, with or without a JSON content type (2015 clients send none)",
+}
 TEXT = {"type": "string"}
 OPTIONAL_TEXT = {"type": ["string", "null"]}
 
 SCHEMAS: dict[str, Any] = {
-    "Error": {"type": "object", "required": ["error", "message"],
-              "properties": {"error": TEXT, "message": TEXT}},
-    "Node": {"type": "object", "required": ["id", "name", "type", "ip", "last_updated"],
-             "additionalProperties": False,
-             "properties": {"id": {"type": "integer"}, "name": TEXT, "type": TEXT, "ip": TEXT,
-                            "last_updated": TEXT}},
-    "NodeList": {"type": "object", "required": ["node_list"],
-                 "properties": {"node_list": {"type": "array", "items": ref("Node")}}},
+    "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": TEXT, "message": TEXT}},
+    "Node": {
+        "type": "object",
+        "required": ["id", "name", "type", "ip", "last_updated"],
+        "additionalProperties": False,
+        "properties": {"id": {"type": "integer"}, "name": TEXT, "type": TEXT, "ip": TEXT, "last_updated": TEXT},
+    },
+    "NodeList": {
+        "type": "object",
+        "required": ["node_list"],
+        "properties": {"node_list": {"type": "array", "items": ref("Node")}},
+    },
     "Success": {"type": "object", "required": ["success"], "properties": {"success": {"const": True}}},
-    "CommandResult": {"type": "object", "required": ["node_id", "op", "key", "ok", "raw", "at"],
-                      "properties": {"node_id": {"type": "integer"}, "op": {"enum": ["set", "get"]},
-                                     "key": TEXT, "ok": {"type": "boolean"},
-                                     "value": {"type": ["integer", "string", "null"]}, "raw": TEXT,
-                                     "error": OPTIONAL_TEXT, "correlation": OPTIONAL_TEXT, "at": TEXT,
-                                     "reason": OPTIONAL_TEXT}},
-    "CommandResults": {"type": "object", "required": ["results"],
-                       "properties": {"results": {"type": "array", "items": ref("CommandResult")},
-                                      "error": TEXT, "message": TEXT}},
-    "ScriptList": {"type": "object", "required": ["script_list"],
-                   "properties": {"script_list": {"type": "array", "items": {
-                       "type": "object", "required": ["id", "name"],
-                       "properties": {"id": {"type": "integer"}, "name": TEXT}}}}},
-    "Started": {"type": "object", "required": ["status", "log_thread_id"],
-                "properties": {"status": {"const": "ok"}, "log_thread_id": {"type": "integer"}, "run_id": TEXT}},
-    "Run": {"type": "object",
-            "required": ["thread_id", "run_id", "script", "params", "state", "runner", "exit_code", "error",
-                         "requested_by", "requested_at", "queued_at", "started_at", "finished_at"],
-            "properties": {"thread_id": {"type": "integer"}, "run_id": TEXT, "script": TEXT,
-                           "params": {"type": "array", "items": TEXT},
-                           "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled",
-                                              "timed_out", "lost"]},
-                           "runner": TEXT, "exit_code": {"type": ["integer", "null"]}, "error": OPTIONAL_TEXT,
-                           "requested_by": TEXT, "requested_at": TEXT, "queued_at": TEXT,
-                           "started_at": TEXT, "finished_at": TEXT}},
-    "RunPage": {"type": "object", "required": ["runs", "page", "per_page", "total"],
-                "properties": {"runs": {"type": "array", "items": ref("Run")}, "page": {"type": "integer"},
-                               "per_page": {"type": "integer"}, "total": {"type": "integer"}}},
-    "Cancelled": {"type": "object", "required": ["success", "run_id"],
-                  "properties": {"success": {"const": True}, "run_id": TEXT}},
-    "Entry": {"type": "object", "additionalProperties": False,
-              "required": ["id", "timestamp", "thread_id", "script_name", "params", "entry_type", "data"],
-              "properties": {"id": {"type": "integer"}, "timestamp": TEXT, "thread_id": {"type": "integer"},
-                             "script_name": TEXT, "params": {"type": "array", "items": TEXT},
-                             "entry_type": {"enum": ["launch", "output", "sent_set", "sent_get", "result",
-                                                     "exception", "exit_status"]},
-                             "data": TEXT}},
-    "EntryList": {"type": "object", "required": ["entry_list"],
-                  "properties": {"entry_list": {"type": "array", "items": ref("Entry")},
-                                 "truncated": {"type": "boolean", "description":
-                                               "a run's log read without paging stopped at 10 000 entries "
-                                               "or 4 MiB of data: page it to read the rest"}}},
-    "NodeTypes": {"type": "object", "required": ["node_types"],
-                  "properties": {"node_types": {"type": "array", "items": TEXT}}},
-    "Health": {"type": "object", "required": ["status", "broker", "bridge", "runners", "database", "versions"],
-               "properties": {"status": {"enum": ["ok", "degraded"]}, "broker": TEXT, "bridge": TEXT,
-                              "runners": {"type": "array"}, "database": TEXT, "versions": {"type": "object"}}},
+    "CommandResult": {
+        "type": "object",
+        "required": ["node_id", "op", "key", "ok", "raw", "at"],
+        "properties": {
+            "node_id": {"type": "integer"},
+            "op": {"enum": ["set", "get"]},
+            "key": TEXT,
+            "ok": {"type": "boolean"},
+            "value": {"type": ["integer", "string", "null"]},
+            "raw": TEXT,
+            "error": OPTIONAL_TEXT,
+            "correlation": OPTIONAL_TEXT,
+            "at": TEXT,
+            "reason": OPTIONAL_TEXT,
+        },
+    },
+    "CommandResults": {
+        "type": "object",
+        "required": ["results"],
+        "properties": {"results": {"type": "array", "items": ref("CommandResult")}, "error": TEXT, "message": TEXT},
+    },
+    "ScriptList": {
+        "type": "object",
+        "required": ["script_list"],
+        "properties": {
+            "script_list": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "name"],
+                    "properties": {"id": {"type": "integer"}, "name": TEXT},
+                },
+            }
+        },
+    },
+    "Started": {
+        "type": "object",
+        "required": ["status", "log_thread_id"],
+        "properties": {"status": {"const": "ok"}, "log_thread_id": {"type": "integer"}, "run_id": TEXT},
+    },
+    "Run": {
+        "type": "object",
+        "required": [
+            "thread_id",
+            "run_id",
+            "script",
+            "params",
+            "state",
+            "runner",
+            "exit_code",
+            "error",
+            "requested_by",
+            "requested_at",
+            "queued_at",
+            "started_at",
+            "finished_at",
+        ],
+        "properties": {
+            "thread_id": {"type": "integer"},
+            "run_id": TEXT,
+            "script": TEXT,
+            "params": {"type": "array", "items": TEXT},
+            "state": {"enum": ["queued", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]},
+            "runner": TEXT,
+            "exit_code": {"type": ["integer", "null"]},
+            "error": OPTIONAL_TEXT,
+            "requested_by": TEXT,
+            "requested_at": TEXT,
+            "queued_at": TEXT,
+            "started_at": TEXT,
+            "finished_at": TEXT,
+        },
+    },
+    "RunPage": {
+        "type": "object",
+        "required": ["runs", "page", "per_page", "total"],
+        "properties": {
+            "runs": {"type": "array", "items": ref("Run")},
+            "page": {"type": "integer"},
+            "per_page": {"type": "integer"},
+            "total": {"type": "integer"},
+        },
+    },
+    "Cancelled": {
+        "type": "object",
+        "required": ["success", "run_id"],
+        "properties": {"success": {"const": True}, "run_id": TEXT},
+    },
+    "Entry": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "timestamp", "thread_id", "script_name", "params", "entry_type", "data"],
+        "properties": {
+            "id": {"type": "integer"},
+            "timestamp": TEXT,
+            "thread_id": {"type": "integer"},
+            "script_name": TEXT,
+            "params": {"type": "array", "items": TEXT},
+            "entry_type": {"enum": ["launch", "output", "sent_set", "sent_get", "result", "exception", "exit_status"]},
+            "data": TEXT,
+        },
+    },
+    "EntryList": {
+        "type": "object",
+        "required": ["entry_list"],
+        "properties": {
+            "entry_list": {"type": "array", "items": ref("Entry")},
+            "truncated": {
+                "type": "boolean",
+                "description": "a run's log read without paging stopped at 10 000 entries "
+                "or 4 MiB of data: page it to read the rest",
+            },
+        },
+    },
+    "NodeTypes": {
+        "type": "object",
+        "required": ["node_types"],
+        "properties": {"node_types": {"type": "array", "items": TEXT}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "broker", "bridge", "runners", "database", "versions"],
+        "properties": {
+            "status": {"enum": ["ok", "degraded"]},
+            "broker": TEXT,
+            "bridge": TEXT,
+            "runners": {"type": "array"},
+            "database": TEXT,
+            "versions": {"type": "object"},
+        },
+    },
 }
 
-LOG_FILTERS = [{"name": "script", "in": "query", "schema": TEXT},
-               {"name": "entry_type", "in": "query", "schema": TEXT},
-               {"name": "since", "in": "query", "schema": TEXT, "description": "ISO 8601, inclusive"},
-               {"name": "until", "in": "query", "schema": TEXT, "description": "ISO 8601, exclusive"},
-               *PAGING]
+LOG_FILTERS = [
+    {"name": "script", "in": "query", "schema": TEXT},
+    {"name": "entry_type", "in": "query", "schema": TEXT},
+    {"name": "since", "in": "query", "schema": TEXT, "description": "ISO 8601, inclusive"},
+    {"name": "until", "in": "query", "schema": TEXT, "description": "ISO 8601, exclusive"},
+    *PAGING,
+]
 
 PATHS: dict[str, Any] = {
     "/api/nodes": {"get": {"summary": "List nodes (2015)", "responses": {"200": body("NodeList")}}},
     "/api/nodes/id/{node_id}": {
         "parameters": [INT_ID],
         "get": {"summary": "A node (2015)", "responses": {"200": body("Node"), "404": ERROR}},
-        "post": {"summary": "Rename a node (2015): {\"name\": ...}", "requestBody": JSON_OBJECT_BODY,
-                 "responses": {"200": body("Success"), "400": ERROR, "404": ERROR, "409": ERROR, "413": ERROR}},
-        "delete": {"summary": "Forget a node and clear its retained topics",
-                   "responses": {"200": body("Success"), "404": ERROR}}},
+        "post": {
+            "summary": 'Rename a node (2015): {"name": ...}',
+            "requestBody": JSON_OBJECT_BODY,
+            "responses": {"200": body("Success"), "400": ERROR, "404": ERROR, "409": ERROR, "413": ERROR},
+        },
+        "delete": {
+            "summary": "Forget a node and clear its retained topics",
+            "responses": {"200": body("Success"), "404": ERROR},
+        },
+    },
     "/api/nodes/name/{name}": {
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": TEXT}],
-        "get": {"summary": "A node by name (2015)", "responses": {"200": body("Node"), "404": ERROR}}},
+        "get": {"summary": "A node by name (2015)", "responses": {"200": body("Node"), "404": ERROR}},
+    },
     "/api/nodes/id/{node_id}/set": {
         "parameters": [INT_ID],
-        "post": {"summary": "Set values on a node: {key: value}; answered with its replies",
-                 "requestBody": JSON_OBJECT_BODY,
-                 "responses": {"200": body("CommandResults"), "400": ERROR, "404": ERROR,
-                               "502": body("CommandResults", "the node refused"),
-                               "504": body("CommandResults", "the node did not answer")}}},
+        "post": {
+            "summary": "Set values on a node: {key: value}; answered with its replies",
+            "requestBody": JSON_OBJECT_BODY,
+            "responses": {
+                "200": body("CommandResults"),
+                "400": ERROR,
+                "404": ERROR,
+                "502": body("CommandResults", "the node refused"),
+                "504": body("CommandResults", "the node did not answer"),
+            },
+        },
+    },
     "/api/nodes/id/{node_id}/get/{key}": {
         "parameters": [INT_ID, {"name": "key", "in": "path", "required": True, "schema": TEXT}],
-        "get": {"summary": "Get a value from a node",
-                "responses": {"200": body("CommandResults"), "400": ERROR, "404": ERROR,
-                              "502": body("CommandResults", "the node refused"),
-                              "504": body("CommandResults", "the node did not answer")}}},
+        "get": {
+            "summary": "Get a value from a node",
+            "responses": {
+                "200": body("CommandResults"),
+                "400": ERROR,
+                "404": ERROR,
+                "502": body("CommandResults", "the node refused"),
+                "504": body("CommandResults", "the node did not answer"),
+            },
+        },
+    },
     "/api/node_types": {"get": {"summary": "Node types", "responses": {"200": body("NodeTypes")}}},
     "/api/scripts/list": {"get": {"summary": "Scripts (2015)", "responses": {"200": body("ScriptList")}}},
     "/api/scripts/exec/id/{script_id}": {
         "parameters": [{"name": "script_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}],
-        "post": {"summary": "Run a script (2015): {\"params\": [...]}", "requestBody": JSON_OBJECT_BODY,
-                 "responses": {"200": body("Started"), "400": ERROR, "404": ERROR}}},
+        "post": {
+            "summary": 'Run a script (2015): {"params": [...]}',
+            "requestBody": JSON_OBJECT_BODY,
+            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR},
+        },
+    },
     "/api/scripts/exec/name/{name}": {
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": TEXT}],
-        "post": {"summary": "Run a script by name (2015)", "requestBody": JSON_OBJECT_BODY,
-                 "responses": {"200": body("Started"), "400": ERROR, "404": ERROR}}},
-    "/api/runs": {"get": {"summary": "Runs, newest first",
-                          "parameters": [{"name": "state", "in": "query", "schema": TEXT},
-                                         {"name": "script", "in": "query", "schema": TEXT}, *PAGING],
-                          "responses": {"200": body("RunPage"), "400": ERROR}}},
-    "/api/runs/{key}": {"parameters": [RUN_KEY],
-                        "get": {"summary": "A run", "responses": {"200": body("Run"), "404": ERROR}}},
-    "/api/runs/{key}/cancel": {"parameters": [RUN_KEY],
-                               "post": {"summary": "Cancel a run",
-                                        "responses": {"200": body("Cancelled"), "404": ERROR, "409": ERROR}}},
-    "/api/logs/script": {"get": {"summary": "Log entries (2015), with filters and paging",
-                                 "parameters": LOG_FILTERS,
-                                 "responses": {"200": body("EntryList"), "400": ERROR}}},
+        "post": {
+            "summary": "Run a script by name (2015)",
+            "requestBody": JSON_OBJECT_BODY,
+            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR},
+        },
+    },
+    "/api/runs": {
+        "get": {
+            "summary": "Runs, newest first",
+            "parameters": [
+                {"name": "state", "in": "query", "schema": TEXT},
+                {"name": "script", "in": "query", "schema": TEXT},
+                *PAGING,
+            ],
+            "responses": {"200": body("RunPage"), "400": ERROR},
+        }
+    },
+    "/api/runs/{key}": {
+        "parameters": [RUN_KEY],
+        "get": {"summary": "A run", "responses": {"200": body("Run"), "404": ERROR}},
+    },
+    "/api/runs/{key}/cancel": {
+        "parameters": [RUN_KEY],
+        "post": {"summary": "Cancel a run", "responses": {"200": body("Cancelled"), "404": ERROR, "409": ERROR}},
+    },
+    "/api/logs/script": {
+        "get": {
+            "summary": "Log entries (2015), with filters and paging",
+            "parameters": LOG_FILTERS,
+            "responses": {"200": body("EntryList"), "400": ERROR},
+        }
+    },
     "/api/logs/script/thread_id/{thread_id}": {
         "parameters": [{"name": "thread_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}],
-        "get": {"summary": "A run's log entries (2015); without paging, the first 10 000 or 4 MiB",
-                "parameters": LOG_FILTERS,
-                "responses": {"200": body("EntryList"), "400": ERROR}}},
-    "/api/health": {"get": {"summary": "Broker, bridge, runners, database, versions",
-                            "responses": {"200": body("Health"), "503": body("Health", "degraded")}}},
+        "get": {
+            "summary": "A run's log entries (2015); without paging, the first 10 000 or 4 MiB",
+            "parameters": LOG_FILTERS,
+            "responses": {"200": body("EntryList"), "400": ERROR},
+        },
+    },
+    "/api/health": {
+        "get": {
+            "summary": "Broker, bridge, runners, database, versions",
+            "responses": {"200": body("Health"), "503": body("Health", "degraded")},
+        }
+    },
     "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": body({"type": "object"})}}},
 }
 
@@ -157,11 +308,13 @@ def document() -> dict[str, Any]:
     """The OpenAPI document."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "hacer", "version": "2.0",
-                 "description": "Home automation over MQTT; the 2015 endpoints are kept field for field. "
-                                "Every error is JSON {error, message}. With HACER_API_TOKEN set, send "
-                                "`Authorization: Bearer <token>` (401 otherwise)."},
+        "info": {
+            "title": "hacer",
+            "version": "2.0",
+            "description": "Home automation over MQTT; the 2015 endpoints are kept field for field. "
+            "Every error is JSON {error, message}. With HACER_API_TOKEN set, send "
+            "`Authorization: Bearer <token>` (401 otherwise).",
+        },
         "paths": PATHS,
-        "components": {"schemas": SCHEMAS,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

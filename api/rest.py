@@ -1,10 +1,11 @@
 """The REST API under /api: the 2015 endpoints field for field, and what came after them."""
+
 from __future__ import annotations
 
 import hmac
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -106,7 +107,7 @@ def time_arg(name: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
         if moment.tzinfo is not None:
-            moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
     except (ValueError, OverflowError):
         raise bad_request(f"{name}={raw[:40]!r} is not an ISO 8601 time between years 1 and 9999") from None
     return moment
@@ -121,22 +122,42 @@ def stamp(moment: datetime | None, fraction: bool = False) -> str:
 
 # --- nodes ------------------------------------------------------------------------------------
 
+
 def node_json(node: Node) -> dict[str, Any]:
-    return {"id": node.id, "name": node.name or "", "type": node.type.name, "ip": node.ip or "",
-            "last_updated": stamp(node.last_update)}
+    return {
+        "id": node.id,
+        "name": node.name or "",
+        "type": node.type.name,
+        "ip": node.ip or "",
+        "last_updated": stamp(node.last_update),
+    }
 
 
 @api.get("/nodes")
 def list_nodes() -> ResponseReturnValue:
     # Plain rows, not ORM objects, and the time as the database's text ("YYYY-MM-DD HH:MM:SS...")
     # rather than datetimes: 10 000 nodes are listed in a few milliseconds.
-    query = select(Node.id, Node.name, NodeType.name, Node.ip, cast(Node.last_update, String)) \
-        .join(NodeType).order_by(Node.id)
+    query = (
+        select(Node.id, Node.name, NodeType.name, Node.ip, cast(Node.last_update, String))
+        .join(NodeType)
+        .order_by(Node.id)
+    )
     with services().sessions() as session:
         rows = session.execute(query).all()
-    return fast_json({"node_list": [{"id": node_id, "name": name or "", "type": type_name, "ip": ip or "",
-                                     "last_updated": (updated or "")[:19].replace(" ", "T")}
-                                    for node_id, name, type_name, ip, updated in rows]})
+    return fast_json(
+        {
+            "node_list": [
+                {
+                    "id": node_id,
+                    "name": name or "",
+                    "type": type_name,
+                    "ip": ip or "",
+                    "last_updated": (updated or "")[:19].replace(" ", "T"),
+                }
+                for node_id, name, type_name, ip, updated in rows
+            ]
+        }
+    )
 
 
 def fast_json(body: Any) -> ResponseReturnValue:
@@ -214,8 +235,9 @@ def command_reply(node_id: int, command: SetCommand | GetCommand) -> ResponseRet
     if any(r.reason == "timeout" for r in results):
         return jsonify({"error": "node timeout", "message": "the node did not answer", "results": body}), 504
     if not all(r.ok for r in results):
-        return jsonify({"error": "node error", "message": "; ".join(r.error or "" for r in results if not r.ok),
-                        "results": body}), 502
+        return jsonify(
+            {"error": "node error", "message": "; ".join(r.error or "" for r in results if not r.ok), "results": body}
+        ), 502
     return jsonify({"results": body})
 
 
@@ -238,6 +260,7 @@ def get_value(node_id: int, key: str) -> ResponseReturnValue:
 
 
 # --- scripts and runs -------------------------------------------------------------------------
+
 
 @api.get("/scripts/list")
 def list_scripts() -> ResponseReturnValue:
@@ -266,9 +289,17 @@ def exec_script(script: Script) -> ResponseReturnValue:
     timeout = body.get("timeout")
     run_id = uuid.uuid4().hex
     try:
-        request_payload = RunRequest.from_payload(json.dumps(
-            {"script": script.name, "params": params, "run_id": run_id, "requested_by": "rest",
-             **({"timeout": timeout} if timeout is not None else {})})).to_payload()
+        request_payload = RunRequest.from_payload(
+            json.dumps(
+                {
+                    "script": script.name,
+                    "params": params,
+                    "run_id": run_id,
+                    "requested_by": "rest",
+                    **({"timeout": timeout} if timeout is not None else {}),
+                }
+            )
+        ).to_payload()
     except MessageError as exc:
         raise bad_request(str(exc)) from None
     svc = services()
@@ -278,11 +309,21 @@ def exec_script(script: Script) -> ResponseReturnValue:
 
 
 def run_json(run: Run) -> dict[str, Any]:
-    return {"thread_id": run.id, "run_id": run.run_id, "script": run.script, "params": json.loads(run.params),
-            "state": run.state, "runner": run.runner, "exit_code": run.exit_code, "error": run.error,
-            "requested_by": run.requested_by, "requested_at": stamp(run.requested_at, True),
-            "queued_at": stamp(run.queued_at, True), "started_at": stamp(run.started_at, True),
-            "finished_at": stamp(run.finished_at, True)}
+    return {
+        "thread_id": run.id,
+        "run_id": run.run_id,
+        "script": run.script,
+        "params": json.loads(run.params),
+        "state": run.state,
+        "runner": run.runner,
+        "exit_code": run.exit_code,
+        "error": run.error,
+        "requested_by": run.requested_by,
+        "requested_at": stamp(run.requested_at, True),
+        "queued_at": stamp(run.queued_at, True),
+        "started_at": stamp(run.started_at, True),
+        "finished_at": stamp(run.finished_at, True),
+    }
 
 
 @api.get("/runs")
@@ -329,14 +370,21 @@ def cancel_run(key: str) -> ResponseReturnValue:
 
 # --- logs -------------------------------------------------------------------------------------
 
+
 def entry_json(entry: ScriptLogEntry) -> dict[str, Any]:
     try:
         params = [str(p) for p in json.loads(entry.params or "[]")]
     except ValueError:
         params = []
-    return {"id": entry.id, "timestamp": stamp(entry.timestamp, True), "thread_id": entry.thread_id,
-            "script_name": entry.script_name or "", "params": params, "entry_type": entry.entry_type.name,
-            "data": entry.data or ""}
+    return {
+        "id": entry.id,
+        "timestamp": stamp(entry.timestamp, True),
+        "thread_id": entry.thread_id,
+        "script_name": entry.script_name or "",
+        "params": params,
+        "entry_type": entry.entry_type.name,
+        "data": entry.data or "",
+    }
 
 
 def entries(thread_id: int | None = None) -> ResponseReturnValue:
@@ -363,8 +411,11 @@ def entries(thread_id: int | None = None) -> ResponseReturnValue:
             found = list(session.scalars(query.order_by(ScriptLogEntry.id.desc()).limit(UNPAGED_ENTRIES)))[::-1]
         else:  # one run without paging (the 2015 app): its first entries, within bounds
             found, size = [], 0
-            rows = session.scalars(query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)
-                                   .limit(UNPAGED_ENTRIES + 1).execution_options(yield_per=500))
+            rows = session.scalars(
+                query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)
+                .limit(UNPAGED_ENTRIES + 1)
+                .execution_options(yield_per=500)
+            )
             for entry in rows:
                 size += len(entry.data or "")
                 if len(found) == UNPAGED_ENTRIES or size > UNPAGED_BYTES:
@@ -390,6 +441,7 @@ def openapi() -> ResponseReturnValue:
 
 # --- health -----------------------------------------------------------------------------------
 
+
 @api.get("/health")
 def health() -> ResponseReturnValue:
     svc = services()
@@ -401,11 +453,13 @@ def health() -> ResponseReturnValue:
         database = f"error: {type(exc).__name__}"
     runners = [r for r in svc.live.runners.values() if r["state"] == "online"]
     healthy = svc.bus.connected and database == "ok" and svc.live.bridge_state == "online" and runners
-    return jsonify({
-        "status": "ok" if healthy else "degraded",
-        "broker": "connected" if svc.bus.connected else "disconnected",
-        "bridge": svc.live.bridge_state,
-        "runners": runners,
-        "database": database,
-        "versions": svc.versions(),
-    }), 200 if healthy else 503
+    return jsonify(
+        {
+            "status": "ok" if healthy else "degraded",
+            "broker": "connected" if svc.bus.connected else "disconnected",
+            "bridge": svc.live.bridge_state,
+            "runners": runners,
+            "database": database,
+            "versions": svc.versions(),
+        }
+    ), 200 if healthy else 503

@@ -1,4 +1,5 @@
 """What the api's handlers use: settings, the bus and its live view, the database, the scripts."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,16 @@ class Services:
     def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> int:
         """Insert the run row of a REST request and return its 2015 thread id."""
         with self.sessions() as session:
-            run = Run(run_id=run_id, script=script, params=json.dumps([str(p) for p in params]),
-                      state=runstates.QUEUED, runner="", requested_by="rest", request=payload.decode(),
-                      requested_at=utc_datetime(time.time()))
+            run = Run(
+                run_id=run_id,
+                script=script,
+                params=json.dumps([str(p) for p in params]),
+                state=runstates.QUEUED,
+                runner="",
+                requested_by="rest",
+                request=payload.decode(),
+                requested_at=utc_datetime(time.time()),
+            )
             session.add(run)
             session.commit()
             return run.id

@@ -11,6 +11,7 @@
 4. command round trip: set through the bridge (MQTT -> TCP -> MQTT) against a direct TCP
    exchange with the same emulated node.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import broker_saving_on_every_change, free_port, percentile  # noqa: E402
 from bridge.listener import _grow_receive_buffer, socket_drops  # noqa: E402
 from bridge.service import Bridge  # noqa: E402
-from emulator.nodes import Emulator, EmulatedNode  # noqa: E402
+from emulator.nodes import EmulatedNode, Emulator  # noqa: E402
 from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import Presence  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
-
-from bench.common import broker_saving_on_every_change, free_port, percentile  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +64,7 @@ for r in range({rounds}):
 
 # --- 1. ingest -----------------------------------------------------------------------------
 
+
 def bare_loop(total: int, ids: int) -> tuple[float, int]:
     """The baseline: the fastest a Python loop can receive and parse beacons here."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -81,7 +82,7 @@ def bare_loop(total: int, ids: int) -> tuple[float, int]:
             if received == 1:
                 first = time.perf_counter()
             last = time.perf_counter()
-    except socket.timeout:
+    except TimeoutError:
         pass
     sender.wait()
     drops = socket_drops(sock)
@@ -89,14 +90,22 @@ def bare_loop(total: int, ids: int) -> tuple[float, int]:
     return (received - 1) / (last - first), drops
 
 
-
 def bridge_ingest(broker: BrokerProcess, total: int, ids: int) -> tuple[float, int, int]:
     """The bridge's listener + tracker, wired to a real broker, on the same burst."""
     topics = Topics("bench")
     bus = Bus(broker.url, topics, "bench-bridge", presence_topic=topics.build("bridge_state"))
-    bridge = Bridge(bus, topics, discovery_host="127.0.0.1", discovery_port=0, node_port=7777,
-                    offline_after=600, node_timeout=3, state_dir=None,
-                    max_nodes=10**7, new_nodes_per_second=10**7)
+    bridge = Bridge(
+        bus,
+        topics,
+        discovery_host="127.0.0.1",
+        discovery_port=0,
+        node_port=7777,
+        offline_after=600,
+        node_timeout=3,
+        state_dir=None,
+        max_nodes=10**7,
+        new_nodes_per_second=10**7,
+    )
     bridge.start()
     port = bridge.listener.port
     # Register the ids first: the steady state is known nodes refreshing their last-seen time.
@@ -126,18 +135,29 @@ def bridge_ingest(broker: BrokerProcess, total: int, ids: int) -> tuple[float, i
 
 # --- 2. hold 100 000 nodes -----------------------------------------------------------------
 
+
 def hold(broker: BrokerProcess, ids: int, interval: float, rounds: int) -> tuple[int, int, int, int]:
     topics = Topics("hold")
     offline = []
     watcher = Bus(broker.url, topics, "bench-hold-watch")
-    watcher.subscribe(topics.filter("node_presence"),
-                      lambda m: offline.append(m) if b'"offline"' in m.payload else None)
+    watcher.subscribe(
+        topics.filter("node_presence"), lambda m: offline.append(m) if b'"offline"' in m.payload else None
+    )
     watcher.start()
     watcher.wait_connected(10)
     bus = Bus(broker.url, topics, "bench-hold-bridge")
-    bridge = Bridge(bus, topics, discovery_host="127.0.0.1", discovery_port=0, node_port=7777,
-                    offline_after=None, node_timeout=3, state_dir=None,
-                    max_nodes=10**7, new_nodes_per_second=10**7)
+    bridge = Bridge(
+        bus,
+        topics,
+        discovery_host="127.0.0.1",
+        discovery_port=0,
+        node_port=7777,
+        offline_after=None,
+        node_timeout=3,
+        state_dir=None,
+        max_nodes=10**7,
+        new_nodes_per_second=10**7,
+    )
     bridge.start()
     # The tracker's default (3 x the announced interval) with the scaled-down interval:
     bridge.tracker._offline_after = 3 * interval
@@ -157,15 +177,27 @@ def hold(broker: BrokerProcess, ids: int, interval: float, rounds: int) -> tuple
 
 # --- 3. presence latency -------------------------------------------------------------------
 
-def start_bridge_process(broker: BrokerProcess, workdir: Path, discovery: int, node_port: int,
-                         prefix: str) -> subprocess.Popen[bytes]:
-    env = {"HACER_MQTT_URL": broker.url, "HACER_TOPIC_PREFIX": prefix,
-           "HACER_DISCOVERY_HOST": "127.0.0.1", "HACER_DISCOVERY_PORT": str(discovery),
-           "HACER_NODE_PORT": str(node_port), "HACER_STATE_DIR": str(workdir / "state"),
-           "PATH": "/usr/bin:/bin"}
+
+def start_bridge_process(
+    broker: BrokerProcess, workdir: Path, discovery: int, node_port: int, prefix: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        "HACER_MQTT_URL": broker.url,
+        "HACER_TOPIC_PREFIX": prefix,
+        "HACER_DISCOVERY_HOST": "127.0.0.1",
+        "HACER_DISCOVERY_PORT": str(discovery),
+        "HACER_NODE_PORT": str(node_port),
+        "HACER_STATE_DIR": str(workdir / "state"),
+        "PATH": "/usr/bin:/bin",
+    }
     log = open(workdir / f"bridge-{prefix}.log", "ab")
-    return subprocess.Popen([sys.executable, str(PROJECT / "manage.py"), "bridge"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, cwd=PROJECT)
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT / "manage.py"), "bridge"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=PROJECT,
+    )
 
 
 class Arrivals:
@@ -218,6 +250,7 @@ def presence_latency(broker: BrokerProcess, workdir: Path, count: int) -> list[f
 
 # --- 4. command round trip -----------------------------------------------------------------
 
+
 def command_round_trips(broker: BrokerProcess, workdir: Path, count: int) -> tuple[list[float], list[float]]:
     topics = Topics("cmd")
     discovery, node_port = free_port(socket.SOCK_DGRAM), free_port()
@@ -250,7 +283,7 @@ def command_round_trips(broker: BrokerProcess, workdir: Path, count: int) -> tup
         correlation = str(index).encode()
         arrived = arrivals.expect(correlation)
         started = time.perf_counter()
-        client.publish(set_topic, '{"on": %d}' % (index % 2), correlation=correlation)
+        client.publish(set_topic, f'{{"on": {index % 2}}}', correlation=correlation)
         if not arrived.wait(5):
             raise RuntimeError("no result")
         bridged.append((arrivals.times[correlation] - started) * 1000)
@@ -289,19 +322,27 @@ def main() -> None:
             print(f"   bridge listener + tracker:     {rate:10,.0f} /s  (handled {handled}, kernel drops {drops})")
             print(f"   ratio bridge / bare: {rate / bare:.2f}   (goal >= 0.5)")
 
-            print(f"2. hold {hold_ids} ids, interval {hold_interval:g} s, offline after "
-                  f"{3 * hold_interval:g} s, {hold_rounds} rounds ({hold_ids / hold_interval:,.0f} beacons/s)")
+            print(
+                f"2. hold {hold_ids} ids, interval {hold_interval:g} s, offline after "
+                f"{3 * hold_interval:g} s, {hold_rounds} rounds ({hold_ids / hold_interval:,.0f} beacons/s)"
+            )
             online, went_offline, hold_drops, accepted = hold(fresh_broker(), hold_ids, hold_interval, hold_rounds)
-            print(f"   online at the end: {online}, offline events: {went_offline}, "
-                  f"kernel drops: {hold_drops}, beacons handled: {accepted} of {hold_ids * hold_rounds}")
+            print(
+                f"   online at the end: {online}, offline events: {went_offline}, "
+                f"kernel drops: {hold_drops}, beacons handled: {accepted} of {hold_ids * hold_rounds}"
+            )
 
             gc.collect()  # the hold phase's 100 000 records must not be collected during timing
             print(f"3. presence latency, {samples} new nodes (first beacon -> retained presence at a subscriber)")
-            for label, config in (("project broker (saves every second)", PROJECT / "mosquitto" / "dev.conf"),
-                                  ("broker saving on every change", broker_saving_on_every_change(workdir))):
+            for label, config in (
+                ("project broker (saves every second)", PROJECT / "mosquitto" / "dev.conf"),
+                ("broker saving on every change", broker_saving_on_every_change(workdir)),
+            ):
                 latencies = presence_latency(fresh_broker(config), workdir, samples)
-                print(f"   {label:40} p50 {percentile(latencies, 0.5):.2f} ms  "
-                      f"p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 < 5 ms)")
+                print(
+                    f"   {label:40} p50 {percentile(latencies, 0.5):.2f} ms  "
+                    f"p99 {percentile(latencies, 0.99):.2f} ms   (goal p99 < 5 ms)"
+                )
 
             print(f"4. set round trip, {samples} each, same emulated node")
             direct, bridged = command_round_trips(fresh_broker(), workdir, samples)

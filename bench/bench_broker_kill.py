@@ -4,6 +4,7 @@ one saving on every change.
 Each round publishes 50 retained messages, waits for every acknowledgement, kills mosquitto at
 once (SIGKILL), restarts it and counts what it no longer holds. Run: .venv/bin/python bench/bench_broker_kill.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def lost_after_kills(folder: Path, template: Path, rounds: int) -> int:
     lost = 0
     try:
         for round_number in range(rounds):
-            expected = {f"hacer/nodes/{index}/meta": f'{{"round": {round_number}}}'.encode()
-                        for index in range(MESSAGES)}
+            expected = {
+                f"hacer/nodes/{index}/meta": f'{{"round": {round_number}}}'.encode() for index in range(MESSAGES)
+            }
             publisher = Bus(broker.url, Topics(), f"bench-kill-{uuid.uuid4().hex[:8]}")
             publisher.start()
             publisher.wait_connected(10)
@@ -39,7 +41,7 @@ def lost_after_kills(folder: Path, template: Path, rounds: int) -> int:
             publisher.stop()
             held: dict[str, bytes] = {}
 
-            def keep(message: Message) -> None:
+            def keep(message: Message, held: dict[str, bytes] = held) -> None:
                 held[message.topic] = message.payload
 
             reader = Bus(broker.url, Topics(), f"bench-read-{uuid.uuid4().hex[:8]}")
@@ -61,8 +63,9 @@ def main() -> None:
     total = args.rounds * MESSAGES
     with tempfile.TemporaryDirectory() as folder:
         every_second = lost_after_kills(Path(folder) / "every-second", CONFIG_DIR / "dev.conf", args.rounds)
-        every_change = lost_after_kills(Path(folder) / "every-change", broker_saving_on_every_change(Path(folder)),
-                                        args.rounds)
+        every_change = lost_after_kills(
+            Path(folder) / "every-change", broker_saving_on_every_change(Path(folder)), args.rounds
+        )
     print(f"acknowledged, then lost to a kill right after ({args.rounds} kills, {total} messages):")
     print(f"  project's broker (saves every second):  {every_second} ({every_second / total:.1%})")
     print(f"  broker saving on every change:          {every_change} ({every_change / total:.1%})")

@@ -8,6 +8,7 @@ Prints how many runs were lost (never recorded finished), started twice, or reco
 (a finished run whose log has a gap or lacks lines), and the worst time from a request to its
 run recorded whole. The short version is tests/test_chaos.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from sqlalchemy import select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import free_port, wait_for  # noqa: E402
 from hacer import runstates  # noqa: E402
 from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
@@ -37,17 +39,17 @@ from hacer.parentdeath import child_env  # noqa: E402
 from hacer.runrequest import request_until_claimed  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
-from bench.common import free_port, wait_for  # noqa: E402
-
 PROJECT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("HACER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 LINES = 5
-SCRIPT = ("import os, sys, time\n"
-          "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
-          "os.write(fd, (os.environ['HACER_RUN_ID'] + '\\n').encode())\n"
-          f"for i in range({LINES}):\n"
-          "    print('line', i, flush=True)\n"
-          "    time.sleep(0.05)\n")
+SCRIPT = (
+    "import os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+    "os.write(fd, (os.environ['HACER_RUN_ID'] + '\\n').encode())\n"
+    f"for i in range({LINES}):\n"
+    "    print('line', i, flush=True)\n"
+    "    time.sleep(0.05)\n"
+)
 
 
 def main() -> None:
@@ -74,16 +76,28 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
     starts = work / "starts.txt"
     broker = BrokerProcess(work / "broker", [free_port(), free_port()])
     broker.start()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
-           "HACER_MQTT_URL": broker.url, "HACER_DATABASE_URL": database_url, "HACER_SCRIPTS_DIR": str(work / "scripts"),
-           "HACER_RUNNER_TAKEOVER": "3", "HACER_RESEND_AFTER": "1", "HACER_RESCUE_AFTER": "2",
-           "HACER_HTTP_PORT": str(free_port()), "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
+        "HACER_MQTT_URL": broker.url,
+        "HACER_DATABASE_URL": database_url,
+        "HACER_SCRIPTS_DIR": str(work / "scripts"),
+        "HACER_RUNNER_TAKEOVER": "3",
+        "HACER_RESEND_AFTER": "1",
+        "HACER_RESCUE_AFTER": "2",
+        "HACER_HTTP_PORT": str(free_port()),
+        "HACER_STATE_DIR": str(work / "state"),
+        "PYTHONUNBUFFERED": "1",
+    }
     processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(name: str, part: str, **extra: str) -> None:
         log = open(work / f"{name}.log", "ab")
-        processes[name] = subprocess.Popen([sys.executable, str(PROJECT / "manage.py"), part],
-                                           env=child_env({**env, **extra}), stdout=log, stderr=subprocess.STDOUT)
+        processes[name] = subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), part],
+            env=child_env({**env, **extra}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     for index in (1, 2):
         start(f"runner{index}", "runner", HACER_RUNNER_ID=f"runner{index}")
@@ -162,8 +176,10 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
         for job in jobs:
             job.result()
     requesting.clear()
-    print(f"{count} runs requested in {time.monotonic() - began:.0f} s across {kills} broker kills, "
-          f"a runner kill and a recorder kill")
+    print(
+        f"{count} runs requested in {time.monotonic() - began:.0f} s across {kills} broker kills, "
+        f"a runner kill and a recorder kill"
+    )
     watcher.join()
     bus.stop()
     for process in processes.values():
@@ -176,17 +192,22 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
     started = starts.read_text().split()
     twice = sum(started.count(run_id) > 1 for run_id in set(started))
     lost = [r for r in requested if r not in rows or rows[r][0].state not in runstates.FINISHED_STATES]
-    incomplete = [r for r in requested if r in rows and rows[r][0].state in runstates.FINISHED_STATES
-                  and not is_whole(*rows[r])]
+    incomplete = [
+        r for r in requested if r in rows and rows[r][0].state in runstates.FINISHED_STATES and not is_whole(*rows[r])
+    ]
     killed = sum(rows[r][0].state == runstates.LOST for r in requested if r in rows)
     worst = max((whole_at[r] - requested[r] for r in whole_at), default=float("nan"))
-    print(f"lost: {len(lost)}   started twice: {twice}   recorded incomplete: {len(incomplete)}   "
-          f"ended `lost` with the killed runner: {killed}")
+    print(
+        f"lost: {len(lost)}   started twice: {twice}   recorded incomplete: {len(incomplete)}   "
+        f"ended `lost` with the killed runner: {killed}"
+    )
     print(f"worst request -> recorded whole: {worst:.1f} s")
     for run_id in (lost + incomplete)[:10]:
         run, entries = rows.get(run_id, (None, []))
-        print(f"  {run_id}: {run.state if run else 'no row'}, runner {run.runner if run else '?'}, "
-              f"entries {[(seq, kind) for seq, kind, _ in entries]}")
+        print(
+            f"  {run_id}: {run.state if run else 'no row'}, runner {run.runner if run else '?'}, "
+            f"entries {[(seq, kind) for seq, kind, _ in entries]}"
+        )
 
 
 def read_runs(database: Database) -> dict[str, tuple[Run, list[tuple[int, str, str]]]]:

@@ -9,6 +9,7 @@
 2. log throughput: a script printing 200 000 lines -> every line seen in order by a
    subscriber; lines per second (goal >= 20 000/s) and the runner's memory (goal: flat, < 100 MB).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import free_port, percentile  # noqa: E402
 from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
-
-from bench.common import free_port, percentile  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -95,25 +95,38 @@ def main() -> None:
         scripts.mkdir()
         (scripts / "first.py").write_text("print('hi')\n")
         (scripts / "spam.py").write_text(
-            "import sys\nw = sys.stdout.write\nfor i in range(int(sys.argv[1])):\n    w(f'line {i}\\n')\n")
+            "import sys\nw = sys.stdout.write\nfor i in range(int(sys.argv[1])):\n    w(f'line {i}\\n')\n"
+        )
         broker = BrokerProcess(work / "broker", [free_port(), free_port()])
         broker.start()
         topics = Topics("hacer")
         runner_id = f"bench-{uuid.uuid4().hex[:6]}"
-        env = {**os.environ, "HACER_MQTT_URL": broker.url, "HACER_SCRIPTS_DIR": str(scripts),
-               "HADB_PATH": str(work / "hacer.db"), "HACER_RUNNER_ID": runner_id,
-               "HACER_STATE_DIR": str(work / "state")}
+        env = {
+            **os.environ,
+            "HACER_MQTT_URL": broker.url,
+            "HACER_SCRIPTS_DIR": str(scripts),
+            "HADB_PATH": str(work / "hacer.db"),
+            "HACER_RUNNER_ID": runner_id,
+            "HACER_STATE_DIR": str(work / "state"),
+        }
         watch = LogWatch()
         online = threading.Event()
         bus = Bus(broker.url, topics, "bench-runner-client")
         bus.subscribe(topics.filter("run_log"), watch)
-        bus.subscribe(topics.build("runner_state", runner_id),
-                      lambda m: RunnerState.from_payload(m.payload).state == "online" and online.set())
+        bus.subscribe(
+            topics.build("runner_state", runner_id),
+            lambda m: RunnerState.from_payload(m.payload).state == "online" and online.set(),
+        )
         bus.start()
         bus.wait_connected(10)
         with open(work / "runner.log", "ab") as runner_log:
-            runner = subprocess.Popen([sys.executable, str(PROJECT / "manage.py"), "runner"], env=env,
-                                      stdout=runner_log, stderr=subprocess.STDOUT, cwd=PROJECT)
+            runner = subprocess.Popen(
+                [sys.executable, str(PROJECT / "manage.py"), "runner"],
+                env=env,
+                stdout=runner_log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT,
+            )
         try:
             online.wait(20)
 
@@ -134,13 +147,19 @@ def main() -> None:
             bare = statistics.median(exits)
             print(f"   bare `python -c pass`:            p50 {bare:6.1f} ms  p99 {percentile(exits, 0.99):6.1f} ms")
             print(f"   bare child's first stdout line:   p50 {statistics.median(bare_first):6.1f} ms")
-            print(f"   request -> launch entry:          p50 {statistics.median(to_launch):6.1f} ms  "
-                  f"p99 {percentile(to_launch, 0.99):6.1f} ms")
-            print(f"   request -> first output line:     p50 {statistics.median(to_output):6.1f} ms  "
-                  f"p99 {percentile(to_output, 0.99):6.1f} ms")
+            print(
+                f"   request -> launch entry:          p50 {statistics.median(to_launch):6.1f} ms  "
+                f"p99 {percentile(to_launch, 0.99):6.1f} ms"
+            )
+            print(
+                f"   request -> first output line:     p50 {statistics.median(to_output):6.1f} ms  "
+                f"p99 {percentile(to_output, 0.99):6.1f} ms"
+            )
             goal = 1.3 * bare + 10
-            print(f"   ratio first output / bare start: {statistics.median(to_output) / bare:.2f}   "
-                  f"(goal p50 <= 1.3 x {bare:.1f} + 10 = {goal:.1f} ms)")
+            print(
+                f"   ratio first output / bare start: {statistics.median(to_output) / bare:.2f}   "
+                f"(goal p50 <= 1.3 x {bare:.1f} + 10 = {goal:.1f} ms)"
+            )
 
             print(f"2. log throughput, one script printing {lines} lines")
             idle = rss_mb(runner.pid)
@@ -160,8 +179,7 @@ def main() -> None:
             done.set()
             sampler.join()
             first = watch.wait(run_id, lambda e: e.entry_type == "output")
-            seen = [line for _, e in watch.entries[run_id] if e.entry_type == "output"
-                    for line in e.data.split("\n")]
+            seen = [line for _, e in watch.entries[run_id] if e.entry_type == "output" for line in e.data.split("\n")]
             entries = [e for _, e in watch.entries[run_id]]
             in_order = seen == [f"line {i}" for i in range(lines)]
             gapless = [e.seq for e in entries] == list(range(1, len(entries) + 1))

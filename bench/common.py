@@ -1,10 +1,11 @@
 """What the benchmarks share: free ports, percentiles, waiting for a condition."""
+
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -5,6 +5,7 @@ ESP8266 firmware serves at most four clients and answers one request at a time; 
 node only delays its own queue. Every command ends in exactly one CommandResult: a reply, a
 timeout, a refused connection, an undecodable reply, a full queue or an unknown node.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,8 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from hacer.messages import CommandResult
 from hacer.nodewire import Reply, ReplyDecoder, Value, WireError, encode_get, encode_set
@@ -55,8 +56,9 @@ ResultSink = Callable[[CommandResult, Command], None]
 class CommandRelay:
     """Per-node queues and connections in one asyncio loop; see the module docstring."""
 
-    def __init__(self, resolve: Resolver, on_result: ResultSink, timeout: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, resolve: Resolver, on_result: ResultSink, timeout: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self._resolve = resolve
         self._on_result = on_result
         self._timeout = timeout
@@ -116,22 +118,39 @@ class CommandRelay:
             channel = _NodeChannel(self, command.node_id)
             self._channels[command.node_id] = channel
         if channel.queue.qsize() >= QUEUE_LIMIT:
-            self._report(command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node",
-                         reason="busy")
+            self._report(
+                command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node", reason="busy"
+            )
             return
         channel.queue.put_nowait(command)
         channel.ensure_worker()
 
-    def _report(self, command: Command, ok: bool, value: Value | None = None,
-                raw: str = "", error: str | None = None, reason: str | None = None) -> None:
+    def _report(
+        self,
+        command: Command,
+        ok: bool,
+        value: Value | None = None,
+        raw: str = "",
+        error: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         self.counts["ok" if ok else "failed"] += 1
-        result = CommandResult(command.node_id, command.op, command.key, ok, value, raw, error,
-                               command.correlation_text, self._clock(), reason)
+        result = CommandResult(
+            command.node_id,
+            command.op,
+            command.key,
+            ok,
+            value,
+            raw,
+            error,
+            command.correlation_text,
+            self._clock(),
+            reason,
+        )
         try:
             self._on_result(result, command)
         except Exception:
-            log.exception("result of %s %s on node %s could not be published",
-                          command.op, command.key, command.node_id)
+            log.exception("result of %s %s on node %s could not be published", command.op, command.key, command.node_id)
 
 
 class _NodeChannel:
@@ -173,7 +192,7 @@ class _NodeChannel:
         while True:
             try:
                 command = await asyncio.wait_for(self.queue.get(), IDLE_CLOSE_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.queue.empty():
                     await self._disconnect()
                     if relay._channels.get(self.node_id) is self:
@@ -211,29 +230,37 @@ class _NodeChannel:
             reused = self._writer is not None
             try:
                 reply = await self._exchange(address, request, deadline)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._disconnect()
-                relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s",
-                              reason="timeout")
+                relay._report(command, ok=False, error=f"no reply within {relay._timeout:g} s", reason="timeout")
                 return
             except WireError as exc:
                 await self._disconnect()
-                relay._report(command, ok=False, raw=str(exc)[:200], error=f"undecodable reply: {exc}",
-                              reason="bad_reply")
+                relay._report(
+                    command, ok=False, raw=str(exc)[:200], error=f"undecodable reply: {exc}", reason="bad_reply"
+                )
                 return
             except (ConnectionError, OSError) as exc:
                 await self._disconnect()
                 # A kept connection may have been closed by the node while idle: retry once.
                 if reused and attempt == 1 and loop.time() < deadline:
                     continue
-                relay._report(command, ok=False, error=f"cannot reach {address[0]}:{address[1]}: "
-                                                       f"{exc.strerror or exc.__class__.__name__}",
-                              reason="unreachable")
+                relay._report(
+                    command,
+                    ok=False,
+                    error=f"cannot reach {address[0]}:{address[1]}: {exc.strerror or exc.__class__.__name__}",
+                    reason="unreachable",
+                )
                 return
             value = command.value if reply.ok and command.op == "set" else reply.value
-            relay._report(command, ok=reply.ok, value=value, raw=reply.raw,
-                          error=None if reply.ok else str(reply.value),
-                          reason=None if reply.ok else "node_error")
+            relay._report(
+                command,
+                ok=reply.ok,
+                value=value,
+                raw=reply.raw,
+                error=None if reply.ok else str(reply.value),
+                reason=None if reply.ok else "node_error",
+            )
             return
 
     async def _exchange(self, address: tuple[str, int], request: bytes, deadline: float) -> Reply:
@@ -247,7 +274,7 @@ class _NodeChannel:
         def left() -> float:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             return remaining
 
         if self._writer is None:
@@ -261,7 +288,7 @@ class _NodeChannel:
                 pause = min(RAW_ERROR_PAUSE, left())
                 try:
                     data = await asyncio.wait_for(self._reader.read(4096), pause)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if pause < RAW_ERROR_PAUSE:
                         raise
                     reply = decoder.finish()

@@ -4,6 +4,7 @@ One thread does recvfrom → decode → tracker, with no queue in between, so a 
 the kernel's receive buffer (sized large) rather than in Python memory. Kernel drops are read
 from the socket's own line in /proc/net/udp.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from hacer.nodewire import Beacon, BeaconError, decode_beacon
 
@@ -43,8 +44,14 @@ class DropCounter:
         self._unlogged += 1
         now = self._clock()
         if now - self._last_log >= self._log_every:
-            log.warning("dropped %d bad datagram(s); latest from %s: %s: %s (totals %s)",
-                        self._unlogged, sender, reason, detail, dict(self.counts))
+            log.warning(
+                "dropped %d bad datagram(s); latest from %s: %s: %s (totals %s)",
+                self._unlogged,
+                sender,
+                reason,
+                detail,
+                dict(self.counts),
+            )
             self._last_log = now
             self._unlogged = 0
 
@@ -52,9 +59,14 @@ class DropCounter:
 class BeaconListener:
     """Listens on UDP (host, port) and hands every valid beacon to `sink(beacon, ip, now)`."""
 
-    def __init__(self, host: str, port: int, sink: BeaconSink,
-                 clock: Callable[[], float] = time.time,
-                 drops: DropCounter | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sink: BeaconSink,
+        clock: Callable[[], float] = time.time,
+        drops: DropCounter | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.datagrams = 0

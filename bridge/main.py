@@ -1,4 +1,5 @@
 """`python manage.py bridge`: read settings, wire the bridge, run until a signal."""
+
 from __future__ import annotations
 
 import logging
@@ -17,10 +18,15 @@ log = logging.getLogger(__name__)
 def build_bridge(settings: Settings) -> Bridge:
     """Build a bridge (not started) from settings."""
     topics = Topics(settings.topic_prefix)
-    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-bridge-{socket.gethostname()}-{os.getpid()}",
-              presence_topic=topics.build("bridge_state"))
+    bus = Bus(
+        settings.mqtt_url,
+        topics,
+        client_id=f"hacer-bridge-{socket.gethostname()}-{os.getpid()}",
+        presence_topic=topics.build("bridge_state"),
+    )
     return Bridge(
-        bus, topics,
+        bus,
+        topics,
         discovery_host=settings.discovery_host,
         discovery_port=settings.discovery_port,
         node_port=settings.node_port,

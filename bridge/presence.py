@@ -4,13 +4,15 @@ Presence is announced only on change (new node, online/offline, address, type, n
 interval); a beacon from a known node only refreshes its last-seen time. Offline deadlines live
 in a heap checked lazily, so a beacon costs a dict lookup and no heap work.
 """
+
 from __future__ import annotations
 
 import heapq
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 from hacer.messages import OFFLINE, ONLINE, Presence
 from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
@@ -49,9 +51,19 @@ class NodeRecord:
 
     def presence(self) -> Presence:
         """Return the presence message of this record."""
-        return Presence(self.id, self.type, self.ip, ONLINE if self.online else OFFLINE,
-                        self.since, self.last_seen, self.port, self.interval, self.name,
-                        self.moved_from, self.moved_at)
+        return Presence(
+            self.id,
+            self.type,
+            self.ip,
+            ONLINE if self.online else OFFLINE,
+            self.since,
+            self.last_seen,
+            self.port,
+            self.interval,
+            self.name,
+            self.moved_from,
+            self.moved_at,
+        )
 
     def address(self, default_port: int) -> str:
         """Return `ip:port` where this node's commands go."""
@@ -64,16 +76,30 @@ class NodeRecord:
 
 def same_announcement(a: Presence, b: Presence) -> bool:
     """Tell whether two presences differ only in their times."""
-    return (a.type, a.ip, a.state, a.port, a.interval, a.name, a.moved_from) == \
-        (b.type, b.ip, b.state, b.port, b.interval, b.name, b.moved_from)
+    return (a.type, a.ip, a.state, a.port, a.interval, a.name, a.moved_from) == (
+        b.type,
+        b.ip,
+        b.state,
+        b.port,
+        b.interval,
+        b.name,
+        b.moved_from,
+    )
 
 
 class PresenceTracker:
     """Thread-safe node table with offline deadlines; see the module docstring."""
 
-    def __init__(self, publisher: PresencePublisher, offline_after: float | None,
-                 clock: Callable[[], float], *, max_nodes: int = 10_000,
-                 new_nodes_per_second: float = 50.0, node_port: int = 7777) -> None:
+    def __init__(
+        self,
+        publisher: PresencePublisher,
+        offline_after: float | None,
+        clock: Callable[[], float],
+        *,
+        max_nodes: int = 10_000,
+        new_nodes_per_second: float = 50.0,
+        node_port: int = 7777,
+    ) -> None:
         self._publisher = publisher
         self._offline_after = offline_after
         self._clock = clock
@@ -105,9 +131,15 @@ class PresenceTracker:
         """
         with self._lock:
             record = self._nodes.get(beacon.id)
-            if record is not None and record.online and record.ip == ip and record.type == beacon.type \
-                    and beacon.name == record.name and beacon.port == record.port \
-                    and beacon.interval == record.interval:
+            if (
+                record is not None
+                and record.online
+                and record.ip == ip
+                and record.type == beacon.type
+                and beacon.name == record.name
+                and beacon.port == record.port
+                and beacon.interval == record.interval
+            ):
                 record.last_seen = now  # the common case: nothing to announce
                 self._fresh[beacon.id] = now
                 if beacon.state:
@@ -126,8 +158,7 @@ class PresenceTracker:
                     # Beacons are unauthenticated: a move is allowed (DHCP) but never silent.
                     old = record.address(self._node_port)
                     record.moved_from, record.moved_at = old, now
-                    log.warning("node %s moved from %s to %s:%s", beacon.id, old, ip,
-                                beacon.port or self._node_port)
+                    log.warning("node %s moved from %s to %s:%s", beacon.id, old, ip, beacon.port or self._node_port)
             record.ip, record.type, record.last_seen = ip, beacon.type, now
             record.name, record.port, record.interval = beacon.name, beacon.port, beacon.interval
             self._fresh[beacon.id] = now
@@ -141,8 +172,9 @@ class PresenceTracker:
     def _admit(self, now: float) -> str | None:
         if len(self._nodes) >= self._max_nodes:
             return "node_limit"
-        self._new_allowance = min(self._new_per_second,
-                                  self._new_allowance + (now - self._new_checked) * self._new_per_second)
+        self._new_allowance = min(
+            self._new_per_second, self._new_allowance + (now - self._new_checked) * self._new_per_second
+        )
         self._new_checked = now
         if self._new_allowance < 1:
             return "new_node_rate"
@@ -196,8 +228,13 @@ class PresenceTracker:
 
     # --- restore and repair -----------------------------------------------------------------
 
-    def reconcile(self, retained: Iterable[Presence], retained_values: dict[int, dict[str, Value]],
-                  started_at: float, last_seen_hints: dict[int, float] | None = None) -> int:
+    def reconcile(
+        self,
+        retained: Iterable[Presence],
+        retained_values: dict[int, dict[str, Value]],
+        started_at: float,
+        last_seen_hints: dict[int, float] | None = None,
+    ) -> int:
         """Adopt retained presence of nodes not known here; republish ours where it differs.
 
         A restored online node keeps its deadline, except that it gets one beacon interval
@@ -212,10 +249,20 @@ class PresenceTracker:
                 if node_id in self._nodes:
                     continue
                 last_seen = max(presence.last_seen, hints.get(node_id, 0.0))
-                record = NodeRecord(presence.id, presence.type, presence.ip, presence.state == ONLINE,
-                                    presence.since, last_seen, presence.port, presence.interval,
-                                    presence.name, dict(retained_values.get(node_id, {})),
-                                    presence.moved_from, presence.moved_at)
+                record = NodeRecord(
+                    presence.id,
+                    presence.type,
+                    presence.ip,
+                    presence.state == ONLINE,
+                    presence.since,
+                    last_seen,
+                    presence.port,
+                    presence.interval,
+                    presence.name,
+                    dict(retained_values.get(node_id, {})),
+                    presence.moved_from,
+                    presence.moved_at,
+                )
                 self._nodes[node_id] = record
                 if record.online:
                     grace = min(record.interval or DEFAULT_BEACON_INTERVAL, self.offline_after(record))

@@ -4,6 +4,7 @@ It also owns the bridge's housekeeping thread (offline deadlines, last-seen batc
 the last-seen checkpoint) and the repair done on every broker connect: read the retained
 presence and values, adopt what it does not know, republish what the broker lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,23 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from bridge.commands import Command, CommandRelay, correlation_text
 from bridge.listener import BeaconListener
 from bridge.presence import PresenceTracker
 from hacer.bus import Bus, BusError, Message, MessageTooLarge
-from hacer.messages import (BridgeStats, CommandResult, GetCommand, LastSeenBatch, MessageError,
-                            NodeValues, Presence, SetCommand)
+from hacer.messages import (
+    BridgeStats,
+    CommandResult,
+    GetCommand,
+    LastSeenBatch,
+    MessageError,
+    NodeValues,
+    Presence,
+    SetCommand,
+)
 from hacer.nodewire import Value
 from hacer.settings import private_dir
 from hacer.topics import TopicError, Topics
@@ -80,11 +89,23 @@ class BusPresencePublisher:
 class Bridge:
     """The bridge process's parts, started and stopped together."""
 
-    def __init__(self, bus: Bus, topics: Topics, *, discovery_host: str, discovery_port: int,
-                 node_port: int, offline_after: float | None, node_timeout: float,
-                 state_dir: Path | None, max_nodes: int = 10_000, new_nodes_per_second: float = 50.0,
-                 stats_interval: float = 10.0,
-                 lastseen_interval: float = 2.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        *,
+        discovery_host: str,
+        discovery_port: int,
+        node_port: int,
+        offline_after: float | None,
+        node_timeout: float,
+        state_dir: Path | None,
+        max_nodes: int = 10_000,
+        new_nodes_per_second: float = 50.0,
+        stats_interval: float = 10.0,
+        lastseen_interval: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.bus = bus
         self.topics = topics
         self.node_port = node_port
@@ -93,8 +114,14 @@ class Bridge:
         self.lastseen_interval = lastseen_interval
         self.checkpoint_path = state_dir / "bridge-lastseen.json" if state_dir else None
         self.publisher = BusPresencePublisher(bus, topics)
-        self.tracker = PresenceTracker(self.publisher, offline_after, clock, max_nodes=max_nodes,
-                                       new_nodes_per_second=new_nodes_per_second, node_port=node_port)
+        self.tracker = PresenceTracker(
+            self.publisher,
+            offline_after,
+            clock,
+            max_nodes=max_nodes,
+            new_nodes_per_second=new_nodes_per_second,
+            node_port=node_port,
+        )
         self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
         self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
         self.started_at = 0.0
@@ -122,11 +149,12 @@ class Bridge:
         self.bus.on_connect(self._on_connect)
         self.bus.start()
         if not self.restored.wait(restore_timeout):
-            log.warning("no broker within %s s: listening anyway; the node table is restored "
-                        "when the broker answers", restore_timeout)
+            log.warning(
+                "no broker within %s s: listening anyway; the node table is restored when the broker answers",
+                restore_timeout,
+            )
         self.listener.start()
-        self._housekeeper = threading.Thread(target=self._housekeeping, name="bridge-housekeeping",
-                                             daemon=True)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="bridge-housekeeping", daemon=True)
         self._housekeeper.start()
 
     def stop(self) -> None:
@@ -151,16 +179,30 @@ class Bridge:
     def _on_command(self, message: Message, op: str) -> None:
         try:
             node_id: int | None = self.topics.node_id(message.topic)
-            items = SetCommand.from_payload(message.payload).values.items() if op == "set" \
+            items = (
+                SetCommand.from_payload(message.payload).values.items()
+                if op == "set"
                 else [(key, None) for key in GetCommand.from_payload(message.payload).keys]
+            )
         except (TopicError, MessageError) as exc:
             self.relay.counts["bad_request"] += 1
             if isinstance(exc, TopicError):
                 node_id, exc = None, MessageError("the node id must be ASCII digits")
-            result = CommandResult(node_id, op, "", False, None, "", f"bad request: {exc}",
-                                   correlation_text(message.correlation), self.clock(), "bad_request")
-            self._answer(result, self.topics.result_of_command(message.topic), message.correlation,
-                         message.response_topic)
+            result = CommandResult(
+                node_id,
+                op,
+                "",
+                False,
+                None,
+                "",
+                f"bad request: {exc}",
+                correlation_text(message.correlation),
+                self.clock(),
+                "bad_request",
+            )
+            self._answer(
+                result, self.topics.result_of_command(message.topic), message.correlation, message.response_topic
+            )
             return
         assert node_id is not None
         for key, value in items:
@@ -201,13 +243,15 @@ class Bridge:
         return record.ip, record.port or self.node_port
 
     def _publish_result(self, result: CommandResult, command: Command) -> None:
-        self._answer(result, self.topics.build("node_result", command.node_id), command.correlation,
-                     command.response_topic)
+        self._answer(
+            result, self.topics.build("node_result", command.node_id), command.correlation, command.response_topic
+        )
         if result.ok and result.value is not None:
             self.tracker.update_values(command.node_id, {result.key: result.value})
 
-    def _answer(self, result: CommandResult, result_topic: str, correlation: bytes | None,
-                response_topic: str | None) -> None:
+    def _answer(
+        self, result: CommandResult, result_topic: str, correlation: bytes | None, response_topic: str | None
+    ) -> None:
         payload = result.to_payload()
         self.bus.publish(result_topic, payload, correlation=correlation)
         if not response_topic:
@@ -216,8 +260,9 @@ class Bridge:
             self.bus.publish(response_topic, payload, correlation=correlation)
         else:
             self.relay.counts["bad_response_topic"] += 1
-            log.warning("did not answer on response topic %.80r: not under %s/replies/",
-                        response_topic, self.topics.prefix)
+            log.warning(
+                "did not answer on response topic %.80r: not under %s/replies/", response_topic, self.topics.prefix
+            )
 
     # --- repair on connect ------------------------------------------------------------------
 
@@ -272,7 +317,7 @@ class Bridge:
         # Chunks keep each message far below the broker's packet limit (100 000 nodes beaconing
         # every 6 s made a 1.3 MB batch, and mosquitto closed the connection).
         for start in range(0, len(fresh), LASTSEEN_CHUNK):
-            batch = LastSeenBatch(dict(fresh[start:start + LASTSEEN_CHUNK]))
+            batch = LastSeenBatch(dict(fresh[start : start + LASTSEEN_CHUNK]))
             self.bus.publish(self.topics.build("bridge_lastseen"), batch.to_payload(), qos=0)
 
     def stats(self) -> BridgeStats:

@@ -1,4 +1,5 @@
 """`python manage.py emulate`: run emulated nodes until interrupted."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,29 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(prog="manage.py emulate", description=__doc__)
     parser.add_argument("--count", type=int, default=4, help="number of nodes (default 4)")
-    parser.add_argument("--types", default="toggle,light_rgb,thermostat,sensor_temp",
-                        help=f"comma-separated types, cycled ({', '.join(NODE_TYPES)})")
+    parser.add_argument(
+        "--types",
+        default="toggle,light_rgb,thermostat,sensor_temp",
+        help=f"comma-separated types, cycled ({', '.join(NODE_TYPES)})",
+    )
     parser.add_argument("--interval", type=float, default=60.0, help="beacon interval in seconds")
-    parser.add_argument("--announce-interval", action="store_true",
-                        help="send the optional `interval` field (newer firmware)")
+    parser.add_argument(
+        "--announce-interval", action="store_true", help="send the optional `interval` field (newer firmware)"
+    )
     parser.add_argument("--first-ip", default="127.0.0.2", help="address of the first node (127/8)")
     parser.add_argument("--base-id", type=int, default=1000, help="chip id of the first node")
-    parser.add_argument("--target", default=f"127.0.0.1:{settings.discovery_port}",
-                        help="where beacons go (host:port, loopback)")
+    parser.add_argument(
+        "--target", default=f"127.0.0.1:{settings.discovery_port}", help="where beacons go (host:port, loopback)"
+    )
     parser.add_argument("--port", type=int, default=settings.node_port, help="TCP port of every node")
     parser.add_argument("--silent", default="", help="comma-separated ids that never beacon")
     parser.add_argument("--mute", default="", help="comma-separated ids that never answer commands")
-    parser.add_argument("--flap", type=float, default=0.0,
-                        help="every FLAP seconds, the first node goes silent or comes back")
-    parser.add_argument("--beacon-only", action="store_true",
-                        help="no TCP servers: all ids beacon from --first-ip (for large counts)")
+    parser.add_argument(
+        "--flap", type=float, default=0.0, help="every FLAP seconds, the first node goes silent or comes back"
+    )
+    parser.add_argument(
+        "--beacon-only", action="store_true", help="no TCP servers: all ids beacon from --first-ip (for large counts)"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.target.rpartition(":")
     target = (host, int(port))
@@ -50,8 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             done.wait(args.interval)
         return
 
-    nodes = make_nodes(args.count, types, args.first_ip, args.base_id, args.port, args.interval,
-                       args.announce_interval)
+    nodes = make_nodes(args.count, types, args.first_ip, args.base_id, args.port, args.interval, args.announce_interval)
     silent = {int(i) for i in args.silent.split(",") if i}
     mute = {int(i) for i in args.mute.split(",") if i}
     for node in nodes:

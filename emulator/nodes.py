@@ -5,6 +5,7 @@ its TCP port there, so the bridge talks to it exactly as to a real node. Everyth
 asyncio loop in its own thread. Beacons only ever go to the configured target (127.0.0.1 by
 default): the emulator never broadcasts.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,8 +57,9 @@ class EmulatedNode:
 
     def beacon(self) -> bytes:
         """Return this node's beacon datagram."""
-        return Beacon(self.id, self.type, interval=self.interval if self.announce_interval else None,
-                      declared_type=self.type).to_payload()
+        return Beacon(
+            self.id, self.type, interval=self.interval if self.announce_interval else None, declared_type=self.type
+        ).to_payload()
 
     def answer(self, op: str, key: str, value: Value | None) -> bytes:
         """Return the firmware's reply to one command."""
@@ -81,8 +83,7 @@ class EmulatedNode:
 class Emulator:
     """Runs emulated nodes (TCP servers and beacons) in a background asyncio loop."""
 
-    def __init__(self, nodes: list[EmulatedNode], target: tuple[str, int],
-                 serve_tcp: bool = True) -> None:
+    def __init__(self, nodes: list[EmulatedNode], target: tuple[str, int], serve_tcp: bool = True) -> None:
         self.nodes = nodes
         self.target = target
         self.serve_tcp = serve_tcp
@@ -142,7 +143,8 @@ class Emulator:
         for node in self.nodes:
             if self.serve_tcp:
                 server = await asyncio.start_server(
-                    functools.partial(self._serve, node), node.ip, node.port, reuse_address=True)
+                    functools.partial(self._serve, node), node.ip, node.port, reuse_address=True
+                )
                 self._servers.append(server)
             self._wake[node.id] = asyncio.Event()
             self._tasks.append(asyncio.get_running_loop().create_task(self._beacon_loop(node)))
@@ -173,14 +175,13 @@ class Emulator:
                         log.warning("node %s could not beacon: %s", node.id, exc)
                 try:
                     await asyncio.wait_for(wake.wait(), node.interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 wake.clear()
         finally:
             sock.close()
 
-    async def _serve(self, node: EmulatedNode, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, node: EmulatedNode, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._clients.get(node.id, 0) >= MAX_CLIENTS:
             writer.close()  # the firmware refuses a fifth client
             return
@@ -226,9 +227,16 @@ class Emulator:
             writer.close()
 
 
-def make_nodes(count: int, types: list[str], first_ip: str = "127.0.0.2", base_id: int = 1000,
-               port: int = 7777, interval: float = 60.0, announce_interval: bool = False,
-               one_address: bool = False) -> list[EmulatedNode]:
+def make_nodes(
+    count: int,
+    types: list[str],
+    first_ip: str = "127.0.0.2",
+    base_id: int = 1000,
+    port: int = 7777,
+    interval: float = 60.0,
+    announce_interval: bool = False,
+    one_address: bool = False,
+) -> list[EmulatedNode]:
     """Make `count` nodes cycling through `types`, each on its own loopback address."""
     start = ipaddress.IPv4Address(first_ip)
     nodes = []
@@ -236,13 +244,15 @@ def make_nodes(count: int, types: list[str], first_ip: str = "127.0.0.2", base_i
         ip = start if one_address else start + index
         if not ip.is_loopback:
             raise ValueError(f"{ip} is not a loopback address: emulated nodes stay on 127/8")
-        nodes.append(EmulatedNode(base_id + index, types[index % len(types)], str(ip), port,
-                                  interval, announce_interval))
+        nodes.append(
+            EmulatedNode(base_id + index, types[index % len(types)], str(ip), port, interval, announce_interval)
+        )
     return nodes
 
 
-def beacon_flood(target: tuple[str, int], ids: range, rounds: int, source_ip: str = "127.0.0.2",
-                 shuffle: bool = True) -> int:
+def beacon_flood(
+    target: tuple[str, int], ids: range, rounds: int, source_ip: str = "127.0.0.2", shuffle: bool = True
+) -> int:
     """Send beacons for many ids from one address (beacon-only mode); return datagrams sent."""
     payloads = [Beacon(i, "toggle", declared_type="toggle").to_payload() for i in ids]
     sent = 0

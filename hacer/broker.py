@@ -4,6 +4,7 @@
 `runserver` and the test fixtures run exactly the settings in mosquitto/ on the ports and in
 the folders they choose.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,15 @@ class BrokerError(RuntimeError):
     """mosquitto is missing or did not start."""
 
 
-def render_config(template: Path, ports: list[int], data_dir: Path,
-                  password_file: Path | None = None, acl_file: Path | None = None,
-                  user: str | None = None, tls_files: tuple[Path, Path] | None = None) -> str:
+def render_config(
+    template: Path,
+    ports: list[int],
+    data_dir: Path,
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
+    user: str | None = None,
+    tls_files: tuple[Path, Path] | None = None,
+) -> str:
     """Return `template` with its listeners on `ports` (in order) and its files in `data_dir`.
 
     `user` keeps a broker started by root as the invoking user, so it can write the data
@@ -77,9 +84,16 @@ def mosquitto_binary() -> str:
 class BrokerProcess:
     """A mosquitto child process on the given ports with its files in `work_dir`."""
 
-    def __init__(self, work_dir: Path, ports: list[int], template: Path = CONFIG_DIR / "dev.conf",
-                 host: str = "127.0.0.1", password_file: Path | None = None,
-                 acl_file: Path | None = None, tls_files: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        ports: list[int],
+        template: Path = CONFIG_DIR / "dev.conf",
+        host: str = "127.0.0.1",
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        tls_files: tuple[Path, Path] | None = None,
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.tls_files = tls_files
         self.ports = ports
@@ -104,19 +118,29 @@ class BrokerProcess:
         data_dir = self.work_dir / "data"
         private_dir(data_dir)
         config = self.work_dir / "mosquitto.conf"
-        config.write_text(render_config(self.template, self.ports, data_dir, self.password_file,
-                                        self.acl_file, user=pwd.getpwuid(os.geteuid()).pw_name,
-                                        tls_files=self.tls_files))
+        config.write_text(
+            render_config(
+                self.template,
+                self.ports,
+                data_dir,
+                self.password_file,
+                self.acl_file,
+                user=pwd.getpwuid(os.geteuid()).pw_name,
+                tls_files=self.tls_files,
+            )
+        )
         log_file = open(self.work_dir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(config)],
-                                        stdout=log_file, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log_file.close()
         deadline = time.monotonic() + timeout
         while not port_answers(self.host, self.port, timeout=0.2):
             if self.process.poll() is not None:
-                raise BrokerError(f"mosquitto exited with {self.process.returncode}: "
-                                  f"{(self.work_dir / 'mosquitto.log').read_text()[-2000:]}")
+                raise BrokerError(
+                    f"mosquitto exited with {self.process.returncode}: "
+                    f"{(self.work_dir / 'mosquitto.log').read_text()[-2000:]}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise BrokerError(f"mosquitto did not listen on {self.port} within {timeout} s")

@@ -5,6 +5,7 @@ renews every registered subscription on each connect and only then publishes its
 birth message, bounds its unconfirmed QoS 1 publishes, and dispatches messages to handlers
 that must not block; a handler's exception is logged and counted, never raised into paho.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,8 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -74,8 +75,12 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     """Parse mqtt://, mqtts://, ws:// or wss:// URLs (user:password@ allowed, `?ca=<file>` for TLS)."""
     parts = urlsplit(url)
-    defaults = {"mqtt": (1883, "tcp", False), "mqtts": (8883, "tcp", True),
-                "ws": (80, "websockets", False), "wss": (443, "websockets", True)}
+    defaults = {
+        "mqtt": (1883, "tcp", False),
+        "mqtts": (8883, "tcp", True),
+        "ws": (80, "websockets", False),
+        "wss": (443, "websockets", True),
+    }
     if parts.scheme not in defaults or not parts.hostname:
         raise BusError(f"broker URL {url!r} is not mqtt://host[:port] (or mqtts, ws, wss)")
     port, transport, tls = defaults[parts.scheme]
@@ -177,8 +182,11 @@ class Bus:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.session_expiry
         client.connect_async(
-            self.address.host, self.address.port, keepalive=self.keepalive,
-            clean_start=self.clean_start, properties=properties,
+            self.address.host,
+            self.address.port,
+            keepalive=self.keepalive,
+            clean_start=self.clean_start,
+            properties=properties,
         )
         client.loop_start()
 
@@ -274,8 +282,9 @@ class Bus:
         """
         return self._publish(topic, payload, qos, retain, correlation, block, timeout) is not None
 
-    def publish_confirmed(self, messages: list[tuple[str, bytes]], *, retain: bool = False,
-                          timeout: float = 10.0) -> None:
+    def publish_confirmed(
+        self, messages: list[tuple[str, bytes]], *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
         """Publish (topic, payload) pairs at QoS 1; return once the broker has acknowledged all."""
         if not messages:
             return
@@ -292,8 +301,16 @@ class Bus:
             if not info.is_published():
                 raise BusError(f"publish to {topic} not confirmed within {timeout} s")
 
-    def _publish(self, topic: str, payload: bytes | str, qos: int, retain: bool, correlation: bytes | None,
-                 block: bool, timeout: float) -> paho.MQTTMessageInfo | None:
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int,
+        retain: bool,
+        correlation: bytes | None,
+        block: bool,
+        timeout: float,
+    ) -> paho.MQTTMessageInfo | None:
         if is_wildcard(topic):
             raise BusError(f"cannot publish to the wildcard topic {topic!r}")
         client = self._client
@@ -304,10 +321,12 @@ class Bus:
         size = len(topic.encode()) + len(payload) + len(correlation or b"") + PUBLISH_OVERHEAD
         if size > self.max_packet:
             self.too_large += 1
-            log.warning("dropped a %d-byte publish to %s: the broker accepts at most %d bytes",
-                        size, topic, self.max_packet)
-            raise MessageTooLarge(f"{size} bytes for {topic} is more than the broker's limit of "
-                                  f"{self.max_packet} bytes")
+            log.warning(
+                "dropped a %d-byte publish to %s: the broker accepts at most %d bytes", size, topic, self.max_packet
+            )
+            raise MessageTooLarge(
+                f"{size} bytes for {topic} is more than the broker's limit of {self.max_packet} bytes"
+            )
         properties = None
         if correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -371,7 +390,8 @@ class Bus:
         return SubscribeOptions(
             qos=sub.qos,
             noLocal=sub.no_local,
-            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE if sub.send_retained
+            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+            if sub.send_retained
             else SubscribeOptions.RETAIN_DO_NOT_SEND,
         )
 
@@ -380,11 +400,16 @@ class Bus:
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_connect(self, client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                    reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason.is_failure:
-            log.warning("broker %s:%s refused %s: %s", self.address.host, self.address.port,
-                        self.client_id, reason)
+            log.warning("broker %s:%s refused %s: %s", self.address.host, self.address.port, self.client_id, reason)
             return
         self.max_packet = getattr(properties, "MaximumPacketSize", None) or MQTT_MAX_PACKET
         with self._lock:
@@ -393,8 +418,13 @@ class Bus:
             client.subscribe([(s.topic_filter, self._options(s)) for s in subscriptions])
         if self.presence_topic:
             client.publish(self.presence_topic, self.birth, qos=1, retain=True)
-        log.info("%s connected to %s:%s (session present: %s)", self.client_id,
-                 self.address.host, self.address.port, flags.session_present)
+        log.info(
+            "%s connected to %s:%s (session present: %s)",
+            self.client_id,
+            self.address.host,
+            self.address.port,
+            flags.session_present,
+        )
         self._connected.set()
         for hook in list(self._connect_hooks):  # a requester may remove its hook meanwhile
             try:
@@ -403,21 +433,26 @@ class Bus:
                 self.handler_errors += 1
                 log.exception("connect hook %r failed", hook)
 
-    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
-                       reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         self._connected.clear()
         with self._lock:
             self._pending_qos0.clear()  # unsent QoS 0 messages are dropped without a callback
         if self._client is None:
             return
         if reason == "Session taken over":
-            log.error("another client connected with the id %s: each process needs its own id "
-                      "(set HACER_RUNNER_ID for a second runner on one host)", self.client_id)
+            log.error(
+                "another client connected with the id %s: each process needs its own id "
+                "(set HACER_RUNNER_ID for a second runner on one host)",
+                self.client_id,
+            )
         else:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
 
-    def _on_publish(self, client: paho.Client, userdata: object, mid: int,
-                    reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         with self._lock:
             if mid in self._pending_mids:
                 self._pending_mids.discard(mid)

@@ -1,4 +1,5 @@
 """Running a part of hacer as a process until SIGINT or SIGTERM."""
+
 from __future__ import annotations
 
 import signal

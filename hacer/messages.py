@@ -3,12 +3,13 @@
 Times on the bus are ISO 8601 UTC strings with milliseconds ("2026-11-27T20:35:36.123Z"), read
 by people with mosquitto_sub as easily as by programs.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from hacer import runstates
@@ -26,7 +27,7 @@ class MessageError(ValueError):
 
 def iso_time(timestamp: float) -> str:
     """Format a Unix time as the bus's ISO 8601 UTC string."""
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -37,7 +38,7 @@ def parse_time(text: Any) -> float:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         timestamp = moment.timestamp()
     except (ValueError, OverflowError):
         raise MessageError(f"time {text[:40]!r} is not ISO 8601") from None
@@ -63,8 +64,10 @@ def _dump(body: dict[str, Any]) -> bytes:
 def _text(value: Any, what: str, max_chars: int, *, empty: bool = True) -> str:
     """A string of at most `max_chars` characters without NUL (no database column holds one)."""
     if type(value) is not str or len(value) > max_chars or "\0" in value or (not empty and not value):
-        raise MessageError(f"{what} {str(value)[:40]!r} is not a{'' if empty else ' non-empty'} string of at most "
-                           f"{max_chars} characters without NUL")
+        raise MessageError(
+            f"{what} {str(value)[:40]!r} is not a{'' if empty else ' non-empty'} string of at most "
+            f"{max_chars} characters without NUL"
+        )
     return value
 
 
@@ -112,7 +115,7 @@ class Presence:
         return _dump({k: v for k, v in body.items() if v is not None})
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "Presence":
+    def from_payload(cls, payload: bytes | str) -> Presence:
         """Decode a presence JSON."""
         body = _json_object(payload)
         try:
@@ -153,13 +156,16 @@ class NodeMeta:
         return _dump(asdict(self))
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "NodeMeta":
+    def from_payload(cls, payload: bytes | str) -> NodeMeta:
         """Decode a meta JSON; a missing name is "" and an unknown type `other`."""
         body = _json_object(payload)
         node_type = body.get("type")
         try:
-            return cls(_node_id(body["id"]), _text(body.get("name") or "", "meta name", MAX_NODE_NAME),
-                       node_type if node_type in NODE_TYPES else "other")
+            return cls(
+                _node_id(body["id"]),
+                _text(body.get("name") or "", "meta name", MAX_NODE_NAME),
+                node_type if node_type in NODE_TYPES else "other",
+            )
         except KeyError as exc:
             raise MessageError(f"meta lacks {exc}") from None
 
@@ -175,7 +181,7 @@ class NodeValues:
         return _dump(dict(self.values))
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "NodeValues":
+    def from_payload(cls, payload: bytes | str) -> NodeValues:
         """Decode a state JSON."""
         body = _json_object(payload)
         if not all(type(v) in (int, str) for v in body.values()):
@@ -206,7 +212,7 @@ class SetCommand:
         return _dump(dict(self.values))
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "SetCommand":
+    def from_payload(cls, payload: bytes | str) -> SetCommand:
         """Decode a set JSON object; refuse empty objects and values a node cannot hold."""
         body = _json_object(payload)
         if not body:
@@ -231,7 +237,7 @@ class GetCommand:
         return json.dumps(list(self.keys)).encode()
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "GetCommand":
+    def from_payload(cls, payload: bytes | str) -> GetCommand:
         """Decode a key, a JSON string or a JSON list of keys."""
         text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
         try:
@@ -268,7 +274,7 @@ class CommandResult:
         return _dump(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "CommandResult":
+    def from_payload(cls, payload: bytes | str) -> CommandResult:
         """Decode a result JSON."""
         body = _json_object(payload)
         try:
@@ -299,7 +305,7 @@ class LastSeenBatch:
         return _dump({"nodes": {str(k): iso_time(v) for k, v in self.last_seen.items()}})
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "LastSeenBatch":
+    def from_payload(cls, payload: bytes | str) -> LastSeenBatch:
         """Decode a last-seen batch."""
         body = _json_object(payload)
         nodes = body.get("nodes")
@@ -329,7 +335,7 @@ class BridgeStats:
         return _dump(asdict(self))
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "BridgeStats":
+    def from_payload(cls, payload: bytes | str) -> BridgeStats:
         """Decode the stats JSON."""
         body = _json_object(payload)
         try:
@@ -380,8 +386,7 @@ class RunRequest:
 
     def to_payload(self) -> bytes:
         """Encode as the request JSON."""
-        body: dict[str, Any] = {"script": self.script, "params": list(self.params),
-                                "requested_by": self.requested_by}
+        body: dict[str, Any] = {"script": self.script, "params": list(self.params), "requested_by": self.requested_by}
         if self.run_id is not None:
             body["run_id"] = self.run_id
         if self.timeout is not None:
@@ -389,7 +394,7 @@ class RunRequest:
         return _dump(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RunRequest":
+    def from_payload(cls, payload: bytes | str) -> RunRequest:
         """Decode a request; numbers among the params become text, anything else is refused."""
         body = _json_object(payload)
         script = _text(body.get("script"), "script", MAX_SCRIPT_CHARS, empty=False)
@@ -401,16 +406,20 @@ class RunRequest:
             if type(param) in (int, float):
                 param = str(param)
             if type(param) is not str or len(param) > MAX_PARAM_CHARS or "\0" in param:
-                raise MessageError(f"param {str(param)[:40]!r} is not a string of at most "
-                                   f"{MAX_PARAM_CHARS} characters")
+                raise MessageError(f"param {str(param)[:40]!r} is not a string of at most {MAX_PARAM_CHARS} characters")
             texts.append(param)
         run_id = body.get("run_id")
         timeout = body.get("timeout")
         if timeout is not None and (type(timeout) not in (int, float) or not 0 < timeout < 1e9):
             raise MessageError(f"timeout {timeout!r} is not a positive number of seconds")
         requested_by = _text(body.get("requested_by") or "", "requested_by", 1 << 16)
-        return cls(script, tuple(texts), None if run_id is None else check_run_id(run_id),
-                   requested_by[:MAX_REQUESTER_CHARS], None if timeout is None else float(timeout))
+        return cls(
+            script,
+            tuple(texts),
+            None if run_id is None else check_run_id(run_id),
+            requested_by[:MAX_REQUESTER_CHARS],
+            None if timeout is None else float(timeout),
+        )
 
     @staticmethod
     def run_id_of(payload: bytes | str) -> str | None:
@@ -446,7 +455,7 @@ class RunStatus:
         return _dump(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RunStatus":
+    def from_payload(cls, payload: bytes | str) -> RunStatus:
         """Decode a status JSON, refusing what a run's row cannot hold."""
         body = _json_object(payload)
         try:
@@ -458,8 +467,10 @@ class RunStatus:
             if state not in runstates.ALL_STATES:
                 raise MessageError(f"state {str(state)[:40]!r} is not one of {', '.join(runstates.ALL_STATES)}")
             return cls(
-                run_id=check_run_id(body["run_id"]), script=_text(body["script"], "script", MAX_SCRIPT_CHARS),
-                params=tuple(_text(p, "param", MAX_PARAM_CHARS) for p in params), state=state,
+                run_id=check_run_id(body["run_id"]),
+                script=_text(body["script"], "script", MAX_SCRIPT_CHARS),
+                params=tuple(_text(p, "param", MAX_PARAM_CHARS) for p in params),
+                state=state,
                 runner=_text(body.get("runner") or "", "runner", MAX_RUNNER_CHARS),
                 exit_code=None if exit_code is None else _int_in(exit_code, "exit_code", -(2**31), 2**31 - 1),
                 queued_at=_parse_optional_time(body.get("queued_at")),
@@ -492,13 +503,17 @@ class LogEntry:
         return _dump(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "LogEntry":
+    def from_payload(cls, payload: bytes | str) -> LogEntry:
         """Decode a log JSON."""
         body = _json_object(payload)
         try:
-            entry = cls(check_run_id(body["run_id"]), _int_in(body["seq"], "seq", 1, MAX_SEQ),
-                        parse_time(body["timestamp"]), str(body["entry_type"]),
-                        _text(body["data"], "data", MAX_ENTRY_CHARS))
+            entry = cls(
+                check_run_id(body["run_id"]),
+                _int_in(body["seq"], "seq", 1, MAX_SEQ),
+                parse_time(body["timestamp"]),
+                str(body["entry_type"]),
+                _text(body["data"], "data", MAX_ENTRY_CHARS),
+            )
         except KeyError as exc:
             raise MessageError(f"log entry lacks {exc}") from None
         if entry.entry_type not in LOG_ENTRY_TYPES:
@@ -523,7 +538,7 @@ class RunnerState:
         return _dump(body)
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RunnerState":
+    def from_payload(cls, payload: bytes | str) -> RunnerState:
         """Decode a runner state JSON."""
         body = _json_object(payload)
         try:
@@ -533,9 +548,13 @@ class RunnerState:
             state = body["state"]
             if state not in (ONLINE, OFFLINE):
                 raise MessageError(f"runner state {str(state)[:40]!r} is not online or offline")
-            return cls(_text(body["runner"], "runner", MAX_RUNNER_CHARS, empty=False), state,
-                       _int_in(body.get("capacity", 0), "capacity", 0, 1_000_000),
-                       tuple(check_run_id(r) for r in running), _int_in(body.get("queued", 0), "queued", 0, 2**31))
+            return cls(
+                _text(body["runner"], "runner", MAX_RUNNER_CHARS, empty=False),
+                state,
+                _int_in(body.get("capacity", 0), "capacity", 0, 1_000_000),
+                tuple(check_run_id(r) for r in running),
+                _int_in(body.get("queued", 0), "queued", 0, 2**31),
+            )
         except KeyError as exc:
             raise MessageError(f"runner state lacks {exc}") from None
 
@@ -564,11 +583,12 @@ class RunsRecorded:
 
     def to_payload(self) -> bytes:
         """Encode as the recorded JSON."""
-        return _dump({"recorder": self.recorder,
-                      "runs": {run.run_id: {"seq": run.seq, "state": run.state} for run in self.runs}})
+        return _dump(
+            {"recorder": self.recorder, "runs": {run.run_id: {"seq": run.seq, "state": run.state} for run in self.runs}}
+        )
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RunsRecorded":
+    def from_payload(cls, payload: bytes | str) -> RunsRecorded:
         """Decode a recorded JSON."""
         body = _json_object(payload)
         runs = body.get("runs")
@@ -599,15 +619,18 @@ class RecorderState:
         return _dump(asdict(self))
 
     @classmethod
-    def from_payload(cls, payload: bytes | str) -> "RecorderState":
+    def from_payload(cls, payload: bytes | str) -> RecorderState:
         """Decode a recorder state JSON."""
         body = _json_object(payload)
         try:
             state = body["state"]
             if state not in (ONLINE, OFFLINE):
                 raise MessageError(f"recorder state {str(state)[:40]!r} is not online or offline")
-            return cls(_text(body["recorder"], "recorder", MAX_RUNNER_CHARS, empty=False), state,
-                       _int_in(body.get("written", 0), "written", 0, 2**63),
-                       _int_in(body.get("set_aside", 0), "set_aside", 0, 2**63))
+            return cls(
+                _text(body["recorder"], "recorder", MAX_RUNNER_CHARS, empty=False),
+                state,
+                _int_in(body.get("written", 0), "written", 0, 2**63),
+                _int_in(body.get("set_aside", 0), "set_aside", 0, 2**63),
+            )
         except KeyError as exc:
             raise MessageError(f"recorder state lacks {exc}") from None

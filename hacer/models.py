@@ -3,16 +3,30 @@
 Table and column names follow the 2015 schema (`node`, `node_type`, `script_log_entry`,
 `script_log_entry_type`), so a 2015 database file opens as it is.
 """
+
 from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, select, text)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -27,7 +41,7 @@ SCHEMA_LOCK_KEY = 7775_7777  # any constant: the advisory lock every part takes 
 
 def utc_datetime(timestamp: float) -> datetime:
     """A naive UTC datetime, as every DateTime column here holds, from a Unix time."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).replace(tzinfo=None)
+    return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -180,7 +194,7 @@ class DeadLetter(Base):
 class Database:
     """An engine and its session factory for one database URL."""
 
-    _current: ClassVar["Database | None"] = None
+    _current: ClassVar[Database | None] = None
 
     def __init__(self, url: str, busy_timeout: float = 10.0, **engine_options: Any) -> None:
         self.url = url
@@ -208,13 +222,13 @@ class Database:
                     raise
                 time.sleep(0.1 * (attempt + 1))
 
-    def make_current(self) -> "Database":
+    def make_current(self) -> Database:
         """Make this the database of argument-less 2015 calls such as NodeType.insert_types()."""
         Database._current = self
         return self
 
     @classmethod
-    def current(cls) -> "Database":
+    def current(cls) -> Database:
         """Return the database made current (by `manage.py shell`)."""
         if cls._current is None:
             raise RuntimeError("no current database: pass a session, or use `python manage.py shell`")
@@ -224,7 +238,7 @@ class Database:
 def make_engine(url: str, busy_timeout: float = 10.0, **options: Any) -> Engine:
     """Create an engine; SQLite gets WAL and a busy timeout so several processes can share it."""
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
         options.setdefault("connect_args", {"timeout": busy_timeout})
     engine = create_engine(url, **options)

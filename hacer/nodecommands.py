@@ -2,6 +2,7 @@
 
 The api (REST set/get) and the scripting library both use this one client.
 """
+
 from __future__ import annotations
 
 import threading

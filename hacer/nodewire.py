@@ -6,6 +6,7 @@ Commands: integers are `i<n>e`, strings `<len>:<text>` (a string of digits goes 
 set is `s<key><value>`, get is `g<key>`; a reply is `+` or `-` and one value, except that some
 firmware sends raw error text after `-`, which only an idle pause ends.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,10 @@ def decode_beacon(datagram: bytes) -> Beacon:
     state = body.get("state")
     if state is None:
         state = {}
-    elif type(state) is not dict or len(state) > 32 or not all(
-        type(v) in (int, str) and len(k) <= 64 for k, v in state.items()
+    elif (
+        type(state) is not dict
+        or len(state) > 32
+        or not all(type(v) in (int, str) and len(k) <= 64 for k, v in state.items())
     ):
         raise BeaconError("bad_field", "state is not an object of at most 32 integer or string values")
     return Beacon(
@@ -211,10 +214,10 @@ def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | None:
     """Parse an encoded value at `pos`: (value, end), or None while incomplete."""
     if pos >= len(buf):
         return None
-    first = buf[pos:pos + 1]
+    first = buf[pos : pos + 1]
     if first == b"i":
         end = buf.find(b"e", pos + 1)
-        digits = buf[pos + 1:end if end >= 0 else len(buf)]
+        digits = buf[pos + 1 : end if end >= 0 else len(buf)]
         body = digits[1:] if digits[:1] == b"-" else digits
         if body and not body.isdigit() or (not body and end >= 0):
             raise _NotEncoded
@@ -225,13 +228,13 @@ def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | None:
         return int(digits), end + 1
     if first.isdigit():
         colon = pos
-        while colon < len(buf) and buf[colon:colon + 1].isdigit():
+        while colon < len(buf) and buf[colon : colon + 1].isdigit():
             colon += 1
         if colon == len(buf):
             if colon - pos >= 7:
                 raise _NotEncoded
             return None
-        if buf[colon:colon + 1] != b":":
+        if buf[colon : colon + 1] != b":":
             raise _NotEncoded
         length = int(buf[pos:colon])
         if length > MAX_REPLY_BYTES:
@@ -239,7 +242,7 @@ def _parse_value(buf: bytes, pos: int) -> tuple[Value, int] | None:
         end = colon + 1 + length
         if len(buf) < end:
             return None
-        return buf[colon + 1:end].decode(errors="replace"), end
+        return buf[colon + 1 : end].decode(errors="replace"), end
     raise _NotEncoded
 
 

@@ -2,6 +2,7 @@
 
 Imports only os and sys (ctypes when used): scripts call it before their first line.
 """
+
 import os
 import sys
 
@@ -13,6 +14,7 @@ def die_with_parent(parent_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes  # (not `signal`: its enum import alone costs 3 ms per script start)
+
     ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(1)

@@ -5,6 +5,7 @@ runner session subscribes to yet, so a requester keeps sending it, after every r
 every `RESEND_EVERY` seconds, until the run's first status says a runner took it. Runners claim
 by run id, so the copies run once.
 """
+
 from __future__ import annotations
 
 import threading

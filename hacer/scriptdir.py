@@ -3,6 +3,7 @@
 A script is a `.py` file directly in the folder. Names are looked up in the folder's listing,
 never joined into a path from user text, so no name can reach outside the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,9 +39,14 @@ class ScriptDir:
         """Return the scripts, sorted by name."""
         if not self.folder.is_dir():
             return []
-        return sorted((Script(path.stem, path) for path in self.folder.iterdir()
-                       if path.suffix == ".py" and path.is_file() and not path.name.startswith(("_", "."))),
-                      key=lambda script: script.name)
+        return sorted(
+            (
+                Script(path.stem, path)
+                for path in self.folder.iterdir()
+                if path.suffix == ".py" and path.is_file() and not path.name.startswith(("_", "."))
+            ),
+            key=lambda script: script.name,
+        )
 
     def find(self, name: str) -> Script | None:
         """Return the script called `name` (with or without `.py`), or None."""

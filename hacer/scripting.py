@@ -13,6 +13,7 @@ script that only prints starts as fast as Python does.
     scripting.log(f"temperature {scripting.get('hall', 'temperature')}")
     scripting.request_run("gettemp", ["hall"])
 """
+
 from __future__ import annotations
 
 # Only os and sys at import time (each import here delays every script's first line):
@@ -43,7 +44,7 @@ class NodeNotFound(ScriptError):
 class CommandFailed(ScriptError):
     """The node (or the bridge on its behalf) answered with a failure."""
 
-    def __init__(self, result: "CommandResult") -> None:
+    def __init__(self, result: CommandResult) -> None:
         super().__init__(result.error or "command failed")
         self.result = result
 
@@ -58,9 +59,11 @@ class RunNotTaken(ScriptError):
 
 # --- the channel to the runner ----------------------------------------------------------------
 
+
 def encode_entry(entry_type: str, data: str) -> str:
     """Return the line that carries one log entry to the runner."""
     import json
+
     return ENTRY_MARKER + json.dumps({"entry_type": entry_type, "data": data}) + "\n"
 
 
@@ -68,8 +71,9 @@ def decode_line(line: str) -> tuple[str, str]:
     """Return (entry_type, data) of one line of a script's output."""
     if line.startswith(ENTRY_MARKER):
         import json
+
         try:
-            body = json.loads(line[len(ENTRY_MARKER):])
+            body = json.loads(line[len(ENTRY_MARKER) :])
             if body.get("entry_type") in SCRIPT_ENTRY_TYPES:
                 return body["entry_type"], str(body.get("data", ""))
         except (ValueError, AttributeError):
@@ -104,6 +108,7 @@ def failed() -> bool:
 
 # --- the run ----------------------------------------------------------------------------------
 
+
 def run_id() -> str:
     """This run's id ("" when the script runs by hand)."""
     return os.environ.get("HACER_RUN_ID", "")
@@ -120,6 +125,7 @@ def log(message: object) -> None:
 
 
 # --- nodes through the bus --------------------------------------------------------------------
+
 
 class Node:
     """A node as the bus knows it."""
@@ -144,7 +150,7 @@ class Hub:
         self._presence: dict[int, Any] | None = None
 
     @property
-    def bus(self) -> "Bus":
+    def bus(self) -> Bus:
         """The connected bus (connecting now if needed)."""
         if self._bus is None:
             import uuid
@@ -155,9 +161,13 @@ class Hub:
             from hacer.bus import Bus
             from hacer.settings import Settings
             from hacer.topics import Topics
+
             settings = Settings.from_env()
-            bus = Bus(self.url or settings.mqtt_url, Topics(self.prefix or settings.topic_prefix),
-                      f"hacer-script-{run_id() or 'manual'}-{uuid.uuid4().hex[:6]}")
+            bus = Bus(
+                self.url or settings.mqtt_url,
+                Topics(self.prefix or settings.topic_prefix),
+                f"hacer-script-{run_id() or 'manual'}-{uuid.uuid4().hex[:6]}",
+            )
             bus.start()
             bus.wait_connected(10)
             self._bus = bus
@@ -183,17 +193,18 @@ class Hub:
                 found_nodes.append(node)
         return found_nodes
 
-    def _directory(self) -> "tuple[dict[int, Any], dict[int, Any]]":
+    def _directory(self) -> tuple[dict[int, Any], dict[int, Any]]:
         """The nodes' `meta` and `presence` by id, read once and then kept up to date by the bus."""
         if self._meta is None or self._presence is None:
             from hacer.messages import NodeMeta, Presence
             from hacer.topics import TopicError
+
             bus = self.bus
             meta: dict[int, NodeMeta] = {}
             presence: dict[int, Presence] = {}
 
-            def keep(into: "dict[int, Any]", decode: "Any") -> "Any":
-                def on_message(message: "Message") -> None:
+            def keep(into: dict[int, Any], decode: Any) -> Any:
+                def on_message(message: Message) -> None:
                     try:
                         node_id = bus.topics.node_id(message.topic)
                         if not message.payload:  # a deleted node's retained topics are cleared
@@ -202,6 +213,7 @@ class Hub:
                             into[node_id] = decode(message.payload)
                     except (TopicError, ValueError):  # MessageError is a ValueError
                         return
+
                 return on_message
 
             bus.subscribe(bus.topics.filter("node_meta"), keep(meta, NodeMeta.from_payload))
@@ -223,11 +235,14 @@ class Hub:
                     return node
         raise NodeNotFound(f"no node named {wanted!r}")
 
-    def command(self, node: Node | str | int, op: str, key: str, value: Any = None,
-                timeout: float = 5.0) -> "CommandResult":
+    def command(
+        self, node: Node | str | int, op: str, key: str, value: Any = None, timeout: float = 5.0
+    ) -> CommandResult:
         """Send one set or get through the bridge and return its result (failures included)."""
         from hacer.messages import GetCommand, SetCommand
-        from hacer.nodecommands import CommandTimeout as NoResult, NodeCommandClient
+        from hacer.nodecommands import CommandTimeout as NoResult
+        from hacer.nodecommands import NodeCommandClient
+
         target = node if isinstance(node, Node) else self.node(node)
         if self._commands is None:
             self._commands = NodeCommandClient(self.bus, self.bus.topics)
@@ -262,6 +277,7 @@ class Hub:
 
         from hacer.messages import RunRequest
         from hacer.runrequest import request_until_claimed
+
         new_id = uuid.uuid4().hex
         request = RunRequest(script, tuple(run_params or ()), new_id, requested_by=f"script:{run_id()}")
         if request_until_claimed(self.bus, request, timeout) is None:

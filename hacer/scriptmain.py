@@ -4,6 +4,7 @@ The script runs as `__main__` with the usual argv; an exception it does not catc
 `exception` entry ("<type>: <message>") after its traceback, and the exit code is 1 then, or
 when the script's `with NodeConnection()` block failed.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def main() -> None:
         raise
     except BaseException as exc:  # noqa: BLE001 - whatever it is, the run's log must say it
         import traceback
+
         traceback.print_exc()
         sys.stderr.flush()
         scripting.emit("exception", f"{type(exc).__name__}: {exc}")

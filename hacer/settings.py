@@ -1,12 +1,13 @@
 """Settings: every environment variable hacer reads is read here, once."""
+
 from __future__ import annotations
 
 import math
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -100,7 +101,7 @@ class Settings:
         return self.http_host
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from the environment (or the given mapping)."""
         env = os.environ if env is None else env
         database_url = env.get("HACER_DATABASE_URL", "").strip()

@@ -5,6 +5,7 @@ QoS, publisher); `Topics` applies the configured prefix, builds concrete topics 
 subscription filters, and parses incoming topics back into (name, argument).
 docs/topics.md documents the same table and a test keeps the two in step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,13 +97,13 @@ class Topics:
         """Return (topic name, argument) of a concrete topic; raise TopicError if not ours."""
         if not topic.startswith(self.prefix + "/"):
             raise TopicError(f"{topic!r} is not under {self.prefix!r}")
-        levels = topic[len(self.prefix) + 1:].split("/")
+        levels = topic[len(self.prefix) + 1 :].split("/")
         for spec in TOPIC_SPECS:
             pattern = spec.pattern.split("/")
             if len(pattern) != len(levels):
                 continue
             arg = None
-            for want, got in zip(pattern, levels):
+            for want, got in zip(pattern, levels, strict=True):
                 if want == "{arg}":
                     arg = got
                 elif want != got:
@@ -119,8 +120,13 @@ class Topics:
         Anything else would let a request make the bridge publish on a topic other parts own.
         """
         head = f"{self.prefix}/replies/"
-        return (topic.startswith(head) and len(topic) <= MAX_REPLY_TOPIC and not is_wildcard(topic)
-                and "\0" not in topic and "" not in topic[len(head):].split("/")[:1])
+        return (
+            topic.startswith(head)
+            and len(topic) <= MAX_REPLY_TOPIC
+            and not is_wildcard(topic)
+            and "\0" not in topic
+            and "" not in topic[len(head) :].split("/")[:1]
+        )
 
     def result_of_command(self, topic: str) -> str:
         """Return the result topic beside a set or get topic, whatever its id level holds."""
@@ -132,8 +138,13 @@ class Topics:
     def node_id(self, topic: str) -> int:
         """Return the integer node id of a node topic."""
         name, arg = self.parse(topic)
-        if not name.startswith("node_") or arg is None or not (arg.isascii() and arg.isdigit()) \
-                or len(arg) > 16 or int(arg) > MAX_NODE_ID:
+        if (
+            not name.startswith("node_")
+            or arg is None
+            or not (arg.isascii() and arg.isdigit())
+            or len(arg) > 16
+            or int(arg) > MAX_NODE_ID
+        ):
             raise TopicError(f"{topic!r} is not a node topic")
         return int(arg)
 

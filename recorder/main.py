@@ -1,15 +1,16 @@
 """`python manage.py recorder`: read settings, wire the recorder, run until a signal."""
+
 from __future__ import annotations
 
 import logging
 
-from recorder.service import Recorder
 from hacer.bus import Bus
 from hacer.lifecycle import run_until_signal
 from hacer.messages import RecorderState
 from hacer.models import Database
 from hacer.settings import Settings
 from hacer.topics import Topics
+from recorder.service import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,18 @@ def main(settings: Settings | None = None) -> None:
     topics = Topics(settings.topic_prefix)
     database = Database(settings.database_url, settings.database_timeout)
     database.init()
-    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-recorder-{settings.recorder_id}",
-              presence_topic=topics.build("recorder_state", settings.recorder_id),
-              will=RecorderState(settings.recorder_id, "offline").to_payload(),
-              clean_start=False, session_expiry=SESSION_EXPIRY, manual_ack=True)
-    recorder = Recorder(bus, topics, database.session, recorder_id=settings.recorder_id,
-                        rescue_after=settings.rescue_after)
+    bus = Bus(
+        settings.mqtt_url,
+        topics,
+        client_id=f"hacer-recorder-{settings.recorder_id}",
+        presence_topic=topics.build("recorder_state", settings.recorder_id),
+        will=RecorderState(settings.recorder_id, "offline").to_payload(),
+        clean_start=False,
+        session_expiry=SESSION_EXPIRY,
+        manual_ack=True,
+    )
+    recorder = Recorder(
+        bus, topics, database.session, recorder_id=settings.recorder_id, rescue_after=settings.rescue_after
+    )
     log.info("starting the recorder (%s)", settings.database_url.split("@")[-1])
     run_until_signal(recorder)

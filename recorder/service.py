@@ -17,6 +17,7 @@ or full database, a lost connection) are retried, with the batch kept.
 It runs in its own process with plain threads (`manage.py recorder`), so blocking database
 calls never stall the api's eventlet hub.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -34,8 +36,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import (LastSeenBatch, LogEntry, MessageError, Presence, RecorderState, RunnerState,
-                            RunRecorded, RunRequest, RunsRecorded, RunStatus)
+from hacer.messages import (
+    LastSeenBatch,
+    LogEntry,
+    MessageError,
+    Presence,
+    RecorderState,
+    RunnerState,
+    RunRecorded,
+    RunRequest,
+    RunsRecorded,
+    RunStatus,
+)
 from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
 
@@ -57,8 +69,7 @@ def utc(timestamp: float | None) -> datetime | None:
     return None if timestamp is None else utc_datetime(timestamp)
 
 
-def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]],
-                               keys: list[str]) -> None:
+def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
     """INSERT rows, skipping those whose `keys` already exist (SQLite and PostgreSQL)."""
     if not rows:
         return
@@ -70,8 +81,16 @@ def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str
 class Recorder:
     """See the module docstring. Does nothing until start()."""
 
-    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], *, recorder_id: str = "recorder",
-                 rescue_after: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        sessions: sessionmaker[Session],
+        *,
+        recorder_id: str = "recorder",
+        rescue_after: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.bus = bus
         self.topics = topics
         self.sessions = sessions
@@ -101,8 +120,9 @@ class Recorder:
             self._type_ids = {t.name: t.id for t in session.scalars(select(NodeType))}
             self._entry_type_ids = {t.name: t.id for t in session.scalars(select(ScriptLogEntryType))}
         for name in RECORDED_TOPICS:
-            self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.filter(name)), self._inbox.put,
-                               manual_ack=True)
+            self.bus.subscribe(
+                self.topics.shared(SHARE_GROUP, self.topics.filter(name)), self._inbox.put, manual_ack=True
+            )
         self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
         self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
         self.bus.birth = self._state_payload()
@@ -244,7 +264,8 @@ class Recorder:
             for entry in entries:
                 run_id = entry["run_id"]
                 touched.setdefault(run_id, (contexts[run_id][0], self._run_states.get(run_id), []))[2].append(
-                    entry["seq"])
+                    entry["seq"]
+                )
             for entry in entries:
                 entry["thread_id"], entry["script_name"], entry["params"] = contexts[entry.pop("run_id")]
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
@@ -254,8 +275,11 @@ class Recorder:
             if new_nodes:
                 # A new node's meta is at the broker before the api can see the node: a rename or
                 # delete the api publishes once it does is never overtaken by this first meta.
-                self.bus.publish_confirmed([(self.topics.build("node_meta", node.id), node.meta().to_payload())
-                                            for node in new_nodes], retain=True, timeout=META_CONFIRM_WITHIN)
+                self.bus.publish_confirmed(
+                    [(self.topics.build("node_meta", node.id), node.meta().to_payload()) for node in new_nodes],
+                    retain=True,
+                    timeout=META_CONFIRM_WITHIN,
+                )
             session.commit()
         for run in runs.values():  # only what is committed may ever be confirmed
             self._run_states[run.run_id] = run.state
@@ -273,8 +297,13 @@ class Recorder:
             if run_id is None or seq is None:
                 raise
             bad.append((message, str(exc)))
-            return LogEntry(run_id, seq, self.clock(), "exception", f"[hacer: entry {seq} set aside by the "
-                            f"recorder: {str(exc)[:200]}]")
+            return LogEntry(
+                run_id,
+                seq,
+                self.clock(),
+                "exception",
+                f"[hacer: entry {seq} set aside by the recorder: {str(exc)[:200]}]",
+            )
 
     def _set_aside(self, bad: list[tuple[Message, str]]) -> None:
         with self.sessions() as session:
@@ -284,8 +313,15 @@ class Recorder:
     def _add_dead_letters(self, session: Session, bad: list[tuple[Message, str]]) -> None:
         for message, why in bad:
             log.warning("set aside %s: %s (%r)", message.topic[:200], why, message.payload[:200])
-            session.add(DeadLetter(topic=message.topic[:512], payload=repr(message.payload[:DEAD_LETTER_BYTES]),
-                                   error=why[:2000], recorder=self.recorder_id, at=utc_datetime(self.clock())))
+            session.add(
+                DeadLetter(
+                    topic=message.topic[:512],
+                    payload=repr(message.payload[:DEAD_LETTER_BYTES]),
+                    error=why[:2000],
+                    recorder=self.recorder_id,
+                    at=utc_datetime(self.clock()),
+                )
+            )
         self.set_aside += len(bad)
 
     def _publish_recorded(self, touched: Touched) -> None:
@@ -299,11 +335,15 @@ class Recorder:
         with self.sessions() as session:
             unknown = [run_id for run_id, (_, state, _) in touched.items() if state is None]
             if unknown:
-                self._run_states.update(session.execute(select(Run.run_id, Run.state).where(
-                    Run.run_id.in_(unknown))).tuples().all())
-            runs = tuple(RunRecorded(run_id, self._watermark(session, run_id, thread_id, seqs),
-                                     state or self._run_states.get(run_id, ""))
-                         for run_id, (thread_id, state, seqs) in touched.items())
+                self._run_states.update(
+                    session.execute(select(Run.run_id, Run.state).where(Run.run_id.in_(unknown))).tuples().all()
+                )
+            runs = tuple(
+                RunRecorded(
+                    run_id, self._watermark(session, run_id, thread_id, seqs), state or self._run_states.get(run_id, "")
+                )
+                for run_id, (thread_id, state, seqs) in touched.items()
+            )
         # One message a batch: the broker's work is per message, and it is what sets the pace.
         self.bus.publish(self.topics.build("runs_recorded"), RunsRecorded(self.recorder_id, runs).to_payload(), qos=0)
 
@@ -319,8 +359,11 @@ class Recorder:
             above.remove(known + 1)
             known += 1
         if above:
-            for seq in session.scalars(select(ScriptLogEntry.seq).where(
-                    ScriptLogEntry.thread_id == thread_id, ScriptLogEntry.seq > known).order_by(ScriptLogEntry.seq)):
+            for seq in session.scalars(
+                select(ScriptLogEntry.seq)
+                .where(ScriptLogEntry.thread_id == thread_id, ScriptLogEntry.seq > known)
+                .order_by(ScriptLogEntry.seq)
+            ):
                 if seq != known + 1:
                     break
                 known = seq
@@ -334,8 +377,9 @@ class Recorder:
     def _publish_state(self) -> None:
         self.bus.birth = self._state_payload()
         try:
-            self.bus.publish(self.topics.build("recorder_state", self.recorder_id), self.bus.birth, retain=True,
-                             block=False)
+            self.bus.publish(
+                self.topics.build("recorder_state", self.recorder_id), self.bus.birth, retain=True, block=False
+            )
         except BusError:
             pass  # not started yet, or stopping
 
@@ -345,8 +389,14 @@ class Recorder:
         type_id = self._type_ids.get(presence.type, self._type_ids["other"])
         if node is None:
             taken = presence.name and session.scalar(select(Node.id).where(Node.name == presence.name))
-            node = Node(id=presence.id, name=None if taken else presence.name, type_id=type_id,
-                        ip=presence.ip, last_update=seen, online=presence.state == "online")
+            node = Node(
+                id=presence.id,
+                name=None if taken else presence.name,
+                type_id=type_id,
+                ip=presence.ip,
+                last_update=seen,
+                online=presence.state == "online",
+            )
             session.add(node)
             session.flush()
             return node
@@ -367,9 +417,23 @@ class Recorder:
             return runs[run_id]
         run = session.scalar(select(Run).where(Run.run_id == run_id))
         if run is None:
-            insert_ignoring_duplicates(session, Run.__table__, [{
-                "run_id": run_id, "state": runstates.QUEUED, "requested_at": utc(self.clock()),
-                "script": "", "params": "[]", "runner": "", "requested_by": "", "request": ""}], ["run_id"])
+            insert_ignoring_duplicates(
+                session,
+                Run.__table__,
+                [
+                    {
+                        "run_id": run_id,
+                        "state": runstates.QUEUED,
+                        "requested_at": utc(self.clock()),
+                        "script": "",
+                        "params": "[]",
+                        "runner": "",
+                        "requested_by": "",
+                        "request": "",
+                    }
+                ],
+                ["run_id"],
+            )
             run = session.scalar(select(Run).where(Run.run_id == run_id))
             assert run is not None
         runs[run_id] = run
@@ -390,12 +454,18 @@ class Recorder:
     def _status(self, session: Session, runs: dict[str, Run], status: RunStatus) -> None:
         run = self._run(session, runs, status.run_id)
         session.flush()
-        values = {"state": status.state, "runner": status.runner, "exit_code": status.exit_code,
-                  "error": status.error, "script": status.script or run.script,
-                  "params": json.dumps(list(status.params)), "requested_by": status.requested_by or run.requested_by,
-                  "queued_at": utc(status.queued_at) or run.queued_at,
-                  "started_at": utc(status.started_at) or run.started_at,
-                  "finished_at": utc(status.finished_at) or run.finished_at}
+        values = {
+            "state": status.state,
+            "runner": status.runner,
+            "exit_code": status.exit_code,
+            "error": status.error,
+            "script": status.script or run.script,
+            "params": json.dumps(list(status.params)),
+            "requested_by": status.requested_by or run.requested_by,
+            "queued_at": utc(status.queued_at) or run.queued_at,
+            "started_at": utc(status.started_at) or run.started_at,
+            "finished_at": utc(status.finished_at) or run.finished_at,
+        }
         # A finished run never changes again: a late status cannot reopen it, and its first end
         # stays (the claims make sure only one runner ends a run). Checked by the UPDATE itself,
         # not on the row read earlier: another recorder may have finished the run since that read.
@@ -406,8 +476,13 @@ class Recorder:
     def _entry(self, session: Session, runs: dict[str, Run], entry: LogEntry) -> dict[str, Any]:
         if entry.run_id not in self._entry_context:
             self._run(session, runs, entry.run_id)
-        return {"run_id": entry.run_id, "seq": entry.seq, "timestamp": utc(entry.timestamp),
-                "entry_type_id": self._entry_type_ids[entry.entry_type], "data": entry.data}
+        return {
+            "run_id": entry.run_id,
+            "seq": entry.seq,
+            "timestamp": utc(entry.timestamp),
+            "entry_type_id": self._entry_type_ids[entry.entry_type],
+            "data": entry.data,
+        }
 
     def _context(self, runs: dict[str, Run], run_id: str) -> tuple[int, str, str]:
         """(thread id, script, params without the node name) of a run, cached."""
@@ -434,17 +509,19 @@ class Recorder:
         """Send again requests no runner acknowledged within `rescue_after` seconds."""
         cutoff = utc(self.clock() - self.rescue_after)
         with self.sessions() as session:
-            stale = session.scalars(select(Run).where(
-                Run.runner == "", Run.state == runstates.QUEUED, Run.request != "",
-                Run.requested_at < cutoff)).all()
+            stale = session.scalars(
+                select(Run).where(
+                    Run.runner == "", Run.state == runstates.QUEUED, Run.request != "", Run.requested_at < cutoff
+                )
+            ).all()
             for run in stale:
-                log.warning("run %s not taken by any runner for %s s: requesting it again",
-                            run.run_id, self.rescue_after)
+                log.warning(
+                    "run %s not taken by any runner for %s s: requesting it again", run.run_id, self.rescue_after
+                )
                 self.bus.publish(self.topics.build("run_request"), run.request)
                 run.requested_at = utc_datetime(self.clock())
                 self.rescued += 1
             session.commit()
-
 
 
 def _seq_of(payload: bytes) -> int | None:

@@ -7,11 +7,12 @@ another runner is gone is read from its heartbeat counter here, never from a bus
 runner whose counter has not moved for `takeover_after` seconds (of the watcher's own clock, so
 clocks need not agree) is taken over.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -41,8 +42,13 @@ class Claim:
 class ClaimStore:
     """See the module docstring; `runner_id` is the runner this store acts for."""
 
-    def __init__(self, sessions: sessionmaker[Session], runner_id: str,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        runner_id: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sessions = sessions
         self.runner_id = runner_id
         self.clock = clock
@@ -54,14 +60,29 @@ class ClaimStore:
         now = utc_datetime(self.clock())
         try:
             with self.sessions() as session:
-                session.add(RunClaim(run_id=run_id, runner_id=self.runner_id, state=state, request=request,
-                                     claimed_at=now, updated_at=now))
+                session.add(
+                    RunClaim(
+                        run_id=run_id,
+                        runner_id=self.runner_id,
+                        state=state,
+                        request=request,
+                        claimed_at=now,
+                        updated_at=now,
+                    )
+                )
                 session.commit()
         except IntegrityError:
             raise AlreadyClaimed(run_id) from None
 
-    def move(self, run_id: str, *, owner: str | None = None, from_states: tuple[str, ...] = ACTIVE_STATES,
-             state: str | None = None, new_owner: str | None = None) -> bool:
+    def move(
+        self,
+        run_id: str,
+        *,
+        owner: str | None = None,
+        from_states: tuple[str, ...] = ACTIVE_STATES,
+        state: str | None = None,
+        new_owner: str | None = None,
+    ) -> bool:
         """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`."""
         values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
         if state:
@@ -69,17 +90,24 @@ class ClaimStore:
         if new_owner:
             values["runner_id"] = new_owner
         with self.sessions() as session:
-            result = session.execute(update(RunClaim).where(
-                RunClaim.run_id == run_id, RunClaim.runner_id == (owner or self.runner_id),
-                RunClaim.state.in_(from_states)).values(**values))
+            result = session.execute(
+                update(RunClaim)
+                .where(
+                    RunClaim.run_id == run_id,
+                    RunClaim.runner_id == (owner or self.runner_id),
+                    RunClaim.state.in_(from_states),
+                )
+                .values(**values)
+            )
             session.commit()
             return result.rowcount == 1  # type: ignore[attr-defined]
 
     def active_claims(self, runner_id: str) -> list[Claim]:
         """The queued and running claims of `runner_id`."""
         with self.sessions() as session:
-            rows = session.scalars(select(RunClaim).where(
-                RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))).all()
+            rows = session.scalars(
+                select(RunClaim).where(RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))
+            ).all()
         return [Claim(r.run_id, r.runner_id, r.state, r.request, r.claimed_at.timestamp()) for r in rows]
 
     def taken(self, run_ids: list[str]) -> list[str]:
@@ -87,16 +115,24 @@ class ClaimStore:
         if not run_ids:
             return []
         with self.sessions() as session:
-            return list(session.scalars(select(RunClaim.run_id).where(
-                RunClaim.run_id.in_(run_ids),
-                (RunClaim.runner_id != self.runner_id) | (RunClaim.state == runstates.LOST))))
+            return list(
+                session.scalars(
+                    select(RunClaim.run_id).where(
+                        RunClaim.run_id.in_(run_ids),
+                        (RunClaim.runner_id != self.runner_id) | (RunClaim.state == runstates.LOST),
+                    )
+                )
+            )
 
     def beat(self) -> None:
         """Move this runner's heartbeat counter on."""
         now = utc_datetime(self.clock())
         with self.sessions() as session:
-            result = session.execute(update(RunnerHeartbeat).where(RunnerHeartbeat.runner_id == self.runner_id)
-                                     .values(beat=RunnerHeartbeat.beat + 1, beat_at=now))
+            result = session.execute(
+                update(RunnerHeartbeat)
+                .where(RunnerHeartbeat.runner_id == self.runner_id)
+                .values(beat=RunnerHeartbeat.beat + 1, beat_at=now)
+            )
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 session.add(RunnerHeartbeat(runner_id=self.runner_id, beat=1, beat_at=now))
             try:

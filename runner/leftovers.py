@@ -5,6 +5,7 @@ calls setsid (a daemon, `nohup ... &` in a shell) leaves the group and may keep 
 pipe open, holding the run `running` and its slot past any deadline. Such leftovers are found by
 the run id in their environment (every descendant inherits it) or by holding the run's pipe.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def run_processes(run_id: str, pipe_inode: int | None) -> list[int]:
                 if marker in environ.read().split(b"\0"):
                     found.append(int(entry.name))
                     continue
-            if pipe_inode is not None and any(os.readlink(fd.path) == pipe
-                                              for fd in os.scandir(f"{PROC}/{entry.name}/fd")):
+            if pipe_inode is not None and any(
+                os.readlink(fd.path) == pipe for fd in os.scandir(f"{PROC}/{entry.name}/fd")
+            ):
                 found.append(int(entry.name))
         except OSError:  # gone meanwhile, or another user's
             continue

@@ -1,10 +1,11 @@
 """`python manage.py runner`: read settings, wire the runner, run until a signal."""
+
 from __future__ import annotations
 
 import compileall
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from hacer.bus import Bus
@@ -37,16 +38,33 @@ def precompile_script_library() -> None:
 
 # What a script's process sees of the runner's environment: never its secrets (the api token,
 # the database URL, the runner's broker password).
-SCRIPT_ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
-                      "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8", "HACER_NODE_TIMEOUT")
+SCRIPT_ENV_ALLOWED = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+    "PYTHONDONTWRITEBYTECODE",
+    "PYTHONIOENCODING",
+    "PYTHONUTF8",
+    "HACER_NODE_TIMEOUT",
+)
 
 
 def script_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
     """Return the environment every script starts from (the runner adds the run's own)."""
     allowed = set(SCRIPT_ENV_ALLOWED) | set(settings.script_env_names)
     env = {k: v for k, v in environ.items() if k in allowed or k.startswith("LC_")}
-    env.update({"HACER_MQTT_URL": settings.script_mqtt_url or without_credentials(settings.mqtt_url),
-                "HACER_TOPIC_PREFIX": settings.topic_prefix})
+    env.update(
+        {
+            "HACER_MQTT_URL": settings.script_mqtt_url or without_credentials(settings.mqtt_url),
+            "HACER_TOPIC_PREFIX": settings.topic_prefix,
+        }
+    )
     return env
 
 
@@ -55,8 +73,10 @@ def without_credentials(url: str) -> str:
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
-    log.warning("scripts connect to the broker without the runner's credentials: set "
-                "HACER_SCRIPT_MQTT_URL with the hacer-script user (see mosquitto/acl)")
+    log.warning(
+        "scripts connect to the broker without the runner's credentials: set "
+        "HACER_SCRIPT_MQTT_URL with the hacer-script user (see mosquitto/acl)"
+    )
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
@@ -68,23 +88,38 @@ def build_runner(settings: Settings) -> Runner:
     database.init()
     offline = RunnerState(settings.runner_id, "offline").to_payload()
     # A stable client id: the broker parks this runner's share of requests in its session.
-    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-runner-{settings.runner_id}",
-              presence_topic=topics.build("runner_state", settings.runner_id), will=offline,
-              clean_start=False, session_expiry=SESSION_EXPIRY, manual_ack=True)
+    bus = Bus(
+        settings.mqtt_url,
+        topics,
+        client_id=f"hacer-runner-{settings.runner_id}",
+        presence_topic=topics.build("runner_state", settings.runner_id),
+        will=offline,
+        clean_start=False,
+        session_expiry=SESSION_EXPIRY,
+        manual_ack=True,
+    )
     script_env = script_environment(settings, os.environ)
-    config = RunnerConfig(runner_id=settings.runner_id, capacity=settings.runner_capacity,
-                          default_timeout=settings.run_timeout, cancel_grace=settings.cancel_grace,
-                          takeover_after=settings.runner_takeover, script_env=script_env)
-    outbox = Outbox(database.session, settings.runner_id, resend_after=settings.resend_after,
-                    max_bytes=settings.runner_outbox_bytes)
-    return Runner(bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir),
-                  config, outbox)
+    config = RunnerConfig(
+        runner_id=settings.runner_id,
+        capacity=settings.runner_capacity,
+        default_timeout=settings.run_timeout,
+        cancel_grace=settings.cancel_grace,
+        takeover_after=settings.runner_takeover,
+        script_env=script_env,
+    )
+    outbox = Outbox(
+        database.session, settings.runner_id, resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes
+    )
+    return Runner(
+        bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir), config, outbox
+    )
 
 
 def main(settings: Settings | None = None) -> None:
     """Run the runner until SIGINT or SIGTERM."""
     settings = settings or Settings.from_env()
     runner = build_runner(settings)
-    log.info("starting runner %s on %s with capacity %d", settings.runner_id, settings.scripts_dir,
-             settings.runner_capacity)
+    log.info(
+        "starting runner %s on %s with capacity %d", settings.runner_id, settings.scripts_dir, settings.runner_capacity
+    )
     run_until_signal(runner)

@@ -14,11 +14,12 @@ Bounded: past `max_bytes` held by one runner, its oldest log entries are let go 
 sent `max_sends` times without a confirmation is let go too (`gave_up`), so a message no
 recorder can write is never sent forever.
 """
+
 from __future__ import annotations
 
 import queue
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,9 +34,16 @@ STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entr
 class Outbox:
     """See the module docstring; `runner_id` is the runner this outbox acts for. Thread-safe."""
 
-    def __init__(self, sessions: sessionmaker[Session], runner_id: str, *, resend_after: float = 5.0,
-                 max_bytes: int = 64 * 1024 * 1024, max_sends: int = 20,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        runner_id: str,
+        *,
+        resend_after: float = 5.0,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_sends: int = 20,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.sessions = sessions
         self.runner_id = runner_id
         self.resend_after = resend_after
@@ -52,10 +60,23 @@ class Outbox:
         now = self.clock()
         self._held_runs.add(run_id)
         with self.sessions() as session:
-            session.execute(insert(RunOutbox), [
-                {"runner_id": self.runner_id, "run_id": run_id, "seq": seq, "state": "", "topic": topic,
-                 "payload": payload.decode(), "size": len(payload), "sent_at": now, "sends": 1}
-                for seq, topic, payload in entries])
+            session.execute(
+                insert(RunOutbox),
+                [
+                    {
+                        "runner_id": self.runner_id,
+                        "run_id": run_id,
+                        "seq": seq,
+                        "state": "",
+                        "topic": topic,
+                        "payload": payload.decode(),
+                        "size": len(payload),
+                        "sent_at": now,
+                        "sends": 1,
+                    }
+                    for seq, topic, payload in entries
+                ],
+            )
             session.commit()
 
     def hold_status(self, run_id: str, state: str, topic: str, payload: bytes) -> None:
@@ -63,8 +84,19 @@ class Outbox:
         self._held_runs.add(run_id)
         with self.sessions() as session:
             session.execute(delete(RunOutbox).where(RunOutbox.run_id == run_id, RunOutbox.seq == STATUS_SEQ))
-            session.add(RunOutbox(runner_id=self.runner_id, run_id=run_id, seq=STATUS_SEQ, state=state, topic=topic,
-                                  payload=payload.decode(), size=len(payload), sent_at=self.clock(), sends=1))
+            session.add(
+                RunOutbox(
+                    runner_id=self.runner_id,
+                    run_id=run_id,
+                    seq=STATUS_SEQ,
+                    state=state,
+                    topic=topic,
+                    payload=payload.decode(),
+                    size=len(payload),
+                    sent_at=self.clock(),
+                    sends=1,
+                )
+            )
             session.commit()
 
     def confirm(self, recorded: RunRecorded) -> None:
@@ -87,8 +119,11 @@ class Outbox:
             return
         with self.sessions() as session:
             for recorded in confirmed.values():
-                session.execute(delete(RunOutbox).where(RunOutbox.run_id == recorded.run_id,
-                                                        RunOutbox.seq > STATUS_SEQ, RunOutbox.seq <= recorded.seq))
+                session.execute(
+                    delete(RunOutbox).where(
+                        RunOutbox.run_id == recorded.run_id, RunOutbox.seq > STATUS_SEQ, RunOutbox.seq <= recorded.seq
+                    )
+                )
                 status = delete(RunOutbox).where(RunOutbox.run_id == recorded.run_id, RunOutbox.seq == STATUS_SEQ)
                 # A finished row never changes again (the recorder keeps the first end): it confirms any status.
                 if recorded.state not in runstates.FINISHED_STATES:
@@ -110,8 +145,11 @@ class Outbox:
         with self.sessions() as session:
             run_ids = set(session.scalars(select(RunOutbox.run_id).where(RunOutbox.runner_id == runner_id)))
             if run_ids and runner_id != self.runner_id:
-                session.execute(update(RunOutbox).where(RunOutbox.runner_id == runner_id)
-                                .values(runner_id=self.runner_id, sent_at=self.clock()))  # sent once taken over
+                session.execute(
+                    update(RunOutbox)
+                    .where(RunOutbox.runner_id == runner_id)
+                    .values(runner_id=self.runner_id, sent_at=self.clock())
+                )  # sent once taken over
                 session.commit()
         self._held_runs |= run_ids
         return len(run_ids)
@@ -120,9 +158,11 @@ class Outbox:
         """The (topic, payload) pairs to send again now, in the order they were held, counted as sent."""
         now = self.clock()
         with self.sessions() as session:
-            query = select(RunOutbox.id, RunOutbox.topic, RunOutbox.payload, RunOutbox.sends).where(
-                RunOutbox.runner_id == self.runner_id).order_by(RunOutbox.run_id, RunOutbox.seq == STATUS_SEQ,
-                                                                RunOutbox.seq)
+            query = (
+                select(RunOutbox.id, RunOutbox.topic, RunOutbox.payload, RunOutbox.sends)
+                .where(RunOutbox.runner_id == self.runner_id)
+                .order_by(RunOutbox.run_id, RunOutbox.seq == STATUS_SEQ, RunOutbox.seq)
+            )
             if not everything:
                 query = query.where(RunOutbox.sent_at <= now - self.resend_after)
             rows = session.execute(query).all()
@@ -131,8 +171,11 @@ class Outbox:
             given_up = [row.id for row in rows if row.sends >= self.max_sends]
             sending = [row for row in rows if row.sends < self.max_sends]
             session.execute(delete(RunOutbox).where(RunOutbox.id.in_(given_up)))
-            session.execute(update(RunOutbox).where(RunOutbox.id.in_([row.id for row in sending]))
-                            .values(sent_at=now, sends=RunOutbox.sends + 1))
+            session.execute(
+                update(RunOutbox)
+                .where(RunOutbox.id.in_([row.id for row in sending]))
+                .values(sent_at=now, sends=RunOutbox.sends + 1)
+            )
             session.commit()
         self.gave_up += len(given_up)
         return [(row.topic, row.payload.encode()) for row in sending]
@@ -145,8 +188,9 @@ class Outbox:
             if total <= self.max_bytes:
                 return
             doomed, excess = [], total - self.max_bytes
-            for row_id, size in session.execute(select(RunOutbox.id, RunOutbox.size).where(
-                    mine, RunOutbox.seq > STATUS_SEQ).order_by(RunOutbox.id)):
+            for row_id, size in session.execute(
+                select(RunOutbox.id, RunOutbox.size).where(mine, RunOutbox.seq > STATUS_SEQ).order_by(RunOutbox.id)
+            ):
                 if excess <= 0:
                     break
                 doomed.append(row_id)
@@ -158,6 +202,7 @@ class Outbox:
     def held(self, run_id: str) -> tuple[list[int], str | None]:
         """The seqs of the log entries and the state of the status held for a run."""
         with self.sessions() as session:
-            rows = session.execute(select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id)
-                                   .order_by(RunOutbox.seq)).all()
+            rows = session.execute(
+                select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id).order_by(RunOutbox.seq)
+            ).all()
         return [seq for seq, _ in rows if seq != STATUS_SEQ], next((s for q, s in rows if q == STATUS_SEQ), None)

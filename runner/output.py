@@ -4,6 +4,7 @@ Lines longer than `line_limit` are cut (the rest is counted, not kept), and past
 bytes nothing more is logged; `finish()` then adds one entry saying what was cut. Memory stays
 at one read plus one line whatever the script prints, even with no newline ever.
 """
+
 from __future__ import annotations
 
 from hacer.scripting import decode_line
@@ -49,9 +50,14 @@ class OutputSplitter:
         if self._partial or self._skipping:
             self._complete(entries)
         if self.cut_bytes or self.cut_lines:
-            entries.append(("output", f"[hacer: output cut: {self.cut_bytes} bytes not logged "
-                                      f"({self.cut_lines} lines over {self.line_limit} bytes, "
-                                      f"log limit {self.total_limit} bytes)]"))
+            entries.append(
+                (
+                    "output",
+                    f"[hacer: output cut: {self.cut_bytes} bytes not logged "
+                    f"({self.cut_lines} lines over {self.line_limit} bytes, "
+                    f"log limit {self.total_limit} bytes)]",
+                )
+            )
         return entries
 
     def _complete(self, entries: list[tuple[str, str]]) -> None:

@@ -3,6 +3,7 @@
 The script's `output` entries go to stdout as they come, the other entries to stderr; the exit
 code is the run's (0 when it succeeded). Ctrl-C cancels the run; a second one stops waiting.
 """
+
 from __future__ import annotations
 
 import queue
@@ -27,8 +28,9 @@ RECONNECTED = object()  # put in the inbox after every connect
 Inbox = queue.SimpleQueue[object]  # messages and CTRL_C
 
 
-def request_run(bus: Bus, script: str, params: list[str], *, follow: bool = True,
-                out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def request_run(
+    bus: Bus, script: str, params: list[str], *, follow: bool = True, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     """Publish a run request; with `follow`, print its log until it ends and return its exit code."""
     topics = bus.topics
     run_id = uuid.uuid4().hex

@@ -17,6 +17,7 @@ running claim taken from it kills that run and publishes nothing more of it.
 Every status and log entry is held in the database (runner/outbox.py) from before it is
 published until a recorder confirms it written, and sent again when it is not.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,16 +33,16 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import (LogEntry, MessageError, RecorderState, RunnerState, RunRequest, RunsRecorded,
-                            RunStatus)
+from hacer.messages import LogEntry, MessageError, RecorderState, RunnerState, RunRequest, RunsRecorded, RunStatus
 from hacer.parentdeath import PARENT_ENV
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
@@ -104,8 +105,16 @@ class Run:
 class Runner:
     """See the module docstring. Does nothing until start()."""
 
-    def __init__(self, bus: Bus, topics: Topics, claims: ClaimStore, scripts: ScriptDir, config: RunnerConfig,
-                 outbox: Outbox, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        claims: ClaimStore,
+        scripts: ScriptDir,
+        config: RunnerConfig,
+        outbox: Outbox,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.bus = bus
         self.topics = topics
         self.claims = claims
@@ -131,8 +140,9 @@ class Runner:
         self.claims.beat()
         self.outbox.adopt(self.config.runner_id)  # what this runner's earlier process still held
         self.bus.birth = self._state_payload()
-        self.bus.subscribe(self.topics.shared(SHARE_GROUP, self.topics.build("run_request")),
-                           self._on_request, manual_ack=True)
+        self.bus.subscribe(
+            self.topics.shared(SHARE_GROUP, self.topics.build("run_request")), self._on_request, manual_ack=True
+        )
         self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
         self.bus.subscribe(self.topics.build("runs_recorded"), self._on_recorded, qos=0)
         self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
@@ -243,8 +253,9 @@ class Runner:
 
     def _claim(self, run_id: str, request: RunRequest, state: str) -> None:
         """Claim a run id, trying again a few times while the database is busy or away."""
-        self._with_retries(f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(),
-                                                                                state))
+        self._with_retries(
+            f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(), state)
+        )
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
         """Call a database operation, again a few times while the database is busy or away."""
@@ -299,8 +310,7 @@ class Runner:
         if waiting is not None:
             if self.claims.move(run_id, from_states=(runstates.QUEUED,), state=runstates.CANCELLED):
                 self._log(waiting, ("exit_status", "failed"))
-                self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started",
-                                     finished=True)
+                self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started", finished=True)
             self._publish_state()
         elif running is not None:
             self._cancel(running, "cancelled")
@@ -317,17 +327,24 @@ class Runner:
             script = self.scripts.find(request.script)
             run = Run(request, claim.run_id, Path(), claim.claimed_at)
             if claim.state == runstates.RUNNING:
-                if self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.RUNNING,),
-                                    state=runstates.LOST):
-                    self._publish_status(run, runstates.LOST, error=f"runner {runner_id} went away "
-                                         "while it ran", finished=True)
+                if self.claims.move(
+                    claim.run_id, owner=runner_id, from_states=(runstates.RUNNING,), state=runstates.LOST
+                ):
+                    self._publish_status(
+                        run, runstates.LOST, error=f"runner {runner_id} went away while it ran", finished=True
+                    )
             elif script is None:
-                if self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,),
-                                    state=runstates.FAILED):
-                    self._report_unclaimed(run.run_id, request, f"no script named {request.script!r} any more "
-                                           f"in {self.scripts.folder.name}/")
-            elif self.claims.move(claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,),
-                                  new_owner=self.config.runner_id):
+                if self.claims.move(
+                    claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,), state=runstates.FAILED
+                ):
+                    self._report_unclaimed(
+                        run.run_id,
+                        request,
+                        f"no script named {request.script!r} any more in {self.scripts.folder.name}/",
+                    )
+            elif self.claims.move(
+                claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,), new_owner=self.config.runner_id
+            ):
                 log.info("resuming run %s (claimed by %s)", claim.run_id, runner_id)
                 self._enqueue(Run(request, claim.run_id, script.path, self.clock()))
 
@@ -340,8 +357,7 @@ class Runner:
             try:
                 self.claims.beat()
                 with self._changed:
-                    running = [run for run in self._running.values()
-                               if run.started_at is not None and not run.fenced]
+                    running = [run for run in self._running.values() if run.started_at is not None and not run.fenced]
                 for run_id in self.claims.taken([run.run_id for run in running]):
                     self._fence(next(run for run in running if run.run_id == run_id))
                 for runner_id in self.claims.silent_runners(self.config.takeover_after):
@@ -354,8 +370,9 @@ class Runner:
             return
         held = self.outbox.adopt(runner_id)  # first: what it published and no recorder confirmed
         if held or self.claims.active_claims(runner_id):
-            log.warning("runner %s has stopped beating: taking over its claims and %d unconfirmed message(s)",
-                        runner_id, held)
+            log.warning(
+                "runner %s has stopped beating: taking over its claims and %d unconfirmed message(s)", runner_id, held
+            )
             self._recover(runner_id)  # before the resend: a `lost` replaces a held `running`
             self._resend_all.set()
 
@@ -423,14 +440,25 @@ class Runner:
         run.started_at = self.clock()
         self._publish_status(run, runstates.RUNNING)
         self._log(run, ("launch", json.dumps({"script": request.script, "params": list(request.params)})))
-        env = {**self.config.script_env, "HACER_RUN_ID": run.run_id, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
+        env = {
+            **self.config.script_env,
+            "HACER_RUN_ID": run.run_id,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(PROJECT_DIR),
+            PARENT_ENV: str(os.getpid()),
+        }
         with run.lock:  # a cancel or a fence from now on finds the process
             if not (run.cancel_requested or run.fenced):
                 run.process = subprocess.Popen(
                     [self.config.python, str(SCRIPT_MAIN), str(run.script_path), *request.params],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    env=env, cwd=run.script_path.parent, process_group=0, close_fds=True)
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=run.script_path.parent,
+                    process_group=0,
+                    close_fds=True,
+                )
         if run.process is None:  # cancelled or taken between leaving the queue and here
             self._finish(run, runstates.CANCELLED, error="cancelled")
             return
@@ -454,15 +482,17 @@ class Runner:
             state = runstates.TIMED_OUT
         else:
             state = runstates.SUCCEEDED if exit_code == 0 else runstates.FAILED
-        error = {runstates.TIMED_OUT: f"time limit of {timeout:g} s reached",
-                 runstates.CANCELLED: "cancelled"}.get(state)
+        error = {runstates.TIMED_OUT: f"time limit of {timeout:g} s reached", runstates.CANCELLED: "cancelled"}.get(
+            state
+        )
         self._finish(run, state, exit_code=exit_code, error=error)
 
     def _finish(self, run: Run, state: str, exit_code: int | None = None, error: str | None = None) -> None:
         """End a run's claim, then its log and status, if the claim is still this runner's."""
         try:
-            owned = not run.fenced and self._with_retries(f"ending the claim of run {run.run_id}",
-                                                          lambda: self.claims.move(run.run_id, state=state))
+            owned = not run.fenced and self._with_retries(
+                f"ending the claim of run {run.run_id}", lambda: self.claims.move(run.run_id, state=state)
+            )
         except SQLAlchemyError as exc:
             # Its end is still told: the recorder keeps a run's first end, and a runner taking the
             # claim over meanwhile could only have reported it lost.
@@ -485,11 +515,16 @@ class Runner:
             deadline = run.output_deadline
             if deadline is not None and time.monotonic() >= deadline:
                 # Something the reaper could not end still holds the pipe: stop waiting for it.
-                self._log_entries(run, splitter.finish() + [
-                    ("output", "[hacer: output closed: a process outside the run still held it]")])
+                self._log_entries(
+                    run,
+                    splitter.finish() + [("output", "[hacer: output closed: a process outside the run still held it]")],
+                )
                 break
-            if not poller.poll(OUTPUT_POLL_MS if deadline is None else
-                               max(0, min(OUTPUT_POLL_MS, int((deadline - time.monotonic()) * 1000)))):
+            if not poller.poll(
+                OUTPUT_POLL_MS
+                if deadline is None
+                else max(0, min(OUTPUT_POLL_MS, int((deadline - time.monotonic()) * 1000)))
+            ):
                 continue
             chunk = os.read(fd, 65536)
             entries = splitter.feed(chunk) if chunk else splitter.finish()
@@ -528,8 +563,12 @@ class Runner:
         finally:
             os.close(pipe)
         if left:
-            log.warning("run %s: ended %d process(es) it left outside its process group: %s",
-                        run.run_id, len(left), " ".join(map(str, left)))
+            log.warning(
+                "run %s: ended %d process(es) it left outside its process group: %s",
+                run.run_id,
+                len(left),
+                " ".join(map(str, left)),
+            )
         run.output_deadline = time.monotonic() + OUTPUT_GRACE
 
     def _time_out(self, run: Run) -> None:
@@ -570,14 +609,25 @@ class Runner:
         for _, _, payload in held:
             self.bus.publish(topic, payload)
 
-    def _publish_status(self, run: Run, state: str, exit_code: int | None = None,
-                        error: str | None = None, finished: bool = False) -> None:
+    def _publish_status(
+        self, run: Run, state: str, exit_code: int | None = None, error: str | None = None, finished: bool = False
+    ) -> None:
         if run.fenced:
             return
         now = self.clock()
-        status = RunStatus(run.run_id, run.request.script, run.request.params, state, self.config.runner_id,
-                           exit_code, run.queued_at, run.started_at, now if finished else None,
-                           error, run.request.requested_by)
+        status = RunStatus(
+            run.run_id,
+            run.request.script,
+            run.request.params,
+            state,
+            self.config.runner_id,
+            exit_code,
+            run.queued_at,
+            run.started_at,
+            now if finished else None,
+            error,
+            run.request.requested_by,
+        )
         topic, payload = self.topics.build("run_status", run.run_id), status.to_payload()
         self._hold(run.run_id, lambda: self.outbox.hold_status(run.run_id, state, topic, payload))
         self.bus.publish(topic, payload)
@@ -588,8 +638,9 @@ class Runner:
             hold()
         except SQLAlchemyError as exc:
             self.unheld += 1
-            log.warning("run %s: a message sent without being held (the database failed: %s)", run_id,
-                        str(exc).splitlines()[0])
+            log.warning(
+                "run %s: a message sent without being held (the database failed: %s)", run_id, str(exc).splitlines()[0]
+            )
 
     def _state_payload(self) -> bytes:
         with self._changed:

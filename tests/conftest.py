@@ -1,4 +1,5 @@
 """Fixtures: a real mosquitto per test on free ports, bus clients, watchers and hacer processes."""
+
 from __future__ import annotations
 
 import os
@@ -10,14 +11,14 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
-from hacer.messages import Presence
 from hacer.bus import Bus, Message
+from hacer.messages import Presence
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
@@ -59,8 +60,7 @@ class Watcher:
             self.arrival_times.append(time.time())
             self._changed.notify_all()
 
-    def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10.0,
-                 start: int = 0) -> Message:
+    def wait_for(self, predicate: Callable[[Message], bool], timeout: float = 10.0, start: int = 0) -> Message:
         """Return the first message from index `start` on that satisfies `predicate`."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -72,8 +72,10 @@ class Watcher:
                     index += 1
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"no matching message within {timeout} s; got "
-                                         f"{[(m.topic, m.payload[:80]) for m in self.messages[-10:]]}")
+                    raise AssertionError(
+                        f"no matching message within {timeout} s; got "
+                        f"{[(m.topic, m.payload[:80]) for m in self.messages[-10:]]}"
+                    )
                 self._changed.wait(remaining)
 
     def topic(self, topic: str) -> list[Message]:
@@ -117,11 +119,13 @@ def make_bus(broker: BrokerProcess, topics: Topics) -> Iterator[Callable[..., Bu
 @pytest.fixture
 def watch(make_bus: Callable[..., Bus]) -> Callable[[str], Watcher]:
     """Watch a topic filter with a fresh client, subscribed when this returns."""
+
     def make(topic_filter: str) -> Watcher:
         bus = make_bus()
         watcher = Watcher(bus, topic_filter)
         bus.sync()
         return watcher
+
     return make
 
 
@@ -131,6 +135,7 @@ def postgres_url() -> Iterator[str]:
     from sqlalchemy import text
 
     from hacer.models import Database
+
     schema = f"test_{uuid.uuid4().hex[:10]}"
     admin = Database(POSTGRES_URL)
     try:
@@ -153,12 +158,16 @@ class HacerProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "HacerProcess":
+    def start(self) -> HacerProcess:
         with open(self.log_path, "ab") as log:
             # child_env: the child dies with this test process, even if pytest is killed
-            self.process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), *self.command],
-                                            env=child_env(self.env), stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=PROJECT_DIR)
+            self.process = subprocess.Popen(
+                [sys.executable, str(PROJECT_DIR / "manage.py"), *self.command],
+                env=child_env(self.env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT_DIR,
+            )
         return self
 
     def stop(self, kill: bool = False) -> int:
@@ -181,18 +190,20 @@ class HacerProcess:
 def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
     """Environment for hacer children: this test's broker, free ports, files in tmp_path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
-    env.update({
-        "HACER_MQTT_URL": broker.url,
-        "HACER_DISCOVERY_HOST": "127.0.0.1",
-        "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
-        "HACER_NODE_PORT": str(free_port()),
-        "HACER_MQTT_WS_PORT": str(free_port()),
-        "HACER_STATE_DIR": str(tmp_path / "state"),
-        "HADB_PATH": str(tmp_path / "hacer.db"),
-        "HACER_STATS_INTERVAL": "0.5",
-        "HACER_LASTSEEN_INTERVAL": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "HACER_MQTT_URL": broker.url,
+            "HACER_DISCOVERY_HOST": "127.0.0.1",
+            "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
+            "HACER_NODE_PORT": str(free_port()),
+            "HACER_MQTT_WS_PORT": str(free_port()),
+            "HACER_STATE_DIR": str(tmp_path / "state"),
+            "HADB_PATH": str(tmp_path / "hacer.db"),
+            "HACER_STATS_INTERVAL": "0.5",
+            "HACER_LASTSEEN_INTERVAL": "0.5",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -213,6 +224,7 @@ def spawn(tmp_path: Path, broker: BrokerProcess) -> Iterator[Callable[..., Hacer
 
 # --- the bridge as a process ------------------------------------------------------------------
 
+
 @pytest.fixture
 def bridge_env(hacer_env):
     hacer_env["HACER_OFFLINE_AFTER"] = "1.5"
@@ -227,8 +239,7 @@ def start_bridge(spawn, bridge_env, watch, topics):
     def start():
         count = len([m for m in state.messages if m.payload == b"online"])
         child = spawn(["bridge"], bridge_env)
-        state.wait_for(lambda m: m.payload == b"online", timeout=15,
-                       start=len(state.messages) if count else 0)
+        state.wait_for(lambda m: m.payload == b"online", timeout=15, start=len(state.messages) if count else 0)
         return child
 
     return start
@@ -258,11 +269,36 @@ def production_broker(tmp_path):
     acl = work / "acl"
     shutil.copy(CONFIG_DIR / "acl", acl)
     certificate, key = work / "hacer.crt", work / "hacer.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hacer",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
-                   check=True, capture_output=True)
-    process = BrokerProcess(work, [free_port(), free_port(), free_port()], template=CONFIG_DIR / "production.conf",
-                            password_file=passwords, acl_file=acl, tls_files=(certificate, key))
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hacer",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(certificate),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    process = BrokerProcess(
+        work,
+        [free_port(), free_port(), free_port()],
+        template=CONFIG_DIR / "production.conf",
+        password_file=passwords,
+        acl_file=acl,
+        tls_files=(certificate, key),
+    )
     process.start()
     yield process
     process.stop()
@@ -291,6 +327,7 @@ def connect(production_broker):
 
 # --- a live api process (the hostile suite) ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def live_api(tmp_path_factory):
     """A broker and an api process (no token, the default), with a watcher on run requests."""
@@ -298,9 +335,14 @@ def live_api(tmp_path_factory):
     broker = BrokerProcess(work / "broker", [free_port(), free_port()])
     broker.start()
     port = free_port()
-    env = {"HACER_MQTT_URL": broker.url, "HACER_HTTP_PORT": str(port), "HADB_PATH": str(work / "hacer.db"),
-           "HACER_STATE_DIR": str(work / "state"), "PYTHONUNBUFFERED": "1",
-           "HACER_DATABASE_TIMEOUT": "2"}
+    env = {
+        "HACER_MQTT_URL": broker.url,
+        "HACER_HTTP_PORT": str(port),
+        "HADB_PATH": str(work / "hacer.db"),
+        "HACER_STATE_DIR": str(work / "state"),
+        "PYTHONUNBUFFERED": "1",
+        "HACER_DATABASE_TIMEOUT": "2",
+    }
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
     process = HacerProcess(["api"], env, work / "api.log").start()
     bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")

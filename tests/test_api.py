@@ -1,4 +1,5 @@
 """The api against the whole system: real broker, bridge, runner, recorder, api and emulated nodes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,8 @@ import requests
 from emulator.nodes import Emulator, make_nodes
 from hacer import runstates
 from hacer.broker import BrokerProcess, port_answers
-from hacer.parentdeath import child_env
 from hacer.bus import Bus
+from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 
@@ -33,14 +35,23 @@ class System:
         self.work = work
         self.broker = BrokerProcess(work / "broker", [free_port(), free_port()])
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
-        self.env.update({
-            "HACER_DISCOVERY_HOST": "127.0.0.1", "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
-            "HACER_NODE_PORT": str(free_port()), "HACER_HTTP_PORT": str(free_port()),
-            "HACER_STATE_DIR": str(work / "state"), "HADB_PATH": str(work / "hacer.db"),
-            "HACER_SCRIPTS_DIR": str(work / "scripts"), "HACER_NODE_TIMEOUT": "1",
-            "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}", "HACER_RECORDER_ID": f"rec-{uuid.uuid4().hex[:6]}",
-            "HACER_RESCUE_AFTER": "1", "HACER_LASTSEEN_INTERVAL": "0.5", "PYTHONUNBUFFERED": "1",
-        })
+        self.env.update(
+            {
+                "HACER_DISCOVERY_HOST": "127.0.0.1",
+                "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
+                "HACER_NODE_PORT": str(free_port()),
+                "HACER_HTTP_PORT": str(free_port()),
+                "HACER_STATE_DIR": str(work / "state"),
+                "HADB_PATH": str(work / "hacer.db"),
+                "HACER_SCRIPTS_DIR": str(work / "scripts"),
+                "HACER_NODE_TIMEOUT": "1",
+                "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
+                "HACER_RECORDER_ID": f"rec-{uuid.uuid4().hex[:6]}",
+                "HACER_RESCUE_AFTER": "1",
+                "HACER_LASTSEEN_INTERVAL": "0.5",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if database_url:
             self.env["HACER_DATABASE_URL"] = database_url
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # the latest of each part
@@ -51,7 +62,9 @@ class System:
         (self.work / "scripts").mkdir()
         for script in (PROJECT_DIR / "scripts").glob("*.py"):
             (self.work / "scripts" / script.name).write_text(script.read_text())
-        (self.work / "scripts" / "block.py").write_text("import sys\nprint('waiting', flush=True)\nopen(sys.argv[1]).read()\n")
+        (self.work / "scripts" / "block.py").write_text(
+            "import sys\nprint('waiting', flush=True)\nopen(sys.argv[1]).read()\n"
+        )
         self.broker.start()
         self.env["HACER_MQTT_URL"] = self.broker.url
         for part in ("bridge", "runner", "recorder", "api"):
@@ -61,8 +74,12 @@ class System:
 
     def start_part(self, part: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{part}.log", "ab")
-        process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), part, *args],
-                                   env=child_env({**self.env, **(env or {})}), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(PROJECT_DIR / "manage.py"), part, *args],
+            env=child_env({**self.env, **(env or {})}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.processes.setdefault(part + "".join(args), process)
         self.all_processes.append(process)
         return process
@@ -92,8 +109,14 @@ def system(request, tmp_path_factory):
         database_url = request.getfixturevalue("module_postgres_url")
     whole = System(tmp_path_factory.mktemp("system"), database_url)
     whole.start()
-    nodes = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"], first_ip="127.0.0.80",
-                       port=int(whole.env["HACER_NODE_PORT"]), interval=2, base_id=uuid.uuid4().int % 10**9)
+    nodes = make_nodes(
+        4,
+        ["toggle", "light_rgb", "thermostat", "sensor_temp"],
+        first_ip="127.0.0.80",
+        port=int(whole.env["HACER_NODE_PORT"]),
+        interval=2,
+        base_id=uuid.uuid4().int % 10**9,
+    )
     whole.nodes = nodes
     whole.emulator = Emulator(nodes, ("127.0.0.1", int(whole.env["HACER_DISCOVERY_PORT"])))
     whole.emulator.start()
@@ -107,8 +130,10 @@ def system(request, tmp_path_factory):
 def module_postgres_url():
     from sqlalchemy import text
 
-    from conftest import POSTGRES_URL
     from hacer.models import Database
+
+    from conftest import POSTGRES_URL
+
     schema = f"test_{uuid.uuid4().hex[:10]}"
     admin = Database(POSTGRES_URL)
     try:
@@ -136,8 +161,11 @@ def node_of(system, node_type):
 
 
 def wait_run(system, thread_id, states=runstates.FINISHED_STATES, timeout=20):
-    return wait_until(lambda: (r := system.get(f"/api/runs/{thread_id}").json()).get("state") in states and r,
-                      timeout, f"run {thread_id} to reach {states}")
+    return wait_until(
+        lambda: (r := system.get(f"/api/runs/{thread_id}").json()).get("state") in states and r,
+        timeout,
+        f"run {thread_id} to reach {states}",
+    )
 
 
 def test_2015_node_endpoints_field_for_field(system):
@@ -148,8 +176,9 @@ def test_2015_node_endpoints_field_for_field(system):
     assert (node["type"], node["ip"], type(node["name"])) == ("toggle", toggle.ip, str)
     assert len(node["last_updated"]) == 19 and node["last_updated"][10] == "T"
     # fresh within a few seconds of the latest beacon (every 2 s), with no write per beacon
-    from datetime import datetime, timezone
-    age = datetime.now(timezone.utc).replace(tzinfo=None) - datetime.fromisoformat(node["last_updated"])
+    from datetime import datetime
+
+    age = datetime.now(UTC).replace(tzinfo=None) - datetime.fromisoformat(node["last_updated"])
     assert age.total_seconds() < 5
     assert system.get(f"/api/nodes/id/{toggle.id}").json() == node
     missing = system.get("/api/nodes/id/1")
@@ -163,8 +192,9 @@ def test_rename_accepts_2015_bodies_and_publishes_meta(system, bus):
     bus.sync()
     assert meta.messages and meta.messages[0].retain  # published when the node was first recorded
     # the 2015 app sends JSON without a JSON content type
-    answer = system.post(f"/api/nodes/id/{light.id}", data='{"name": "desk lamp", "other": 1}',
-                         headers={"Content-Type": "text/plain"})
+    answer = system.post(
+        f"/api/nodes/id/{light.id}", data='{"name": "desk lamp", "other": 1}', headers={"Content-Type": "text/plain"}
+    )
     assert answer.status_code == 200 and answer.json()["success"] is True
     assert system.get("/api/nodes/name/desk lamp").json()["id"] == light.id
     meta.wait_for(lambda m: json.loads(m.payload)["name"] == "desk lamp")
@@ -189,13 +219,26 @@ def test_scripts_list_and_exec_then_logs(system):
     run = wait_run(system, body["log_thread_id"])
     assert run["state"] == runstates.SUCCEEDED and run["exit_code"] == 0
     assert outlet.values["on"] == 1
-    entries = wait_until(lambda: (e := system.get(f"/api/logs/script/thread_id/{body['log_thread_id']}")
-                                  .json()["entry_list"]) and e[-1]["entry_type"] == "exit_status" and e, 10, "entries")
+    entries = wait_until(
+        lambda: (
+            (e := system.get(f"/api/logs/script/thread_id/{body['log_thread_id']}").json()["entry_list"])
+            and e[-1]["entry_type"] == "exit_status"
+            and e
+        ),
+        10,
+        "entries",
+    )
     assert [e["entry_type"] for e in entries] == ["launch", "sent_set", "result", "exit_status"]
     for entry in entries:
-        assert {k: type(v) for k, v in entry.items()} == {"id": int, "timestamp": str, "thread_id": int,
-                                                          "script_name": str, "params": list, "entry_type": str,
-                                                          "data": str}
+        assert {k: type(v) for k, v in entry.items()} == {
+            "id": int,
+            "timestamp": str,
+            "thread_id": int,
+            "script_name": str,
+            "params": list,
+            "entry_type": str,
+            "data": str,
+        }
         assert entry["params"] == ["1"] and entry["script_name"] == "toggle"  # without the node name
     by_name = system.post("/api/scripts/exec/name/test", json={"params": ["a", "b"]}).json()
     assert wait_run(system, by_name["log_thread_id"])["state"] == runstates.SUCCEEDED
@@ -254,13 +297,19 @@ def test_cancel_a_run_over_rest(system, tmp_path):
 def test_health_and_types(system):
     health = system.get("/api/health").json()
     assert health["status"] == "ok" and health["bridge"] == "online" and health["runners"]
-    assert system.get("/api/node_types").json()["node_types"] == ["toggle", "light_rgb", "sensor_temp",
-                                                                  "thermostat", "other"]
+    assert system.get("/api/node_types").json()["node_types"] == [
+        "toggle",
+        "light_rgb",
+        "sensor_temp",
+        "thermostat",
+        "other",
+    ]
     assert system.get("/api/nowhere").json()["error"] == "not found"
 
 
 def test_delete_node_clears_its_retained_topics(system, bus):
     from emulator.nodes import EmulatedNode
+
     gone = EmulatedNode(777000 + uuid.uuid4().int % 1000, "toggle", "127.0.0.99")
     system.emulator.send_beacon(gone)
     wait_until(lambda: system.get(f"/api/nodes/id/{gone.id}").status_code == 200, 10, "the node recorded")
@@ -275,6 +324,7 @@ def test_delete_node_clears_its_retained_topics(system, bus):
 
 def socket_client(system, **auth):
     import socketio
+
     client = socketio.Client(reconnection=False)
     received = {"snapshot": [], "event": []}
     client.on("snapshot", lambda data: received["snapshot"].append(data))
@@ -293,23 +343,46 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
         assert {n.id for n in system.nodes} <= ids and isinstance(snapshot["seq"], int)
         light = node_of(system, "light_rgb")
         system.post(f"/api/nodes/id/{light.id}/set", json={"color": 0x123456})
-        wait_until(lambda: any(e["kind"] == "node" and e["data"]["id"] == light.id and
-                               e["data"]["values"].get("color") == 0x123456 for e in client.received["event"]),
-                   10, "the node's new value")
+        wait_until(
+            lambda: any(
+                e["kind"] == "node" and e["data"]["id"] == light.id and e["data"]["values"].get("color") == 0x123456
+                for e in client.received["event"]
+            ),
+            10,
+            "the node's new value",
+        )
         fifo = system.work / f"ws-{uuid.uuid4().hex[:6]}.fifo"
         os.mkfifo(fifo)
         run = system.post("/api/scripts/exec/name/block", json={"params": [str(fifo)]}).json()
         client.emit("watch_run", {"run_id": run["run_id"]})
-        wait_until(lambda: any(e["kind"] == "run" and e["data"]["run_id"] == run["run_id"] and
-                               e["data"]["state"] == "running" for e in client.received["event"]), 10, "running")
+        wait_until(
+            lambda: any(
+                e["kind"] == "run" and e["data"]["run_id"] == run["run_id"] and e["data"]["state"] == "running"
+                for e in client.received["event"]
+            ),
+            10,
+            "running",
+        )
         with open(fifo, "w") as pipe:
             pipe.write("go")
-        wait_until(lambda: any(e["kind"] == "run" and e["data"]["run_id"] == run["run_id"] and
-                               e["data"]["state"] == "succeeded" for e in client.received["event"]), 10, "run events")
-        wait_until(lambda: "exit_status" in [e["data"]["entry_type"] for e in client.received["event"]
-                                             if e["kind"] == "log"], 10, "the watched run's log")
-        logged = [e["data"]["entry_type"] for e in client.received["event"]
-                  if e["kind"] == "log" and e["data"]["run_id"] == run["run_id"]]
+        wait_until(
+            lambda: any(
+                e["kind"] == "run" and e["data"]["run_id"] == run["run_id"] and e["data"]["state"] == "succeeded"
+                for e in client.received["event"]
+            ),
+            10,
+            "run events",
+        )
+        wait_until(
+            lambda: "exit_status" in [e["data"]["entry_type"] for e in client.received["event"] if e["kind"] == "log"],
+            10,
+            "the watched run's log",
+        )
+        logged = [
+            e["data"]["entry_type"]
+            for e in client.received["event"]
+            if e["kind"] == "log" and e["data"]["run_id"] == run["run_id"]
+        ]
         assert logged[-2:] == ["output", "exit_status"]
         seqs = [e["seq"] for e in client.received["event"]]
         assert seqs == sorted(seqs)
@@ -323,8 +396,14 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
         wait_until(lambda: again.received["snapshot"], 10, "a snapshot")
         again.received["event"].clear()
         again.emit("resume", {"seq": last})
-        wait_until(lambda: any(e["kind"] == "node" and e["data"].get("values", {}).get("color") == 0x654321
-                               for e in again.received["event"]), 10, "the missed event")
+        wait_until(
+            lambda: any(
+                e["kind"] == "node" and e["data"].get("values", {}).get("color") == 0x654321
+                for e in again.received["event"]
+            ),
+            10,
+            "the missed event",
+        )
         assert all(e["seq"] > last for e in again.received["event"])
         again.received["snapshot"].clear()
         again.emit("resume", {"seq": -5})  # too old: a fresh snapshot instead
@@ -335,8 +414,7 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
 
 def test_token_protects_rest_and_websockets(system):
     port = free_port()
-    api = system.start_part("api",
-                            env={"HACER_HTTP_PORT": str(port), "HACER_API_TOKEN": "s3cret"})
+    api = system.start_part("api", env={"HACER_HTTP_PORT": str(port), "HACER_API_TOKEN": "s3cret"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: port_answers("127.0.0.1", port), 20, "the second api")
@@ -344,9 +422,11 @@ def test_token_protects_rest_and_websockets(system):
         ok = requests.get(url + "/api/nodes", headers={"Authorization": "Bearer s3cret"}, timeout=5)
         assert ok.status_code == 200 and ok.json()["node_list"]
         import socketio
+
         with pytest.raises(socketio.exceptions.ConnectionError):
-            socketio.Client(reconnection=False).connect(url, transports=["websocket"], auth={"token": "wrong"},
-                                                        wait_timeout=5)
+            socketio.Client(reconnection=False).connect(
+                url, transports=["websocket"], auth={"token": "wrong"}, wait_timeout=5
+            )
         good = socketio.Client(reconnection=False)
         snapshots = []
         good.on("snapshot", snapshots.append)
@@ -385,8 +465,9 @@ def test_request_parked_for_a_dead_runner_is_rescued(system, bus, tmp_path):
     ghost.send_signal(signal.SIGKILL)
     ghost.wait()
     states.wait_for(lambda m: b'"offline"' in m.payload, timeout=20)
-    thread_ids = [system.post("/api/scripts/exec/name/test", json={"params": [str(i)]}).json()["log_thread_id"]
-                  for i in range(6)]
+    thread_ids = [
+        system.post("/api/scripts/exec/name/test", json={"params": [str(i)]}).json()["log_thread_id"] for i in range(6)
+    ]
     runs = [wait_run(system, t, timeout=30) for t in thread_ids]
     assert all(r["state"] == runstates.SUCCEEDED for r in runs)
     assert {r["runner"] for r in runs} == {system.env["HACER_RUNNER_ID"]}
@@ -408,19 +489,36 @@ def test_two_api_processes_both_relay_and_write_once(system):
         thread_ids = []
         for index in range(20):
             target = system if index % 2 else second_system
-            answer = requests.post(f"{target.url}/api/scripts/exec/name/test", json={"params": [str(index)]},
-                                   timeout=10).json()
+            answer = requests.post(
+                f"{target.url}/api/scripts/exec/name/test", json={"params": [str(index)]}, timeout=10
+            ).json()
             thread_ids.append(answer["log_thread_id"])
         for thread_id in thread_ids:
             wait_run(system, thread_id)
         for client in (first_client, second_client):
-            wait_until(lambda c=client: len({e["data"]["run_id"] for e in c.received["event"]
-                                             if e["kind"] == "run" and e["data"]["state"] == "succeeded"}) >= 20,
-                       10, "every run's end relayed by this api")
+            wait_until(
+                lambda c=client: (
+                    len(
+                        {
+                            e["data"]["run_id"]
+                            for e in c.received["event"]
+                            if e["kind"] == "run" and e["data"]["state"] == "succeeded"
+                        }
+                    )
+                    >= 20
+                ),
+                10,
+                "every run's end relayed by this api",
+            )
             client.disconnect()
         for thread_id in thread_ids:
-            entries = wait_until(lambda t=thread_id: (e := system.get(f"/api/logs/script/thread_id/{t}")
-                                                      .json()["entry_list"]) and len(e) >= 3 and e, 10, "entries")
+            entries = wait_until(
+                lambda t=thread_id: (
+                    (e := system.get(f"/api/logs/script/thread_id/{t}").json()["entry_list"]) and len(e) >= 3 and e
+                ),
+                10,
+                "entries",
+            )
             assert [e["entry_type"] for e in entries] == ["launch", "output", "exit_status"]
         assert len(set(thread_ids)) == 20
     finally:
@@ -434,17 +532,30 @@ def test_gunicorn_with_the_eventlet_worker_serves_the_api(system, bus):
     # Asked for every interface but given no token: loopback only, as `manage.py api` does.
     env = {**system.env, "HACER_HTTP_PORT": str(port), "HACER_HTTP_HOST": "0.0.0.0", "HACER_API_TOKEN": ""}
     log = open(system.work / "gunicorn.log", "ab")
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "api/gunicorn.conf.py", "api.wsgi:app"],
-                              env=env, cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "api/gunicorn.conf.py", "api.wsgi:app"],
+        env=env,
+        cwd=PROJECT_DIR,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: port_answers("127.0.0.1", port), 20, "gunicorn to listen")
-        listening = wait_until(lambda: re.search(r"Listening at: (\S+)", (system.work / "gunicorn.log").read_text()),
-                               10, "gunicorn's listening line")
+        listening = wait_until(
+            lambda: re.search(r"Listening at: (\S+)", (system.work / "gunicorn.log").read_text()),
+            10,
+            "gunicorn's listening line",
+        )
         assert listening.group(1) == f"http://127.0.0.1:{port}"
         nodes = requests.get(f"http://127.0.0.1:{port}/api/nodes", timeout=10).json()["node_list"]
         assert {n.id for n in system.nodes} <= {n["id"] for n in nodes}
-        health = wait_until(lambda: (h := requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)).status_code
-                            == 200 and h.json(), 20, "gunicorn's api to see the bus")
+        health = wait_until(
+            lambda: (
+                (h := requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10)).status_code == 200 and h.json()
+            ),
+            20,
+            "gunicorn's api to see the bus",
+        )
         assert health["broker"] == "connected"
         client = socket_client(type("Gunicorn", (), {"url": f"http://127.0.0.1:{port}"})())
         wait_until(lambda: client.received["snapshot"], 10, "a snapshot through gunicorn")
@@ -458,9 +569,12 @@ def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
     if "HACER_DATABASE_URL" in system.env:
         pytest.skip("no database in this path: run once, on the SQLite system (it takes 40 s)")
     import websocket  # the websocket-client package: a raw client that can stop reading
-    slow = websocket.create_connection(f"ws://127.0.0.1:{system.env['HACER_HTTP_PORT']}/socket.io/"
-                                       "?EIO=4&transport=websocket",
-                                       sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),), timeout=10)
+
+    slow = websocket.create_connection(
+        f"ws://127.0.0.1:{system.env['HACER_HTTP_PORT']}/socket.io/?EIO=4&transport=websocket",
+        sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),),
+        timeout=10,
+    )
     assert slow.recv().startswith("0")  # engine.io open
     slow.send("40")  # socket.io connect; from here on it never reads
     fast = socket_client(system)
@@ -471,9 +585,13 @@ def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
             for index in range(start, start + step):  # QoS 1: the broker may drop QoS 0 to a busy subscriber
                 bus.publish(f"hacer/nodes/{node_id}/state", json.dumps({"n": index}))
             # At the pace a reading client keeps (the broker alone delivers faster than a client reads).
-            wait_until(lambda last=start + step - 1: any(e["kind"] == "node" and e["data"]["values"].get("n") == last
-                                                         for e in fast.received["event"][-50:]), 60,
-                       "the fast client to get the step's last event")
+            wait_until(
+                lambda last=start + step - 1: any(
+                    e["kind"] == "node" and e["data"]["values"].get("n") == last for e in fast.received["event"][-50:]
+                ),
+                60,
+                "the fast client to get the step's last event",
+            )
         assert fast.connected
 
         def slow_is_closed():
@@ -494,7 +612,8 @@ def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
 
 def test_a_long_log_read_without_paging_is_bounded_and_paging_reads_it_all(system):
     (system.work / "scripts" / "chatty.py").write_text(
-        "import sys\nfor i in range(700):\n    print(f'{i:05d}' + 'x' * 8000)\n")
+        "import sys\nfor i in range(700):\n    print(f'{i:05d}' + 'x' * 8000)\n"
+    )
     started = system.post("/api/scripts/exec/name/chatty").json()
     assert wait_run(system, started["log_thread_id"], timeout=60)["state"] == runstates.SUCCEEDED
     path = f"/api/logs/script/thread_id/{started['log_thread_id']}"
@@ -510,4 +629,4 @@ def test_a_long_log_read_without_paging_is_bounded_and_paging_reads_it_all(syste
     unpaged = system.get(path).json()
     assert unpaged["truncated"] is True
     assert sum(len(e["data"]) for e in unpaged["entry_list"]) <= 4 * 1024 * 1024
-    assert [e["id"] for e in unpaged["entry_list"]] == [e["id"] for e in paged[:len(unpaged["entry_list"])]]
+    assert [e["id"] for e in unpaged["entry_list"]] == [e["id"] for e in paged[: len(unpaged["entry_list"])]]

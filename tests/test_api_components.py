@@ -3,6 +3,7 @@
 What crosses processes is proven in test_api.py against the real system; these pin down the
 app's own behaviour quickly and run it in Flask-SocketIO's `threading` mode.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ class RecordingBus:
 
     def deliver(self, topic: str, payload: bytes, retain: bool = False) -> None:
         from paho.mqtt.client import topic_matches_sub
+
         for topic_filter, handler in self.handlers:
             if topic_filter.startswith("$share/"):  # $share/<group>/<filter>
                 topic_filter = topic_filter.split("/", 2)[2]
@@ -71,8 +73,13 @@ def test_exec_records_the_run_and_publishes_the_request(app):
     assert body["status"] == "ok" and body["log_thread_id"] == 1
     topic, payload, retain = app.bus.published[-1]
     request = RunRequest.from_payload(payload)
-    assert (topic, retain, request.script, request.params, request.run_id) == \
-        ("hacer/runs/request", False, "lamp", ("7", "1"), body["run_id"])
+    assert (topic, retain, request.script, request.params, request.run_id) == (
+        "hacer/runs/request",
+        False,
+        "lamp",
+        ("7", "1"),
+        body["run_id"],
+    )
     assert client.get(f"/api/runs/{body['log_thread_id']}").get_json()["state"] == "queued"
 
 
@@ -99,6 +106,7 @@ def test_websocket_snapshot_then_live_node_event(app):
 
 def test_node_messages_that_change_nothing_send_no_event(app):
     from hacer.messages import NodeMeta
+
     ws = app.extensions["socketio"].test_client(app)
     ws.get_received()
     presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0).to_payload()
@@ -113,31 +121,42 @@ def test_node_messages_that_change_nothing_send_no_event(app):
 
 def test_a_late_watcher_gets_the_runs_kept_log(app):
     from hacer.messages import LogEntry
+
     for seq, entry_type in enumerate(["launch", "output", "exit_status"], start=1):
         app.bus.deliver("hacer/runs/r1/log", LogEntry("r1", seq, 1.0, entry_type, "x").to_payload())
     ws = app.extensions["socketio"].test_client(app)
     ws.get_received()
     ws.emit("watch_run", {"run_id": "r1"})
     replayed = [r["args"][0]["data"] for r in ws.get_received() if r["name"] == "event"]
-    assert [(e["run_id"], e["seq"], e["entry_type"]) for e in replayed] == \
-        [("r1", 1, "launch"), ("r1", 2, "output"), ("r1", 3, "exit_status")]
+    assert [(e["run_id"], e["seq"], e["entry_type"]) for e in replayed] == [
+        ("r1", 1, "launch"),
+        ("r1", 2, "output"),
+        ("r1", 3, "exit_status"),
+    ]
     ws.disconnect()
 
 
 def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_node(tmp_path):
     # Otherwise a rename or delete the api publishes at once could reach the broker first,
     # and this blank meta would then overwrite it.
-    from recorder.service import Recorder
-    from conftest import wait_until
     from hacer.messages import NodeMeta
+    from recorder.service import Recorder
+
+    from conftest import wait_until
+
     database = Database(f"sqlite:///{tmp_path / 'recorder.db'}")
     database.init()
     visible_at_confirm = []
 
     class ConfirmingBus(RecordingBus):
-        def start(self): pass
-        def stop(self, end_session=False): pass
-        def ack(self, message): pass
+        def start(self):
+            pass
+
+        def stop(self, end_session=False):
+            pass
+
+        def ack(self, message):
+            pass
 
         def publish_confirmed(self, messages, *, retain=False, timeout=10.0):
             with database.session() as session:  # what the api would see now
@@ -149,7 +168,9 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
     recorder = Recorder(bus, bus.topics, database.session)
     recorder.start()
     try:
-        bus.deliver(bus.topics.build("node_presence", 42), Presence(42, "toggle", "10.0.0.42", "online", 1.0, 1.0).to_payload())
+        bus.deliver(
+            bus.topics.build("node_presence", 42), Presence(42, "toggle", "10.0.0.42", "online", 1.0, 1.0).to_payload()
+        )
         wait_until(lambda: recorder.written == 1, 10, "the presence recorded")
     finally:
         recorder.stop()
@@ -163,17 +184,27 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
 def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(tmp_path, database, request):
     # Two recorders share the work: one may read a run, then the other finish it, then the
     # first apply an older status. The batch's steps are driven by hand to put them in that order.
-    from recorder.service import Recorder
     from hacer import runstates
     from hacer.messages import RunStatus
     from hacer.models import Run
+    from recorder.service import Recorder
+
     url = request.getfixturevalue("postgres_url") if database == "postgresql" else f"sqlite:///{tmp_path / 'r.db'}"
     database = Database(url)
     database.init()
     first, second = (Recorder(RecordingBus(), Topics(), database.session) for _ in range(2))
     running = RunStatus("r1", "lamp", ("hall",), runstates.RUNNING, "runner-a", queued_at=1.0, started_at=2.0)
-    succeeded = RunStatus("r1", "lamp", ("hall",), runstates.SUCCEEDED, "runner-a", exit_code=0, queued_at=1.0,
-                          started_at=2.0, finished_at=3.0)
+    succeeded = RunStatus(
+        "r1",
+        "lamp",
+        ("hall",),
+        runstates.SUCCEEDED,
+        "runner-a",
+        exit_code=0,
+        queued_at=1.0,
+        started_at=2.0,
+        finished_at=3.0,
+    )
     with database.session() as session:
         first._status(session, {}, RunStatus("r1", "lamp", ("hall",), runstates.QUEUED, "runner-a", queued_at=1.0))
         session.commit()

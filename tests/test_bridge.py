@@ -1,4 +1,5 @@
 """The bridge as a process: real mosquitto, real UDP beacons and TCP nodes on 127/8."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import uuid
 
 import pytest
 
-from emulator.nodes import Emulator, EmulatedNode, make_nodes
-from hacer.messages import BridgeStats, CommandResult, NodeValues, Presence
+from emulator.nodes import EmulatedNode, Emulator, make_nodes
+from hacer.messages import BridgeStats, CommandResult, NodeValues
 
 from conftest import presence_of, target, wait_until
 
@@ -17,9 +18,13 @@ from conftest import presence_of, target, wait_until
 @pytest.fixture
 def nodes(bridge_env):
     """One emulated node of each type, on 127.0.0.2..5, serving this test's node port."""
-    made = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"],
-                      port=int(bridge_env["HACER_NODE_PORT"]), interval=0.5,
-                      base_id=uuid.uuid4().int % 10**9)
+    made = make_nodes(
+        4,
+        ["toggle", "light_rgb", "thermostat", "sensor_temp"],
+        port=int(bridge_env["HACER_NODE_PORT"]),
+        interval=0.5,
+        base_id=uuid.uuid4().int % 10**9,
+    )
     emulator = Emulator(made, target(bridge_env))
     yield made, emulator
     emulator.stop()
@@ -126,7 +131,12 @@ def test_set_and_get_round_trips_for_every_type(start_bridge, nodes, make_bus, w
         (light, "get", '"color"', {"ok": True, "value": 0x00FF80, "raw": "+i65408e"}),
         (thermostat, "get", "temperature", {"ok": True, "value": 21, "raw": "+i21e"}),
         (thermostat, "set", '{"target": 23}', {"ok": True, "value": 23}),
-        (thermostat, "set", '{"temperature": 30}', {"ok": False, "error": "Key Is Read Only", "raw": "-Key Is Read Only"}),
+        (
+            thermostat,
+            "set",
+            '{"temperature": 30}',
+            {"ok": False, "error": "Key Is Read Only", "raw": "-Key Is Read Only"},
+        ),
         (sensor, "get", "humidity", {"ok": False, "error": "Key Not Found", "raw": "-Key Not Found"}),
         (light, "get", "humidity", {"ok": False, "error": "Key Not Found", "raw": "-13:Key Not Found"}),
         (sensor, "get", '["temperature", "name"]', {"ok": True, "value": 21}),
@@ -142,8 +152,12 @@ def test_set_and_get_round_trips_for_every_type(start_bridge, nodes, make_bus, w
             assert getattr(result, field) == value, (payload, result)
     assert toggle.values["on"] == 1 and light.values == {"color": 0x00FF80, "name": "desk"}
     assert thermostat.values["target"] == 23
-    states.wait_for(lambda m: topics.node_id(m.topic) == light.id and
-                    NodeValues.from_payload(m.payload).values == {"color": 0x00FF80, "name": "desk"})
+    states.wait_for(
+        lambda m: (
+            topics.node_id(m.topic) == light.id
+            and NodeValues.from_payload(m.payload).values == {"color": 0x00FF80, "name": "desk"}
+        )
+    )
     late = watch(topics.build("node_state", thermostat.id))
     assert late.messages[0].retain
     assert NodeValues.from_payload(late.messages[0].payload).values == {"temperature": 21, "target": 23}
@@ -157,8 +171,12 @@ def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch
     presence.wait_for(lambda m: presence_of(m).id == made[0].id)
     replies = watch(topics.prefix + "/replies/me/1")
     bus = make_bus()
-    bus._client.publish(topics.build("node_get", made[0].id), "on", qos=1,
-                        properties=_request_properties(topics.prefix + "/replies/me/1", b"xyz"))
+    bus._client.publish(
+        topics.build("node_get", made[0].id),
+        "on",
+        qos=1,
+        properties=_request_properties(topics.prefix + "/replies/me/1", b"xyz"),
+    )
     reply = replies.wait_for(lambda m: True)
     assert reply.correlation == b"xyz" and result_of(reply).value == 0
 
@@ -166,6 +184,7 @@ def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch
 def _request_properties(response_topic, correlation):
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
+
     properties = Properties(PacketTypes.PUBLISH)
     properties.ResponseTopic = response_topic
     properties.CorrelationData = correlation
@@ -199,8 +218,9 @@ def test_dead_node_times_out_without_blocking_others(start_bridge, bridge_env, n
     unknown = result_of(results.wait_for(lambda m: m.correlation == b"unknown"))
     assert not unknown.ok and unknown.error == "unknown node"
     timed_out = results.wait_for(lambda m: m.correlation == b"mute")
-    assert results.messages.index(timed_out) > max(results.messages.index(m) for m in results.messages
-                                                   if m.correlation and m.correlation.startswith(b"ok"))
+    assert results.messages.index(timed_out) > max(
+        results.messages.index(m) for m in results.messages if m.correlation and m.correlation.startswith(b"ok")
+    )
     assert "no reply within 1 s" in result_of(timed_out).error
 
 
@@ -221,21 +241,35 @@ def test_bad_datagrams_are_counted_and_dropped(start_bridge, bridge_env, watch, 
     stats = watch(topics.build("bridge_stats"))
     presence = watch(topics.filter("node_presence"))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for datagram in [b"garbage", b"[]", b'{"id": "x", "type": "toggle"}', b'{"id": 1}', b"{" * 2000,
-                         b'{"id": 1, "type": "toggle", "port": 0}']:
+        for datagram in [
+            b"garbage",
+            b"[]",
+            b'{"id": "x", "type": "toggle"}',
+            b'{"id": 1}',
+            b"{" * 2000,
+            b'{"id": 1, "type": "toggle", "port": 0}',
+        ]:
             sock.sendto(datagram, target(bridge_env))
         sock.sendto(b'{"id": 8, "type": "toggle"}', target(bridge_env))
     presence.wait_for(lambda m: presence_of(m).id == 8)
     message = stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).accepted == 1, timeout=5)
     counted = BridgeStats.from_payload(message.payload)
-    assert counted.dropped == {"not_json": 1, "not_object": 1, "bad_id": 1, "bad_type": 1,
-                               "too_large": 1, "bad_field": 1}
+    assert counted.dropped == {
+        "not_json": 1,
+        "not_object": 1,
+        "bad_id": 1,
+        "bad_type": 1,
+        "too_large": 1,
+        "bad_field": 1,
+    }
     assert counted.datagrams == 7 and counted.kernel_drops == 0
     assert bridge.process.poll() is None
     assert "dropped 1 bad datagram" in bridge.output()
 
 
-def test_broker_restart_mid_stream_presence_whole_again(start_bridge, bridge_env, broker, nodes, make_bus, watch, topics):
+def test_broker_restart_mid_stream_presence_whole_again(
+    start_bridge, bridge_env, broker, nodes, make_bus, watch, topics
+):
     start_bridge()
     made, emulator = nodes
     presence = watch(topics.filter("node_presence"))
@@ -253,15 +287,17 @@ def test_broker_restart_mid_stream_presence_whole_again(start_bridge, bridge_env
     bridge_state = watch(topics.build("bridge_state"))
     bridge_state.wait_for(lambda m: m.payload == b"online", timeout=15)
     wanted = {n.id for n in made} | {77}
-    wait_until(lambda: {presence_of(m).id for m in fresh.messages} >= wanted, timeout=15,
-               what="all presences republished")
+    wait_until(
+        lambda: {presence_of(m).id for m in fresh.messages} >= wanted, timeout=15, what="all presences republished"
+    )
     results = watch(topics.filter("node_result"))
     command(make_bus(), topics, made[0].id, "get", "on", b"after")
     assert result_of(results.wait_for(lambda m: m.correlation == b"after")).ok
 
 
 def test_fuzzed_datagrams_never_stop_the_bridge(start_bridge, bridge_env, watch, topics):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     bridge = start_bridge()
     stats = watch(topics.build("bridge_stats"))
@@ -269,11 +305,17 @@ def test_fuzzed_datagrams_never_stop_the_bridge(start_bridge, bridge_env, watch,
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(st.binary(min_size=1, max_size=1500),
-                     st.dictionaries(st.sampled_from(["id", "type", "name", "interval", "port", "state"]),
-                                     st.one_of(st.integers(-2, 2**60), st.text(max_size=8), st.none(),
-                                               st.floats(allow_nan=False), st.booleans()))
-                     .map(lambda d: json.dumps(d).encode())))
+    @given(
+        st.one_of(
+            st.binary(min_size=1, max_size=1500),
+            st.dictionaries(
+                st.sampled_from(["id", "type", "name", "interval", "port", "state"]),
+                st.one_of(
+                    st.integers(-2, 2**60), st.text(max_size=8), st.none(), st.floats(allow_nan=False), st.booleans()
+                ),
+            ).map(lambda d: json.dumps(d).encode()),
+        )
+    )
     def send(datagram):
         sock.sendto(datagram, target(bridge_env))
         sent.append(datagram)

@@ -1,20 +1,18 @@
 """The production broker config: authentication, the per-role ACL, and the bridge running under it."""
+
 import os
-import shutil
 import signal
-import subprocess
 import time
-import uuid
 
 import pytest
 
-from emulator.nodes import Emulator, EmulatedNode
-from hacer.broker import CONFIG_DIR, BrokerProcess
+from emulator.nodes import EmulatedNode, Emulator
 from hacer.bus import Bus, BusError
 from hacer.messages import Presence
 from hacer.topics import Topics
 
-from conftest import Watcher, free_port, url, wait_until
+from conftest import Watcher, url, wait_until
+
 
 def test_anonymous_and_wrong_password_refused(connect, production_broker):
     with pytest.raises(BusError):
@@ -77,8 +75,7 @@ def test_bridge_works_under_its_role(production_broker, spawn, hacer_env, connec
 
 
 @pytest.mark.parametrize("kill", [False, True])
-def test_dev_broker_keeps_retained_messages_across_a_restart_and_a_kill_after_its_save(broker, make_bus, watch,
-                                                                                      kill):
+def test_dev_broker_keeps_retained_messages_across_a_restart_and_a_kill_after_its_save(broker, make_bus, watch, kill):
     # It saves every second (a speed setting: hacer's parts resend what is not confirmed), and on a clean stop.
     store = broker.work_dir / "data" / "mosquitto.db"
     bus = make_bus()

@@ -1,6 +1,7 @@
 """Nothing lost, nothing run twice: runs requested over REST and MQTT while the broker, a runner
 and the recorder are killed. Real mosquitto, real processes, SQLite; bench/bench_chaos.py is
 the long version."""
+
 from __future__ import annotations
 
 import random
@@ -41,23 +42,33 @@ def database_runs(url):
             entries: dict[int, list[ScriptLogEntry]] = {}
             for entry in session.scalars(select(ScriptLogEntry).order_by(ScriptLogEntry.seq)):
                 entries.setdefault(entry.thread_id, []).append(entry)
-            return {run_id: (run, [(e.seq, e.entry_type.name, e.data) for e in entries.get(run.id, [])])
-                    for run_id, run in runs.items()}
+            return {
+                run_id: (run, [(e.seq, e.entry_type.name, e.data) for e in entries.get(run.id, [])])
+                for run_id, run in runs.items()
+            }
     finally:
         database.engine.dispose()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(broker, spawn, hacer_env, tmp_path,
-                                                                             topics, watch):
+def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(
+    broker, spawn, hacer_env, tmp_path, topics, watch
+):
     rng = random.Random(int(time.time()))
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "chaos.py").write_text(CHAOS_SCRIPT)
     starts = tmp_path / "starts.txt"
-    env = {**hacer_env, "HACER_SCRIPTS_DIR": str(scripts), "HACER_RUNNER_TAKEOVER": "3", "HACER_RESEND_AFTER": "1",
-           "HACER_RESCUE_AFTER": "2", "HACER_HTTP_PORT": str(free_port()), "HACER_RUNNER_CAPACITY": "4"}
+    env = {
+        **hacer_env,
+        "HACER_SCRIPTS_DIR": str(scripts),
+        "HACER_RUNNER_TAKEOVER": "3",
+        "HACER_RESEND_AFTER": "1",
+        "HACER_RESCUE_AFTER": "2",
+        "HACER_HTTP_PORT": str(free_port()),
+        "HACER_RUNNER_CAPACITY": "4",
+    }
     url = f"http://127.0.0.1:{env['HACER_HTTP_PORT']}"
     database_url = f"sqlite:///{env['HADB_PATH']}"
     runners = watch("hacer/runners/+/state")
@@ -66,8 +77,9 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(bro
     spawn(["runner"], {**env, "HACER_RUNNER_ID": "survivor"}, name="runner-survivor")
     spawn(["api"], env)
     for runner_id in ("doomed", "survivor"):
-        runners.wait_for(lambda m, r=runner_id: m.topic == f"hacer/runners/{r}/state" and b'"online"' in m.payload,
-                         timeout=30)
+        runners.wait_for(
+            lambda m, r=runner_id: m.topic == f"hacer/runners/{r}/state" and b'"online"' in m.payload, timeout=30
+        )
     wait_until(lambda: port_answers("127.0.0.1", int(env["HACER_HTTP_PORT"])), 30, "the api")
 
     requested: list[str] = []
@@ -79,8 +91,9 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(bro
     def over_rest(index: int) -> None:
         for _ in range(100):  # the api answers while the broker is away; retry only a refused connection
             try:
-                answer = requests.post(f"{url}/api/scripts/exec/name/chaos", json={"params": [f"rest{index}", str(starts)]},
-                                       timeout=30)
+                answer = requests.post(
+                    f"{url}/api/scripts/exec/name/chaos", json={"params": [f"rest{index}", str(starts)]}, timeout=30
+                )
                 break
             except requests.ConnectionError:
                 time.sleep(0.1)
@@ -123,15 +136,25 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(bro
     assert len(requested) == 120
 
     def unfinished(rows):
-        return [(r, rows[r][0].state if r in rows else None, len(rows[r][1]) if r in rows else 0) for r in requested
-                if r not in rows or rows[r][0].state not in runstates.FINISHED_STATES or
-                (rows[r][0].state != runstates.LOST and (not rows[r][1] or rows[r][1][-1][1] != "exit_status"))]
+        return [
+            (r, rows[r][0].state if r in rows else None, len(rows[r][1]) if r in rows else 0)
+            for r in requested
+            if r not in rows
+            or rows[r][0].state not in runstates.FINISHED_STATES
+            or (rows[r][0].state != runstates.LOST and (not rows[r][1] or rows[r][1][-1][1] != "exit_status"))
+        ]
+
     try:
-        rows = wait_until(lambda: not unfinished(rows := database_runs(database_url)) and rows, 150,
-                          "every run finished, with its whole log, in the database")
+        rows = wait_until(
+            lambda: not unfinished(rows := database_runs(database_url)) and rows,
+            150,
+            "every run finished, with its whole log, in the database",
+        )
     except AssertionError:
-        raise AssertionError(f"unfinished runs: {unfinished(database_runs(database_url))[:10]}; recorder exit: "
-                             f"{recorders[-1].process.poll()}") from None
+        raise AssertionError(
+            f"unfinished runs: {unfinished(database_runs(database_url))[:10]}; recorder exit: "
+            f"{recorders[-1].process.poll()}"
+        ) from None
     bus.stop()
 
     started = starts.read_text().split()
@@ -151,5 +174,7 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(bro
         lines = "\n".join(data for _, kind, data in entries if kind == "output").split("\n")
         assert lines == [f"{lines[0].split()[0]} line {i}" for i in range(LINES)], f"{run_id}'s lines"
         assert started.count(run_id) == 1
-    print(f"runs: {len(requested)}, lost with the killed runner: "
-          f"{sum(rows[r][0].state == runstates.LOST for r in requested)}, started twice: {len(twice)}")
+    print(
+        f"runs: {len(requested)}, lost with the killed runner: "
+        f"{sum(rows[r][0].state == runstates.LOST for r in requested)}, started twice: {len(twice)}"
+    )

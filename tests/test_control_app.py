@@ -1,4 +1,5 @@
 """The control app in headless Chromium (Debian's package, driven by Playwright) against the whole system."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,14 +7,21 @@ import time
 import uuid
 
 import pytest
+from test_api import System, module_postgres_url, system  # noqa: F401 - the whole-system fixtures
 
 from emulator.nodes import EmulatedNode
 
-from test_api import System, module_postgres_url, system  # noqa: F401 - the whole-system fixtures
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -21,6 +29,7 @@ def page(tmp_path):
     if CHROMIUM is None:
         pytest.fail("chromium is missing: `./setup.sh --dev` installs it (as root)")
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         context = browser.new_context()
@@ -31,12 +40,14 @@ def page(tmp_path):
 @pytest.mark.parametrize("system", ["sqlite"], indirect=True)
 def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: F811
     from playwright.sync_api import expect
+
     page.goto(system.url + "/")
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
     expect(page.locator("#bridge")).to_have_text("bridge online")
 
-    newcomer = EmulatedNode(880000 + uuid.uuid4().int % 10000, "toggle", "127.0.0.120",
-                            port=int(system.env["HACER_NODE_PORT"]))
+    newcomer = EmulatedNode(
+        880000 + uuid.uuid4().int % 10000, "toggle", "127.0.0.120", port=int(system.env["HACER_NODE_PORT"])
+    )
     system.emulator.send_beacon(newcomer)
     row = page.locator(f'#nodes tr[data-id="{newcomer.id}"]')
     expect(row.locator("td.state-online")).to_have_text("online", timeout=10_000)
@@ -51,8 +62,7 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     page.select_option("#script", "test")
     page.fill("#params", "from-the-browser 42")
     page.click("#run-form button")
-    expect(page.locator("#log")).to_contain_text("test script running with ['from-the-browser', '42']",
-                                                 timeout=10_000)
+    expect(page.locator("#log")).to_contain_text("test script running with ['from-the-browser', '42']", timeout=10_000)
     expect(page.locator("#log")).to_contain_text("[exit_status] success")
     expect(page.locator("#runs tbody tr").first).to_contain_text("succeeded", timeout=10_000)
     page.screenshot(path=str(system.work / "control-app.png"))
@@ -67,6 +77,7 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
     from hacer.broker import port_answers
 
     from conftest import wait_until
+
     page.goto(system.url + "/")
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
 
@@ -79,8 +90,9 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
     expect(page.locator("#connection")).to_have_text("live", timeout=20_000)
 
     system.broker.restart()
-    after = EmulatedNode(890000 + uuid.uuid4().int % 10000, "light_rgb", "127.0.0.121",
-                         port=int(system.env["HACER_NODE_PORT"]))
+    after = EmulatedNode(
+        890000 + uuid.uuid4().int % 10000, "light_rgb", "127.0.0.121", port=int(system.env["HACER_NODE_PORT"])
+    )
     # the bridge, the api and the page are all back once a new node's presence reaches the page
     row = page.locator(f'#nodes tr[data-id="{after.id}"] td.state-online')
     last_beacon = [0.0]

@@ -1,4 +1,5 @@
 """docs/topics.md documents exactly the topics of hacer/topics.py."""
+
 import re
 
 from hacer.settings import PROJECT_DIR

@@ -1,4 +1,5 @@
 """The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
+
 import os
 import signal
 import subprocess
@@ -64,8 +65,23 @@ def test_emulate_command_serves_nodes_the_bridge_commands(spawn, hacer_env, watc
     presence = watch("hacer/nodes/+/presence")
     results = watch("hacer/nodes/+/result")
     spawn(["bridge"], hacer_env)
-    spawn(["emulate", "--count", "2", "--types", "toggle,thermostat", "--interval", "1",
-           "--first-ip", "127.0.0.30", "--base-id", "5000"], hacer_env, name="emulate")
+    spawn(
+        [
+            "emulate",
+            "--count",
+            "2",
+            "--types",
+            "toggle,thermostat",
+            "--interval",
+            "1",
+            "--first-ip",
+            "127.0.0.30",
+            "--base-id",
+            "5000",
+        ],
+        hacer_env,
+        name="emulate",
+    )
     for node_id in (5000, 5001):
         presence.wait_for(lambda m, n=node_id: Presence.from_payload(m.payload).id == n, timeout=15)
     bus = make_bus()
@@ -76,16 +92,26 @@ def test_emulate_command_serves_nodes_the_bridge_commands(spawn, hacer_env, watc
 
 def test_settings_defaults_and_errors(tmp_path):
     settings = Settings.from_env({})
-    assert (settings.mqtt_url, settings.topic_prefix, settings.discovery_port, settings.node_port) == \
-        ("mqtt://127.0.0.1:1883", "hacer", 7775, 7777)
+    assert (settings.mqtt_url, settings.topic_prefix, settings.discovery_port, settings.node_port) == (
+        "mqtt://127.0.0.1:1883",
+        "hacer",
+        7775,
+        7777,
+    )
     assert settings.offline_after is None and settings.database_url.startswith("sqlite:///")
     db = tmp_path / "x.db"
     assert Settings.from_env({"HADB_PATH": str(db)}).database_url == f"sqlite:///{db}"
-    assert Settings.from_env({"HADB_PATH": str(db), "HACER_DATABASE_URL": "postgresql://h/db"}).database_url \
+    assert (
+        Settings.from_env({"HADB_PATH": str(db), "HACER_DATABASE_URL": "postgresql://h/db"}).database_url
         == "postgresql://h/db"
+    )
     assert Settings.from_env({"HACER_OFFLINE_AFTER": "90"}).offline_after == 90.0
-    for bad in ({"HACER_DISCOVERY_PORT": "x"}, {"HACER_NODE_PORT": "70000"}, {"HACER_TOPIC_PREFIX": "a/#"},
-                {"HACER_OFFLINE_AFTER": "-1"}):
+    for bad in (
+        {"HACER_DISCOVERY_PORT": "x"},
+        {"HACER_NODE_PORT": "70000"},
+        {"HACER_TOPIC_PREFIX": "a/#"},
+        {"HACER_OFFLINE_AFTER": "-1"},
+    ):
         with pytest.raises(SettingsError):
             Settings.from_env(bad)
 
@@ -118,8 +144,11 @@ def test_runserver_restarts_a_recorder_that_dies(spawn, hacer_env, broker, watch
     states = watch("hacer/recorders/+/state")
     server = spawn(["runserver"], {**hacer_env, "HACER_HTTP_PORT": str(free_port())})
     states.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
-    recorder = wait_until(lambda: [p for p in children_of(server.process.pid) if b"recorder" in command_line(p)],
-                          10, "runserver's recorder")[0]
+    recorder = wait_until(
+        lambda: [p for p in children_of(server.process.pid) if b"recorder" in command_line(p)],
+        10,
+        "runserver's recorder",
+    )[0]
     seen = len(states.messages)
     os.kill(recorder, signal.SIGKILL)
     states.wait_for(lambda m: b'"offline"' in m.payload, timeout=30, start=seen)  # its last will

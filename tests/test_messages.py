@@ -1,4 +1,5 @@
 """Payload checks: what a run's messages may hold before anything uses them."""
+
 import json
 
 import pytest
@@ -6,21 +7,33 @@ import pytest
 from hacer.messages import MessageError, NodeMeta, Presence, RunnerState, RunRequest, RunStatus
 
 
-@pytest.mark.parametrize("body", [
-    {"script": "toggle", "timeout": float("nan")},
-    {"script": "toggle", "timeout": float("inf")},
-    {"script": "to\u0000ggle"},
-    {"script": "toggle", "requested_by": "x\u0000"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"script": "toggle", "timeout": float("nan")},
+        {"script": "toggle", "timeout": float("inf")},
+        {"script": "to\u0000ggle"},
+        {"script": "toggle", "requested_by": "x\u0000"},
+    ],
+)
 def test_bad_requests_are_refused(body):
     with pytest.raises(MessageError):
         RunRequest.from_payload(json.dumps(body))
 
 
-@pytest.mark.parametrize("change", [
-    {"exit_code": {"a": 1}}, {"exit_code": 2**40}, {"state": "exploded"}, {"error": 5},
-    {"error": "e" * 5000}, {"runner": "r\u0000"}, {"params": "notalist"}, {"finished_at": "9999-12-31T23:00-05:00"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"exit_code": {"a": 1}},
+        {"exit_code": 2**40},
+        {"state": "exploded"},
+        {"error": 5},
+        {"error": "e" * 5000},
+        {"runner": "r\u0000"},
+        {"params": "notalist"},
+        {"finished_at": "9999-12-31T23:00-05:00"},
+    ],
+)
 def test_bad_statuses_are_refused(change):
     body = json.loads(RunStatus("p", "x", (), "running", "r").to_payload())
     with pytest.raises(MessageError):

@@ -1,4 +1,5 @@
 """Schema and fixed rows on SQLite and PostgreSQL; `initdb` and the 2015 shell set-up."""
+
 import subprocess
 import sys
 
@@ -19,8 +20,10 @@ def database_url(request, tmp_path):
 
 def fixed_rows(db):
     with db.session() as session:
-        return (sorted(session.scalars(select(NodeType.name))),
-                sorted(session.scalars(select(ScriptLogEntryType.name))))
+        return (
+            sorted(session.scalars(select(NodeType.name))),
+            sorted(session.scalars(select(ScriptLogEntryType.name))),
+        )
 
 
 def test_init_is_idempotent(database_url):
@@ -46,8 +49,14 @@ def test_2015_shell_setup_still_works(database_url):
 
 
 def run_manage(args, env, stdin=None):
-    return subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), *args], env=env, input=stdin,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_initdb_command_uses_hadb_path_and_database_url(hacer_env, tmp_path):
@@ -61,7 +70,11 @@ def test_initdb_command_uses_hadb_path_and_database_url(hacer_env, tmp_path):
 
 
 def test_shell_runs_the_2015_setup(hacer_env):
-    done = run_manage(["shell"], hacer_env, stdin="db.create_all()\nNodeType.insert_types()\n"
-                      "ScriptLogEntryType.insert_types()\nprint(sorted(t.name for t in db.session().scalars(select(NodeType))))\n")
+    done = run_manage(
+        ["shell"],
+        hacer_env,
+        stdin="db.create_all()\nNodeType.insert_types()\n"
+        "ScriptLogEntryType.insert_types()\nprint(sorted(t.name for t in db.session().scalars(select(NodeType))))\n",
+    )
     assert done.returncode == 0, done.stderr
     assert str(sorted(NODE_TYPES)) in done.stdout

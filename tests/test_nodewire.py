@@ -1,11 +1,24 @@
 """The 2015 wire formats: beacon JSON and the TCP value encoding, including fuzzing."""
+
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from hacer.nodewire import (Beacon, BeaconError, Reply, ReplyDecoder, WireError, decode_beacon,
-                            decode_request, encode_get, encode_reply, encode_set, encode_value)
+from hacer.nodewire import (
+    Beacon,
+    BeaconError,
+    Reply,
+    ReplyDecoder,
+    WireError,
+    decode_beacon,
+    decode_request,
+    encode_get,
+    encode_reply,
+    encode_set,
+    encode_value,
+)
 
 
 def test_2015_beacon_decodes():
@@ -18,29 +31,35 @@ def test_unknown_type_maps_to_other():
 
 
 def test_newer_optional_fields():
-    beacon = decode_beacon(json.dumps({"id": 7, "type": "thermostat", "name": "hall", "interval": 30,
-                                       "port": 8000, "state": {"temperature": 21}}).encode())
+    beacon = decode_beacon(
+        json.dumps(
+            {"id": 7, "type": "thermostat", "name": "hall", "interval": 30, "port": 8000, "state": {"temperature": 21}}
+        ).encode()
+    )
     assert (beacon.name, beacon.interval, beacon.port, beacon.state) == ("hall", 30.0, 8000, {"temperature": 21})
 
 
-@pytest.mark.parametrize("datagram, reason", [
-    (b"not json", "not_json"),
-    (b"\xff\xfe", "not_json"),
-    (b"[1, 2]", "not_object"),
-    (b'{"type": "toggle"}', "bad_id"),
-    (b'{"id": "12", "type": "toggle"}', "bad_id"),
-    (b'{"id": true, "type": "toggle"}', "bad_id"),
-    (b'{"id": -1, "type": "toggle"}', "bad_id"),
-    (b'{"id": 9007199254740992, "type": "toggle"}', "bad_id"),
-    (b'{"id": 1.5, "type": "toggle"}', "bad_id"),
-    (b'{"id": 1}', "bad_type"),
-    (b'{"id": 1, "type": 3}', "bad_type"),
-    (b'{"id": 1, "type": "toggle", "interval": 0}', "bad_field"),
-    (b'{"id": 1, "type": "toggle", "port": 70000}', "bad_field"),
-    (b'{"id": 1, "type": "toggle", "name": 5}', "bad_field"),
-    (b'{"id": 1, "type": "toggle", "state": {"on": [1]}}', "bad_field"),
-    (b'{"id": 1, "type": "toggle", "x": "' + b"a" * 1024 + b'"}', "too_large"),
-])
+@pytest.mark.parametrize(
+    "datagram, reason",
+    [
+        (b"not json", "not_json"),
+        (b"\xff\xfe", "not_json"),
+        (b"[1, 2]", "not_object"),
+        (b'{"type": "toggle"}', "bad_id"),
+        (b'{"id": "12", "type": "toggle"}', "bad_id"),
+        (b'{"id": true, "type": "toggle"}', "bad_id"),
+        (b'{"id": -1, "type": "toggle"}', "bad_id"),
+        (b'{"id": 9007199254740992, "type": "toggle"}', "bad_id"),
+        (b'{"id": 1.5, "type": "toggle"}', "bad_id"),
+        (b'{"id": 1}', "bad_type"),
+        (b'{"id": 1, "type": 3}', "bad_type"),
+        (b'{"id": 1, "type": "toggle", "interval": 0}', "bad_field"),
+        (b'{"id": 1, "type": "toggle", "port": 70000}', "bad_field"),
+        (b'{"id": 1, "type": "toggle", "name": 5}', "bad_field"),
+        (b'{"id": 1, "type": "toggle", "state": {"on": [1]}}', "bad_field"),
+        (b'{"id": 1, "type": "toggle", "x": "' + b"a" * 1024 + b'"}', "too_large"),
+    ],
+)
 def test_bad_beacons_name_their_reason(datagram, reason):
     with pytest.raises(BeaconError) as caught:
         decode_beacon(datagram)
@@ -57,9 +76,11 @@ def test_fuzz_beacon_bytes_only_raise_beacon_error(data):
         assert 0 <= beacon.id < 2**53
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=10)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
 
 
 @given(st.dictionaries(st.sampled_from(["id", "type", "name", "interval", "port", "state", "x"]), json_values))
@@ -83,16 +104,19 @@ def test_value_encoding_matches_2015():
         encode_value(1.5)
 
 
-@pytest.mark.parametrize("raw, reply", [
-    (b"+i23e", Reply(True, 23, "+i23e")),
-    (b"+15:Key Set Success", Reply(True, "Key Set Success", "+15:Key Set Success")),
-    (b"-13:Key Not Found", Reply(False, "Key Not Found", "-13:Key Not Found")),
-    (b"+i-5e", Reply(True, -5, "+i-5e")),
-])
+@pytest.mark.parametrize(
+    "raw, reply",
+    [
+        (b"+i23e", Reply(True, 23, "+i23e")),
+        (b"+15:Key Set Success", Reply(True, "Key Set Success", "+15:Key Set Success")),
+        (b"-13:Key Not Found", Reply(False, "Key Not Found", "-13:Key Not Found")),
+        (b"+i-5e", Reply(True, -5, "+i-5e")),
+    ],
+)
 def test_replies_decode_whole_or_byte_by_byte(raw, reply):
     assert ReplyDecoder().feed(raw) == reply
     decoder = ReplyDecoder()
-    results = [decoder.feed(raw[i:i + 1]) for i in range(len(raw))]
+    results = [decoder.feed(raw[i : i + 1]) for i in range(len(raw))]
     assert results[-1] == reply and all(r is None for r in results[:-1])
 
 
@@ -119,7 +143,7 @@ def test_incomplete_encoded_reply_is_an_error_at_close():
         decoder.finish()
 
 
-values = st.one_of(st.integers(min_value=-2**40, max_value=2**40), st.text(max_size=40))
+values = st.one_of(st.integers(min_value=-(2**40), max_value=2**40), st.text(max_size=40))
 
 
 @given(values, st.booleans(), st.data())
@@ -128,7 +152,7 @@ def test_fuzz_reply_roundtrip_any_split(value, ok, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
     decoder = ReplyDecoder()
     got = None
-    for start, end in zip([0, *cuts], [*cuts, len(raw)]):
+    for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
         result = decoder.feed(raw[start:end])
         if result is not None:
             got = result

@@ -1,4 +1,5 @@
 """/api/openapi.json documents every route, and real responses validate against it."""
+
 from __future__ import annotations
 
 import re
@@ -6,12 +7,11 @@ import uuid
 
 import jsonschema
 import pytest
+from test_api import System, module_postgres_url, node_of, system, wait_run  # noqa: F401
 
 from api.app import create_app
 from api.openapi import document
 from hacer.settings import Settings
-
-from test_api import System, module_postgres_url, node_of, system, wait_run  # noqa: F401
 
 
 def routes() -> set[tuple[str, str]]:
@@ -47,7 +47,12 @@ def test_real_responses_validate(system):  # noqa: F811
         ("get", "/api/nodes", "/api/nodes", {}),
         ("get", "/api/nodes/id/{node_id}", f"/api/nodes/id/{toggle.id}", {}),
         ("get", "/api/nodes/id/{node_id}", "/api/nodes/id/1", {}),
-        ("post", "/api/nodes/id/{node_id}", f"/api/nodes/id/{toggle.id}", {"json": {"name": f"n{uuid.uuid4().hex[:4]}"}}),
+        (
+            "post",
+            "/api/nodes/id/{node_id}",
+            f"/api/nodes/id/{toggle.id}",
+            {"json": {"name": f"n{uuid.uuid4().hex[:4]}"}},
+        ),
         ("post", "/api/nodes/id/{node_id}", f"/api/nodes/id/{toggle.id}", {"data": "nope"}),
         ("get", "/api/nodes/name/{name}", "/api/nodes/name/none", {}),
         ("post", "/api/nodes/id/{node_id}/set", f"/api/nodes/id/{toggle.id}/set", {"json": {"on": 1}}),
@@ -60,8 +65,12 @@ def test_real_responses_validate(system):  # noqa: F811
         ("get", "/api/runs/{key}", f"/api/runs/{started.json()['run_id']}", {}),
         ("post", "/api/runs/{key}/cancel", f"/api/runs/{started.json()['run_id']}/cancel", {}),
         ("get", "/api/logs/script", "/api/logs/script", {}),
-        ("get", "/api/logs/script/thread_id/{thread_id}",
-         f"/api/logs/script/thread_id/{started.json()['log_thread_id']}", {}),
+        (
+            "get",
+            "/api/logs/script/thread_id/{thread_id}",
+            f"/api/logs/script/thread_id/{started.json()['log_thread_id']}",
+            {},
+        ),
         ("get", "/api/health", "/api/health", {}),
         ("get", "/api/openapi.json", "/api/openapi.json", {}),
     ]

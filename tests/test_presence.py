@@ -1,7 +1,8 @@
 """The presence tracker alone, with a recording publisher and a hand-driven clock."""
+
+from bridge.presence import PresenceTracker
 from hacer.messages import OFFLINE, ONLINE
 from hacer.nodewire import Beacon
-from bridge.presence import PresenceTracker
 
 
 class RecordingPublisher:

@@ -1,4 +1,5 @@
 """The recorder: what it writes, what it sets aside, what it confirms; alone and against the real system."""
+
 from __future__ import annotations
 
 import json
@@ -6,16 +7,15 @@ import signal
 
 import pytest
 from sqlalchemy import func, select
+from test_api_components import RecordingBus
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import LogEntry, Presence, RunRecorded, RunsRecorded, RunStatus
 from hacer.models import Database, DeadLetter, Node, Run, ScriptLogEntry
-from hacer.topics import Topics
 from recorder.service import Recorder
 
 from conftest import wait_until
-from test_api_components import RecordingBus
 from test_runner import fifo, release, requester, runner_env, runs, scripts_dir, start_runner  # noqa: F401
 
 POISON_STATUS = b'{"run_id":"p","script":"x","state":"running","runner":"r","exit_code":{"a":1}}'
@@ -81,8 +81,10 @@ def deliver_all(recorder, messages):
 
 
 def status(run_id, state, **fields):
-    return (f"hacer/runs/{run_id}/status",
-            RunStatus(run_id, "lamp", ("hall",), state, "runner-a", **fields).to_payload())
+    return (
+        f"hacer/runs/{run_id}/status",
+        RunStatus(run_id, "lamp", ("hall",), state, "runner-a", **fields).to_payload(),
+    )
 
 
 def entry(run_id, seq, data="x"):
@@ -90,8 +92,15 @@ def entry(run_id, seq, data="x"):
 
 
 def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, database):
-    deliver_all(recorder, [status("good", runstates.QUEUED), ("hacer/runs/p/status", POISON_STATUS),
-                           entry("good", 1), status("good", runstates.SUCCEEDED, exit_code=0)])
+    deliver_all(
+        recorder,
+        [
+            status("good", runstates.QUEUED),
+            ("hacer/runs/p/status", POISON_STATUS),
+            entry("good", 1),
+            status("good", runstates.SUCCEEDED, exit_code=0),
+        ],
+    )
     with database.session() as session:
         assert session.scalar(select(Run.state).where(Run.run_id == "good")) == runstates.SUCCEEDED
         letters = session.scalars(select(DeadLetter)).all()
@@ -103,9 +112,13 @@ def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, 
 def test_a_name_with_a_nul_is_set_aside_not_retried_forever(recorder, database):
     bad = json.loads(Presence(77, "toggle", "10.0.0.77", "online", 1.0, 1.0).to_payload())
     bad["name"] = "a\u0000b"
-    deliver_all(recorder, [("hacer/nodes/77/presence", json.dumps(bad).encode()),
-                           ("hacer/nodes/78/presence",
-                            Presence(78, "toggle", "10.0.0.78", "online", 1.0, 1.0).to_payload())])
+    deliver_all(
+        recorder,
+        [
+            ("hacer/nodes/77/presence", json.dumps(bad).encode()),
+            ("hacer/nodes/78/presence", Presence(78, "toggle", "10.0.0.78", "online", 1.0, 1.0).to_payload()),
+        ],
+    )
     with database.session() as session:
         assert session.get(Node, 77) is None and session.get(Node, 78) is not None
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
@@ -115,6 +128,7 @@ def test_the_database_refusing_one_message_sets_aside_that_one_only(recorder, da
     # What the checks let through and the database still refuses is unforeseen by nature: stand
     # one in, a status the database refuses, among good ones in one batch.
     from sqlalchemy.exc import DataError
+
     apply = Recorder._status
 
     def refusing(self, session, runs, run_status):
@@ -134,8 +148,10 @@ def test_the_database_refusing_one_message_sets_aside_that_one_only(recorder, da
 def test_a_bad_log_entry_leaves_a_placeholder_so_the_log_has_no_gap(recorder, database):
     bad = json.loads(LogEntry("g", 2, 1.0, "output", "x").to_payload())
     bad["data"] = {"not": "text"}
-    deliver_all(recorder, [status("g", runstates.RUNNING), entry("g", 1), ("hacer/runs/g/log", json.dumps(bad).encode()),
-                           entry("g", 3)])
+    deliver_all(
+        recorder,
+        [status("g", runstates.RUNNING), entry("g", 1), ("hacer/runs/g/log", json.dumps(bad).encode()), entry("g", 3)],
+    )
     with database.session() as session:
         rows = session.scalars(select(ScriptLogEntry).order_by(ScriptLogEntry.seq)).all()
         assert [(r.seq, r.entry_type.name) for r in rows] == [(1, "output"), (2, "exception"), (3, "output")]
@@ -174,6 +190,7 @@ def test_batches_without_a_new_node_are_written_while_the_broker_is_away(recorde
 
 # --- against the real broker, runner and recorder processes -----------------------------------
 
+
 @pytest.fixture
 def start_recorder(spawn, watch):
     """Start a recorder process and wait until it is online (subscribed)."""
@@ -184,6 +201,7 @@ def start_recorder(spawn, watch):
         child = spawn(["recorder"], env)
         states.wait_for(lambda m: b'"online"' in m.payload, timeout=20, start=seen)
         return child
+
     return start
 
 
@@ -194,15 +212,17 @@ def run_row(env, run_id):
             run = session.scalar(select(Run).where(Run.run_id == run_id))
             if run is None:
                 return None, []
-            entries = session.scalars(select(ScriptLogEntry).where(ScriptLogEntry.thread_id == run.id)
-                                      .order_by(ScriptLogEntry.seq)).all()
+            entries = session.scalars(
+                select(ScriptLogEntry).where(ScriptLogEntry.thread_id == run.id).order_by(ScriptLogEntry.seq)
+            ).all()
             return run.state, [(e.seq, e.entry_type.name, e.data) for e in entries]
     finally:
         database.engine.dispose()
 
 
-def test_what_the_broker_lost_is_sent_again_until_recorded(start_recorder, runner_env, start_runner, requester, runs,
-                                                           broker, topics):
+def test_what_the_broker_lost_is_sent_again_until_recorded(
+    start_recorder, runner_env, start_runner, requester, runs, broker, topics
+):
     # The recorder's queued messages vanish with its broker session (as in a broker crash before
     # its save): the runner still holds them, unconfirmed, and sends them again.
     env = {**runner_env, "HACER_RECORDER_ID": "lossy", "HACER_RESEND_AFTER": "0.5"}
@@ -219,14 +239,14 @@ def test_what_the_broker_lost_is_sent_again_until_recorded(start_recorder, runne
     wipe.stop()
     start_recorder(env)
     wait_until(lambda: run_row(env, run_id)[0] == runstates.SUCCEEDED, 30, "the run recorded after all")
-    state, entries = wait_until(lambda: (row := run_row(env, run_id))[1] and len(row[1]) == 22 and row, 30,
-                                "the whole log")
+    state, entries = wait_until(
+        lambda: (row := run_row(env, run_id))[1] and len(row[1]) == 22 and row, 30, "the whole log"
+    )
     assert [seq for seq, _, _ in entries] == list(range(1, 23))
     assert [data for _, kind, data in entries if kind == "output"] == [f"line {i}" for i in range(20)]
 
 
-def test_a_poison_message_on_the_bus_stops_nothing_across_restarts(start_recorder, runner_env, start_runner,
-                                                                   requester):
+def test_a_poison_message_on_the_bus_stops_nothing_across_restarts(start_recorder, runner_env, start_runner, requester):
     recorder = start_recorder(runner_env)
     start_runner()
     requester.bus.publish("hacer/runs/p/status", POISON_STATUS)

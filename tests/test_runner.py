@@ -1,4 +1,5 @@
 """The runner as a process: real mosquitto, real script subprocesses, emulated nodes via the bridge."""
+
 from __future__ import annotations
 
 import io
@@ -23,19 +24,21 @@ from conftest import wait_until
 TEST_SCRIPTS = {
     "crash": "raise ValueError('boom')\n",
     "block": (  # blocks until the test opens its FIFO for writing
-        "import sys\nprint('waiting', sys.argv[1], flush=True)\nopen(sys.argv[1]).read()\nprint('released')\n"),
+        "import sys\nprint('waiting', sys.argv[1], flush=True)\nopen(sys.argv[1]).read()\nprint('released')\n"
+    ),
     "family": (  # leaves a child and a grandchild behind, records their pids, then waits
         "import subprocess, sys, time\n"
         "child = subprocess.Popen(['sleep', '1000'])\n"
-        "grand = subprocess.Popen([sys.executable, '-c', 'import subprocess; p = subprocess.Popen([\"sleep\", \"1000\"]);"
+        "grand = subprocess.Popen([sys.executable, '-c', 'import subprocess; "
+        'p = subprocess.Popen(["sleep", "1000"]);'
         " print(p.pid, flush=True); p.wait()'], stdout=subprocess.PIPE, text=True)\n"
         "import os\n"
         "pids = [os.getpid(), child.pid, grand.pid, int(grand.stdout.readline())]\n"
         "open(sys.argv[1], 'w').write(' '.join(map(str, pids)))\n"
         "print('family ready', flush=True)\n"
-        "time.sleep(1000)\n"),
-    "spam": (
-        "import sys\nn = int(sys.argv[1])\nw = sys.stdout.write\nfor i in range(n):\n    w(f'line {i}\\n')\n"),
+        "time.sleep(1000)\n"
+    ),
+    "spam": ("import sys\nn = int(sys.argv[1])\nw = sys.stdout.write\nfor i in range(n):\n    w(f'line {i}\\n')\n"),
     "noeol": "import sys\nsys.stdout.write('x' * int(sys.argv[1]))\n",
     "echo": "import sys\nprint(repr(sys.argv[1:]))\n",
     "exit3": "import sys\nprint('bye')\nsys.exit(3)\n",
@@ -53,13 +56,15 @@ def scripts_dir(tmp_path):
 
 @pytest.fixture
 def runner_env(hacer_env, scripts_dir):
-    hacer_env.update({
-        "HACER_SCRIPTS_DIR": str(scripts_dir),
-        "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
-        "HACER_CANCEL_GRACE": "1",
-        "HACER_RUNNER_TAKEOVER": "3",
-        "HACER_OFFLINE_AFTER": "30",
-    })
+    hacer_env.update(
+        {
+            "HACER_SCRIPTS_DIR": str(scripts_dir),
+            "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
+            "HACER_CANCEL_GRACE": "1",
+            "HACER_RUNNER_TAKEOVER": "3",
+            "HACER_OFFLINE_AFTER": "30",
+        }
+    )
     return hacer_env
 
 
@@ -79,19 +84,27 @@ class Runs:
         states = {states} if isinstance(states, str) else set(states)
         message = self.watcher.wait_for(
             lambda m: m.topic == f"hacer/runs/{run_id}/status" and RunStatus.from_payload(m.payload).state in states,
-            timeout=timeout)
+            timeout=timeout,
+        )
         return RunStatus.from_payload(message.payload)
 
     def wait_finished(self, run_id, timeout=20):
         status = self.wait_state(run_id, runstates.FINISHED_STATES, timeout)
         if status.state != runstates.LOST:  # the exit_status entry is published before the status
-            self.watcher.wait_for(lambda m: m.topic == f"hacer/runs/{run_id}/log" and
-                                  LogEntry.from_payload(m.payload).entry_type == "exit_status", timeout=5)
+            self.watcher.wait_for(
+                lambda m: (
+                    m.topic == f"hacer/runs/{run_id}/log"
+                    and LogEntry.from_payload(m.payload).entry_type == "exit_status"
+                ),
+                timeout=5,
+            )
         return status
 
     def wait_entry(self, run_id, predicate, timeout=20):
-        message = self.watcher.wait_for(lambda m: m.topic == f"hacer/runs/{run_id}/log" and
-                                        predicate(LogEntry.from_payload(m.payload)), timeout=timeout)
+        message = self.watcher.wait_for(
+            lambda m: m.topic == f"hacer/runs/{run_id}/log" and predicate(LogEntry.from_payload(m.payload)),
+            timeout=timeout,
+        )
         return LogEntry.from_payload(message.payload)
 
     def log_of(self, run_id):
@@ -111,6 +124,7 @@ def runs(make_bus):
     # A durable session, so what the runner publishes while this watcher is away (a broker
     # restart) still reaches it.
     from conftest import Watcher
+
     bus = make_bus(clean_start=False, session_expiry=600)
     watcher = Watcher(bus, "hacer/runs/#")
     bus.sync()
@@ -126,8 +140,11 @@ def start_runner(spawn, runner_env, watch):
         child_env = {**runner_env, **env, "HACER_RUNNER_ID": rid}
         seen = len(states.messages)
         child = spawn(["runner"], child_env, name=f"runner-{rid}")
-        states.wait_for(lambda m: m.topic == f"hacer/runners/{rid}/state" and
-                        RunnerState.from_payload(m.payload).state == "online", timeout=20, start=seen)
+        states.wait_for(
+            lambda m: m.topic == f"hacer/runners/{rid}/state" and RunnerState.from_payload(m.payload).state == "online",
+            timeout=20,
+            start=seen,
+        )
         child.runner_id = rid
         return child
 
@@ -153,20 +170,26 @@ def named_nodes(spawn, runner_env, make_bus, watch):
     """The bridge and one emulated node of each type, named as the api would name them."""
     presence = watch("hacer/nodes/+/presence")
     spawn(["bridge"], runner_env)
-    nodes = make_nodes(4, ["toggle", "light_rgb", "thermostat", "sensor_temp"],
-                       port=int(runner_env["HACER_NODE_PORT"]), interval=5, first_ip="127.0.0.60",
-                       base_id=uuid.uuid4().int % 10**9)
+    nodes = make_nodes(
+        4,
+        ["toggle", "light_rgb", "thermostat", "sensor_temp"],
+        port=int(runner_env["HACER_NODE_PORT"]),
+        interval=5,
+        first_ip="127.0.0.60",
+        base_id=uuid.uuid4().int % 10**9,
+    )
     emulator = Emulator(nodes, ("127.0.0.1", int(runner_env["HACER_DISCOVERY_PORT"])))
     emulator.start()
     for node in nodes:
         presence.wait_for(lambda m, n=node: Presence.from_payload(m.payload).id == n.id, timeout=15)
     bus = make_bus()
     names = ["outlet1", "desk", "hall", "cellar"]
-    for node, name in zip(nodes, names):
-        bus.publish(f"hacer/nodes/{node.id}/meta", json.dumps({"id": node.id, "name": name, "type": node.type}),
-                    retain=True)
+    for node, name in zip(nodes, names, strict=True):
+        bus.publish(
+            f"hacer/nodes/{node.id}/meta", json.dumps({"id": node.id, "name": name, "type": node.type}), retain=True
+        )
     bus.sync()
-    yield dict(zip(names, nodes))
+    yield dict(zip(names, nodes, strict=True))
     emulator.stop()
 
 
@@ -181,8 +204,12 @@ def test_2015_scripts_against_emulated_nodes(named_nodes, start_runner, requeste
 
     gettemp = requester("gettemp", ["hall"])
     assert runs.wait_finished(gettemp).exit_code == 0
-    assert runs.log_of(gettemp)[1:] == [("sent_get", '"temperature"'), ("result", "+i21e"),
-                                        ("output", "21"), ("exit_status", "success")]
+    assert runs.log_of(gettemp)[1:] == [
+        ("sent_get", '"temperature"'),
+        ("result", "+i21e"),
+        ("output", "21"),
+        ("exit_status", "success"),
+    ]
 
     settarget = requester("settarget", ["hall", "23"])
     assert runs.wait_finished(settarget).state == runstates.SUCCEEDED
@@ -217,14 +244,21 @@ def test_a_2015_script_file_runs_unchanged(named_nodes, start_runner, requester,
     (scripts_dir / "oldstyle.py").write_text(
         "from hasapi import NodeConnection\n"
         "with NodeConnection() as conn:          # connects to the node named by the first parameter\n"
-        "    conn.setVal(\"on\", conn.params[0])   # params = the parameters after the node name\n"
-        "    t = conn.getVal(\"on\")\n"
-        "    conn.log(t)                         # an `output` log entry\n")
+        '    conn.setVal("on", conn.params[0])   # params = the parameters after the node name\n'
+        '    t = conn.getVal("on")\n'
+        "    conn.log(t)                         # an `output` log entry\n"
+    )
     start_runner()
     run_id = requester("oldstyle", ["outlet1", "1"])
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
-    assert runs.log_of(run_id)[1:] == [("sent_set", '"on": "1"'), ("result", "+i1e"), ("sent_get", '"on"'),
-                                       ("result", "+i1e"), ("output", "1"), ("exit_status", "success")]
+    assert runs.log_of(run_id)[1:] == [
+        ("sent_set", '"on": "1"'),
+        ("result", "+i1e"),
+        ("sent_get", '"on"'),
+        ("result", "+i1e"),
+        ("output", "1"),
+        ("exit_status", "success"),
+    ]
 
 
 def test_new_scripts_all_off_and_report(named_nodes, start_runner, requester, runs):
@@ -251,8 +285,18 @@ def test_uncaught_exception_is_an_entry(start_runner, requester, runs):
     assert ("output", "Traceback (most recent call last):") in log
 
 
-@pytest.mark.parametrize("script", ["../../etc/passwd", "/etc/passwd", "toggle; rm -rf /", "$(touch pwned)",
-                                    "scripts/../test", "../scripts/test", "test\0x"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "toggle; rm -rf /",
+        "$(touch pwned)",
+        "scripts/../test",
+        "../scripts/test",
+        "test\0x",
+    ],
+)
 def test_bad_script_names_are_refused_and_nothing_spawned(start_runner, requester, runs, script, tmp_path):
     start_runner()
     run_id = requester(script)
@@ -276,11 +320,17 @@ def test_shell_metacharacters_in_params_stay_text(start_runner, requester, runs,
 
 def test_bad_requests_get_a_failed_status(start_runner, requester, runs):
     start_runner()
-    for body in ['{"script": "test", "params": "notalist"}', "not json", '{"script": "test", "params": [{}]}',
-                 json.dumps({"script": "test", "params": ["x"] * 100})]:
+    for body in [
+        '{"script": "test", "params": "notalist"}',
+        "not json",
+        '{"script": "test", "params": [{}]}',
+        json.dumps({"script": "test", "params": ["x"] * 100}),
+    ]:
         requester.bus.publish("hacer/runs/request", body)
+
     def statuses():
         return [RunStatus.from_payload(m.payload) for m in runs.watcher.messages if m.topic.endswith("/status")]
+
     wait_until(lambda: len(statuses()) >= 4, what="four failed statuses")
     assert [s.state for s in statuses()] == [runstates.FAILED] * 4
     assert all(s.error.startswith("bad run request") for s in statuses())
@@ -310,10 +360,16 @@ def test_concurrency_limit_and_queue_order(start_runner, requester, runs, tmp_pa
         assert runs.wait_finished(run_ids[index]).state == runstates.SUCCEEDED
         if index + 2 < 5:  # the one freed place goes to the oldest waiting run, and to it only
             runs.wait_state(run_ids[index + 2], runstates.RUNNING)
-            later = [s.state for r in run_ids[index + 3:] for s in runs.statuses(r)]
+            later = [s.state for r in run_ids[index + 3 :] for s in runs.statuses(r)]
             assert runstates.RUNNING not in later
-    assert max(RunnerState.from_payload(m.payload).running.__len__() for m in states.messages
-               if m.topic == f"hacer/runners/{runner.runner_id}/state") == 2
+    assert (
+        max(
+            RunnerState.from_payload(m.payload).running.__len__()
+            for m in states.messages
+            if m.topic == f"hacer/runners/{runner.runner_id}/state"
+        )
+        == 2
+    )
 
 
 def test_cancel_ends_the_whole_process_group(start_runner, requester, runs, tmp_path):
@@ -361,7 +417,9 @@ def test_two_runners_200_requests_each_run_exactly_once(start_runner, requester,
     first, second = start_runner(**env), start_runner(**env)
     run_ids = [requester("test", [str(i)]) for i in range(200)]
     finished = [runs.wait_finished(r, timeout=60) for r in run_ids]
-    assert all(s.state == runstates.SUCCEEDED for s in finished), [s for s in finished if s.state != runstates.SUCCEEDED][:3]
+    assert all(s.state == runstates.SUCCEEDED for s in finished), [
+        s for s in finished if s.state != runstates.SUCCEEDED
+    ][:3]
     assert {s.runner for s in finished} == {first.runner_id, second.runner_id}
     for run_id in run_ids:
         assert [e for e, _ in runs.log_of(run_id)].count("launch") == 1
@@ -392,7 +450,7 @@ def test_runner_killed_mid_run_is_lost(start_runner, requester, runs, tmp_path):
     for run_id in running:
         status = runs.wait_finished(run_id)
         assert status.state == runstates.LOST and doomed.runner_id in status.error
-    for pipe, run_id in zip(pipes, run_ids):
+    for pipe, run_id in zip(pipes, run_ids, strict=True):
         if run_id not in running:
             release(pipe)
             assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
@@ -410,8 +468,7 @@ def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs
     assert runs.wait_finished(run_id).state == runstates.LOST
 
 
-def test_a_queued_run_whose_script_was_removed_fails_on_restart(start_runner, requester, runs, tmp_path,
-                                                                 scripts_dir):
+def test_a_queued_run_whose_script_was_removed_fails_on_restart(start_runner, requester, runs, tmp_path, scripts_dir):
     runner = start_runner(HACER_RUNNER_CAPACITY="1")
     (scripts_dir / "doomed.py").write_text("print('never')\n")
     blocker = requester("block", [str(fifo(tmp_path, "q"))])
@@ -440,8 +497,9 @@ def test_broker_restart_during_a_run_keeps_its_log_whole(start_runner, requester
     assert log[2] == ("output", "released")
 
 
-def test_a_script_requests_another_run_and_uses_the_modern_library(named_nodes, start_runner, requester, runs,
-                                                                    scripts_dir):
+def test_a_script_requests_another_run_and_uses_the_modern_library(
+    named_nodes, start_runner, requester, runs, scripts_dir
+):
     (scripts_dir / "chain.py").write_text(
         "from hacer import scripting\n"
         "hall = scripting.node('hall')\n"
@@ -451,7 +509,8 @@ def test_a_script_requests_another_run_and_uses_the_modern_library(named_nodes, 
         "    scripting.get('cellar', 'nothing')\n"
         "except scripting.CommandFailed as exc:\n"
         "    scripting.log(f'refused: {exc.result.reason} {exc}')\n"
-        "scripting.log('child ' + scripting.request_run('test', ['from-chain']))\n")
+        "scripting.log('child ' + scripting.request_run('test', ['from-chain']))\n"
+    )
     start_runner()
     run_id = requester("chain")
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
@@ -565,9 +624,11 @@ def test_ctrl_c_on_the_run_command_cancels_the_run(start_runner, runner_env, tmp
 
 # --- fences, refusals, resends (issue: nothing lost, exactly once) ----------------------------
 
+
 def runner_database(env):
     from hacer.models import Database
     from hacer.settings import Settings
+
     return Database(Settings.from_env(env).database_url)
 
 
@@ -594,8 +655,9 @@ def test_a_forged_offline_message_takes_nothing_over(start_runner, requester, ru
     assert second.process.poll() is None
 
 
-def test_a_runner_that_stops_beating_is_taken_over_and_ends_a_run_taken_from_it(start_runner, requester, runs,
-                                                                                tmp_path, runner_env):
+def test_a_runner_that_stops_beating_is_taken_over_and_ends_a_run_taken_from_it(
+    start_runner, requester, runs, tmp_path, runner_env
+):
     # A frozen runner (SIGSTOP: no heartbeat, still connected) loses its runs to the other; when
     # it wakes up it finds its claim taken, kills that run and publishes nothing more of it.
     frozen = start_runner(HACER_RUNNER_CAPACITY="1")
@@ -646,6 +708,7 @@ def test_a_bad_request_with_a_readable_run_id_gets_its_failed_status(start_runne
 
 def test_a_locked_database_fails_the_request_with_its_reason(start_runner, requester, runs, runner_env):
     import sqlite3
+
     start_runner(HACER_DATABASE_TIMEOUT="0.2")
     lock = sqlite3.connect(runner_env["HADB_PATH"], isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
@@ -662,8 +725,13 @@ def test_a_locked_database_fails_the_request_with_its_reason(start_runner, reque
 
 def test_the_run_command_sends_its_request_until_a_runner_takes_it(start_runner, runner_env, tmp_path):
     # No runner has ever subscribed on this broker, so the first request is dropped by the broker.
-    follow = subprocess.Popen([sys.executable, str(PROJECT_DIR / "manage.py"), "run", "test", "late"],
-                              env=runner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), "run", "test", "late"],
+        env=runner_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         follow.stderr.readline()  # "run <id>: test late": the request is out
         start_runner()

@@ -1,4 +1,5 @@
 """Runner parts without processes: output splitting and limits, the script channel, the catalog, the outbox."""
+
 import pytest
 
 from hacer.scriptdir import ScriptDir, script_id
@@ -53,22 +54,26 @@ def test_decode_line_is_lenient():
 
 # --- the outbox: held in the database until recorded ------------------------------------------
 
+
 @pytest.fixture
 def outbox_of(tmp_path):
     from hacer.models import Database
     from runner.outbox import Outbox
+
     database = Database(f"sqlite:///{tmp_path / 'outbox.db'}")
     database.init()
     now = [0.0]
 
     def make(runner_id="a", **options):
         return Outbox(database.session, runner_id, clock=lambda: now[0], **options)
+
     make.now = now
     return make
 
 
 def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
     from hacer.messages import RunRecorded
+
     outbox = outbox_of(resend_after=5.0)
     outbox.hold_entries("r", [(seq, "t/log", b"e%d" % seq) for seq in (1, 2, 3)])
     outbox.hold_status("r", "running", "t/status", b"running")
@@ -91,6 +96,7 @@ def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
 
 def test_a_recorded_end_confirms_any_status_held(outbox_of):
     from hacer.messages import RunRecorded
+
     outbox = outbox_of()
     outbox.hold_status("r", "running", "t/status", b"running")
     outbox.confirm(RunRecorded("r", 0, "lost"))  # taken over and ended by another runner

@@ -1,4 +1,5 @@
 """The topic tree: building, parsing, prefixes and wildcard refusal."""
+
 import pytest
 
 from hacer.topics import TOPIC_SPECS, TopicError, Topics, is_wildcard
@@ -28,8 +29,9 @@ def test_levels_cannot_inject_topics(bad):
         Topics().build("node_set", bad)
 
 
-@pytest.mark.parametrize("topic", ["other/nodes/1/set", "hacer/nodes/1/unknown", "hacer/nodes//set",
-                                   "hacer/nodes/1/set/extra", "hacer"])
+@pytest.mark.parametrize(
+    "topic", ["other/nodes/1/set", "hacer/nodes/1/unknown", "hacer/nodes//set", "hacer/nodes/1/set/extra", "hacer"]
+)
 def test_foreign_topics_do_not_parse(topic):
     with pytest.raises(TopicError):
         Topics().parse(topic)

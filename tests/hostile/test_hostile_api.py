@@ -1,4 +1,5 @@
 """One bad web page or one curious user against a live api (eventlet's server, real sockets)."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
 
 import pytest
 import requests
@@ -30,8 +30,9 @@ def requested_params(api):
 def test_a_cross_origin_post_runs_nothing(api):
     url = api.url + "/api/scripts/exec/name/test"
     for origin in ("http://evil.example", "null", "http://127.0.0.1.evil.example", f"http://localhost:{api.port}"):
-        answer = requests.post(url, data='{"params": ["forged"]}', timeout=10,
-                               headers={"Origin": origin, "Content-Type": "text/plain"})
+        answer = requests.post(
+            url, data='{"params": ["forged"]}', timeout=10, headers={"Origin": origin, "Content-Type": "text/plain"}
+        )
         assert answer.status_code == 403 and "HACER_ALLOWED_ORIGINS" in answer.json()["message"], origin
     cross_site = requests.post(url, data='{"params": ["forged"]}', timeout=10, headers={"Sec-Fetch-Site": "cross-site"})
     assert cross_site.status_code == 403
@@ -112,8 +113,10 @@ def rss_kib(pid: int) -> int:
 
 
 def test_a_chunked_body_is_read_and_a_huge_one_refused_with_memory_flat(api):
-    head = (b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     answer, _ = http_exchange(api.port, head, [chunked(b'{"params": ["chunked"]}')])
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     api.requests.wait_for(lambda m: list(RunRequest.from_payload(m.payload).params) == ["chunked"])
@@ -125,37 +128,46 @@ def test_a_chunked_body_is_read_and_a_huge_one_refused_with_memory_flat(api):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert "larger than" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["message"]
     assert sent < 400 << 20  # refused before the client had sent it all
-    declared, _ = http_exchange(api.port, b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                          b"Content-Length: 419430400\r\n\r\n", [b"{}"])
+    declared, _ = http_exchange(
+        api.port,
+        b"POST /api/scripts/exec/name/test HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 419430400\r\n\r\n",
+        [b"{}"],
+    )
     assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
     grown = rss_kib(api.process.process.pid) - before
-    print(f"\napi memory after a refused 400 MiB chunked body and a 400 MiB Content-Length: +{grown} KiB "
-          f"(client had sent {sent >> 20} MiB)")
+    print(
+        f"\napi memory after a refused 400 MiB chunked body and a 400 MiB Content-Length: +{grown} KiB "
+        f"(client had sent {sent >> 20} MiB)"
+    )
     assert grown < 32 * 1024
 
 
-@pytest.mark.parametrize("method,path,body", [
-    ("GET", "/api/nodes/id/9223372036854775808", None),
-    ("GET", "/api/nodes/id/99999999999999999999999", None),
-    ("POST", "/api/nodes/id/9223372036854775808", {"name": "x"}),
-    ("DELETE", "/api/nodes/id/9223372036854775808", None),
-    ("POST", "/api/nodes/id/9223372036854775808/set", {"on": 1}),
-    ("GET", "/api/nodes/id/9223372036854775808/get/on", None),
-    ("POST", "/api/scripts/exec/id/9223372036854775808", None),
-    ("GET", "/api/runs/9223372036854775808", None),
-    ("GET", "/api/runs/%C2%B2", None),
-    ("GET", "/api/logs/script/thread_id/9223372036854775808", None),
-    ("GET", "/api/runs?page=4611686018427387904", None),
-    ("GET", "/api/logs/script?page=4611686018427387904&per_page=1000", None),
-    ("GET", "/api/logs/script?since=9999-12-31T23:00-05:00", None),
-    ("GET", "/api/logs/script?until=0001-01-01T00:00+05:00", None),
-    ("POST", "/api/scripts/exec/name/test", "[" * 30000 + "]" * 30000),
-    ("POST", "/api/nodes/id/1", "[" * 30000 + "]" * 30000),
-])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("GET", "/api/nodes/id/9223372036854775808", None),
+        ("GET", "/api/nodes/id/99999999999999999999999", None),
+        ("POST", "/api/nodes/id/9223372036854775808", {"name": "x"}),
+        ("DELETE", "/api/nodes/id/9223372036854775808", None),
+        ("POST", "/api/nodes/id/9223372036854775808/set", {"on": 1}),
+        ("GET", "/api/nodes/id/9223372036854775808/get/on", None),
+        ("POST", "/api/scripts/exec/id/9223372036854775808", None),
+        ("GET", "/api/runs/9223372036854775808", None),
+        ("GET", "/api/runs/%C2%B2", None),
+        ("GET", "/api/logs/script/thread_id/9223372036854775808", None),
+        ("GET", "/api/runs?page=4611686018427387904", None),
+        ("GET", "/api/logs/script?page=4611686018427387904&per_page=1000", None),
+        ("GET", "/api/logs/script?since=9999-12-31T23:00-05:00", None),
+        ("GET", "/api/logs/script?until=0001-01-01T00:00+05:00", None),
+        ("POST", "/api/scripts/exec/name/test", "[" * 30000 + "]" * 30000),
+        ("POST", "/api/nodes/id/1", "[" * 30000 + "]" * 30000),
+    ],
+)
 def test_out_of_range_input_is_a_4xx_with_a_message(api, method, path, body):
     data = body if isinstance(body, str) else None
-    answer = requests.request(method, api.url + path, json=body if not isinstance(body, str) else None,
-                              data=data, timeout=10)
+    answer = requests.request(
+        method, api.url + path, json=body if not isinstance(body, str) else None, data=data, timeout=10
+    )
     assert answer.status_code in (400, 404), (answer.status_code, answer.text[:200])
     assert answer.json()["message"]
 
@@ -166,8 +178,9 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
     client = socketio.Client(reconnection=False)
     arrived: dict[int, float] = {}
     client.on("snapshot", lambda snapshot: None)
-    client.on("event", lambda event: event["kind"] == "node" and arrived.setdefault(event["data"]["id"],
-                                                                                      time.monotonic()))
+    client.on(
+        "event", lambda event: event["kind"] == "node" and arrived.setdefault(event["data"]["id"], time.monotonic())
+    )
     client.connect(api.url, transports=["websocket"], wait_timeout=5)
     locker = sqlite3.connect(api.database, isolation_level=None, timeout=10)
     answers: list[int] = []
@@ -186,9 +199,11 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
         sent: dict[int, float] = {}
         for node_id in range(700_000, 700_020):
             sent[node_id] = time.monotonic()
-            api.bus.publish(Topics().build("node_presence", node_id),
-                            Presence(node_id, "toggle", "127.0.0.9", "online", time.time(), time.time()).to_payload(),
-                            retain=True)
+            api.bus.publish(
+                Topics().build("node_presence", node_id),
+                Presence(node_id, "toggle", "127.0.0.9", "online", time.time(), time.time()).to_payload(),
+                retain=True,
+            )
             time.sleep(0.05)  # pacing the publishes, so each one's latency is its own
         wait_until(lambda: sent.keys() <= arrived.keys(), 20, "every node event over the websocket")
         latencies = sorted(arrived[n] - sent[n] for n in sent)

@@ -1,4 +1,5 @@
 """One bad LAN host against the bridge: hostile node replies, made-up ids, forged addresses."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import uuid
 
 import pytest
 
-from emulator.nodes import Emulator, EmulatedNode
+from emulator.nodes import EmulatedNode, Emulator
 from hacer.bus import MessageTooLarge
 from hacer.messages import BridgeStats, CommandResult
 
@@ -76,16 +77,22 @@ def endless(chunk: bytes, first: bytes = b""):
         yield first
         while True:
             yield chunk
+
     return reply
 
 
-@pytest.mark.parametrize("reply", [
-    lambda: iter([b"+999999:" + b"x" * 1_000_000]),  # declares 1 MB, sends it
-    endless(b"y" * 65536, first=b"-"),  # a raw error text that never pauses
-    endless(b"7" * 65536, first=b"+i"),  # an integer that never ends
-], ids=["declared-megabyte", "endless-raw-error", "endless-integer"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda: iter([b"+999999:" + b"x" * 1_000_000]),  # declares 1 MB, sends it
+        endless(b"y" * 65536, first=b"-"),  # a raw error text that never pauses
+        endless(b"7" * 65536, first=b"+i"),  # an integer that never ends
+    ],
+    ids=["declared-megabyte", "endless-raw-error", "endless-integer"],
+)
 def test_a_hostile_reply_ends_in_a_bounded_result_and_the_bridge_stays_connected(
-        reply, start_bridge, bridge_env, online, make_bus, watch, topics):
+    reply, start_bridge, bridge_env, online, make_bus, watch, topics
+):
     bridge_env["HACER_NODE_TIMEOUT"] = "2"
     start_bridge()
     state = watch(topics.build("bridge_state"))
@@ -115,8 +122,9 @@ def test_a_hostile_reply_ends_in_a_bounded_result_and_the_bridge_stays_connected
         emulator.stop()
 
 
-def test_response_topics_outside_the_reply_prefix_are_refused(start_bridge, bridge_env, online, make_bus,
-                                                              watch, topics):
+def test_response_topics_outside_the_reply_prefix_are_refused(
+    start_bridge, bridge_env, online, make_bus, watch, topics
+):
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -126,8 +134,10 @@ def test_response_topics_outside_the_reply_prefix_are_refused(start_bridge, brid
     replies = watch(topics.prefix + "/replies/#")
     results = watch(topics.filter("node_result"))
     bus = make_bus()
-    for response_topic, correlation in ((topics.build("bridge_state"), b"forged"),
-                                        (topics.prefix + "/replies/me/1", b"fine")):
+    for response_topic, correlation in (
+        (topics.build("bridge_state"), b"forged"),
+        (topics.prefix + "/replies/me/1", b"fine"),
+    ):
         properties = Properties(PacketTypes.PUBLISH)
         properties.ResponseTopic = response_topic
         properties.CorrelationData = correlation
@@ -141,8 +151,7 @@ def test_response_topics_outside_the_reply_prefix_are_refused(start_bridge, brid
 
 
 @pytest.mark.parametrize("level", ["abc", "１０００", "99999999999999999999", "-1"])
-def test_a_command_to_a_bad_node_id_gets_a_bad_request_result(level, start_bridge, bridge_env, make_bus,
-                                                              watch, topics):
+def test_a_command_to_a_bad_node_id_gets_a_bad_request_result(level, start_bridge, bridge_env, make_bus, watch, topics):
     start_bridge()
     node = EmulatedNode(1000, "toggle", "127.0.0.72", port=int(bridge_env["HACER_NODE_PORT"]))
     emulator = Emulator([node], target(bridge_env))
@@ -174,8 +183,9 @@ def test_a_flood_of_new_ids_is_bounded_and_counted(start_bridge, bridge_env, wat
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for index in range(sent):
             sock.sendto(b'{"id":%d,"type":"toggle"}' % (base + index), target(bridge_env))
-    final = BridgeStats.from_payload(stats.wait_for(
-        lambda m: BridgeStats.from_payload(m.payload).datagrams == sent, timeout=30).payload)
+    final = BridgeStats.from_payload(
+        stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).datagrams == sent, timeout=30).payload
+    )
     assert final.accepted + sum(final.dropped.values()) == sent
     assert final.dropped.get("new_node_rate", 0) > 0
     # At 100 a second, well under 300 nodes could join while the burst lasted.
@@ -189,8 +199,9 @@ def test_a_flood_of_new_ids_is_bounded_and_counted(start_bridge, bridge_env, wat
             if "node_limit" in BridgeStats.from_payload(stats.messages[-1].payload).dropped:
                 break
             stats.wait_for(lambda m: True, start=len(stats.messages))
-    full = BridgeStats.from_payload(stats.wait_for(
-        lambda m: "node_limit" in BridgeStats.from_payload(m.payload).dropped, timeout=30).payload)
+    full = BridgeStats.from_payload(
+        stats.wait_for(lambda m: "node_limit" in BridgeStats.from_payload(m.payload).dropped, timeout=30).payload
+    )
     assert full.nodes_online + full.nodes_offline == 300
     assert len({presence_of(m).id for m in presence.messages}) <= 300
 
@@ -207,8 +218,10 @@ def test_a_beacon_moving_a_known_node_is_shown_in_its_presence(start_bridge, bri
     announce(bridge_env, 81, "127.0.0.82", port=6666)
     again = presence_of(presence.wait_for(lambda m: presence_of(m).ip == "127.0.0.82"))
     assert again.moved_from == "127.0.0.81:6666"
-    wait_until(lambda: "node 81 moved from 127.0.0.81:6666 to 127.0.0.82:6666" in bridge.output(),
-               what="the move in the bridge's log")
+    wait_until(
+        lambda: "node 81 moved from 127.0.0.81:6666 to 127.0.0.82:6666" in bridge.output(),
+        what="the move in the bridge's log",
+    )
 
 
 def test_a_publish_larger_than_the_broker_accepts_is_dropped_and_counted(make_bus, watch, topics):

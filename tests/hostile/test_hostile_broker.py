@@ -1,4 +1,5 @@
 """A curious user with a broker account: the production ACL holds against the viewer and scripts."""
+
 from __future__ import annotations
 
 import uuid
@@ -14,7 +15,8 @@ from conftest import Watcher, url
 
 
 def test_a_viewer_in_the_runners_group_reads_no_request_and_delays_none_for_good(
-        connect, production_broker, spawn, hacer_env):
+    connect, production_broker, spawn, hacer_env
+):
     # Mosquitto 2.0's ACL file grants every subscription and filters at delivery, and it checks a
     # shared one against its topic alone: a viewer can join the runners' group. The ACL keeps the
     # requests it is dealt from it (the broker drops them); requesters send again until claimed.
@@ -23,8 +25,11 @@ def test_a_viewer_in_the_runners_group_reads_no_request_and_delays_none_for_good
     taken_by_viewer = Watcher(viewer, Topics.shared("hacer-runners", topics.build("run_request")))
     viewer.start()
     viewer.wait_connected(5)
-    runner_env = {**hacer_env, "HACER_MQTT_URL": url(production_broker, "hacer-runner"),
-                  "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}"}
+    runner_env = {
+        **hacer_env,
+        "HACER_MQTT_URL": url(production_broker, "hacer-runner"),
+        "HACER_RUNNER_ID": f"r-{uuid.uuid4().hex[:6]}",
+    }
     runner_state = Watcher(connect("hacer-api"), topics.build("runner_state", runner_env["HACER_RUNNER_ID"]))
     spawn(["runner"], runner_env)
     runner_state.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
@@ -52,7 +57,9 @@ def test_a_script_cannot_pose_as_a_runner_or_write_a_runs_log(connect):
     script.publish(topics.build("run_request"), b'{"script": "toggle"}')
     seen.wait_for(lambda m: m.topic == topics.build("run_request"))
     assert [m.topic for m in seen.messages if "clients" not in m.topic] == [
-        topics.build("node_set", 5), topics.build("run_request")]
+        topics.build("node_set", 5),
+        topics.build("run_request"),
+    ]
 
 
 def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_broker):
@@ -60,8 +67,9 @@ def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_b
 
     tls_port = production_broker.ports[2]
     certificate = production_broker.tls_files[0]
-    secure = Bus(f"mqtts://viewer:viewer-secret@127.0.0.1:{tls_port}?ca={certificate}", Topics(),
-                 f"tls-{uuid.uuid4().hex[:6]}")
+    secure = Bus(
+        f"mqtts://viewer:viewer-secret@127.0.0.1:{tls_port}?ca={certificate}", Topics(), f"tls-{uuid.uuid4().hex[:6]}"
+    )
     secure.start()
     try:
         secure.wait_connected(10)

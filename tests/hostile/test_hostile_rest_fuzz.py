@@ -4,6 +4,7 @@ Pass: no response is a server error, and every error is JSON with a message, for
 fit the document and for requests that break it. /api/health is left out: its 503 is its
 answer when parts are missing, as they are here.
 """
+
 from __future__ import annotations
 
 import schemathesis
@@ -23,18 +24,30 @@ def test_generated_requests_get_no_server_error_and_json_errors(live_api):
             continue
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-                      database=None)
+            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
             @given(operation.as_strategy(generation_mode=mode))
-            def call(case):
+            def call(case, operation=operation):
                 response = case.call(base_url=live_api.url, timeout=30)
                 tried[operation.label] = tried.get(operation.label, 0) + 1
-                assert response.status_code < 500, (case.method, case.formatted_path, case.body,
-                                                    response.status_code, response.text[:300])
+                assert response.status_code < 500, (
+                    case.method,
+                    case.formatted_path,
+                    case.body,
+                    response.status_code,
+                    response.text[:300],
+                )
                 # 414: eventlet's server refuses a URL over 8 KiB before the app sees the request.
                 if response.status_code >= 400 and response.status_code != 414:
-                    what = (case.method, case.formatted_path, case.query, case.headers, case.body,
-                            response.status_code, dict(response.headers), response.text[:200])
+                    what = (
+                        case.method,
+                        case.formatted_path,
+                        case.query,
+                        case.headers,
+                        case.body,
+                        response.status_code,
+                        dict(response.headers),
+                        response.text[:200],
+                    )
                     assert response.headers.get("content-type", [""])[0].startswith("application/json"), what
                     body = response.json()
                     assert isinstance(body.get("message"), str) and body["message"], what

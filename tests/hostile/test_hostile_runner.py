@@ -1,4 +1,5 @@
 """One curious script against the runner: leftovers outside its group, the runner's secrets."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,8 @@ ESCAPE = (  # a child in a session of its own keeps the run's stdout open; its p
     "child = subprocess.Popen(['setsid', 'sleep', '300'])\n"
     "open(sys.argv[1], 'w').write(str(child.pid))\n"
     "print('escaped', flush=True)\n"
-    "time.sleep(float(sys.argv[2]))\n")
+    "time.sleep(float(sys.argv[2]))\n"
+)
 
 
 def alive(pid: int) -> bool:
@@ -27,8 +29,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_child_that_leaves_the_process_group_ends_with_the_run(scripts_dir, start_runner, runs,  # noqa: F811
-                                                                 requester, tmp_path):
+def test_a_child_that_leaves_the_process_group_ends_with_the_run(
+    scripts_dir,
+    start_runner,
+    runs,  # noqa: F811
+    requester,
+    tmp_path,
+):
     (scripts_dir / "escape.py").write_text(ESCAPE)
     start_runner()
     for pause, timeout, expected in (("0", None, runstates.SUCCEEDED), ("300", 2.0, runstates.TIMED_OUT)):
@@ -46,9 +53,13 @@ def test_a_child_that_leaves_the_process_group_ends_with_the_run(scripts_dir, st
 def test_scripts_see_no_secret_of_the_runner(scripts_dir, start_runner, runs, requester, runner_env):  # noqa: F811
     (scripts_dir / "environ.py").write_text("import os\nfor k, v in sorted(os.environ.items()):\n    print(k, v)\n")
     broker = runner_env["HACER_MQTT_URL"]
-    start_runner(HACER_API_TOKEN="api-secret", HACER_DATABASE_URL=f"sqlite:///{scripts_dir}/db-secret.db",
-                 HACER_MQTT_URL=broker.replace("mqtt://", "mqtt://hacer-runner:runner-secret@"),
-                 MY_SITE_VARIABLE="kept", HACER_SCRIPT_ENV="MY_SITE_VARIABLE")
+    start_runner(
+        HACER_API_TOKEN="api-secret",
+        HACER_DATABASE_URL=f"sqlite:///{scripts_dir}/db-secret.db",
+        HACER_MQTT_URL=broker.replace("mqtt://", "mqtt://hacer-runner:runner-secret@"),
+        MY_SITE_VARIABLE="kept",
+        HACER_SCRIPT_ENV="MY_SITE_VARIABLE",
+    )
     run_id = f"env-{uuid.uuid4().hex[:6]}"
     requester("environ", run_id=run_id)
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
