@@ -190,9 +190,9 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
         while not stop.is_set():
             answers.append(requests.post(api.url + "/api/scripts/exec/name/test", timeout=30).status_code)
 
+    hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
     try:
         locker.execute("BEGIN EXCLUSIVE")  # in WAL mode: writers wait, readers go on
-        hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
         for thread in hammers:
             thread.start()
         wait_until(lambda: 503 in answers, 20, "a 503 while the database is locked")
@@ -214,5 +214,7 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
         stop.set()
         locker.execute("ROLLBACK")
         locker.close()
+        for thread in hammers:
+            thread.join(30)
         client.disconnect()
     assert requests.get(api.url + "/api/nodes", timeout=10).status_code == 200
