@@ -15,7 +15,7 @@ PROC = "/proc"
 
 
 def run_processes(run_id: str, pipe_inode: int | None) -> list[int]:
-    """Return the pids (other than this process) carrying `run_id` or holding the pipe."""
+    """Return the pids carrying `run_id` or holding the pipe, other than this process and its children."""
     marker = f"HACER_RUN_ID={run_id}".encode()
     pipe = f"pipe:[{pipe_inode}]"
     me = os.getpid()
@@ -24,6 +24,9 @@ def run_processes(run_id: str, pipe_inode: int | None) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
         try:
+            with open(f"{PROC}/{entry.name}/stat", "rb") as stat:
+                if int(stat.read().rsplit(b")", 1)[1].split()[1]) == me:
+                    continue  # the runner's own child: a run's script, or one between fork and exec
             with open(f"{PROC}/{entry.name}/environ", "rb") as environ:
                 if marker in environ.read().split(b"\0"):
                     found.append(int(entry.name))
