@@ -8,6 +8,8 @@ that must not block; a handler's exception is logged and counted, never raised i
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 import ssl
@@ -96,6 +98,19 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def private_client_id(client_id: str, password: str | None) -> str:
+    """Return `client_id` with a suffix only the password's holders can compute, when there is one.
+
+    The broker lets any user connect with any client id and so take over that client's session;
+    a part's id ("hacer-runner-<id>") is easy to guess, its keyed suffix is not. It is stable,
+    so a durable session survives restarts (a changed password starts a new session).
+    """
+    if not password:
+        return client_id
+    suffix = hmac.new(password.encode(), client_id.encode(), hashlib.sha256).hexdigest()[:12]
+    return f"{client_id}-{suffix}"
+
+
 @dataclass
 class _Subscription:
     topic_filter: str
@@ -127,7 +142,7 @@ class Bus:
     ) -> None:
         self.address = parse_broker_url(url)
         self.topics = topics
-        self.client_id = client_id
+        self.client_id = private_client_id(client_id, self.address.password)
         self.presence_topic = presence_topic
         self.birth = birth
         self.will = will

@@ -11,7 +11,7 @@ from hacer.messages import RunRequest
 from hacer.runrequest import request_until_claimed
 from hacer.topics import Topics
 
-from conftest import Watcher, url
+from conftest import Watcher, url, wait_until
 
 
 def test_a_viewer_in_the_runners_group_reads_no_request_and_delays_none_for_good(
@@ -86,3 +86,38 @@ def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_b
     rendered = render_config(production_broker.template, [1883, 9001, 8883], production_broker.work_dir)
     listeners = [line.split()[1:] for line in rendered.splitlines() if line.startswith("listener")]
     assert listeners == [["1883", "127.0.0.1"], ["9001", "127.0.0.1"], ["8883", "0.0.0.0"]]
+
+
+def test_a_user_cannot_take_over_a_parts_session_by_its_guessable_client_id(connect, production_broker):
+    import paho.mqtt.client as paho
+
+    topics = Topics()
+    runner = Bus(
+        url(production_broker, "hacer-runner"), topics, "hacer-runner-r1", clean_start=False, session_expiry=600
+    )
+    connects = []
+    runner.on_connect(connects.append)
+    runner.start()
+    try:
+        runner.wait_connected(5)
+        assert runner.client_id.startswith("hacer-runner-r1-")
+        hostile = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="hacer-runner-r1", protocol=paho.MQTTv5)
+        hostile.username_pw_set("viewer", "viewer-secret")
+        hostile.connect("127.0.0.1", production_broker.port)
+        hostile.loop_start()
+        try:
+            wait_until(hostile.is_connected, 5, "the hostile client to connect")
+            runner.sync()  # had the session been taken over, this returns after a reconnect
+            assert connects == [False] and runner.connected
+        finally:
+            hostile.loop_stop()
+            hostile.disconnect()
+        # Nor can a viewer learn the private id: it reads no other client's sync topic.
+        viewer = connect("viewer")
+        seen = Watcher(viewer, "hacer/#")
+        viewer.sync()
+        runner.sync()
+        viewer.sync()
+        assert [m.topic for m in seen.messages if "/clients/" in m.topic and viewer.client_id not in m.topic] == []
+    finally:
+        runner.stop()
