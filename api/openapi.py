@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hacer.models import MAX_ROW_ID
+from hacer.nodewire import MAX_NODE_ID
+
 
 def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
@@ -19,8 +22,8 @@ def body(name_or_schema: str | dict[str, Any], description: str = "OK") -> dict[
 
 
 ERROR = body("Error", "error")
-NODE_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**53 - 1}
-ROW_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+NODE_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_NODE_ID}
+ROW_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_ROW_ID}
 INT_ID = {"name": "node_id", "in": "path", "required": True, "schema": NODE_ID_SCHEMA}
 RUN_KEY = {
     "name": "key",
@@ -196,6 +199,14 @@ LOG_FILTERS = [
     *PAGING,
 ]
 
+COMMAND_RESPONSES = {
+    "200": body("CommandResults"),
+    "400": ERROR,
+    "404": ERROR,
+    "502": body("CommandResults", "the node refused"),
+    "504": body("CommandResults", "the node did not answer"),
+}
+
 PATHS: dict[str, Any] = {
     "/api/nodes": {"get": {"summary": "List nodes (2015)", "responses": {"200": body("NodeList")}}},
     "/api/nodes/id/{node_id}": {
@@ -220,26 +231,14 @@ PATHS: dict[str, Any] = {
         "post": {
             "summary": "Set values on a node: {key: value}; answered with its replies",
             "requestBody": JSON_OBJECT_BODY,
-            "responses": {
-                "200": body("CommandResults"),
-                "400": ERROR,
-                "404": ERROR,
-                "502": body("CommandResults", "the node refused"),
-                "504": body("CommandResults", "the node did not answer"),
-            },
+            "responses": COMMAND_RESPONSES,
         },
     },
     "/api/nodes/id/{node_id}/get/{key}": {
         "parameters": [INT_ID, {"name": "key", "in": "path", "required": True, "schema": TEXT}],
         "get": {
             "summary": "Get a value from a node",
-            "responses": {
-                "200": body("CommandResults"),
-                "400": ERROR,
-                "404": ERROR,
-                "502": body("CommandResults", "the node refused"),
-                "504": body("CommandResults", "the node did not answer"),
-            },
+            "responses": COMMAND_RESPONSES,
         },
     },
     "/api/node_types": {"get": {"summary": "Node types", "responses": {"200": body("NodeTypes")}}},

@@ -20,8 +20,9 @@ from api.openapi import document
 from api.services import Services
 from hacer import runstates
 from hacer.messages import LOG_ENTRY_TYPES, GetCommand, MessageError, RunRequest, SetCommand
-from hacer.models import Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
+from hacer.models import MAX_ROW_ID, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
 from hacer.nodecommands import CommandTimeout
+from hacer.nodewire import MAX_NODE_ID
 from hacer.scriptdir import Script
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -38,7 +39,7 @@ class _IdConverter(BaseConverter):
     """An id in a path, answered 404 when out of range (Werkzeug's own bound answers POSTs 405)."""
 
     regex = r"\d+"
-    maximum = 2**63 - 1  # database ids
+    maximum = MAX_ROW_ID
 
     def to_python(self, value: str) -> int:
         if len(value) > 19 or int(value) > self.maximum:
@@ -50,7 +51,7 @@ class _IdConverter(BaseConverter):
 
 
 class _NodeIdConverter(_IdConverter):
-    maximum = 2**53 - 1  # JSON's exact integers, as beacons carry them
+    maximum = MAX_NODE_ID  # JSON's exact integers, as beacons carry them
 
 
 @api.record_once
@@ -344,7 +345,7 @@ def list_runs() -> ResponseReturnValue:
 
 def find_run(session: Any, key: str) -> Run:
     run = session.scalar(select(Run).where(Run.run_id == key))
-    if run is None and key.isascii() and key.isdigit() and int(key) < 2**63:
+    if run is None and key.isascii() and key.isdigit() and int(key) <= MAX_ROW_ID:
         run = session.get(Run, int(key))
     if run is None:
         raise not_found(f"no run {key!r}")

@@ -333,8 +333,9 @@ class Bus:
             raise BusError("bus is not started")
         if isinstance(payload, str):
             payload = payload.encode()
-        size = len(topic.encode()) + len(payload) + len(correlation or b"") + PUBLISH_OVERHEAD
-        if size > self.max_packet:
+        size = len(payload) + len(correlation or b"") + PUBLISH_OVERHEAD
+        # 4 bytes a character bound the topic's UTF-8 length: encode it only when that may matter.
+        if size + 4 * len(topic) > self.max_packet and (size := size + len(topic.encode())) > self.max_packet:
             self.too_large += 1
             log.warning(
                 "dropped a %d-byte publish to %s: the broker accepts at most %d bytes", size, topic, self.max_packet

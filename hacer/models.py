@@ -35,6 +35,7 @@ from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
 from hacer.nodewire import NODE_TYPES
 from hacer.settings import private_dir
 
+MAX_ROW_ID = 2**63 - 1  # the largest id a database row can have (a signed 64-bit integer)
 INIT_TRIES = 5
 SCHEMA_LOCK_KEY = 7775_7777  # any constant: the advisory lock every part takes to create the schema
 

@@ -125,7 +125,8 @@ class Topics:
             and len(topic) <= MAX_REPLY_TOPIC
             and not is_wildcard(topic)
             and "\0" not in topic
-            and "" not in topic[len(head) :].split("/")[:1]
+            and not topic[len(head) :].startswith("/")  # a client id level comes first
+            and topic != head
         )
 
     def result_of_command(self, topic: str) -> str:
