@@ -101,6 +101,17 @@ def cmd_shell(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_schemas(args: argparse.Namespace) -> None:
+    from hacer.schemadoc import schemas_markdown, with_schemas
+
+    if args.write:
+        doc = PROJECT_DIR / "docs" / "topics.md"
+        doc.write_text(with_schemas(doc.read_text()))
+        log.info("renewed the payload schemas of %s", doc)
+    else:
+        print(schemas_markdown())
+
+
 def cmd_emulate(args: argparse.Namespace) -> None:
     from emulator.main import main
 
@@ -197,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)").set_defaults(
         func=cmd_shell
     )
+    schemas = commands.add_parser("schemas", help="the bus payloads' JSON schemas, derived from hacer/messages.py")
+    schemas.add_argument("--write", action="store_true", help="renew them in docs/topics.md")
+    schemas.set_defaults(func=cmd_schemas)
     commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False).set_defaults(
         func=cmd_emulate
     )

@@ -142,8 +142,8 @@ class LiveView:
                         type=presence.type,
                         ip=presence.ip,
                         state=presence.state,
-                        last_seen=presence.last_seen,
-                        since=presence.since,
+                        last_seen=presence.last_seen.timestamp(),
+                        since=presence.since.timestamp(),
                     )
                 elif name == "node_meta":
                     node["name"] = NodeMeta.from_payload(message.payload).name
@@ -191,7 +191,7 @@ class LiveView:
                 "seq": entry.seq,
                 "entry_type": entry.entry_type,
                 "data": entry.data,
-                "timestamp": entry.timestamp,
+                "timestamp": entry.timestamp.timestamp(),
             },
             room=run_room(entry.run_id),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hacer.messages import json_schemas
 from hacer.models import MAX_ROW_ID
 from hacer.nodewire import MAX_NODE_ID
 
@@ -44,6 +45,7 @@ JSON_OBJECT_BODY = {
 TEXT = {"type": "string"}
 OPTIONAL_TEXT = {"type": ["string", "null"]}
 
+BUS_SCHEMAS = json_schemas(ref_template="#/components/schemas/{name}")
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": TEXT, "message": TEXT}},
     "Node": {
@@ -58,22 +60,9 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"node_list": {"type": "array", "items": ref("Node")}},
     },
     "Success": {"type": "object", "required": ["success"], "properties": {"success": {"const": True}}},
-    "CommandResult": {
-        "type": "object",
-        "required": ["node_id", "op", "key", "ok", "raw", "at"],
-        "properties": {
-            "node_id": {"type": "integer"},
-            "op": {"enum": ["set", "get"]},
-            "key": TEXT,
-            "ok": {"type": "boolean"},
-            "value": {"type": ["integer", "string", "null"]},
-            "raw": TEXT,
-            "error": OPTIONAL_TEXT,
-            "correlation": OPTIONAL_TEXT,
-            "at": TEXT,
-            "reason": OPTIONAL_TEXT,
-        },
-    },
+    # The bus payloads REST shows as they are, derived from their declarations.
+    "CommandResult": BUS_SCHEMAS["CommandResult"],
+    "SetCommand": BUS_SCHEMAS["SetCommand"],
     "CommandResults": {
         "type": "object",
         "required": ["results"],
@@ -230,7 +219,11 @@ PATHS: dict[str, Any] = {
         "parameters": [INT_ID],
         "post": {
             "summary": "Set values on a node: {key: value}; answered with its replies",
-            "requestBody": JSON_OBJECT_BODY,
+            "requestBody": {
+                **JSON_OBJECT_BODY,
+                "required": True,
+                "content": {"application/json": {"schema": ref("SetCommand")}},
+            },
             "responses": COMMAND_RESPONSES,
         },
     },

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import broker_saving_on_every_change, free_port, percentile, wait_for  # noqa: E402
 from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
-from hacer.messages import LogEntry, RunStatus  # noqa: E402
+from hacer.messages import LogEntry, RunStatus, bus_time  # noqa: E402
 from hacer.models import Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
@@ -266,7 +266,7 @@ def publish_entries(bus: Bus, topics: Topics, runs: list[str], count: int) -> No
         for run_id in runs:
             bus.publish(
                 topics.build("run_log", run_id),
-                LogEntry(run_id, seq, time.time(), "output", f"line {seq}").to_payload(),
+                LogEntry(run_id, seq, bus_time(time.time()), "output", f"line {seq}").to_payload(),
             )
 
 

@@ -45,7 +45,7 @@ def start_sender(port: int, ids: int, rounds: int, pace_seconds: float = 0.0) ->
     code = f"""
 import socket, time
 from hacer.nodewire import Beacon
-payloads = [Beacon(i, "toggle", declared_type="toggle").to_payload() for i in range({ids})]
+payloads = [Beacon(i, "toggle").to_payload() for i in range({ids})]
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind(("127.0.0.2", 0))
 pace = {pace_seconds}

@@ -15,8 +15,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
-from hacer.messages import CommandResult
+from hacer.messages import CommandResult, bus_time
 from hacer.nodewire import Reply, ReplyDecoder, Value, WireError, encode_get, encode_set
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class Command:
     """One node command and where its answer goes."""
 
     node_id: int
-    op: str  # "set" or "get"
+    op: Literal["set", "get"]
     key: str
     value: Value | None = None
     correlation: bytes | None = None
@@ -144,7 +145,7 @@ class CommandRelay:
             raw,
             error,
             command.correlation_text,
-            self._clock(),
+            bus_time(self._clock()),
             reason,
         )
         try:

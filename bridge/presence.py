@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hacer.messages import OFFLINE, ONLINE, Presence
+from hacer.messages import OFFLINE, ONLINE, Presence, bus_time
 from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,13 @@ class NodeRecord:
             self.type,
             self.ip,
             ONLINE if self.online else OFFLINE,
-            self.since,
-            self.last_seen,
+            bus_time(self.since),
+            bus_time(self.last_seen),
             self.port,
             self.interval,
             self.name,
             self.moved_from,
-            self.moved_at,
+            None if self.moved_at is None else bus_time(self.moved_at),
         )
 
     def address(self, default_port: int) -> str:
@@ -129,6 +129,7 @@ class PresenceTracker:
         rate of new nodes per second, so a flood of made-up ids cannot swamp the bus and the
         recorder; a refused node is taken at a later beacon.
         """
+        name = beacon.name or None  # an empty name is no name
         with self._lock:
             record = self._nodes.get(beacon.id)
             if (
@@ -136,7 +137,7 @@ class PresenceTracker:
                 and record.online
                 and record.ip == ip
                 and record.type == beacon.type
-                and beacon.name == record.name
+                and name == record.name
                 and beacon.port == record.port
                 and beacon.interval == record.interval
             ):
@@ -160,7 +161,7 @@ class PresenceTracker:
                     record.moved_from, record.moved_at = old, now
                     log.warning("node %s moved from %s to %s:%s", beacon.id, old, ip, beacon.port or self._node_port)
             record.ip, record.type, record.last_seen = ip, beacon.type, now
-            record.name, record.port, record.interval = beacon.name, beacon.port, beacon.interval
+            record.name, record.port, record.interval = name, beacon.port, beacon.interval
             self._fresh[beacon.id] = now
             self._push_deadline(record)
             presence = record.presence()
@@ -248,20 +249,20 @@ class PresenceTracker:
             for node_id, presence in retained_by_id.items():
                 if node_id in self._nodes:
                     continue
-                last_seen = max(presence.last_seen, hints.get(node_id, 0.0))
+                last_seen = max(presence.last_seen.timestamp(), hints.get(node_id, 0.0))
                 record = NodeRecord(
                     presence.id,
                     presence.type,
                     presence.ip,
                     presence.state == ONLINE,
-                    presence.since,
+                    presence.since.timestamp(),
                     last_seen,
                     presence.port,
                     presence.interval,
                     presence.name,
                     dict(retained_values.get(node_id, {})),
                     presence.moved_from,
-                    presence.moved_at,
+                    None if presence.moved_at is None else presence.moved_at.timestamp(),
                 )
                 self._nodes[node_id] = record
                 if record.online:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from bridge.commands import Command, CommandRelay, correlation_text
 from bridge.listener import BeaconListener
@@ -28,6 +29,7 @@ from hacer.messages import (
     NodeValues,
     Presence,
     SetCommand,
+    bus_time,
 )
 from hacer.nodewire import Value
 from hacer.settings import private_dir
@@ -176,7 +178,7 @@ class Bridge:
     def _on_get(self, message: Message) -> None:
         self._on_command(message, "get")
 
-    def _on_command(self, message: Message, op: str) -> None:
+    def _on_command(self, message: Message, op: Literal["set", "get"]) -> None:
         try:
             node_id: int | None = self.topics.node_id(message.topic)
             items = (
@@ -197,7 +199,7 @@ class Bridge:
                 "",
                 f"bad request: {exc}",
                 correlation_text(message.correlation),
-                self.clock(),
+                bus_time(self.clock()),
                 "bad_request",
             )
             self._answer(
@@ -317,7 +319,7 @@ class Bridge:
         # Chunks keep each message far below the broker's packet limit (100 000 nodes beaconing
         # every 6 s made a 1.3 MB batch, and mosquitto closed the connection).
         for start in range(0, len(fresh), LASTSEEN_CHUNK):
-            batch = LastSeenBatch(dict(fresh[start : start + LASTSEEN_CHUNK]))
+            batch = LastSeenBatch({node_id: bus_time(seen) for node_id, seen in fresh[start : start + LASTSEEN_CHUNK]})
             self.bus.publish(self.topics.build("bridge_lastseen"), batch.to_payload(), qos=0)
 
     def stats(self) -> BridgeStats:

@@ -57,9 +57,7 @@ class EmulatedNode:
 
     def beacon(self) -> bytes:
         """Return this node's beacon datagram."""
-        return Beacon(
-            self.id, self.type, interval=self.interval if self.announce_interval else None, declared_type=self.type
-        ).to_payload()
+        return Beacon(self.id, self.type, interval=self.interval if self.announce_interval else None).to_payload()
 
     def answer(self, op: str, key: str, value: Value | None) -> bytes:
         """Return the firmware's reply to one command."""
@@ -254,7 +252,7 @@ def beacon_flood(
     target: tuple[str, int], ids: range, rounds: int, source_ip: str = "127.0.0.2", shuffle: bool = True
 ) -> int:
     """Send beacons for many ids from one address (beacon-only mode); return datagrams sent."""
-    payloads = [Beacon(i, "toggle", declared_type="toggle").to_payload() for i in ids]
+    payloads = [Beacon(i, "toggle").to_payload() for i in ids]
     sent = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((source_ip, 0))

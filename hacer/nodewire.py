@@ -9,9 +9,11 @@ firmware sends raw error text after `-`, which only an idle pause ends.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+import msgspec
+from msgspec import Meta, Struct, field
 
 MAX_BEACON_BYTES = 1024
 # 2015 replies are a few dozen bytes; anything much longer is a broken or hostile node.
@@ -31,30 +33,41 @@ class BeaconError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Beacon:
-    """A decoded node beacon."""
+NodeType = Annotated[str, Meta(min_length=1, max_length=64)]
+BeaconState = Annotated[dict[Annotated[str, Meta(max_length=64)], Union[int, str]], Meta(max_length=32)]
 
-    id: int
-    type: str
-    name: str | None = None
-    interval: float | None = None
-    port: int | None = None
-    state: dict[str, Value] = field(default_factory=dict)
-    declared_type: str = ""
+
+class Beacon(Struct, frozen=True, omit_defaults=True):
+    """A decoded node beacon; `declared_type` is what the node said, `type` what hacer knows it as."""
+
+    id: Annotated[int, Meta(ge=0, le=MAX_NODE_ID)]
+    declared_type: NodeType = field(name="type")
+    name: Annotated[str, Meta(max_length=64)] | None = None
+    interval: Annotated[float, Meta(ge=1, le=86400)] | None = None
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None
+    state: BeaconState = {}
+
+    @property
+    def type(self) -> str:
+        """The node type hacer knows, `other` for one it does not."""
+        return node_type(self.declared_type)
 
     def to_payload(self) -> bytes:
         """Encode the beacon as a node would send it."""
-        body: dict[str, Any] = {"id": self.id, "type": self.declared_type or self.type}
-        if self.name is not None:
-            body["name"] = self.name
-        if self.interval is not None:
-            body["interval"] = self.interval
-        if self.port is not None:
-            body["port"] = self.port
-        if self.state:
-            body["state"] = self.state
-        return json.dumps(body, separators=(",", ":")).encode()
+        return msgspec.json.encode(self)
+
+
+def node_type(declared: str) -> str:
+    """The known node type of a declared one: itself, or `other`."""
+    return declared if declared in NODE_TYPES else "other"
+
+
+def json_decode_error(exc: msgspec.DecodeError) -> str:
+    """What a JSON decoding failure says to whoever sent it."""
+    return f"not JSON: {str(exc).removeprefix('JSON is malformed: ')}"
+
+
+_BEACON = msgspec.json.Decoder(Beacon)
 
 
 def decode_beacon(datagram: bytes) -> Beacon:
@@ -62,49 +75,22 @@ def decode_beacon(datagram: bytes) -> Beacon:
     if len(datagram) > MAX_BEACON_BYTES:
         raise BeaconError("too_large", f"{len(datagram)} bytes, more than {MAX_BEACON_BYTES}")
     try:
-        body = json.loads(datagram)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BeaconError("not_json", f"not JSON: {exc}") from None
-    if type(body) is not dict:
-        raise BeaconError("not_object", f"a JSON {type(body).__name__}, not an object")
-    node_id = body.get("id")
-    # `type(...) is int` because bool is an int subclass and never a valid id or port.
-    if type(node_id) is not int or not 0 <= node_id <= MAX_NODE_ID:
-        raise BeaconError("bad_id", f"id {node_id!r} is not an integer in 0..2^53-1")
-    declared = body.get("type")
-    if type(declared) is not str or not 0 < len(declared) <= 64:
-        raise BeaconError("bad_type", f"type {declared!r} is not a short string")
-    if len(body) == 2:  # the 2015 beacon: nothing more to check
-        return Beacon(node_id, declared if declared in NODE_TYPES else "other", declared_type=declared)
-    name = body.get("name")
-    if name is not None and (type(name) is not str or len(name) > 64):
-        raise BeaconError("bad_field", f"name {name!r} is not a string of at most 64 characters")
-    interval = body.get("interval")
-    if interval is not None:
-        if type(interval) not in (int, float) or not 1 <= interval <= 86400:
-            raise BeaconError("bad_field", f"interval {interval!r} is not a number of seconds in 1..86400")
-        interval = float(interval)
-    port = body.get("port")
-    if port is not None and (type(port) is not int or not 1 <= port <= 65535):
-        raise BeaconError("bad_field", f"port {port!r} is not an integer in 1..65535")
-    state = body.get("state")
-    if state is None:
-        state = {}
-    elif (
-        type(state) is not dict
-        or len(state) > 32
-        or not all(type(v) in (int, str) and len(k) <= 64 for k, v in state.items())
-    ):
-        raise BeaconError("bad_field", "state is not an object of at most 32 integer or string values")
-    return Beacon(
-        node_id,
-        declared if declared in NODE_TYPES else "other",
-        name=name or None,
-        interval=interval,
-        port=port,
-        state=state,
-        declared_type=declared,
-    )
+        return _BEACON.decode(datagram)
+    except msgspec.ValidationError as exc:
+        raise BeaconError(_refusal_reason(str(exc)), str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BeaconError("not_json", json_decode_error(exc)) from None
+
+
+def _refusal_reason(message: str) -> str:
+    """The counter of a validation failure, from where msgspec says it is."""
+    if " - at " not in message and message.startswith("Expected `object`"):
+        return "not_object"
+    if message.endswith(("`$.id`", "field `id`")):
+        return "bad_id"
+    if message.endswith(("`$.type`", "field `type`")):
+        return "bad_type"
+    return "bad_field"
 
 
 # --- TCP command encoding -------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """Run states: the names used by the status topic, the database and the REST API alike."""
 
-QUEUED = "queued"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-TIMED_OUT = "timed_out"
-LOST = "lost"
+from typing import Final, Literal, get_args
 
-ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, LOST)
+RunState = Literal["queued", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"]
+
+QUEUED: Final = "queued"
+RUNNING: Final = "running"
+SUCCEEDED: Final = "succeeded"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
+TIMED_OUT: Final = "timed_out"
+LOST: Final = "lost"
+
+ALL_STATES: tuple[str, ...] = get_args(RunState)
 FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, LOST})

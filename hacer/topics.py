@@ -22,29 +22,30 @@ class TopicSpec:
     retained: bool
     qos: int
     publisher: str
+    payload: str = ""  # its payload's schema in hacer.messages.json_schemas(); "" for plain text
 
 
 TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("bridge_state", "bridge/state", True, 1, "bridge"),
-    TopicSpec("bridge_stats", "bridge/stats", True, 0, "bridge"),
-    TopicSpec("bridge_lastseen", "bridge/lastseen", False, 0, "bridge"),
-    TopicSpec("node_presence", "nodes/{arg}/presence", True, 1, "bridge"),
-    TopicSpec("node_meta", "nodes/{arg}/meta", True, 1, "api"),
-    TopicSpec("node_state", "nodes/{arg}/state", True, 1, "bridge"),
-    TopicSpec("node_set", "nodes/{arg}/set", False, 1, "anyone allowed"),
-    TopicSpec("node_get", "nodes/{arg}/get", False, 1, "anyone allowed"),
-    TopicSpec("node_result", "nodes/{arg}/result", False, 1, "bridge"),
-    TopicSpec("run_request", "runs/request", False, 1, "api, CLI, scripts, third parties"),
-    TopicSpec("run_status", "runs/{arg}/status", False, 1, "runner"),
-    TopicSpec("run_log", "runs/{arg}/log", False, 1, "runner"),
+    TopicSpec("bridge_stats", "bridge/stats", True, 0, "bridge", "BridgeStats"),
+    TopicSpec("bridge_lastseen", "bridge/lastseen", False, 0, "bridge", "LastSeenBatch"),
+    TopicSpec("node_presence", "nodes/{arg}/presence", True, 1, "bridge", "Presence"),
+    TopicSpec("node_meta", "nodes/{arg}/meta", True, 1, "api", "NodeMeta"),
+    TopicSpec("node_state", "nodes/{arg}/state", True, 1, "bridge", "NodeValues"),
+    TopicSpec("node_set", "nodes/{arg}/set", False, 1, "anyone allowed", "SetCommand"),
+    TopicSpec("node_get", "nodes/{arg}/get", False, 1, "anyone allowed", "GetCommand"),
+    TopicSpec("node_result", "nodes/{arg}/result", False, 1, "bridge", "CommandResult"),
+    TopicSpec("run_request", "runs/request", False, 1, "api, CLI, scripts, third parties", "RunRequestPayload"),
+    TopicSpec("run_status", "runs/{arg}/status", False, 1, "runner", "RunStatus"),
+    TopicSpec("run_log", "runs/{arg}/log", False, 1, "runner", "LogEntry"),
     TopicSpec("run_cancel", "runs/{arg}/cancel", False, 1, "api, anyone allowed"),
-    TopicSpec("runs_recorded", "runs/recorded", False, 0, "recorder"),
-    TopicSpec("runner_state", "runners/{arg}/state", True, 1, "runner"),
-    TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder"),
+    TopicSpec("runs_recorded", "runs/recorded", False, 0, "recorder", "RunsRecorded"),
+    TopicSpec("runner_state", "runners/{arg}/state", True, 1, "runner", "RunnerState"),
+    TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder", "RecorderState"),
     TopicSpec("api_state", "api/state", True, 1, "api"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),
     # A requester's response topics: `replies/<its client id>/<anything>`.
-    TopicSpec("reply", "replies/{arg}", False, 1, "bridge, to a command's response topic"),
+    TopicSpec("reply", "replies/{arg}", False, 1, "bridge, to a command's response topic", "CommandResult"),
 )
 
 MAX_REPLY_TOPIC = 256

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -39,6 +39,7 @@ from hacer.bus import Bus, BusError, Message
 from hacer.messages import (
     LastSeenBatch,
     LogEntry,
+    LogEntrySeq,
     MessageError,
     Presence,
     RecorderState,
@@ -47,6 +48,8 @@ from hacer.messages import (
     RunRequest,
     RunsRecorded,
     RunStatus,
+    bus_time,
+    decode,
 )
 from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
 from hacer.topics import TopicError, Topics
@@ -64,9 +67,11 @@ STATE_EVERY = 5.0  # seconds between republished counters
 Touched = dict[str, tuple[int, "str | None", list[int]]]
 
 
-def utc(timestamp: float | None) -> datetime | None:
-    """The database's datetime of a Unix time that may be missing."""
-    return None if timestamp is None else utc_datetime(timestamp)
+def utc(moment: datetime | None) -> datetime | None:
+    """The database's naive UTC datetime of a bus time that may be missing."""
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo is UTC else moment.astimezone(UTC)).replace(tzinfo=None)
 
 
 def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -233,7 +238,7 @@ class Recorder:
         with self.sessions() as session:
             runs: dict[str, Run] = {}
             entries: list[dict[str, Any]] = []
-            last_seen: dict[int, float] = {}
+            last_seen: dict[int, datetime] = {}
             for message in messages:
                 try:
                     name, arg = self.topics.parse(message.topic)
@@ -246,7 +251,7 @@ class Recorder:
                             if new is not None:
                                 new_nodes.append(new)
                     elif name == "bridge_lastseen":
-                        last_seen.update(LastSeenBatch.from_payload(message.payload).last_seen)
+                        last_seen.update(LastSeenBatch.from_payload(message.payload).nodes)
                     elif name == "run_request":
                         self._request(session, runs, message.payload)
                     elif name == "run_status":
@@ -300,7 +305,7 @@ class Recorder:
             return LogEntry(
                 run_id,
                 seq,
-                self.clock(),
+                bus_time(self.clock()),
                 "exception",
                 f"[hacer: entry {seq} set aside by the recorder: {str(exc)[:200]}]",
             )
@@ -338,14 +343,16 @@ class Recorder:
                 self._run_states.update(
                     session.execute(select(Run.run_id, Run.state).where(Run.run_id.in_(unknown))).tuples().all()
                 )
-            runs = tuple(
+            runs = [
                 RunRecorded(
                     run_id, self._watermark(session, run_id, thread_id, seqs), state or self._run_states.get(run_id, "")
                 )
                 for run_id, (thread_id, state, seqs) in touched.items()
-            )
+            ]
         # One message a batch: the broker's work is per message, and it is what sets the pace.
-        self.bus.publish(self.topics.build("runs_recorded"), RunsRecorded(self.recorder_id, runs).to_payload(), qos=0)
+        self.bus.publish(
+            self.topics.build("runs_recorded"), RunsRecorded.of(self.recorder_id, runs).to_payload(), qos=0
+        )
 
     def _watermark(self, session: Session, run_id: str, thread_id: int, written: list[int]) -> int:
         """The n such that log entries 1..n of a run are all written.
@@ -405,7 +412,7 @@ class Recorder:
             node.last_update = seen
         return None
 
-    def _last_seen(self, session: Session, last_seen: dict[int, float]) -> None:
+    def _last_seen(self, session: Session, last_seen: dict[int, datetime]) -> None:
         known = set(session.scalars(select(Node.id).where(Node.id.in_(list(last_seen)))))
         rows = [{"id": node_id, "last_update": utc(seen)} for node_id, seen in last_seen.items() if node_id in known]
         if rows:
@@ -424,7 +431,7 @@ class Recorder:
                     {
                         "run_id": run_id,
                         "state": runstates.QUEUED,
-                        "requested_at": utc(self.clock()),
+                        "requested_at": utc_datetime(self.clock()),
                         "script": "",
                         "params": "[]",
                         "runner": "",
@@ -507,7 +514,7 @@ class Recorder:
 
     def _rescue(self) -> None:
         """Send again requests no runner acknowledged within `rescue_after` seconds."""
-        cutoff = utc(self.clock() - self.rescue_after)
+        cutoff = utc_datetime(self.clock() - self.rescue_after)
         with self.sessions() as session:
             stale = session.scalars(
                 select(Run).where(
@@ -527,7 +534,6 @@ class Recorder:
 def _seq_of(payload: bytes) -> int | None:
     """The seq of a log payload that may be bad otherwise."""
     try:
-        seq = json.loads(payload).get("seq")
-    except (ValueError, AttributeError):
+        return decode(LogEntrySeq, payload, "log entry").seq
+    except MessageError:
         return None
-    return seq if type(seq) is int and 1 <= seq < 2**31 else None

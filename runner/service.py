@@ -34,16 +34,28 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from msgspec.structs import replace
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import LogEntry, MessageError, RecorderState, RunnerState, RunRequest, RunsRecorded, RunStatus
+from hacer.messages import (
+    Entry,
+    LogEntry,
+    MessageError,
+    RecorderState,
+    RunnerState,
+    RunRequest,
+    RunsRecorded,
+    RunStatus,
+    bus_time,
+)
 from hacer.parentdeath import PARENT_ENV
+from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TopicError, Topics
@@ -198,7 +210,7 @@ class Runner:
         except MessageError as exc:
             log.warning("ignored %s: %s (%r)", message.topic, exc, message.payload[:100])
             return
-        for run in recorded.runs:
+        for run in recorded.recorded():
             self.outbox.confirm(run)
 
     def _on_recorder_state(self, message: Message) -> None:
@@ -476,6 +488,7 @@ class Runner:
         finally:
             limit.cancel()
         exit_code = run.process.wait()
+        state: RunState
         if run.cancel_requested:
             state = runstates.CANCELLED
         elif run.timed_out:
@@ -487,7 +500,7 @@ class Runner:
         )
         self._finish(run, state, exit_code=exit_code, error=error)
 
-    def _finish(self, run: Run, state: str, exit_code: int | None = None, error: str | None = None) -> None:
+    def _finish(self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None) -> None:
         """End a run's claim, then its log and status, if the claim is still this runner's."""
         try:
             owned = not run.fenced and self._with_retries(
@@ -501,7 +514,7 @@ class Runner:
         if not owned:
             log.warning("run %s ended here as %s, but another runner owns it now: not reported", run.run_id, state)
             return
-        exception = [("exception", error)] if error and state == runstates.FAILED else []
+        exception: list[Entry] = [("exception", error)] if error and state == runstates.FAILED else []
         self._log(run, *exception, ("exit_status", "success" if state == runstates.SUCCEEDED else "failed"))
         self._publish_status(run, state, exit_code=exit_code, error=error, finished=True)
 
@@ -533,8 +546,8 @@ class Runner:
                 break
         run.process.stdout.close()
 
-    def _log_entries(self, run: Run, entries: list[tuple[str, str]]) -> None:
-        out: list[tuple[str, str]] = []
+    def _log_entries(self, run: Run, entries: list[Entry]) -> None:
+        out: list[Entry] = []
         batch: list[str] = []
         size = 0
         for entry_type, data in entries:
@@ -597,11 +610,11 @@ class Runner:
 
     # --- publishing -------------------------------------------------------------------------
 
-    def _log(self, run: Run, *entries: tuple[str, str]) -> None:
+    def _log(self, run: Run, *entries: Entry) -> None:
         """Publish (entry_type, data) entries, held in the outbox first."""
         if run.fenced or not entries:
             return
-        topic, now, held = self.topics.build("run_log", run.run_id), self.clock(), []
+        topic, now, held = self.topics.build("run_log", run.run_id), bus_time(self.clock()), []
         for entry_type, data in entries:
             run.seq += 1
             held.append((run.seq, topic, LogEntry(run.run_id, run.seq, now, entry_type, data).to_payload()))
@@ -610,11 +623,11 @@ class Runner:
             self.bus.publish(topic, payload)
 
     def _publish_status(
-        self, run: Run, state: str, exit_code: int | None = None, error: str | None = None, finished: bool = False
+        self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None, finished: bool = False
     ) -> None:
         if run.fenced:
             return
-        now = self.clock()
+        now = bus_time(self.clock())
         status = RunStatus(
             run.run_id,
             run.request.script,
@@ -622,8 +635,8 @@ class Runner:
             state,
             self.config.runner_id,
             exit_code,
-            run.queued_at,
-            run.started_at,
+            bus_time(run.queued_at),
+            None if run.started_at is None else bus_time(run.started_at),
             now if finished else None,
             error,
             run.request.requested_by,

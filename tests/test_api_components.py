@@ -13,10 +13,12 @@ from sqlalchemy import select
 
 from api.app import create_app
 from hacer.bus import Message
-from hacer.messages import Presence, RunRequest
+from hacer.messages import Presence, RunRequest, bus_time
 from hacer.models import Database, Node
 from hacer.settings import Settings
 from hacer.topics import Topics
+
+T1 = bus_time(1.0)
 
 
 class RecordingBus:
@@ -95,7 +97,7 @@ def test_websocket_snapshot_then_live_node_event(app):
     ws = app.extensions["socketio"].test_client(app)
     snapshot = next(r for r in ws.get_received() if r["name"] == "snapshot")["args"][0]
     assert snapshot["nodes"] == [] and snapshot["seq"] == 0
-    presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0)
+    presence = Presence(7, "toggle", "10.0.0.7", "online", T1, T1)
     app.bus.deliver("hacer/nodes/7/presence", presence.to_payload(), retain=True)
     event = next(r for r in ws.get_received() if r["name"] == "event")["args"][0]
     assert (event["seq"], event["kind"], event["data"]["state"]) == (1, "node", "online")
@@ -109,7 +111,7 @@ def test_node_messages_that_change_nothing_send_no_event(app):
 
     ws = app.extensions["socketio"].test_client(app)
     ws.get_received()
-    presence = Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0).to_payload()
+    presence = Presence(7, "toggle", "10.0.0.7", "online", T1, T1).to_payload()
     app.bus.deliver("hacer/nodes/7/presence", presence, retain=True)
     app.bus.deliver("hacer/nodes/7/meta", NodeMeta(7, "", "toggle").to_payload(), retain=True)  # no name yet
     app.bus.deliver("hacer/nodes/7/presence", presence, retain=True)  # the retained copy, again
@@ -123,7 +125,7 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
     from hacer.messages import LogEntry
 
     for seq, entry_type in enumerate(["launch", "output", "exit_status"], start=1):
-        app.bus.deliver("hacer/runs/r1/log", LogEntry("r1", seq, 1.0, entry_type, "x").to_payload())
+        app.bus.deliver("hacer/runs/r1/log", LogEntry("r1", seq, T1, entry_type, "x").to_payload())
     ws = app.extensions["socketio"].test_client(app)
     ws.get_received()
     ws.emit("watch_run", {"run_id": "r1"})
@@ -169,7 +171,7 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
     recorder.start()
     try:
         bus.deliver(
-            bus.topics.build("node_presence", 42), Presence(42, "toggle", "10.0.0.42", "online", 1.0, 1.0).to_payload()
+            bus.topics.build("node_presence", 42), Presence(42, "toggle", "10.0.0.42", "online", T1, T1).to_payload()
         )
         wait_until(lambda: recorder.written == 1, 10, "the presence recorded")
     finally:
@@ -193,7 +195,7 @@ def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(t
     database = Database(url)
     database.init()
     first, second = (Recorder(RecordingBus(), Topics(), database.session) for _ in range(2))
-    running = RunStatus("r1", "lamp", ("hall",), runstates.RUNNING, "runner-a", queued_at=1.0, started_at=2.0)
+    running = RunStatus("r1", "lamp", ("hall",), runstates.RUNNING, "runner-a", queued_at=T1, started_at=bus_time(2.0))
     succeeded = RunStatus(
         "r1",
         "lamp",
@@ -201,12 +203,12 @@ def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(t
         runstates.SUCCEEDED,
         "runner-a",
         exit_code=0,
-        queued_at=1.0,
-        started_at=2.0,
-        finished_at=3.0,
+        queued_at=T1,
+        started_at=bus_time(2.0),
+        finished_at=bus_time(3.0),
     )
     with database.session() as session:
-        first._status(session, {}, RunStatus("r1", "lamp", ("hall",), runstates.QUEUED, "runner-a", queued_at=1.0))
+        first._status(session, {}, RunStatus("r1", "lamp", ("hall",), runstates.QUEUED, "runner-a", queued_at=T1))
         session.commit()
     with database.session() as late:
         late_runs: dict = {}

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from hacer.messages import MessageError, NodeMeta, Presence, RunnerState, RunRequest, RunStatus
+from hacer.messages import MessageError, NodeMeta, Presence, RunnerState, RunRequest, RunStatus, bus_time
+
+T1 = bus_time(1.0)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +43,7 @@ def test_bad_statuses_are_refused(change):
 
 
 def test_names_with_a_nul_are_refused():
-    presence = json.loads(Presence(7, "toggle", "10.0.0.7", "online", 1.0, 1.0).to_payload())
+    presence = json.loads(Presence(7, "toggle", "10.0.0.7", "online", T1, T1).to_payload())
     with pytest.raises(MessageError):
         Presence.from_payload(json.dumps({**presence, "name": "a\u0000b"}))
     with pytest.raises(MessageError):

@@ -180,5 +180,5 @@ def test_requests_decode_as_a_node_does():
 
 
 def test_beacon_payload_roundtrip():
-    beacon = Beacon(5, "toggle", name="lamp", interval=30.0, declared_type="toggle")
+    beacon = Beacon(5, "toggle", name="lamp", interval=30.0)
     assert decode_beacon(beacon.to_payload()) == beacon

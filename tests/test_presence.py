@@ -1,7 +1,7 @@
 """The presence tracker alone, with a recording publisher and a hand-driven clock."""
 
 from bridge.presence import PresenceTracker
-from hacer.messages import OFFLINE, ONLINE
+from hacer.messages import OFFLINE, ONLINE, bus_time
 from hacer.nodewire import Beacon
 
 
@@ -17,7 +17,7 @@ class RecordingPublisher:
 
 
 def beacon(node_id=1, type="toggle", **fields):
-    return Beacon(node_id, type, declared_type=type, **fields)
+    return Beacon(node_id, type, **fields)
 
 
 def test_announces_on_change_only():
@@ -42,9 +42,9 @@ def test_offline_after_three_intervals_then_back():
     assert tracker.expire(239.9) == 240.0
     assert len(pub.presences) == 1
     tracker.expire(240.0)
-    assert pub.presences[-1].state == OFFLINE and pub.presences[-1].since == 240.0
+    assert pub.presences[-1].state == OFFLINE and pub.presences[-1].since == bus_time(240.0)
     tracker.observe(beacon(), "10.0.0.5", 300.0)
-    assert pub.presences[-1].state == ONLINE and pub.presences[-1].since == 300.0
+    assert pub.presences[-1].state == ONLINE and pub.presences[-1].since == bus_time(300.0)
 
 
 def test_announced_interval_and_global_setting():

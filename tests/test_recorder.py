@@ -11,12 +11,14 @@ from test_api_components import RecordingBus
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import LogEntry, Presence, RunRecorded, RunsRecorded, RunStatus
+from hacer.messages import LogEntry, Presence, RunRecorded, RunsRecorded, RunStatus, bus_time
 from hacer.models import Database, DeadLetter, Node, Run, ScriptLogEntry
 from recorder.service import Recorder
 
 from conftest import wait_until
 from test_runner import fifo, release, requester, runner_env, runs, scripts_dir, start_runner  # noqa: F401
+
+T1 = bus_time(1.0)
 
 POISON_STATUS = b'{"run_id":"p","script":"x","state":"running","runner":"r","exit_code":{"a":1}}'
 
@@ -47,7 +49,7 @@ class AckingBus(RecordingBus):
         return [RunsRecorded.from_payload(p) for t, p, _ in self.published if t == "hacer/runs/recorded"]
 
     def recorded(self) -> list[RunRecorded]:
-        return [run for message in self.recorded_messages() for run in message.runs]
+        return [run for message in self.recorded_messages() for run in message.recorded()]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -88,7 +90,7 @@ def status(run_id, state, **fields):
 
 
 def entry(run_id, seq, data="x"):
-    return f"hacer/runs/{run_id}/log", LogEntry(run_id, seq, 1.0, "output", data).to_payload()
+    return f"hacer/runs/{run_id}/log", LogEntry(run_id, seq, T1, "output", data).to_payload()
 
 
 def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, database):
@@ -110,13 +112,13 @@ def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, 
 
 
 def test_a_name_with_a_nul_is_set_aside_not_retried_forever(recorder, database):
-    bad = json.loads(Presence(77, "toggle", "10.0.0.77", "online", 1.0, 1.0).to_payload())
+    bad = json.loads(Presence(77, "toggle", "10.0.0.77", "online", T1, T1).to_payload())
     bad["name"] = "a\u0000b"
     deliver_all(
         recorder,
         [
             ("hacer/nodes/77/presence", json.dumps(bad).encode()),
-            ("hacer/nodes/78/presence", Presence(78, "toggle", "10.0.0.78", "online", 1.0, 1.0).to_payload()),
+            ("hacer/nodes/78/presence", Presence(78, "toggle", "10.0.0.78", "online", T1, T1).to_payload()),
         ],
     )
     with database.session() as session:
@@ -146,7 +148,7 @@ def test_the_database_refusing_one_message_sets_aside_that_one_only(recorder, da
 
 
 def test_a_bad_log_entry_leaves_a_placeholder_so_the_log_has_no_gap(recorder, database):
-    bad = json.loads(LogEntry("g", 2, 1.0, "output", "x").to_payload())
+    bad = json.loads(LogEntry("g", 2, T1, "output", "x").to_payload())
     bad["data"] = {"not": "text"}
     deliver_all(
         recorder,

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from hacer.messages import Presence, RunRequest
+from hacer.messages import Presence, RunRequest, bus_time
 from hacer.topics import Topics
 
 from conftest import wait_until
@@ -201,7 +201,9 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
             sent[node_id] = time.monotonic()
             api.bus.publish(
                 Topics().build("node_presence", node_id),
-                Presence(node_id, "toggle", "127.0.0.9", "online", time.time(), time.time()).to_payload(),
+                Presence(
+                    node_id, "toggle", "127.0.0.9", "online", bus_time(time.time()), bus_time(time.time())
+                ).to_payload(),
                 retain=True,
             )
             time.sleep(0.05)  # pacing the publishes, so each one's latency is its own
