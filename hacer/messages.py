@@ -417,7 +417,7 @@ DECLARATIONS: dict[str, Any] = {
     "CommandResult": CommandResult,
     "LastSeenBatch": LastSeenBatch,
     "BridgeStats": BridgeStats,
-    "RunRequest": RunRequestPayload,
+    "RunRequestPayload": RunRequestPayload,
     "RunStatus": RunStatus,
     "LogEntry": LogEntry,
     "RunsRecorded": RunsRecorded,

@@ -1,10 +1,33 @@
-"""Payload checks: what a run's messages may hold before anything uses them."""
+"""Payload checks: what bus messages may hold before anything uses them, and the schemas shown of them."""
 
 import json
+from datetime import UTC, datetime
 
+import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from hacer.messages import MessageError, NodeMeta, Presence, RunnerState, RunRequest, RunStatus, bus_time
+from hacer.messages import (
+    BridgeStats,
+    CommandResult,
+    GetCommand,
+    LastSeenBatch,
+    LogEntry,
+    MessageError,
+    NodeMeta,
+    NodeValues,
+    Presence,
+    RecorderState,
+    RunnerState,
+    RunRecorded,
+    RunRequest,
+    RunsRecorded,
+    RunStatus,
+    SetCommand,
+    bus_time,
+    json_schemas,
+)
 
 T1 = bus_time(1.0)
 
@@ -56,3 +79,108 @@ def test_the_run_id_of_a_bad_request_is_read_when_it_can_be():
     assert RunRequest.run_id_of(b'{"run_id": "abc", "script": ""}') == "abc"
     assert RunRequest.run_id_of(b'{"run_id": "../x", "script": "t"}') is None
     assert RunRequest.run_id_of(b"not json") is None
+
+
+def test_times_of_older_producers_and_unknown_fields_are_read():
+    entry = LogEntry.from_payload(
+        b'{"run_id":"r","seq":1,"timestamp":"2026-11-27T20:35:36.123Z","entry_type":"output","data":"x","new":1}'
+    )
+    assert entry.timestamp == datetime(2026, 11, 27, 20, 35, 36, 123000, tzinfo=UTC)
+    assert NodeMeta.from_payload(b'{"id":1,"name":null,"type":"toaster"}') == NodeMeta(1, "", "other")
+
+
+EXAMPLES = {
+    "Presence": Presence(7, "toggle", "10.0.0.7", "online", T1, T1, port=8000, interval=30.0, name="lamp"),
+    "NodeMeta": NodeMeta(7, "lamp", "toggle"),
+    "NodeValues": NodeValues({"on": 1, "mode": "eco"}),
+    "SetCommand": SetCommand({"on": 1}),
+    "GetCommand": GetCommand(("temperature", "target")),
+    "CommandResult": CommandResult(7, "get", "temperature", True, 21, "+i21e", at=T1),
+    "LastSeenBatch": LastSeenBatch({7: T1}),
+    "BridgeStats": BridgeStats(3, 2, {"not_json": 1}, 0, 1, 0, {"ok": 2}),
+    "RunRequestPayload": RunRequest("toggle", ("lamp", "on"), "r1", "rest", 30.0),
+    "RunStatus": RunStatus("r1", "toggle", ("lamp",), "succeeded", "runner-a", 0, T1, T1, T1),
+    "LogEntry": LogEntry("r1", 1, T1, "output", "hello"),
+    "RunsRecorded": RunsRecorded.of("rec", [RunRecorded("r1", 4, "succeeded")]),
+    "RunnerState": RunnerState("runner-a", "online", 4, ("r1",), 2),
+    "RecorderState": RecorderState("rec", "online", 10, 1),
+}
+
+
+def schema_of(name):
+    schemas = json_schemas()
+    return {**schemas[name], "$defs": schemas}
+
+
+def test_what_hacer_sends_fits_the_schemas_it_shows():
+    assert set(json_schemas()) == set(EXAMPLES) | {"RunWritten"}  # RunWritten: within RunsRecorded
+    for name, example in EXAMPLES.items():
+        payload = example.to_payload()
+        jsonschema.validate(json.loads(payload), schema_of(name))
+        assert type(example).from_payload(payload) == example, name
+
+
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("RunnerState", {"runner": "", "state": "online"}),
+        ("RunnerState", {"runner": "r", "state": "online", "capacity": -1}),
+        ("RecorderState", {"recorder": "r", "state": "away"}),
+        (
+            "LogEntry",
+            {"run_id": "..", "seq": 1, "timestamp": "2026-01-01T00:00:00Z", "entry_type": "output", "data": ""},
+        ),
+        (
+            "LogEntry",
+            {"run_id": "r", "seq": 0, "timestamp": "2026-01-01T00:00:00Z", "entry_type": "output", "data": ""},
+        ),
+        ("SetCommand", {}),
+        ("NodeValues", {"on": [1]}),
+        ("RunRequestPayload", {"script": "t", "params": [None]}),
+    ],
+)
+def test_what_a_schema_refuses_the_decoder_refuses(name, payload):
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(payload, schema_of(name))
+    with pytest.raises(MessageError):
+        type(EXAMPLES[name]).from_payload(json.dumps(payload))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.sampled_from(["RunnerState", "RecorderState", "RunsRecorded", "NodeMeta", "BridgeStats", "NodeValues"]),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "runner",
+                "recorder",
+                "state",
+                "capacity",
+                "running",
+                "queued",
+                "written",
+                "runs",
+                "id",
+                "name",
+                "type",
+                "datagrams",
+                "dropped",
+                "on",
+            ]
+        ),
+        json_values,
+    ),
+)
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_the_decoder_accepts_nothing_its_schema_refuses(name, body):
+    try:
+        type(EXAMPLES[name]).from_payload(json.dumps(body))
+    except MessageError:
+        return
+    jsonschema.validate(body, schema_of(name))
