@@ -18,7 +18,7 @@ from hacer.settings import PROJECT_DIR, Settings
 log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
-PARTS = ("bridge", "runner", "recorder", "api")
+PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -51,6 +51,58 @@ def cmd_recorder(args: argparse.Namespace) -> None:
     from recorder.main import main
 
     main()
+
+
+def cmd_scheduler(args: argparse.Namespace) -> None:
+    from scheduler.main import main
+
+    main()
+
+
+def cmd_automation(args: argparse.Namespace) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from hacer import automations
+    from hacer.messages import MessageError
+    from hacer.models import Automation, Database
+    from hacer.scriptdir import ScriptDir
+
+    settings = Settings.from_env()
+    database = Database(settings.database_url)
+    database.init()
+    location = automations.location_of(settings.latitude, settings.longitude)
+    now = datetime.now(UTC)
+    with database.session() as session:
+        if args.action == "add":
+            definition = sys.stdin.read() if args.definition == "-" else args.definition
+            try:
+                spec = automations.AutomationSpec.from_json(definition, location)
+                if ScriptDir(settings.scripts_dir).find(spec.script) is None:
+                    raise MessageError(f"no script named {spec.script!r} - at `$.script`")
+                row = automations.save(session, spec, now)
+            except (MessageError, automations.NameTaken) as exc:
+                raise SystemExit(f"automation not added: {exc}") from None
+            session.commit()
+            print(f"{row.id}\t{row.name}")
+            return
+        if args.action == "list":
+            for row in session.scalars(select(Automation).order_by(Automation.id)):
+                view = automations.describe(session, row, location, now, count=1)
+                state = "on " if row.enabled else "off"
+                print(f"{row.id}\t{state}\t{row.name}\tnext {(view['next_fires'] or ['-'])[0]}")
+            return
+        found = automations.find(session, args.key)
+        if found is None:
+            raise SystemExit(f"no automation {args.key!r}")
+        if args.action == "rm":
+            session.delete(found)
+            session.commit()
+            return
+        view = automations.describe(session, found, location, now, count=args.count)
+        print(json.dumps(view, indent=2))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -197,6 +249,20 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("runner", help="a runner alone (start several to share the work)").set_defaults(func=cmd_runner)
     commands.add_parser("api", help="the api (REST, websockets, control app)").set_defaults(func=cmd_api)
     commands.add_parser("recorder", help="the recorder alone (bus -> database)").set_defaults(func=cmd_recorder)
+    commands.add_parser("scheduler", help="the scheduler alone (automations -> run requests)").set_defaults(
+        func=cmd_scheduler
+    )
+    automation = commands.add_parser("automation", help="add, list, remove automations, or show when they fire")
+    actions = automation.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add one from its JSON definition (see README Automations)")
+    add.add_argument("definition", help="the JSON, or - to read it from standard input")
+    actions.add_parser("list", help="every automation, on or off, and its next fire")
+    remove = actions.add_parser("rm", help="remove one (its runs stay)")
+    remove.add_argument("key", help="id or name")
+    upcoming = actions.add_parser("next", help="its definition, next fires and last runs")
+    upcoming.add_argument("key", help="id or name")
+    upcoming.add_argument("--count", type=int, default=5, help="how many next fires (5)")
+    automation.set_defaults(func=cmd_automation)
     run = commands.add_parser("run", help="request a run of a script and follow its log (exit code: the run's)")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
     run.add_argument("script")

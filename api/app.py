@@ -59,6 +59,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         settings, topics, bus, live, commands, database.session, ScriptDir(settings.scripts_dir)
     )
 
+    from api import automations  # noqa: F401 - its routes join the api blueprint
     from api.rest import api
 
     app.register_blueprint(api)

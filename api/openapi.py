@@ -33,6 +33,12 @@ RUN_KEY = {
     "description": "run id or thread id",
     "schema": {"type": "string"},
 }
+AUTOMATION_ID = {"name": "automation_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}
+AUTOMATION_BODY = {
+    "required": True,
+    "content": {"application/json": {"schema": ref("AutomationSpec")}},
+    "description": "the definition, JSON with or without a JSON content type",
+}
 PAGING = [
     {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
     {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
@@ -63,6 +69,39 @@ SCHEMAS: dict[str, Any] = {
     # The bus payloads REST shows as they are, derived from their declarations.
     "CommandResult": BUS_SCHEMAS["CommandResult"],
     "SetCommand": BUS_SCHEMAS["SetCommand"],
+    "AutomationSpec": BUS_SCHEMAS["AutomationSpec"],
+    **{name: BUS_SCHEMAS[name] for name in ("Cron", "Every", "At", "Sun")},
+    "Automation": {
+        "type": "object",
+        "required": ["id", "name", "enabled", "definition", "changed_at", "next_fires", "last_runs"],
+        "properties": {
+            "id": {"type": "integer"},
+            "name": TEXT,
+            "enabled": {"type": "boolean"},
+            "definition": ref("AutomationSpec"),
+            "changed_at": {"type": "string", "format": "date-time"},
+            "next_fires": {"type": "array", "items": {"type": "string", "format": "date-time"}},
+            "last_runs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["due", "run_id", "late", "state", "exit_code"],
+                    "properties": {
+                        "due": {"type": "string", "format": "date-time"},
+                        "run_id": TEXT,
+                        "late": {"type": "boolean"},
+                        "state": TEXT,
+                        "exit_code": {"type": ["integer", "null"]},
+                    },
+                },
+            },
+        },
+    },
+    "AutomationList": {
+        "type": "object",
+        "required": ["automations"],
+        "properties": {"automations": {"type": "array", "items": ref("Automation")}},
+    },
     "CommandResults": {
         "type": "object",
         "required": ["results"],
@@ -270,6 +309,44 @@ PATHS: dict[str, Any] = {
     "/api/runs/{key}/cancel": {
         "parameters": [RUN_KEY],
         "post": {"summary": "Cancel a run", "responses": {"200": body("Cancelled"), "404": ERROR, "409": ERROR}},
+    },
+    "/api/automations": {
+        "get": {"summary": "Automations, each with its next fire", "responses": {"200": body("AutomationList")}},
+        "post": {
+            "summary": "Add an automation (see README Automations)",
+            "requestBody": AUTOMATION_BODY,
+            "responses": {"201": body("Automation"), "400": ERROR, "409": ERROR},
+        },
+    },
+    "/api/automations/{automation_id}": {
+        "parameters": [AUTOMATION_ID],
+        "get": {
+            "summary": "An automation: definition, next fires, last runs",
+            "responses": {"200": body("Automation"), "404": ERROR},
+        },
+        "put": {
+            "summary": "Replace an automation's definition (its count starts again)",
+            "requestBody": AUTOMATION_BODY,
+            "responses": {"200": body("Automation"), "400": ERROR, "404": ERROR, "409": ERROR},
+        },
+        "delete": {
+            "summary": "Delete an automation (its runs stay)",
+            "responses": {"200": body("Success"), "404": ERROR},
+        },
+    },
+    "/api/automations/{automation_id}/enable": {
+        "parameters": [AUTOMATION_ID],
+        "post": {
+            "summary": "Enable an automation",
+            "responses": {"200": body("Automation"), "400": ERROR, "404": ERROR},
+        },
+    },
+    "/api/automations/{automation_id}/disable": {
+        "parameters": [AUTOMATION_ID],
+        "post": {
+            "summary": "Disable an automation",
+            "responses": {"200": body("Automation"), "400": ERROR, "404": ERROR},
+        },
     },
     "/api/logs/script": {
         "get": {

@@ -428,8 +428,11 @@ DECLARATIONS: dict[str, Any] = {
 
 def json_schemas(ref_template: str = "#/$defs/{name}") -> dict[str, dict[str, Any]]:
     """Every payload's JSON schema by name, with the structs they refer to; refs use `ref_template`."""
-    names = list(DECLARATIONS)
-    schemas, components = msgspec.json.schema_components(DECLARATIONS.values(), ref_template=ref_template)
+    from hacer.automations import DECLARATIONS as AUTOMATIONS  # it builds on this module
+
+    declarations = {**DECLARATIONS, **AUTOMATIONS}
+    names = list(declarations)
+    schemas, components = msgspec.json.schema_components(declarations.values(), ref_template=ref_template)
     for name, schema in zip(names, schemas, strict=True):
         if "$ref" not in schema:  # declared as a type rather than a struct: named here
             components[name] = {"title": name, **schema}

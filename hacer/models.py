@@ -192,6 +192,31 @@ class DeadLetter(Base):
     at: Mapped[datetime] = mapped_column(DateTime)
 
 
+class Automation(Base):
+    """An automation: its definition (hacer/automations.py) and when it last changed."""
+
+    __tablename__ = "automation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    definition: Mapped[str] = mapped_column(Text)  # AutomationSpec JSON
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    changed_at: Mapped[datetime] = mapped_column(DateTime)  # whole seconds: `every` counts from it
+
+
+class AutomationFire(Base):
+    """One fire of an automation: the row whose insert decides which scheduler fires a due time."""
+
+    __tablename__ = "automation_fire"
+    __table_args__ = (UniqueConstraint("automation_id", "due_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    automation_id: Mapped[int] = mapped_column(Integer, index=True)  # no foreign key: history outlives it
+    due_at: Mapped[datetime] = mapped_column(DateTime)
+    fired_at: Mapped[datetime] = mapped_column(DateTime)
+    run_id: Mapped[str] = mapped_column(String(64), unique=True)
+    scheduler: Mapped[str] = mapped_column(String(128), default="")
+    late: Mapped[bool] = mapped_column(Boolean, default=False)  # a missed due time run on start (run_once)
+
+
 class Database:
     """An engine and its session factory for one database URL."""
 

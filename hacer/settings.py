@@ -44,6 +44,13 @@ def _float(env: Mapping[str, str], name: str, default: float | None, low: float)
     return value
 
 
+def _degrees(env: Mapping[str, str], name: str, bound: float) -> float | None:
+    value = _float(env, name, None, -bound)
+    if value is not None and value > bound:
+        raise SettingsError(f"{name}={value} is above {bound}")
+    return value
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -92,6 +99,10 @@ class Settings:
     script_mqtt_url: str = ""
     # Variables of the runner's environment scripts see besides SCRIPT_ENV_ALLOWED.
     script_env_names: tuple[str, ...] = ()
+    scheduler_id: str = field(default_factory=socket.gethostname)
+    # Where sun triggers are computed for (degrees; north and east positive); none: refused.
+    latitude: float | None = None
+    longitude: float | None = None
 
     @property
     def served_http_host(self) -> str:
@@ -145,6 +156,9 @@ class Settings:
             resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,
             database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
             runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),
+            scheduler_id=env.get("HACER_SCHEDULER_ID", "").strip() or socket.gethostname(),
+            latitude=_degrees(env, "HACER_LATITUDE", 90.0),
+            longitude=_degrees(env, "HACER_LONGITUDE", 180.0),
         )
 
 

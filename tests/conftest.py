@@ -255,7 +255,7 @@ def presence_of(message):
 
 # --- the production broker: password file and ACL ---------------------------------------------
 
-USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "hacer-script", "viewer")
+USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "hacer-scheduler", "hacer-script", "viewer")
 
 
 @pytest.fixture

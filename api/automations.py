@@ -1,0 +1,112 @@
+"""REST under /api/automations: define, list, change, switch and delete automations.
+
+The scheduler reads the same table (it polls for changes every second), so what is saved here
+is planned within a second; each definition is checked by the one declaration in
+hacer/automations.py, and a script must exist in the scripts folder.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+from astral import Observer
+from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, bad_request, not_found
+from api.rest import ROW_ID, api, services
+from hacer.automations import AutomationSpec, NameTaken, describe, location_of, save
+from hacer.messages import MessageError
+from hacer.models import Automation
+
+automations = Blueprint("automations", __name__, url_prefix="/automations")
+
+
+def location() -> Observer | None:
+    settings = services().settings
+    return location_of(settings.latitude, settings.longitude)
+
+
+def spec_of_body(body: bytes) -> AutomationSpec:
+    """The definition in a request body, checked; 400 naming the field at fault."""
+    try:
+        spec = AutomationSpec.from_json(body, location())
+    except MessageError as exc:
+        raise bad_request(str(exc)) from None
+    if services().scripts.find(spec.script) is None:
+        raise bad_request(f"bad automation: no script named {spec.script!r} - at `$.script`")
+    return spec
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def find_row(session: Session, automation_id: int) -> Automation:
+    row = session.get(Automation, automation_id)
+    if row is None:
+        raise not_found(f"no automation with id {automation_id}")
+    return row
+
+
+@automations.get("")
+def list_automations() -> ResponseReturnValue:
+    with services().sessions() as session:
+        rows = session.scalars(select(Automation).order_by(Automation.id)).all()
+        return jsonify({"automations": [describe(session, row, location(), now(), count=1) for row in rows]})
+
+
+@automations.post("")
+def add_automation() -> ResponseReturnValue:
+    spec = spec_of_body(request.get_data(cache=True))
+    with services().sessions() as session:
+        try:
+            row = save(session, spec, now())
+        except NameTaken as exc:
+            raise ApiError(409, str(exc)) from None
+        session.commit()
+        return jsonify(describe(session, row, location(), now())), 201
+
+
+@automations.get(f"/<{ROW_ID}:automation_id>")
+def get_automation(automation_id: int) -> ResponseReturnValue:
+    with services().sessions() as session:
+        return jsonify(describe(session, find_row(session, automation_id), location(), now()))
+
+
+@automations.put(f"/<{ROW_ID}:automation_id>")
+def change_automation(automation_id: int) -> ResponseReturnValue:
+    spec = spec_of_body(request.get_data(cache=True))
+    with services().sessions() as session:
+        row = find_row(session, automation_id)
+        try:
+            save(session, spec, now(), row)
+        except NameTaken as exc:
+            raise ApiError(409, str(exc)) from None
+        session.commit()
+        return jsonify(describe(session, row, location(), now()))
+
+
+@automations.post(f"/<{ROW_ID}:automation_id>/enable", defaults={"enabled": True})
+@automations.post(f"/<{ROW_ID}:automation_id>/disable", defaults={"enabled": False})
+def switch_automation(automation_id: int, enabled: bool) -> ResponseReturnValue:
+    with services().sessions() as session:
+        row = find_row(session, automation_id)
+        spec = msgspec.structs.replace(AutomationSpec.from_json(row.definition, location()), enabled=enabled)
+        save(session, spec, now(), row)
+        session.commit()
+        return jsonify(describe(session, row, location(), now()))
+
+
+@automations.delete(f"/<{ROW_ID}:automation_id>")
+def delete_automation(automation_id: int) -> ResponseReturnValue:
+    with services().sessions() as session:
+        session.delete(find_row(session, automation_id))
+        session.commit()
+    return jsonify({"success": True})
+
+
+api.register_blueprint(automations)  # under /api, behind its token and request checks

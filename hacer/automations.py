@@ -1,0 +1,289 @@
+"""Automations: their definition format, and when a time trigger is next due.
+
+A definition is JSON, declared here once (msgspec) for REST, the CLI and the scheduler:
+
+    {"name": "porch at sunset", "script": "toggle", "params": ["porch", "on"],
+     "trigger": {"kind": "sun", "event": "sunset", "offset": -600, "tz": "Europe/Madrid"},
+     "missed": "skip", "grace": 60}
+
+Triggers: `cron` (Debian cron's rules, by cronsim, also across daylight-saving changes: a time
+in the spring-forward gap fires once, when the gap ends; a time in the repeated fall-back hour
+fires once, at its first occurrence; `*` minutes and hours fire in both), `every` (seconds, from
+when the automation was last changed), `at` (once, a local time) and `sun` (sunrise, sunset,
+dawn, dusk or noon with an offset, at HACER_LATITUDE / HACER_LONGITUDE, by astral).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from astral import Observer
+from astral.sun import sun
+from cronsim import CronSim, CronSimError
+from msgspec import Meta, Struct
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hacer import runstates
+from hacer.messages import MAX_PARAMS, NO_NUL, MessageError, Param, Payload, RunId, Time, decode
+from hacer.models import Automation, AutomationFire, Run
+
+ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$")]
+SECONDS_PER_YEAR = 366 * 86400
+
+
+class Cron(Struct, frozen=True, tag="cron", tag_field="kind"):
+    """A cron expression (five fields) in a time zone."""
+
+    cron: Annotated[str, Meta(min_length=9, max_length=128, pattern=NO_NUL)]
+    tz: ZoneName = "UTC"
+
+
+class Every(Struct, frozen=True, tag="every", tag_field="kind"):
+    """Every `seconds`, counted from when the automation was last changed."""
+
+    seconds: Annotated[int, Meta(ge=1, le=SECONDS_PER_YEAR)]
+
+
+class At(Struct, frozen=True, tag="at", tag_field="kind"):
+    """Once, at a local time ("2026-12-24T18:00") in a time zone."""
+
+    at: Annotated[str, Meta(min_length=16, max_length=32, pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?$")]
+    tz: ZoneName = "UTC"
+
+
+class Sun(Struct, frozen=True, tag="sun", tag_field="kind"):
+    """Daily at a moment of the sun, moved by `offset` seconds (negative: before)."""
+
+    event: Literal["dawn", "sunrise", "noon", "sunset", "dusk"]
+    offset: Annotated[int, Meta(ge=-6 * 3600, le=6 * 3600)] = 0
+    tz: ZoneName = "UTC"
+
+
+Trigger = Cron | Every | At | Sun
+
+
+class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a user defines: when (`trigger`), what (`script`, `params`), and what a late fire does.
+
+    A fire up to `grace` seconds late still happens (a restart, a slow moment); older due times
+    are skipped (`missed: "skip"`), or the latest of them runs once (`"run_once"`) if it is at
+    most `catch_up` seconds old.
+    """
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
+    trigger: Trigger
+    script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+    params: Annotated[tuple[Param, ...], Meta(max_length=MAX_PARAMS)] = ()
+    enabled: bool = True
+    missed: Literal["skip", "run_once"] = "skip"
+    grace: Annotated[int, Meta(ge=0, le=86400)] = 60
+    catch_up: Annotated[int, Meta(ge=0, le=7 * 86400)] = 6 * 3600  # how old a due time run_once still runs
+    timeout: Annotated[float, Meta(gt=0, lt=1e9)] | None = None
+
+    @classmethod
+    def from_json(cls, payload: bytes | str, location: Observer | None = None) -> AutomationSpec:
+        """Decode and check a definition; MessageError names the field at fault."""
+        spec: AutomationSpec = decode(cls, payload, "automation")
+        check_trigger(spec.trigger, location)
+        return spec
+
+    def to_json(self) -> bytes:
+        """Encode as the definition JSON."""
+        return msgspec.json.encode(self)
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone `name`; MessageError when there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise MessageError(f"bad automation: unknown time zone {name!r} - at `$.trigger.tz`") from None
+
+
+def check_trigger(trigger: Trigger, location: Observer | None) -> None:
+    """Refuse what the declaration cannot: a cron expression, a zone or a place that does not exist."""
+    if isinstance(trigger, Cron | At | Sun):
+        zone(trigger.tz)
+    if isinstance(trigger, Cron):
+        try:
+            CronSim(trigger.cron, datetime.now(UTC))
+        except CronSimError as exc:
+            raise MessageError(f"bad automation: {exc} - at `$.trigger.cron`") from None
+    if isinstance(trigger, At):
+        try:
+            datetime.fromisoformat(trigger.at)
+        except ValueError:
+            raise MessageError(f"bad automation: {trigger.at!r} is not a local time - at `$.trigger.at`") from None
+    if isinstance(trigger, Sun) and location is None:
+        raise MessageError("bad automation: a sun trigger needs HACER_LATITUDE and HACER_LONGITUDE - at `$.trigger`")
+
+
+def next_due(trigger: Trigger, after: datetime, since: datetime, location: Observer | None) -> datetime | None:
+    """The first due time strictly after `after` (UTC), or None when there is none any more.
+
+    `since` is when the automation was last changed: `every` counts from it.
+    """
+    if isinstance(trigger, Every):
+        steps = max(1, math.floor((after - since).total_seconds() / trigger.seconds) + 1)
+        return since + timedelta(seconds=steps * trigger.seconds)
+    if isinstance(trigger, Cron):
+        return next(iter(CronSim(trigger.cron, after.astimezone(zone(trigger.tz))))).astimezone(UTC)
+    if isinstance(trigger, At):
+        moment = datetime.fromisoformat(trigger.at).replace(tzinfo=zone(trigger.tz)).astimezone(UTC)
+        return moment if moment > after else None
+    assert location is not None, "a sun trigger is refused without a location"
+    return _next_sun(trigger, after, location)
+
+
+def _next_sun(trigger: Sun, after: datetime, location: Observer) -> datetime | None:
+    local_zone = zone(trigger.tz)
+    day = after.astimezone(local_zone).date() - timedelta(days=1)
+    for _ in range(370):  # near the poles the sun may not rise for months
+        moment = _sun_moment(trigger, day, location, local_zone)
+        if moment is not None and moment > after:
+            return moment
+        day += timedelta(days=1)
+    return None
+
+
+def _sun_moment(trigger: Sun, day: date, location: Observer, local_zone: ZoneInfo) -> datetime | None:
+    try:
+        moment: datetime = sun(location, date=day, tzinfo=local_zone)[trigger.event]
+    except ValueError:  # the sun does not reach that elevation on that day here
+        return None
+    return (moment + timedelta(seconds=trigger.offset)).astimezone(UTC)
+
+
+def run_id_of(automation_id: int, due: datetime) -> str:
+    """The run id of an automation's fire at `due`: the same for every scheduler, so a second fire is a no-op."""
+    return f"auto-{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}Z"
+
+
+def location_of(latitude: float | None, longitude: float | None) -> Observer | None:
+    """The place sun triggers are computed for, when the settings give one."""
+    if latitude is None or longitude is None:
+        return None
+    return Observer(latitude, longitude)
+
+
+# --- on the bus ----------------------------------------------------------------------------
+
+
+class AutomationState(Payload, frozen=True):
+    """An automation as the scheduler plans it, retained on `automations/<id>`."""
+
+    what: ClassVar[str] = "automation"
+    id: Annotated[int, Meta(ge=1)]
+    definition: AutomationSpec
+    next_fire: Time | None = None
+
+
+class AutomationFired(Payload, frozen=True):
+    """One fire: the run it requested, for its due time (`late`: a missed one run on start)."""
+
+    what: ClassVar[str] = "fire"
+    id: Annotated[int, Meta(ge=1)]
+    name: Annotated[str, Meta(max_length=64, pattern=NO_NUL)]
+    due: Time
+    run_id: RunId
+    scheduler: Annotated[str, Meta(max_length=128, pattern=NO_NUL)]
+    late: bool = False
+
+
+DECLARATIONS = {
+    "AutomationSpec": AutomationSpec,
+    "AutomationState": AutomationState,
+    "AutomationFired": AutomationFired,
+}
+
+
+# --- in the database -----------------------------------------------------------------------
+
+
+def plan_start(changed_at: datetime, last_due: datetime | None) -> datetime:
+    """Where due times are counted from: the last fire, unless the automation changed since."""
+    return last_due if last_due is not None and last_due >= changed_at else changed_at
+
+
+def upcoming(
+    spec: AutomationSpec, changed_at: datetime, after: datetime, location: Observer | None, count: int
+) -> list[datetime]:
+    """The next `count` due times after `after`."""
+    dues: list[datetime] = []
+    moment: datetime | None = after
+    while moment is not None and len(dues) < count:
+        moment = next_due(spec.trigger, moment, anchor(changed_at), location)
+        if moment is not None:
+            dues.append(moment)
+    return dues
+
+
+def anchor(changed_at: datetime) -> datetime:
+    """The whole second `every` triggers count from."""
+    return changed_at.replace(microsecond=0)
+
+
+class NameTaken(ValueError):
+    """Another automation has this name."""
+
+
+def save(session: Session, spec: AutomationSpec, now: datetime, row: Automation | None = None) -> Automation:
+    """Add an automation (or replace `row`'s definition); the caller commits. Raises NameTaken."""
+    taken = session.scalar(select(Automation.id).where(Automation.name == spec.name))
+    if taken is not None and (row is None or taken != row.id):
+        raise NameTaken(f"an automation is already named {spec.name!r}")
+    if row is None:
+        row = Automation()
+        session.add(row)
+    row.name, row.definition, row.enabled = spec.name, spec.to_json().decode(), spec.enabled
+    row.changed_at = now.astimezone(UTC).replace(tzinfo=None)
+    session.flush()
+    return row
+
+
+def find(session: Session, key: str) -> Automation | None:
+    """The automation with this id or name."""
+    row = session.get(Automation, int(key)) if key.isascii() and key.isdigit() and len(key) < 19 else None
+    return row or session.scalar(select(Automation).where(Automation.name == key))
+
+
+def describe(
+    session: Session, row: Automation, location: Observer | None, now: datetime, count: int = 5
+) -> dict[str, Any]:
+    """An automation for people and programs: its definition, next due times and last fires with their runs."""
+    spec = decode(AutomationSpec, row.definition, "automation")
+    fires = session.execute(
+        select(AutomationFire, Run.state, Run.exit_code)
+        .outerjoin(Run, Run.run_id == AutomationFire.run_id)
+        .where(AutomationFire.automation_id == row.id)
+        .order_by(AutomationFire.due_at.desc())
+        .limit(10)
+    ).all()
+    changed_at = row.changed_at.replace(tzinfo=UTC)
+    last_due = fires[0][0].due_at.replace(tzinfo=UTC) if fires else None
+    start = max(plan_start(changed_at, last_due), now)
+    return {
+        "id": row.id,
+        "name": row.name,
+        "enabled": row.enabled,
+        "definition": msgspec.to_builtins(spec),
+        "changed_at": changed_at.isoformat(),
+        "next_fires": [due.isoformat() for due in upcoming(spec, changed_at, start, location, count)]
+        if row.enabled
+        else [],
+        "last_runs": [
+            {
+                "due": fire.due_at.replace(tzinfo=UTC).isoformat(),
+                "run_id": fire.run_id,
+                "late": fire.late,
+                "state": state or runstates.QUEUED,
+                "exit_code": exit_code,
+            }
+            for fire, state, exit_code in fires
+        ],
+    }

@@ -1,0 +1,332 @@
+"""Automations: the definition format, due times (daylight saving, the sun), and exactly-once fires."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import select
+
+from hacer.automations import AutomationSpec, Cron, Every, Sun, location_of, next_due, upcoming
+from hacer.messages import MessageError, RunRequest
+from hacer.models import Automation, AutomationFire, Database, Run
+from hacer.topics import Topics
+from scheduler.service import Scheduler
+
+from test_runner import runner_env, runs, scripts_dir, start_runner  # noqa: F401
+
+MADRID = ZoneInfo("Europe/Madrid")
+
+
+def local(*fields: int) -> datetime:
+    return datetime(*fields, tzinfo=MADRID)
+
+
+def test_a_time_in_the_spring_forward_gap_fires_once_when_the_gap_ends():
+    # 2026-03-29 02:00 -> 03:00 in Madrid: 02:30 does not exist that day.
+    dues = upcoming(
+        AutomationSpec("a", Cron("30 2 * * *", "Europe/Madrid"), "t"),
+        local(2026, 3, 28),
+        local(2026, 3, 28, 12),
+        None,
+        3,
+    )
+    assert [d.astimezone(MADRID).isoformat() for d in dues] == [
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-30T02:30:00+02:00",
+        "2026-03-31T02:30:00+02:00",
+    ]
+
+
+def test_a_time_in_the_repeated_fall_back_hour_fires_once_at_its_first_occurrence():
+    # 2026-10-25 03:00 -> 02:00 in Madrid: 02:30 happens twice that day.
+    dues = upcoming(
+        AutomationSpec("a", Cron("30 2 * * *", "Europe/Madrid"), "t"),
+        local(2026, 10, 24),
+        local(2026, 10, 24, 12),
+        None,
+        2,
+    )
+    assert [d.astimezone(MADRID).isoformat() for d in dues] == [
+        "2026-10-25T02:30:00+02:00",
+        "2026-10-26T02:30:00+01:00",
+    ]
+    assert dues[0] == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+
+
+def test_every_counts_from_the_last_change():
+    since = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
+    assert next_due(Every(600), since, since, None) == since + timedelta(seconds=600)
+    assert next_due(Every(600), since + timedelta(seconds=601), since, None) == since + timedelta(seconds=1200)
+
+
+def test_sun_triggers_follow_the_sun_and_survive_the_polar_night():
+    madrid = location_of(40.4, -3.7)
+    after = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    sunset = next_due(Sun("sunset", 0, "Europe/Madrid"), after, after, madrid)
+    early = next_due(Sun("sunset", -600, "Europe/Madrid"), after, after, madrid)
+    assert sunset is not None and early is not None
+    assert sunset.astimezone(MADRID).date().isoformat() == "2026-12-02" and 17 <= sunset.astimezone(MADRID).hour <= 18
+    assert sunset - early == timedelta(seconds=600)
+    longyearbyen = location_of(78.2, 15.6)  # no sunrise from late October to mid February
+    sunrise = next_due(Sun("sunrise", 0, "Arctic/Longyearbyen"), after, after, longyearbyen)
+    assert sunrise is not None and sunrise.month == 2
+
+
+@pytest.mark.parametrize(
+    "definition, field",
+    [
+        ({"trigger": {"kind": "cron", "cron": "61 * * * *"}}, "$.trigger.cron"),
+        ({"trigger": {"kind": "cron", "cron": "0 8 * * *", "tz": "Mars/Olympus"}}, "$.trigger.tz"),
+        ({"trigger": {"kind": "every", "seconds": 0}}, "$.trigger.seconds"),
+        ({"trigger": {"kind": "weekly"}}, "$.trigger"),
+        ({"trigger": {"kind": "sun", "event": "sunset"}}, "$.trigger"),  # no location set
+        ({"trigger": {"kind": "at", "at": "2026-13-40T25:00"}}, "$.trigger.at"),
+        ({"script": ""}, "$.script"),
+        ({"params": ["a\u0000"]}, "$.params[0]"),
+        ({"missed": "sometimes"}, "$.missed"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_definitions_name_the_field_at_fault(definition, field):
+    body = {"name": "a", "script": "toggle", "trigger": {"kind": "every", "seconds": 60}, **definition}
+    with pytest.raises(MessageError, match=field.replace("$", r"\$").replace("[", r"\[")):
+        AutomationSpec.from_json(json.dumps(body))
+
+
+def test_the_automation_payloads_fit_their_schemas():
+    import jsonschema
+
+    from hacer.automations import AutomationFired, AutomationState
+    from hacer.messages import json_schemas
+
+    schemas = json_schemas()
+    spec = AutomationSpec("porch", Sun("sunset", -600, "Europe/Madrid"), "toggle", ("porch", "on"))
+    due = datetime(2026, 12, 2, 16, 38, 29, tzinfo=UTC)
+    for name, payload in (
+        ("AutomationState", AutomationState(3, spec, due)),
+        ("AutomationFired", AutomationFired(3, "porch", due, "auto-3-20261202T163829Z", "s1")),
+    ):
+        jsonschema.validate(json.loads(payload.to_payload()), {**schemas[name], "$defs": schemas})
+        assert type(payload).from_payload(payload.to_payload()) == payload
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class PublishingBus:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, topic, payload, **options) -> bool:
+        self.published.append((topic, payload))
+        return True
+
+    def subscribe(self, topic_filter, handler, **options) -> None:
+        pass
+
+    def requests(self) -> list[RunRequest]:
+        return [RunRequest.from_payload(p) for t, p in self.published if t == "hacer/runs/request"]
+
+
+START = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else f"sqlite:///{tmp_path / 'a.db'}"
+    database = Database(url)
+    database.init()
+    yield database
+    database.engine.dispose()
+
+
+def add(database: Database, spec: AutomationSpec, changed_at: datetime = START) -> int:
+    with database.session() as session:
+        row = Automation(
+            name=spec.name,
+            definition=spec.to_json().decode(),
+            enabled=spec.enabled,
+            changed_at=changed_at.replace(tzinfo=None),
+        )
+        session.add(row)
+        session.commit()
+        return row.id
+
+
+def schedulers(database: Database, clock: Clock, count: int) -> list[tuple[Scheduler, PublishingBus]]:
+    made = []
+    for n in range(count):
+        bus = PublishingBus()
+        made.append((Scheduler(bus, Topics(), database.session, f"s{n}", clock=clock), bus))  # type: ignore[arg-type]
+    return made
+
+
+def fires(database: Database) -> list[AutomationFire]:
+    with database.session() as session:
+        return list(session.scalars(select(AutomationFire).order_by(AutomationFire.due_at)))
+
+
+def test_two_schedulers_fire_each_due_time_once(database):
+    automation_id = add(database, AutomationSpec("tick", Every(60), "toggle", ("lamp", "on")))
+    clock = Clock(START)
+    pair = schedulers(database, clock, 2)
+    for minute in range(10):
+        clock.advance(60)
+        for scheduler, _ in pair if minute % 2 else reversed(pair):  # either may come first
+            scheduler.tick()
+    dues = [f.due_at for f in fires(database)]
+    assert dues == [(START + timedelta(minutes=m)).replace(tzinfo=None) for m in range(1, 11)]
+    requests = [r for _, bus in pair for r in bus.requests()]
+    assert sorted(r.run_id for r in requests) == sorted(f.run_id for f in fires(database))  # each once
+    assert {r.requested_by for r in requests} == {"automation:tick"} and requests[0].params == ("lamp", "on")
+    # The second scheduler's first plan starts after the first fire; each later due time it tried too.
+    assert sum(s.fired for s, _ in pair) == 10 and sum(s.fired_elsewhere for s, _ in pair) == 9
+    with database.session() as session:  # the run rows hold the requests, for the recorders to resend
+        runs = session.scalars(select(Run).where(Run.run_id.like(f"auto-{automation_id}-%"))).all()
+        assert len(runs) == 10 and all(run.state == "queued" and run.request for run in runs)
+
+
+def test_a_restarted_scheduler_fires_no_due_time_again(database):
+    add(database, AutomationSpec("tick", Every(60), "toggle"))
+    clock = Clock(START)
+    ((first, _),) = schedulers(database, clock, 1)
+    for _ in range(2):
+        clock.advance(61)
+        first.tick()
+    ((second, bus),) = schedulers(database, clock, 1)  # a fresh process: only the database remembers
+    second.tick()
+    assert len(fires(database)) == 2 and bus.requests() == []
+    clock.advance(60)
+    second.tick()
+    assert [f.due_at.minute for f in fires(database)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("missed, late_fires", [("skip", 0), ("run_once", 1)])
+def test_missed_due_times_follow_the_policy(database, missed, late_fires):
+    add(database, AutomationSpec("tick", Every(60), "toggle", missed=missed, grace=30))
+    clock = Clock(START)
+    ((scheduler, _),) = schedulers(database, clock, 1)
+    scheduler.tick()
+    clock.advance(10 * 60 + 20)  # the scheduler was away for ten due times
+    scheduler.tick()
+    assert [f.due_at.minute for f in fires(database)] == [10] * late_fires
+    assert all(f.late for f in fires(database))
+    clock.advance(40)  # 11:00: on time again
+    scheduler.tick()
+    assert [f.due_at.minute for f in fires(database)][-1] == 11
+
+
+def test_a_fire_within_grace_still_happens_and_a_change_restarts_the_count(database):
+    automation_id = add(database, AutomationSpec("tick", Every(60), "toggle", grace=60))
+    clock = Clock(START)
+    ((scheduler, _),) = schedulers(database, clock, 1)
+    clock.advance(60 + 45)  # 45 s late: within grace
+    scheduler.tick()
+    assert [f.late for f in fires(database)] == [False]
+    changed = START + timedelta(seconds=110)
+    with database.session() as session:
+        row = session.get(Automation, automation_id)
+        row.definition = AutomationSpec("tick", Every(300), "toggle").to_json().decode()
+        row.changed_at = changed.replace(tzinfo=None)
+        session.commit()
+    clock.advance(290)  # 10:06:35: the old plan's due times are gone, the new one is due at 10:06:50
+    scheduler.tick()
+    assert len(fires(database)) == 1
+    clock.advance(20)
+    scheduler.tick()
+    assert fires(database)[-1].due_at == (changed + timedelta(seconds=300)).replace(tzinfo=None)
+
+
+def test_a_disabled_or_deleted_automation_stops_and_its_plan_is_cleared(database):
+    automation_id = add(database, AutomationSpec("tick", Every(60), "toggle"))
+    clock = Clock(START)
+    ((scheduler, bus),) = schedulers(database, clock, 1)
+    scheduler.tick()
+    assert (f"hacer/automations/{automation_id}", b"") not in bus.published
+    with database.session() as session:
+        session.get(Automation, automation_id).enabled = False
+        session.commit()
+    clock.advance(120)
+    scheduler.tick()
+    assert fires(database) == [] and bus.published[-1] == (f"hacer/automations/{automation_id}", b"")
+
+
+def test_rest_automations_are_checked_saved_switched_and_deleted(tmp_path):
+    import jsonschema
+
+    from api.app import create_app
+    from api.openapi import document
+    from hacer.settings import Settings
+
+    settings = Settings.from_env({"HADB_PATH": str(tmp_path / "api.db"), "HACER_SCRIPTS_DIR": str(tmp_path)})
+    (tmp_path / "lamp.py").write_text("print('on')\n")
+    Database(settings.database_url).init()
+    app = create_app({"HACER_SETTINGS": settings, "HACER_BUS": PublishingBus(), "ASYNC_MODE": "threading"})
+    client = app.test_client()
+    components = document()["components"]
+
+    def check(answer, status, path, method):
+        assert answer.status_code == status, answer.get_json()
+        schema = document()["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+        jsonschema.Draft202012Validator({**schema, "components": components}).validate(answer.get_json())
+        return answer.get_json()
+
+    lamp = {"name": "lamp", "script": "lamp", "params": ["7"], "trigger": {"kind": "cron", "cron": "0 8 * * *"}}
+    created = check(client.post("/api/automations", data=json.dumps(lamp)), 201, "/api/automations", "post")
+    one = f"/api/automations/{created['id']}"
+    assert created["definition"]["params"] == ["7"] and created["next_fires"][0].endswith("T08:00:00+00:00")
+    assert len(created["next_fires"]) == 5 and created["last_runs"] == []
+    refused = client.post("/api/automations", data=json.dumps({**lamp, "name": "b", "script": "nope"}))
+    assert refused.status_code == 400 and "$.script" in refused.get_json()["message"]
+    refused = client.post("/api/automations", data=json.dumps({**lamp, "trigger": {"kind": "cron", "cron": "x"}}))
+    assert refused.status_code == 400 and "$.trigger.cron" in refused.get_json()["message"]
+    assert client.post("/api/automations", data=json.dumps(lamp)).status_code == 409  # the name is taken
+    changed = {**lamp, "trigger": {"kind": "every", "seconds": 600}}
+    check(client.put(one, data=json.dumps(changed)), 200, "/api/automations/{automation_id}", "put")
+    disabled = check(client.post(f"{one}/disable"), 200, "/api/automations/{automation_id}/disable", "post")
+    assert disabled["enabled"] is False and disabled["next_fires"] == []
+    assert check(client.post(f"{one}/enable"), 200, "/api/automations/{automation_id}/enable", "post")["enabled"]
+    listed = check(client.get("/api/automations"), 200, "/api/automations", "get")
+    assert [a["definition"]["trigger"]["seconds"] for a in listed["automations"]] == [600]
+    check(client.delete(one), 200, "/api/automations/{automation_id}", "delete")
+    assert client.get(one).status_code == 404 and client.get("/api/automations").get_json() == {"automations": []}
+
+
+def test_two_scheduler_processes_fire_every_due_time_once_through_a_kill(spawn, runner_env, start_runner, runs, watch):
+    """Real schedulers, broker and runner: one scheduler SIGKILLed mid-way, no due time lost or run twice."""
+    from conftest import wait_until
+
+    database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
+    database.init()
+    automation_id = add(database, AutomationSpec("each second", Every(1), "echo", ("tick",)), datetime.now(UTC))
+    fired = watch(f"hacer/automations/{automation_id}/fired")
+    start_runner()
+    first = spawn(["scheduler"], {**runner_env, "HACER_SCHEDULER_ID": "first"})
+    spawn(["scheduler"], {**runner_env, "HACER_SCHEDULER_ID": "second"})
+    fired.wait_for(lambda m: True, timeout=20)
+    wait_until(lambda: len(fired.messages) >= 3, 20, "three fires")
+    first.stop(kill=True)
+    killed_at = len(fired.messages)
+    wait_until(lambda: len(fired.messages) >= killed_at + 3, 20, "three fires after the kill")
+    with database.session() as session:
+        session.get(Automation, automation_id).enabled = False
+        session.commit()
+    wait_until(lambda: fired.messages and len(fired.messages) == len(fires(database)), 10, "the last fire told")
+    rows = fires(database)
+    seconds = [(row.due_at - rows[0].due_at).total_seconds() for row in rows]
+    assert seconds == list(range(len(rows))), "a due time skipped"  # and each once: the fire rows are unique
+    told = [json.loads(m.payload)["run_id"] for m in fired.messages]
+    assert sorted(told) == sorted(row.run_id for row in rows) and len(set(told)) == len(told)
+    for row in rows:
+        runs.wait_finished(row.run_id)
+        assert [s.state for s in runs.statuses(row.run_id)].count("running") == 1
+    assert rows[-1].scheduler == "second"  # the survivor went on alone
