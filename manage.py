@@ -80,8 +80,9 @@ def cmd_automation(args: argparse.Namespace) -> None:
             definition = sys.stdin.read() if args.definition == "-" else args.definition
             try:
                 spec = automations.AutomationSpec.from_json(definition, location)
-                if ScriptDir(settings.scripts_dir).find(spec.script) is None:
-                    raise MessageError(f"no script named {spec.script!r} - at `$.script`")
+                refusal = automations.missing_references(session, spec, ScriptDir(settings.scripts_dir))
+                if refusal:
+                    raise MessageError(refusal)
                 row = automations.save(session, spec, now)
             except (MessageError, automations.NameTaken) as exc:
                 raise SystemExit(f"automation not added: {exc}") from None

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, bad_request, not_found
 from api.rest import ROW_ID, api, services
-from hacer.automations import AutomationSpec, NameTaken, describe, location_of, save
+from hacer.automations import AutomationSpec, NameTaken, describe, location_of, missing_references, save
 from hacer.messages import MessageError
 from hacer.models import Automation
 
@@ -36,8 +36,10 @@ def spec_of_body(body: bytes) -> AutomationSpec:
         spec = AutomationSpec.from_json(body, location())
     except MessageError as exc:
         raise bad_request(str(exc)) from None
-    if services().scripts.find(spec.script) is None:
-        raise bad_request(f"bad automation: no script named {spec.script!r} - at `$.script`")
+    with services().sessions() as session:
+        refusal = missing_references(session, spec, services().scripts)
+    if refusal:
+        raise bad_request(refusal)
     return spec
 
 

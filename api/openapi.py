@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from hacer.automations import AutomationSpec
 from hacer.messages import json_schemas
 from hacer.models import MAX_ROW_ID
 from hacer.nodewire import MAX_NODE_ID
@@ -52,6 +55,7 @@ TEXT = {"type": "string"}
 OPTIONAL_TEXT = {"type": ["string", "null"]}
 
 BUS_SCHEMAS = json_schemas(ref_template="#/components/schemas/{name}")
+AUTOMATION_SCHEMAS = msgspec.json.schema_components([AutomationSpec], ref_template="#/components/schemas/{name}")[1]
 SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": TEXT, "message": TEXT}},
     "Node": {
@@ -69,8 +73,7 @@ SCHEMAS: dict[str, Any] = {
     # The bus payloads REST shows as they are, derived from their declarations.
     "CommandResult": BUS_SCHEMAS["CommandResult"],
     "SetCommand": BUS_SCHEMAS["SetCommand"],
-    "AutomationSpec": BUS_SCHEMAS["AutomationSpec"],
-    **{name: BUS_SCHEMAS[name] for name in ("Cron", "Every", "At", "Sun")},
+    **AUTOMATION_SCHEMAS,  # AutomationSpec and the triggers and conditions it refers to
     "Automation": {
         "type": "object",
         "required": ["id", "name", "enabled", "definition", "changed_at", "next_fires", "last_runs"],

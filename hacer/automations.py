@@ -1,4 +1,4 @@
-"""Automations: their definition format, and when a time trigger is next due.
+"""Automations: their definition format, when a time trigger is next due, what a bus event means.
 
 A definition is JSON, declared here once (msgspec) for REST, the CLI and the scheduler:
 
@@ -10,7 +10,9 @@ Triggers: `cron` (Debian cron's rules, by cronsim, also across daylight-saving c
 in the spring-forward gap fires once, when the gap ends; a time in the repeated fall-back hour
 fires once, at its first occurrence; `*` minutes and hours fire in both), `every` (seconds, from
 when the automation was last changed), `at` (once, a local time) and `sun` (sunrise, sunset,
-dawn, dusk or noon with an offset, at HACER_LATITUDE / HACER_LONGITUDE, by astral).
+dawn, dusk or noon with an offset, at HACER_LATITUDE / HACER_LONGITUDE, by astral); and bus
+triggers: `presence` (a node going online or offline), `value` (a node value changing or crossing
+a threshold, with hysteresis) and `run` (a script's run ending in given states).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hacer import runstates
-from hacer.messages import MAX_PARAMS, NO_NUL, MessageError, Param, Payload, RunId, Time, decode
-from hacer.models import Automation, AutomationFire, Run
+from hacer.messages import MAX_PARAMS, NO_NUL, MessageError, NodeId, Param, Payload, RunId, Time, decode
+from hacer.models import Automation, AutomationFire, Node, Run
+from hacer.runstates import RunState
+from hacer.scriptdir import ScriptDir
 
 ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$")]
 SECONDS_PER_YEAR = 366 * 86400
@@ -64,7 +68,60 @@ class Sun(Struct, frozen=True, tag="sun", tag_field="kind"):
     tz: ZoneName = "UTC"
 
 
-Trigger = Cron | Every | At | Sun
+class NodePresence(Struct, frozen=True, tag="presence", tag_field="kind"):
+    """A node going online or offline."""
+
+    node: NodeId
+    becomes: Literal["online", "offline"]
+
+
+class NodeValue(Struct, frozen=True, tag="value", tag_field="kind"):
+    """A node's value changing, or crossing a threshold (`below` or `above`).
+
+    A crossing fires once; it fires again only after the value went back past the threshold by
+    `hysteresis` (so 17.9, 18.0, 17.9 around `below: 18` with `hysteresis: 0.5` fires once).
+    """
+
+    node: NodeId
+    key: Annotated[str, Meta(min_length=1, max_length=64)]
+    below: float | None = None
+    above: float | None = None
+    hysteresis: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class RunFinished(Struct, frozen=True, tag="run", tag_field="kind"):
+    """A run of `script` ending in one of `states`."""
+
+    script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+    states: Annotated[tuple[RunState, ...], Meta(min_length=1)] = ("failed", "timed_out", "lost")
+
+
+TimeTrigger = Cron | Every | At | Sun
+BusTrigger = NodePresence | NodeValue | RunFinished
+Trigger = Cron | Every | At | Sun | NodePresence | NodeValue | RunFinished
+BUS_TRIGGERS = (NodePresence, NodeValue, RunFinished)
+ClockTime = Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
+
+
+class TimeWindow(Struct, frozen=True, tag="time", tag_field="kind"):
+    """Only between `after` and `before` (local "HH:MM"; a window may span midnight)."""
+
+    after: ClockTime
+    before: ClockTime
+    tz: ZoneName = "UTC"
+
+
+class ValueIs(Struct, frozen=True, tag="value", tag_field="kind"):
+    """Only while a node's value is below, above or equal to something."""
+
+    node: NodeId
+    key: Annotated[str, Meta(min_length=1, max_length=64)]
+    below: float | None = None
+    above: float | None = None
+    equals: int | str | None = None
+
+
+Condition = TimeWindow | ValueIs
 
 
 class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
@@ -81,6 +138,11 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
     params: Annotated[tuple[Param, ...], Meta(max_length=MAX_PARAMS)] = ()
     enabled: bool = True
     missed: Literal["skip", "run_once"] = "skip"
+    conditions: Annotated[tuple[Condition, ...], Meta(max_length=16)] = ()
+    # A bus trigger's fires: at most one per `cooldown` seconds; `single` starts none while a run
+    # of this automation is queued or running, `parallel` starts one each time.
+    cooldown: Annotated[int, Meta(ge=0, le=7 * 86400)] = 0
+    mode: Literal["single", "parallel"] = "single"
     grace: Annotated[int, Meta(ge=0, le=86400)] = 60
     catch_up: Annotated[int, Meta(ge=0, le=7 * 86400)] = 6 * 3600  # how old a due time run_once still runs
     timeout: Annotated[float, Meta(gt=0, lt=1e9)] | None = None
@@ -89,8 +151,15 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
     def from_json(cls, payload: bytes | str, location: Observer | None = None) -> AutomationSpec:
         """Decode and check a definition; MessageError names the field at fault."""
         spec: AutomationSpec = decode(cls, payload, "automation")
-        check_trigger(spec.trigger, location)
+        check_trigger(spec.trigger, location, spec.conditions)
         return spec
+
+    def nodes(self) -> set[int]:
+        """The nodes its trigger and conditions name (each must exist when it is saved)."""
+        named = {c.node for c in self.conditions if isinstance(c, ValueIs)}
+        if isinstance(self.trigger, NodePresence | NodeValue):
+            named.add(self.trigger.node)
+        return named
 
     def to_json(self) -> bytes:
         """Encode as the definition JSON."""
@@ -105,8 +174,13 @@ def zone(name: str) -> ZoneInfo:
         raise MessageError(f"bad automation: unknown time zone {name!r} - at `$.trigger.tz`") from None
 
 
-def check_trigger(trigger: Trigger, location: Observer | None) -> None:
+def check_trigger(trigger: Trigger, location: Observer | None, conditions: tuple[Condition, ...] = ()) -> None:
     """Refuse what the declaration cannot: a cron expression, a zone or a place that does not exist."""
+    for condition in conditions:
+        if isinstance(condition, TimeWindow):
+            zone(condition.tz)
+    if isinstance(trigger, NodeValue) and trigger.below is not None and trigger.above is not None:
+        raise MessageError("bad automation: a value trigger has `below` or `above`, not both - at `$.trigger`")
     if isinstance(trigger, Cron | At | Sun):
         zone(trigger.tz)
     if isinstance(trigger, Cron):
@@ -126,8 +200,11 @@ def check_trigger(trigger: Trigger, location: Observer | None) -> None:
 def next_due(trigger: Trigger, after: datetime, since: datetime, location: Observer | None) -> datetime | None:
     """The first due time strictly after `after` (UTC), or None when there is none any more.
 
-    `since` is when the automation was last changed: `every` counts from it.
+    `since` is when the automation was last changed: `every` counts from it. Bus triggers are
+    never due at a time.
     """
+    if isinstance(trigger, BUS_TRIGGERS):
+        return None
     if isinstance(trigger, Every):
         steps = max(1, math.floor((after - since).total_seconds() / trigger.seconds) + 1)
         return since + timedelta(seconds=steps * trigger.seconds)
@@ -161,7 +238,43 @@ def _sun_moment(trigger: Sun, day: date, location: Observer, local_zone: ZoneInf
 
 def run_id_of(automation_id: int, due: datetime) -> str:
     """The run id of an automation's fire at `due`: the same for every scheduler, so a second fire is a no-op."""
-    return f"auto-{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}Z"
+    fraction = f".{due.microsecond:06d}" if due.microsecond else ""  # a bus event's time
+    return f"auto-{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}{fraction}Z"
+
+
+def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
+    """(fires, armed after) for a threshold trigger seeing `value` while `armed`."""
+    if trigger.below is not None:
+        past, back = value < trigger.below, value >= trigger.below + trigger.hysteresis
+    else:
+        assert trigger.above is not None
+        past, back = value > trigger.above, value <= trigger.above - trigger.hysteresis
+    if armed and past:
+        return True, False
+    return False, armed or back
+
+
+def conditions_hold(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> bool:
+    """Whether every condition holds now, with these node values."""
+    for condition in spec.conditions:
+        if isinstance(condition, TimeWindow):
+            clock = now.astimezone(zone(condition.tz)).strftime("%H:%M")
+            after, before = condition.after, condition.before
+            inside = after <= clock < before if after <= before else clock >= after or clock < before
+            if not inside:
+                return False
+        else:
+            value = values.get(condition.node, {}).get(condition.key)
+            if value is None:
+                return False
+            if condition.equals is not None and value != condition.equals:
+                return False
+            number = value if type(value) is int else None
+            if condition.below is not None and (number is None or not number < condition.below):
+                return False
+            if condition.above is not None and (number is None or not number > condition.above):
+                return False
+    return True
 
 
 def location_of(latitude: float | None, longitude: float | None) -> Observer | None:
@@ -287,3 +400,13 @@ def describe(
             for fire, state, exit_code in fires
         ],
     }
+
+
+def missing_references(session: Session, spec: AutomationSpec, scripts: ScriptDir) -> str | None:
+    """What a definition names that does not exist (a script, a node), as a refusal; None when all do."""
+    if scripts.find(spec.script) is None:
+        return f"bad automation: no script named {spec.script!r} - at `$.script`"
+    for node_id in sorted(spec.nodes()):
+        if session.get(Node, node_id) is None:
+            return f"bad automation: no node {node_id} - at `$.trigger.node` or `$.conditions`"
+    return None

@@ -200,7 +200,21 @@ class Automation(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     definition: Mapped[str] = mapped_column(Text)  # AutomationSpec JSON
     enabled: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
-    changed_at: Mapped[datetime] = mapped_column(DateTime)  # whole seconds: `every` counts from it
+    changed_at: Mapped[datetime] = mapped_column(DateTime)
+    # The fences of a bus trigger's fires: `cooldown` from the last one, and (mode `single`) the
+    # run that must have ended before another starts. Changed only by conditional UPDATEs.
+    last_fired_at: Mapped[datetime | None] = mapped_column(DateTime)
+    active_run: Mapped[str | None] = mapped_column(String(64))
+
+
+class AutomationTrigger(Base):
+    """What a value trigger last saw of its node: whether a crossing may fire (armed), the last value."""
+
+    __tablename__ = "automation_trigger"
+    automation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    armed: Mapped[bool] = mapped_column(Boolean)
+    value: Mapped[str] = mapped_column(Text, default="")  # JSON of the last value seen
+    version: Mapped[datetime] = mapped_column(DateTime)  # the definition's changed_at it was seen for
 
 
 class AutomationFire(Base):

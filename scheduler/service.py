@@ -18,14 +18,16 @@ from __future__ import annotations
 import heapq
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from astral import Observer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,19 +37,26 @@ from hacer.automations import (
     AutomationSpec,
     AutomationState,
     Every,
+    NodePresence,
+    NodeValue,
+    RunFinished,
     anchor,
+    conditions_hold,
+    crossing,
     next_due,
     plan_start,
     run_id_of,
 )
-from hacer.bus import Bus, BusError
-from hacer.messages import MessageError, RunRequest
-from hacer.models import Automation, AutomationFire, Run
-from hacer.topics import Topics
+from hacer.bus import Bus, BusError, Message
+from hacer.messages import MessageError, NodeValues, Presence, RunRequest, RunStatus
+from hacer.models import Automation, AutomationFire, AutomationTrigger, Run
+from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 
 MAX_CATCH_UP_STEPS = 100_000  # due times walked to find the latest missed one
+BUS_TOPICS = ("node_presence", "node_state", "run_status")
+Fence = Callable[[Session], bool]
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Planned:
     spec: AutomationSpec
     since: datetime  # what `every` counts from: when it last changed (aware UTC, whole seconds)
     next_due: datetime | None
+    version: datetime  # its row's changed_at, as the database holds it
 
 
 def aware(moment: datetime) -> datetime:
@@ -93,13 +103,24 @@ class Scheduler:
         self.fired = 0
         self.fired_elsewhere = 0
         self.skipped = 0
+        self.held_back = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
+        self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
+        self._by_script: dict[str, list[Planned]] = {}
+        # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
+        # A message that changes nothing there needs no database; a stale copy only costs a failed fence.
+        self._seen: dict[int, tuple[datetime, bool, str]] = {}
         self._planned: dict[int, Planned] = {}
         self._versions: dict[int, datetime] = {}
         self._stopping = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Connect and start planning."""
+        for name in BUS_TOPICS:
+            self.bus.subscribe(self.topics.filter(name), self._on_bus)
         self.bus.start()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
@@ -107,6 +128,7 @@ class Scheduler:
     def stop(self) -> None:
         """Stop planning and disconnect."""
         self._stopping.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
         self.bus.stop()
@@ -118,8 +140,14 @@ class Scheduler:
     # --- the loop ---------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One round: read what changed, fire what is due."""
+        """One round: read what changed, feed the bus events that came, fire what is due."""
         self._refresh()
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(message)
         self._fire_due()
 
     def _loop(self) -> None:
@@ -132,7 +160,8 @@ class Scheduler:
             dues = [p.next_due for p in self._planned.values() if p.next_due is not None]
             if dues:
                 wait = min(wait, max(0.0, min(dues).timestamp() - self.clock()))
-            self._stopping.wait(wait)
+            self._wake.wait(wait)  # a bus event ends the wait
+            self._wake.clear()
 
     def now(self) -> datetime:
         """The clock's time, aware UTC."""
@@ -157,6 +186,7 @@ class Scheduler:
                 .all()
             )
         planned: dict[int, Planned] = {}
+        fresh: list[Planned] = []
         for row in rows:
             kept = self._planned.get(row.id)
             if kept is not None and self._versions.get(row.id) == row.changed_at:
@@ -170,11 +200,23 @@ class Scheduler:
             changed_at, last = aware(row.changed_at), last_fires.get(row.id)
             start = plan_start(changed_at, None if last is None else aware(last))
             since = anchor(changed_at)
-            planned[row.id] = Planned(row.id, spec, since, next_due(spec.trigger, start, since, self.location))
-            self._publish_plan(planned[row.id])
+            plan = Planned(row.id, spec, since, next_due(spec.trigger, start, since, self.location), row.changed_at)
+            planned[row.id] = plan
+            fresh.append(plan)
+            self._publish_plan(plan)
         for gone in set(self._planned) - set(planned):
             self._clear_plan(gone)
         self._planned, self._versions = planned, versions
+        self._by_node, self._by_script = {}, {}
+        for plan in planned.values():
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodePresence | NodeValue):
+                self._by_node.setdefault(trigger.node, []).append(plan)
+            elif isinstance(trigger, RunFinished):
+                self._by_script.setdefault(trigger.script, []).append(plan)
+        for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
+            if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
+                self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
 
     def _fire_due(self) -> None:
         now = self.now()
@@ -218,14 +260,20 @@ class Scheduler:
             latest, count = following, count + 1
         return latest, count
 
-    def _fire(self, plan: Planned, due: datetime, late: bool) -> None:
-        """Fire one due time, unless another scheduler did (the unique fire row decides)."""
+    def _fire(self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None) -> bool:
+        """Fire one due time, unless another scheduler did (the unique fire row decides) or a fence holds.
+
+        `fence` runs first in the same transaction: False ends it there (its own changes kept).
+        """
         spec = plan.spec
         run_id = run_id_of(plan.id, due)
         request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
         payload = request.to_payload()
         fired_at = naive(self.now())
         with self.sessions() as session:
+            if fence is not None and not (fence(session) and self._bus_fences(session, plan, run_id, fired_at)):
+                session.commit()
+                return False
             session.add(
                 AutomationFire(
                     automation_id=plan.id,
@@ -253,7 +301,7 @@ class Scheduler:
             except IntegrityError:
                 self.fired_elsewhere += 1
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
-                return
+                return False
         self.fired += 1
         log.info("automation %s (%s): fired run %s for %s", plan.id, spec.name, run_id, due.isoformat())
         fired = AutomationFired(plan.id, spec.name, due, run_id, self.scheduler_id, late)
@@ -262,6 +310,176 @@ class Scheduler:
             self.bus.publish(self.topics.build("automation_fired", plan.id), fired.to_payload(), block=False)
         except BusError as exc:  # the run's row holds the request: the recorders send it again
             log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
+        return True
+
+    def _bus_fences(self, session: Session, plan: Planned, run_id: str, fired_at: datetime) -> bool:
+        """Cooldown and mode `single`, decided by one conditional UPDATE of the automation's row."""
+        spec, row = plan.spec, Automation.__table__.c
+        guard = row.id == plan.id
+        if spec.cooldown:
+            cutoff = fired_at - timedelta(seconds=spec.cooldown)
+            guard &= row.last_fired_at.is_(None) | (row.last_fired_at <= cutoff)
+        if spec.mode == "single":
+            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
+            if active is not None:
+                state = session.scalar(select(Run.state).where(Run.run_id == active))
+                if state is not None and state not in runstates.FINISHED_STATES:
+                    self.held_back += 1
+                    return False
+            guard &= row.active_run.is_(None) if active is None else row.active_run == active
+        moved = session.execute(
+            update(Automation).where(guard).values(last_fired_at=fired_at, active_run=run_id)
+        ).rowcount  # type: ignore[attr-defined]
+        if not moved:
+            self.held_back += 1
+        return bool(moved)
+
+    # --- bus triggers -----------------------------------------------------------------------
+
+    def _on_bus(self, message: Message) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _handle(self, message: Message) -> None:
+        """Feed a bus event to the automations it may trigger."""
+        try:
+            name, arg = self.topics.parse(message.topic)
+            if not message.payload:
+                return
+            if name == "node_state" and arg is not None:
+                self._on_values(int(arg), NodeValues.from_payload(message.payload).values)
+            elif name == "node_presence":
+                self._on_presence(Presence.from_payload(message.payload))
+            elif name == "run_status":
+                self._on_run_status(RunStatus.from_payload(message.payload))
+        except (TopicError, MessageError, ValueError) as exc:
+            log.debug("ignored %s: %s", message.topic, exc)
+
+    def _event(self, plan: Planned, due: datetime, fence: Fence | None = None) -> None:
+        """A bus event for `plan` at `due`: fired within grace, else as its `missed` policy says."""
+        now = self.now()
+        if due <= plan.since:
+            return  # before the automation (or its last change) existed
+        lateness = (now - due).total_seconds()
+        if lateness > plan.spec.grace and not (plan.spec.missed == "run_once" and lateness <= plan.spec.catch_up):
+            self.skipped += 1
+            return
+        if not conditions_hold(plan.spec, now, self._values):
+            self.held_back += 1
+            if fence is not None:  # the event is still spent: a crossing fires again only after re-arming
+                with self.sessions() as session:
+                    fence(session)
+                    session.commit()
+            return
+        self._fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True))
+
+    def _on_presence(self, presence: Presence) -> None:
+        for plan in self._by_node.get(presence.id, ()):
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
+                # `since` is the transition's own time, the same in every copy: one fire row per transition.
+                self._event(plan, presence.since)
+
+    def _on_run_status(self, status: RunStatus) -> None:
+        if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
+            return
+        for plan in self._by_script.get(status.script, ()):
+            trigger = plan.spec.trigger
+            assert isinstance(trigger, RunFinished)
+            if status.state in trigger.states:
+                self._event(plan, status.finished_at)
+
+    def _on_values(self, node_id: int, values: dict[str, Any]) -> None:
+        self._values[node_id] = values
+        for plan in self._by_node.get(node_id, ()):
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodeValue):
+                self._on_value(plan, trigger, values)
+
+    def _on_value(self, plan: Planned, trigger: NodeValue, values: dict[str, Any]) -> None:
+        if trigger.key not in values:
+            return
+        value = values[trigger.key]
+        if trigger.below is None and trigger.above is None:
+            self._value_changed(plan, value)
+        elif type(value) is int:
+            self._value_crossed(plan, trigger, value)
+
+    def _trigger_row(self, session: Session, plan: Planned, armed: bool, value: Any) -> AutomationTrigger | None:
+        """The trigger's row; None at its first sight of this definition (then written, and nothing fires)."""
+        row = session.get(AutomationTrigger, plan.id)
+        if row is None:
+            session.add(
+                AutomationTrigger(automation_id=plan.id, armed=armed, value=json.dumps(value), version=plan.version)
+            )
+            try:
+                session.commit()
+            except IntegrityError:  # another scheduler saw it first
+                session.rollback()
+                return session.get(AutomationTrigger, plan.id)
+            return None
+        if row.version != plan.version:  # the definition changed: its threshold is seen afresh
+            table = AutomationTrigger.__table__.c
+            session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & (table.version == row.version))
+                .values(armed=armed, value=json.dumps(value), version=plan.version)
+            )
+            session.commit()
+            return None
+        return row
+
+    def _value_changed(self, plan: Planned, value: Any) -> None:
+        seen = json.dumps(value)
+        known = self._seen.get(plan.id)
+        if known is not None and known[0] == plan.version and known[2] == seen:
+            return
+        self._seen[plan.id] = (plan.version, True, seen)  # whoever writes it, the row holds `seen` after this
+        with self.sessions() as session:
+            row = self._trigger_row(session, plan, True, value)
+            if row is None or row.value == seen:
+                return
+            before = row.value
+
+        def fence(session: Session) -> bool:  # from what this scheduler saw to the new value: once
+            table = AutomationTrigger.__table__.c
+            moved = session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & (table.value == before))
+                .values(value=seen)
+            ).rowcount  # type: ignore[attr-defined]
+            return bool(moved)
+
+        self._event(plan, self.now(), fence)
+
+    def _value_crossed(self, plan: Planned, trigger: NodeValue, value: int) -> None:
+        known = self._seen.get(plan.id)
+        if known is not None and known[0] == plan.version and crossing(trigger, value, known[1]) == (False, known[1]):
+            return
+        with self.sessions() as session:
+            past, _ = crossing(trigger, value, True)
+            row = self._trigger_row(session, plan, not past, value)
+            if row is None:
+                self._seen[plan.id] = (plan.version, not past, "")
+                return  # first sight: already past the threshold is no crossing
+            fires, armed = crossing(trigger, value, row.armed)
+            self._seen[plan.id] = (plan.version, armed, "")
+            if not fires:
+                if armed != row.armed:  # back past the hysteresis: armed again
+                    row.armed = armed
+                    session.commit()
+                return
+
+        def fence(session: Session) -> bool:  # the crossing that disarms it: one scheduler's
+            table = AutomationTrigger.__table__.c
+            moved = session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & table.armed)
+                .values(armed=False, value=json.dumps(value))
+            ).rowcount  # type: ignore[attr-defined]
+            return bool(moved)
+
+        self._event(plan, self.now(), fence)
 
     def _publish_plan(self, plan: Planned) -> None:
         state = AutomationState(plan.id, plan.spec, plan.next_due)

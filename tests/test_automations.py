@@ -330,3 +330,214 @@ def test_two_scheduler_processes_fire_every_due_time_once_through_a_kill(spawn, 
         runs.wait_finished(row.run_id)
         assert [s.state for s in runs.statuses(row.run_id)].count("running") == 1
     assert rows[-1].scheduler == "second"  # the survivor went on alone
+
+
+# --- bus triggers ---------------------------------------------------------------------------
+
+
+def deliver(pair, topic: str, payload: bytes) -> None:
+    from hacer.bus import Message
+
+    for scheduler, _ in pair:
+        scheduler._on_bus(Message(topic, payload, True, 1))
+        scheduler.tick()
+
+
+def with_node(database: Database, node_id: int = 5) -> None:
+    from hacer.models import Node
+
+    with database.session() as session:
+        session.add(Node(id=node_id, name=None, type_id=1, ip="10.0.0.5"))
+        session.commit()
+
+
+def run_ids(pair) -> list[str]:
+    return [r.run_id for _, bus in pair for r in bus.requests()]
+
+
+def test_a_threshold_fires_once_per_crossing_with_hysteresis_across_two_schedulers(database):
+    from hacer.automations import NodeValue
+
+    spec = AutomationSpec("cold", NodeValue(5, "temperature", below=18, hysteresis=1), "heater", mode="parallel")
+    add(database, spec)
+    clock = Clock(START + timedelta(seconds=1))
+    pair = schedulers(database, clock, 2)
+    fired_at = []
+    for value in (20, 17, 17, 18, 17, 19, 17, 16):
+        clock.advance(1)
+        before = len(run_ids(pair))
+        deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
+        if len(run_ids(pair)) > before:
+            fired_at.append(value)
+    assert fired_at == [17, 17] and len(run_ids(pair)) == 2  # the crossing, and the one after 19 re-armed it
+
+
+def test_a_first_value_already_past_the_threshold_is_no_crossing(database):
+    from hacer.automations import NodeValue
+
+    add(database, AutomationSpec("cold", NodeValue(5, "temperature", below=18), "heater"))
+    clock = Clock(START + timedelta(seconds=1))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 15}')
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 14}')
+    assert run_ids(pair) == []
+
+
+def test_a_presence_transition_fires_once_however_often_it_is_seen(database):
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence, bus_time
+
+    add(database, AutomationSpec("gone", NodePresence(5, "offline"), "alert", mode="parallel"))
+    clock = Clock(START + timedelta(seconds=30))
+    pair = schedulers(database, clock, 2)
+    went = START + timedelta(seconds=20)
+    offline = Presence(5, "toggle", "10.0.0.5", "offline", went, went - timedelta(seconds=180)).to_payload()
+    for _ in range(3):  # republished by the bridge's repair, redelivered after a broker restart
+        deliver(pair, "hacer/nodes/5/presence", offline)
+    online = Presence(5, "toggle", "10.0.0.5", "online", bus_time(went.timestamp() + 5), went).to_payload()
+    deliver(pair, "hacer/nodes/5/presence", online)
+    assert len(run_ids(pair)) == 1
+    stale = START - timedelta(hours=1)  # a transition older than the automation: not its business
+    deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "10.0.0.5", "offline", stale, stale).to_payload())
+    assert len(run_ids(pair)) == 1
+
+
+def test_cooldown_and_single_mode_hold_back_a_storm(database):
+    from hacer.automations import RunFinished
+    from hacer.messages import RunStatus, bus_time
+
+    automation_id = add(database, AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60))
+    clock = Clock(START + timedelta(seconds=1))
+    pair = schedulers(database, clock, 2)
+
+    def failed(n: int) -> bytes:
+        at = bus_time(clock.now)
+        return RunStatus(f"c{n}", "crash", (), "failed", "r", 1, at, at, at).to_payload()
+
+    for n in range(5):  # five failures within a minute: one alert
+        clock.advance(5)
+        deliver(pair, f"hacer/runs/c{n}/status", failed(n))
+    assert len(run_ids(pair)) == 1
+    clock.advance(61)  # the cooldown is over, but the first alert is still queued: single mode waits
+    deliver(pair, "hacer/runs/c9/status", failed(9))
+    assert len(run_ids(pair)) == 1
+    with database.session() as session:
+        session.scalars(select(Run).where(Run.run_id == run_ids(pair)[0])).one().state = "succeeded"
+        session.commit()
+    clock.advance(1)
+    deliver(pair, "hacer/runs/c10/status", failed(10))
+    assert len(run_ids(pair)) == 2
+    with database.session() as session:
+        assert session.get(Automation, automation_id).active_run == run_ids(pair)[1]
+
+
+def test_conditions_gate_a_trigger(database):
+    from hacer.automations import NodeValue, TimeWindow, ValueIs
+
+    with_node(database, 6)
+    spec = AutomationSpec(
+        "cold at night",
+        NodeValue(5, "temperature", below=18),
+        "heater",
+        conditions=(TimeWindow("22:00", "07:00", "UTC"), ValueIs(6, "on", equals=1)),
+        mode="parallel",
+    )
+    add(database, spec)
+    clock = Clock(datetime(2026, 12, 1, 23, 0, tzinfo=UTC))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/6/state", b'{"on": 0}')
+    for value in (20, 17):  # at night, but the other node is off: spent, not run
+        deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
+    deliver(pair, "hacer/nodes/6/state", b'{"on": 1}')
+    for value in (20, 17):
+        deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
+    assert len(run_ids(pair)) == 1
+    clock.advance(9 * 3600)  # 08:00: outside the window
+    for value in (20, 17):
+        deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
+    assert len(run_ids(pair)) == 1
+
+
+def test_a_value_trigger_sees_each_crossing_through_broker_and_scheduler_restarts(
+    spawn, hacer_env, make_bus, watch, broker
+):
+    """Retained state re-read on every (re)connect and compared with the trigger's row in the database."""
+    from hacer.automations import NodeValue
+    from hacer.models import AutomationTrigger
+
+    from conftest import wait_until
+
+    database = Database(f"sqlite:///{hacer_env['HADB_PATH']}")
+    database.init()
+    with_node(database)
+    spec = AutomationSpec("cold", NodeValue(5, "temperature", below=18, hysteresis=1), "echo", mode="parallel")
+    automation_id = add(database, spec, datetime.now(UTC))
+    fired = watch(f"hacer/automations/{automation_id}/fired")
+    node = make_bus()
+
+    def value(temperature: int) -> None:
+        node.publish("hacer/nodes/5/state", json.dumps({"temperature": temperature}).encode(), retain=True)
+
+    def armed() -> bool | None:
+        with database.session() as session:
+            row = session.get(AutomationTrigger, automation_id)
+            return None if row is None else row.armed
+
+    scheduler = spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "one"})
+    value(20)
+    wait_until(lambda: armed() is True, 20, "the first value seen")
+    value(17)
+    fired.wait_for(lambda m: True, timeout=20)
+    broker.restart(kill=True)  # everyone reconnects and gets the retained 17 again: no new crossing
+    node.wait_connected(20)
+    value(21)
+    wait_until(lambda: armed() is True, 20, "re-armed after the restart")
+    value(16)
+    wait_until(lambda: len(fired.messages) == 2, 20, "the second crossing")
+    value(22)
+    wait_until(lambda: armed() is True, 20, "re-armed")
+    scheduler.stop(kill=True)
+    value(15)  # crossed while no scheduler runs: seen as the retained value when one starts
+    spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "two"})
+    wait_until(lambda: len(fired.messages) == 3, 20, "the crossing made while the scheduler was down")
+    wait_until(lambda: armed() is False, 10, "disarmed")
+    assert len(fires(database)) == 3
+    assert [json.loads(m.payload)["scheduler"] for m in fired.messages] == ["one", "one", "two"]
+
+
+def test_rest_refuses_a_trigger_on_an_unknown_node(tmp_path):
+    from api.app import create_app
+    from hacer.settings import Settings
+
+    settings = Settings.from_env({"HADB_PATH": str(tmp_path / "api.db"), "HACER_SCRIPTS_DIR": str(tmp_path)})
+    (tmp_path / "heater.py").write_text("print('on')\n")
+    Database(settings.database_url).init()
+    client = create_app(
+        {"HACER_SETTINGS": settings, "HACER_BUS": PublishingBus(), "ASYNC_MODE": "threading"}
+    ).test_client()
+    body = {"name": "cold", "script": "heater", "trigger": {"kind": "value", "node": 5, "key": "t", "below": 18}}
+    refused = client.post("/api/automations", data=json.dumps(body))
+    assert refused.status_code == 400 and "no node 5" in refused.get_json()["message"]
+    both = {**body, "trigger": {**body["trigger"], "above": 30}}
+    assert "not both" in client.post("/api/automations", data=json.dumps(both)).get_json()["message"]
+
+
+def test_a_value_trigger_defined_later_knows_the_value_seen_before(database):
+    from hacer.automations import NodeValue
+
+    clock = Clock(START + timedelta(seconds=1))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 20}')  # retained, before the automation exists
+    automation_id = add(database, AutomationSpec("cold", NodeValue(5, "temperature", below=18), "heater"), START)
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 17}')
+    assert len(run_ids(pair)) == 1
+    with database.session() as session:  # a new threshold: the trigger sees its node afresh
+        row = session.get(Automation, automation_id)
+        row.definition = (
+            AutomationSpec("cold", NodeValue(5, "temperature", below=10), "heater", mode="parallel").to_json().decode()
+        )
+        row.changed_at = (START + timedelta(seconds=2)).replace(tzinfo=None)
+        session.commit()
+    clock.advance(5)
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 9}')
+    assert len(run_ids(pair)) == 2

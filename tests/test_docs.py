@@ -44,3 +44,16 @@ def test_every_topic_has_a_section_with_an_example_command():
         assert spec.pattern in by_pattern, f"no section for {spec.pattern}"
         if spec.name != "client_sync":
             assert "mosquitto_" in by_pattern[spec.pattern], f"no example command for {spec.pattern}"
+
+
+def test_the_readme_automation_examples_are_valid_definitions():
+    from hacer.automations import AutomationSpec, location_of
+    from hacer.scriptdir import ScriptDir
+
+    readme = (PROJECT_DIR / "README.md").read_text()
+    examples = re.findall(r"manage\.py automation add '(.+?)'", readme, flags=re.S)
+    assert len(examples) >= 5
+    scripts = ScriptDir(PROJECT_DIR / "scripts")
+    for example in examples:
+        spec = AutomationSpec.from_json(example, location_of(40.4, -3.7))
+        assert scripts.find(spec.script) is not None, spec.script
