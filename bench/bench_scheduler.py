@@ -9,8 +9,8 @@
 2. idle: the same process with N automations due in an hour: CPU and memory over 20 s, against
    a bare `python -c` interpreter's memory.
 3. triggers: M value automations on M nodes, state changes published at R a second (one in ten
-   a threshold crossing): crossing published -> its run request at a subscriber, against the
-   same state messages' own trip to a plain subscriber of the same broker.
+   a threshold crossing, the next one of that node re-arming it): crossing published -> its run
+   request at a subscriber, against the same state messages' own trip to a plain subscriber.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
     def on_state(message: Message) -> None:
         stamp = json.loads(message.payload).get("t")
         if stamp:
-            plain.append((time.perf_counter() - stamp) * 1000)
+            plain.append((time.perf_counter() - stamp / 1e6) * 1000)
 
     watcher.subscribe(topics.build("run_request"), on_request)
     watcher.subscribe(topics.filter("node_state"), on_state)
@@ -200,11 +200,11 @@ def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
         total, started = int(rate * seconds), time.perf_counter()
         for i in range(total):
             node = i % nodes + 1
-            crossing = (i // nodes) % 10 == 9
+            crossing = (i // nodes + node) % 10 == 9  # each node every tenth of its messages, spread over nodes
             value = 40 if crossing else 60
             if crossing:
                 sent[node] = time.perf_counter()
-            body = {"v": value, "t": time.perf_counter()}
+            body = {"v": value, "t": int(time.perf_counter() * 1e6)}  # node values are integers or strings
             publisher.publish(topics.build("node_state", node), json.dumps(body).encode(), retain=True)
             time.sleep(max(0.0, started + (i + 1) / rate - time.perf_counter()))
         time.sleep(2)

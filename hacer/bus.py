@@ -248,6 +248,15 @@ class Bus:
 
     # --- subscribe / publish ---------------------------------------------------------------
 
+    def private_group(self, group: str) -> str:
+        """A shared subscription group only this role's password holders can name (see private_client_id).
+
+        Mosquitto 2.0's ACL file lets any user subscribe to anything and filters at delivery, so a
+        user who joined the runners' group by its plain name would be dealt requests it may not
+        read, which the broker then drops; a keyed name keeps the group to the role.
+        """
+        return private_client_id(group, self.address.password)
+
     def subscribe(
         self,
         topic_filter: str,

@@ -126,7 +126,9 @@ class Recorder:
             self._entry_type_ids = {t.name: t.id for t in session.scalars(select(ScriptLogEntryType))}
         for name in RECORDED_TOPICS:
             self.bus.subscribe(
-                self.topics.shared(SHARE_GROUP, self.topics.filter(name)), self._inbox.put, manual_ack=True
+                self.topics.shared(self.bus.private_group(SHARE_GROUP), self.topics.filter(name)),
+                self._inbox.put,
+                manual_ack=True,
             )
         self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
         self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)

@@ -153,7 +153,9 @@ class Runner:
         self.outbox.adopt(self.config.runner_id)  # what this runner's earlier process still held
         self.bus.birth = self._state_payload()
         self.bus.subscribe(
-            self.topics.shared(SHARE_GROUP, self.topics.build("run_request")), self._on_request, manual_ack=True
+            self.topics.shared(self.bus.private_group(SHARE_GROUP), self.topics.build("run_request")),
+            self._on_request,
+            manual_ack=True,
         )
         self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
         self.bus.subscribe(self.topics.build("runs_recorded"), self._on_recorded, qos=0)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from astral import Observer
-from sqlalchemy import func, select, update
+from sqlalchemy import String, cast, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -112,9 +112,11 @@ class Scheduler:
         # A message that changes nothing there needs no database; a stale copy only costs a failed fence.
         self._seen: dict[int, tuple[datetime, bool, str]] = {}
         self._planned: dict[int, Planned] = {}
-        self._versions: dict[int, datetime] = {}
+        self._heap: list[tuple[datetime, int]] = []  # (next due, automation id); stale entries skipped
+        self._versions: dict[int, str] = {}
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._refreshed_at = 0.0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -133,15 +135,17 @@ class Scheduler:
             self._thread.join(10)
         self.bus.stop()
 
-    def wake(self) -> None:
-        """Plan again now rather than at the next poll (tests, and a change seen on the bus)."""
-        self._versions = {}
-
     # --- the loop ---------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One round: read what changed, feed the bus events that came, fire what is due."""
-        self._refresh()
+        """One round: fire what is due, read what changed (once per `poll_every`), feed the bus events."""
+        if self.clock() < self._refreshed_at + 2 * self.poll_every:
+            # First, unless the table is unread for two polls (it may hold a disable): reading
+            # 10 000 automations takes longer than a fire may wait.
+            self._fire_due()
+        if self.clock() >= self._refreshed_at + self.poll_every:
+            self._refreshed_at = self.clock()
+            self._refresh()
         while True:
             try:
                 message = self._inbox.get_nowait()
@@ -156,11 +160,10 @@ class Scheduler:
                 self.tick()
             except SQLAlchemyError as exc:  # passing trouble (locked, away): the next round tries again
                 log.warning("planning failed: %s", exc)
-            wait = self.poll_every
-            dues = [p.next_due for p in self._planned.values() if p.next_due is not None]
-            if dues:
-                wait = min(wait, max(0.0, min(dues).timestamp() - self.clock()))
-            self._wake.wait(wait)  # a bus event ends the wait
+            except Exception:  # a bug must not end the thread while the process looks alive
+                log.exception("planning failed")
+                self._stopping.wait(1.0)
+            self._wake.wait(self._next_wake())  # a bus event ends the wait
             self._wake.clear()
 
     def now(self) -> datetime:
@@ -170,8 +173,11 @@ class Scheduler:
     def _refresh(self) -> None:
         """Read the automations again when any was added, changed, enabled, disabled or deleted."""
         with self.sessions() as session:
+            # Change times as the database's text: no datetime built per row, every second.
             versions = dict(
-                session.execute(select(Automation.id, Automation.changed_at).where(Automation.enabled)).tuples().all()
+                session.execute(select(Automation.id, cast(Automation.changed_at, String)).where(Automation.enabled))
+                .tuples()
+                .all()
             )
             if versions == self._versions:
                 return
@@ -189,7 +195,7 @@ class Scheduler:
         fresh: list[Planned] = []
         for row in rows:
             kept = self._planned.get(row.id)
-            if kept is not None and self._versions.get(row.id) == row.changed_at:
+            if kept is not None and self._versions.get(row.id) == versions.get(row.id):
                 planned[row.id] = kept
                 continue
             try:
@@ -207,6 +213,8 @@ class Scheduler:
         for gone in set(self._planned) - set(planned):
             self._clear_plan(gone)
         self._planned, self._versions = planned, versions
+        self._heap = [(plan.next_due, plan.id) for plan in planned.values() if plan.next_due is not None]
+        heapq.heapify(self._heap)
         self._by_node, self._by_script = {}, {}
         for plan in planned.values():
             trigger = plan.spec.trigger
@@ -219,31 +227,50 @@ class Scheduler:
                 self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
 
     def _fire_due(self) -> None:
-        now = self.now()
-        due = [(p.next_due, p.id) for p in self._planned.values() if p.next_due is not None and p.next_due <= now]
-        heapq.heapify(due)
-        while due:
-            moment, automation_id = heapq.heappop(due)
-            self._fire_or_skip(self._planned[automation_id], now)
+        now, batch, moved = self.now(), [], []
+        while self._heap and self._heap[0][0] <= now:
+            moment, automation_id = heapq.heappop(self._heap)
+            plan = self._planned.get(automation_id)
+            if plan is None or plan.next_due != moment:
+                continue  # changed or gone since it was pushed
+            fire = self._due_or_missed(plan, now)
+            if fire is not None:
+                batch.append((plan, *fire))
+            moved.append(plan)
+        if batch:
+            self._fire_batch(batch)
+        for plan in moved:
+            if plan.next_due is not None:
+                heapq.heappush(self._heap, (plan.next_due, plan.id))
+            self._publish_plan(plan)
 
-    def _fire_or_skip(self, plan: Planned, now: datetime) -> None:
-        """Fire the plan's due time if it is at most `grace` late; else follow its `missed` policy."""
+    def _next_wake(self) -> float:
+        """Seconds until the earliest due time, at most `poll_every`."""
+        while self._heap and self._planned.get(self._heap[0][1]) is None:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return self.poll_every
+        return min(self.poll_every, max(0.0, self._heap[0][0].timestamp() - self.clock()))
+
+    def _due_or_missed(self, plan: Planned, now: datetime) -> tuple[datetime, bool] | None:
+        """The (due time, late) to fire for a due plan, which moves on to its next due time.
+
+        Its due time if it is at most `grace` late; else what its `missed` policy says (the latest
+        missed one, or nothing).
+        """
         assert plan.next_due is not None
         spec, due = plan.spec, plan.next_due
         if (now - due).total_seconds() <= spec.grace:
-            self._fire(plan, due, late=False)
             plan.next_due = next_due(spec.trigger, due, plan.since, self.location)
-        else:
-            latest, missed = self._latest_missed(plan, now)
-            self.skipped += missed
-            if spec.missed == "run_once" and (now - latest).total_seconds() <= spec.catch_up:
-                self._fire(plan, latest, late=True)
-                missed -= 1
-            log.warning(
-                "automation %s (%s): %d due time(s) missed up to %s, not run", plan.id, spec.name, missed, latest
-            )
-            plan.next_due = next_due(spec.trigger, now, plan.since, self.location)
-        self._publish_plan(plan)
+            return due, False
+        latest, missed = self._latest_missed(plan, now)
+        plan.next_due = next_due(spec.trigger, now, plan.since, self.location)
+        run_once = spec.missed == "run_once" and (now - latest).total_seconds() <= spec.catch_up
+        self.skipped += missed - run_once
+        log.warning(
+            "automation %s (%s): %d due time(s) missed up to %s, not run", plan.id, spec.name, missed - run_once, latest
+        )
+        return (latest, True) if run_once else None
 
     def _latest_missed(self, plan: Planned, now: datetime) -> tuple[datetime, int]:
         """The latest due time at or before `now`, and how many there were from the plan's next one."""
@@ -260,61 +287,92 @@ class Scheduler:
             latest, count = following, count + 1
         return latest, count
 
+    def _fire_batch(self, batch: list[tuple[Planned, datetime, bool]]) -> None:
+        """Fire time triggers due together in one transaction (a burst at :00 costs one commit).
+
+        If any of them was fired by another scheduler the batch is undone and each is fired alone.
+        """
+        fired_at = naive(self.now())
+        fires = [self._fire_rows(plan, due, late, fired_at) for plan, due, late in batch]
+        with self.sessions() as session:
+            try:
+                session.execute(insert(AutomationFire), [fire for fire, _, _ in fires])
+                session.execute(insert(Run), [run for _, run, _ in fires])
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                for plan, due, late in batch:
+                    self._fire(plan, due, late)
+                return
+        for (plan, due, late), (_, run, payload) in zip(batch, fires, strict=True):
+            self._fired(plan, due, late, run["run_id"], payload)
+
     def _fire(self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None) -> bool:
         """Fire one due time, unless another scheduler did (the unique fire row decides) or a fence holds.
 
         `fence` runs first in the same transaction: False ends it there (its own changes kept).
         """
-        spec = plan.spec
-        run_id = run_id_of(plan.id, due)
-        request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
-        payload = request.to_payload()
         fired_at = naive(self.now())
+        fire, run, payload = self._fire_rows(plan, due, late, fired_at)
         with self.sessions() as session:
-            if fence is not None and not (fence(session) and self._bus_fences(session, plan, run_id, fired_at)):
+            if fence is not None and not (fence(session) and self._bus_fences(session, plan, run["run_id"], fired_at)):
                 session.commit()
                 return False
-            session.add(
-                AutomationFire(
-                    automation_id=plan.id,
-                    due_at=naive(due),
-                    fired_at=fired_at,
-                    run_id=run_id,
-                    scheduler=self.scheduler_id,
-                    late=late,
-                )
-            )
-            session.add(
-                Run(
-                    run_id=run_id,
-                    script=spec.script,
-                    params=json.dumps(list(spec.params)),
-                    state=runstates.QUEUED,
-                    runner="",
-                    requested_by=request.requested_by,
-                    request=payload.decode(),
-                    requested_at=fired_at,
-                )
-            )
             try:
+                session.execute(insert(AutomationFire).values(fire))
+                session.execute(insert(Run).values(run))
                 session.commit()
             except IntegrityError:
                 self.fired_elsewhere += 1
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
                 return False
+        self._fired(plan, due, late, run["run_id"], payload)
+        return True
+
+    def _fire_rows(
+        self, plan: Planned, due: datetime, late: bool, fired_at: datetime
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        """A fire's row, its run's row (holding the request) and the request's payload."""
+        spec = plan.spec
+        run_id = run_id_of(plan.id, due)
+        request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
+        payload = request.to_payload()
+        fire = {
+            "automation_id": plan.id,
+            "due_at": naive(due),
+            "fired_at": fired_at,
+            "run_id": run_id,
+            "scheduler": self.scheduler_id,
+            "late": late,
+        }
+        run = {
+            "run_id": run_id,
+            "script": spec.script,
+            "params": json.dumps(list(spec.params)),
+            "state": runstates.QUEUED,
+            "runner": "",
+            "requested_by": request.requested_by,
+            "request": payload.decode(),
+            "requested_at": fired_at,
+        }
+        return fire, run, payload
+
+    def _fired(self, plan: Planned, due: datetime, late: bool, run_id: str, payload: bytes) -> None:
+        """Tell a committed fire: its run request, and the fire itself."""
         self.fired += 1
-        log.info("automation %s (%s): fired run %s for %s", plan.id, spec.name, run_id, due.isoformat())
-        fired = AutomationFired(plan.id, spec.name, due, run_id, self.scheduler_id, late)
+        log.info("automation %s (%s): fired run %s for %s", plan.id, plan.spec.name, run_id, due.isoformat())
+        fired = AutomationFired(plan.id, plan.spec.name, due, run_id, self.scheduler_id, late)
         try:
             self.bus.publish(self.topics.build("run_request"), payload, block=False)
             self.bus.publish(self.topics.build("automation_fired", plan.id), fired.to_payload(), block=False)
         except BusError as exc:  # the run's row holds the request: the recorders send it again
             log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
-        return True
 
     def _bus_fences(self, session: Session, plan: Planned, run_id: str, fired_at: datetime) -> bool:
         """Cooldown and mode `single`, decided by one conditional UPDATE of the automation's row."""
         spec, row = plan.spec, Automation.__table__.c
+        if not spec.cooldown and spec.mode == "parallel":
+            return True  # nothing to fence
         guard = row.id == plan.id
         if spec.cooldown:
             cutoff = fired_at - timedelta(seconds=spec.cooldown)
@@ -454,21 +512,29 @@ class Scheduler:
 
     def _value_crossed(self, plan: Planned, trigger: NodeValue, value: int) -> None:
         known = self._seen.get(plan.id)
-        if known is not None and known[0] == plan.version and crossing(trigger, value, known[1]) == (False, known[1]):
-            return
-        with self.sessions() as session:
-            past, _ = crossing(trigger, value, True)
-            row = self._trigger_row(session, plan, not past, value)
-            if row is None:
-                self._seen[plan.id] = (plan.version, not past, "")
-                return  # first sight: already past the threshold is no crossing
-            fires, armed = crossing(trigger, value, row.armed)
-            self._seen[plan.id] = (plan.version, armed, "")
-            if not fires:
-                if armed != row.armed:  # back past the hysteresis: armed again
-                    row.armed = armed
+        if known is not None and known[0] == plan.version:
+            was_armed = known[1]  # as this scheduler last left the row: the fences below check it
+        else:
+            with self.sessions() as session:
+                past, _ = crossing(trigger, value, True)
+                row = self._trigger_row(session, plan, not past, value)
+                if row is None:
+                    self._seen[plan.id] = (plan.version, not past, "")
+                    return  # first sight: already past the threshold is no crossing
+                was_armed = row.armed
+        fires, armed = crossing(trigger, value, was_armed)
+        self._seen[plan.id] = (plan.version, armed, "")
+        if not fires:
+            if armed != was_armed:  # back past the hysteresis: armed again
+                with self.sessions() as session:
+                    table = AutomationTrigger.__table__.c
+                    session.execute(
+                        update(AutomationTrigger)
+                        .where((table.automation_id == plan.id) & (table.armed == was_armed))
+                        .values(armed=armed)
+                    )
                     session.commit()
-                return
+            return
 
         def fence(session: Session) -> bool:  # the crossing that disarms it: one scheduler's
             table = AutomationTrigger.__table__.c

@@ -33,6 +33,9 @@ class RecordingBus:
     def subscribe(self, topic_filter, handler, **options) -> None:
         self.handlers.append((topic_filter, handler))
 
+    def private_group(self, group: str) -> str:
+        return group
+
     def publish(self, topic, payload, *, qos=1, retain=False, correlation=None, **options) -> bool:
         self.published.append((topic, payload.encode() if isinstance(payload, str) else payload, retain))
         return True

@@ -529,6 +529,7 @@ def test_a_value_trigger_defined_later_knows_the_value_seen_before(database):
     pair = schedulers(database, clock, 1)
     deliver(pair, "hacer/nodes/5/state", b'{"temperature": 20}')  # retained, before the automation exists
     automation_id = add(database, AutomationSpec("cold", NodeValue(5, "temperature", below=18), "heater"), START)
+    clock.advance(1)  # the scheduler reads the table once a second
     deliver(pair, "hacer/nodes/5/state", b'{"temperature": 17}')
     assert len(run_ids(pair)) == 1
     with database.session() as session:  # a new threshold: the trigger sees its node afresh
