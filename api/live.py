@@ -13,7 +13,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from hacer import runstates
+from hacer.automations import AutomationFired, AutomationState
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, NodeMeta, NodeValues, Presence, RunnerState, RunStatus
 from hacer.topics import TopicError, Topics
@@ -41,6 +44,7 @@ class LiveView:
         self.runs: dict[str, dict[str, Any]] = {}
         self.bridge_state = "unknown"
         self.runners: dict[str, dict[str, Any]] = {}
+        self.automations: dict[int, dict[str, Any]] = {}  # as the scheduler plans them
         self.seq = 0
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
@@ -56,6 +60,8 @@ class LiveView:
         self.bus.subscribe(topics.filter("run_log"), self._on_run_log, qos=1)
         self.bus.subscribe(topics.build("bridge_state"), self._on_bridge_state)
         self.bus.subscribe(topics.filter("runner_state"), self._on_runner_state)
+        self.bus.subscribe(topics.filter("automation"), self._on_automation)
+        self.bus.subscribe(topics.filter("automation_fired"), self._on_automation_fired)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` for every change from now on."""
@@ -71,6 +77,7 @@ class LiveView:
                 "runs": active,
                 "bridge": self.bridge_state,
                 "runners": list(self.runners.values()),
+                "automations": sorted(self.automations.values(), key=lambda a: a["id"]),
             }
 
     def since(self, seq: int) -> list[Event] | None:
@@ -215,3 +222,41 @@ class LiveView:
         with self._lock:
             self.runners[state.runner] = data
         self._emit("runner", data)
+
+    def _on_automation(self, message: Message) -> None:
+        try:
+            automation_id = int(self.topics.parse(message.topic)[1] or "")
+            state = None if not message.payload else AutomationState.from_payload(message.payload)
+        except (TopicError, ValueError):  # MessageError is a ValueError
+            return
+        if state is None:  # disabled or deleted
+            with self._lock:
+                removed = self.automations.pop(automation_id, None)
+            if removed is not None:
+                self._emit("automation_removed", {"id": automation_id})
+            return
+        data = {
+            "id": state.id,
+            "name": state.definition.name,
+            "definition": msgspec.to_builtins(state.definition),
+            "next_fire": None if state.next_fire is None else state.next_fire.isoformat(),
+        }
+        with self._lock:
+            self.automations[state.id] = data
+        self._emit("automation", data)
+
+    def _on_automation_fired(self, message: Message) -> None:
+        try:
+            fired = AutomationFired.from_payload(message.payload)
+        except MessageError:
+            return
+        self._emit(
+            "automation_fired",
+            {
+                "id": fired.id,
+                "name": fired.name,
+                "due": fired.due.isoformat(),
+                "run_id": fired.run_id,
+                "late": fired.late,
+            },
+        )

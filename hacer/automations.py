@@ -140,9 +140,10 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
     missed: Literal["skip", "run_once"] = "skip"
     conditions: Annotated[tuple[Condition, ...], Meta(max_length=16)] = ()
     # A bus trigger's fires: at most one per `cooldown` seconds; `single` starts none while a run
-    # of this automation is queued or running, `parallel` starts one each time.
+    # of this automation is queued or running, `restart` cancels that run and starts the new one,
+    # `queued` starts it when the runs before it ended (10 wait at most), `parallel` starts each.
     cooldown: Annotated[int, Meta(ge=0, le=7 * 86400)] = 0
-    mode: Literal["single", "parallel"] = "single"
+    mode: Literal["single", "restart", "queued", "parallel"] = "single"
     grace: Annotated[int, Meta(ge=0, le=86400)] = 60
     catch_up: Annotated[int, Meta(ge=0, le=7 * 86400)] = 6 * 3600  # how old a due time run_once still runs
     timeout: Annotated[float, Meta(gt=0, lt=1e9)] | None = None
@@ -394,7 +395,7 @@ def describe(
                 "due": fire.due_at.replace(tzinfo=UTC).isoformat(),
                 "run_id": fire.run_id,
                 "late": fire.late,
-                "state": state or runstates.QUEUED,
+                "state": "pending" if fire.pending else state or runstates.QUEUED,
                 "exit_code": exit_code,
             }
             for fire, state, exit_code in fires

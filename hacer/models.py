@@ -229,6 +229,7 @@ class AutomationFire(Base):
     run_id: Mapped[str] = mapped_column(String(64), unique=True)
     scheduler: Mapped[str] = mapped_column(String(128), default="")
     late: Mapped[bool] = mapped_column(Boolean, default=False)  # a missed due time run on start (run_once)
+    pending: Mapped[bool] = mapped_column(Boolean, default=False)  # mode `queued`: waits for the runs before it
 
 
 class Database:

@@ -55,6 +55,7 @@ from hacer.topics import TopicError, Topics
 log = logging.getLogger(__name__)
 
 MAX_CATCH_UP_STEPS = 100_000  # due times walked to find the latest missed one
+MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
 BUS_TOPICS = ("node_presence", "node_state", "run_status")
 Fence = Callable[[Session], bool]
 
@@ -106,6 +107,9 @@ class Scheduler:
         self.held_back = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
         self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._replaced: str | None = None  # the run a `restart` fire replaces, while it is committed
+        self._queue_it = False  # a `queued` fire that must wait, while it is committed
+        self.queued = 0
         self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
         self._by_script: dict[str, list[Planned]] = {}
         # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
@@ -222,6 +226,9 @@ class Scheduler:
                 self._by_node.setdefault(trigger.node, []).append(plan)
             elif isinstance(trigger, RunFinished):
                 self._by_script.setdefault(trigger.script, []).append(plan)
+        for plan in planned.values():  # a run's end missed (the broker away): its queue moves on anyway
+            if plan.spec.mode == "queued":
+                self._drain(plan)
         for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
             if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
                 self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
@@ -314,9 +321,15 @@ class Scheduler:
         """
         fired_at = naive(self.now())
         fire, run, payload = self._fire_rows(plan, due, late, fired_at)
+        self._replaced, self._queue_it = None, False
         with self.sessions() as session:
             if fence is not None and not (fence(session) and self._bus_fences(session, plan, run["run_id"], fired_at)):
-                session.commit()
+                try:
+                    if self._queue_it:
+                        self._queue(session, plan, fire)
+                    session.commit()
+                except IntegrityError:  # another scheduler queued this very fire
+                    self.fired_elsewhere += 1
                 return False
             try:
                 session.execute(insert(AutomationFire).values(fire))
@@ -327,6 +340,12 @@ class Scheduler:
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
                 return False
         self._fired(plan, due, late, run["run_id"], payload)
+        if self._replaced is not None:  # mode restart: the run this one replaces is cancelled
+            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, self._replaced)
+            try:
+                self.bus.publish(self.topics.build("run_cancel", self._replaced), b"", block=False)
+            except BusError as exc:
+                log.warning("run %s not cancelled (%s)", self._replaced, exc)
         return True
 
     def _fire_rows(
@@ -368,8 +387,57 @@ class Scheduler:
         except BusError as exc:  # the run's row holds the request: the recorders send it again
             log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
 
+    @staticmethod
+    def _busy(session: Session, run_id: str) -> bool:
+        state = session.scalar(select(Run.state).where(Run.run_id == run_id))
+        return state is not None and state not in runstates.FINISHED_STATES
+
+    def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> None:
+        """Keep a `queued` automation's fire, without its run, until the runs before it end."""
+        waiting = session.scalar(
+            select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+        )
+        if (waiting or 0) >= MAX_QUEUED:
+            self.held_back += 1
+            log.warning("automation %s (%s): %d fires wait already, this one dropped", plan.id, plan.spec.name, waiting)
+            return
+        session.execute(insert(AutomationFire).values({**fire, "pending": True}))
+        self.queued += 1
+
+    def _drain(self, plan: Planned) -> None:
+        """Start a `queued` automation's oldest waiting fire once its last run has ended (one scheduler does)."""
+        fired_at = naive(self.now())
+        with self.sessions() as session:
+            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
+            if active is not None and self._busy(session, active):
+                return
+            waiting = session.scalars(
+                select(AutomationFire)
+                .where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+                .order_by(AutomationFire.due_at)
+                .limit(1)
+            ).first()
+            if waiting is None:
+                return
+            row = Automation.__table__.c
+            guard = (row.id == plan.id) & (row.active_run.is_(None) if active is None else row.active_run == active)
+            if not session.execute(
+                update(Automation).where(guard).values(active_run=waiting.run_id, last_fired_at=fired_at)
+            ).rowcount:  # type: ignore[attr-defined]
+                return  # another scheduler started it
+            due = aware(waiting.due_at)
+            _, run, payload = self._fire_rows(plan, due, waiting.late, fired_at)
+            waiting.pending = False
+            session.execute(insert(Run).values(run))
+            session.commit()
+        self._fired(plan, due, waiting.late, run["run_id"], payload)
+
     def _bus_fences(self, session: Session, plan: Planned, run_id: str, fired_at: datetime) -> bool:
-        """Cooldown and mode `single`, decided by one conditional UPDATE of the automation's row."""
+        """Cooldown and modes, decided by one conditional UPDATE of the automation's row.
+
+        `restart` notes the run it replaces in `self._replaced`, cancelled once this fire is
+        committed; `queued` sets `self._queue_it` when the fire must wait.
+        """
         spec, row = plan.spec, Automation.__table__.c
         if not spec.cooldown and spec.mode == "parallel":
             return True  # nothing to fence
@@ -377,12 +445,17 @@ class Scheduler:
         if spec.cooldown:
             cutoff = fired_at - timedelta(seconds=spec.cooldown)
             guard &= row.last_fired_at.is_(None) | (row.last_fired_at <= cutoff)
-        if spec.mode == "single":
+        if spec.mode != "parallel":
             active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
-            if active is not None:
-                state = session.scalar(select(Run.state).where(Run.run_id == active))
-                if state is not None and state not in runstates.FINISHED_STATES:
-                    self.held_back += 1
+            waiting = spec.mode == "queued" and session.scalar(
+                select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+            )
+            if waiting or (active is not None and self._busy(session, active)):
+                if spec.mode == "restart":
+                    self._replaced = active
+                else:  # single: dropped; queued: it waits for the runs before it
+                    self._queue_it = spec.mode == "queued"
+                    self.held_back += not self._queue_it
                     return False
             guard &= row.active_run.is_(None) if active is None else row.active_run == active
         moved = session.execute(
@@ -390,6 +463,7 @@ class Scheduler:
         ).rowcount  # type: ignore[attr-defined]
         if not moved:
             self.held_back += 1
+            self._replaced = None
         return bool(moved)
 
     # --- bus triggers -----------------------------------------------------------------------
@@ -441,6 +515,11 @@ class Scheduler:
     def _on_run_status(self, status: RunStatus) -> None:
         if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
             return
+        own = status.run_id.split("-")
+        if own[0] == "auto" and own[1].isdigit():  # one of ours ended: a queued fire may start
+            plan = self._planned.get(int(own[1]))
+            if plan is not None and plan.spec.mode == "queued":
+                self._drain(plan)
         for plan in self._by_script.get(status.script, ()):
             trigger = plan.spec.trigger
             assert isinstance(trigger, RunFinished)

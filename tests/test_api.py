@@ -67,7 +67,7 @@ class System:
         )
         self.broker.start()
         self.env["HACER_MQTT_URL"] = self.broker.url
-        for part in ("bridge", "runner", "recorder", "api"):
+        for part in ("bridge", "runner", "recorder", "scheduler", "api"):
             self.start_part(part)
         wait_until(lambda: port_answers("127.0.0.1", int(self.env["HACER_HTTP_PORT"])), 20, "the api to listen")
         wait_until(lambda: requests.get(self.url + "/api/health").status_code == 200, 20, "a healthy system")

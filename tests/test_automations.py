@@ -542,3 +542,70 @@ def test_a_value_trigger_defined_later_knows_the_value_seen_before(database):
     clock.advance(5)
     deliver(pair, "hacer/nodes/5/state", b'{"temperature": 9}')
     assert len(run_ids(pair)) == 2
+
+
+def test_restart_mode_cancels_the_run_it_replaces(database):
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence
+
+    add(database, AutomationSpec("gone", NodePresence(5, "offline"), "alert", mode="restart"))
+    clock = Clock(START + timedelta(seconds=10))
+    pair = schedulers(database, clock, 2)
+    for seconds in (2, 6):  # two transitions while the first alert is still queued
+        went = START + timedelta(seconds=seconds)
+        deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "ip", "offline", went, went).to_payload())
+    first, second = run_ids(pair)
+    cancels = [t for _, bus in pair for t, _ in bus.published if t.endswith("/cancel")]
+    assert cancels == [f"hacer/runs/{first}/cancel"]
+    with database.session() as session:
+        assert session.scalars(select(Automation)).one().active_run == second
+
+
+def test_the_live_view_relays_automation_plans_and_fires(tmp_path):
+    from test_api_components import RecordingBus
+
+    from api.live import LiveView
+    from hacer.automations import AutomationFired, AutomationState
+
+    bus = RecordingBus()
+    live = LiveView(bus, Topics())  # type: ignore[arg-type]
+    live.subscribe()
+    events = []
+    live.add_listener(events.append)
+    spec = AutomationSpec("tick", Every(60), "toggle")
+    due = START + timedelta(minutes=1)
+    bus.deliver("hacer/automations/3", AutomationState(3, spec, due).to_payload(), retain=True)
+    bus.deliver("hacer/automations/3/fired", AutomationFired(3, "tick", due, "auto-3-x", "s").to_payload())
+    assert json.loads(json.dumps(live.snapshot()["automations"])) == [  # as the websocket sends it
+        {"id": 3, "name": "tick", "definition": json.loads(spec.to_json()), "next_fire": due.isoformat()}
+    ]
+    assert [e["kind"] for e in events] == ["automation", "automation_fired"]
+    assert events[1]["data"]["run_id"] == "auto-3-x"
+    bus.deliver("hacer/automations/3", b"", retain=True)  # disabled
+    assert live.snapshot()["automations"] == [] and events[-1]["kind"] == "automation_removed"
+
+
+def test_queued_mode_starts_each_fire_when_the_run_before_it_ended(database):
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence, RunStatus, bus_time
+
+    add(database, AutomationSpec("gone", NodePresence(5, "offline"), "alert", mode="queued"))
+    clock = Clock(START + timedelta(seconds=20))
+    pair = schedulers(database, clock, 2)
+    for seconds in (2, 6, 9):  # three transitions while the first run has not ended
+        went = START + timedelta(seconds=seconds)
+        deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "ip", "offline", went, went).to_payload())
+    assert len(run_ids(pair)) == 1
+    assert [f.pending for f in fires(database)] == [False, True, True]
+    order = [f.run_id for f in fires(database)]  # by due time
+    ended = order[0]
+    for expected in (2, 3):
+        with database.session() as session:  # as the recorder writes it
+            session.scalars(select(Run).where(Run.run_id == ended)).one().state = "succeeded"
+            session.commit()
+        at = bus_time(clock.now)
+        status = RunStatus(ended, "alert", (), "succeeded", "r", 0, at, at, at).to_payload()
+        deliver(pair, f"hacer/runs/{ended}/status", status)
+        assert sorted(run_ids(pair)) == order[:expected]  # the next in line, by one of the two schedulers
+        ended = order[expected - 1]
+    assert [f.pending for f in fires(database)] == [False, False, False]

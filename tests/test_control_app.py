@@ -105,3 +105,31 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
 
     wait_until(shown, 30, "the node on the page")
     expect(row).to_have_text("online")
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(system, page):  # noqa: F811
+    import json
+
+    from playwright.sync_api import expect
+
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    bad = {"name": "bad", "script": "test", "trigger": {"kind": "cron", "cron": "61 * * * *"}}
+    page.fill("#automation-definition", json.dumps(bad))
+    page.click("#automation-form button")
+    expect(page.locator("#automation-error")).to_contain_text("$.trigger.cron")
+    every = {"name": "each second", "script": "test", "params": ["auto"], "trigger": {"kind": "every", "seconds": 1}}
+    page.fill("#automation-definition", json.dumps(every))
+    page.click("#automation-form button")
+    row = page.locator("#automations tbody tr", has_text="each second")
+    expect(row).to_contain_text("every 1 s", timeout=10_000)
+    expect(row.locator("td.last-fire")).not_to_have_text("", timeout=15_000)  # the scheduler's fire, live
+    row.get_by_role("button", name="on").click()
+    expect(row.get_by_role("button", name="off")).to_be_visible(timeout=10_000)
+    automation_id = int(row.get_attribute("data-id"))
+    assert system.get(f"/api/automations/{automation_id}").json()["enabled"] is False
+    page.on("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="delete").click()
+    expect(page.locator("#automations tbody tr", has_text="each second")).to_have_count(0, timeout=10_000)
+    assert system.get(f"/api/automations/{automation_id}").status_code == 404

@@ -146,6 +146,84 @@ $("#run-form").addEventListener("submit", async (event) => {
   } catch (error) { alert(error.message); }
 });
 
+// Automations: REST is the truth (disabled ones too); the scheduler's events say when to re-read.
+state.automations = new Map();
+state.lastFires = new Map();
+
+function describeTrigger(t) {
+  const zone = t.tz && t.tz !== "UTC" ? ` (${t.tz})` : "";
+  switch (t.kind) {
+    case "cron": return `cron ${t.cron}${zone}`;
+    case "every": return `every ${t.seconds} s`;
+    case "at": return `at ${t.at}${zone}`;
+    case "sun": return `${t.event}${t.offset ? ` ${t.offset > 0 ? "+" : ""}${t.offset} s` : ""}${zone}`;
+    case "presence": return `node ${t.node} goes ${t.becomes}`;
+    case "value":
+      return `node ${t.node} ${t.key}` + (t.below != null ? ` < ${t.below}` : t.above != null ? ` > ${t.above}` : " changes");
+    case "run": return `${t.script} ends ${t.states.join("/")}`;
+    default: return t.kind;
+  }
+}
+
+const localTime = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+
+async function loadAutomations() {
+  const { automations } = await api("GET", "/automations");
+  state.automations = new Map(automations.map((a) => [a.id, a]));
+  renderAutomations();
+}
+
+let automationReload = null;
+function reloadAutomationsSoon() {  // a burst of events, one read
+  clearTimeout(automationReload);
+  automationReload = setTimeout(loadAutomations, 200);
+}
+
+function renderAutomations() {
+  const body = $("#automations tbody");
+  body.replaceChildren();
+  for (const automation of [...state.automations.values()].sort((a, b) => a.id - b.id)) {
+    const { id, name, enabled, definition } = automation;
+    const row = body.insertRow();
+    row.dataset.id = id;
+    cell(row, name);
+    cell(row, describeTrigger(definition.trigger));
+    cell(row, [definition.script, ...definition.params].join(" "));
+    cell(row, enabled ? localTime(automation.next_fires[0]) : "");
+    const fired = state.lastFires.get(id) || automation.last_runs[0];
+    cell(row, fired ? `${localTime(fired.due)}${fired.state ? " " + fired.state : ""}` : "", "last-fire");
+    const toggle = document.createElement("button");
+    toggle.textContent = enabled ? "on" : "off";
+    toggle.className = enabled ? "on" : "off";
+    toggle.addEventListener("click", () => changeAutomation("POST", `/automations/${id}/${enabled ? "disable" : "enable"}`));
+    row.insertCell().append(toggle);
+    const remove = document.createElement("button");
+    remove.textContent = "delete";
+    remove.addEventListener("click", () => confirm(`Delete ${name}?`) && changeAutomation("DELETE", `/automations/${id}`));
+    row.insertCell().append(remove);
+  }
+}
+
+async function changeAutomation(method, path) {
+  try { await api(method, path); } catch (error) { alert(error.message); }
+  loadAutomations();
+}
+
+$("#automation-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("#automation-error").textContent = "";
+  let definition;
+  try { definition = JSON.parse($("#automation-definition").value); } catch (error) {
+    $("#automation-error").textContent = "not JSON: " + error.message;
+    return;
+  }
+  try {
+    await api("POST", "/automations", definition);
+    $("#automation-definition").value = "";
+    loadAutomations();
+  } catch (error) { $("#automation-error").textContent = error.message; }
+});
+
 function applySnapshot(snapshot) {
   state.seq = snapshot.seq;
   state.nodes = new Map(snapshot.nodes.map((n) => [n.id, n]));
@@ -176,6 +254,8 @@ function applyEvent(event) {
   else if (event.kind === "bridge") showBridge(data.state);
   else if (event.kind === "runner") showRunners([data]);
   else if (event.kind === "run") updateRun(data);
+  else if (event.kind === "automation_fired") { state.lastFires.set(data.id, data); renderAutomations(); }
+  else if (event.kind.startsWith("automation")) reloadAutomationsSoon();
   else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
     state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice
     $("#log").textContent += `[${data.entry_type}] ${data.data}\n`;
@@ -196,6 +276,7 @@ socket.on("connect", () => {
   connectedBefore = true;
   loadScripts();
   loadRuns();
+  loadAutomations();
 });
 socket.on("disconnect", () => {
   $("#connection").textContent = "reconnecting…";
