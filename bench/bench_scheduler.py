@@ -38,6 +38,16 @@ from hacer.topics import Topics  # noqa: E402
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def broker_and_database(work: Path, name: str) -> tuple[BrokerProcess, Path, Database]:
+    """A fresh broker and SQLite database for one benchmark."""
+    broker = BrokerProcess(work / f"broker-{name}", [free_port(), free_port()])
+    broker.start()
+    db_path = work / f"{name}.db"
+    database = Database(f"sqlite:///{db_path}")
+    database.init()
+    return broker, db_path, database
+
+
 def scheduler_process(broker: BrokerProcess, db_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "HACER_MQTT_URL": broker.url, "HADB_PATH": str(db_path), "HACER_SCHEDULER_ID": "bench"}
     log = open(db_path.with_suffix(".log"), "ab")
@@ -73,11 +83,7 @@ def bare_lateness(dues: list[float]) -> list[float]:
 
 def time_fires(work: Path, count: int, seconds: float) -> None:
     print(f"1. time: {count} automations every 60 s ({count / 60:,.0f} fires/s), for {seconds:g} s")
-    broker = BrokerProcess(work / "broker-time", [free_port(), free_port()])
-    broker.start()
-    db_path = work / "time.db"
-    database = Database(f"sqlite:///{db_path}")
-    database.init()
+    broker, db_path, database = broker_and_database(work, "time")
     first_due = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
     add_time_automations(database, count, 60, first_due)
     process = scheduler_process(broker, db_path)
@@ -113,11 +119,7 @@ def fire_count(database: Database) -> int:
 
 def idle(work: Path, count: int) -> None:
     print(f"2. idle: {count} automations, none due for an hour, for 20 s")
-    broker = BrokerProcess(work / "broker-idle", [free_port(), free_port()])
-    broker.start()
-    db_path = work / "idle.db"
-    database = Database(f"sqlite:///{db_path}")
-    database.init()
+    broker, db_path, database = broker_and_database(work, "idle")
     add_time_automations(database, count, 3600, datetime.now(UTC) + timedelta(hours=1))
     process = scheduler_process(broker, db_path)
     try:
@@ -152,11 +154,7 @@ def rss_mb(pid: int) -> float:
 
 def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
     print(f"3. triggers: {nodes} value automations on {nodes} nodes, {rate} state changes/s for {seconds:g} s")
-    broker = BrokerProcess(work / "broker-triggers", [free_port(), free_port()])
-    broker.start()
-    db_path = work / "triggers.db"
-    database = Database(f"sqlite:///{db_path}")
-    database.init()
+    broker, db_path, database = broker_and_database(work, "triggers")
     topics = Topics()
     with database.session() as session:
         for n in range(nodes):

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from hacer import runstates
 from hacer.messages import MAX_PARAMS, NO_NUL, MessageError, NodeId, Param, Payload, RunId, Time, decode
-from hacer.models import Automation, AutomationFire, Node, Run
+from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 
@@ -237,10 +237,17 @@ def _sun_moment(trigger: Sun, day: date, location: Observer, local_zone: ZoneInf
     return (moment + timedelta(seconds=trigger.offset)).astimezone(UTC)
 
 
-def run_id_of(automation_id: int, due: datetime) -> str:
+def fire_run_id(automation_id: int, due: datetime) -> str:
     """The run id of an automation's fire at `due`: the same for every scheduler, so a second fire is a no-op."""
     fraction = f".{due.microsecond:06d}" if due.microsecond else ""  # a bus event's time
     return f"auto-{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}{fraction}Z"
+
+
+def automation_of_run(run_id: str) -> int | None:
+    """The automation whose fire a run id names (see fire_run_id), or None."""
+    prefix, _, rest = run_id.partition("-")
+    automation_id = rest.partition("-")[0]
+    return int(automation_id) if prefix == "auto" and automation_id.isascii() and automation_id.isdigit() else None
 
 
 def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
@@ -355,7 +362,7 @@ def save(session: Session, spec: AutomationSpec, now: datetime, row: Automation 
         row = Automation()
         session.add(row)
     row.name, row.definition, row.enabled = spec.name, spec.to_json().decode(), spec.enabled
-    row.changed_at = now.astimezone(UTC).replace(tzinfo=None)
+    row.changed_at = naive_utc(now)
     session.flush()
     return row
 
@@ -378,8 +385,8 @@ def describe(
         .order_by(AutomationFire.due_at.desc())
         .limit(10)
     ).all()
-    changed_at = row.changed_at.replace(tzinfo=UTC)
-    last_due = fires[0][0].due_at.replace(tzinfo=UTC) if fires else None
+    changed_at = aware_utc(row.changed_at)
+    last_due = aware_utc(fires[0][0].due_at) if fires else None
     start = max(plan_start(changed_at, last_due), now)
     return {
         "id": row.id,
@@ -392,7 +399,7 @@ def describe(
         else [],
         "last_runs": [
             {
-                "due": fire.due_at.replace(tzinfo=UTC).isoformat(),
+                "due": aware_utc(fire.due_at).isoformat(),
                 "run_id": fire.run_id,
                 "late": fire.late,
                 "state": "pending" if fire.pending else state or runstates.QUEUED,

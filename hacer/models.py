@@ -45,6 +45,16 @@ def utc_datetime(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC).replace(tzinfo=None)
 
 
+def naive_utc(moment: datetime) -> datetime:
+    """An aware datetime as every DateTime column here holds it (naive UTC)."""
+    return (moment if moment.tzinfo is UTC else moment.astimezone(UTC)).replace(tzinfo=None)
+
+
+def aware_utc(moment: datetime) -> datetime:
+    """A DateTime column's value (naive UTC) as an aware datetime."""
+    return moment.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     """Declarative base of every hacer table."""
 

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -51,7 +51,7 @@ from hacer.messages import (
     bus_time,
     decode,
 )
-from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, utc_datetime
+from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, naive_utc, utc_datetime
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ Touched = dict[str, tuple[int, "str | None", list[int]]]
 
 def utc(moment: datetime | None) -> datetime | None:
     """The database's naive UTC datetime of a bus time that may be missing."""
-    if moment is None:
-        return None
-    return (moment if moment.tzinfo is UTC else moment.astimezone(UTC)).replace(tzinfo=None)
+    return None if moment is None else naive_utc(moment)
 
 
 def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:

@@ -23,8 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from astral import Observer
 from sqlalchemy import String, cast, func, insert, select, update
@@ -41,15 +41,16 @@ from hacer.automations import (
     NodeValue,
     RunFinished,
     anchor,
+    automation_of_run,
     conditions_hold,
     crossing,
+    fire_run_id,
     next_due,
     plan_start,
-    run_id_of,
 )
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import MessageError, NodeValues, Presence, RunRequest, RunStatus
-from hacer.models import Automation, AutomationFire, AutomationTrigger, Run
+from hacer.messages import MessageError, NodeValues, Presence, RunRequest, RunStatus, bus_time
+from hacer.models import Automation, AutomationFire, AutomationTrigger, Run, aware_utc, naive_utc
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ MAX_CATCH_UP_STEPS = 100_000  # due times walked to find the latest missed one
 MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
 BUS_TOPICS = ("node_presence", "node_state", "run_status")
 Fence = Callable[[Session], bool]
+Verdict = Literal["fire", "hold", "queue"]
 
 
 @dataclass
@@ -69,16 +71,6 @@ class Planned:
     since: datetime  # what `every` counts from: when it last changed (aware UTC, whole seconds)
     next_due: datetime | None
     version: datetime  # its row's changed_at, as the database holds it
-
-
-def aware(moment: datetime) -> datetime:
-    """A database datetime (naive UTC) as an aware one."""
-    return moment.replace(tzinfo=UTC)
-
-
-def naive(moment: datetime) -> datetime:
-    """An aware datetime as the database holds it (naive UTC)."""
-    return moment.astimezone(UTC).replace(tzinfo=None)
 
 
 class Scheduler:
@@ -107,8 +99,6 @@ class Scheduler:
         self.held_back = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
         self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self._replaced: str | None = None  # the run a `restart` fire replaces, while it is committed
-        self._queue_it = False  # a `queued` fire that must wait, while it is committed
         self.queued = 0
         self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
         self._by_script: dict[str, list[Planned]] = {}
@@ -150,6 +140,9 @@ class Scheduler:
         if self.clock() >= self._refreshed_at + self.poll_every:
             self._refreshed_at = self.clock()
             self._refresh()
+            for plan in self._planned.values():  # a run's end missed (the broker away): its queue moves on anyway
+                if plan.spec.mode == "queued":
+                    self._drain(plan)
         while True:
             try:
                 message = self._inbox.get_nowait()
@@ -172,7 +165,7 @@ class Scheduler:
 
     def now(self) -> datetime:
         """The clock's time, aware UTC."""
-        return datetime.fromtimestamp(self.clock(), UTC)
+        return bus_time(self.clock())
 
     def _refresh(self) -> None:
         """Read the automations again when any was added, changed, enabled, disabled or deleted."""
@@ -207,8 +200,8 @@ class Scheduler:
             except MessageError as exc:  # written past the api's checks: shown, not run
                 log.error("automation %s (%s) cannot be planned: %s", row.id, row.name, exc)
                 continue
-            changed_at, last = aware(row.changed_at), last_fires.get(row.id)
-            start = plan_start(changed_at, None if last is None else aware(last))
+            changed_at, last = aware_utc(row.changed_at), last_fires.get(row.id)
+            start = plan_start(changed_at, None if last is None else aware_utc(last))
             since = anchor(changed_at)
             plan = Planned(row.id, spec, since, next_due(spec.trigger, start, since, self.location), row.changed_at)
             planned[row.id] = plan
@@ -226,9 +219,6 @@ class Scheduler:
                 self._by_node.setdefault(trigger.node, []).append(plan)
             elif isinstance(trigger, RunFinished):
                 self._by_script.setdefault(trigger.script, []).append(plan)
-        for plan in planned.values():  # a run's end missed (the broker away): its queue moves on anyway
-            if plan.spec.mode == "queued":
-                self._drain(plan)
         for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
             if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
                 self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
@@ -299,7 +289,7 @@ class Scheduler:
 
         If any of them was fired by another scheduler the batch is undone and each is fired alone.
         """
-        fired_at = naive(self.now())
+        fired_at = naive_utc(self.now())
         fires = [self._fire_rows(plan, due, late, fired_at) for plan, due, late in batch]
         with self.sessions() as session:
             try:
@@ -319,15 +309,19 @@ class Scheduler:
 
         `fence` runs first in the same transaction: False ends it there (its own changes kept).
         """
-        fired_at = naive(self.now())
+        fired_at = naive_utc(self.now())
         fire, run, payload = self._fire_rows(plan, due, late, fired_at)
-        self._replaced, self._queue_it = None, False
+        verdict, replaced = "fire", None
         with self.sessions() as session:
-            if fence is not None and not (fence(session) and self._bus_fences(session, plan, run["run_id"], fired_at)):
+            if fence is not None:
+                verdict, replaced = (
+                    self._bus_fences(session, plan, run["run_id"], fired_at) if fence(session) else ("hold", None)
+                )
+            if verdict != "fire":
                 try:
-                    if self._queue_it:
+                    if verdict == "queue":
                         self._queue(session, plan, fire)
-                    session.commit()
+                    session.commit()  # what the fences spent (a disarmed crossing) stays spent
                 except IntegrityError:  # another scheduler queued this very fire
                     self.fired_elsewhere += 1
                 return False
@@ -340,12 +334,12 @@ class Scheduler:
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
                 return False
         self._fired(plan, due, late, run["run_id"], payload)
-        if self._replaced is not None:  # mode restart: the run this one replaces is cancelled
-            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, self._replaced)
+        if replaced is not None:  # mode restart: the run this one replaces is cancelled
+            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, replaced)
             try:
-                self.bus.publish(self.topics.build("run_cancel", self._replaced), b"", block=False)
+                self.bus.publish(self.topics.build("run_cancel", replaced), b"", block=False)
             except BusError as exc:
-                log.warning("run %s not cancelled (%s)", self._replaced, exc)
+                log.warning("run %s not cancelled (%s)", replaced, exc)
         return True
 
     def _fire_rows(
@@ -353,12 +347,12 @@ class Scheduler:
     ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
         """A fire's row, its run's row (holding the request) and the request's payload."""
         spec = plan.spec
-        run_id = run_id_of(plan.id, due)
+        run_id = fire_run_id(plan.id, due)
         request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
         payload = request.to_payload()
         fire = {
             "automation_id": plan.id,
-            "due_at": naive(due),
+            "due_at": naive_utc(due),
             "fired_at": fired_at,
             "run_id": run_id,
             "scheduler": self.scheduler_id,
@@ -406,7 +400,7 @@ class Scheduler:
 
     def _drain(self, plan: Planned) -> None:
         """Start a `queued` automation's oldest waiting fire once its last run has ended (one scheduler does)."""
-        fired_at = naive(self.now())
+        fired_at = naive_utc(self.now())
         with self.sessions() as session:
             active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
             if active is not None and self._busy(session, active):
@@ -425,23 +419,24 @@ class Scheduler:
                 update(Automation).where(guard).values(active_run=waiting.run_id, last_fired_at=fired_at)
             ).rowcount:  # type: ignore[attr-defined]
                 return  # another scheduler started it
-            due = aware(waiting.due_at)
+            due = aware_utc(waiting.due_at)
             _, run, payload = self._fire_rows(plan, due, waiting.late, fired_at)
             waiting.pending = False
             session.execute(insert(Run).values(run))
             session.commit()
         self._fired(plan, due, waiting.late, run["run_id"], payload)
 
-    def _bus_fences(self, session: Session, plan: Planned, run_id: str, fired_at: datetime) -> bool:
+    def _bus_fences(
+        self, session: Session, plan: Planned, run_id: str, fired_at: datetime
+    ) -> tuple[Verdict, str | None]:
         """Cooldown and modes, decided by one conditional UPDATE of the automation's row.
 
-        `restart` notes the run it replaces in `self._replaced`, cancelled once this fire is
-        committed; `queued` sets `self._queue_it` when the fire must wait.
+        Returns what to do with the fire, and (mode `restart`) the run it replaces.
         """
         spec, row = plan.spec, Automation.__table__.c
         if not spec.cooldown and spec.mode == "parallel":
-            return True  # nothing to fence
-        guard = row.id == plan.id
+            return "fire", None  # nothing to fence
+        guard, replaced = row.id == plan.id, None
         if spec.cooldown:
             cutoff = fired_at - timedelta(seconds=spec.cooldown)
             guard &= row.last_fired_at.is_(None) | (row.last_fired_at <= cutoff)
@@ -451,20 +446,20 @@ class Scheduler:
                 select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
             )
             if waiting or (active is not None and self._busy(session, active)):
-                if spec.mode == "restart":
-                    self._replaced = active
-                else:  # single: dropped; queued: it waits for the runs before it
-                    self._queue_it = spec.mode == "queued"
-                    self.held_back += not self._queue_it
-                    return False
+                if spec.mode == "queued":
+                    return "queue", None  # it waits for the runs before it
+                if spec.mode == "single":
+                    self.held_back += 1
+                    return "hold", None
+                replaced = active
             guard &= row.active_run.is_(None) if active is None else row.active_run == active
         moved = session.execute(
             update(Automation).where(guard).values(last_fired_at=fired_at, active_run=run_id)
         ).rowcount  # type: ignore[attr-defined]
         if not moved:
             self.held_back += 1
-            self._replaced = None
-        return bool(moved)
+            return "hold", None
+        return "fire", replaced
 
     # --- bus triggers -----------------------------------------------------------------------
 
@@ -478,13 +473,19 @@ class Scheduler:
             name, arg = self.topics.parse(message.topic)
             if not message.payload:
                 return
-            if name == "node_state" and arg is not None:
-                self._on_values(int(arg), NodeValues.from_payload(message.payload).values)
+            if name == "node_state":
+                self._on_values(self.topics.node_id(message.topic), NodeValues.from_payload(message.payload).values)
             elif name == "node_presence":
-                self._on_presence(Presence.from_payload(message.payload))
+                presence = Presence.from_payload(message.payload)
+                if presence.id != self.topics.node_id(message.topic):
+                    raise MessageError("the topic names another node")
+                self._on_presence(presence)
             elif name == "run_status":
-                self._on_run_status(RunStatus.from_payload(message.payload))
-        except (TopicError, MessageError, ValueError) as exc:
+                status = RunStatus.from_payload(message.payload)
+                if status.run_id != arg:
+                    raise MessageError("the topic names another run")
+                self._on_run_status(status)
+        except (TopicError, MessageError) as exc:
             log.debug("ignored %s: %s", message.topic, exc)
 
     def _event(self, plan: Planned, due: datetime, fence: Fence | None = None) -> None:
@@ -515,11 +516,10 @@ class Scheduler:
     def _on_run_status(self, status: RunStatus) -> None:
         if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
             return
-        own = status.run_id.split("-")
-        if own[0] == "auto" and own[1].isdigit():  # one of ours ended: a queued fire may start
-            plan = self._planned.get(int(own[1]))
-            if plan is not None and plan.spec.mode == "queued":
-                self._drain(plan)
+        owner = automation_of_run(status.run_id)  # one of ours ended: a queued fire may start
+        plan = None if owner is None else self._planned.get(owner)
+        if plan is not None and plan.spec.mode == "queued":
+            self._drain(plan)  # the database says whether its run really ended
         for plan in self._by_script.get(status.script, ()):
             trigger = plan.spec.trigger
             assert isinstance(trigger, RunFinished)

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,6 +148,19 @@ def postgres_url() -> Iterator[str]:
     with admin.engine.begin() as conn:
         conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
     admin.engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An initialised database of each kind: SQLite in tmp_path, and a fresh PostgreSQL schema."""
+    from hacer.models import Database
+
+    sqlite = f"sqlite:///{tmp_path / 'hacer.db'}"
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else sqlite
+    database = Database(url)
+    database.init()
+    yield database
+    database.engine.dispose()
 
 
 class HacerProcess:

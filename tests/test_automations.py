@@ -140,15 +140,6 @@ class PublishingBus:
 START = datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else f"sqlite:///{tmp_path / 'a.db'}"
-    database = Database(url)
-    database.init()
-    yield database
-    database.engine.dispose()
-
-
 def add(database: Database, spec: AutomationSpec, changed_at: datetime = START) -> int:
     with database.session() as session:
         row = Automation(

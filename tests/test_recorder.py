@@ -52,15 +52,6 @@ class AckingBus(RecordingBus):
         return [run for message in self.recorded_messages() for run in message.recorded()]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else f"sqlite:///{tmp_path / 'r.db'}"
-    database = Database(url)
-    database.init()
-    yield database
-    database.engine.dispose()
-
-
 @pytest.fixture
 def recorder(database):
     bus = AckingBus()
