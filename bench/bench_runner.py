@@ -1,13 +1,21 @@
-"""Runner benchmarks, each printed against a baseline measured in the same run.
+"""Runner benchmarks: hacer beside the 2015 design (Celery + Redis) and a bare interpreter, in one run.
 
-    .venv/bin/python bench/bench_runner.py            # about a minute
+    .venv/bin/python bench/bench_runner.py            # about three minutes
     .venv/bin/python bench/bench_runner.py --quick
 
-1. dispatch: run request published -> `launch` entry seen, and -> the script's first output
-   line seen by a subscriber, against a bare `python -c pass` start (and a bare child's first
-   stdout line) on the same machine. Goal: first output within 1.3x the bare start + 10 ms.
-2. log throughput: a script printing 200 000 lines -> every line seen in order by a
-   subscriber; lines per second (goal >= 20 000/s) and the runner's memory (goal: flat, < 100 MB).
+1. dispatch: a script that prints one line, requested alternately from hacer's runner (run
+   request published -> `launch` entry, and -> the first `output` entry, as a subscriber sees
+   them) and from Celery + Redis (`delay()` -> the first line, published by the task through
+   Redis as the 2015 design would; see bench/celery2015.py), against a bare `python -c pass`.
+   Goals: hacer's first output p50 <= 0.5x Celery's and below the bare start, p99 < 10 ms;
+   request -> launch p50 < 2 ms.
+2. burst: 200 runs requested at once, capacity 4 (hacer) against a prefork pool of 4 (Celery):
+   time to drain and p99 wait to the first output.
+3. log throughput: a script printing 200 000 lines -> every line seen in order by a subscriber
+   (goal >= 20 000/s), the runner's memory (goal flat, < 100 MB).
+4. memory at rest: PSS of the runner, its fork server and its spare.
+5. through the whole server (`manage.py runserver`, recorder and all), requested over MQTT as a
+   third party would, with the project's broker config and with mosquitto's defaults (Nagle on).
 """
 
 from __future__ import annotations
@@ -21,12 +29,13 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile  # noqa: E402
-from hacer.broker import BrokerProcess  # noqa: E402
+from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
@@ -34,60 +43,325 @@ from hacer.topics import Topics  # noqa: E402
 PROJECT = Path(__file__).resolve().parent.parent
 
 
-def bare_start(samples: int) -> tuple[list[float], list[float]]:
-    """`python -c pass` to exit, and a bare child's first stdout line, in ms."""
-    exits, first_lines = [], []
+def bare_start(samples: int) -> list[float]:
+    """`python -c pass` to exit, in ms."""
+    exits = []
     for _ in range(samples):
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         exits.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", "print('hi', flush=True)"], stdout=subprocess.PIPE)
-        assert child.stdout is not None
-        child.stdout.readline()
-        first_lines.append((time.perf_counter() - started) * 1000)
-        child.wait()
-    return exits, first_lines
+    return exits
 
 
-class LogWatch:
-    """Collects log entries of runs as they arrive, with arrival times."""
+def line(label: str, values: list[float]) -> str:
+    return f"   {label:<38} p50 {statistics.median(values):6.1f} ms  p99 {percentile(values, 0.99):6.1f} ms"
+
+
+class Arrivals:
+    """Things seen per key with their arrival times, waited on with a deadline."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, list[tuple[float, LogEntry]]] = {}
+        self.seen: dict[str, list[tuple[float, object]]] = {}
         self.changed = threading.Condition()
 
-    def __call__(self, message: Message) -> None:
-        entry = LogEntry.from_payload(message.payload)
+    def add(self, key: str, item: object) -> None:
         with self.changed:
-            self.entries.setdefault(entry.run_id, []).append((time.perf_counter(), entry))
+            self.seen.setdefault(key, []).append((time.perf_counter(), item))
             self.changed.notify_all()
 
-    def wait(self, run_id: str, predicate, timeout: float = 60) -> float:
+    def wait(self, key: str, predicate: Callable[[object], bool], timeout: float = 60) -> float:
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                for arrived, entry in self.entries.get(run_id, []):
-                    if predicate(entry):
+                for arrived, item in self.seen.get(key, []):
+                    if predicate(item):
                         return arrived
                 if not self.changed.wait(max(0.0, deadline - time.monotonic())):
-                    raise RuntimeError(f"run {run_id}: entry not seen within {timeout} s")
+                    raise RuntimeError(f"{key}: not seen within {timeout} s")
+
+
+def entry_is(kind: str) -> Callable[[object], bool]:
+    return lambda entry: isinstance(entry, LogEntry) and entry.entry_type == kind
+
+
+class Hacer:
+    """Requests runs over MQTT and watches their log entries."""
+
+    def __init__(self, broker_url: str, runner_id: str | None) -> None:
+        self.topics = Topics("hacer")
+        self.log = Arrivals()
+        self.online = threading.Event()
+        self.bus = Bus(broker_url, self.topics, f"bench-{uuid.uuid4().hex[:6]}")
+        self.bus.subscribe(self.topics.filter("run_log"), self._on_entry)
+        if runner_id:
+            self.bus.subscribe(
+                self.topics.build("runner_state", runner_id),
+                lambda m: RunnerState.from_payload(m.payload).state == "online" and self.online.set(),
+            )
+        self.bus.start()
+        self.bus.wait_connected(10)
+
+    def _on_entry(self, message: Message) -> None:
+        entry = LogEntry.from_payload(message.payload)
+        self.log.add(entry.run_id, entry)
+
+    def request(self, script: str, params: tuple[str, ...] = ()) -> tuple[str, float]:
+        run_id = uuid.uuid4().hex
+        sent = time.perf_counter()
+        self.bus.publish(self.topics.build("run_request"), RunRequest(script, params, run_id, "bench").to_payload())
+        return run_id, sent
+
+    def run(self, script: str) -> tuple[float, float]:
+        """One run: ms to its launch entry and to its first output line."""
+        run_id, sent = self.request(script)
+        launch = self.log.wait(run_id, entry_is("launch"))
+        output = self.log.wait(run_id, entry_is("output"))
+        self.log.wait(run_id, entry_is("exit_status"))
+        return (launch - sent) * 1000, (output - sent) * 1000
+
+
+class Celery2015:
+    """A Celery worker of the 2015 design (bench/celery2015.py), and a Redis (started if none answers)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.redis_server: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.out = Arrivals()
+
+    def start(self) -> None:
+        if port_answers("127.0.0.1", 6379):
+            url = "redis://127.0.0.1:6379/15"
+        else:
+            port = free_port()
+            self.redis_server = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+                cwd=self.work,
+            )
+            deadline = time.monotonic() + 10
+            while not port_answers("127.0.0.1", port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)  # a port with no event to wait on
+            url = f"redis://127.0.0.1:{port}/0"
+        os.environ["BENCH_REDIS_URL"] = url
+        import redis
+
+        from bench.celery2015 import run_script
+
+        self.task = run_script
+        self.channel_prefix = f"hacer-bench-{uuid.uuid4().hex[:6]}:"
+        self.pubsub = redis.Redis.from_url(url).pubsub()
+        self.pubsub.psubscribe(self.channel_prefix + "*")
+        threading.Thread(target=self._listen, daemon=True).start()
+        with open(self.work / "celery.log", "ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "bench.celery2015", "worker", "--pool", "prefork"]
+                + ["--concurrency", "4", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+                + ["--loglevel", "WARNING"],
+                env={**os.environ, "PYTHONPATH": str(PROJECT)},
+                cwd=PROJECT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _listen(self) -> None:
+        for message in self.pubsub.listen():
+            if message["type"] == "pmessage":
+                channel = message["channel"].decode()
+                self.out.add(channel[len(self.channel_prefix) :], message["data"].decode())
+
+    def request(self, script: Path, params: tuple[str, ...] = ()) -> tuple[str, float]:
+        key = uuid.uuid4().hex
+        sent = time.perf_counter()
+        self.task.delay(str(script), list(params), self.channel_prefix + key)
+        return key, sent
+
+    def run(self, script: Path, timeout: float = 60) -> float:
+        """One run: ms to its first output line."""
+        key, sent = self.request(script)
+        output = self.out.wait(key, lambda m: str(m).startswith("output"), timeout)
+        self.out.wait(key, lambda m: str(m).startswith("exit"), timeout)
+        return (output - sent) * 1000
+
+    def stop(self) -> None:
+        for process in (self.worker, self.redis_server):
+            if process is not None:
+                process.terminate()
+                process.wait()
+
+
+def pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for text in rollup:
+                if text.startswith("Pss:"):
+                    return int(text.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except OSError:
+        return []
 
 
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        for text in status:
+            if text.startswith("VmRSS:"):
+                return int(text.split()[1]) / 1024
     return 0.0
+
+
+def dispatch(hacer: Hacer, celery: Celery2015, scripts: Path, samples: int) -> None:
+    print(f"1. dispatch, {samples} runs each of a script that prints one line, hacer and Celery alternating")
+    for _ in range(3):  # warm-up: connections, the fork server's spare, Celery's pool
+        hacer.run("first")
+        celery.run(scripts / "first.py")
+    to_launch, to_output, celery_output = [], [], []
+    for _ in range(samples):
+        launch, output = hacer.run("first")
+        to_launch.append(launch)
+        to_output.append(output)
+        celery_output.append(celery.run(scripts / "first.py"))
+    exits = bare_start(samples)
+    print(line("bare `python -c pass`:", exits))
+    print(line("Celery + Redis: delay() -> first line:", celery_output))
+    print(line("hacer: request -> launch entry:", to_launch))
+    print(line("hacer: request -> first output line:", to_output))
+    ratio = statistics.median(to_output) / statistics.median(celery_output)
+    print(
+        f"   ratio hacer / Celery at p50: {ratio:.2f} (goal <= 0.5), at p99: "
+        f"{percentile(to_output, 0.99) / percentile(celery_output, 0.99):.2f}; "
+        f"hacer / bare start at p50: {statistics.median(to_output) / statistics.median(exits):.2f} (goal < 1)"
+    )
+
+
+def burst(hacer: Hacer, celery: Celery2015, scripts: Path, count: int) -> None:
+    print(f"2. burst: {count} runs requested at once; capacity 4 (hacer), prefork pool of 4 (Celery)")
+    sent = [hacer.request("first") for _ in range(count)]
+    ends = [hacer.log.wait(run_id, entry_is("exit_status"), 120) for run_id, _ in sent]
+    waits = [(hacer.log.wait(run_id, entry_is("output")) - at) * 1000 for run_id, at in sent]
+    drain = max(ends) - sent[0][1]
+    print(
+        f"   hacer:  drained in {drain * 1000:7.0f} ms, wait to first output p50 "
+        f"{statistics.median(waits):6.0f} ms  p99 {percentile(waits, 0.99):6.0f} ms"
+    )
+    requested = [celery.request(scripts / "first.py") for _ in range(count)]
+    ends = [celery.out.wait(key, lambda m: str(m).startswith("exit"), 120) for key, _ in requested]
+    waits = [(celery.out.wait(key, lambda m: str(m).startswith("output")) - at) * 1000 for key, at in requested]
+    celery_drain = max(ends) - requested[0][1]
+    print(
+        f"   Celery: drained in {celery_drain * 1000:7.0f} ms, wait to first output p50 "
+        f"{statistics.median(waits):6.0f} ms  p99 {percentile(waits, 0.99):6.0f} ms"
+    )
+    print(f"   ratio hacer / Celery drain: {drain / celery_drain:.2f}")
+
+
+def throughput(hacer: Hacer, runner: subprocess.Popen[bytes], lines: int) -> None:
+    print(f"3. log throughput, one script printing {lines} lines")
+    idle = rss_mb(runner.pid)
+    peak = idle
+    run_id, _ = hacer.request("spam", (str(lines),))
+    done = threading.Event()
+
+    def sample_memory() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_mb(runner.pid))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample_memory)
+    sampler.start()
+    finished = hacer.log.wait(run_id, entry_is("exit_status"), timeout=300)
+    done.set()
+    sampler.join()
+    first = hacer.log.wait(run_id, entry_is("output"))
+    entries = [entry for _, entry in hacer.log.seen[run_id] if isinstance(entry, LogEntry)]
+    seen = [text for entry in entries if entry.entry_type == "output" for text in entry.data.split("\n")]
+    in_order = seen == [f"line {i}" for i in range(lines)]
+    gapless = [entry.seq for entry in entries] == list(range(1, len(entries) + 1))
+    print(f"   {len(seen)} lines in {len(entries)} entries, in order: {in_order}, seq without gaps: {gapless}")
+    print(f"   {len(seen) / (finished - first):,.0f} lines/s from first output to exit status (goal >= 20 000/s)")
+    print(f"   runner memory (RSS): idle {idle:.1f} MB, peak {peak:.1f} MB (goal flat, < 100 MB)")
+
+
+def memory(runner: subprocess.Popen[bytes]) -> None:
+    print("4. memory at rest (PSS)")
+    server = children(runner.pid)
+    spares = [spare for pid in server for spare in children(pid)]
+    parts = [("runner", runner.pid)] + [("fork server", pid) for pid in server] + [("spare", pid) for pid in spares]
+    for name, pid in parts:
+        print(f"   {name:<12} {pss_mb(pid):6.1f} MB")
+    print(f"   together     {sum(pss_mb(pid) for _, pid in parts):6.1f} MB")
+
+
+def whole_server(work: Path, scripts: Path, celery: Celery2015, samples: int) -> None:
+    print(f"5. through `manage.py runserver` (recorder on), {samples} runs requested over MQTT, Celery alternating")
+    defaults = work / "mosquitto-defaults.conf"
+    defaults.write_text("listener 1883 127.0.0.1\nallow_anonymous true\n")
+    for name, template in (("project's config", PROJECT / "mosquitto" / "dev.conf"), ("mosquitto defaults", defaults)):
+        folder = work / f"server-{template.stem}"
+        folder.mkdir()
+        broker = BrokerProcess(folder / "broker", [free_port(), free_port()], template=template)
+        broker.start()
+        env = {
+            **os.environ,
+            "HACER_MQTT_URL": broker.url,
+            "HACER_SCRIPTS_DIR": str(scripts),
+            "HADB_PATH": str(folder / "hacer.db"),
+            "HACER_STATE_DIR": str(folder / "state"),
+            "HACER_HTTP_PORT": str(free_port()),
+            "HACER_DISCOVERY_PORT": str(free_port()),
+            "HACER_DISCOVERY_HOST": "127.0.0.1",
+            "HACER_RUNNER_ID": f"bench-{uuid.uuid4().hex[:6]}",
+        }
+        hacer = Hacer(broker.url, env["HACER_RUNNER_ID"])
+        with open(folder / "server.log", "ab") as server_log:
+            server = subprocess.Popen(
+                [sys.executable, str(PROJECT / "manage.py"), "runserver"],
+                env=env,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+                cwd=PROJECT,
+            )
+        try:
+            if not hacer.online.wait(60):
+                raise RuntimeError(f"the server's runner did not come online (see {folder / 'server.log'})")
+            for _ in range(3):
+                hacer.run("first")
+            outputs, celery_outputs = [], []
+            for _ in range(samples):
+                outputs.append(hacer.run("first")[1])
+                celery_outputs.append(celery.run(scripts / "first.py"))
+            print(line(f"hacer, {name}:", outputs))
+            print(line("Celery + Redis, alternating:", celery_outputs))
+            print(
+                f"   ratio hacer / Celery at p50: {statistics.median(outputs) / statistics.median(celery_outputs):.2f}"
+            )
+        finally:
+            server.terminate()
+            server.wait()
+            hacer.bus.stop()
+            broker.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["dispatch", "burst", "throughput", "memory", "server"])
     args = parser.parse_args()
     samples = 20 if args.quick else 60
     lines = 50_000 if args.quick else 200_000
+
+    def wanted(part: str) -> bool:
+        return args.only in (None, part)
 
     with tempfile.TemporaryDirectory(prefix="hacer-bench-") as tmp:
         work = Path(tmp)
@@ -97,9 +371,10 @@ def main() -> None:
         (scripts / "spam.py").write_text(
             "import sys\nw = sys.stdout.write\nfor i in range(int(sys.argv[1])):\n    w(f'line {i}\\n')\n"
         )
+        celery = Celery2015(work)
+        celery.start()
         broker = BrokerProcess(work / "broker", [free_port(), free_port()])
         broker.start()
-        topics = Topics("hacer")
         runner_id = f"bench-{uuid.uuid4().hex[:6]}"
         env = {
             **os.environ,
@@ -109,16 +384,7 @@ def main() -> None:
             "HACER_RUNNER_ID": runner_id,
             "HACER_STATE_DIR": str(work / "state"),
         }
-        watch = LogWatch()
-        online = threading.Event()
-        bus = Bus(broker.url, topics, "bench-runner-client")
-        bus.subscribe(topics.filter("run_log"), watch)
-        bus.subscribe(
-            topics.build("runner_state", runner_id),
-            lambda m: RunnerState.from_payload(m.payload).state == "online" and online.set(),
-        )
-        bus.start()
-        bus.wait_connected(10)
+        hacer = Hacer(broker.url, runner_id)
         with open(work / "runner.log", "ab") as runner_log:
             runner = subprocess.Popen(
                 [sys.executable, str(PROJECT / "manage.py"), "runner"],
@@ -128,70 +394,28 @@ def main() -> None:
                 cwd=PROJECT,
             )
         try:
-            online.wait(20)
-
-            def request(script: str, params: tuple[str, ...] = ()) -> tuple[str, float]:
-                run_id = uuid.uuid4().hex
-                sent = time.perf_counter()
-                bus.publish(topics.build("run_request"), RunRequest(script, params, run_id, "bench").to_payload())
-                return run_id, sent
-
-            print(f"1. dispatch, {samples} runs of a script that prints one line")
-            exits, bare_first = bare_start(samples)
-            to_launch, to_output = [], []
-            for _ in range(samples):
-                run_id, sent = request("first")
-                to_launch.append((watch.wait(run_id, lambda e: e.entry_type == "launch") - sent) * 1000)
-                to_output.append((watch.wait(run_id, lambda e: e.entry_type == "output") - sent) * 1000)
-                watch.wait(run_id, lambda e: e.entry_type == "exit_status")
-            bare = statistics.median(exits)
-            print(f"   bare `python -c pass`:            p50 {bare:6.1f} ms  p99 {percentile(exits, 0.99):6.1f} ms")
-            print(f"   bare child's first stdout line:   p50 {statistics.median(bare_first):6.1f} ms")
-            print(
-                f"   request -> launch entry:          p50 {statistics.median(to_launch):6.1f} ms  "
-                f"p99 {percentile(to_launch, 0.99):6.1f} ms"
-            )
-            print(
-                f"   request -> first output line:     p50 {statistics.median(to_output):6.1f} ms  "
-                f"p99 {percentile(to_output, 0.99):6.1f} ms"
-            )
-            goal = 1.3 * bare + 10
-            print(
-                f"   ratio first output / bare start: {statistics.median(to_output) / bare:.2f}   "
-                f"(goal p50 <= 1.3 x {bare:.1f} + 10 = {goal:.1f} ms)"
-            )
-
-            print(f"2. log throughput, one script printing {lines} lines")
-            idle = rss_mb(runner.pid)
-            peak = idle
-            run_id, sent = request("spam", (str(lines),))
-            done = threading.Event()
-
-            def sample_memory() -> None:
-                nonlocal peak
-                while not done.is_set():
-                    peak = max(peak, rss_mb(runner.pid))
-                    done.wait(0.05)
-
-            sampler = threading.Thread(target=sample_memory)
-            sampler.start()
-            finished = watch.wait(run_id, lambda e: e.entry_type == "exit_status", timeout=300)
-            done.set()
-            sampler.join()
-            first = watch.wait(run_id, lambda e: e.entry_type == "output")
-            seen = [line for _, e in watch.entries[run_id] if e.entry_type == "output" for line in e.data.split("\n")]
-            entries = [e for _, e in watch.entries[run_id]]
-            in_order = seen == [f"line {i}" for i in range(lines)]
-            gapless = [e.seq for e in entries] == list(range(1, len(entries) + 1))
-            rate = len(seen) / (finished - first)
-            print(f"   {len(seen)} lines in {len(entries)} entries, in order: {in_order}, seq without gaps: {gapless}")
-            print(f"   {rate:,.0f} lines/s from first output to exit status (goal >= 20 000/s)")
-            print(f"   runner memory: idle {idle:.1f} MB, peak {peak:.1f} MB (goal flat, < 100 MB)")
+            if not hacer.online.wait(20):
+                raise RuntimeError("the runner did not come online")
+            celery.run(scripts / "first.py", timeout=60)  # the worker is up
+            if wanted("dispatch"):
+                dispatch(hacer, celery, scripts, samples)
+            if wanted("burst"):
+                burst(hacer, celery, scripts, 200)
+            if wanted("throughput"):
+                throughput(hacer, runner, lines)
+            if wanted("memory"):
+                time.sleep(1)  # at rest: the fork server's next spare is forked after a quiet moment
+                memory(runner)
         finally:
             runner.terminate()
             runner.wait()
-            bus.stop()
+            hacer.bus.stop()
             broker.stop()
+        try:
+            if wanted("server"):
+                whole_server(work, scripts, celery, samples)
+        finally:
+            celery.stop()
 
 
 if __name__ == "__main__":

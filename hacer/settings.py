@@ -79,6 +79,8 @@ class Settings:
     scripts_dir: Path = PROJECT_DIR / "scripts"
     runner_id: str = field(default_factory=socket.gethostname)
     runner_capacity: int = 4
+    # Runs are forked from a warm interpreter (runner/forkserver.py); off: each starts its own.
+    runner_fork_server: bool = True
     run_timeout: float = 300.0
     cancel_grace: float = 5.0
     runner_takeover: float = 10.0
@@ -141,6 +143,7 @@ class Settings:
             scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts").resolve(),
             runner_id=env.get("HACER_RUNNER_ID", "").strip() or socket.gethostname(),
             runner_capacity=_int(env, "HACER_RUNNER_CAPACITY", 4, 1, 256),
+            runner_fork_server=_int(env, "HACER_RUNNER_FORK_SERVER", 1, 0, 1) == 1,
             run_timeout=_float(env, "HACER_RUN_TIMEOUT", 300.0, 0.1) or 300.0,
             cancel_grace=_float(env, "HACER_CANCEL_GRACE", 5.0, 0.0) or 0.0,
             runner_takeover=_float(env, "HACER_RUNNER_TAKEOVER", 10.0, 0.1) or 10.0,

@@ -14,14 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.models import RunClaim, RunnerHeartbeat, utc_datetime
+from hacer.models import RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
+Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
+CLAIM = insert(RunClaim)  # built once: building it cost more than executing it
 
 
 class AlreadyClaimed(Exception):
@@ -44,33 +46,38 @@ class ClaimStore:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         runner_id: str,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.sessions = sessions
+        self.engine = engine
         self.runner_id = runner_id
         self.clock = clock
         self.monotonic = monotonic
         self._observed: dict[str, tuple[int, float]] = {}  # runner -> (beat, when it last moved)
 
-    def claim(self, run_id: str, request: str, state: str = runstates.QUEUED) -> None:
-        """Insert the claim of `run_id` for this runner; raise AlreadyClaimed if it has one."""
+    def claim(self, run_id: str, request: str, state: str = runstates.QUEUED, also: Hold | None = None) -> None:
+        """Insert the claim of `run_id` for this runner, and `also` in the same transaction.
+
+        Raise AlreadyClaimed if the run id has a claim.
+        """
         now = utc_datetime(self.clock())
         try:
-            with self.sessions() as session:
-                session.add(
-                    RunClaim(
-                        run_id=run_id,
-                        runner_id=self.runner_id,
-                        state=state,
-                        request=request,
-                        claimed_at=now,
-                        updated_at=now,
-                    )
+            with self.engine.begin() as connection:
+                connection.execute(
+                    CLAIM,
+                    {
+                        "run_id": run_id,
+                        "runner_id": self.runner_id,
+                        "state": state,
+                        "request": request,
+                        "claimed_at": now,
+                        "updated_at": now,
+                    },
                 )
-                session.commit()
+                if also is not None:
+                    also(connection)
         except IntegrityError:
             raise AlreadyClaimed(run_id) from None
 
@@ -82,15 +89,19 @@ class ClaimStore:
         from_states: tuple[str, ...] = ACTIVE_STATES,
         state: str | None = None,
         new_owner: str | None = None,
+        also: Hold | None = None,
     ) -> bool:
-        """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`."""
+        """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`.
+
+        `also` is done in the same transaction, only when the claim changed.
+        """
         values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
         if state:
             values["state"] = state
         if new_owner:
             values["runner_id"] = new_owner
-        with self.sessions() as session:
-            result = session.execute(
+        with self.engine.begin() as connection:
+            result = connection.execute(
                 update(RunClaim)
                 .where(
                     RunClaim.run_id == run_id,
@@ -99,24 +110,27 @@ class ClaimStore:
                 )
                 .values(**values)
             )
-            session.commit()
-            return result.rowcount == 1  # type: ignore[attr-defined]
+            moved = result.rowcount == 1
+            if moved and also is not None:
+                also(connection)
+            return moved
 
     def active_claims(self, runner_id: str) -> list[Claim]:
         """The queued and running claims of `runner_id`."""
-        with self.sessions() as session:
-            rows = session.scalars(
-                select(RunClaim).where(RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))
+        columns = (RunClaim.run_id, RunClaim.runner_id, RunClaim.state, RunClaim.request, RunClaim.claimed_at)
+        with self.engine.begin() as connection:
+            rows = connection.execute(
+                select(*columns).where(RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))
             ).all()
-        return [Claim(r.run_id, r.runner_id, r.state, r.request, r.claimed_at.timestamp()) for r in rows]
+        return [Claim(r.run_id, r.runner_id, r.state, r.request, aware_utc(r.claimed_at).timestamp()) for r in rows]
 
     def taken(self, run_ids: list[str]) -> list[str]:
         """Those of `run_ids` taken from this runner: another runner owns them, or reported them lost."""
         if not run_ids:
             return []
-        with self.sessions() as session:
+        with self.engine.begin() as connection:
             return list(
-                session.scalars(
+                connection.scalars(
                     select(RunClaim.run_id).where(
                         RunClaim.run_id.in_(run_ids),
                         (RunClaim.runner_id != self.runner_id) | (RunClaim.state == runstates.LOST),
@@ -127,23 +141,22 @@ class ClaimStore:
     def beat(self) -> None:
         """Move this runner's heartbeat counter on."""
         now = utc_datetime(self.clock())
-        with self.sessions() as session:
-            result = session.execute(
-                update(RunnerHeartbeat)
-                .where(RunnerHeartbeat.runner_id == self.runner_id)
-                .values(beat=RunnerHeartbeat.beat + 1, beat_at=now)
-            )
-            if result.rowcount == 0:  # type: ignore[attr-defined]
-                session.add(RunnerHeartbeat(runner_id=self.runner_id, beat=1, beat_at=now))
-            try:
-                session.commit()
-            except IntegrityError:  # another process of the same id inserted it first
-                session.rollback()
+        try:
+            with self.engine.begin() as connection:
+                result = connection.execute(
+                    update(RunnerHeartbeat)
+                    .where(RunnerHeartbeat.runner_id == self.runner_id)
+                    .values(beat=RunnerHeartbeat.beat + 1, beat_at=now)
+                )
+                if result.rowcount == 0:
+                    connection.execute(insert(RunnerHeartbeat).values(runner_id=self.runner_id, beat=1, beat_at=now))
+        except IntegrityError:  # another process of the same id inserted it first
+            pass
 
     def silent_runners(self, takeover_after: float) -> list[str]:
         """Other runners whose heartbeat has not moved for `takeover_after` seconds, as seen from here."""
-        with self.sessions() as session:
-            beats = dict(session.execute(select(RunnerHeartbeat.runner_id, RunnerHeartbeat.beat)).tuples().all())
+        with self.engine.begin() as connection:
+            beats = dict(connection.execute(select(RunnerHeartbeat.runner_id, RunnerHeartbeat.beat)).tuples().all())
         now = self.monotonic()
         silent = []
         for runner_id, beat in beats.items():

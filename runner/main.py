@@ -16,6 +16,7 @@ from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 from runner.claims import ClaimStore
+from runner.launcher import Launcher
 from runner.outbox import Outbox
 from runner.service import Runner, RunnerConfig
 
@@ -108,10 +109,16 @@ def build_runner(settings: Settings) -> Runner:
         script_env=script_env,
     )
     outbox = Outbox(
-        database.session, settings.runner_id, resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes
+        database.engine, settings.runner_id, resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes
     )
     return Runner(
-        bus, topics, ClaimStore(database.session, settings.runner_id), ScriptDir(settings.scripts_dir), config, outbox
+        bus,
+        topics,
+        ClaimStore(database.engine, settings.runner_id),
+        ScriptDir(settings.scripts_dir),
+        config,
+        outbox,
+        Launcher(config.python, script_env, fork_server=settings.runner_fork_server),
     )
 
 

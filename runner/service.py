@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from msgspec.structs import replace
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
@@ -54,12 +55,11 @@ from hacer.messages import (
     RunStatus,
     bus_time,
 )
-from hacer.parentdeath import PARENT_ENV
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
-from hacer.settings import PROJECT_DIR
 from hacer.topics import TopicError, Topics
-from runner.claims import AlreadyClaimed, ClaimStore
+from runner.claims import AlreadyClaimed, ClaimStore, Hold
+from runner.launcher import Launcher, ScriptProcess
 from runner.leftovers import end_leftovers
 from runner.outbox import Outbox
 from runner.output import OutputSplitter
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SHARE_GROUP = "hacer-runners"
-SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 # While more log publishes than this wait for the broker, consecutive output lines are sent
 # together in one entry (up to BATCH_BYTES), so a fast printer is not held to one line per ack.
 BATCH_WHEN_UNCONFIRMED = 64
@@ -104,8 +103,13 @@ class Run:
     run_id: str
     script_path: Path
     queued_at: float
+    # The request, while not yet claimed: a worker was free when it came, so the worker claims
+    # it straight as running (one transaction with its first messages) and acknowledges it.
+    unclaimed: Message | None = None
     seq: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    process: ScriptProcess | None = None
+    launch_token: str = ""
+    started_ticks: int = 0  # when its process started (clock ticks since boot): leftovers are younger
     cancel_requested: bool = False
     timed_out: bool = False
     started_at: float | None = None
@@ -125,9 +129,11 @@ class Runner:
         scripts: ScriptDir,
         config: RunnerConfig,
         outbox: Outbox,
+        launcher: Launcher,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
+        self.launcher = launcher
         self.topics = topics
         self.claims = claims
         self.scripts = scripts
@@ -150,6 +156,7 @@ class Runner:
     def start(self) -> None:
         """Beat once, subscribe, start the workers, then recover this runner's earlier claims."""
         self.claims.beat()
+        self.launcher.start()  # its imports go on while the runner connects
         self.outbox.adopt(self.config.runner_id)  # what this runner's earlier process still held
         self.bus.birth = self._state_payload()
         self.bus.subscribe(
@@ -185,6 +192,7 @@ class Runner:
         self._inbox.put(lambda: None)
         for thread in self._threads:
             thread.join(self.config.cancel_grace + 5)
+        self.launcher.stop()
         self.bus.will = RunnerState(self.config.runner_id, "offline").to_payload()
         self.bus.stop()
 
@@ -251,24 +259,36 @@ class Runner:
             self._refuse(run_id, request, f"no script named {request.script!r} in {self.scripts.folder.name}/")
             self.bus.ack(message)
             return
-        request = replace(request, run_id=run_id)
-        try:
-            self._claim(run_id, request, runstates.QUEUED)
-        except AlreadyClaimed:
-            log.info("run %s already claimed: duplicate delivery ignored", run_id)
-            self.bus.ack(message)
-            return
-        except SQLAlchemyError as exc:
-            self._report_unclaimed(run_id, request, f"database error, the run was not claimed: {exc}")
-            self.bus.ack(message)
-            return
-        self.bus.ack(message)
-        self._enqueue(Run(request, run_id, script.path, self.clock()))
+        run = Run(replace(request, run_id=run_id), run_id, script.path, self.clock(), unclaimed=message)
+        with self._changed:
+            worker_free = not self._stopping and len(self._running) + len(self._waiting) < self.config.capacity
+            if worker_free:  # the fast path: the worker claims it as running and starts it at once
+                self._waiting.append(run)
+                self._changed.notify()
+        if not worker_free:
+            run.unclaimed = None
+            if self._claim_or_refuse(run, message, runstates.QUEUED):
+                self._enqueue(run)
 
-    def _claim(self, run_id: str, request: RunRequest, state: str) -> None:
+    def _claim_or_refuse(self, run: Run, message: Message, state: RunState, also: Hold | None = None) -> bool:
+        """Claim a run and acknowledge its request; tell whether the claim is this runner's."""
+        try:
+            self._claim(run.run_id, run.request, state, also)
+        except AlreadyClaimed:
+            log.info("run %s already claimed: duplicate delivery ignored", run.run_id)
+            self.bus.ack(message)
+            return False
+        except SQLAlchemyError as exc:
+            self._report_unclaimed(run.run_id, run.request, f"database error, the run was not claimed: {exc}")
+            self.bus.ack(message)
+            return False
+        self.bus.ack(message)
+        return True
+
+    def _claim(self, run_id: str, request: RunRequest, state: str, also: Hold | None = None) -> None:
         """Claim a run id, trying again a few times while the database is busy or away."""
         self._with_retries(
-            f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(), state)
+            f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(), state, also)
         )
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
@@ -318,6 +338,9 @@ class Runner:
     def _cancel_by_id(self, run_id: str) -> None:
         with self._changed:
             waiting = next((r for r in self._waiting if r.run_id == run_id), None)
+            if waiting is not None and waiting.unclaimed is not None:
+                waiting.cancel_requested = True  # its worker claims it (and acknowledges it) first
+                return
             if waiting is not None:
                 self._waiting.remove(waiting)
             running = self._running.get(run_id)
@@ -448,31 +471,34 @@ class Runner:
     def _execute(self, run: Run) -> None:
         """Run one script to its end, publishing its log and status."""
         request = run.request
-        if not self.claims.move(run.run_id, from_states=(runstates.QUEUED,), state=runstates.RUNNING):
+        run.started_at = self.clock()
+        status = self._status_message(run, runstates.RUNNING)
+        launch = self._entry_messages(
+            run, ("launch", json.dumps({"script": request.script, "params": list(request.params)}))
+        )
+
+        def hold_start(connection: Connection) -> None:
+            self.outbox.hold_status(run.run_id, runstates.RUNNING, *status, connection)
+            self.outbox.hold_entries(run.run_id, launch, connection)
+
+        # The claim's transaction holds the run's first messages too: one commit before the start.
+        if run.unclaimed is not None:
+            message, run.unclaimed = run.unclaimed, None
+            if not self._claim_or_refuse(run, message, runstates.RUNNING, hold_start):
+                return
+        elif not self.claims.move(
+            run.run_id, from_states=(runstates.QUEUED,), state=runstates.RUNNING, also=hold_start
+        ):
             log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
             return
-        run.started_at = self.clock()
-        self._publish_status(run, runstates.RUNNING)
-        self._log(run, ("launch", json.dumps({"script": request.script, "params": list(request.params)})))
-        env = {
-            **self.config.script_env,
-            "HACER_RUN_ID": run.run_id,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(PROJECT_DIR),
-            PARENT_ENV: str(os.getpid()),
-        }
         with run.lock:  # a cancel or a fence from now on finds the process
             if not (run.cancel_requested or run.fenced):
-                run.process = subprocess.Popen(
-                    [self.config.python, str(SCRIPT_MAIN), str(run.script_path), *request.params],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=run.script_path.parent,
-                    process_group=0,
-                    close_fds=True,
+                run.process, run.launch_token, run.started_ticks = self.launcher.launch(
+                    run.run_id, run.script_path, request.params
                 )
+        self.bus.publish(*status)  # published once the script is on its way: it needs neither
+        for _, topic, payload in launch:
+            self.bus.publish(topic, payload)
         if run.process is None:  # cancelled or taken between leaving the queue and here
             self._finish(run, runstates.CANCELLED, error="cancelled")
             return
@@ -574,7 +600,7 @@ class Runner:
             time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
             _signal_group(run.process.pid, signal.SIGKILL)
         try:
-            left = end_leftovers(run.run_id, os.fstat(pipe).st_ino)
+            left = end_leftovers(run.run_id, run.launch_token, run.started_ticks, os.fstat(pipe).st_ino)
         finally:
             os.close(pipe)
         if left:
@@ -616,19 +642,32 @@ class Runner:
         """Publish (entry_type, data) entries, held in the outbox first."""
         if run.fenced or not entries:
             return
-        topic, now, held = self.topics.build("run_log", run.run_id), bus_time(self.clock()), []
+        held = self._entry_messages(run, *entries)
+        self._hold(run.run_id, lambda: self.outbox.hold_entries(run.run_id, held))
+        for _, topic, payload in held:
+            self.bus.publish(topic, payload)
+
+    def _entry_messages(self, run: Run, *entries: Entry) -> list[tuple[int, str, bytes]]:
+        """Number (entry_type, data) entries of a run: (seq, topic, payload) each."""
+        topic, now, messages = self.topics.build("run_log", run.run_id), bus_time(self.clock()), []
         for entry_type, data in entries:
             run.seq += 1
-            held.append((run.seq, topic, LogEntry(run.run_id, run.seq, now, entry_type, data).to_payload()))
-        self._hold(run.run_id, lambda: self.outbox.hold_entries(run.run_id, held))
-        for _, _, payload in held:
-            self.bus.publish(topic, payload)
+            messages.append((run.seq, topic, LogEntry(run.run_id, run.seq, now, entry_type, data).to_payload()))
+        return messages
 
     def _publish_status(
         self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None, finished: bool = False
     ) -> None:
         if run.fenced:
             return
+        topic, payload = self._status_message(run, state, exit_code, error, finished)
+        self._hold(run.run_id, lambda: self.outbox.hold_status(run.run_id, state, topic, payload))
+        self.bus.publish(topic, payload)
+
+    def _status_message(
+        self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None, finished: bool = False
+    ) -> tuple[str, bytes]:
+        """The (topic, payload) of a run's status."""
         now = bus_time(self.clock())
         status = RunStatus(
             run.run_id,
@@ -643,9 +682,7 @@ class Runner:
             error,
             run.request.requested_by,
         )
-        topic, payload = self.topics.build("run_status", run.run_id), status.to_payload()
-        self._hold(run.run_id, lambda: self.outbox.hold_status(run.run_id, state, topic, payload))
-        self.bus.publish(topic, payload)
+        return self.topics.build("run_status", run.run_id), status.to_payload()
 
     def _hold(self, run_id: str, hold: Callable[[], None]) -> None:
         """Keep a message in the outbox; when the database cannot, it is still sent, once."""

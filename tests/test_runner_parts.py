@@ -65,7 +65,7 @@ def outbox_of(tmp_path):
     now = [0.0]
 
     def make(runner_id="a", **options):
-        return Outbox(database.session, runner_id, clock=lambda: now[0], **options)
+        return Outbox(database.engine, runner_id, clock=lambda: now[0], **options)
 
     make.now = now
     return make

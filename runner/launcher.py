@@ -1,0 +1,240 @@
+"""Starting script processes for the runner: forked by the fork server, or started cold.
+
+A run's process is forked by the fork server (runner/forkserver.py) when it is up: the script's
+first line then comes about a millisecond after the hand-off instead of after an interpreter's
+start and imports. When it is not (not started yet, died, or refused the run) the script is
+started as its own interpreter, as before the fork server existed, and the fork server is
+started again. Either way the process is the leader of its own process group, its output one
+pipe, its environment the scripts' own plus the run id and a launch token that
+runner/leftovers.py looks for.
+
+PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not the process: only
+threads that live as long as the runner (its workers, and the one that calls start()) may
+start the fork server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, NamedTuple, Protocol
+
+from hacer import scriptmain
+from hacer.parentdeath import PARENT_ENV
+from hacer.settings import PROJECT_DIR
+from runner.leftovers import start_ticks
+
+log = logging.getLogger(__name__)
+
+SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
+FORK_SERVER = PROJECT_DIR / "runner" / "forkserver.py"
+REPLY_TIMEOUT = 10.0  # seconds the fork server has to answer a hand-off (it may still be importing)
+
+
+class ScriptProcess(Protocol):
+    """What the runner uses of a script's process (a subprocess.Popen has it)."""
+
+    pid: int
+    stdout: IO[bytes] | None
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class Launched(NamedTuple):
+    """A started script: its process, launch token, and start time in clock ticks (runner/leftovers.py)."""
+
+    process: ScriptProcess
+    token: str
+    started: int
+
+
+class ForkedProcess:
+    """A run forked by the fork server: its exit status comes from the server."""
+
+    def __init__(self, pid: int, token: str, started: int) -> None:
+        self.pid = pid
+        self.token = token
+        self.started = started
+        self.stdout: IO[bytes] | None = None
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit code; raise subprocess.TimeoutExpired after `timeout` seconds."""
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def exited(self, returncode: int) -> None:
+        """Record the exit code (from the fork server's reader)."""
+        if self.returncode is None:
+            self.returncode = returncode
+            self._exited.set()
+
+
+class Launcher:
+    """See the module docstring. `env` is the scripts' environment; does nothing until start()."""
+
+    def __init__(self, python: str, env: Mapping[str, str], fork_server: bool = True) -> None:
+        self.python = python
+        self.env = {**env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
+        self.use_fork_server = fork_server
+        self.forked = 0
+        self.cold = 0
+        self._lock = threading.Lock()  # one hand-off at a time; guards the fields below
+        self._server: subprocess.Popen[bytes] | None = None
+        self._channel: socket.socket | None = None
+        self._replies: queue.SimpleQueue[ForkedProcess | bytes | None] = queue.SimpleQueue()
+        self._forked: dict[int, ForkedProcess] = {}
+
+    def start(self) -> None:
+        """Start the fork server (its imports go on in the background)."""
+        if self.use_fork_server:
+            with self._lock:
+                self._start_server()
+
+    def stop(self) -> None:
+        """Stop the fork server; runs it forked die with it."""
+        with self._lock:
+            server, channel = self._server, self._channel
+            self._server = self._channel = None
+        if channel is not None:
+            channel.close()
+        if server is not None:
+            server.kill()
+            server.wait()
+
+    def launch(self, run_id: str, script: Path, params: tuple[str, ...]) -> Launched:
+        """Start a run's script."""
+        token = uuid.uuid4().hex
+        forked = self._fork(run_id, token, script, params) if self.use_fork_server else None
+        if forked is not None:
+            self.forked += 1
+            return Launched(forked, token, forked.started)
+        self.cold += 1
+        process = subprocess.Popen(
+            [self.python, str(SCRIPT_MAIN), str(script), *params],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**self.env, scriptmain.RUN_ID_ENV: run_id, scriptmain.LAUNCH_ENV: token},
+            cwd=script.parent,
+            process_group=0,
+            close_fds=True,
+        )
+        return Launched(process, token, start_ticks(process.pid))
+
+    # --- the fork server --------------------------------------------------------------------
+
+    def _fork(self, run_id: str, token: str, script: Path, params: tuple[str, ...]) -> ForkedProcess | None:
+        try:
+            handoff = scriptmain.encode_handoff(run_id, token, str(script), params)
+        except scriptmain.HandoffError:
+            return None
+        read_end, write_end = os.pipe()
+        try:
+            with self._lock:
+                if self._channel is None or (self._server is not None and self._server.poll() is not None):
+                    self._start_server()  # for the next run: this one starts cold rather than wait for its imports
+                    return None
+                try:
+                    socket.send_fds(self._channel, [handoff], [write_end])
+                except OSError as exc:
+                    log.warning("the fork server is gone (%s): starting it again", exc)
+                    self._start_server()
+                    return None
+                reply = self._replies.get(timeout=REPLY_TIMEOUT)
+        except queue.Empty:
+            log.error("the fork server did not answer in %g s: starting it again", REPLY_TIMEOUT)
+            with self._lock:
+                self._start_server()
+            reply = None
+        finally:
+            os.close(write_end)
+        if not isinstance(reply, ForkedProcess) or reply.token != token:
+            log.warning("the fork server did not start run %s (%r): starting it cold", run_id, reply)
+            os.close(read_end)
+            return None
+        reply.stdout = os.fdopen(read_end, "rb", buffering=0)
+        return reply
+
+    def _start_server(self) -> None:
+        """Start (again) the fork server; call with the lock held."""
+        if self._channel is not None:
+            self._channel.close()
+        if self._server is not None and self._server.poll() is None:
+            self._server.kill()
+            self._server.wait()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**self.env, scriptmain.LAUNCH_ENV: "0" * scriptmain.LAUNCH_TOKEN_LENGTH}
+        try:
+            self._server = subprocess.Popen(
+                [self.python, str(FORK_SERVER), str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=PROJECT_DIR,
+                process_group=0,
+                pass_fds=[theirs.fileno()],
+            )
+        except OSError as exc:
+            log.error("the fork server could not start (%s): scripts start cold", exc)
+            mine.close()
+            self._server = self._channel = None
+            return
+        finally:
+            theirs.close()
+        self._channel = mine
+        self._replies = queue.SimpleQueue()
+        threading.Thread(
+            target=self._read, args=(mine, self._replies), name="runner-forkserver-reader", daemon=True
+        ).start()
+
+    def _read(self, channel: socket.socket, replies: queue.SimpleQueue[ForkedProcess | bytes | None]) -> None:
+        """Hand on the server's answers and exit statuses, until it closes."""
+        mine: set[int] = set()
+        while True:
+            try:
+                message = channel.recv(4096)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            kind, *fields = message.decode(errors="replace").split()
+            try:
+                if kind == "started":
+                    token, pid = fields[0], int(fields[1])
+                    self._forked[pid] = started = ForkedProcess(pid, token, int(fields[2]))
+                    mine.add(pid)
+                    replies.put(started)
+                elif kind == "exited":
+                    pid, code = int(fields[0]), int(fields[1])
+                    mine.discard(pid)
+                    ended = self._forked.pop(pid, None)
+                    if ended is not None:
+                        ended.exited(code)
+                elif kind == "refused":
+                    replies.put(message)
+            except (ValueError, IndexError):
+                log.error("the fork server said %r", message[:100])
+        # The server is gone, and its runs with it (they die with it): their exits are not coming.
+        replies.put(None)
+        for pid in mine:
+            lost = self._forked.pop(pid, None)
+            if lost is not None:
+                lost.exited(-signal.SIGKILL)
