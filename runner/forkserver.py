@@ -11,8 +11,9 @@ once the run is on its way. Forked processes share the imported pages copy-on-wr
 
 On the SOCK_SEQPACKET socket at <fd>, one message each:
     runner -> server   a hand-off (hacer/scriptmain.py) with the run's output pipe (SCM_RIGHTS)
-    server -> runner   b"started <token> <pid> <start ticks>" or b"refused - <why>", then for
-                       each started run b"exited <pid> <returncode>" (returncode as subprocess's)
+    server -> runner   b"ready" once its imports are done; then for each hand-off b"started
+                       <token> <pid> <start ticks>" or b"refused - <why>", and for each started
+                       run b"exited <pid> <returncode>" (returncode as subprocess's)
 A run's process has the pipe as stdout and stderr and /dev/null as stdin, and carries its
 launch token in its initial environment block, where /proc/<pid>/environ of its descendants
 shows it.
@@ -20,7 +21,6 @@ shows it.
 
 from __future__ import annotations
 
-import atexit
 import gc
 import os
 import select
@@ -64,9 +64,10 @@ def main() -> None:
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    inherited = (runner, wake_read, wake_write)
+    inherited = (runner,)  # Python objects a spare closes first (its other fds are closed by number)
     runs: set[int] = set()
     spare: Spare | None = _fork_spare(inherited)
+    runner.send(b"ready")
     while True:
         ready, _, _ = select.select([runner, wake_read], [], [], None if spare else SPARE_AFTER)
         if not ready and spare is None:
@@ -81,6 +82,7 @@ def main() -> None:
                 spare.channel.close()
                 spare = None  # the spare died (killed by someone): a new one
         if runner in ready:
+            spare = spare or _fork_spare(inherited)  # before the hand-off's pipe is here to inherit
             body, fds, _, _ = socket.recv_fds(runner, scriptmain.HANDOFF_LIMIT, 1)
             if not body:
                 return  # the runner is gone (its runs and the spare die with this process)
@@ -91,7 +93,6 @@ def main() -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
-            spare = spare or _fork_spare(inherited)
             if _hand_over(runner, spare, token, body, fds[0]):
                 runs.add(spare.pid)
             spare = None
@@ -139,7 +140,7 @@ def _reap(runner: socket.socket, runs: set[int], spare: int) -> bool:
             runner.send(b"exited %d %d" % (pid, os.waitstatus_to_exitcode(status)))
 
 
-def _fork_spare(inherited: tuple[socket.socket, int, int]) -> Spare:
+def _fork_spare(inherited: tuple[socket.socket, ...]) -> Spare:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = os.getpid()
     pid = os.fork()
@@ -154,14 +155,15 @@ def _fork_spare(inherited: tuple[socket.socket, int, int]) -> Spare:
     return Spare(pid, ours, start_ticks(pid))
 
 
-def _spare(channel: socket.socket, inherited: tuple[socket.socket, int, int], server: int) -> None:
+def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server: int) -> None:
     """Wait for a run, become it and run its script; never return into the server's loop."""
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         inherited[0].close()
-        os.close(inherited[1])
-        os.close(inherited[2])
+        keep = channel.fileno()
+        os.closerange(3, keep)  # whatever else the server had open: none of the run's business
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
         os.setpgid(0, 0)
         die_with_parent(server)
         body, fds, _, _ = socket.recv_fds(channel, scriptmain.HANDOFF_LIMIT, 1)
@@ -177,46 +179,7 @@ def _spare(channel: socket.socket, inherited: tuple[socket.socket, int, int], se
     except BaseException as exc:  # noqa: BLE001 - nothing of the server's loop may run in a child
         os.write(2, f"hacer: the run could not start: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
-    namespace: dict[str, object] = {}
-    try:
-        scriptmain.run_script(script, namespace)
-        code = 0
-    except SystemExit as exc:
-        code = _exit_code(exc)
-    _exit(namespace, code)
-
-
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None or isinstance(exc.code, int):
-        return exc.code or 0
-    sys.stderr.write(f"{exc.code}\n")  # as the interpreter does with sys.exit("message")
-    return 1
-
-
-def _exit(namespace: dict[str, object], code: int) -> None:
-    """End a run as the interpreter's own exit would, but without tearing down the server's modules.
-
-    Their teardown writes to every object the run shares with the server, copying all its pages
-    (25 MB, several ms of CPU beside the next run). What a script can notice of an exit is kept:
-    its threads are waited for, its atexit hooks run, its own objects are freed (files it left
-    open are flushed and closed), and stdout and stderr are flushed. As multiprocessing's
-    children do.
-    """
-    try:
-        threading = sys.modules.get("threading")
-        if threading is not None:
-            threading._shutdown()
-        atexit._run_exitfuncs()
-        namespace.clear()
-        gc.collect()  # the run's own objects only: the server's were frozen before the fork
-    except BaseException as exc:  # noqa: BLE001 - the run's outcome stands
-        os.write(2, f"hacer: {type(exc).__name__} at exit: {exc}\n".encode())
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    scriptmain.run_to_the_end(script)
 
 
 def _mark_environment(token: str) -> None:

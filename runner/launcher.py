@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 FORK_SERVER = PROJECT_DIR / "runner" / "forkserver.py"
-REPLY_TIMEOUT = 10.0  # seconds the fork server has to answer a hand-off (it may still be importing)
+REPLY_TIMEOUT = 10.0  # seconds the fork server has to answer a hand-off (it answers in a millisecond)
+READY_TIMEOUT = 10.0  # seconds the runner's start waits for the fork server's imports (0.3 s here)
+RESTART_AFTER = 10.0  # seconds between starts of a fork server that keeps dying
 
 
 class ScriptProcess(Protocol):
@@ -91,10 +94,13 @@ class ForkedProcess:
 class Launcher:
     """See the module docstring. `env` is the scripts' environment; does nothing until start()."""
 
-    def __init__(self, python: str, env: Mapping[str, str], fork_server: bool = True) -> None:
+    def __init__(
+        self, python: str, env: Mapping[str, str], fork_server: bool = True, restart_after: float = RESTART_AFTER
+    ) -> None:
         self.python = python
         self.env = {**env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(PROJECT_DIR), PARENT_ENV: str(os.getpid())}
         self.use_fork_server = fork_server
+        self.restart_after = restart_after
         self.forked = 0
         self.cold = 0
         self._lock = threading.Lock()  # one hand-off at a time; guards the fields below
@@ -102,12 +108,18 @@ class Launcher:
         self._channel: socket.socket | None = None
         self._replies: queue.SimpleQueue[ForkedProcess | bytes | None] = queue.SimpleQueue()
         self._forked: dict[int, ForkedProcess] = {}
+        self._ready = threading.Event()
+        self._started_at = 0.0
 
-    def start(self) -> None:
-        """Start the fork server (its imports go on in the background)."""
-        if self.use_fork_server:
-            with self._lock:
-                self._start_server()
+    def start(self, wait: float = READY_TIMEOUT) -> None:
+        """Start the fork server and wait up to `wait` seconds for its imports; runs start cold until then."""
+        if not self.use_fork_server:
+            return
+        with self._lock:
+            self._start_server()
+            ready = self._ready
+        if not ready.wait(wait):
+            log.warning("the fork server is not ready after %g s: runs start cold until it is", wait)
 
     def stop(self) -> None:
         """Stop the fork server; runs it forked die with it."""
@@ -147,32 +159,37 @@ class Launcher:
             handoff = scriptmain.encode_handoff(run_id, token, str(script), params)
         except scriptmain.HandoffError:
             return None
-        read_end, write_end = os.pipe()
-        try:
-            with self._lock:
-                if self._channel is None or (self._server is not None and self._server.poll() is not None):
-                    self._start_server()  # for the next run: this one starts cold rather than wait for its imports
-                    return None
-                try:
-                    socket.send_fds(self._channel, [handoff], [write_end])
-                except OSError as exc:
-                    log.warning("the fork server is gone (%s): starting it again", exc)
-                    self._start_server()
-                    return None
+        with self._lock:
+            if not self._usable():
+                return None
+            read_end, write_end = os.pipe()
+            try:
+                assert self._channel is not None
+                socket.send_fds(self._channel, [handoff], [write_end])
                 reply = self._replies.get(timeout=REPLY_TIMEOUT)
-        except queue.Empty:
-            log.error("the fork server did not answer in %g s: starting it again", REPLY_TIMEOUT)
-            with self._lock:
+            except (OSError, queue.Empty) as exc:
+                log.error("the fork server failed (%s): starting it again", exc or f"no answer in {REPLY_TIMEOUT} s")
                 self._start_server()
-            reply = None
-        finally:
-            os.close(write_end)
+                reply = None
+            finally:
+                os.close(write_end)
         if not isinstance(reply, ForkedProcess) or reply.token != token:
-            log.warning("the fork server did not start run %s (%r): starting it cold", run_id, reply)
+            log.warning("the fork server did not start run %s (%r): it starts cold", run_id, reply)
             os.close(read_end)
             return None
         reply.stdout = os.fdopen(read_end, "rb", buffering=0)
         return reply
+
+    def _usable(self) -> bool:
+        """Tell whether the fork server can take a run now; start it again once it is gone (call with the lock)."""
+        if self._server is not None and self._server.poll() is None:
+            return self._ready.is_set()
+        if time.monotonic() - self._started_at >= self.restart_after:
+            log.warning(
+                "the fork server is gone (exit code %s): starting it again", self._server and self._server.poll()
+            )
+            self._start_server()
+        return False
 
     def _start_server(self) -> None:
         """Start (again) the fork server; call with the lock held."""
@@ -181,6 +198,7 @@ class Launcher:
         if self._server is not None and self._server.poll() is None:
             self._server.kill()
             self._server.wait()
+        self._started_at = time.monotonic()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**self.env, scriptmain.LAUNCH_ENV: "0" * scriptmain.LAUNCH_TOKEN_LENGTH}
         try:
@@ -201,11 +219,14 @@ class Launcher:
             theirs.close()
         self._channel = mine
         self._replies = queue.SimpleQueue()
+        self._ready = threading.Event()
         threading.Thread(
-            target=self._read, args=(mine, self._replies), name="runner-forkserver-reader", daemon=True
+            target=self._read, args=(mine, self._replies, self._ready), name="runner-forkserver-reader", daemon=True
         ).start()
 
-    def _read(self, channel: socket.socket, replies: queue.SimpleQueue[ForkedProcess | bytes | None]) -> None:
+    def _read(
+        self, channel: socket.socket, replies: queue.SimpleQueue[ForkedProcess | bytes | None], ready: threading.Event
+    ) -> None:
         """Hand on the server's answers and exit statuses, until it closes."""
         mine: set[int] = set()
         while True:
@@ -230,6 +251,8 @@ class Launcher:
                         ended.exited(code)
                 elif kind == "refused":
                     replies.put(message)
+                elif kind == "ready":
+                    ready.set()
             except (ValueError, IndexError):
                 log.error("the fork server said %r", message[:100])
         # The server is gone, and its runs with it (they die with it): their exits are not coming.

@@ -742,3 +742,22 @@ def test_the_run_command_sends_its_request_until_a_runner_takes_it(start_runner,
         follow.kill()
     assert follow.returncode == 0, err
     assert "late" in out
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_runs_are_forked_by_the_fork_server_or_started_by_the_runner_when_it_is_off(
+    scripts_dir, start_runner, requester, runs, fork_server
+):
+    (scripts_dir / "parent.py").write_text("import os\nprint(os.getppid())\n")
+    runner = start_runner(HACER_RUNNER_FORK_SERVER=fork_server)
+    parents = set()
+    for _ in range(3):
+        run_id = requester("parent")
+        assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+        parents |= {int(data) for kind, data in runs.log_of(run_id) if kind == "output"}
+    runner_pid = runner.process.pid
+    if fork_server == "1":  # each run a child of the fork server, itself the runner's child
+        (server,) = parents
+        assert server != runner_pid and f"PPid:\t{runner_pid}\n" in open(f"/proc/{server}/status").read()
+    else:
+        assert parents == {runner_pid}

@@ -6,6 +6,8 @@ import os
 import time
 import uuid
 
+import pytest
+
 from hacer import runstates
 from hacer.settings import PROJECT_DIR
 
@@ -93,3 +95,37 @@ def test_the_database_and_state_folders_are_private(spawn, hacer_env, tmp_path, 
     for path in (database.parent, tmp_path / "private", state):
         assert (path.stat().st_mode & 0o777) == 0o700, path
     assert all((f.stat().st_mode & 0o077) == 0 for f in database.parent.iterdir())
+
+
+DAEMON = (  # a daemon made by fork alone (no exec): session of its own, stdio closed, pid to a file
+    "import os, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    null = os.open(os.devnull, os.O_RDWR)\n"
+    "    for fd in (0, 1, 2):\n"
+    "        os.dup2(null, fd)\n"
+    "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+    "    time.sleep(300)\n"
+    "    os._exit(0)\n"
+    "print('daemonized', flush=True)\n"
+)
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_a_daemon_forked_without_exec_ends_with_the_run(
+    scripts_dir,
+    start_runner,
+    runs,  # noqa: F811
+    requester,
+    tmp_path,
+    fork_server,
+):
+    """Neither the process group nor the pipe finds it: the launch token in its environment block does."""
+    (scripts_dir / "daemon.py").write_text(DAEMON)
+    start_runner(HACER_RUNNER_FORK_SERVER=fork_server)
+    pid_file = tmp_path / "daemon-pid"
+    run_id = f"daemon-{uuid.uuid4().hex[:6]}"
+    requester("daemon", (str(pid_file),), run_id=run_id)
+    assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 5, "the daemon's pid"))
+    wait_until(lambda: not alive(pid), 5, "the daemon to be ended with its run")
