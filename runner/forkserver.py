@@ -12,7 +12,7 @@ once the run is on its way. Forked processes share the imported pages copy-on-wr
 On the SOCK_SEQPACKET socket at <fd>, one message each:
     runner -> server   a hand-off (hacer/scriptmain.py) with the run's output pipe (SCM_RIGHTS)
     server -> runner   b"ready" once its imports are done; then for each hand-off b"started
-                       <token> <pid> <start ticks>" or b"refused - <why>", and for each started
+                       <token> <pid>" or b"refused - <why>", and for each started
                        run b"exited <pid> <returncode>" (returncode as subprocess's)
 A run's process has the pipe as stdout and stderr and /dev/null as stdin, and carries its
 launch token in its initial environment block, where /proc/<pid>/environ of its descendants
@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 from hacer import scriptmain
 from hacer.parentdeath import die_with_parent, die_with_parent_from_env
-from runner.leftovers import start_ticks
 
 PLACEHOLDER = "0" * scriptmain.LAUNCH_TOKEN_LENGTH  # the launch token, written over per run
 # Seconds of quiet after a hand-off before the next spare is forked: the fork's 1-2 ms of CPU
@@ -44,7 +43,6 @@ class Spare(NamedTuple):
 
     pid: int
     channel: socket.socket
-    started: int
 
 
 def main() -> None:
@@ -111,7 +109,7 @@ def _hand_over(runner: socket.socket, spare: Spare, token: str, body: bytes, out
 
     The runner is answered first: its next steps then run beside the script's start, not after it.
     """
-    runner.send(b"started %s %d %d" % (token.encode(), spare.pid, spare.started))
+    runner.send(b"started %s %d" % (token.encode(), spare.pid))
     try:
         socket.send_fds(spare.channel, [body], [output])
         return True
@@ -152,7 +150,7 @@ def _fork_spare(inherited: tuple[socket.socket, ...]) -> Spare:
         os.setpgid(pid, pid)  # here too (as shells do): the group exists before the runner may signal it
     except OSError:  # the child did it first
         pass
-    return Spare(pid, ours, start_ticks(pid))
+    return Spare(pid, ours)
 
 
 def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server: int) -> None:

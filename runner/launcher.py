@@ -31,7 +31,7 @@ from typing import IO, NamedTuple, Protocol
 from hacer import scriptmain
 from hacer.parentdeath import PARENT_ENV
 from hacer.settings import PROJECT_DIR
-from runner.leftovers import start_ticks
+from runner.leftovers import Birth, birth
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,19 @@ class ScriptProcess(Protocol):
 
 
 class Launched(NamedTuple):
-    """A started script: its process, launch token, and start time in clock ticks (runner/leftovers.py)."""
+    """A started script: its process, its launch token, and the moment (runner/leftovers.py)."""
 
     process: ScriptProcess
     token: str
-    started: int
+    birth: Birth
 
 
 class ForkedProcess:
     """A run forked by the fork server: its exit status comes from the server."""
 
-    def __init__(self, pid: int, token: str, started: int) -> None:
+    def __init__(self, pid: int, token: str) -> None:
         self.pid = pid
         self.token = token
-        self.started = started
         self.stdout: IO[bytes] | None = None
         self.returncode: int | None = None
         self._exited = threading.Event()
@@ -134,11 +133,11 @@ class Launcher:
 
     def launch(self, run_id: str, script: Path, params: tuple[str, ...]) -> Launched:
         """Start a run's script."""
-        token = uuid.uuid4().hex
+        token, moment = uuid.uuid4().hex, birth()
         forked = self._fork(run_id, token, script, params) if self.use_fork_server else None
         if forked is not None:
             self.forked += 1
-            return Launched(forked, token, forked.started)
+            return Launched(forked, token, moment)
         self.cold += 1
         process = subprocess.Popen(
             [self.python, str(SCRIPT_MAIN), str(script), *params],
@@ -150,7 +149,7 @@ class Launcher:
             process_group=0,
             close_fds=True,
         )
-        return Launched(process, token, start_ticks(process.pid))
+        return Launched(process, token, moment)
 
     # --- the fork server --------------------------------------------------------------------
 
@@ -240,7 +239,7 @@ class Launcher:
             try:
                 if kind == "started":
                     token, pid = fields[0], int(fields[1])
-                    self._forked[pid] = started = ForkedProcess(pid, token, int(fields[2]))
+                    self._forked[pid] = started = ForkedProcess(pid, token)
                     mine.add(pid)
                     replies.put(started)
                 elif kind == "exited":

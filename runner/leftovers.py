@@ -12,50 +12,77 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import NamedTuple
 
 from hacer.scriptmain import LAUNCH_ENV, RUN_ID_ENV
 
 PROC = "/proc"
+RESERVED_PIDS = 300  # where the kernel's pid counter starts again after pid_max
 
 
-def start_ticks(pid: int) -> int:
-    """When a process started, in clock ticks since boot (0 when it cannot be read)."""
+class Birth(NamedTuple):
+    """Where the kernel's pid counter and fork count stood when a run was launched."""
+
+    last_pid: int
+    forks: int
+
+
+def birth() -> Birth:
+    """Mark now: the processes created from here on are found from it without reading the others."""
     try:
-        return int(_stat(str(pid))[19])
-    except (OSError, IndexError, ValueError):
-        return 0
+        return Birth(int(_read(f"{PROC}/sys/kernel/ns_last_pid")), _forks())
+    except (OSError, ValueError):
+        return Birth(-1, 0)
 
 
-def run_processes(run_id: str, token: str, started: int, pipe_inode: int | None) -> list[int]:
+def run_processes(run_id: str, token: str, since: Birth, pipe_inode: int | None) -> list[int]:
     """Return the pids carrying `run_id` or `token` or holding the pipe, other than this process and its children.
 
-    Only processes started since `started` (the script's start, in clock ticks) can be the run's
-    descendants: the others are passed over after one read each (the scan runs after every run).
+    Only processes created since the run's launch can be its descendants. Linux hands out pids
+    in cyclic order, so those are the pids after the one last handed out at the launch, up to the
+    one last handed out now, unless the counter went all the way round meanwhile (told by the
+    fork count): the others are not read at all (the scan runs after every run).
     """
     markers = {f"{RUN_ID_ENV}={run_id}".encode(), f"{LAUNCH_ENV}={token}".encode()}
     pipe = f"pipe:[{pipe_inode}]"
     me = os.getpid()
     found = []
-    for name in os.listdir(PROC):
-        if not name.isdigit() or int(name) == me:
+    for pid in _created_since(since):
+        if pid == me:
             continue
         try:
-            stat = _stat(name)
-            if int(stat[1]) == me or int(stat[19]) < started:
-                continue  # the runner's own child (a run's script, or one between fork and exec), or older than the run
-            if not markers.isdisjoint(_read(f"{PROC}/{name}/environ").split(b"\0")):
-                found.append(int(name))
+            if int(_read(f"{PROC}/{pid}/stat").rsplit(b")", 1)[1].split()[1]) == me:
+                continue  # the runner's own child: a run's script, or one between fork and exec
+            if not markers.isdisjoint(_read(f"{PROC}/{pid}/environ").split(b"\0")):
+                found.append(pid)
                 continue
-            if pipe_inode is not None and any(os.readlink(fd.path) == pipe for fd in os.scandir(f"{PROC}/{name}/fd")):
-                found.append(int(name))
+            if pipe_inode is not None and any(os.readlink(fd.path) == pipe for fd in os.scandir(f"{PROC}/{pid}/fd")):
+                found.append(pid)
         except (OSError, IndexError, ValueError):  # gone meanwhile, or another user's
             continue
     return found
 
 
-def _stat(pid: str) -> list[bytes]:
-    """The fields of /proc/<pid>/stat after the command name: state, ppid, ... (starttime is [19])."""
-    return _read(f"{PROC}/{pid}/stat").rsplit(b")", 1)[1].split()
+def _created_since(since: Birth) -> list[int]:
+    pids = [int(name) for name in os.listdir(PROC) if name.isdigit()]
+    now = birth()
+    try:
+        pid_max = int(_read(f"{PROC}/sys/kernel/pid_max"))
+    except (OSError, ValueError):
+        return pids
+    if since.last_pid < 0 or now.last_pid < 0 or now.forks - since.forks >= pid_max - RESERVED_PIDS:
+        return pids  # the counter may have gone round: every process is a candidate
+    if now.last_pid >= since.last_pid:
+        return [pid for pid in pids if since.last_pid < pid <= now.last_pid]
+    return [pid for pid in pids if pid > since.last_pid or RESERVED_PIDS <= pid <= now.last_pid]
+
+
+def _forks() -> int:
+    """Processes and threads created since boot (/proc/stat `processes`)."""
+    for line in _read(f"{PROC}/stat").splitlines():
+        if line.startswith(b"processes "):
+            return int(line.split()[1])
+    raise ValueError("no `processes` line in /proc/stat")
 
 
 def _read(path: str) -> bytes:
@@ -70,9 +97,9 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
-def end_leftovers(run_id: str, token: str, started: int, pipe_inode: int | None) -> list[int]:
+def end_leftovers(run_id: str, token: str, since: Birth, pipe_inode: int | None) -> list[int]:
     """SIGKILL every process `run_processes` finds, with its process group; return their pids."""
-    pids = run_processes(run_id, token, started, pipe_inode)
+    pids = run_processes(run_id, token, since, pipe_inode)
     own_group = os.getpgrp()
     for pid in pids:
         try:

@@ -60,7 +60,7 @@ from hacer.scriptdir import ScriptDir
 from hacer.topics import TopicError, Topics
 from runner.claims import AlreadyClaimed, ClaimStore, Hold
 from runner.launcher import Launcher, ScriptProcess
-from runner.leftovers import end_leftovers
+from runner.leftovers import Birth, end_leftovers
 from runner.outbox import Outbox
 from runner.output import OutputSplitter
 
@@ -109,7 +109,7 @@ class Run:
     seq: int = 0
     process: ScriptProcess | None = None
     launch_token: str = ""
-    started_ticks: int = 0  # when its process started (clock ticks since boot): leftovers are younger
+    birth: Birth = Birth(-1, 0)  # when it was launched: its leftovers were created since
     cancel_requested: bool = False
     timed_out: bool = False
     started_at: float | None = None
@@ -493,7 +493,7 @@ class Runner:
             return
         with run.lock:  # a cancel or a fence from now on finds the process
             if not (run.cancel_requested or run.fenced):
-                run.process, run.launch_token, run.started_ticks = self.launcher.launch(
+                run.process, run.launch_token, run.birth = self.launcher.launch(
                     run.run_id, run.script_path, request.params
                 )
         self.bus.publish(*status)  # published once the script is on its way: it needs neither
@@ -600,7 +600,7 @@ class Runner:
             time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
             _signal_group(run.process.pid, signal.SIGKILL)
         try:
-            left = end_leftovers(run.run_id, run.launch_token, run.started_ticks, os.fstat(pipe).st_ino)
+            left = end_leftovers(run.run_id, run.launch_token, run.birth, os.fstat(pipe).st_ino)
         finally:
             os.close(pipe)
         if left:

@@ -130,3 +130,26 @@ def test_a_nul_in_output_becomes_a_replacement_character():
     splitter = OutputSplitter()
     entries = splitter.feed(b"a\x00b\n" + encode_entry("sent_get", "k\x00").encode())
     assert entries == [("output", "a\ufffdb"), ("sent_get", "k\ufffd")]
+
+
+# --- leftovers: which processes can be a run's ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "expected"),
+    [
+        ((1000, 50), (1003, 53), [1001, 1003]),  # pids handed out since: after 1000, up to 1003
+        ((4190000, 50), (400, 60), [4190001, 301, 400]),  # the counter went round past pid_max
+        ((1000, 50), (1003, 50 + 4194304), "all"),  # went all the way round: nothing can be ruled out
+        ((-1, 0), (1003, 53), "all"),  # no mark at launch
+    ],
+)
+def test_leftovers_are_looked_for_among_the_processes_created_since_the_launch(monkeypatch, since, now, expected):
+    from runner import leftovers
+
+    pids = [1, 999, 1000, 1001, 1003, 301, 400, 500, 4190000, 4190001]
+    monkeypatch.setattr(leftovers.os, "listdir", lambda path: [str(pid) for pid in pids] + ["self", "stat"])
+    monkeypatch.setattr(leftovers, "birth", lambda: leftovers.Birth(*now))
+    monkeypatch.setattr(leftovers, "_read", lambda path: b"4194304\n")
+    found = leftovers._created_since(leftovers.Birth(*since))
+    assert sorted(found) == sorted(pids if expected == "all" else expected)
