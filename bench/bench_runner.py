@@ -8,7 +8,8 @@
    them) and from Celery + Redis (`delay()` -> the first line, published by the task through
    Redis as the 2015 design would; see bench/celery2015.py), against a bare `python -c pass`.
    Goals: hacer's first output p50 <= 0.5x Celery's and below the bare start, p99 < 10 ms;
-   request -> launch p50 < 2 ms.
+   request -> launch p50 < 2 ms, against the floor of an echo through the same broker (the
+   request's and the launch entry's two hops with nothing between).
 2. burst: 200 runs requested at once, capacity 4 (hacer) against a prefork pool of 4 (Celery):
    time to drain and p99 wait to the first output.
 3. log throughput: a script printing 200 000 lines -> every line seen in order by a subscriber
@@ -219,20 +220,47 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def dispatch(hacer: Hacer, celery: Celery2015, scripts: Path, samples: int) -> None:
+class Echo:
+    """The floor of request -> launch: a client that answers each message at once, through the same broker."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.topics = Topics("bench-echo")
+        self.back = Arrivals()
+        self.answerer = Bus(broker_url, self.topics, f"bench-echo-{uuid.uuid4().hex[:6]}")
+        self.answerer.subscribe("bench-echo/ping", lambda m: self.answerer.publish("bench-echo/pong", m.payload))
+        self.asker = Bus(broker_url, self.topics, f"bench-ask-{uuid.uuid4().hex[:6]}")
+        self.asker.subscribe("bench-echo/pong", lambda m: self.back.add(m.payload.decode(), None))
+        for bus in (self.answerer, self.asker):
+            bus.start()
+            bus.wait_connected(10)
+
+    def run(self) -> float:
+        key = uuid.uuid4().hex
+        sent = time.perf_counter()
+        self.asker.publish("bench-echo/ping", key)
+        return (self.back.wait(key, lambda _: True) - sent) * 1000
+
+    def stop(self) -> None:
+        self.answerer.stop()
+        self.asker.stop()
+
+
+def dispatch(hacer: Hacer, celery: Celery2015, echo: Echo, scripts: Path, samples: int) -> None:
     print(f"1. dispatch, {samples} runs each of a script that prints one line, hacer and Celery alternating")
     for _ in range(3):  # warm-up: connections, the fork server's spare, Celery's pool
         hacer.run("first")
         celery.run(scripts / "first.py")
-    to_launch, to_output, celery_output = [], [], []
+    to_launch, to_output, celery_output, echoes = [], [], [], []
     for _ in range(samples):
         launch, output = hacer.run("first")
         to_launch.append(launch)
         to_output.append(output)
         celery_output.append(celery.run(scripts / "first.py"))
+        echoes.append(echo.run())
     exits = bare_start(samples)
     print(line("bare `python -c pass`:", exits))
     print(line("Celery + Redis: delay() -> first line:", celery_output))
+    print(line("an echo through the broker (2 hops):", echoes))
     print(line("hacer: request -> launch entry:", to_launch))
     print(line("hacer: request -> first output line:", to_output))
     ratio = statistics.median(to_output) / statistics.median(celery_output)
@@ -398,7 +426,9 @@ def main() -> None:
                 raise RuntimeError("the runner did not come online")
             celery.run(scripts / "first.py", timeout=60)  # the worker is up
             if wanted("dispatch"):
-                dispatch(hacer, celery, scripts, samples)
+                echo = Echo(broker.url)
+                dispatch(hacer, celery, echo, scripts, samples)
+                echo.stop()
             if wanted("burst"):
                 burst(hacer, celery, scripts, 200)
             if wanted("throughput"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from typing import Protocol
@@ -23,5 +24,8 @@ def run_until_signal(part: Part) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
     part.start()
+    # What start-up built lives as long as the process: out of the collector's full passes, which
+    # otherwise stall every thread for milliseconds now and then (a run's start among them).
+    gc.freeze()
     done.wait()
     part.stop()

@@ -89,7 +89,7 @@ def build_runner(settings: Settings) -> Runner:
     # SQLite would make them sleep and poll for its write lock (a burst of 200 runs drained in
     # 4.0 s with a connection each; see bench_runner.py).
     one_connection = {"pool_size": 1, "max_overflow": 0} if settings.database_url.startswith("sqlite") else {}
-    database = Database(settings.database_url, settings.database_timeout, **one_connection)
+    database = Database(settings.database_url, settings.database_timeout, checkpoint_apart=True, **one_connection)
     database.init()
     offline = RunnerState(settings.runner_id, "offline").to_payload()
     # A stable client id: the broker parks this runner's share of requests in its session.
@@ -123,6 +123,7 @@ def build_runner(settings: Settings) -> Runner:
         config,
         outbox,
         Launcher(config.python, script_env, fork_server=settings.runner_fork_server),
+        checkpoint=database.checkpoint,
     )
 
 

@@ -103,9 +103,6 @@ class Run:
     run_id: str
     script_path: Path
     queued_at: float
-    # The request, while not yet claimed: a worker was free when it came, so the worker claims
-    # it straight as running (one transaction with its first messages) and acknowledges it.
-    unclaimed: Message | None = None
     seq: int = 0
     process: ScriptProcess | None = None
     launch_token: str = ""
@@ -131,9 +128,11 @@ class Runner:
         outbox: Outbox,
         launcher: Launcher,
         clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[], None] = lambda: None,
     ) -> None:
         self.bus = bus
         self.launcher = launcher
+        self.checkpoint = checkpoint  # the database's upkeep, done by the heartbeat thread
         self.topics = topics
         self.claims = claims
         self.scripts = scripts
@@ -142,6 +141,7 @@ class Runner:
         self.clock = clock
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._waiting: deque[Run] = deque()
+        self._started: deque[Run] = deque()  # started by the dispatcher, for a worker to follow
         self._running: dict[str, Run] = {}
         self._changed = threading.Condition()
         self._stopping = False
@@ -259,16 +259,22 @@ class Runner:
             self._refuse(run_id, request, f"no script named {request.script!r} in {self.scripts.folder.name}/")
             self.bus.ack(message)
             return
-        run = Run(replace(request, run_id=run_id), run_id, script.path, self.clock(), unclaimed=message)
+        run = Run(replace(request, run_id=run_id), run_id, script.path, self.clock())
         with self._changed:
-            worker_free = not self._stopping and len(self._running) + len(self._waiting) < self.config.capacity
-            if worker_free:  # the fast path: the worker claims it as running and starts it at once
-                self._waiting.append(run)
-                self._changed.notify()
-        if not worker_free:
-            run.unclaimed = None
-            if self._claim_or_refuse(run, message, runstates.QUEUED):
-                self._enqueue(run)
+            start_now = not self._stopping and len(self._running) + len(self._waiting) < self.config.capacity
+            if start_now:  # a worker is free: take its slot, start the run here, let the worker follow it
+                self._running[run_id] = run
+        if start_now:
+            started = self._guarded(run, lambda: self._start(run, message))
+            with self._changed:
+                if started:
+                    self._started.append(run)
+                    self._changed.notify()
+                else:
+                    self._running.pop(run_id, None)
+            return
+        if self._claim_or_refuse(run, message, runstates.QUEUED):
+            self._enqueue(run)
 
     def _claim_or_refuse(self, run: Run, message: Message, state: RunState, also: Hold | None = None) -> bool:
         """Claim a run and acknowledge its request; tell whether the claim is this runner's."""
@@ -338,9 +344,6 @@ class Runner:
     def _cancel_by_id(self, run_id: str) -> None:
         with self._changed:
             waiting = next((r for r in self._waiting if r.run_id == run_id), None)
-            if waiting is not None and waiting.unclaimed is not None:
-                waiting.cancel_requested = True  # its worker claims it (and acknowledges it) first
-                return
             if waiting is not None:
                 self._waiting.remove(waiting)
             running = self._running.get(run_id)
@@ -399,6 +402,7 @@ class Runner:
                     self._fence(next(run for run in running if run.run_id == run_id))
                 for runner_id in self.claims.silent_runners(self.config.takeover_after):
                     self._inbox.put(functools.partial(self._take_over, runner_id))
+                self.checkpoint()
             except SQLAlchemyError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
@@ -448,28 +452,47 @@ class Runner:
     def _work(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self._stopping:
+                while not self._started and not self._waiting and not self._stopping:
                     self._changed.wait()
                 if self._stopping:
                     return
-                run = self._waiting.popleft()
-                self._running[run.run_id] = run
+                started = bool(self._started)
+                if started:  # started by the dispatcher (its slot taken then): follow it
+                    run = self._started.popleft()
+                else:
+                    run = self._waiting.popleft()
+                    self._running[run.run_id] = run
             self._publish_state()
             try:
-                self._execute(run)
-            except Exception as exc:
-                log.exception("run %s failed inside the runner", run.run_id)
-                try:
-                    self._finish(run, runstates.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
-                except Exception:
-                    log.exception("run %s could not be reported failed", run.run_id)
+                self._guarded(run, functools.partial(self._carry, run, started))
             finally:
                 with self._changed:
                     self._running.pop(run.run_id, None)
                 self._publish_state()
 
-    def _execute(self, run: Run) -> None:
-        """Run one script to its end, publishing its log and status."""
+    def _carry(self, run: Run, started: bool) -> None:
+        """Start a run (unless the dispatcher did), then follow it to its end."""
+        if started or self._start(run):
+            self._follow(run)
+
+    def _guarded(self, run: Run, step: Callable[[], object]) -> bool:
+        """Do a step of a run; a runner error in it ends the run `failed`. Tell whether it went through."""
+        try:
+            return step() is not False
+        except Exception as exc:
+            log.exception("run %s failed inside the runner", run.run_id)
+            try:
+                self._finish(run, runstates.FAILED, error=f"runner error: {type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("run %s could not be reported failed", run.run_id)
+            return False
+
+    def _start(self, run: Run, request_message: Message | None = None) -> bool:
+        """Claim a run as running and launch its script; tell whether it is this runner's.
+
+        A run not claimed yet (a worker was free when its `request_message` came) is claimed
+        straight as running, and the request acknowledged; a queued one moves to running.
+        """
         request = run.request
         run.started_at = self.clock()
         status = self._status_message(run, runstates.RUNNING)
@@ -482,15 +505,14 @@ class Runner:
             self.outbox.hold_entries(run.run_id, launch, connection)
 
         # The claim's transaction holds the run's first messages too: one commit before the start.
-        if run.unclaimed is not None:
-            message, run.unclaimed = run.unclaimed, None
-            if not self._claim_or_refuse(run, message, runstates.RUNNING, hold_start):
-                return
+        if request_message is not None:
+            if not self._claim_or_refuse(run, request_message, runstates.RUNNING, hold_start):
+                return False
         elif not self.claims.move(
             run.run_id, from_states=(runstates.QUEUED,), state=runstates.RUNNING, also=hold_start
         ):
             log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
-            return
+            return False
         with run.lock:  # a cancel or a fence from now on finds the process
             if not (run.cancel_requested or run.fenced):
                 run.process, run.launch_token, run.birth = self.launcher.launch(
@@ -499,7 +521,12 @@ class Runner:
         self.bus.publish(*status)  # published once the script is on its way: it needs neither
         for _, topic, payload in launch:
             self.bus.publish(topic, payload)
-        if run.process is None:  # cancelled or taken between leaving the queue and here
+        return True
+
+    def _follow(self, run: Run) -> None:
+        """Follow a started run to its end, publishing its log and status."""
+        request = run.request
+        if run.process is None:  # cancelled or taken between leaving the queue and its launch
             self._finish(run, runstates.CANCELLED, error="cancelled")
             return
         timeout = min(request.timeout or self.config.default_timeout, self.config.max_timeout)

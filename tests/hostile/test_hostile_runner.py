@@ -104,9 +104,12 @@ DAEMON = (  # a daemon made by fork alone (no exec): session of its own, stdio c
     "    null = os.open(os.devnull, os.O_RDWR)\n"
     "    for fd in (0, 1, 2):\n"
     "        os.dup2(null, fd)\n"
-    "    open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+    "    open(sys.argv[1] + '.new', 'w').write(str(os.getpid()))\n"
+    "    os.rename(sys.argv[1] + '.new', sys.argv[1])\n"
     "    time.sleep(300)\n"
     "    os._exit(0)\n"
+    "while not os.path.exists(sys.argv[1]):  # the daemon has left the group: the run may end\n"
+    "    time.sleep(0.01)\n"
     "print('daemonized', flush=True)\n"
 )
 
@@ -127,5 +130,5 @@ def test_a_daemon_forked_without_exec_ends_with_the_run(
     run_id = f"daemon-{uuid.uuid4().hex[:6]}"
     requester("daemon", (str(pid_file),), run_id=run_id)
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
-    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 5, "the daemon's pid"))
+    pid = int(pid_file.read_text())
     wait_until(lambda: not alive(pid), 5, "the daemon to be ended with its run")
