@@ -17,12 +17,15 @@
 4. memory at rest: PSS of the runner, its fork server and its spare.
 5. through the whole server (`manage.py runserver`, recorder and all), requested over MQTT as a
    third party would, with the project's broker config and with mosquitto's defaults (Nagle on).
+6. an echo through a broker with mosquitto's defaults, by hacer's client and with its quick
+   ACKs off (what a plain paho client sees).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile  # noqa: E402
+from hacer import bus  # noqa: E402
 from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
@@ -230,9 +234,9 @@ class Echo:
         self.answerer.subscribe("bench-echo/ping", lambda m: self.answerer.publish("bench-echo/pong", m.payload))
         self.asker = Bus(broker_url, self.topics, f"bench-ask-{uuid.uuid4().hex[:6]}")
         self.asker.subscribe("bench-echo/pong", lambda m: self.back.add(m.payload.decode(), None))
-        for bus in (self.answerer, self.asker):
-            bus.start()
-            bus.wait_connected(10)
+        for client in (self.answerer, self.asker):
+            client.start()
+            client.wait_connected(10)
 
     def run(self) -> float:
         key = uuid.uuid4().hex
@@ -330,6 +334,24 @@ def memory(runner: subprocess.Popen[bytes]) -> None:
     print(f"   together     {sum(pss_mb(pid) for _, pid in parts):6.1f} MB")
 
 
+def nagle(work: Path, samples: int) -> None:
+    print(f"6. a broker with mosquitto's defaults (Nagle on): {samples} echoes, with and without quick ACKs")
+    defaults = work / "mosquitto-defaults-echo.conf"
+    defaults.write_text("listener 1883 127.0.0.1\nallow_anonymous true\n")
+    broker = BrokerProcess(work / "broker-defaults", [free_port()], template=defaults)
+    broker.start()
+    try:
+        for label, quickack in (("hacer's client (TCP_QUICKACK after reads)", bus.TCP_QUICKACK), ("plain", None)):
+            bus.TCP_QUICKACK = quickack
+            echo = Echo(broker.url)
+            echo.run()
+            print(line(f"{label}:", [echo.run() for _ in range(samples)]))
+            echo.stop()
+    finally:
+        bus.TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+        broker.stop()
+
+
 def whole_server(work: Path, scripts: Path, celery: Celery2015, samples: int) -> None:
     print(f"5. through `manage.py runserver` (recorder on), {samples} runs requested over MQTT, Celery alternating")
     defaults = work / "mosquitto-defaults.conf"
@@ -383,7 +405,7 @@ def whole_server(work: Path, scripts: Path, celery: Celery2015, samples: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["dispatch", "burst", "throughput", "memory", "server"])
+    parser.add_argument("--only", choices=["dispatch", "burst", "throughput", "memory", "server", "nagle"])
     args = parser.parse_args()
     samples = 20 if args.quick else 60
     lines = 50_000 if args.quick else 200_000
@@ -446,6 +468,8 @@ def main() -> None:
                 whole_server(work, scripts, celery, samples)
         finally:
             celery.stop()
+        if wanted("nagle"):
+            nagle(work, samples)
 
 
 if __name__ == "__main__":

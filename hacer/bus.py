@@ -111,6 +111,32 @@ def private_client_id(client_id: str, password: str | None) -> str:
     return f"{client_id}-{suffix}"
 
 
+# Linux only: acknowledge every read at once, instead of up to 40 ms later.
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _Client(paho.Client):
+    """paho's client, acknowledging at TCP level at once what it reads.
+
+    A broker with Nagle on (mosquitto's default; the project's config sets `set_tcp_nodelay`)
+    holds a small packet back until the one before it is acknowledged, and the client's kernel
+    delays that acknowledgement up to 40 ms when it has nothing to send: a PUBACK followed by a
+    PUBLISH took 44 ms to arrive (measured, bench_runner.py). Linux leaves quick-ack mode by
+    itself, so it is asked again after every read (one setsockopt).
+    """
+
+    quickack = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data = super()._sock_recv(bufsize)
+        if self.quickack and TCP_QUICKACK is not None and isinstance(self._sock, socket.socket):
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+            except OSError:
+                pass
+        return data
+
+
 @dataclass
 class _Subscription:
     topic_filter: str
@@ -169,7 +195,7 @@ class Bus:
 
     def start(self) -> None:
         """Connect in the background; reconnects by itself until stop()."""
-        client = paho.Client(
+        client = _Client(
             paho.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5,
@@ -424,6 +450,8 @@ class Bus:
         # paho leaves Nagle on, which stalls the first messages of a stream by ~40 ms.
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(client, _Client):
+                client.quickack = True
 
     def _on_connect(
         self,
