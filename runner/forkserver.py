@@ -21,6 +21,7 @@ shows it.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import select
@@ -63,13 +64,14 @@ def main() -> None:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     inherited = (runner,)  # Python objects a spare closes first (its other fds are closed by number)
+    placeholder = _placeholder()
     runs: set[int] = set()
-    spare: Spare | None = _fork_spare(inherited)
+    spare: Spare | None = _fork_spare(inherited, placeholder)
     runner.send(b"ready")
     while True:
         ready, _, _ = select.select([runner, wake_read], [], [], None if spare else SPARE_AFTER)
         if not ready and spare is None:
-            spare = _fork_spare(inherited)
+            spare = _fork_spare(inherited, placeholder)
         if wake_read in ready:
             while True:
                 try:
@@ -80,7 +82,7 @@ def main() -> None:
                 spare.channel.close()
                 spare = None  # the spare died (killed by someone): a new one
         if runner in ready:
-            spare = spare or _fork_spare(inherited)  # before the hand-off's pipe is here to inherit
+            spare = spare or _fork_spare(inherited, placeholder)  # before the hand-off's pipe is here to inherit
             body, fds, _, _ = socket.recv_fds(runner, scriptmain.HANDOFF_LIMIT, 1)
             if not body:
                 return  # the runner is gone (its runs and the spare die with this process)
@@ -138,13 +140,13 @@ def _reap(runner: socket.socket, runs: set[int], spare: int) -> bool:
             runner.send(b"exited %d %d" % (pid, os.waitstatus_to_exitcode(status)))
 
 
-def _fork_spare(inherited: tuple[socket.socket, ...]) -> Spare:
+def _fork_spare(inherited: tuple[socket.socket, ...], placeholder: int) -> Spare:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server = os.getpid()
     pid = os.fork()
     if pid == 0:
         ours.close()
-        _spare(theirs, inherited, server)
+        _spare(theirs, inherited, server, placeholder)
     theirs.close()
     try:
         os.setpgid(pid, pid)  # here too (as shells do): the group exists before the runner may signal it
@@ -153,7 +155,7 @@ def _fork_spare(inherited: tuple[socket.socket, ...]) -> Spare:
     return Spare(pid, ours)
 
 
-def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server: int) -> None:
+def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server: int, placeholder: int) -> None:
     """Wait for a run, become it and run its script; never return into the server's loop."""
     try:
         signal.set_wakeup_fd(-1)
@@ -172,7 +174,7 @@ def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server:
         os.dup2(fds[0], 1)
         os.dup2(fds[0], 2)
         os.close(fds[0])
-        _mark_environment(token)
+        _mark_environment(placeholder, token)
         scriptmain.become(run_id, script, params)
     except BaseException as exc:  # noqa: BLE001 - nothing of the server's loop may run in a child
         os.write(2, f"hacer: the run could not start: {type(exc).__name__}: {exc}\n".encode())
@@ -180,15 +182,18 @@ def _spare(channel: socket.socket, inherited: tuple[socket.socket, ...], server:
     scriptmain.run_to_the_end(script)
 
 
-def _mark_environment(token: str) -> None:
-    """Write the run's launch token over the placeholder in this process's initial environment."""
-    import ctypes
-
+def _placeholder() -> int:
+    """The address of the launch token's placeholder in the initial environment (0: none); a fork keeps it."""
     libc = ctypes.CDLL(None)
     libc.getenv.restype = ctypes.c_void_p
     address = libc.getenv(scriptmain.LAUNCH_ENV.encode())
-    if address and ctypes.string_at(address) == PLACEHOLDER.encode():
-        ctypes.memmove(address, token.encode(), len(PLACEHOLDER))
+    return address if address and ctypes.string_at(address) == PLACEHOLDER.encode() else 0
+
+
+def _mark_environment(placeholder: int, token: str) -> None:
+    """Write the run's launch token over the placeholder in this process's initial environment."""
+    if placeholder:
+        ctypes.memmove(placeholder, token.encode(), len(PLACEHOLDER))
     os.environ[scriptmain.LAUNCH_ENV] = token
 
 
