@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -65,9 +64,8 @@ class Launched(NamedTuple):
 class ForkedProcess:
     """A run forked by the fork server: its exit status comes from the server."""
 
-    def __init__(self, pid: int, token: str) -> None:
+    def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.token = token
         self.stdout: IO[bytes] | None = None
         self.returncode: int | None = None
         self._exited = threading.Event()
@@ -90,6 +88,13 @@ class ForkedProcess:
             self._exited.set()
 
 
+class _Spare(NamedTuple):
+    """A process the fork server forked ahead, and the socket to hand it a run on."""
+
+    pid: int
+    channel: socket.socket
+
+
 class Launcher:
     """See the module docstring. `env` is the scripts' environment; does nothing until start()."""
 
@@ -102,31 +107,37 @@ class Launcher:
         self.restart_after = restart_after
         self.forked = 0
         self.cold = 0
-        self._lock = threading.Lock()  # one hand-off at a time; guards the fields below
+        self._lock = threading.Lock()  # guards the fields below
+        self._spare_came = threading.Condition(self._lock)
         self._server: subprocess.Popen[bytes] | None = None
         self._channel: socket.socket | None = None
-        self._replies: queue.SimpleQueue[ForkedProcess | bytes | None] = queue.SimpleQueue()
+        self._spare: _Spare | None = None
+        self._ready = False  # the server has offered a spare: its imports are done
         self._forked: dict[int, ForkedProcess] = {}
-        self._ready = threading.Event()
         self._started_at = 0.0
 
     def start(self, wait: float = READY_TIMEOUT) -> None:
-        """Start the fork server and wait up to `wait` seconds for its imports; runs start cold until then."""
+        """Start the fork server and wait up to `wait` seconds for its first spare; runs start cold until then."""
         if not self.use_fork_server:
             return
         with self._lock:
             self._start_server()
-            ready = self._ready
-        if not ready.wait(wait):
-            log.warning("the fork server is not ready after %g s: runs start cold until it is", wait)
+            if not self._spare_came.wait_for(lambda: self._spare is not None, wait):
+                log.warning("the fork server is not ready after %g s: runs start cold until it is", wait)
+
+    @property
+    def ready(self) -> bool:
+        """Tell whether the fork server has offered a spare (its imports are done)."""
+        return self._ready
 
     def stop(self) -> None:
         """Stop the fork server; runs it forked die with it."""
         with self._lock:
-            server, channel = self._server, self._channel
-            self._server = self._channel = None
-        if channel is not None:
-            channel.close()
+            server, channel, spare = self._server, self._channel, self._spare
+            self._server = self._channel = self._spare = None
+        for open_socket in (channel, spare and spare.channel):
+            if open_socket is not None:
+                open_socket.close()
         if server is not None:
             server.kill()
             server.wait()
@@ -154,41 +165,62 @@ class Launcher:
     # --- the fork server --------------------------------------------------------------------
 
     def _fork(self, run_id: str, token: str, script: Path, params: tuple[str, ...]) -> ForkedProcess | None:
+        """Hand a run to the fork server's spare; None when there is none to be had."""
         try:
             handoff = scriptmain.encode_handoff(run_id, token, str(script), params)
         except scriptmain.HandoffError:
             return None
         with self._lock:
-            if not self._usable():
+            spare = self._take_spare()
+            if spare is None:
                 return None
-            read_end, write_end = os.pipe()
-            try:
-                assert self._channel is not None
-                socket.send_fds(self._channel, [handoff], [write_end])
-                reply = self._replies.get(timeout=REPLY_TIMEOUT)
-            except (OSError, queue.Empty) as exc:
-                log.error("the fork server failed (%s): starting it again", exc or f"no answer in {REPLY_TIMEOUT} s")
-                self._start_server()
-                reply = None
-            finally:
-                os.close(write_end)
-        if not isinstance(reply, ForkedProcess) or reply.token != token:
-            log.warning("the fork server did not start run %s (%r): it starts cold", run_id, reply)
+            process = self._forked[spare.pid] = ForkedProcess(spare.pid)  # before its exit can be told
+        read_end, write_end = os.pipe()
+        try:
+            socket.send_fds(spare.channel, [handoff], [write_end])
+        except OSError as exc:  # it died unused just now
+            log.warning("the fork server's spare %d is gone (%s): run %s starts cold", spare.pid, exc, run_id)
+            with self._lock:
+                self._forked.pop(spare.pid, None)
             os.close(read_end)
             return None
-        reply.stdout = os.fdopen(read_end, "rb", buffering=0)
-        return reply
+        finally:
+            os.close(write_end)
+            spare.channel.close()
+        process.stdout = os.fdopen(read_end, "rb", buffering=0)
+        self._tell_server(b"used %d" % spare.pid)
+        return process
 
-    def _usable(self) -> bool:
-        """Tell whether the fork server can take a run now; start it again once it is gone (call with the lock)."""
-        if self._server is not None and self._server.poll() is None:
-            return self._ready.is_set()
-        if time.monotonic() - self._started_at >= self.restart_after:
-            log.warning(
-                "the fork server is gone (exit code %s): starting it again", self._server and self._server.poll()
-            )
-            self._start_server()
-        return False
+    def _take_spare(self) -> _Spare | None:
+        """The spare, asked for and waited on if none is here (call with the lock held)."""
+        if self._server is None or self._server.poll() is not None:
+            if time.monotonic() - self._started_at >= self.restart_after:
+                exit_code = self._server.poll() if self._server else None
+                log.warning("the fork server is gone (exit code %s): starting it again", exit_code)
+                self._start_server()
+            return None  # this run starts cold rather than wait for the new server's imports
+        if not self._ready:
+            return None  # still importing
+        if self._spare is None and self._ask_for_spare():
+            self._spare_came.wait_for(lambda: self._spare is not None, REPLY_TIMEOUT)
+        spare, self._spare = self._spare, None
+        return spare
+
+    def _ask_for_spare(self) -> bool:
+        try:
+            assert self._channel is not None
+            self._channel.send(b"fork")
+            return True
+        except OSError:
+            return False
+
+    def _tell_server(self, message: bytes) -> None:
+        channel = self._channel
+        try:
+            if channel is not None:
+                channel.send(message)
+        except OSError as exc:  # gone: the next launch finds out and starts another
+            log.warning("the fork server did not take %r: %s", message, exc)
 
     def _start_server(self) -> None:
         """Start (again) the fork server; call with the lock held."""
@@ -198,6 +230,10 @@ class Launcher:
             self._server.kill()
             self._server.wait()
         self._started_at = time.monotonic()
+        self._ready = False
+        if self._spare is not None:
+            self._spare.channel.close()
+            self._spare = None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**self.env, scriptmain.LAUNCH_ENV: "0" * scriptmain.LAUNCH_TOKEN_LENGTH}
         try:
@@ -217,46 +253,53 @@ class Launcher:
         finally:
             theirs.close()
         self._channel = mine
-        self._replies = queue.SimpleQueue()
-        self._ready = threading.Event()
-        threading.Thread(
-            target=self._read, args=(mine, self._replies, self._ready), name="runner-forkserver-reader", daemon=True
-        ).start()
+        threading.Thread(target=self._read, args=(mine,), name="runner-forkserver-reader", daemon=True).start()
 
-    def _read(
-        self, channel: socket.socket, replies: queue.SimpleQueue[ForkedProcess | bytes | None], ready: threading.Event
-    ) -> None:
-        """Hand on the server's answers and exit statuses, until it closes."""
+    def _read(self, channel: socket.socket) -> None:
+        """Take the server's spares and exit statuses, until it closes."""
         mine: set[int] = set()
         while True:
             try:
-                message = channel.recv(4096)
+                message, fds, _, _ = socket.recv_fds(channel, 64, 1)
             except OSError:
-                message = b""
+                message, fds = b"", []
             if not message:
                 break
             kind, *fields = message.decode(errors="replace").split()
             try:
-                if kind == "started":
-                    token, pid = fields[0], int(fields[1])
-                    self._forked[pid] = started = ForkedProcess(pid, token)
+                if kind == "spare" and len(fds) == 1:
+                    pid = int(fields[0])
+                    spare_channel = socket.socket(fileno=fds.pop())
+                    spare_channel.set_inheritable(False)
+                    with self._lock:
+                        if channel is not self._channel:  # a server given up on: its spare dies with it
+                            spare_channel.close()
+                            continue
+                        if self._spare is not None:
+                            self._spare.channel.close()
+                        self._spare = _Spare(pid, spare_channel)
+                        self._ready = True
+                        self._spare_came.notify_all()
                     mine.add(pid)
-                    replies.put(started)
                 elif kind == "exited":
-                    pid, code = int(fields[0]), int(fields[1])
-                    mine.discard(pid)
-                    ended = self._forked.pop(pid, None)
-                    if ended is not None:
-                        ended.exited(code)
-                elif kind == "refused":
-                    replies.put(message)
-                elif kind == "ready":
-                    ready.set()
+                    self._exited(int(fields[0]), int(fields[1]))
+                    mine.discard(int(fields[0]))
+                else:
+                    raise ValueError(message)
             except (ValueError, IndexError):
                 log.error("the fork server said %r", message[:100])
+            finally:
+                for fd in fds:
+                    os.close(fd)
         # The server is gone, and its runs with it (they die with it): their exits are not coming.
-        replies.put(None)
         for pid in mine:
-            lost = self._forked.pop(pid, None)
-            if lost is not None:
-                lost.exited(-signal.SIGKILL)
+            self._exited(pid, -signal.SIGKILL)
+
+    def _exited(self, pid: int, returncode: int) -> None:
+        with self._lock:
+            if self._spare is not None and self._spare.pid == pid:
+                self._spare.channel.close()
+                self._spare = None
+            process = self._forked.pop(pid, None)
+        if process is not None:
+            process.exited(returncode)

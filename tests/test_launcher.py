@@ -154,7 +154,7 @@ def test_runs_die_with_the_fork_server_and_the_next_runs_start_cold_then_forked_
     assert process.wait(10) == -signal.SIGKILL
     assert process.stdout.read() == b""  # the run's process is gone with the server: its pipe closed
     assert run(forked, quick)[:2] == ("quick\n", 0) and forked.cold == 1  # while the new server imports
-    wait_until(lambda: forked._ready.is_set(), 15, "the new fork server to be ready")
+    wait_until(lambda: forked.ready, 15, "the new fork server to be ready")
     assert run(forked, quick)[:2] == ("quick\n", 0) and forked.forked == 2
 
 
