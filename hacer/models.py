@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -330,6 +330,17 @@ def _create_private_file(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         pass
+
+
+def survive_power_cuts(connection: Connection, survive: bool = True) -> None:
+    """Say, first thing in a transaction, whether its commit must survive a power cut, not only a crash.
+
+    SQLite in WAL mode with synchronous=NORMAL (the default here) syncs at checkpoints only: a
+    commit survives any crash of the process but may roll back in a power cut; FULL syncs every
+    commit (0.4 ms measured). PostgreSQL syncs every commit anyway.
+    """
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql(f"PRAGMA synchronous={'FULL' if survive else 'NORMAL'}")
 
 
 def _no_autocheckpoint(dbapi_connection: Any, record: Any) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
-from hacer.models import RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
+from hacer.models import RunClaim, RunnerHeartbeat, aware_utc, survive_power_cuts, utc_datetime
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
 Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
@@ -65,6 +65,7 @@ class ClaimStore:
         now = utc_datetime(self.clock())
         try:
             with self.engine.begin() as connection:
+                survive_power_cuts(connection)  # who owns a run must outlive a power cut
                 connection.execute(
                     CLAIM,
                     {
@@ -101,6 +102,7 @@ class ClaimStore:
         if new_owner:
             values["runner_id"] = new_owner
         with self.engine.begin() as connection:
+            survive_power_cuts(connection)  # who owns a run must outlive a power cut
             result = connection.execute(
                 update(RunClaim)
                 .where(

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from hacer import runstates
 from hacer.messages import RunRecorded
-from hacer.models import RunOutbox
+from hacer.models import RunOutbox, survive_power_cuts
 
 STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entries 1..n
 # Built once: building a statement costs more than SQLite executing it (measured 1.5 ms against
@@ -65,6 +65,7 @@ class Outbox:
         """Keep (seq, topic, payload) log entries about to be published (in `connection`'s transaction if given)."""
         if connection is None:
             with self.engine.begin() as connection:
+                survive_power_cuts(connection, False)  # a power cut ends the run itself `lost`
                 self.hold_entries(run_id, entries, connection)
             return
         now = self.clock()
@@ -96,6 +97,7 @@ class Outbox:
         """
         if connection is None:
             with self.engine.begin() as connection:
+                survive_power_cuts(connection, False)  # a power cut ends the run itself `lost`
                 self.hold_status(run_id, state, topic, payload, connection)
             return
         self._held_runs.add(run_id)

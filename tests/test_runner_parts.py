@@ -153,3 +153,24 @@ def test_leftovers_are_looked_for_among_the_processes_created_since_the_launch(m
     monkeypatch.setattr(leftovers, "_read", lambda path: b"4194304\n")
     found = leftovers._created_since(leftovers.Birth(*since))
     assert sorted(found) == sorted(pids if expected == "all" else expected)
+
+
+def test_a_claim_is_committed_to_survive_a_power_cut_and_held_lines_a_crash(tmp_path):
+    """SQLite syncs the claim's commit (synchronous=FULL); the outbox's own commits only survive a crash."""
+    from hacer.models import Database
+    from runner.claims import ClaimStore
+    from runner.outbox import Outbox
+
+    database = Database(f"sqlite:///{tmp_path / 'claims.db'}", pool_size=1, max_overflow=0)
+    database.init()
+    claims, outbox = ClaimStore(database.engine, "r"), Outbox(database.engine, "r")
+    levels = []
+
+    def level(connection):
+        levels.append(connection.exec_driver_sql("PRAGMA synchronous").scalar())
+
+    claims.claim("run", "{}", also=level)  # inside the claim's transaction
+    outbox.hold_entries("run", [(1, "t", b"line")])
+    with database.engine.connect() as connection:  # the one pooled connection, as the hold left it
+        level(connection)
+    assert levels == [2, 1]  # FULL, then NORMAL
