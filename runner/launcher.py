@@ -1,11 +1,11 @@
 """Starting script processes for the runner: forked by the fork server, or started cold.
 
-A run's process is forked by the fork server (runner/forkserver.py) when it is up: the script's
-first line then comes about a millisecond after the hand-off instead of after an interpreter's
-start and imports. When it is not (not started yet, died, or refused the run) the script is
-started as its own interpreter, as before the fork server existed, and the fork server is
-started again. Either way the process is the leader of its own process group, its output one
-pipe, its environment the scripts' own plus the run id and a launch token that
+A run is handed to the fork server's spare (runner/forkserver.py) when there is one: the
+script's first line then comes about a millisecond after the hand-off instead of after an
+interpreter's start and imports. When there is none to be had (the server is still importing,
+or died and waits to be started again) the script is started as its own interpreter, as before
+the fork server existed. Either way the process is the leader of its own process group, its
+output one pipe, its environment the scripts' own plus the run id and a launch token that
 runner/leftovers.py looks for.
 
 PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not the process: only
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
 FORK_SERVER = PROJECT_DIR / "runner" / "forkserver.py"
-REPLY_TIMEOUT = 10.0  # seconds the fork server has to answer a hand-off (it answers in a millisecond)
+REPLY_TIMEOUT = 10.0  # seconds the fork server has to offer a spare asked for (it takes 1-2 ms)
 READY_TIMEOUT = 10.0  # seconds the runner's start waits for the fork server's imports (0.3 s here)
 RESTART_AFTER = 10.0  # seconds between starts of a fork server that keeps dying
 

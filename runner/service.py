@@ -156,7 +156,7 @@ class Runner:
     def start(self) -> None:
         """Beat once, subscribe, start the workers, then recover this runner's earlier claims."""
         self.claims.beat()
-        self.launcher.start()  # its imports go on while the runner connects
+        self.launcher.start()  # waits for the fork server's imports (0.3 s), so the first runs are forked too
         self.outbox.adopt(self.config.runner_id)  # what this runner's earlier process still held
         self.bus.birth = self._state_payload()
         self.bus.subscribe(
