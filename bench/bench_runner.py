@@ -48,6 +48,18 @@ from hacer.topics import Topics  # noqa: E402
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def manage(command: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `manage.py <command>` with its output to a log file."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), command],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT,
+        )
+
+
 def bare_start(samples: int) -> list[float]:
     """`python -c pass` to exit, in ms."""
     exits = []
@@ -373,14 +385,7 @@ def whole_server(work: Path, scripts: Path, celery: Celery2015, samples: int) ->
             "HACER_RUNNER_ID": f"bench-{uuid.uuid4().hex[:6]}",
         }
         hacer = Hacer(broker.url, env["HACER_RUNNER_ID"])
-        with open(folder / "server.log", "ab") as server_log:
-            server = subprocess.Popen(
-                [sys.executable, str(PROJECT / "manage.py"), "runserver"],
-                env=env,
-                stdout=server_log,
-                stderr=subprocess.STDOUT,
-                cwd=PROJECT,
-            )
+        server = manage("runserver", env, folder / "server.log")
         try:
             if not hacer.online.wait(60):
                 raise RuntimeError(f"the server's runner did not come online (see {folder / 'server.log'})")
@@ -435,14 +440,7 @@ def main() -> None:
             "HACER_STATE_DIR": str(work / "state"),
         }
         hacer = Hacer(broker.url, runner_id)
-        with open(work / "runner.log", "ab") as runner_log:
-            runner = subprocess.Popen(
-                [sys.executable, str(PROJECT / "manage.py"), "runner"],
-                env=env,
-                stdout=runner_log,
-                stderr=subprocess.STDOUT,
-                cwd=PROJECT,
-            )
+        runner = manage("runner", env, work / "runner.log")
         try:
             if not hacer.online.wait(20):
                 raise RuntimeError("the runner did not come online")
