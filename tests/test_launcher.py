@@ -190,3 +190,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_a_spare_killed_while_it_waits_is_replaced_and_runs_stay_forked(launcher, tmp_path):
+    quick = tmp_path / "quick.py"
+    quick.write_text("print('quick')\n")
+    forked = launcher()
+    server = forked._server
+    assert server is not None
+    spares = wait_until(
+        lambda: Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split(), 10, "a spare"
+    )
+    os.kill(int(spares[0]), signal.SIGKILL)
+    wait_until(lambda: not _alive(int(spares[0])), 10, "the spare to die")
+    assert run(forked, quick)[:2] == ("quick\n", 0)  # cold if the dead spare's exit was not told yet
+    for _ in range(2):
+        before = forked.forked
+        assert run(forked, quick)[:2] == ("quick\n", 0)
+        assert forked.forked == before + 1
