@@ -337,7 +337,7 @@ def survive_power_cuts(connection: Connection, survive: bool = True) -> None:
 
     SQLite in WAL mode with synchronous=NORMAL (the default here) syncs at checkpoints only: a
     commit survives any crash of the process but may roll back in a power cut; FULL syncs every
-    commit (0.4 ms measured). PostgreSQL syncs every commit anyway.
+    commit (0.4 ms alone here, 1.2 ms of a run's start). PostgreSQL syncs every commit anyway.
     """
     if connection.dialect.name == "sqlite":
         connection.exec_driver_sql(f"PRAGMA synchronous={'FULL' if survive else 'NORMAL'}")
