@@ -1,6 +1,6 @@
 """Runs one script for the runner, and owns the hand-off format that names a run.
 
-Two ways in, one outcome. The runner's fork server (hacer/forkserver.py) forks a process per
+Two ways in, one outcome. The runner's fork server (runner/forkserver.py) forks a process per
 run and makes it the run's with `become()`; without the fork server the runner starts
 `python hacer/scriptmain.py <script.py> <params...>` with the run id in the environment. Either
 way the script runs as `__main__` with the usual argv; an exception it does not catch becomes an
@@ -26,7 +26,9 @@ RUN_ID_ENV = "HACER_RUN_ID"
 # descendants names it even when they fork without exec (a forked run learns its run id late).
 LAUNCH_ENV = "HACER_LAUNCH"
 LAUNCH_TOKEN_LENGTH = 32
-HANDOFF_LIMIT = 1 << 20  # bytes; the largest request's parameters fit several times over
+# Bytes: one SOCK_SEQPACKET message at Linux's default socket buffer (208 KiB), and room for the
+# largest request (32 parameters of 1024 characters, 4 bytes each at most, and a script's path).
+HANDOFF_LIMIT = 192 * 1024
 
 
 class HandoffError(ValueError):

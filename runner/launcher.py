@@ -179,7 +179,7 @@ class Launcher:
         try:
             socket.send_fds(spare.channel, [handoff], [write_end])
         except OSError as exc:  # it died unused just now
-            log.warning("the fork server's spare %d is gone (%s): run %s starts cold", spare.pid, exc, run_id)
+            log.warning("handing run %s to the spare %d failed (%s): it starts cold", run_id, spare.pid, exc)
             with self._lock:
                 self._forked.pop(spare.pid, None)
             os.close(read_end)

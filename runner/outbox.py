@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -63,30 +64,26 @@ class Outbox:
         self, run_id: str, entries: list[tuple[int, str, bytes]], connection: Connection | None = None
     ) -> None:
         """Keep (seq, topic, payload) log entries about to be published (in `connection`'s transaction if given)."""
-        if connection is None:
-            with self.engine.begin() as connection:
-                survive_power_cuts(connection, False)  # a power cut ends the run itself `lost`
-                self.hold_entries(run_id, entries, connection)
-            return
         now = self.clock()
         self._held_runs.add(run_id)
-        connection.execute(
-            HOLD,
-            [
-                {
-                    "runner_id": self.runner_id,
-                    "run_id": run_id,
-                    "seq": seq,
-                    "state": "",
-                    "topic": topic,
-                    "payload": payload.decode(),
-                    "size": len(payload),
-                    "sent_at": now,
-                    "sends": 1,
-                }
-                for seq, topic, payload in entries
-            ],
-        )
+        with self._transaction(connection) as transaction:
+            transaction.execute(
+                HOLD,
+                [
+                    {
+                        "runner_id": self.runner_id,
+                        "run_id": run_id,
+                        "seq": seq,
+                        "state": "",
+                        "topic": topic,
+                        "payload": payload.decode(),
+                        "size": len(payload),
+                        "sent_at": now,
+                        "sends": 1,
+                    }
+                    for seq, topic, payload in entries
+                ],
+            )
 
     def hold_status(
         self, run_id: str, state: str, topic: str, payload: bytes, connection: Connection | None = None
@@ -95,27 +92,33 @@ class Outbox:
 
         In `connection`'s transaction if given.
         """
-        if connection is None:
-            with self.engine.begin() as connection:
-                survive_power_cuts(connection, False)  # a power cut ends the run itself `lost`
-                self.hold_status(run_id, state, topic, payload, connection)
-            return
         self._held_runs.add(run_id)
-        connection.execute(LET_GO_OF_STATUS, {"run": run_id})
-        connection.execute(
-            HOLD,
-            {
-                "runner_id": self.runner_id,
-                "run_id": run_id,
-                "seq": STATUS_SEQ,
-                "state": state,
-                "topic": topic,
-                "payload": payload.decode(),
-                "size": len(payload),
-                "sent_at": self.clock(),
-                "sends": 1,
-            },
-        )
+        with self._transaction(connection) as transaction:
+            transaction.execute(LET_GO_OF_STATUS, {"run": run_id})
+            transaction.execute(
+                HOLD,
+                {
+                    "runner_id": self.runner_id,
+                    "run_id": run_id,
+                    "seq": STATUS_SEQ,
+                    "state": state,
+                    "topic": topic,
+                    "payload": payload.decode(),
+                    "size": len(payload),
+                    "sent_at": self.clock(),
+                    "sends": 1,
+                },
+            )
+
+    @contextmanager
+    def _transaction(self, connection: Connection | None) -> Iterator[Connection]:
+        """`connection` (a caller's transaction), or one of the outbox's own."""
+        if connection is not None:
+            yield connection
+            return
+        with self.engine.begin() as own:
+            survive_power_cuts(own, False)  # a crash, not a power cut: that ends the run itself `lost`
+            yield own
 
     def confirm(self, recorded: RunRecorded) -> None:
         """Note what a recorder has written (from the bus thread: applied later by apply())."""
