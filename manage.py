@@ -269,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("script")
     run.add_argument("params", nargs=argparse.REMAINDER, help="the script's parameters, as they are")
     run.set_defaults(func=cmd_run)
-    commands.add_parser("initdb", help="create the schema and the fixed rows (idempotent)").set_defaults(
-        func=cmd_initdb
-    )
+    commands.add_parser(
+        "initdb", help="create or upgrade the schema (migrations keep every row) and the fixed rows; idempotent"
+    ).set_defaults(func=cmd_initdb)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)").set_defaults(
         func=cmd_shell
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,13 +24,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from hacer import migrations
 from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
 from hacer.nodewire import NODE_TYPES
 from hacer.settings import private_dir
@@ -39,7 +39,6 @@ from hacer.settings import private_dir
 log = logging.getLogger(__name__)
 
 MAX_ROW_ID = 2**63 - 1  # the largest id a database row can have (a signed 64-bit integer)
-INIT_TRIES = 5
 SCHEMA_LOCK_KEY = 7775_7777  # any constant: the advisory lock every part takes to create the schema
 
 
@@ -136,7 +135,7 @@ class Run(Base):
     requested_at: Mapped[datetime] = mapped_column(DateTime)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
     request: Mapped[str] = mapped_column(Text, default="")  # as published, to send again
 
 
@@ -147,7 +146,7 @@ class ScriptLogEntry(Base):
     __table_args__ = (UniqueConstraint("thread_id", "seq"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int | None] = mapped_column(Integer)  # the bus's numbering (none in 2015 rows)
-    timestamp: Mapped[datetime] = mapped_column(DateTime)
+    timestamp: Mapped[datetime] = mapped_column(DateTime, index=True)
     thread_id: Mapped[int] = mapped_column(BigInteger, index=True)
     script_name: Mapped[str] = mapped_column(String(255))
     params: Mapped[str] = mapped_column(Text, default="[]")
@@ -165,7 +164,7 @@ class RunClaim(Base):
     state: Mapped[str] = mapped_column(String(16))
     request: Mapped[str] = mapped_column(Text)
     claimed_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
 class RunnerHeartbeat(Base):
@@ -202,7 +201,7 @@ class DeadLetter(Base):
     payload: Mapped[str] = mapped_column(Text)  # its first bytes, as repr() text (it may hold anything)
     error: Mapped[str] = mapped_column(Text)
     recorder: Mapped[str] = mapped_column(String(128), default="")
-    at: Mapped[datetime] = mapped_column(DateTime)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
 
 class Automation(Base):
@@ -276,25 +275,24 @@ class Database:
             log.warning("checkpointing %s failed: %s", self.engine.url.database, exc)
 
     def create_all(self) -> None:
-        """Create the missing tables (the 2015 `db.create_all()`)."""
-        Base.metadata.create_all(self.engine)
+        """Create the missing tables, or upgrade them (the 2015 `db.create_all()`)."""
+        self.init(fixed_rows=False)
 
-    def init(self) -> None:
-        """Create the schema and the fixed rows; safe to run any number of times, by parts starting at once."""
-        for attempt in range(INIT_TRIES):
-            try:
-                with self.session() as session:
-                    if self.engine.dialect.name == "postgresql":  # one creator at a time, until commit
-                        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-                    Base.metadata.create_all(session.connection())
+    def init(self, fixed_rows: bool = True) -> None:
+        """Create or upgrade the schema, and insert the fixed rows; safe for parts starting at once."""
+        with self.engine.connect() as connection:
+            # One migrator at a time, until commit; the others then find the schema at HEAD.
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            elif connection.dialect.name == "sqlite":  # pysqlite begins no transaction before DDL by itself
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            if schema_revision(connection) != migrations.HEAD:
+                migrations.upgrade(connection)
+            if fixed_rows:
+                with Session(connection) as session:
                     NodeType.insert_types(session)
                     ScriptLogEntryType.insert_types(session)
-                    session.commit()
-                return
-            except (IntegrityError, OperationalError):  # SQLite: another part created it between check and create
-                if attempt == INIT_TRIES - 1:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
+            connection.commit()
 
     def make_current(self) -> Database:
         """Make this the database of argument-less 2015 calls such as NodeType.insert_types()."""
@@ -307,6 +305,13 @@ class Database:
         if cls._current is None:
             raise RuntimeError("no current database: pass a session, or use `python manage.py shell`")
         return cls._current
+
+
+def schema_revision(connection: Connection) -> str | None:
+    """The migration a database's schema is at; None before migrations (an empty or a `create_all()` database)."""
+    if not inspect(connection).has_table(migrations.VERSION_TABLE):
+        return None
+    return connection.execute(text(f"SELECT version_num FROM {migrations.VERSION_TABLE}")).scalar()
 
 
 def make_engine(url: str, busy_timeout: float = 10.0, **options: Any) -> Engine:

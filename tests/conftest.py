@@ -151,13 +151,19 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """An initialised database of each kind: SQLite in tmp_path, and a fresh PostgreSQL schema."""
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind: a SQLite file in tmp_path, and a fresh PostgreSQL schema."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'hacer.db'}"
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Any]:
+    """An initialised database of each kind."""
     from hacer.models import Database
 
-    sqlite = f"sqlite:///{tmp_path / 'hacer.db'}"
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else sqlite
-    database = Database(url)
+    database = Database(database_url)
     database.init()
     yield database
     database.engine.dispose()

@@ -3,19 +3,11 @@
 import subprocess
 import sys
 
-import pytest
 from sqlalchemy import select
 
 from hacer.models import LOG_ENTRY_TYPES, Database, Node, NodeType, ScriptLogEntryType
 from hacer.nodewire import NODE_TYPES
 from hacer.settings import PROJECT_DIR
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'hacer.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def fixed_rows(db):
