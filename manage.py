@@ -132,6 +132,18 @@ def cmd_initdb(args: argparse.Namespace) -> None:
     log.info("database ready: %s", settings.database_url)
 
 
+def cmd_purge(args: argparse.Namespace) -> None:
+    from hacer.models import Database
+    from recorder.retention import Purger, Retention, vacuum
+
+    settings = Settings.from_env()
+    database = Database(settings.database_url)
+    database.init()
+    print(f"purged {Purger(database.engine, Retention(settings.keep_days, settings.keep_runs))()}")
+    if args.vacuum:
+        vacuum(database.engine)
+
+
 def cmd_shell(args: argparse.Namespace) -> None:
     from sqlalchemy import select
 
@@ -272,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser(
         "initdb", help="create or upgrade the schema (migrations keep every row) and the fixed rows; idempotent"
     ).set_defaults(func=cmd_initdb)
+    purge = commands.add_parser("purge", help="remove the history past HACER_KEEP_DAYS and HACER_KEEP_RUNS now")
+    purge.add_argument("--vacuum", action="store_true", help="then compact a SQLite file (it is locked meanwhile)")
+    purge.set_defaults(func=cmd_purge)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)").set_defaults(
         func=cmd_shell
     )

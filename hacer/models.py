@@ -354,6 +354,8 @@ def _no_autocheckpoint(dbapi_connection: Any, record: Any) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # Before WAL, which writes the header: a new file then gives deleted pages back (recorder/retention.py).
+    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")

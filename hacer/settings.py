@@ -93,6 +93,10 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     recorder_id: str = field(default_factory=socket.gethostname)
     rescue_after: float = 5.0
+    # History kept (recorder/retention.py): finished runs, their logs and claims, fires, dead letters.
+    keep_days: float = 30.0
+    keep_runs: int = 100_000
+    purge_every: float = 3600.0
     resend_after: float = 5.0
     database_timeout: float = 10.0
     runner_outbox_bytes: int = 64 * 1024 * 1024
@@ -156,6 +160,9 @@ class Settings:
             allowed_origins=_list(env, "HACER_ALLOWED_ORIGINS"),
             recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
             rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
+            keep_days=_float(env, "HACER_KEEP_DAYS", 30.0, 0.001) or 30.0,
+            keep_runs=_int(env, "HACER_KEEP_RUNS", 100_000, 0, 2**62),
+            purge_every=_float(env, "HACER_PURGE_EVERY", 3600.0, 1.0) or 3600.0,
             resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,
             database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
             runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),

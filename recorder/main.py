@@ -10,6 +10,7 @@ from hacer.messages import RecorderState
 from hacer.models import Database
 from hacer.settings import Settings
 from hacer.topics import Topics
+from recorder.retention import Purger, Retention
 from recorder.service import Recorder
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,13 @@ def main(settings: Settings | None = None) -> None:
         manual_ack=True,
     )
     recorder = Recorder(
-        bus, topics, database.session, recorder_id=settings.recorder_id, rescue_after=settings.rescue_after
+        bus,
+        topics,
+        database.session,
+        recorder_id=settings.recorder_id,
+        rescue_after=settings.rescue_after,
+        purge=Purger(database.engine, Retention(settings.keep_days, settings.keep_runs)),
+        purge_every=settings.purge_every,
     )
     log.info("starting the recorder (%s)", settings.database_url.split("@")[-1])
     run_until_signal(recorder)

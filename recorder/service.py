@@ -92,6 +92,8 @@ class Recorder:
         *,
         recorder_id: str = "recorder",
         rescue_after: float = 5.0,
+        purge: Callable[[], object] | None = None,
+        purge_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
@@ -99,6 +101,8 @@ class Recorder:
         self.sessions = sessions
         self.recorder_id = recorder_id
         self.rescue_after = rescue_after
+        self.purge = purge
+        self.purge_every = purge_every
         self.clock = clock
         self.written = 0
         self.rescued = 0
@@ -131,7 +135,10 @@ class Recorder:
         self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
         self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
         self.bus.birth = self._state_payload()
-        for target, name in ((self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")):
+        loops = [(self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")]
+        if self.purge is not None:
+            loops.append((self._purge_loop, "recorder-purge"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -500,6 +507,15 @@ class Recorder:
             params = json.loads(run.params or "[]")
             self._entry_context[run_id] = (run.id, run.script, json.dumps(params[1:]))
         return self._entry_context[run_id]
+
+    def _purge_loop(self) -> None:
+        assert self.purge is not None
+        while not self._stopping.is_set():
+            try:
+                self.purge()
+            except Exception:  # the database away for a while: history waits for the next pass
+                log.exception("purging old history failed")
+            self._stopping.wait(self.purge_every)
 
     # --- rescue -----------------------------------------------------------------------------
 

@@ -253,3 +253,22 @@ def test_a_poison_message_on_the_bus_stops_nothing_across_restarts(start_recorde
     database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
     with database.session() as session:  # 2 if the kill beat the first acknowledgement: set aside again
         assert session.scalar(select(func.count()).select_from(DeadLetter)) >= 1
+
+
+def test_the_recorder_purges_finished_runs_never_a_running_one(
+    start_recorder, runner_env, start_runner, requester, runs, tmp_path
+):
+    env = {**runner_env, "HACER_KEEP_RUNS": "1", "HACER_PURGE_EVERY": "1"}  # one finished run kept
+    start_recorder(env)
+    start_runner()
+    pipe = fifo(tmp_path, "held")
+    running = requester("block", [str(pipe)])
+    runs.wait_state(running, runstates.RUNNING)
+    first = requester("test", ["1"])
+    wait_until(lambda: run_row(env, first)[0] == runstates.SUCCEEDED, 30, "the first run recorded")
+    second = requester("test", ["2"])
+    wait_until(lambda: run_row(env, first) == (None, []), 30, "the older finished run and its log purged")
+    assert run_row(env, running)[0] == runstates.RUNNING  # older than both, and kept
+    assert run_row(env, second)[0] == runstates.SUCCEEDED
+    release(pipe)
+    runs.wait_finished(running)
