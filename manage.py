@@ -129,7 +129,7 @@ def cmd_initdb(args: argparse.Namespace) -> None:
 
     settings = Settings.from_env()
     Database(settings.database_url).init()
-    log.info("database ready: %s", settings.database_url)
+    log.info("database ready: %s", settings.database_url.split("@")[-1])  # no password in logs
 
 
 def cmd_purge(args: argparse.Namespace) -> None:
@@ -142,6 +142,24 @@ def cmd_purge(args: argparse.Namespace) -> None:
     print(f"purged {Purger(database.engine, Retention(settings.keep_days, settings.keep_runs))()}")
     if args.vacuum:
         vacuum(database.engine)
+
+
+def cmd_backup(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hacer.backup import BackupError, backup, restore
+    from hacer.models import Database
+
+    settings = Settings.from_env()
+    database = Database(settings.database_url)
+    try:
+        if args.command == "backup":
+            backup(database, Path(args.path))
+        else:
+            restore(database, Path(args.path))
+    except BackupError as exc:
+        raise SystemExit(f"{args.command}: {exc}") from None
+    log.info("%s %s", "backed up to" if args.command == "backup" else "restored from", args.path)
 
 
 def cmd_shell(args: argparse.Namespace) -> None:
@@ -287,6 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     purge = commands.add_parser("purge", help="remove the history past HACER_KEEP_DAYS and HACER_KEEP_RUNS now")
     purge.add_argument("--vacuum", action="store_true", help="then compact a SQLite file (it is locked meanwhile)")
     purge.set_defaults(func=cmd_purge)
+    for name, what in (
+        ("backup", "write a backup of the database to PATH while everything runs (SQLite file or pg_dump)"),
+        ("restore", "replace the database with the backup at PATH, then upgrade it (stop the parts first)"),
+    ):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("path", metavar="PATH")
+        command.set_defaults(func=cmd_backup)
     commands.add_parser("shell", help="a Python shell with db and the models (2015 set-up works)").set_defaults(
         func=cmd_shell
     )
