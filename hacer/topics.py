@@ -43,6 +43,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("runner_state", "runners/{arg}/state", True, 1, "runner", "RunnerState"),
     TopicSpec("recorder_state", "recorders/{arg}/state", True, 1, "recorder", "RecorderState"),
     TopicSpec("api_state", "api/state", True, 1, "api"),
+    TopicSpec("scheduler_state", "schedulers/{arg}/state", True, 1, "scheduler"),
     TopicSpec("automation", "automations/{arg}", True, 1, "scheduler", "AutomationState"),
     TopicSpec("automation_fired", "automations/{arg}/fired", False, 1, "scheduler", "AutomationFired"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),

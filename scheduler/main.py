@@ -21,7 +21,12 @@ def main(settings: Settings | None = None) -> None:
     topics = Topics(settings.topic_prefix)
     database = Database(settings.database_url, settings.database_timeout)
     database.init()
-    bus = Bus(settings.mqtt_url, topics, client_id=f"hacer-scheduler-{settings.scheduler_id}")
+    bus = Bus(
+        settings.mqtt_url,
+        topics,
+        client_id=f"hacer-scheduler-{settings.scheduler_id}",
+        presence_topic=topics.build("scheduler_state", settings.scheduler_id),
+    )
     scheduler = Scheduler(
         bus,
         topics,

@@ -105,3 +105,26 @@ def test_publish_confirmed_returns_only_once_the_broker_has_acknowledged(broker,
     wait_until(lambda: not bus.connected, 10, "the bus to see the broker gone")
     with pytest.raises(BusError, match="not confirmed"):
         bus.publish_confirmed(metas[:1], timeout=1)
+
+
+def test_scheduler_works_under_its_role(production_broker, spawn, hacer_env, connect):
+    topics = Topics()
+    env = {**hacer_env, "HACER_MQTT_URL": url(production_broker, "hacer-scheduler"), "HACER_SCHEDULER_ID": "s1"}
+    viewer = connect("viewer")
+    state = Watcher(viewer, topics.build("scheduler_state", "s1"))
+    viewer.sync()
+    spawn(["scheduler"], env)
+    state.wait_for(lambda m: m.payload == b"online", timeout=15)
+    # What its bus triggers read, each published by the role that owns it.
+    scheduler = connect("hacer-scheduler")
+    read = Watcher(scheduler, "hacer/#")
+    scheduler.sync()
+    sent = [
+        ("hacer-bridge", topics.build("node_presence", 7)),
+        ("hacer-bridge", topics.build("node_state", 7)),
+        ("hacer-runner", topics.build("run_status", "r7")),
+    ]
+    for role, topic in sent:
+        connect(role).publish(topic, b"{}", qos=1)
+    for _, topic in sent:
+        read.wait_for(lambda m, topic=topic: m.topic == topic)
