@@ -162,6 +162,27 @@ def cmd_backup(args: argparse.Namespace) -> None:
     log.info("%s %s", "backed up to" if args.command == "backup" else "restored from", args.path)
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    import time
+
+    from hacer import status
+    from hacer.models import Database
+    from hacer.topics import Topics
+
+    logging.getLogger().setLevel(logging.WARNING)  # the report is the output
+    settings = Settings.from_env()
+    expected = tuple(part.strip() for part in args.expect.split(",") if part.strip())
+    unknown = set(expected) - set(status.PARTS)
+    if unknown:
+        raise SystemExit(f"status: --expect knows {', '.join(status.PARTS)}, not {', '.join(sorted(unknown))}")
+    report = status.gather(
+        settings.mqtt_url, Topics(settings.topic_prefix), Database(settings.database_url), time.time(), expected,
+        args.timeout,
+    )  # fmt: skip
+    print(status.to_json(report) if args.json else status.render(report))
+    sys.exit(status.exit_code(report))
+
+
 def cmd_shell(args: argparse.Namespace) -> None:
     from sqlalchemy import select
 
@@ -305,6 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     purge = commands.add_parser("purge", help="remove the history past HACER_KEEP_DAYS and HACER_KEEP_RUNS now")
     purge.add_argument("--vacuum", action="store_true", help="then compact a SQLite file (it is locked meanwhile)")
     purge.set_defaults(func=cmd_purge)
+    status = commands.add_parser(
+        "status", help="broker, parts, nodes, runs and recent errors; exit code 0 all up, 1 a problem, 2 unreachable"
+    )
+    status.add_argument("--json", action="store_true", help="the report as JSON")
+    status.add_argument("--expect", default=",".join(PARTS), help="the parts that must be online (default: all)")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (5)")
+    status.set_defaults(func=cmd_status)
     for name, what in (
         ("backup", "write a backup of the database to PATH while everything runs (SQLite file or pg_dump)"),
         ("restore", "replace the database with the backup at PATH, then upgrade it (stop the parts first)"),

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from emulator.nodes import Emulator, make_nodes
-from hacer import runstates
+from hacer import migrations, runstates
 from hacer.broker import BrokerProcess, port_answers
 from hacer.bus import Bus
 from hacer.parentdeath import child_env
@@ -630,3 +630,22 @@ def test_a_long_log_read_without_paging_is_bounded_and_paging_reads_it_all(syste
     assert unpaged["truncated"] is True
     assert sum(len(e["data"]) for e in unpaged["entry_list"]) <= 4 * 1024 * 1024
     assert [e["id"] for e in unpaged["entry_list"]] == [e["id"] for e in paged[: len(unpaged["entry_list"])]]
+
+
+def test_status_says_every_part_is_up(system):
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), "status", "--json"],
+        env=child_env(system.env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["problems"] == []
+    assert {part: [entry["state"] for entry in entries] for part, entries in report["parts"].items()} == {
+        part: ["online"] for part in ("bridge", "runner", "recorder", "scheduler", "api")
+    }
+    assert "datagrams" in report["parts"]["bridge"][0]["stats"]
+    assert report["nodes"]["online"] >= 4
+    assert report["database"]["schema"] == migrations.HEAD

@@ -1,8 +1,10 @@
 """The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
 
 import os
+import re
 import signal
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -10,7 +12,8 @@ import requests
 from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.messages import CommandResult, Presence, RunnerState
-from hacer.settings import Settings, SettingsError
+from hacer.models import Database
+from hacer.settings import PROJECT_DIR, Settings, SettingsError
 from hacer.topics import Topics
 
 from conftest import Watcher, free_port, wait_until
@@ -155,3 +158,37 @@ def test_runserver_restarts_a_recorder_that_dies(spawn, hacer_env, broker, watch
     states.wait_for(lambda m: b'"online"' in m.payload, timeout=30, start=seen)
     assert "recorder exited with -9; restarting it" in server.output()
     assert server.stop() == 0, server.output()
+
+
+def status(env, *args):
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), "status", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_status_exit_code_says_what_is_down(spawn, hacer_env, watch):
+    done = status(hacer_env, "--expect", "bridge")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "problems   no bridge online; the database has no schema: run `manage.py initdb`" in done.stdout
+    Database(f"sqlite:///{hacer_env['HADB_PATH']}").init()
+    state = watch("hacer/bridge/state")
+    bridge = spawn(["bridge"], hacer_env)
+    state.wait_for(lambda m: m.payload == b"online", timeout=20)
+    done = status(hacer_env, "--expect", "bridge")
+    assert done.returncode == 0, done.stdout
+    assert re.search(r"^bridge +online +\d+ datagrams", done.stdout, re.MULTILINE), done.stdout
+    done = status(hacer_env)  # every part expected: the others are not running
+    assert done.returncode == 1 and "no runner online; no recorder online" in done.stdout
+    bridge.stop()
+    state.wait_for(lambda m: m.payload == b"offline", timeout=20)
+    done = status(hacer_env, "--expect", "bridge")
+    assert done.returncode == 1 and re.search(r"^bridge +offline", done.stdout, re.MULTILINE), done.stdout
+
+
+def test_status_exit_code_when_the_broker_is_away(hacer_env):
+    done = status({**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}"}, "--timeout", "1")
+    assert done.returncode == 2 and "unreachable" in done.stdout, done.stdout + done.stderr
