@@ -15,10 +15,12 @@ from typing import Any
 from flask import Flask, send_from_directory
 from flask.typing import ResponseReturnValue
 from flask_socketio import SocketIO
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from api.errors import register_error_handlers
 from api.guard import RequestGuard, default_host_names
 from api.live import LiveView
+from api.metrics import HacerCollector
 from api.offhub import eventlet_runner, move_off_hub
 from api.services import Services
 from hacer.bus import Bus
@@ -60,7 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
 
     from api import automations  # noqa: F401 - its routes join the api blueprint
-    from api.rest import api
+    from api.rest import api, check_token
 
     app.register_blueprint(api)
     register_error_handlers(app)
@@ -78,6 +80,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         allowed_hosts=default_host_names() | set(settings.allowed_hosts),
         allowed_origins=settings.allowed_origins,
     )
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HacerCollector(live, database.session, lambda: len(socketio.server.eio.sockets)))
+
+    @app.get("/metrics")
+    def metrics() -> ResponseReturnValue:
+        check_token()
+        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     @app.get("/")
     def control_app() -> ResponseReturnValue:

@@ -18,7 +18,17 @@ import msgspec
 from hacer import runstates
 from hacer.automations import AutomationFired, AutomationState
 from hacer.bus import Bus, Message
-from hacer.messages import LogEntry, MessageError, NodeMeta, NodeValues, Presence, RunnerState, RunStatus
+from hacer.messages import (
+    BridgeStats,
+    LogEntry,
+    MessageError,
+    NodeMeta,
+    NodeValues,
+    Presence,
+    RecorderState,
+    RunnerState,
+    RunStatus,
+)
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,10 @@ class LiveView:
         self.bridge_state = "unknown"
         self.runners: dict[str, dict[str, Any]] = {}
         self.automations: dict[int, dict[str, Any]] = {}  # as the scheduler plans them
+        # For /metrics only (no websocket events): the other parts' counters and states.
+        self.bridge_stats: BridgeStats | None = None
+        self.recorders: dict[str, RecorderState] = {}
+        self.schedulers: dict[str, str] = {}
         self.seq = 0
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
@@ -62,6 +76,8 @@ class LiveView:
         self.bus.subscribe(topics.filter("runner_state"), self._on_runner_state)
         self.bus.subscribe(topics.filter("automation"), self._on_automation)
         self.bus.subscribe(topics.filter("automation_fired"), self._on_automation_fired)
+        for name in ("bridge_stats", "recorder_state", "scheduler_state"):
+            self.bus.subscribe(topics.filter(name), self._on_part)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` for every change from now on."""
@@ -222,6 +238,18 @@ class LiveView:
         with self._lock:
             self.runners[state.runner] = data
         self._emit("runner", data)
+
+    def _on_part(self, message: Message) -> None:
+        try:
+            name, arg = self.topics.parse(message.topic)
+            if name == "bridge_stats":
+                self.bridge_stats = BridgeStats.from_payload(message.payload)
+            elif name == "recorder_state" and arg:
+                self.recorders[arg] = RecorderState.from_payload(message.payload)
+            elif name == "scheduler_state" and arg:
+                self.schedulers[arg] = message.payload.decode(errors="replace")
+        except (TopicError, MessageError):
+            return
 
     def _on_automation(self, message: Message) -> None:
         try:

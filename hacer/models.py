@@ -354,8 +354,10 @@ def _no_autocheckpoint(dbapi_connection: Any, record: Any) -> None:
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # Before WAL, which writes the header: a new file then gives deleted pages back (recorder/retention.py).
-    cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    if cursor.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # A new file gives deleted pages back (recorder/retention.py). Only while it is empty, and
+        # before WAL writes the header: on a file with tables, setting it waits for the write lock.
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")

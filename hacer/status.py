@@ -77,8 +77,10 @@ def render(report: dict[str, Any]) -> str:
         ended = ", ".join(f"{count} {state}" for state, count in sorted(runs["ended_last_day"].items())) or "none"
         lines.append(f"runs       {runs['running']} running, {runs['queued']} queued; ended in the last day: {ended}")
         letters = database["dead_letters_last_day"]
-        lines.append(f"errors     {letters['count']} dead letter(s) in the last day" + (
-            f"; the last: {letters['last']}" if letters["last"] else ""))  # fmt: skip
+        lines.append(
+            f"errors     {letters['count']} dead letter(s) in the last day"
+            + (f"; the last: {letters['last']}" if letters["last"] else "")
+        )
     lines.append("problems   " + ("; ".join(report["problems"]) or "none"))
     return "\n".join(lines)
 
@@ -127,14 +129,28 @@ def _parts(topics: Topics, retained: dict[str, bytes]) -> dict[str, Any]:
             elif name == "runner_state":
                 runner = RunnerState.from_payload(payload)
                 detail = f"{len(runner.running)}/{runner.capacity} running, {runner.queued} queued"
-                parts["runner"].append({"name": arg, "state": runner.state, "detail": detail,
-                                        "running": len(runner.running), "capacity": runner.capacity,
-                                        "queued": runner.queued})  # fmt: skip
+                parts["runner"].append(
+                    {
+                        "name": arg,
+                        "state": runner.state,
+                        "detail": detail,
+                        "running": len(runner.running),
+                        "capacity": runner.capacity,
+                        "queued": runner.queued,
+                    }
+                )
             elif name == "recorder_state":
                 recorder = RecorderState.from_payload(payload)
                 detail = f"{recorder.written} written, {recorder.set_aside} set aside"
-                parts["recorder"].append({"name": arg, "state": recorder.state, "detail": detail,
-                                          "written": recorder.written, "set_aside": recorder.set_aside})  # fmt: skip
+                parts["recorder"].append(
+                    {
+                        "name": arg,
+                        "state": recorder.state,
+                        "detail": detail,
+                        "written": recorder.written,
+                        "set_aside": recorder.set_aside,
+                    }
+                )
             elif name in ("bridge_state", "api_state", "scheduler_state"):
                 part = name.removesuffix("_state")
                 parts[part].append({"name": arg or "", "state": payload.decode(errors="replace")[:16]})
@@ -167,15 +183,18 @@ def _database(database: Database, now: float, problems: list[str]) -> dict[str, 
                 return {"url": url, "schema": None}
             counts = dict(
                 connection.execute(
-                    select(Run.state, func.count()).where(Run.state.in_((runstates.QUEUED, runstates.RUNNING)))
+                    select(Run.state, func.count())
+                    .where(Run.state.in_((runstates.QUEUED, runstates.RUNNING)))
                     .group_by(Run.state)
-                ).tuples().all()
-            )  # fmt: skip
+                )
+                .tuples()
+                .all()
+            )
             ended = dict(
-                connection.execute(
-                    select(Run.state, func.count()).where(Run.finished_at >= since).group_by(Run.state)
-                ).tuples().all()
-            )  # fmt: skip
+                connection.execute(select(Run.state, func.count()).where(Run.finished_at >= since).group_by(Run.state))
+                .tuples()
+                .all()
+            )
             letters = connection.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.at >= since))
             last = connection.execute(
                 select(DeadLetter.at, DeadLetter.topic, DeadLetter.error).order_by(DeadLetter.id.desc()).limit(1)

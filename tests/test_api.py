@@ -421,6 +421,8 @@ def test_token_protects_rest_and_websockets(system):
         assert requests.get(url + "/api/nodes", timeout=5).status_code == 401
         ok = requests.get(url + "/api/nodes", headers={"Authorization": "Bearer s3cret"}, timeout=5)
         assert ok.status_code == 200 and ok.json()["node_list"]
+        assert requests.get(url + "/metrics", timeout=5).status_code == 401
+        assert requests.get(url + "/metrics", headers={"Authorization": "Bearer s3cret"}, timeout=5).ok
         import socketio
 
         with pytest.raises(socketio.exceptions.ConnectionError):
@@ -649,3 +651,43 @@ def test_status_says_every_part_is_up(system):
     assert "datagrams" in report["parts"]["bridge"][0]["stats"]
     assert report["nodes"]["online"] >= 4
     assert report["database"]["schema"] == migrations.HEAD
+
+
+def scrape(system) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = system.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_in_prometheus_text_format(system):
+    node = node_of(system, "toggle")
+    assert system.post(f"/api/nodes/id/{node.id}/set", json={"on": 1}).status_code == 200
+    run = system.post("/api/scripts/exec/name/toggle", json={"params": [str(node.id), "0"]}).json()
+    assert wait_run(system, run["log_thread_id"])["state"] == runstates.SUCCEEDED
+    samples = wait_until(
+        lambda: (
+            (found := scrape(system)).get(("hacer_bridge_commands_total", (("result", "ok"),)), 0) >= 1
+            and found.get(("hacer_bridge_datagrams_total", ()), 0) > 0
+            and found
+        ),
+        20,
+        "the bridge's counters with a command in them",
+    )
+    assert samples[("hacer_bridge_up", ())] == 1
+    assert samples[("hacer_nodes", (("state", "online"),))] >= 4
+    for part in ("runner", "recorder", "scheduler"):
+        assert [value for (name, _), value in samples.items() if name == f"hacer_{part}_up"] == [1], part
+    assert samples[("hacer_runs", (("state", "succeeded"),))] >= 1
+    for gauge in (
+        "hacer_unconfirmed_messages",
+        "hacer_unconfirmed_bytes",
+        "hacer_dead_letters",
+        "hacer_api_websocket_clients",
+    ):
+        assert (gauge, ()) in samples, gauge
