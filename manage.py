@@ -183,6 +183,20 @@ def cmd_status(args: argparse.Namespace) -> None:
     sys.exit(status.exit_code(report))
 
 
+def cmd_broker_users(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from hacer.brokerusers import USERS, BrokerUsersError, write_users
+
+    try:
+        made = write_users(Path(args.password_file), Path(args.env_dir), args.host, args.port, args.new_passwords)
+    except BrokerUsersError as exc:
+        raise SystemExit(f"broker-users: {exc}") from None
+    print(f"wrote {args.password_file} ({len(USERS)} users; new passwords for: {', '.join(made) or 'none'})")
+    print(f"wrote {', '.join(f'{args.env_dir}/{user}.env' for user in USERS)}")
+    print("mosquitto reads the password file again on SIGHUP: systemctl reload mosquitto")
+
+
 def cmd_shell(args: argparse.Namespace) -> None:
     from sqlalchemy import select
 
@@ -333,6 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--expect", default=",".join(PARTS), help="the parts that must be online (default: all)")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker (5)")
     status.set_defaults(func=cmd_status)
+    users = commands.add_parser(
+        "broker-users", help="the production broker's users: password file, and each part's broker URL file"
+    )
+    users.add_argument("--password-file", default="/etc/mosquitto/hacer.passwd", help="(%(default)s)")
+    users.add_argument("--env-dir", default="/etc/hacer", help="where each role's <user>.env goes (%(default)s)")
+    users.add_argument("--host", default="127.0.0.1", help="the broker's address in the URLs (%(default)s)")
+    users.add_argument("--port", type=int, default=1883, help="(%(default)s)")
+    users.add_argument("--new-passwords", action="store_true", help="make new passwords instead of keeping them")
+    users.set_defaults(func=cmd_broker_users)
     for name, what in (
         ("backup", "write a backup of the database to PATH while everything runs (SQLite file or pg_dump)"),
         ("restore", "replace the database with the backup at PATH, then upgrade it (stop the parts first)"),

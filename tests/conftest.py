@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
+from hacer.brokerusers import USERS
 from hacer.bus import Bus, Message
 from hacer.messages import Presence
 from hacer.parentdeath import child_env
@@ -275,8 +276,6 @@ def presence_of(message):
 
 # --- the production broker: password file and ACL ---------------------------------------------
 
-USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "hacer-scheduler", "hacer-script", "viewer")
-
 
 @pytest.fixture
 def production_broker(tmp_path):
@@ -286,6 +285,13 @@ def production_broker(tmp_path):
     for user in USERS:
         flags = ["-b"] if passwords.exists() else ["-c", "-b"]
         subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
+    process = start_production_broker(work, passwords, free_port())
+    yield process
+    process.stop()
+
+
+def start_production_broker(work: Path, passwords: Path, port: int) -> BrokerProcess:
+    """mosquitto with the production config, the project's ACL, `passwords` and a new certificate."""
     acl = work / "acl"
     shutil.copy(CONFIG_DIR / "acl", acl)
     certificate, key = work / "hacer.crt", work / "hacer.key"
@@ -313,15 +319,14 @@ def production_broker(tmp_path):
     )
     process = BrokerProcess(
         work,
-        [free_port(), free_port(), free_port()],
+        [port, free_port(), free_port()],
         template=CONFIG_DIR / "production.conf",
         password_file=passwords,
         acl_file=acl,
         tls_files=(certificate, key),
     )
     process.start()
-    yield process
-    process.stop()
+    return process
 
 
 def url(broker, user):

@@ -2,16 +2,20 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from emulator.nodes import EmulatedNode, Emulator
+from hacer.brokerusers import USERS
 from hacer.bus import Bus, BusError
 from hacer.messages import Presence
+from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 
-from conftest import Watcher, url, wait_until
+from conftest import Watcher, free_port, start_production_broker, url, wait_until
 
 
 def test_anonymous_and_wrong_password_refused(connect, production_broker):
@@ -128,3 +132,37 @@ def test_scheduler_works_under_its_role(production_broker, spawn, hacer_env, con
         connect(role).publish(topic, b"{}", qos=1)
     for _, topic in sent:
         read.wait_for(lambda m, topic=topic: m.topic == topic)
+
+
+def read_env(path):
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_broker_users_makes_the_production_broker_and_each_parts_url(tmp_path, hacer_env, spawn):
+    passwords, env_dir, port = tmp_path / "hacer.passwd", tmp_path / "etc", free_port()
+    command = [sys.executable, str(PROJECT_DIR / "manage.py"), "broker-users", "--password-file", str(passwords),
+               "--env-dir", str(env_dir), "--port", str(port)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert oct(passwords.stat().st_mode & 0o777) in ("0o600", "0o640")
+    files = {path.name: read_env(path) for path in env_dir.iterdir()}
+    assert sorted(files) == sorted(f"{user}.env" for user in USERS)
+    assert files["hacer-runner.env"]["HACER_SCRIPT_MQTT_URL"] == files["hacer-script.env"]["HACER_MQTT_URL"]
+    broker = start_production_broker(tmp_path, passwords, port)
+    try:
+        viewer = Bus(files["viewer.env"]["HACER_MQTT_URL"], Topics(), "viewer-test")
+        state = Watcher(viewer, "hacer/bridge/state")
+        viewer.start()
+        viewer.wait_connected(5)
+        viewer.sync()
+        spawn(["bridge"], {**hacer_env, **files["hacer-bridge.env"]})  # as its systemd unit starts it
+        state.wait_for(lambda m: m.payload == b"online", timeout=15)
+        viewer.stop()
+        again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "new passwords for: none" in again.stdout, again.stdout + again.stderr
+        assert {path.name: read_env(path) for path in env_dir.iterdir()} == files  # running parts stay connected
+        renewed = subprocess.run([*command, "--new-passwords"], capture_output=True, text=True, timeout=60)
+        assert renewed.returncode == 0
+        assert read_env(env_dir / "viewer.env") != files["viewer.env"]
+    finally:
+        broker.stop()
