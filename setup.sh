@@ -16,6 +16,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the control app's Socket.IO client
 # The browser test drives Debian's Chromium (no browser download).
 $dev && ! command -v chromium >/dev/null 2>&1 && need_apt+=(chromium)
+# The deployment test runs deploy/nginx/hacer.conf in a real nginx (its own, on loopback ports).
+$dev && ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && need_apt+=(nginx-light)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
