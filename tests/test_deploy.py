@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import requests
@@ -121,3 +122,50 @@ def test_nginx_carries_rest_websockets_and_mqtt_over_tls(nginx, spawn, hacer_env
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
         websocket.create_connection(mqtt_url, subprotocols=["mqtt"], sslopt=trusted, origin="https://evil.example")
     assert refused.value.status_code == 403
+
+
+def test_compose_file_and_image_fit_the_project(hacer_env):
+    """No Docker engine runs here: the compose file is checked against the Compose schema and the
+    project, the Dockerfile against the project, and each part's command against manage.py."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    from hacer.brokerusers import USERS
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    schema = json.loads((PROJECT_DIR / "tests" / "data" / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(compose)  # the draft the schema names
+    services = compose["services"]
+    parts = {name: service for name, service in services.items() if "command" in service}
+    assert sorted(parts) == ["api", "bridge", "recorder", "runner", "scheduler"]
+    for name, service in parts.items():
+        assert service["command"] == name and service["env_file"] == ["config/hacer.env", f"config/hacer-{name}.env"]
+        assert f"hacer-{name}" in USERS  # broker-users writes that file
+        shown = subprocess.run(
+            [sys.executable, str(PROJECT_DIR / "manage.py"), name, "-h"], env=hacer_env, capture_output=True
+        )
+        assert shown.returncode == 0, name
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("../"):
+                assert (DEPLOY / source).exists(), source
+    config = [line.split() for line in (PROJECT_DIR / "mosquitto" / "production.conf").read_text().splitlines()]
+    named = ("password_file", "acl_file", "certfile", "keyfile", "persistence_location")
+    broker_files = {words[1] for words in config if words and words[0] in named}
+    mounted = [volume.split(":")[1] for volume in services["mosquitto"]["volumes"]]
+    for path in broker_files:
+        assert any(path.startswith(target.rstrip("/")) for target in mounted), path
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    copied = [
+        line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ") and "--from" not in line
+    ]
+    for sources in copied:
+        for source in sources:
+            assert (PROJECT_DIR / source).exists(), source
+    packages = {path.parent.name for path in PROJECT_DIR.glob("*/__init__.py")} - {"tests", "bench"}
+    assert packages | {"scripts", "mosquitto"} <= {source for sources in copied for source in sources}
+    assert 'ENTRYPOINT ["python", "manage.py"]' in dockerfile
