@@ -12,22 +12,14 @@ import sys
 import threading
 from urllib.parse import urlsplit
 
+from hacer.logs import setup_logging
 from hacer.parentdeath import child_env, die_with_parent_from_env
-from hacer.settings import PROJECT_DIR, Settings
+from hacer.settings import PROJECT_DIR, Settings, SettingsError
 
 log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
 PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with times and the logger's name."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -70,7 +62,7 @@ def cmd_automation(args: argparse.Namespace) -> None:
     from hacer.models import Automation, Database
     from hacer.scriptdir import ScriptDir
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     database = Database(settings.database_url)
     database.init()
     location = automations.location_of(settings.latitude, settings.longitude)
@@ -115,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # the run's log is the output here
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     bus = Bus(settings.mqtt_url, Topics(settings.topic_prefix), client_id=f"hacer-cli-{uuid.uuid4().hex[:8]}")
     try:
         code = request_run(bus, args.script, args.params, follow=not args.detach)
@@ -127,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_initdb(args: argparse.Namespace) -> None:
     from hacer.models import Database
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     Database(settings.database_url).init()
     log.info("database ready: %s", settings.database_url.split("@")[-1])  # no password in logs
 
@@ -136,7 +128,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     from hacer.models import Database
     from recorder.retention import Purger, Retention, vacuum
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     database = Database(settings.database_url)
     database.init()
     print(f"purged {Purger(database.engine, Retention(settings.keep_days, settings.keep_runs))()}")
@@ -150,7 +142,7 @@ def cmd_backup(args: argparse.Namespace) -> None:
     from hacer.backup import BackupError, backup, restore
     from hacer.models import Database
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     database = Database(settings.database_url)
     try:
         if args.command == "backup":
@@ -170,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     from hacer.topics import Topics
 
     logging.getLogger().setLevel(logging.WARNING)  # the report is the output
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     expected = tuple(part.strip() for part in args.expect.split(",") if part.strip())
     unknown = set(expected) - set(status.PARTS)
     if unknown:
@@ -202,7 +194,7 @@ def cmd_shell(args: argparse.Namespace) -> None:
 
     from hacer import models
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     db = models.Database(settings.database_url).make_current()
     namespace = {
         "db": db,
@@ -239,7 +231,7 @@ def cmd_emulate(args: argparse.Namespace) -> None:
 def cmd_runserver(args: argparse.Namespace) -> None:
     from hacer.broker import BrokerProcess, port_answers
 
-    settings = Settings.from_env()
+    settings: Settings = args.settings
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883
     broker = None
@@ -271,7 +263,7 @@ def cmd_runserver(args: argparse.Namespace) -> None:
                 if child is None or child.poll() is not None:
                     if child is not None:
                         log.error("%s exited with %s; restarting it", part, child.returncode)
-                    children[part] = start_part(command)
+                    children[part] = start_part(command, prefixed=settings.log_format != "json")
             stopping.wait(1.0)
     finally:
         for child in children.values():
@@ -285,8 +277,8 @@ def cmd_runserver(args: argparse.Namespace) -> None:
             broker.stop()
 
 
-def start_part(command: list[str]) -> subprocess.Popen[bytes]:
-    """Start `manage.py <command>`, its output lines prefixed with the part's name."""
+def start_part(command: list[str], prefixed: bool = True) -> subprocess.Popen[bytes]:
+    """Start `manage.py <command>`, its output lines prefixed with the part's name (JSON lines name it)."""
     child = subprocess.Popen(
         [sys.executable, str(PROJECT_DIR / "manage.py"), *command],
         stdout=subprocess.PIPE,
@@ -294,10 +286,12 @@ def start_part(command: list[str]) -> subprocess.Popen[bytes]:
         env=child_env(),
     )
 
+    prefix = f"{command[0]:>8} | " if prefixed else ""
+
     def copy() -> None:
         assert child.stdout is not None
         for line in child.stdout:
-            sys.stderr.write(f"{command[0]:>8} | {line.decode(errors='replace')}")
+            sys.stderr.write(prefix + line.decode(errors="replace"))
 
     threading.Thread(target=copy, name=f"output-{command[0]}", daemon=True).start()
     return child
@@ -377,7 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.emulator_args = args.extra = rest
     die_with_parent_from_env()  # a part started by runserver ends with it
-    setup_logging(args.verbose)
+    try:
+        args.settings = Settings.from_env()
+    except SettingsError as exc:
+        raise SystemExit(f"manage.py: {exc}") from None
+    setup_logging(args.settings, args.command, args.verbose)
     os.chdir(PROJECT_DIR)
     args.func(args)
 

@@ -10,6 +10,7 @@ import eventlet
 import eventlet.event
 
 from api.app import create_app
+from hacer.logs import setup_logging
 from hacer.models import Database
 from hacer.settings import Settings
 
@@ -18,8 +19,8 @@ log = logging.getLogger("api")
 
 def main() -> None:
     """Serve until interrupted."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    setup_logging(settings, "api")
     Database(settings.database_url).init()
     host = settings.served_http_host
     if host != settings.http_host:

@@ -51,6 +51,14 @@ def _degrees(env: Mapping[str, str], name: str, bound: float) -> float | None:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip() or default
+    for choice in choices:
+        if raw.lower() == choice.lower():
+            return choice
+    raise SettingsError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -106,6 +114,12 @@ class Settings:
     # Variables of the runner's environment scripts see besides SCRIPT_ENV_ALLOWED.
     script_env_names: tuple[str, ...] = ()
     scheduler_id: str = field(default_factory=socket.gethostname)
+    # Logging (hacer/logs.py): a level name, `text` or `json` lines, stderr or a rotated file per part.
+    log_level: str = "INFO"
+    log_format: str = "text"
+    log_dir: Path | None = None
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
     # Where sun triggers are computed for (degrees; north and east positive); none: refused.
     latitude: float | None = None
     longitude: float | None = None
@@ -167,6 +181,11 @@ class Settings:
             database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
             runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),
             scheduler_id=env.get("HACER_SCHEDULER_ID", "").strip() or socket.gethostname(),
+            log_level=_choice(env, "HACER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
+            log_format=_choice(env, "HACER_LOG_FORMAT", "text", ("text", "json")),
+            log_dir=Path(env["HACER_LOG_DIR"].strip()).resolve() if env.get("HACER_LOG_DIR", "").strip() else None,
+            log_max_bytes=_int(env, "HACER_LOG_MAX_BYTES", 10 * 1024 * 1024, 1024, 2**40),
+            log_backups=_int(env, "HACER_LOG_BACKUPS", 5, 0, 1000),
             latitude=_degrees(env, "HACER_LATITUDE", 90.0),
             longitude=_degrees(env, "HACER_LONGITUDE", 180.0),
         )

@@ -1,5 +1,6 @@
 """The command line: runserver (with its own mosquitto), the emulator as a process, settings."""
 
+import json
 import os
 import re
 import signal
@@ -192,3 +193,50 @@ def test_status_exit_code_says_what_is_down(spawn, hacer_env, watch):
 def test_status_exit_code_when_the_broker_is_away(hacer_env):
     done = status({**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}"}, "--timeout", "1")
     assert done.returncode == 2 and "unreachable" in done.stdout, done.stdout + done.stderr
+
+
+def test_log_settings_level_format_and_files(hacer_env, tmp_path):
+    with pytest.raises(SettingsError, match="HACER_LOG_FORMAT='xml' is not one of text, json"):
+        Settings.from_env({"HACER_LOG_FORMAT": "xml"})
+    env = {**hacer_env, "HACER_LOG_FORMAT": "json"}
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), "initdb"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {(line["part"], line["level"]) for line in lines} >= {("initdb", "INFO")}
+    assert any(line["message"].startswith("database ready") for line in lines)
+    for level, shown in (("warning", False), ("info", True)):
+        logs = tmp_path / f"logs-{level}"
+        env = {**hacer_env, "HACER_LOG_DIR": str(logs), "HACER_LOG_LEVEL": level}
+        done = subprocess.run(
+            [sys.executable, str(PROJECT_DIR / "manage.py"), "initdb"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and done.stderr == "", done.stderr  # all of it in the file
+        assert ("database ready" in (logs / "initdb.log").read_text()) is shown
+
+
+def test_log_files_rotate(tmp_path):
+    import logging
+
+    from hacer.logs import setup_logging
+
+    root = logging.getLogger()
+    kept_handlers, kept_level = root.handlers[:], root.level  # pytest's own capture among them
+    settings = Settings.from_env(
+        {"HACER_LOG_DIR": str(tmp_path), "HACER_LOG_MAX_BYTES": "1024", "HACER_LOG_BACKUPS": "1"}
+    )
+    try:
+        setup_logging(settings, "part")
+        for n in range(200):
+            logging.getLogger("t").info("line %d", n)
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in kept_handlers:
+            root.addHandler(handler)
+        root.setLevel(kept_level)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["part.log", "part.log.1"]
+    assert all(path.stat().st_size <= 1024 for path in tmp_path.iterdir())
+    assert "line 199" in (tmp_path / "part.log").read_text()
