@@ -212,12 +212,13 @@ def cmd_shell(args: argparse.Namespace) -> None:
 
 
 def cmd_schemas(args: argparse.Namespace) -> None:
-    from hacer.schemadoc import schemas_markdown, with_schemas
+    from hacer.schemadoc import ASYNCAPI, asyncapi_json, schemas_markdown, with_schemas
 
     if args.write:
         doc = PROJECT_DIR / "docs" / "topics.md"
         doc.write_text(with_schemas(doc.read_text()))
-        log.info("renewed the payload schemas of %s", doc)
+        ASYNCAPI.write_text(asyncapi_json())
+        log.info("renewed the payload schemas of %s and %s", doc, ASYNCAPI)
     else:
         print(schemas_markdown())
 
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         func=cmd_shell
     )
     schemas = commands.add_parser("schemas", help="the bus payloads' JSON schemas, derived from hacer/messages.py")
-    schemas.add_argument("--write", action="store_true", help="renew them in docs/topics.md")
+    schemas.add_argument("--write", action="store_true", help="renew them in docs/topics.md, and docs/asyncapi.json")
     schemas.set_defaults(func=cmd_schemas)
     commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False).set_defaults(
         func=cmd_emulate

@@ -57,3 +57,28 @@ def test_the_readme_automation_examples_are_valid_definitions():
     for example in examples:
         spec = AutomationSpec.from_json(example, location_of(40.4, -3.7))
         assert scripts.find(spec.script) is not None, spec.script
+
+
+def test_the_asyncapi_document_is_current_and_valid():
+    import json
+
+    import jsonschema
+
+    from hacer.asyncapi import parameter
+    from hacer.schemadoc import ASYNCAPI, asyncapi_json
+
+    assert ASYNCAPI.read_text() == asyncapi_json(), "docs/asyncapi.json is stale: run `manage.py schemas --write`"
+    document = json.loads(ASYNCAPI.read_text())
+    schema = json.loads((PROJECT_DIR / "tests" / "data" / "asyncapi-3.0.0.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(document)
+    # Against the other account of the bus, docs/topics.md: the same topics, flags and publishers.
+    rows = documented_rows()
+    names = dict(re.findall(r"\| `hacer/([^`]*?)<([a-z_]+)>[^`]*` \|", DOC))
+    for spec in TOPIC_SPECS:
+        retained, qos, publisher, _ = rows[spec.pattern]
+        operation = document["operations"][f"publish_{spec.name}"]
+        assert operation["bindings"]["mqtt"] == {"qos": qos, "retain": retained, "bindingVersion": "0.2.0"}
+        assert operation["summary"] == f"published by: {publisher}"
+        named = parameter(spec)
+        if named is not None:
+            assert names[spec.pattern.split("{arg}")[0]] == named[0], spec.pattern
