@@ -23,7 +23,7 @@ from api.live import LiveView
 from api.metrics import HacerCollector
 from api.offhub import eventlet_runner, move_off_hub
 from api.services import Services
-from hacer.bus import Bus
+from hacer.bus import Bus, Message
 from hacer.models import Database
 from hacer.nodecommands import NodeCommandClient
 from hacer.scriptdir import ScriptDir
@@ -48,6 +48,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES)
     app.config.update(config)
+    api_state = topics.build("api_state")
+
+    def still_online(message: Message) -> None:
+        # Every api process shares this topic, each with its last will: when one goes, the
+        # others say again that the api is online (not their own words: no_local).
+        if message.payload == b"offline" and bus.connected:
+            bus.publish(api_state, b"online", retain=True, block=False)
+
+    bus.subscribe(api_state, still_online, no_local=True)
     live = LiveView(bus, topics)
     live.subscribe()
     commands = NodeCommandClient(bus, topics)

@@ -412,7 +412,7 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
         again.disconnect()
 
 
-def test_token_protects_rest_and_websockets(system):
+def test_token_protects_rest_and_websockets(system, bus):
     port = free_port()
     api = system.start_part("api", env={"HACER_HTTP_PORT": str(port), "HACER_API_TOKEN": "s3cret"})
     url = f"http://127.0.0.1:{port}"
@@ -438,6 +438,9 @@ def test_token_protects_rest_and_websockets(system):
     finally:
         api.terminate()
         api.wait(10)
+    # Its last word was `offline`; the api still running says it is online again.
+    state = Watcher(bus, "hacer/api/state")
+    state.wait_for(lambda m: m.payload == b"online", timeout=10)
 
 
 def test_recorder_down_mid_run_history_is_whole(system, tmp_path):
