@@ -20,6 +20,9 @@ log = logging.getLogger("hacer.manage")
 
 # The parts runserver starts, each as its own process.
 PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
+# The parts that can share one process (`parts`, `runserver --together`); the api cannot: eventlet
+# patches the standard library of the whole process.
+SHAREABLE = ("bridge", "runner", "recorder", "scheduler")
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -49,6 +52,18 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
     from scheduler.main import main
 
     main()
+
+
+def cmd_parts(args: argparse.Namespace) -> None:
+    import importlib
+
+    from hacer.lifecycle import Together, run_until_signal
+
+    names = list(dict.fromkeys(args.names))
+    # Each part's <part>/main.py builds it with build_<part>(settings), as its own main() does.
+    parts = [getattr(importlib.import_module(f"{name}.main"), f"build_{name}")(args.settings) for name in names]
+    log.info("starting %s in one process", ", ".join(names))
+    run_until_signal(Together(parts))
 
 
 def cmd_automation(args: argparse.Namespace) -> None:
@@ -248,7 +263,7 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         )
     else:
         log.info("using the broker at %s", settings.mqtt_url)
-    parts = [[part] for part in PARTS]
+    parts = [["parts", *SHAREABLE], ["api"]] if args.together else [[part] for part in PARTS]
     if args.emulate:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
         parts.append(["emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval"])
@@ -305,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     runserver = commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)")
     runserver.add_argument("--emulate", type=int, default=0, metavar="N", help="also run N emulated nodes")
+    runserver.add_argument(
+        "--together", action="store_true", help="bridge, runner, recorder and scheduler in one process (less memory)"
+    )
     runserver.set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
     commands.add_parser("runner", help="a runner alone (start several to share the work)").set_defaults(func=cmd_runner)
@@ -313,6 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("scheduler", help="the scheduler alone (automations -> run requests)").set_defaults(
         func=cmd_scheduler
     )
+    together = commands.add_parser("parts", help="several parts in one process: less memory, less isolation")
+    together.add_argument("names", nargs="+", choices=SHAREABLE, metavar="PART", help=", ".join(SHAREABLE))
+    together.set_defaults(func=cmd_parts)
     automation = commands.add_parser("automation", help="add, list, remove automations, or show when they fire")
     actions = automation.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add one from its JSON definition (see README Automations)")

@@ -15,12 +15,10 @@ from typing import Any
 from flask import Flask, send_from_directory
 from flask.typing import ResponseReturnValue
 from flask_socketio import SocketIO
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from api.errors import register_error_handlers
 from api.guard import RequestGuard, default_host_names
 from api.live import LiveView
-from api.metrics import HacerCollector
 from api.offhub import eventlet_runner, move_off_hub
 from api.services import Services
 from hacer.bus import Bus, Message
@@ -90,13 +88,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         allowed_origins=settings.allowed_origins,
     )
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(HacerCollector(live, database.session, lambda: len(socketio.server.eio.sockets)))
+    scraped: list[Any] = []  # the registry, made at the first scrape: prometheus_client costs 10 MB
 
     @app.get("/metrics")
     def metrics() -> ResponseReturnValue:
         check_token()
-        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        from api.metrics import HacerCollector
+
+        if not scraped:
+            scraped.append(CollectorRegistry(auto_describe=False))
+            scraped[0].register(HacerCollector(live, database.session, lambda: len(socketio.server.eio.sockets)))
+        return generate_latest(scraped[0]), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
     @app.get("/")
     def control_app() -> ResponseReturnValue:

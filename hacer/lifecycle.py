@@ -18,6 +18,23 @@ class Part(Protocol):
         """Stop."""
 
 
+class Together:
+    """Several parts run as one, in one process: started in order, stopped in reverse."""
+
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
+
+    def start(self) -> None:
+        """Start every part."""
+        for part in self.parts:
+            part.start()
+
+    def stop(self) -> None:
+        """Stop every part, the last started first."""
+        for part in reversed(self.parts):
+            part.stop()
+
+
 def run_until_signal(part: Part) -> None:
     """Start `part`, wait for SIGINT or SIGTERM, then stop it."""
     done = threading.Event()

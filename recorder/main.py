@@ -18,9 +18,8 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY = 7 * 24 * 3600  # a recorder down for days still catches up
 
 
-def main(settings: Settings | None = None) -> None:
-    """Run the recorder until SIGINT or SIGTERM."""
-    settings = settings or Settings.from_env()
+def build_recorder(settings: Settings) -> Recorder:
+    """Build a recorder (not started) from settings."""
     topics = Topics(settings.topic_prefix)
     database = Database(settings.database_url, settings.database_timeout)
     database.init()
@@ -34,7 +33,7 @@ def main(settings: Settings | None = None) -> None:
         session_expiry=SESSION_EXPIRY,
         manual_ack=True,
     )
-    recorder = Recorder(
+    return Recorder(
         bus,
         topics,
         database.session,
@@ -43,5 +42,11 @@ def main(settings: Settings | None = None) -> None:
         purge=Purger(database.engine, Retention(settings.keep_days, settings.keep_runs)),
         purge_every=settings.purge_every,
     )
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the recorder until SIGINT or SIGTERM."""
+    settings = settings or Settings.from_env()
+    recorder = build_recorder(settings)
     log.info("starting the recorder (%s)", settings.database_url.split("@")[-1])
     run_until_signal(recorder)

@@ -15,9 +15,8 @@ from scheduler.service import Scheduler
 log = logging.getLogger(__name__)
 
 
-def main(settings: Settings | None = None) -> None:
-    """Run the scheduler until SIGINT or SIGTERM."""
-    settings = settings or Settings.from_env()
+def build_scheduler(settings: Settings) -> Scheduler:
+    """Build a scheduler (not started) from settings."""
     topics = Topics(settings.topic_prefix)
     database = Database(settings.database_url, settings.database_timeout)
     database.init()
@@ -27,12 +26,18 @@ def main(settings: Settings | None = None) -> None:
         client_id=f"hacer-scheduler-{settings.scheduler_id}",
         presence_topic=topics.build("scheduler_state", settings.scheduler_id),
     )
-    scheduler = Scheduler(
+    return Scheduler(
         bus,
         topics,
         database.session,
         settings.scheduler_id,
         location=location_of(settings.latitude, settings.longitude),
     )
+
+
+def main(settings: Settings | None = None) -> None:
+    """Run the scheduler until SIGINT or SIGTERM."""
+    settings = settings or Settings.from_env()
+    scheduler = build_scheduler(settings)
     log.info("starting the scheduler %s", settings.scheduler_id)
     run_until_signal(scheduler)

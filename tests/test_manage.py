@@ -240,3 +240,26 @@ def test_log_files_rotate(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["part.log", "part.log.1"]
     assert all(path.stat().st_size <= 1024 for path in tmp_path.iterdir())
     assert "line 199" in (tmp_path / "part.log").read_text()
+
+
+def test_runserver_together_runs_four_parts_in_one_process(spawn, hacer_env):
+    env = {**hacer_env, "HACER_HTTP_PORT": str(free_port())}
+    server = spawn(["runserver", "--together"], env)
+    wait_until(lambda: status(env).returncode == 0, 60, "every part online (manage.py status)")
+    commands = [b" ".join(command_line(pid)) for pid in children_of(server.process.pid)]
+    assert sum(b"manage.py parts bridge runner recorder scheduler" in command for command in commands) == 1
+    assert not [command for command in commands if re.search(rb"manage.py (bridge|runner|recorder|scheduler)", command)]
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), "run", "test", "together"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "test script running with ['together']" in done.stdout, done.stderr
+    wait_until(
+        lambda: json.loads(status(env, "--json").stdout)["database"]["runs"]["ended_last_day"].get("succeeded"),
+        30,
+        "the run recorded",
+    )
+    assert server.stop() == 0, server.output()

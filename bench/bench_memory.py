@@ -1,0 +1,149 @@
+"""The whole server's memory as a user runs it: `runserver` with 1 000 nodes beaconing, at rest.
+
+    .venv/bin/python bench/bench_memory.py             # 1 000 emulated nodes, 20 s at rest
+    .venv/bin/python bench/bench_memory.py --together  # bridge, runner, recorder, scheduler in one process
+
+Starts `manage.py runserver --emulate N` in a folder of its own (its own mosquitto on free
+ports, SQLite), waits until the bridge counts N nodes online, lets it rest, then reads the
+proportional set size (PSS: shared pages divided among the processes sharing them) of every
+process runserver started, by part. The emulator and mosquitto are not hacer's and are shown
+apart. Baseline in the same run: a bare interpreter (`python -c` sleeping). Goal: the server's
+parts at most 120 MB together (a Raspberry Pi 3 has 1 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import free_port, wait_for  # noqa: E402
+from hacer.bus import Bus  # noqa: E402
+from hacer.topics import Topics  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+GOAL_MB = 120.0
+
+
+def pss_kb(pid: int) -> int:
+    """A process's PSS in KiB (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def part_of(pid: int) -> str:
+    """The part a process is, from its command line."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    text = " ".join(words)
+    if "mosquitto" in words[0]:
+        return "mosquitto (not hacer's)"
+    if "forkserver.py" in text:
+        return "runner's fork server"
+    if "manage.py" in text:
+        return words[words.index(next(w for w in words if w.endswith("manage.py"))) + 1]
+    if words[:3][-1:] == ["api"] or " -m api" in text:
+        return "api"
+    return "runner's spare" if "python" in words[0] and len(words) <= 2 else text[:40]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--rest", type=float, default=20.0, help="seconds at rest before reading (20)")
+    parser.add_argument("--together", action="store_true", help="runserver --together: four parts in one process")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        mqtt = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
+            "HACER_MQTT_URL": f"mqtt://127.0.0.1:{mqtt}",
+            "HACER_MQTT_WS_PORT": str(free_port()),
+            "HACER_HTTP_PORT": str(free_port()),
+            "HACER_DISCOVERY_HOST": "127.0.0.1",
+            "HACER_DISCOVERY_PORT": str(free_port()),
+            "HACER_STATE_DIR": str(Path(work) / "state"),
+            "HADB_PATH": str(Path(work) / "hacer.db"),
+        }
+        server = subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), "runserver", "--emulate", str(args.nodes)]
+            + (["--together"] if args.together else []),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(work) / "runserver.log", "wb"),  # noqa: SIM115 - lives as long as the child
+        )
+        bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            online = {"n": 0}
+
+            def on_stats(message) -> None:  # noqa: ANN001
+                online["n"] = json.loads(message.payload).get("nodes_online", 0)
+
+            wait_for(lambda: _answers(mqtt), 30, "the broker")
+            watcher = Bus(f"mqtt://127.0.0.1:{mqtt}", Topics(), f"bench-memory-{os.getpid()}")
+            watcher.subscribe("hacer/bridge/stats", on_stats)
+            watcher.start()
+            wait_for(lambda: online["n"] >= args.nodes, 600, f"{args.nodes} nodes online")
+            watcher.stop()
+            time.sleep(args.rest)  # at rest: what the server holds, not what start-up briefly took
+            by_part: dict[str, list[int]] = {}
+            for pid in descendants(server.pid):
+                by_part.setdefault(part_of(pid), []).append(pss_kb(pid))
+            by_part["runserver"] = [pss_kb(server.pid)]
+            bare_kb = pss_kb(bare.pid)
+        finally:
+            bare.kill()
+            server.send_signal(signal.SIGINT)
+            server.wait(60)
+    outside = {"mosquitto (not hacer's)", "emulate"}
+    total = sum(sum(sizes) for part, sizes in by_part.items() if part not in outside)
+    how = "runserver --together" if args.together else "runserver"
+    print(f"{how} with {args.nodes} nodes online, {args.rest:.0f} s at rest: PSS by part")
+    for part, sizes in sorted(by_part.items(), key=lambda item: -sum(item[1])):
+        mark = "  (not counted)" if part in outside else ""
+        print(f"  {part:<24} {sum(sizes) / 1024:6.1f} MB  ({len(sizes)} process(es)){mark}")
+    print(f"  {'the server, total':<24} {total / 1024:6.1f} MB  (goal <= {GOAL_MB:.0f} MB)")
+    print(f"  a bare interpreter: {bare_kb / 1024:.1f} MB; the server is {total / bare_kb:.1f} bare interpreters")
+
+
+def _answers(port: int) -> bool:
+    from hacer.broker import port_answers
+
+    return port_answers("127.0.0.1", port)
+
+
+if __name__ == "__main__":
+    main()
