@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--rest", type=float, default=20.0, help="seconds at rest before reading (20)")
     parser.add_argument("--together", action="store_true", help="runserver --together: four parts in one process")
+    parser.add_argument("--no-fork-server", action="store_true", help="HACER_RUNNER_FORK_SERVER=0")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         mqtt = free_port()
@@ -97,6 +98,7 @@ def main() -> None:
             "HACER_DISCOVERY_PORT": str(free_port()),
             "HACER_STATE_DIR": str(Path(work) / "state"),
             "HADB_PATH": str(Path(work) / "hacer.db"),
+            "HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1",
         }
         server = subprocess.Popen(
             [sys.executable, str(PROJECT / "manage.py"), "runserver", "--emulate", str(args.nodes)]
@@ -130,7 +132,9 @@ def main() -> None:
             server.wait(60)
     outside = {"mosquitto (not hacer's)", "emulate"}
     total = sum(sum(sizes) for part, sizes in by_part.items() if part not in outside)
-    how = "runserver --together" if args.together else "runserver"
+    how = ("runserver --together" if args.together else "runserver") + (
+        ", no fork server" if args.no_fork_server else ""
+    )
     print(f"{how} with {args.nodes} nodes online, {args.rest:.0f} s at rest: PSS by part")
     for part, sizes in sorted(by_part.items(), key=lambda item: -sum(item[1])):
         mark = "  (not counted)" if part in outside else ""
