@@ -89,14 +89,20 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(
     bus.wait_connected(10)
 
     def over_rest(index: int) -> None:
-        for _ in range(100):  # the api answers while the broker is away; retry only a refused connection
+        # The api answers while the broker is away. A client tries again after a refused
+        # connection, and after a 503 ("try again shortly": the run was not recorded, so asking
+        # again cannot run it twice), as a patient client does.
+        for _ in range(100):
             try:
                 answer = requests.post(
                     f"{url}/api/scripts/exec/name/chaos", json={"params": [f"rest{index}", str(starts)]}, timeout=30
                 )
-                break
             except requests.ConnectionError:
                 time.sleep(0.1)
+                continue
+            if answer.status_code != 503:
+                break
+            time.sleep(0.5)
         assert answer.status_code == 200, answer.text
         with lock:
             requested.append(answer.json()["run_id"])
