@@ -74,6 +74,8 @@ def purge(engine: Engine, retention: Retention, now: float, batch: int = BATCH) 
         while True:
             with connection.begin():  # a run goes with its log entries and its claim, or not at all
                 chosen = connection.scalars(select(Run.id).where(purgeable).order_by(Run.id).limit(batch)).all()
+                if not chosen:  # nothing to take SQLite's write lock for
+                    break
                 runs = connection.execute(
                     delete(Run).where(Run.id.in_(chosen), purgeable).returning(Run.id, Run.run_id)
                 ).all()
