@@ -10,16 +10,19 @@ clocks need not agree) is taken over.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
-from hacer.models import RunClaim, RunnerHeartbeat, aware_utc, survive_power_cuts, utc_datetime
+from hacer.messages import RunStatus
+from hacer.models import Run, RunClaim, RunnerHeartbeat, aware_utc, survive_power_cuts, utc_datetime
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
 Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
@@ -125,6 +128,35 @@ class ClaimStore:
                 select(*columns).where(RunClaim.runner_id == runner_id, RunClaim.state.in_(ACTIVE_STATES))
             ).all()
         return [Claim(r.run_id, r.runner_id, r.state, r.request, aware_utc(r.claimed_at).timestamp()) for r in rows]
+
+    def recorded_end(self, run_id: str) -> RunStatus | None:
+        """The status a finished run was recorded with (the recorder's row); None while it is not finished there."""
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                select(Run.__table__).where(Run.run_id == run_id, Run.state.in_(runstates.FINISHED_STATES))
+            ).first()
+        if row is None:
+            return None
+
+        def when(moment: datetime | None) -> datetime | None:
+            return None if moment is None else aware_utc(moment)
+
+        try:
+            return RunStatus(
+                row.run_id,
+                row.script,
+                tuple(json.loads(row.params)),
+                row.state,
+                row.runner,
+                row.exit_code,
+                when(row.queued_at),
+                when(row.started_at),
+                when(row.finished_at),
+                row.error,
+                row.requested_by,
+            )
+        except (ValueError, TypeError):  # a row no status could have written (2015's): nothing to say
+            return None
 
     def taken(self, run_ids: list[str]) -> list[str]:
         """Those of `run_ids` taken from this runner: another runner owns them, or reported them lost."""

@@ -282,6 +282,7 @@ class Runner:
             self._claim(run.run_id, run.request, state, also)
         except AlreadyClaimed:
             log.info("run %s already claimed: duplicate delivery ignored", run.run_id)
+            self._say_how_it_ended(run.run_id)
             self.bus.ack(message)
             return False
         except SQLAlchemyError as exc:
@@ -290,6 +291,19 @@ class Runner:
             return False
         self.bus.ack(message)
         return True
+
+    def _say_how_it_ended(self, run_id: str) -> None:
+        """Publish again how a finished run ended, as recorded: a requester that was away then stops asking.
+
+        Requesters send until they see a status; one that missed every status of its run would
+        otherwise send its request, refused as a duplicate, forever.
+        """
+        try:
+            ended = self.claims.recorded_end(run_id)
+        except SQLAlchemyError:
+            return  # it asks again, and is answered then
+        if ended is not None:
+            self.bus.publish(self.topics.build("run_status", run_id), ended.to_payload())
 
     def _claim(self, run_id: str, request: RunRequest, state: str, also: Hold | None = None) -> None:
         """Claim a run id, trying again a few times while the database is busy or away."""

@@ -272,3 +272,20 @@ def test_the_recorder_purges_finished_runs_never_a_running_one(
     assert run_row(env, second)[0] == runstates.SUCCEEDED
     release(pipe)
     runs.wait_finished(running)
+
+
+def test_a_requester_that_missed_every_status_learns_how_its_run_ended(
+    start_recorder, runner_env, start_runner, requester, make_bus
+):
+    from hacer.messages import RunRequest
+    from hacer.runrequest import request_until_claimed
+
+    start_recorder(runner_env)
+    runner = start_runner()
+    run_id = requester("exit3")
+    wait_until(lambda: run_row(runner_env, run_id)[0] == runstates.FAILED, 30, "the run recorded")
+    # A requester that was away while the run started and ended asks again: its request is a
+    # duplicate, so the answer is how the run ended, as recorded.
+    late = request_until_claimed(make_bus(), RunRequest("exit3", (), run_id, "test"), timeout=10)
+    assert late is not None, "no answer: the requester would send forever"
+    assert (late.state, late.exit_code, late.runner) == (runstates.FAILED, 3, runner.runner_id)
