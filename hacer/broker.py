@@ -115,6 +115,8 @@ class BrokerProcess:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start mosquitto and wait until its MQTT port accepts connections."""
+        if port_answers(self.host, self.port, timeout=0.2):  # else that process would be taken for this one
+            raise BrokerError(f"port {self.port} is in use by another process")
         data_dir = self.work_dir / "data"
         private_dir(data_dir)
         config = self.work_dir / "mosquitto.conf"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
+from hacer.broker import CONFIG_DIR, BrokerError, BrokerProcess, port_answers
 from hacer.brokerusers import USERS
 from hacer.bus import Bus, Message
 from hacer.messages import Presence
@@ -285,13 +285,17 @@ def production_broker(tmp_path):
     for user in USERS:
         flags = ["-b"] if passwords.exists() else ["-c", "-b"]
         subprocess.run(["mosquitto_passwd", *flags, str(passwords), user, f"{user}-secret"], check=True)
-    process = start_production_broker(work, passwords, free_port())
+    process = start_production_broker(work, passwords)
     yield process
     process.stop()
 
 
-def start_production_broker(work: Path, passwords: Path, port: int) -> BrokerProcess:
-    """mosquitto with the production config, the project's ACL, `passwords` and a new certificate."""
+def start_production_broker(work: Path, passwords: Path, port: int | None = None) -> BrokerProcess:
+    """mosquitto with the production config, the project's ACL, `passwords` and a new certificate.
+
+    Its ports are picked last, right before it binds them: the certificate takes a while to make,
+    and a port picked before that may be taken meanwhile.
+    """
     acl = work / "acl"
     shutil.copy(CONFIG_DIR / "acl", acl)
     certificate, key = work / "hacer.crt", work / "hacer.key"
@@ -317,16 +321,22 @@ def start_production_broker(work: Path, passwords: Path, port: int) -> BrokerPro
         check=True,
         capture_output=True,
     )
-    process = BrokerProcess(
-        work,
-        [port, free_port(), free_port()],
-        template=CONFIG_DIR / "production.conf",
-        password_file=passwords,
-        acl_file=acl,
-        tls_files=(certificate, key),
-    )
-    process.start()
-    return process
+    for attempt in range(3):
+        process = BrokerProcess(
+            work,
+            [port or free_port(), free_port(), free_port()],
+            template=CONFIG_DIR / "production.conf",
+            password_file=passwords,
+            acl_file=acl,
+            tls_files=(certificate, key),
+        )
+        try:
+            process.start()
+            return process
+        except BrokerError:
+            if port is not None or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def url(broker, user):
