@@ -71,13 +71,11 @@ def part_of(pid: int) -> str:
     text = " ".join(words)
     if "mosquitto" in words[0]:
         return "mosquitto (not hacer's)"
-    if "forkserver.py" in text:
+    if "forkserver.py" in text:  # its spare too: forked without exec, it keeps the command line
         return "runner's fork server"
     if "manage.py" in text:
         return words[words.index(next(w for w in words if w.endswith("manage.py"))) + 1]
-    if words[:3][-1:] == ["api"] or " -m api" in text:
-        return "api"
-    return "runner's spare" if "python" in words[0] and len(words) <= 2 else text[:40]
+    return "api" if " -m api" in text else text[:40]  # `manage.py api` execs `python -m api`
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ the parts first, or they go on from what they had in memory.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -35,7 +36,7 @@ def backup(database: Database, path: Path) -> None:
     elif database.engine.dialect.name == "postgresql":
         with database.engine.connect() as connection:
             schema = connection.scalar(text("SELECT current_schema()"))
-        _pg("pg_dump", "--format=custom", f"--schema={schema}", f"--file={partial}", _libpq_url(database))
+        _pg(database, "pg_dump", "--format=custom", f"--schema={schema}", f"--file={partial}")
     else:
         raise BackupError(f"no backup for {database.engine.dialect.name} databases")
     partial.replace(path)
@@ -52,8 +53,7 @@ def restore(database: Database, path: Path) -> None:
     if magic.startswith(SQLITE_MAGIC) and kind == "sqlite":
         _sqlite_copy(sqlite3.connect(f"file:{path}?mode=ro", uri=True), _sqlite(database))
     elif magic.startswith(PG_DUMP_MAGIC) and kind == "postgresql":
-        _pg("pg_restore", "--clean", "--if-exists", "--no-owner", "--single-transaction",
-            f"--dbname={_libpq_url(database)}", str(path))  # fmt: skip
+        _pg(database, "pg_restore", "--clean", "--if-exists", "--no-owner", "--single-transaction", str(path))
     else:
         what = "SQLite" if magic.startswith(SQLITE_MAGIC) else "PostgreSQL" if magic.startswith(PG_DUMP_MAGIC) else ""
         raise BackupError(
@@ -76,15 +76,14 @@ def _sqlite_copy(source: sqlite3.Connection, target: sqlite3.Connection) -> None
         target.close()
 
 
-def _libpq_url(database: Database) -> str:
-    """The database's URL as libpq's tools take it (no SQLAlchemy driver name)."""
-    return make_url(database.url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _pg(tool: str, *args: str) -> None:
+def _pg(database: Database, tool: str, *args: str) -> None:
+    """Run pg_dump or pg_restore on the database; its password goes in the environment, never in argv."""
     program = shutil.which(tool)
     if program is None:
         raise BackupError(f"{tool} is not installed (Debian: apt-get install postgresql-client)")
-    done = subprocess.run([program, *args], capture_output=True, text=True)
+    url = make_url(database.url).set(drivername="postgresql")  # libpq's form: no SQLAlchemy driver name
+    env = {**os.environ, **({"PGPASSWORD": url.password} if url.password else {})}
+    dbname = url.set(password=None).render_as_string(hide_password=False)
+    done = subprocess.run([program, *args, f"--dbname={dbname}"], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise BackupError(f"{tool} failed: {done.stderr.strip()}")
