@@ -7,10 +7,18 @@ at one read plus one line whatever the script prints, even with no newline ever.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
+import time
+from collections.abc import Callable
 from typing import cast
 
 from hacer.messages import Entry, EntryType
 from hacer.scripting import decode_line
+
+POLL_MS = 500  # how often a quiet pipe's reader looks at its deadline
+HELD_OPEN = "[hacer: output closed: a process outside the run still held it]"
 
 
 class OutputSplitter:
@@ -80,3 +88,35 @@ class OutputSplitter:
         entry_type, data = decode_line(line.removesuffix("\r"))
         # decode_line gives a script's entry types only; scripting stays free of the bus's imports.
         entries.append((cast(EntryType, entry_type), data.replace("\0", "\ufffd")))  # no database column holds a NUL
+
+
+def read_output(
+    fd: int, splitter: OutputSplitter, deadline: Callable[[], float | None], emit: Callable[[list[Entry]], None]
+) -> None:
+    """Emit a pipe's entries until its end, or until `deadline()` (monotonic) passes with it idle.
+
+    Past the deadline only what the pipe can hold is still read: that much the ended writers may
+    have left in it (the reader may have been slow to get to it); more means a writer nobody could
+    end is still writing.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    budget: int | None = None  # bytes still read past the deadline
+    while True:
+        until = deadline()
+        wait_ms = POLL_MS if until is None else max(0, min(POLL_MS, int((until - time.monotonic()) * 1000)))
+        readable = bool(poller.poll(wait_ms))
+        if until is not None and time.monotonic() >= until:
+            if budget is None:
+                budget = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+            if not readable or budget <= 0:
+                emit(splitter.finish() + [("output", HELD_OPEN)])
+                return
+        if not readable:
+            continue
+        chunk = os.read(fd, 65536)
+        if budget is not None:
+            budget -= len(chunk)
+        emit(splitter.feed(chunk) if chunk else splitter.finish())
+        if not chunk:
+            return

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import queue
-import select
 import signal
 import subprocess
 import sys
@@ -62,7 +61,7 @@ from runner.claims import AlreadyClaimed, ClaimStore, Hold
 from runner.launcher import Launcher, ScriptProcess
 from runner.leftovers import Birth, end_leftovers
 from runner.outbox import Outbox
-from runner.output import OutputSplitter
+from runner.output import OutputSplitter, read_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,7 +74,6 @@ BATCH_BYTES = 64 * 1024
 DB_TRIES = 3  # a claim change that fails for a database error (locked, gone) is tried this often
 CONFIRM_EVERY = 0.1  # seconds between applying recorders' confirmations to the outbox
 BOUND_EVERY = 5.0  # seconds between checks of the outbox's size
-OUTPUT_POLL_MS = 500  # how often a quiet run's output reader looks at its deadline
 OUTPUT_GRACE = 2.0  # seconds the output is still read once the script and its leftovers are gone
 
 
@@ -591,30 +589,12 @@ class Runner:
 
     def _stream_output(self, run: Run) -> None:
         assert run.process is not None and run.process.stdout is not None
-        splitter = OutputSplitter(self.config.line_limit, self.config.output_limit)
-        fd = run.process.stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while True:
-            deadline = run.output_deadline
-            if deadline is not None and time.monotonic() >= deadline:
-                # Something the reaper could not end still holds the pipe: stop waiting for it.
-                self._log_entries(
-                    run,
-                    splitter.finish() + [("output", "[hacer: output closed: a process outside the run still held it]")],
-                )
-                break
-            if not poller.poll(
-                OUTPUT_POLL_MS
-                if deadline is None
-                else max(0, min(OUTPUT_POLL_MS, int((deadline - time.monotonic()) * 1000)))
-            ):
-                continue
-            chunk = os.read(fd, 65536)
-            entries = splitter.feed(chunk) if chunk else splitter.finish()
-            self._log_entries(run, entries)
-            if not chunk:
-                break
+        read_output(
+            run.process.stdout.fileno(),
+            OutputSplitter(self.config.line_limit, self.config.output_limit),
+            lambda: run.output_deadline,
+            lambda entries: self._log_entries(run, entries),
+        )
         run.process.stdout.close()
 
     def _log_entries(self, run: Run, entries: list[Entry]) -> None:

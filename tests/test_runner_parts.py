@@ -1,10 +1,16 @@
 """Runner parts without processes: output splitting and limits, the script channel, the catalog, the outbox."""
 
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from hacer.scriptdir import ScriptDir, script_id
 from hacer.scripting import decode_line, encode_entry
-from runner.output import OutputSplitter
+from runner.output import HELD_OPEN, OutputSplitter, read_output
 
 
 def test_lines_split_across_reads():
@@ -174,3 +180,48 @@ def test_a_claim_is_committed_to_survive_a_power_cut_and_held_lines_a_crash(tmp_
     with database.engine.connect() as connection:  # the one pooled connection, as the hold left it
         level(connection)
     assert levels == [2, 1]  # FULL, then NORMAL
+
+
+# --- reading a run's pipe: to its end, or until its deadline -----------------------------------
+
+
+def _read_all(fd, deadline):
+    entries = []
+    read_output(fd, OutputSplitter(), lambda: deadline, entries.extend)
+    return entries
+
+
+def test_a_late_reader_still_reads_everything_an_ended_writer_left_in_the_pipe():
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"".join(b"line %d\n" % i for i in range(1000)))
+    os.close(write_end)
+    # The reaper's deadline passed long before the reader got to the pipe (a busy machine).
+    entries = _read_all(read_end, time.monotonic() - 60)
+    os.close(read_end)
+    assert entries == [("output", f"line {i}") for i in range(1000)]
+
+
+def test_a_pipe_held_open_by_a_process_nobody_could_end_is_closed_at_the_deadline():
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"left\npartial")
+    entries = _read_all(read_end, time.monotonic() - 60)
+    os.close(write_end)
+    os.close(read_end)
+    assert entries == [("output", "left"), ("output", "partial"), ("output", HELD_OPEN)]
+
+
+def test_a_writer_that_never_stops_cannot_keep_the_reader_past_the_deadline():
+    read_end, write_end = os.pipe()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import os\nwhile True: os.write(1, b'x' * 4096 + b'\\n')"], stdout=write_end
+    )
+    os.close(write_end)
+    pipe_size = fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ)
+    try:
+        entries = _read_all(read_end, time.monotonic())
+    finally:
+        writer.kill()
+        writer.wait()
+        os.close(read_end)
+    assert entries[-1] == ("output", HELD_OPEN)
+    assert sum(len(data) + 1 for _, data in entries[:-1]) <= pipe_size + 65536  # one read more at most
