@@ -23,6 +23,7 @@ from hacer.messages import (
     LogEntry,
     MessageError,
     NodeMeta,
+    NodeReadings,
     NodeValues,
     Presence,
     RecorderState,
@@ -68,7 +69,7 @@ class LiveView:
     def subscribe(self) -> None:
         """Register the subscriptions (before the bus starts)."""
         topics = self.topics
-        for name in ("node_presence", "node_meta", "node_state"):
+        for name in ("node_presence", "node_meta", "node_state", "node_readings"):
             self.bus.subscribe(topics.filter(name), self._on_node)
         self.bus.subscribe(topics.filter("run_status"), self._on_run_status)
         self.bus.subscribe(topics.filter("run_log"), self._on_run_log, qos=1)
@@ -170,6 +171,14 @@ class LiveView:
                     )
                 elif name == "node_meta":
                     node["name"] = NodeMeta.from_payload(message.payload).name
+                elif name == "node_readings":
+                    readings = NodeReadings.from_payload(message.payload)
+                    node.update(
+                        readings={k: {"value": r.value, "at": r.at.timestamp()} for k, r in readings.values.items()},
+                        answering=readings.answering,
+                        answering_since=readings.since.timestamp(),
+                        answer_error=readings.error,
+                    )
                 else:
                     node["values"] = NodeValues.from_payload(message.payload).values
                 data = dict(node)

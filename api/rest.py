@@ -213,7 +213,7 @@ def delete_node(node_id: int) -> ResponseReturnValue:
     with svc.sessions() as session:
         session.delete(find_node(session, node_id))
         session.commit()
-    for name in ("node_presence", "node_meta", "node_state"):  # an empty retained message clears
+    for name in ("node_presence", "node_meta", "node_state", "node_readings"):  # empty retained: cleared
         svc.bus.publish(svc.topics.build(name, node_id), b"", retain=True)
     return jsonify({"success": True})
 

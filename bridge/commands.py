@@ -4,16 +4,20 @@ One asyncio loop (its own thread) holds one connection and one queue per node, b
 ESP8266 firmware serves at most four clients and answers one request at a time; a slow or dead
 node only delays its own queue. Every command ends in exactly one CommandResult: a reply, a
 timeout, a refused connection, an undecodable reply, a full queue or an unknown node.
+
+The bridge's own reads (polls) share the node's connection, so they never take one of its four
+clients, and wait behind every command queued: a command waits at most for one poll exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +42,7 @@ class Command:
     value: Value | None = None
     correlation: bytes | None = None
     response_topic: str | None = None
+    poll: bool = False  # the bridge's own read of a value, not a client's command
 
     @property
     def correlation_text(self) -> str | None:
@@ -67,7 +72,9 @@ class CommandRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._channels: dict[int, _NodeChannel] = {}
+        self._order = itertools.count()
         self.counts: Counter[str] = Counter()
+        self.poll_counts: Counter[str] = Counter()
 
     def start(self) -> None:
         """Start the relay's event loop thread."""
@@ -107,23 +114,45 @@ class CommandRelay:
             raise RuntimeError("command relay is not started")
         loop.call_soon_threadsafe(self._enqueue, command)
 
+    def poll(self, node_id: int, keys: Iterable[str]) -> None:
+        """Read `keys` of a node behind its commands, unless a poll of it is still queued."""
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._enqueue_poll, node_id, tuple(keys))
+
     # --- inside the loop --------------------------------------------------------------------
+
+    def _channel(self, node_id: int) -> _NodeChannel:
+        channel = self._channels.get(node_id)
+        if channel is None or channel.closed:
+            channel = _NodeChannel(self, node_id)
+            self._channels[node_id] = channel
+        return channel
 
     def _enqueue(self, command: Command) -> None:
         address = self._resolve(command.node_id)
         if address is None:
             self._report(command, ok=False, error="unknown node", reason="unknown_node")
             return
-        channel = self._channels.get(command.node_id)
-        if channel is None or channel.closed:
-            channel = _NodeChannel(self, command.node_id)
-            self._channels[command.node_id] = channel
-        if channel.queue.qsize() >= QUEUE_LIMIT:
+        channel = self._channel(command.node_id)
+        if channel.queue.qsize() - channel.polls_queued >= QUEUE_LIMIT:
             self._report(
                 command, ok=False, error=f"more than {QUEUE_LIMIT} commands queued for this node", reason="busy"
             )
             return
-        channel.queue.put_nowait(command)
+        channel.queue.put_nowait((0, next(self._order), command))
+        channel.ensure_worker()
+
+    def _enqueue_poll(self, node_id: int, keys: tuple[str, ...]) -> None:
+        if self._resolve(node_id) is None:
+            return
+        channel = self._channel(node_id)
+        if channel.polls_queued:
+            self.poll_counts["skipped"] += 1  # the node is slower than its polling interval
+            return
+        for key in keys:
+            channel.queue.put_nowait((1, next(self._order), Command(node_id, "get", key, poll=True)))
+            channel.polls_queued += 1
         channel.ensure_worker()
 
     def _report(
@@ -135,7 +164,7 @@ class CommandRelay:
         error: str | None = None,
         reason: str | None = None,
     ) -> None:
-        self.counts["ok" if ok else "failed"] += 1
+        (self.poll_counts if command.poll else self.counts)["ok" if ok else "failed"] += 1
         result = CommandResult(
             command.node_id,
             command.op,
@@ -160,7 +189,9 @@ class _NodeChannel:
     def __init__(self, relay: CommandRelay, node_id: int) -> None:
         self.relay = relay
         self.node_id = node_id
-        self.queue: asyncio.Queue[Command] = asyncio.Queue()
+        # (0, order, command) for commands, (1, order, poll) for polls: commands first.
+        self.queue: asyncio.PriorityQueue[tuple[int, int, Command]] = asyncio.PriorityQueue()
+        self.polls_queued = 0
         self.closed = False
         self.worker: asyncio.Task[None] | None = None
         self._reader: asyncio.StreamReader | None = None
@@ -192,7 +223,7 @@ class _NodeChannel:
         relay = self.relay
         while True:
             try:
-                command = await asyncio.wait_for(self.queue.get(), IDLE_CLOSE_SECONDS)
+                _, _, command = await asyncio.wait_for(self.queue.get(), IDLE_CLOSE_SECONDS)
             except TimeoutError:
                 if self.queue.empty():
                     await self._disconnect()
@@ -201,6 +232,8 @@ class _NodeChannel:
                     self.closed = True
                     return
                 continue
+            if command.poll:
+                self.polls_queued -= 1
             try:
                 await self._execute(command)
             except Exception as exc:  # never let one command end the node's queue

@@ -37,6 +37,8 @@ def build_bridge(settings: Settings) -> Bridge:
         new_nodes_per_second=settings.new_nodes_per_second,
         stats_interval=settings.stats_interval,
         lastseen_interval=settings.lastseen_interval,
+        poll_plans=settings.poll,
+        deadbands=settings.deadbands,
     )
 
 

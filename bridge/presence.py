@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hacer.messages import OFFLINE, ONLINE, Presence, bus_time
+from hacer.messages import OFFLINE, ONLINE, NodeReadings, Presence, Reading, bus_time
 from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ class PresencePublisher(Protocol):
 
     def values(self, node_id: int, values: dict[str, Value]) -> None:
         """Publish a node's last known values (retained)."""
+
+    def readings(self, readings: NodeReadings) -> None:
+        """Publish a node's values with their times and whether it answers (retained)."""
 
 
 @dataclass
@@ -48,6 +51,20 @@ class NodeRecord:
     values: dict[str, Value] = field(default_factory=dict)
     moved_from: str | None = None
     moved_at: float | None = None
+    read_at: dict[str, float] = field(default_factory=dict)  # when each value was first read as it is
+    answering: bool = True
+    answering_since: float = 0.0
+    answer_error: str | None = None
+
+    def readings(self) -> NodeReadings:
+        """Return the readings message of this record."""
+        return NodeReadings(
+            self.id,
+            {key: Reading(value, bus_time(self.read_at.get(key, self.since))) for key, value in self.values.items()},
+            self.answering,
+            bus_time(self.answering_since or self.since),
+            None if self.answering else self.answer_error,
+        )
 
     def presence(self) -> Presence:
         """Return the presence message of this record."""
@@ -99,8 +116,10 @@ class PresenceTracker:
         max_nodes: int = 10_000,
         new_nodes_per_second: float = 50.0,
         node_port: int = 7777,
+        deadbands: dict[str, float] | None = None,
     ) -> None:
         self._publisher = publisher
+        self._deadbands = deadbands or {}
         self._offline_after = offline_after
         self._clock = clock
         self._max_nodes = max_nodes
@@ -144,7 +163,7 @@ class PresenceTracker:
                 record.last_seen = now  # the common case: nothing to announce
                 self._fresh[beacon.id] = now
                 if beacon.state:
-                    self._merge_values(record, beacon.state)
+                    self._merge_values(record, beacon.state, now)
                 return None
             if record is None:
                 refused = self._admit(now)
@@ -166,7 +185,7 @@ class PresenceTracker:
             self._push_deadline(record)
             presence = record.presence()
             if beacon.state:
-                self._merge_values(record, beacon.state)
+                self._merge_values(record, beacon.state, now)
         self._publisher.presence(presence)
         return None
 
@@ -182,21 +201,45 @@ class PresenceTracker:
         self._new_allowance -= 1
         return None
 
-    def _merge_values(self, record: NodeRecord, values: dict[str, Value]) -> None:
-        if all(record.values.get(k) == v for k, v in values.items()):
-            return
-        if len(record.values.keys() | values.keys()) > MAX_VALUES_PER_NODE:
-            log.warning("node %s: values beyond %d keys are not kept", record.id, MAX_VALUES_PER_NODE)
-            values = {k: v for k, v in values.items() if k in record.values}
-        record.values.update(values)
-        self._publisher.values(record.id, dict(record.values))
+    def _changed(self, key: str, old: Value | None, new: Value) -> bool:
+        """Tell whether `new` is worth announcing over `old` (beyond the key's deadband)."""
+        if old is None or type(old) is not type(new) or isinstance(new, str):
+            return old != new
+        assert isinstance(old, int)
+        return abs(new - old) > self._deadbands.get(key, 0.0)
 
-    def update_values(self, node_id: int, values: dict[str, Value]) -> None:
+    def _merge_values(self, record: NodeRecord, values: dict[str, Value], now: float) -> None:
+        changed = {k: v for k, v in values.items() if self._changed(k, record.values.get(k), v)}
+        if not changed:
+            return
+        if len(record.values.keys() | changed.keys()) > MAX_VALUES_PER_NODE:
+            log.warning("node %s: values beyond %d keys are not kept", record.id, MAX_VALUES_PER_NODE)
+            changed = {k: v for k, v in changed.items() if k in record.values}
+        record.values.update(changed)
+        record.read_at.update(dict.fromkeys(changed, now))
+        self._publisher.values(record.id, dict(record.values))
+        self._publisher.readings(record.readings())
+
+    def update_values(self, node_id: int, values: dict[str, Value], now: float) -> None:
         """Record values a node reported (command replies); publish them when they change."""
         with self._lock:
             record = self._nodes.get(node_id)
             if record is not None:
-                self._merge_values(record, values)
+                self._merge_values(record, values, now)
+
+    def answered(self, node_id: int, now: float, error: str | None = None) -> None:
+        """Record whether the node answered a command (`error` says why not); publish a change."""
+        with self._lock:
+            record = self._nodes.get(node_id)
+            if record is None or record.answering == (error is None):
+                return
+            record.answering, record.answering_since, record.answer_error = error is None, now, error
+            readings = record.readings()
+        if error is None:
+            log.info("node %s answers again", node_id)
+        else:
+            log.warning("node %s does not answer: %s", node_id, error)
+        self._publisher.readings(readings)
 
     # --- deadlines --------------------------------------------------------------------------
 
@@ -235,6 +278,7 @@ class PresenceTracker:
         retained_values: dict[int, dict[str, Value]],
         started_at: float,
         last_seen_hints: dict[int, float] | None = None,
+        retained_readings: dict[int, NodeReadings] | None = None,
     ) -> int:
         """Adopt retained presence of nodes not known here; republish ours where it differs.
 
@@ -264,6 +308,7 @@ class PresenceTracker:
                     presence.moved_from,
                     None if presence.moved_at is None else presence.moved_at.timestamp(),
                 )
+                self._restore_readings(record, (retained_readings or {}).get(node_id))
                 self._nodes[node_id] = record
                 if record.online:
                     grace = min(record.interval or DEFAULT_BEACON_INTERVAL, self.offline_after(record))
@@ -274,9 +319,21 @@ class PresenceTracker:
                     republish.append(record.presence())
                 if record.values and retained_values.get(node_id) != record.values:
                     self._publisher.values(node_id, dict(record.values))
+                if record.values and (retained_readings or {}).get(node_id) != record.readings():
+                    self._publisher.readings(record.readings())
         for presence in republish:
             self._publisher.presence(presence)
         return len(republish)
+
+    @staticmethod
+    def _restore_readings(record: NodeRecord, readings: NodeReadings | None) -> None:
+        if readings is None:
+            return
+        for key, reading in readings.values.items():
+            if record.values.get(key) == reading.value:
+                record.read_at[key] = reading.at.timestamp()
+        record.answering, record.answer_error = readings.answering, readings.error
+        record.answering_since = readings.since.timestamp()
 
     def forget(self, node_id: int) -> bool:
         """Drop a node (deleted through the api); tell whether it was known."""
@@ -299,6 +356,11 @@ class PresenceTracker:
     def get(self, node_id: int) -> NodeRecord | None:
         """Return the record of a node (a live object: read, do not change)."""
         return self._nodes.get(node_id)
+
+    def online_nodes(self) -> list[tuple[int, str]]:
+        """Return (id, type) of every online node."""
+        with self._lock:
+            return [(node_id, r.type) for node_id, r in self._nodes.items() if r.online]
 
     def counts(self) -> tuple[int, int]:
         """Return (online, offline) node counts."""

@@ -18,6 +18,7 @@ from typing import Literal
 
 from bridge.commands import Command, CommandRelay, correlation_text
 from bridge.listener import BeaconListener
+from bridge.poller import Poller
 from bridge.presence import PresenceTracker
 from hacer.bus import Bus, BusError, Message, MessageTooLarge
 from hacer.messages import (
@@ -26,18 +27,22 @@ from hacer.messages import (
     GetCommand,
     LastSeenBatch,
     MessageError,
+    NodeReadings,
     NodeValues,
     Presence,
     SetCommand,
     bus_time,
 )
 from hacer.nodewire import Value
-from hacer.settings import private_dir
+from hacer.settings import PollPlan, private_dir
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 5.0
+POLL_TICK = 1.0  # how often due polls are looked for
+# Command outcomes that say the node did not answer at all (a node's error reply is an answer).
+NOT_ANSWERED = frozenset({"timeout", "unreachable", "bad_reply"})
 LASTSEEN_CHUNK = 5000  # about 200 kB per message
 
 
@@ -60,6 +65,9 @@ class BusPresencePublisher:
 
     def values(self, node_id: int, values: dict[str, Value]) -> None:
         self._publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
+
+    def readings(self, readings: NodeReadings) -> None:
+        self._publish(self._topics.build("node_readings", readings.node_id), readings.to_payload())
 
     def _publish(self, topic: str, payload: bytes) -> None:
         with self._lock:
@@ -106,6 +114,8 @@ class Bridge:
         new_nodes_per_second: float = 50.0,
         stats_interval: float = 10.0,
         lastseen_interval: float = 2.0,
+        poll_plans: dict[str, PollPlan] | None = None,
+        deadbands: dict[str, float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
@@ -123,16 +133,20 @@ class Bridge:
             max_nodes=max_nodes,
             new_nodes_per_second=new_nodes_per_second,
             node_port=node_port,
+            deadbands=deadbands,
         )
         self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
         self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
+        self.poller = Poller(poll_plans or {}, self.relay.poll)
         self.started_at = 0.0
         self.restored = threading.Event()
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        self._polling: threading.Thread | None = None
         self._repair_lock = threading.Lock()
         self._retained_presence: dict[int, Presence] = {}
         self._retained_values: dict[int, dict[str, Value]] = {}
+        self._retained_readings: dict[int, NodeReadings] = {}
         self._last_stats: BridgeStats | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -148,6 +162,7 @@ class Bridge:
         # reads; live messages on these topics are our own, except an empty presence: a delete.
         self.bus.subscribe(self.topics.filter("node_presence"), self._on_presence)
         self.bus.subscribe(self.topics.filter("node_state"), self._on_values)
+        self.bus.subscribe(self.topics.filter("node_readings"), self._on_readings)
         self.bus.on_connect(self._on_connect)
         self.bus.start()
         if not self.restored.wait(restore_timeout):
@@ -158,14 +173,18 @@ class Bridge:
         self.listener.start()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="bridge-housekeeping", daemon=True)
         self._housekeeper.start()
+        if self.poller.plans:
+            self._polling = threading.Thread(target=self._poll, name="bridge-poller", daemon=True)
+            self._polling.start()
 
     def stop(self) -> None:
         """Stop listening, save the checkpoint and leave the bus (bridge state `offline`)."""
         self._stopping.set()
         self.tracker.deadline_changed.set()
         self.listener.stop()
-        if self._housekeeper is not None:
-            self._housekeeper.join(5)
+        for thread in (self._housekeeper, self._polling):
+            if thread is not None:
+                thread.join(5)
         self._save_checkpoint()
         self.relay.stop()
         self.bus.stop()
@@ -238,6 +257,16 @@ class Bridge:
             with self._repair_lock:
                 self._retained_values[node_id] = values
 
+    def _on_readings(self, message: Message) -> None:
+        if message.retain and message.payload:
+            try:
+                readings = NodeReadings.from_payload(message.payload)
+            except MessageError as exc:
+                log.warning("ignored retained %s: %s", message.topic, exc)
+                return
+            with self._repair_lock:
+                self._retained_readings[readings.node_id] = readings
+
     def _address_of(self, node_id: int) -> tuple[str, int] | None:
         record = self.tracker.get(node_id)
         if record is None:
@@ -245,11 +274,19 @@ class Bridge:
         return record.ip, record.port or self.node_port
 
     def _publish_result(self, result: CommandResult, command: Command) -> None:
-        self._answer(
-            result, self.topics.build("node_result", command.node_id), command.correlation, command.response_topic
-        )
+        if not command.poll:  # the bridge's own reads are not anyone's results
+            self._answer(
+                result, self.topics.build("node_result", command.node_id), command.correlation, command.response_topic
+            )
+        now = result.at.timestamp()
+        if result.reason in NOT_ANSWERED:
+            self.tracker.answered(command.node_id, now, result.error)
+        elif result.ok or result.reason == "node_error":
+            self.tracker.answered(command.node_id, now)
         if result.ok and result.value is not None:
-            self.tracker.update_values(command.node_id, {result.key: result.value})
+            self.tracker.update_values(command.node_id, {result.key: result.value}, now)
+            if command.op == "set" and not command.poll:
+                self.poller.read_back(command.node_id, now)
 
     def _answer(
         self, result: CommandResult, result_topic: str, correlation: bytes | None, response_topic: str | None
@@ -281,7 +318,10 @@ class Bridge:
         with self._repair_lock:
             presences, self._retained_presence = self._retained_presence, {}
             values, self._retained_values = self._retained_values, {}
-        republished = self.tracker.reconcile(presences.values(), values, self.started_at, self._load_checkpoint())
+            readings, self._retained_readings = self._retained_readings, {}
+        republished = self.tracker.reconcile(
+            presences.values(), values, self.started_at, self._load_checkpoint(), readings
+        )
         log.info("node table: %d retained presence(s) read, %d republished", len(presences), republished)
         self.restored.set()
 
@@ -312,6 +352,10 @@ class Bridge:
             self.tracker.deadline_changed.clear()
             self.tracker.deadline_changed.wait(max(0.0, wake - self.clock()))
 
+    def _poll(self) -> None:
+        while not self._stopping.wait(POLL_TICK):
+            self.poller.run_due(self.tracker.online_nodes(), self.clock())
+
     def _publish_lastseen(self) -> None:
         fresh = list(self.tracker.take_fresh().items())
         if not self.bus.connected:
@@ -334,6 +378,7 @@ class Bridge:
             nodes_offline=offline,
             commands=dict(self.relay.counts),
             publish_failures=self.publisher.failures,
+            polls=dict(self.relay.poll_counts),
         )
 
     def _publish_stats(self) -> None:

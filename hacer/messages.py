@@ -170,6 +170,27 @@ class NodeValues(Struct, frozen=True):
         return cls(decode(NodeValuesBody, payload, "node values"))
 
 
+class Reading(Struct, frozen=True):
+    """One value of a node and when it was read (the first read that found it so)."""
+
+    value: Value
+    at: Time
+
+
+class NodeReadings(Payload, frozen=True, omit_defaults=True):
+    """Retained values of a node with their times, and whether the node answers now."""
+
+    what: ClassVar[str] = "readings"
+    node_id: NodeId
+    values: Annotated[dict[Key, Reading], Meta(max_length=1024)]
+    answering: bool
+    since: Time  # when `answering` became what it is
+    error: ErrorText | None = None  # why the node stopped answering
+
+    def __post_init__(self) -> None:
+        _check_times(self.since, *(reading.at for reading in self.values.values()))
+
+
 def _command_value(value: bool | int | float | str) -> Value:
     if type(value) is bool:
         return int(value)
@@ -259,6 +280,7 @@ class BridgeStats(Payload, frozen=True):
     nodes_offline: Count
     commands: dict[str, Count] = field(default_factory=dict)
     publish_failures: Count = 0
+    polls: dict[str, Count] = field(default_factory=dict)  # the bridge's own reads of node values
 
 
 # --- runs --------------------------------------------------------------------------------------
@@ -412,6 +434,7 @@ DECLARATIONS: dict[str, Any] = {
     "Presence": Presence,
     "NodeMeta": NodeMeta,
     "NodeValues": NodeValuesBody,
+    "NodeReadings": NodeReadings,
     "SetCommand": SetBody,
     "GetCommand": GetBody,
     "CommandResult": CommandResult,

@@ -63,6 +63,49 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+DEFAULT_POLL = "thermostat:temperature,target@30 sensor_temp:temperature@30 toggle:on@60 light_rgb:color@60"
+
+
+@dataclass(frozen=True)
+class PollPlan:
+    """Which keys of one node type the bridge reads, and how often."""
+
+    keys: tuple[str, ...]
+    interval: float
+
+
+def parse_poll_plans(spec: str) -> dict[str, PollPlan]:
+    """Parse HACER_POLL: `type:key,key@seconds ...`; `off` reads nothing."""
+    if spec.strip().lower() == "off":
+        return {}
+    plans: dict[str, PollPlan] = {}
+    for item in spec.replace(";", " ").split():
+        node_type, _, rest = item.partition(":")
+        keys, _, seconds = rest.partition("@")
+        try:
+            interval = float(seconds)
+        except ValueError:
+            interval = 0.0
+        names = tuple(key for key in keys.split(",") if key)
+        if not node_type or not names or not 1.0 <= interval < 1e9:
+            raise SettingsError(f"HACER_POLL item {item!r} is not type:key,key@seconds (1 s at least)")
+        plans[node_type] = PollPlan(names, interval)
+    return plans
+
+
+def _deadbands(env: Mapping[str, str], name: str) -> dict[str, float]:
+    deadbands = {}
+    for item in _list(env, name):
+        key, _, raw = item.partition("=")
+        try:
+            deadbands[key.strip()] = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} item {item!r} is not key=number") from None
+        if not key.strip() or not 0 <= deadbands[key.strip()] < math.inf:
+            raise SettingsError(f"{name} item {item!r} is not key=number (0 or more)")
+    return deadbands
+
+
 @dataclass(frozen=True)
 class Settings:
     """The configuration of one hacer process."""
@@ -83,6 +126,10 @@ class Settings:
     new_nodes_per_second: float = 50.0
     stats_interval: float = 10.0
     lastseen_interval: float = 2.0
+    # What the bridge reads of each node type and how often (bridge/poller.py).
+    poll: dict[str, PollPlan] = field(default_factory=lambda: parse_poll_plans(DEFAULT_POLL))
+    # Per key: a reading is announced when it moves more than this from the one announced.
+    deadbands: dict[str, float] = field(default_factory=dict)
     state_dir: Path = PROJECT_DIR / "var"
     scripts_dir: Path = PROJECT_DIR / "scripts"
     runner_id: str = field(default_factory=socket.gethostname)
@@ -156,6 +203,8 @@ class Settings:
             new_nodes_per_second=_float(env, "HACER_NEW_NODES_PER_SECOND", 50.0, 1.0) or 50.0,
             stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
             lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
+            poll=parse_poll_plans(env.get("HACER_POLL", "").strip() or DEFAULT_POLL),
+            deadbands=_deadbands(env, "HACER_DEADBAND"),
             # Resolved now: a relative folder would otherwise be read from each script's own folder.
             state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var").resolve(),
             scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts").resolve(),

@@ -32,6 +32,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("node_presence", "nodes/{arg}/presence", True, 1, "bridge", "Presence"),
     TopicSpec("node_meta", "nodes/{arg}/meta", True, 1, "api", "NodeMeta"),
     TopicSpec("node_state", "nodes/{arg}/state", True, 1, "bridge", "NodeValues"),
+    TopicSpec("node_readings", "nodes/{arg}/readings", True, 1, "bridge", "NodeReadings"),
     TopicSpec("node_set", "nodes/{arg}/set", False, 1, "anyone allowed", "SetCommand"),
     TopicSpec("node_get", "nodes/{arg}/get", False, 1, "anyone allowed", "GetCommand"),
     TopicSpec("node_result", "nodes/{arg}/result", False, 1, "bridge", "CommandResult"),

@@ -222,6 +222,7 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
             "HADB_PATH": str(tmp_path / "hacer.db"),
             "HACER_STATS_INTERVAL": "0.5",
             "HACER_LASTSEEN_INTERVAL": "0.5",
+            "HACER_POLL": "off",  # the tests of the bridge's reads turn them on
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from emulator.nodes import EmulatedNode, Emulator, make_nodes
-from hacer.messages import BridgeStats, CommandResult, NodeValues
+from hacer.messages import BridgeStats, CommandResult, NodeReadings, NodeValues
 
 from conftest import presence_of, target, wait_until
 
@@ -222,6 +222,51 @@ def test_dead_node_times_out_without_blocking_others(start_bridge, bridge_env, n
         results.messages.index(m) for m in results.messages if m.correlation and m.correlation.startswith(b"ok")
     )
     assert "no reply within 1 s" in result_of(timed_out).error
+
+
+def test_the_bridge_reads_values_itself_and_says_when_a_node_stops_answering(
+    start_bridge, bridge_env, nodes, watch, topics
+):
+    bridge_env["HACER_POLL"] = "thermostat:temperature,target@1 sensor_temp:temperature@1"
+    bridge_env["HACER_NODE_TIMEOUT"] = "1"
+    start_bridge()
+    made, emulator = nodes
+    toggle, light, thermostat, sensor = made
+    readings = watch(topics.filter("node_readings"))
+    results = watch(topics.filter("node_result"))
+    stats = watch(topics.build("bridge_stats"))
+    emulator.start()
+
+    seen = [0]  # each wait looks only at what came after the previous one's match
+
+    def reading_of(node, check, start=None):
+        message = readings.wait_for(
+            lambda m: topics.node_id(m.topic) == node.id and check(NodeReadings.from_payload(m.payload)),
+            timeout=15,
+            start=seen[0] if start is None else start,
+        )
+        seen[0] = max(seen[0], readings.messages.index(message) + 1)
+        return NodeReadings.from_payload(message.payload)
+
+    reading_of(thermostat, lambda r: r.values.keys() == {"temperature", "target"}, start=0)
+    reading_of(sensor, lambda r: "temperature" in r.values, start=0)
+    thermostat.values["temperature"] = 25  # the room warms; nobody asks
+    warmer = reading_of(thermostat, lambda r: r.values["temperature"].value == 25)
+    assert warmer.values["target"].at < warmer.values["temperature"].at and warmer.answering
+    sensor.mute = True
+    silent = reading_of(sensor, lambda r: not r.answering)
+    assert silent.error == "no reply within 1 s" and silent.values["temperature"].value == 21
+    sensor.mute = False
+    back = reading_of(sensor, lambda r: r.answering)
+    assert back.since > silent.since and back.error is None
+    late = watch(topics.build("node_state", thermostat.id))
+    assert NodeValues.from_payload(late.messages[0].payload).values == {"temperature": 25, "target": 20}
+    polls = BridgeStats.from_payload(
+        stats.wait_for(lambda m: "failed" in BridgeStats.from_payload(m.payload).polls).payload
+    )
+    assert polls.polls["ok"] > 0 and polls.commands == {}
+    assert results.messages == []  # the bridge's own reads are nobody's results
+    assert toggle.requests == light.requests == 0  # not in the plan
 
 
 def test_bad_command_payloads_get_an_answer(start_bridge, make_bus, watch, topics):

@@ -1,19 +1,26 @@
-"""The presence tracker alone, with a recording publisher and a hand-driven clock."""
+"""The presence tracker and the poller alone, with a recording publisher and a hand-driven clock."""
 
+import pytest
+
+from bridge.poller import Poller
 from bridge.presence import PresenceTracker
 from hacer.messages import OFFLINE, ONLINE, bus_time
 from hacer.nodewire import Beacon
+from hacer.settings import PollPlan, SettingsError, parse_poll_plans
 
 
 class RecordingPublisher:
     def __init__(self):
-        self.presences, self.value_updates = [], []
+        self.presences, self.value_updates, self.readings_sent = [], [], []
 
     def presence(self, presence):
         self.presences.append(presence)
 
     def values(self, node_id, values):
         self.value_updates.append((node_id, values))
+
+    def readings(self, readings):
+        self.readings_sent.append(readings)
 
 
 def beacon(node_id=1, type="toggle", **fields):
@@ -62,9 +69,49 @@ def test_beacon_state_and_command_values_publish_on_change():
     tracker = PresenceTracker(pub, None, clock=lambda: 0)
     tracker.observe(beacon(state={"on": 1}), "10.0.0.5", 0.0)
     tracker.observe(beacon(state={"on": 1}), "10.0.0.5", 1.0)
-    tracker.update_values(1, {"on": 0})
-    tracker.update_values(2, {"on": 0})  # unknown node: nothing
+    tracker.update_values(1, {"on": 0}, 2.0)
+    tracker.update_values(2, {"on": 0}, 2.0)  # unknown node: nothing
     assert pub.value_updates == [(1, {"on": 1}), (1, {"on": 0})]
+    assert [{k: (r.value, r.at) for k, r in m.values.items()} for m in pub.readings_sent] == [
+        {"on": (1, bus_time(0.0))},
+        {"on": (0, bus_time(2.0))},
+    ]
+
+
+def test_each_value_keeps_the_time_it_was_first_read_as_it_is():
+    pub = RecordingPublisher()
+    tracker = PresenceTracker(pub, None, clock=lambda: 0)
+    tracker.observe(beacon(type="thermostat"), "10.0.0.5", 0.0)
+    tracker.update_values(1, {"temperature": 21, "target": 20}, 10.0)
+    tracker.update_values(1, {"temperature": 21}, 40.0)  # read again, unchanged: nothing
+    tracker.update_values(1, {"temperature": 22}, 70.0)
+    last = pub.readings_sent[-1]
+    assert len(pub.readings_sent) == 2
+    assert (last.values["temperature"].at, last.values["target"].at) == (bus_time(70.0), bus_time(10.0))
+
+
+def test_a_deadband_keeps_noise_off_the_bus():
+    pub = RecordingPublisher()
+    tracker = PresenceTracker(pub, None, clock=lambda: 0, deadbands={"temperature": 1})
+    tracker.observe(beacon(type="sensor_temp"), "10.0.0.5", 0.0)
+    for now, temperature in enumerate([21, 22, 21, 22, 23, 22, 20], start=1):
+        tracker.update_values(1, {"temperature": temperature, "name": "hall"}, float(now))
+    assert [values["temperature"] for _, values in pub.value_updates] == [21, 23, 20]
+
+
+def test_a_node_that_stops_answering_says_so_until_it_answers():
+    pub = RecordingPublisher()
+    tracker = PresenceTracker(pub, None, clock=lambda: 0)
+    tracker.observe(beacon(type="sensor_temp"), "10.0.0.5", 0.0)
+    tracker.update_values(1, {"temperature": 21}, 1.0)
+    tracker.answered(1, 2.0)  # answering already: nothing to say
+    tracker.answered(1, 3.0, "no reply within 3 s")
+    tracker.answered(1, 6.0, "no reply within 3 s")
+    tracker.answered(1, 9.0)
+    said = [(r.answering, r.since, r.error) for r in pub.readings_sent[1:]]
+    assert said == [(False, bus_time(3.0), "no reply within 3 s"), (True, bus_time(9.0), None)]
+    # The stale value kept its own time all along.
+    assert pub.readings_sent[1].values["temperature"].at == bus_time(1.0)
 
 
 def test_restore_keeps_timers_and_announces_nothing_twice():
@@ -106,6 +153,66 @@ def test_reconcile_republishes_what_the_broker_lost():
     tracker.observe(beacon(2), "10.0.0.6", 0.0)
     pub.presences.clear()
     pub.value_updates.clear()
+    pub.readings_sent.clear()
     kept = tracker.get(2).presence()
     assert tracker.reconcile([kept], {}, started_at=5.0) == 1
     assert [p.id for p in pub.presences] == [1] and pub.value_updates == [(1, {"on": 1})]
+    assert [r.node_id for r in pub.readings_sent] == [1]
+
+
+def test_restore_keeps_the_times_of_values_that_did_not_change():
+    first = RecordingPublisher()
+    before = PresenceTracker(first, None, clock=lambda: 0)
+    before.observe(beacon(1, type="thermostat"), "10.0.0.5", 0.0)
+    before.update_values(1, {"temperature": 21, "target": 20}, 5.0)
+    before.answered(1, 8.0, "no reply within 3 s")
+    retained = first.readings_sent[-1]
+
+    pub = RecordingPublisher()
+    after = PresenceTracker(pub, None, clock=lambda: 0)
+    # The broker kept a newer target than the readings say (published, readings lost).
+    after.reconcile(first.presences, {1: {"temperature": 21, "target": 19}}, 20.0, None, {1: retained})
+    restored = pub.readings_sent[-1]
+    assert restored.values["temperature"].at == bus_time(5.0)
+    assert restored.values["target"].value == 19 and restored.values["target"].at == bus_time(0.0)
+    assert (restored.answering, restored.error) == (False, "no reply within 3 s")
+
+
+# --- the poller: which nodes are read, when ---------------------------------------------------
+
+
+def test_reads_are_spread_over_the_interval_then_come_on_it():
+    polls = []
+    fractions = iter([0.0, 0.5, 0.99])
+    poller = Poller(
+        {"sensor_temp": PollPlan(("temperature",), 30.0)}, lambda *p: polls.append(p), lambda: next(fractions)
+    )
+    online = [(1, "sensor_temp"), (2, "sensor_temp"), (3, "sensor_temp"), (4, "toggle")]
+    poller.run_due(online, 100.0)  # first sight: each gets its place in the interval
+    assert polls == []
+    for now in (100.0, 101.0, 115.0, 129.0, 130.0):
+        poller.run_due(online, now)
+    assert [node_id for node_id, _ in polls] == [1, 2, 1, 3]  # at 100, 115, then 130 (1's second, 3's first)
+    assert polls[0] == (1, ("temperature",))
+
+
+def test_a_set_is_read_back_and_an_offline_node_is_not_read():
+    polls = []
+    poller = Poller({"toggle": PollPlan(("on",), 60.0)}, lambda *p: polls.append(p), lambda: 0.5)
+    poller.run_due([(1, "toggle")], 0.0)
+    poller.read_back(1, 5.0)
+    poller.run_due([(1, "toggle")], 6.0)
+    assert polls == [(1, ("on",))]
+    poller.run_due([], 7.0)  # offline: forgotten
+    poller.read_back(1, 7.0)
+    poller.run_due([(1, "toggle")], 66.0)  # back: a new place in the interval
+    assert polls == [(1, ("on",))]
+
+
+def test_poll_plans_are_read_from_the_setting():
+    plans = parse_poll_plans("thermostat:temperature,target@30; toggle:on@60")
+    assert plans == {"thermostat": PollPlan(("temperature", "target"), 30.0), "toggle": PollPlan(("on",), 60.0)}
+    assert parse_poll_plans("off") == {}
+    for bad in ("thermostat", "toggle:on", "toggle:@5", "toggle:on@0.5", ":on@5", "toggle:on@x"):
+        with pytest.raises(SettingsError, match="HACER_POLL"):
+            parse_poll_plans(bad)

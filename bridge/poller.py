@@ -1,0 +1,51 @@
+"""Keeps node values current: reads each online node's keys on its type's interval.
+
+A 2015 node never pushes its values, so the bridge asks. Each node's first read falls at a
+random point of its interval, so a thousand nodes spread their reads instead of arriving
+together; a set is read back a moment later, so the value shown is the node's own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+from hacer.settings import PollPlan
+
+READ_BACK_AFTER = 1.0  # seconds after a set before its key is read back
+
+
+class Poller:
+    """Asks for each online node's planned keys when they are due; see the module docstring."""
+
+    def __init__(
+        self,
+        plans: dict[str, PollPlan],
+        poll: Callable[[int, tuple[str, ...]], None],
+        random_fraction: Callable[[], float] = random.random,
+    ) -> None:
+        self.plans = plans
+        self._poll = poll
+        self._random_fraction = random_fraction
+        self._due: dict[int, float] = {}
+
+    def run_due(self, online: Iterable[tuple[int, str]], now: float) -> None:
+        """Poll the online nodes whose reads are due; forget the nodes not online."""
+        due: dict[int, float] = {}
+        for node_id, node_type in online:
+            plan = self.plans.get(node_type)
+            if plan is None:
+                continue
+            when = self._due.get(node_id)
+            if when is None:
+                when = now + self._random_fraction() * plan.interval
+            elif when <= now:
+                self._poll(node_id, plan.keys)
+                when = now + plan.interval
+            due[node_id] = when
+        self._due = due
+
+    def read_back(self, node_id: int, now: float) -> None:
+        """Read a node's planned keys again shortly (after a set)."""
+        if node_id in self._due:
+            self._due[node_id] = min(self._due[node_id], now + READ_BACK_AFTER)
