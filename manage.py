@@ -146,7 +146,7 @@ def cmd_purge(args: argparse.Namespace) -> None:
     settings: Settings = args.settings
     database = Database(settings.database_url)
     database.init()
-    print(f"purged {Purger(database.engine, Retention(settings.keep_days, settings.keep_runs))()}")
+    print(f"purged {Purger(database.engine, Retention.from_settings(settings))()}")
     if args.vacuum:
         vacuum(database.engine)
 

@@ -56,7 +56,60 @@ OPTIONAL_TEXT = {"type": ["string", "null"]}
 
 BUS_SCHEMAS = json_schemas(ref_template="#/components/schemas/{name}")
 AUTOMATION_SCHEMAS = msgspec.json.schema_components([AutomationSpec], ref_template="#/components/schemas/{name}")[1]
+NUMBER_OR_TEXT = {"type": ["number", "string"]}
 SCHEMAS: dict[str, Any] = {
+    "NodeHistory": {
+        "type": "object",
+        "description": "Times are Unix seconds. A raw point is [t, value] (the value holds until the next "
+        "point); a bucket is [start, low, mean, high, count] of the samples in it. `before` is the point in "
+        "effect at `since`. Availability lists changes, with the ones in effect at `since`: `online`/`offline` "
+        "(beacons) and `answering`/`not_answering` (commands and reads).",
+        "required": ["node_id", "since", "until", "availability"],
+        "properties": {
+            "node_id": NODE_ID_SCHEMA,
+            "key": TEXT,
+            "since": {"type": "number"},
+            "until": {"type": "number"},
+            "step": {"type": "integer", "minimum": 0},
+            "points": {
+                "type": "array",
+                "items": {
+                    "oneOf": [
+                        {
+                            "type": "array",
+                            "prefixItems": [{"type": "number"}, NUMBER_OR_TEXT],
+                            "minItems": 2,
+                            "maxItems": 2,
+                        },
+                        {"type": "array", "items": {"type": "number"}, "minItems": 5, "maxItems": 5},
+                    ]
+                },
+            },
+            "before": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "array",
+                        "prefixItems": [{"type": "number"}, NUMBER_OR_TEXT],
+                        "minItems": 2,
+                        "maxItems": 2,
+                    },
+                ]
+            },
+            "availability": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["t", "state", "reason"],
+                    "properties": {
+                        "t": {"type": "number"},
+                        "state": {"enum": ["online", "offline", "answering", "not_answering"]},
+                        "reason": OPTIONAL_TEXT,
+                    },
+                },
+            },
+        },
+    },
     "Error": {"type": "object", "required": ["error", "message"], "properties": {"error": TEXT, "message": TEXT}},
     "Node": {
         "type": "object",
@@ -274,6 +327,29 @@ PATHS: dict[str, Any] = {
         "get": {
             "summary": "Get a value from a node",
             "responses": COMMAND_RESPONSES,
+        },
+    },
+    "/api/nodes/id/{node_id}/history": {
+        "parameters": [INT_ID],
+        "get": {
+            "summary": "A node's history: a key's values (raw, or in buckets) and its availability",
+            "parameters": [
+                {
+                    "name": "key",
+                    "in": "query",
+                    "schema": TEXT,
+                    "description": "the value's key; none: availability only",
+                },
+                {"name": "since", "in": "query", "schema": TEXT, "description": "ISO 8601 or Unix seconds; a day ago"},
+                {"name": "until", "in": "query", "schema": TEXT, "description": "ISO 8601 or Unix seconds; now"},
+                {
+                    "name": "step",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 0},
+                    "description": "bucket seconds; 0: every sample; none: every sample up to 5 000, else chosen",
+                },
+            ],
+            "responses": {"200": body("NodeHistory"), "400": ERROR, "404": ERROR},
         },
     },
     "/api/node_types": {"get": {"summary": "Node types", "responses": {"200": body("NodeTypes")}}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,8 @@ from api.errors import ApiError, bad_request, not_found
 from api.openapi import document
 from api.services import Services
 from hacer import runstates
-from hacer.messages import LOG_ENTRY_TYPES, GetCommand, MessageError, RunRequest, SetCommand
+from hacer.history import MAX_BUCKETS, history, millis
+from hacer.messages import LOG_ENTRY_TYPES, MAX_KEY_CHARS, GetCommand, MessageError, RunRequest, SetCommand
 from hacer.models import MAX_ROW_ID, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
 from hacer.nodecommands import CommandTimeout
 from hacer.nodewire import MAX_NODE_ID
@@ -216,6 +218,46 @@ def delete_node(node_id: int) -> ResponseReturnValue:
     for name in ("node_presence", "node_meta", "node_state", "node_readings"):  # empty retained: cleared
         svc.bus.publish(svc.topics.build(name, node_id), b"", retain=True)
     return jsonify({"success": True})
+
+
+@api.get(f"/nodes/id/<{NODE_ID}:node_id>/history")
+def node_history(node_id: int) -> ResponseReturnValue:
+    now = time.time()
+    until = history_time("until", now)
+    since = history_time("since", until - 86400)
+    if not since < until:
+        raise bad_request("since must be before until")
+    key = request.args.get("key") or None
+    if key is not None and len(key) > MAX_KEY_CHARS:
+        raise bad_request(f"key must be at most {MAX_KEY_CHARS} characters")
+    step: int | None = None
+    if request.args.get("step"):
+        try:
+            step = int(request.args["step"])
+        except ValueError:
+            raise bad_request("step must be an integer number of seconds (0: every sample)") from None
+        if not 0 <= step <= 366 * 86400:
+            raise bad_request("step must be 0 (every sample) up to a year of seconds")
+        if step and (until - since) / step > MAX_BUCKETS:
+            raise bad_request(f"more than {MAX_BUCKETS} buckets: give a larger step")
+    svc = services()
+    with svc.sessions() as session:
+        find_node(session, node_id)
+        return fast_json(history(session.connection(), node_id, key, millis(since), millis(until), step))
+
+
+def history_time(name: str, default: float) -> float:
+    """A query time as a Unix time: ISO 8601 (UTC when it has no offset) or Unix seconds."""
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    moment = time_arg(name)
+    assert moment is not None
+    return moment.replace(tzinfo=UTC).timestamp()
 
 
 @api.get("/node_types")

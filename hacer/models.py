@@ -119,6 +119,41 @@ class Node(Base):
         return NodeMeta(self.id, self.name or "", self.type.name)
 
 
+class NodeSample(Base):
+    """One value a node had from `at_ms` on (Unix milliseconds: bucket arithmetic is the same in every database)."""
+
+    __tablename__ = "node_sample"
+    node_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    value: Mapped[float | None] = mapped_column(Float)  # a number
+    text: Mapped[str | None] = mapped_column(Text)  # or a string
+
+
+class NodeRollup(Base):
+    """The samples of one time bucket of a node's key, once its raw samples are purged."""
+
+    __tablename__ = "node_rollup"
+    node_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    step_ms: Mapped[int] = mapped_column(BigInteger)
+    low: Mapped[float] = mapped_column(Float)
+    high: Mapped[float] = mapped_column(Float)
+    total: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class NodeAvailability(Base):
+    """A change of a node's presence (`online`, `offline`) or answering (`answering`, `not_answering`)."""
+
+    __tablename__ = "node_availability"
+    node_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    state: Mapped[str] = mapped_column(String(16), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
 class Run(Base):
     """A run as the recorder saw it; `id` is the integer thread id of the 2015 API."""
 

@@ -152,6 +152,10 @@ class Settings:
     keep_days: float = 30.0
     keep_runs: int = 100_000
     purge_every: float = 3600.0
+    # Node history: raw samples for days, then rolled up into buckets of history_step seconds.
+    history_raw_days: float = 7.0
+    history_keep_days: float = 730.0
+    history_step: int = 300
     resend_after: float = 5.0
     database_timeout: float = 10.0
     runner_outbox_bytes: int = 64 * 1024 * 1024
@@ -226,6 +230,9 @@ class Settings:
             keep_days=_float(env, "HACER_KEEP_DAYS", 30.0, 0.001) or 30.0,
             keep_runs=_int(env, "HACER_KEEP_RUNS", 100_000, 0, 2**62),
             purge_every=_float(env, "HACER_PURGE_EVERY", 3600.0, 1.0) or 3600.0,
+            history_raw_days=_float(env, "HACER_HISTORY_RAW_DAYS", 7.0, 0.0) or 0.0,
+            history_keep_days=_float(env, "HACER_HISTORY_KEEP_DAYS", 730.0, 0.001) or 730.0,
+            history_step=_int(env, "HACER_HISTORY_STEP", 300, 1, 86400),
             resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,
             database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
             runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),

@@ -39,7 +39,7 @@ def build_recorder(settings: Settings) -> Recorder:
         database.session,
         recorder_id=settings.recorder_id,
         rescue_after=settings.rescue_after,
-        purge=Purger(database.engine, Retention(settings.keep_days, settings.keep_runs)),
+        purge=Purger(database.engine, Retention.from_settings(settings)),
         purge_every=settings.purge_every,
     )
 

@@ -6,7 +6,8 @@ changes again, see recorder/service.py) longer ago than `keep_days`, or when mor
 recorder has not confirmed (a row in `run_outbox`): those conditions are in the DELETE itself,
 so a run that changed since it was looked at stays. Also purged past `keep_days`: log entries
 without a run (2015's), claims that ended, dead letters, and automation fires but each
-automation's latest (where its scheduler resumes) and the waiting ones.
+automation's latest (where its scheduler resumes) and the waiting ones. Node history is rolled up
+and purged by its own settings (hacer/history.py).
 
 Deletes go in batches, a transaction each, so writers wait for one batch at most. SQLite then
 gives the freed pages back to the file system (incremental vacuum); PostgreSQL's autovacuum does.
@@ -25,7 +26,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import aliased
 
 from hacer import runstates
+from hacer.history import HistoryRetention, millis, roll_up
 from hacer.models import AutomationFire, DeadLetter, Run, RunClaim, RunOutbox, ScriptLogEntry, utc_datetime
+from hacer.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ class Retention:
 
     keep_days: float = 30.0
     keep_runs: int = 100_000  # finished runs at most, the newest; 0: any number
+    history: HistoryRetention = HistoryRetention()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Retention:
+        """The retention the settings ask for."""
+        history = HistoryRetention(settings.history_raw_days, settings.history_keep_days, settings.history_step)
+        return cls(settings.keep_days, settings.keep_runs, history)
 
 
 @dataclass
@@ -50,6 +60,8 @@ class Purged:
     claims: int = 0
     automation_fires: int = 0
     dead_letters: int = 0
+    samples_rolled_up: int = 0
+    node_history: int = 0
 
     def __bool__(self) -> bool:
         return any(getattr(self, field.name) for field in fields(self))
@@ -108,6 +120,7 @@ def purge(engine: Engine, retention: Retention, now: float, batch: int = BATCH) 
             batch,
         )
         purged.dead_letters += _purge_all(connection, DeadLetter.id, DeadLetter.at < cutoff, batch)
+        purged.samples_rolled_up, purged.node_history = roll_up(connection, retention.history, millis(now))
         if purged and connection.dialect.name == "sqlite":
             # A no-op unless auto_vacuum is on (new files; older ones after `purge --vacuum`). It frees
             # a page a step: executescript() steps it to the end, where execute() stops after one.

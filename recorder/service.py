@@ -36,11 +36,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
+from hacer.history import availability_of_presence, availability_of_readings, sample_rows
 from hacer.messages import (
     LastSeenBatch,
     LogEntry,
     LogEntrySeq,
     MessageError,
+    NodeReadings,
     Presence,
     RecorderState,
     RunnerState,
@@ -51,7 +53,18 @@ from hacer.messages import (
     bus_time,
     decode,
 )
-from hacer.models import DeadLetter, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType, naive_utc, utc_datetime
+from hacer.models import (
+    DeadLetter,
+    Node,
+    NodeAvailability,
+    NodeSample,
+    NodeType,
+    Run,
+    ScriptLogEntry,
+    ScriptLogEntryType,
+    naive_utc,
+    utc_datetime,
+)
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
@@ -60,7 +73,7 @@ SHARE_GROUP = "hacer-recorders"
 BATCH_LIMIT = 2000
 GATHER_SECONDS = 0.01
 META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's meta
-RECORDED_TOPICS = ("node_presence", "bridge_lastseen", "run_request", "run_status", "run_log")
+RECORDED_TOPICS = ("node_presence", "node_readings", "bridge_lastseen", "run_request", "run_status", "run_log")
 DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 STATE_EVERY = 5.0  # seconds between republished counters
 # The runs a batch touched: run id -> (thread id, state if known, seqs of the entries written)
@@ -245,6 +258,8 @@ class Recorder:
         with self.sessions() as session:
             runs: dict[str, Run] = {}
             entries: list[dict[str, Any]] = []
+            samples: list[dict[str, Any]] = []
+            availability: list[dict[str, Any]] = []
             last_seen: dict[int, datetime] = {}
             for message in messages:
                 try:
@@ -257,6 +272,14 @@ class Recorder:
                             new = self._presence(session, presence)
                             if new is not None:
                                 new_nodes.append(new)
+                            availability.append(availability_of_presence(presence))
+                    elif name == "node_readings":
+                        if message.payload:  # empty: a deleted node's readings cleared
+                            readings = NodeReadings.from_payload(message.payload)
+                            if str(readings.node_id) != arg:
+                                raise MessageError("the topic names another node")
+                            samples.extend(sample_rows(readings))
+                            availability.append(availability_of_readings(readings))
                     elif name == "bridge_lastseen":
                         last_seen.update(LastSeenBatch.from_payload(message.payload).nodes)
                     elif name == "run_request":
@@ -281,6 +304,8 @@ class Recorder:
             for entry in entries:
                 entry["thread_id"], entry["script_name"], entry["params"] = contexts[entry.pop("run_id")]
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
+            insert_ignoring_duplicates(session, NodeSample.__table__, samples, ["node_id", "key", "at_ms"])
+            insert_ignoring_duplicates(session, NodeAvailability.__table__, availability, ["node_id", "at_ms", "state"])
             if last_seen:
                 self._last_seen(session, last_seen)
             self._add_dead_letters(session, bad)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC
 from pathlib import Path
@@ -49,6 +50,7 @@ class System:
                 "HACER_RECORDER_ID": f"rec-{uuid.uuid4().hex[:6]}",
                 "HACER_RESCUE_AFTER": "1",
                 "HACER_LASTSEEN_INTERVAL": "0.5",
+                "HACER_POLL": "thermostat:temperature,target@1 sensor_temp:temperature@1",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -305,6 +307,44 @@ def test_health_and_types(system):
         "other",
     ]
     assert system.get("/api/nowhere").json()["error"] == "not found"
+
+
+def test_node_history_over_rest_from_the_bridges_reads(system):
+    thermostat, sensor = node_of(system, "thermostat"), node_of(system, "sensor_temp")
+    url = f"/api/nodes/id/{thermostat.id}/history?key=temperature&since={time.time() - 60}"
+    before = system.get(url).json()
+    for temperature in (24, 26):
+        thermostat.values["temperature"] = temperature  # the room warms; nobody asks
+        wait_until(
+            lambda t=temperature: [v for _, v in system.get(url).json()["points"]][-1:] == [t],
+            20,
+            f"{temperature} °C in the history",
+        )
+    points = system.get(url).json()["points"]
+    assert [v for _, v in points][-2:] == [24, 26] and points[-2][0] < points[-1][0]
+    assert len(points) == len(before["points"]) + 2
+    bucketed = system.get(url + "&step=60").json()
+    assert bucketed["step"] == 60 and bucketed["points"][-1][3] == 26
+
+    sensor.mute = True
+    try:
+        strip = f"/api/nodes/id/{sensor.id}/history?since={time.time() - 3600}"
+        wait_until(
+            lambda: any(a["state"] == "not_answering" for a in system.get(strip).json()["availability"]),
+            20,
+            "the silent sensor in the availability strip",
+        )
+    finally:
+        sensor.mute = False
+    availability = system.get(strip).json()["availability"]
+    states = [a["state"] for a in availability]
+    assert states.index("online") < states.index("not_answering")  # online since before the range
+    assert [a["t"] for a in availability] == sorted(a["t"] for a in availability)
+    assert next(a for a in availability if a["state"] == "not_answering")["reason"] == "no reply within 1 s"
+    for bad in ("since=yesterday", "step=-1", "step=1&since=0", f"since={time.time() + 10}"):
+        response = system.get(f"/api/nodes/id/{thermostat.id}/history?{bad}")
+        assert response.status_code == 400 and response.json()["message"], bad
+    assert system.get("/api/nodes/id/1/history").status_code == 404
 
 
 def test_delete_node_clears_its_retained_topics(system, bus):
