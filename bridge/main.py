@@ -10,7 +10,7 @@ from bridge.service import Bridge
 from hacer.bus import Bus
 from hacer.lifecycle import run_until_signal
 from hacer.settings import Settings
-from hacer.topics import Topics
+from hacer.topics import DiscoveryTopics, Topics
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def build_bridge(settings: Settings) -> Bridge:
         lastseen_interval=settings.lastseen_interval,
         poll_plans=settings.poll,
         deadbands=settings.deadbands,
+        discovery=DiscoveryTopics(settings.ha_discovery) if settings.ha_discovery else None,
     )
 
 

@@ -357,6 +357,11 @@ class PresenceTracker:
         """Return the record of a node (a live object: read, do not change)."""
         return self._nodes.get(node_id)
 
+    def node_types(self) -> list[tuple[int, str]]:
+        """Return (id, type) of every node."""
+        with self._lock:
+            return [(node_id, r.type) for node_id, r in self._nodes.items()]
+
     def online_nodes(self) -> list[tuple[int, str]]:
         """Return (id, type) of every online node."""
         with self._lock:

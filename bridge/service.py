@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from bridge.commands import Command, CommandRelay, correlation_text
+from bridge.discovery import Discovery
 from bridge.listener import BeaconListener
 from bridge.poller import Poller
 from bridge.presence import PresenceTracker
@@ -35,7 +36,7 @@ from hacer.messages import (
 )
 from hacer.nodewire import Value
 from hacer.settings import PollPlan, private_dir
-from hacer.topics import TopicError, Topics
+from hacer.topics import DiscoveryTopics, TopicError, Topics
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,12 @@ class BusPresencePublisher:
         self._unsent: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.failures = 0
+        self.discovery: Discovery | None = None
 
     def presence(self, presence: Presence) -> None:
         self._publish(self._topics.build("node_presence", presence.id), presence.to_payload())
+        if self.discovery is not None:
+            self.discovery.node(presence.id, presence.type)
 
     def values(self, node_id: int, values: dict[str, Value]) -> None:
         self._publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
@@ -116,6 +120,7 @@ class Bridge:
         lastseen_interval: float = 2.0,
         poll_plans: dict[str, PollPlan] | None = None,
         deadbands: dict[str, float] | None = None,
+        discovery: DiscoveryTopics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bus = bus
@@ -126,6 +131,8 @@ class Bridge:
         self.lastseen_interval = lastseen_interval
         self.checkpoint_path = state_dir / "bridge-lastseen.json" if state_dir else None
         self.publisher = BusPresencePublisher(bus, topics)
+        self.discovery = None if discovery is None else Discovery(bus, topics, discovery)
+        self.publisher.discovery = self.discovery
         self.tracker = PresenceTracker(
             self.publisher,
             offline_after,
@@ -163,6 +170,8 @@ class Bridge:
         self.bus.subscribe(self.topics.filter("node_presence"), self._on_presence)
         self.bus.subscribe(self.topics.filter("node_state"), self._on_values)
         self.bus.subscribe(self.topics.filter("node_readings"), self._on_readings)
+        if self.discovery is not None:
+            self.discovery.subscribe()
         self.bus.on_connect(self._on_connect)
         self.bus.start()
         if not self.restored.wait(restore_timeout):
@@ -245,6 +254,8 @@ class Bridge:
                 return
             if self.tracker.forget(node_id):
                 log.info("node %s deleted: forgotten until its next beacon", node_id)
+            if self.discovery is not None:
+                self.discovery.forget(node_id)
 
     def _on_values(self, message: Message) -> None:
         if message.retain and message.payload:
@@ -323,6 +334,8 @@ class Bridge:
             presences.values(), values, self.started_at, self._load_checkpoint(), readings
         )
         log.info("node table: %d retained presence(s) read, %d republished", len(presences), republished)
+        if self.discovery is not None:
+            self.discovery.sync(self.tracker.node_types())
         self.restored.set()
 
     # --- housekeeping -----------------------------------------------------------------------

@@ -18,7 +18,16 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
-USERS = ("hacer-bridge", "hacer-api", "hacer-runner", "hacer-recorder", "hacer-scheduler", "hacer-script", "viewer")
+USERS = (
+    "hacer-bridge",
+    "hacer-api",
+    "hacer-runner",
+    "hacer-recorder",
+    "hacer-scheduler",
+    "hacer-script",
+    "homeassistant",
+    "viewer",
+)
 URL_SETTING, SCRIPT_URL_SETTING = "HACER_MQTT_URL", "HACER_SCRIPT_MQTT_URL"
 
 

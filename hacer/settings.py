@@ -93,6 +93,15 @@ def parse_poll_plans(spec: str) -> dict[str, PollPlan]:
     return plans
 
 
+def _discovery_prefix(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip().strip("/") or "homeassistant"
+    if raw.lower() == "off":
+        return ""
+    if any(c in raw for c in "+#\0"):
+        raise SettingsError(f"{name}={raw!r} must be a topic without wildcards, or off")
+    return raw
+
+
 def _deadbands(env: Mapping[str, str], name: str) -> dict[str, float]:
     deadbands = {}
     for item in _list(env, name):
@@ -130,6 +139,8 @@ class Settings:
     poll: dict[str, PollPlan] = field(default_factory=lambda: parse_poll_plans(DEFAULT_POLL))
     # Per key: a reading is announced when it moves more than this from the one announced.
     deadbands: dict[str, float] = field(default_factory=dict)
+    # Home Assistant's MQTT discovery prefix the bridge publishes configs under; "": none.
+    ha_discovery: str = "homeassistant"
     state_dir: Path = PROJECT_DIR / "var"
     scripts_dir: Path = PROJECT_DIR / "scripts"
     runner_id: str = field(default_factory=socket.gethostname)
@@ -209,6 +220,7 @@ class Settings:
             lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
             poll=parse_poll_plans(env.get("HACER_POLL", "").strip() or DEFAULT_POLL),
             deadbands=_deadbands(env, "HACER_DEADBAND"),
+            ha_discovery=_discovery_prefix(env, "HACER_HA_DISCOVERY"),
             # Resolved now: a relative folder would otherwise be read from each script's own folder.
             state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var").resolve(),
             scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts").resolve(),

@@ -155,6 +155,21 @@ class Topics:
         return int(arg)
 
 
+class DiscoveryTopics:
+    """Home Assistant's MQTT discovery topics, under its own prefix (`homeassistant` by default)."""
+
+    def __init__(self, prefix: str = "homeassistant") -> None:
+        self.prefix = prefix.strip("/")
+
+    def config(self, component: str, node_id: int, object_id: str) -> str:
+        """The retained config topic of one entity of a node (`<prefix>/switch/hacer_1234/on/config`)."""
+        return f"{self.prefix}/{_check_level(component)}/hacer_{int(node_id)}/{_check_level(object_id)}/config"
+
+    def status(self) -> str:
+        """Where Home Assistant says `online` when it starts (its birth message)."""
+        return f"{self.prefix}/status"
+
+
 def is_wildcard(topic: str) -> bool:
     """Tell whether `topic` contains an MQTT wildcard (and so cannot be published to)."""
     return "+" in topic or "#" in topic
