@@ -171,6 +171,9 @@ class PresenceTracker:
                     return refused
                 record = NodeRecord(beacon.id, beacon.type, ip, True, now, now)
                 self._nodes[beacon.id] = record
+                # Readings exist from the start: whoever waits on them (Home Assistant's
+                # availability) need not wait for the first value.
+                self._publisher.readings(record.readings())
             else:
                 if not record.online:
                     record.online, record.since = True, now
@@ -319,7 +322,7 @@ class PresenceTracker:
                     republish.append(record.presence())
                 if record.values and retained_values.get(node_id) != record.values:
                     self._publisher.values(node_id, dict(record.values))
-                if record.values and (retained_readings or {}).get(node_id) != record.readings():
+                if (retained_readings or {}).get(node_id) != record.readings():
                     self._publisher.readings(record.readings())
         for presence in republish:
             self._publisher.presence(presence)

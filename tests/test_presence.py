@@ -73,6 +73,7 @@ def test_beacon_state_and_command_values_publish_on_change():
     tracker.update_values(2, {"on": 0}, 2.0)  # unknown node: nothing
     assert pub.value_updates == [(1, {"on": 1}), (1, {"on": 0})]
     assert [{k: (r.value, r.at) for k, r in m.values.items()} for m in pub.readings_sent] == [
+        {},  # readings exist from the node's first beacon
         {"on": (1, bus_time(0.0))},
         {"on": (0, bus_time(2.0))},
     ]
@@ -86,7 +87,7 @@ def test_each_value_keeps_the_time_it_was_first_read_as_it_is():
     tracker.update_values(1, {"temperature": 21}, 40.0)  # read again, unchanged: nothing
     tracker.update_values(1, {"temperature": 22}, 70.0)
     last = pub.readings_sent[-1]
-    assert len(pub.readings_sent) == 2
+    assert len(pub.readings_sent) == 3  # the first beacon's, then two changes
     assert (last.values["temperature"].at, last.values["target"].at) == (bus_time(70.0), bus_time(10.0))
 
 
@@ -108,10 +109,10 @@ def test_a_node_that_stops_answering_says_so_until_it_answers():
     tracker.answered(1, 3.0, "no reply within 3 s")
     tracker.answered(1, 6.0, "no reply within 3 s")
     tracker.answered(1, 9.0)
-    said = [(r.answering, r.since, r.error) for r in pub.readings_sent[1:]]
+    said = [(r.answering, r.since, r.error) for r in pub.readings_sent[2:]]
     assert said == [(False, bus_time(3.0), "no reply within 3 s"), (True, bus_time(9.0), None)]
     # The stale value kept its own time all along.
-    assert pub.readings_sent[1].values["temperature"].at == bus_time(1.0)
+    assert pub.readings_sent[2].values["temperature"].at == bus_time(1.0)
 
 
 def test_restore_keeps_timers_and_announces_nothing_twice():
@@ -157,7 +158,7 @@ def test_reconcile_republishes_what_the_broker_lost():
     kept = tracker.get(2).presence()
     assert tracker.reconcile([kept], {}, started_at=5.0) == 1
     assert [p.id for p in pub.presences] == [1] and pub.value_updates == [(1, {"on": 1})]
-    assert [r.node_id for r in pub.readings_sent] == [1]
+    assert sorted(r.node_id for r in pub.readings_sent) == [1, 2]  # the broker kept no readings of either
 
 
 def test_restore_keeps_the_times_of_values_that_did_not_change():
