@@ -108,7 +108,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.get("/vendor/<path:name>")
     def vendor(name: str) -> ResponseReturnValue:
-        # The Socket.IO browser client, installed from the npm registry by setup.sh (package.json).
-        return send_from_directory(PROJECT_DIR / "node_modules" / "socket.io-client" / "dist", name)
+        # The Socket.IO browser client and uPlot, installed from the npm registry by setup.sh (package.json).
+        package = "uplot" if name.startswith("uPlot.") else "socket.io-client"
+        return send_from_directory(PROJECT_DIR / "node_modules" / package / "dist", name)
 
     return app

@@ -20,6 +20,7 @@ from hacer.automations import AutomationFired, AutomationState
 from hacer.bus import Bus, Message
 from hacer.messages import (
     BridgeStats,
+    LastSeenBatch,
     LogEntry,
     MessageError,
     NodeMeta,
@@ -79,6 +80,7 @@ class LiveView:
         self.bus.subscribe(topics.filter("automation_fired"), self._on_automation_fired)
         for name in ("bridge_stats", "recorder_state", "scheduler_state"):
             self.bus.subscribe(topics.filter(name), self._on_part)
+        self.bus.subscribe(topics.build("bridge_lastseen"), self._on_lastseen)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` for every change from now on."""
@@ -125,6 +127,9 @@ class LiveView:
                 self._room_history[room] = kept  # most recently active last
                 if len(self._room_history) > ROOMS_KEPT:
                     self._room_history.popitem(last=False)
+        self._tell(event)
+
+    def _tell(self, event: Event) -> None:
         for listener in self._listeners:
             try:
                 listener(event)
@@ -189,6 +194,26 @@ class LiveView:
         # client shows: not worth a frame to every client.
         if data != before:
             self._emit("node", data)
+
+    def _on_lastseen(self, message: Message) -> None:
+        """Fresh last-seen times: kept for snapshots and passed on, but not as history (no seq).
+
+        They come every few seconds for every beaconing node: kept as events they would push
+        out of the history what a reconnecting client needs.
+        """
+        try:
+            seen = {
+                node_id: moment.timestamp()
+                for node_id, moment in LastSeenBatch.from_payload(message.payload).nodes.items()
+            }
+        except MessageError:
+            return
+        with self._lock:
+            fresh = {node_id: t for node_id, t in seen.items() if node_id in self.nodes}
+            for node_id, moment in fresh.items():
+                self.nodes[node_id]["last_seen"] = moment
+        if fresh:
+            self._tell({"seq": None, "kind": "lastseen", "data": fresh, "room": None})
 
     def _on_run_status(self, message: Message) -> None:
         try:

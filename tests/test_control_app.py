@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
+from pathlib import Path
 
 import pytest
-from test_api import System, module_postgres_url, system  # noqa: F401 - the whole-system fixtures
+from test_api import System, module_postgres_url, node_of, system  # noqa: F401 - the whole-system fixtures
 
 from emulator.nodes import EmulatedNode
+from hacer.settings import PROJECT_DIR
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -24,17 +27,31 @@ CHROMIUM_FLAGS = [
 ]
 
 
+PHONE, DESKTOP = {"width": 390, "height": 844}, {"width": 1280, "height": 900}
+
+
+def artifacts() -> Path:
+    """Where the tests leave screenshots for people to look at (not committed; HACER_TEST_ARTIFACTS)."""
+    folder = Path(os.environ.get("HACER_TEST_ARTIFACTS") or PROJECT_DIR / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture
-def page(tmp_path):
+def browser():
     if CHROMIUM is None:
         pytest.fail("chromium is missing: `./setup.sh --dev` installs it (as root)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        context = browser.new_context()
-        yield context.new_page()
-        browser.close()
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    return browser.new_context(viewport=DESKTOP).new_page()
 
 
 @pytest.mark.parametrize("system", ["sqlite"], indirect=True)
@@ -49,14 +66,14 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
         880000 + uuid.uuid4().int % 10000, "toggle", "127.0.0.120", port=int(system.env["HACER_NODE_PORT"])
     )
     system.emulator.send_beacon(newcomer)
-    row = page.locator(f'#nodes tr[data-id="{newcomer.id}"]')
-    expect(row.locator("td.state-online")).to_have_text("online", timeout=10_000)
+    card = page.locator(f'#nodes article[data-id="{newcomer.id}"]')
+    expect(card.locator(".presence")).to_have_text("online", timeout=10_000)
 
-    name = row.locator("input.name")
+    name = card.locator("input.name")
     name.fill("porch light")
     name.press("Enter")
     name.blur()
-    expect(page.locator(f'#nodes tr[data-id="{newcomer.id}"] input.name')).to_have_value("porch light")
+    expect(page.locator(f'#nodes article[data-id="{newcomer.id}"] input.name')).to_have_value("porch light")
     assert system.get("/api/nodes/name/porch light").json()["id"] == newcomer.id
 
     page.select_option("#script", "test")
@@ -65,7 +82,7 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     expect(page.locator("#log")).to_contain_text("test script running with ['from-the-browser', '42']", timeout=10_000)
     expect(page.locator("#log")).to_contain_text("[exit_status] success")
     expect(page.locator("#runs tbody tr").first).to_contain_text("succeeded", timeout=10_000)
-    page.screenshot(path=str(system.work / "control-app.png"))
+    page.screenshot(path=str(artifacts() / "control-app-run.png"))
 
 
 @pytest.mark.parametrize("system", ["sqlite"], indirect=True)
@@ -94,7 +111,7 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
         890000 + uuid.uuid4().int % 10000, "light_rgb", "127.0.0.121", port=int(system.env["HACER_NODE_PORT"])
     )
     # the bridge, the api and the page are all back once a new node's presence reaches the page
-    row = page.locator(f'#nodes tr[data-id="{after.id}"] td.state-online')
+    row = page.locator(f'#nodes article[data-id="{after.id}"] .presence.state-online')
     last_beacon = [0.0]
 
     def shown() -> int:
@@ -133,3 +150,72 @@ def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(syste
     row.get_by_role("button", name="delete").click()
     expect(page.locator("#automations tbody tr", has_text="each second")).to_have_count(0, timeout=10_000)
     assert system.get(f"/api/automations/{automation_id}").status_code == 404
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
+def test_each_node_type_has_its_control_and_a_chart_of_what_the_api_returns(system, browser, viewport):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from conftest import wait_until
+
+    page = browser.new_context(viewport=viewport).new_page()
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    toggle, light, thermostat = (node_of(system, t) for t in ("toggle", "light_rgb", "thermostat"))
+    card = {n.type: page.locator(f'#nodes article[data-id="{n.id}"]') for n in (toggle, light, thermostat)}
+
+    # The outlet: a switch that a person flips, and that shows what the node says.
+    switch = card["toggle"].get_by_role("switch")
+    expect(switch).to_be_visible()
+    before = switch.get_attribute("aria-checked") == "true"
+    switch.focus()
+    page.keyboard.press("Enter")  # keyboard-usable
+    want = 0 if before else 1
+    expect(card["toggle"].get_by_role("switch")).to_have_attribute(
+        "aria-checked", str(not before).lower(), timeout=10_000
+    )
+    assert toggle.values["on"] == want
+
+    # The light: its colour picked.
+    card["light_rgb"].locator("input.color").evaluate(
+        "(input) => { input.value = '#ff8000'; input.dispatchEvent(new Event('change')); }"
+    )
+    wait_until(lambda: light.values["color"] == 0xFF8000, 10, "the light's new colour")
+    expect(card["light_rgb"].locator("input.color")).to_have_value("#ff8000")
+
+    # The thermostat: its temperature as read, and a target set.
+    thermostat.values["temperature"] = 23 if thermostat.values["temperature"] != 23 else 24
+    expect(card["thermostat"].locator(".reading")).to_have_text(
+        f"{thermostat.values['temperature']} °C", timeout=15_000
+    )
+    card["thermostat"].locator("input.target").fill("19")
+    card["thermostat"].get_by_role("button", name="set target").click()
+    wait_until(lambda: thermostat.values["target"] == 19, 10, "the thermostat's new target")
+
+    # Its history: the chart holds exactly the points the API returns for the same range.
+    card["thermostat"].get_by_role("button", name="history").click()
+    dialog = page.locator("#history")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="hour").click()
+    expect(dialog.get_by_role("button", name="hour")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#history-summary")).to_contain_text("readings", timeout=10_000)
+    drawn = page.evaluate("() => ({xs: window.hacerChart.data[0], ys: window.hacerChart.data[1]})")
+    answer = system.get(
+        f"/api/nodes/id/{thermostat.id}/history",
+        params={"key": "temperature", "since": drawn["xs"][0] if drawn["xs"] else time.time() - 3600},
+    ).json()
+    api_points = [(round(t, 3), v) for t, v in answer["points"]]
+    shown = [(round(t, 3), v) for t, v in zip(drawn["xs"], drawn["ys"], strict=True)]
+    # Drawn: the value in effect at the range's start (when there is one), the API's points, and
+    # the last one held until now.
+    start = 1 if answer["before"] else 0
+    assert api_points and shown[start : start + len(api_points)] == api_points
+    assert len(shown) == start + len(api_points) + 1 and shown[-1][1] == api_points[-1][1]
+    assert page.locator("#availability span.state-online").count() >= 1
+    page.screenshot(path=str(artifacts() / f"control-app-history-{viewport['width']}.png"))
+    dialog.get_by_role("button", name="close").click()
+
+    # Usable on a phone: nothing wider than the screen.
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
+    page.screenshot(path=str(artifacts() / f"control-app-{viewport['width']}.png"), full_page=True)

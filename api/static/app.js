@@ -26,35 +26,133 @@ function cell(row, text, className) {
   return td;
 }
 
+// --- nodes: a card each, with the control its type calls for ------------------------------------
+
+const CHART_KEY = { toggle: "on", thermostat: "temperature", sensor_temp: "temperature" };
+const ago = (seconds) => {
+  const s = Math.max(0, Math.round(seconds));
+  return s < 90 ? `${s} s ago` : s < 5400 ? `${Math.round(s / 60)} min ago` : `${Math.round(s / 3600)} h ago`;
+};
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+const hex = (color) => "#" + Number(color || 0).toString(16).padStart(6, "0");
+
+function element(tag, props = {}, ...children) {
+  const made = Object.assign(document.createElement(tag), props);
+  for (const [name, value] of Object.entries(props.attrs || {})) made.setAttribute(name, value);
+  made.append(...children.filter((child) => child != null));
+  return made;
+}
+
+function labelOf(node) { return node.name || `${node.type} ${node.id}`; }
+
 function renderNodes() {
-  // Never redraw under the user's typing: wait until the table loses focus.
-  if ($("#nodes").contains(document.activeElement)) { state.renderLater = true; return; }
-  const body = $("#nodes tbody");
-  body.replaceChildren();
-  for (const node of [...state.nodes.values()].sort((a, b) => a.id - b.id)) {
-    const row = body.insertRow();
-    row.dataset.id = node.id;
-    cell(row, node.id);
-    const name = document.createElement("input");
-    name.className = "name";
-    name.value = node.name;
-    name.setAttribute("aria-label", "name of " + node.id);
-    name.addEventListener("change", () => rename(node.id, name.value));
-    row.insertCell().append(name);
-    cell(row, node.type);
-    cell(row, node.ip);
-    cell(row, node.state, "state-" + node.state);
-    cell(row, Object.entries(node.values || {}).map(([k, v]) => `${k}=${v}`).join(" "));
-    const key = document.createElement("input");
-    key.className = "value"; key.placeholder = "key"; key.setAttribute("aria-label", "key for " + node.id);
-    const value = document.createElement("input");
-    value.className = "value"; value.placeholder = "value"; value.setAttribute("aria-label", "value for " + node.id);
-    const send = document.createElement("button");
-    send.textContent = "set";
-    send.addEventListener("click", () => setValue(node.id, key.value, value.value));
-    row.insertCell().append(key, value, send);
+  // Never redraw under the user's typing: wait until the field loses focus.
+  const active = document.activeElement;
+  if ($("#nodes").contains(active) && active.matches("input:not([type=color])")) { state.renderLater = true; return; }
+  // A button or picker keeps the focus across the redraw (keyboard users stay where they were).
+  const focused = $("#nodes").contains(active) && [active.closest("article").dataset.id, active.className];
+  const cards = [...state.nodes.values()].sort((a, b) => a.id - b.id).map(nodeCard);
+  $("#nodes").replaceChildren(...cards);
+  if (focused) $(`#nodes article[data-id="${focused[0]}"]`)?.getElementsByClassName(focused[1])[0]?.focus();
+  renderNodePicker();
+  refreshSeen();
+}
+
+function nodeCard(node) {
+  const name = element("input", { className: "name", value: node.name, attrs: { "aria-label": `name of ${node.id}` } });
+  name.addEventListener("change", () => rename(node.id, name.value));
+  const presence = element("span", { className: `presence state-${node.state}`, textContent: node.state });
+  const seen = element("span", { className: "seen" });
+  const answer = node.answering === false
+    ? element("p", { className: "answer", attrs: { role: "status" }, textContent: `not answering: ${node.answer_error || "no reply"}` })
+    : null;
+  const history = element("button", { type: "button", className: "history", textContent: "history",
+                                       attrs: { "aria-label": `history of ${labelOf(node)}` } });
+  history.addEventListener("click", () => openHistory(node.id));
+  return element("article", { className: "card", attrs: { "data-id": node.id, "data-state": node.state, "aria-label": labelOf(node) } },
+    element("header", {}, name, element("span", { className: "type", textContent: node.type })),
+    element("p", { className: "status" }, presence, " ", seen),
+    answer,
+    control(node),
+    history);
+}
+
+function reading(node, key) { return (node.readings || {})[key] || (key in (node.values || {}) ? { value: node.values[key] } : null); }
+
+function control(node) {
+  const values = node.values || {};
+  if (node.type === "toggle") {
+    const on = values.on === 1;
+    const button = element("button", { type: "button", className: "switch", textContent: on ? "on" : "off",
+      attrs: { role: "switch", "aria-checked": String(on), "aria-label": `${labelOf(node)} on` } });
+    button.addEventListener("click", () => setValues(node.id, { on: on ? 0 : 1 }));
+    return element("div", { className: "control" }, button);
+  }
+  if (node.type === "light_rgb") {
+    const picker = element("input", { type: "color", className: "color", value: hex(values.color),
+      attrs: { "aria-label": `colour of ${labelOf(node)}` } });
+    picker.addEventListener("change", () => setValues(node.id, { color: parseInt(picker.value.slice(1), 16) }));
+    const off = element("button", { type: "button", className: "off", textContent: "off", attrs: { "aria-label": `${labelOf(node)} off` } });
+    off.addEventListener("click", () => setValues(node.id, { color: 0 }));
+    return element("div", { className: "control" }, picker, off);
+  }
+  if (node.type === "thermostat" || node.type === "sensor_temp") {
+    const temperature = reading(node, "temperature");
+    const parts = [element("span", { className: "reading", textContent: temperature ? `${temperature.value} °C` : "–" }),
+                   element("span", { className: "trend", textContent: trendOf(node), attrs: { "aria-label": trendName(node) } })];
+    if (temperature && temperature.at) parts.push(element("span", { className: "read-at", textContent: ` read ${clock(temperature.at)}` }));
+    if (node.type === "thermostat") {
+      const target = element("input", { type: "number", className: "target", min: 5, max: 35, step: 1,
+        value: values.target ?? "", attrs: { "aria-label": `target of ${labelOf(node)}` } });
+      const set = element("button", { type: "button", className: "set-target", textContent: "set target" });
+      set.addEventListener("click", () => setValues(node.id, { target: Number(target.value) }));
+      parts.push(element("label", { className: "target-label" }, "target ", target, " °C"), set);
+    }
+    return element("div", { className: "control" }, ...parts);
+  }
+  // Any other node: its values, and a key and value to set.
+  const key = element("input", { className: "value", placeholder: "key", attrs: { "aria-label": `key for ${node.id}` } });
+  const value = element("input", { className: "value", placeholder: "value", attrs: { "aria-label": `value for ${node.id}` } });
+  const send = element("button", { type: "button", textContent: "set" });
+  send.addEventListener("click", () => {
+    const number = Number(value.value);
+    setValues(node.id, { [key.value]: value.value.trim() !== "" && Number.isInteger(number) ? number : value.value });
+  });
+  const shown = Object.entries(values).map(([k, v]) => `${k}=${v}`).join(" ");
+  return element("div", { className: "control" }, element("span", { className: "values", textContent: shown }), key, value, send);
+}
+
+// A temperature's trend: from the change before the current value (seen since the page loaded).
+state.previous = new Map();
+function trendOf(node) {
+  const before = state.previous.get(node.id), now = reading(node, "temperature");
+  if (before == null || !now) return "";
+  return now.value > before ? "↑" : now.value < before ? "↓" : "→";
+}
+function trendName(node) {
+  return { "↑": "rising", "↓": "falling", "→": "steady" }[trendOf(node)] || "no trend yet";
+}
+
+function updateNode(data) {
+  const known = state.nodes.get(data.id);
+  const was = known && reading(known, "temperature"), now = reading(data, "temperature");
+  if (was && now && was.value !== now.value) state.previous.set(data.id, was.value);
+  state.nodes.set(data.id, data);
+  renderNodes();
+}
+
+function refreshSeen() {
+  const now = Date.now() / 1000;
+  for (const card of $("#nodes").children) {
+    const node = state.nodes.get(Number(card.dataset.id));
+    if (!node) continue;
+    const seen = card.querySelector(".seen");
+    if (node.state === "offline") {
+      seen.textContent = `since ${clock(node.since)}: no beacon since ${clock(node.last_seen)}`;
+    } else if (node.last_seen) seen.textContent = `seen ${ago(now - node.last_seen)}`;
   }
 }
+setInterval(refreshSeen, 5000);
 
 $("#nodes").addEventListener("focusout", () => {
   if (state.renderLater) { state.renderLater = false; setTimeout(renderNodes); }
@@ -64,12 +162,94 @@ async function rename(id, name) {
   try { await api("POST", `/nodes/id/${id}`, { name }); } catch (error) { alert(error.message); }
 }
 
-async function setValue(id, key, value) {
-  const number = Number(value);
-  try {
-    await api("POST", `/nodes/id/${id}/set`, { [key]: value.trim() !== "" && Number.isInteger(number) ? number : value });
-  } catch (error) { alert(error.message); }
+async function setValues(id, values) {
+  try { await api("POST", `/nodes/id/${id}/set`, values); } catch (error) { alert(error.message); }
 }
+
+function renderNodePicker() {
+  const picker = $("#run-node"), chosen = picker.value;
+  const named = [...state.nodes.values()].filter((n) => n.name).sort((a, b) => a.name.localeCompare(b.name));
+  picker.replaceChildren(new Option("(none)", ""), ...named.map((n) => new Option(`${n.name} (${n.type})`, n.name)));
+  picker.value = named.some((n) => n.name === chosen) ? chosen : "";
+}
+
+// --- a node's history: a chart of its value and its availability strip ----------------------------
+
+state.history = { node: null, range: 86400 };
+
+async function openHistory(nodeId) {
+  state.history.node = nodeId;
+  if (!$("#history").open) $("#history").showModal();
+  await drawHistory();
+}
+
+async function drawHistory() {
+  const node = state.nodes.get(state.history.node);
+  if (!node) return;
+  const key = CHART_KEY[node.type];
+  const until = Date.now() / 1000, since = until - state.history.range;
+  $("#history-title").textContent = `${labelOf(node)}${key ? " — " + key : ""}`;
+  for (const button of document.querySelectorAll("#history .ranges button")) {
+    button.setAttribute("aria-pressed", String(Number(button.dataset.range) === state.history.range));
+  }
+  const query = new URLSearchParams({ since, until });
+  if (key) query.set("key", key);
+  const history = await api("GET", `/nodes/id/${node.id}/history?${query}`);
+  const points = history.points || [];
+  // Raw points [t, value]; buckets [t, low, mean, high, count]: the mean is drawn.
+  const xs = points.map((p) => p[0]), ys = points.map((p) => (p.length === 2 ? p[1] : p[2]));
+  if (history.before) { xs.unshift(since); ys.unshift(history.before[1]); }  // the value in effect at the start
+  if (ys.length && !history.step) { xs.push(until); ys.push(ys.at(-1)); }  // and it holds until now
+  drawChart([xs, ys], key || "", since, until);
+  $("#chart").dataset.points = String(points.length);
+  $("#history-summary").textContent = !key ? "" : points.length
+    ? `${points.length} ${history.step ? `buckets of ${history.step} s` : "readings"}, last ${points.at(-1).length === 2 ? points.at(-1)[1] : points.at(-1)[2]}`
+    : "no readings in this range";
+  drawAvailability(history.availability, since, until);
+}
+
+function drawChart(data, label, since, until) {
+  const width = Math.min(720, $("#history").clientWidth - 40);
+  const options = {
+    width, height: 220, scales: { x: { time: true, min: since, max: until } },
+    // A raw value holds until the next one: steps, not slopes.
+    series: [{}, { label, stroke: "#1565c0", width: 2, points: { show: data[0].length < 200 },
+                   paths: uPlot.paths.stepped({ align: 1 }) }],
+    axes: [{}, { size: 50 }],
+  };
+  if (state.chart) state.chart.destroy();
+  state.chart = new uPlot(options, data, $("#chart"));
+  window.hacerChart = state.chart;  // for tests: what is drawn
+}
+
+function drawAvailability(changes, since, until) {
+  const strip = $("#availability");
+  const spans = [];
+  const said = [];
+  const presence = changes.filter((c) => c.state === "online" || c.state === "offline");
+  const known = presence.length ? Math.max(presence[0].t, since) : until;
+  if (known > since) {  // before the first change in range: not known
+    const unknown = element("span", { className: "state-unknown" });
+    unknown.style.width = `${(100 * (known - since)) / (until - since)}%`;
+    spans.push(unknown);
+  }
+  presence.forEach((change, index) => {
+    const start = Math.max(change.t, since), end = index + 1 < presence.length ? presence[index + 1].t : until;
+    if (end <= since) return;
+    const span = element("span", { className: `state-${change.state}`, title: `${change.state} from ${new Date(start * 1000).toLocaleString()}` });
+    span.style.width = `${(100 * (end - start)) / (until - since)}%`;
+    spans.push(span);
+    said.push(`${change.state} from ${new Date(start * 1000).toLocaleString()}`);
+  });
+  const silent = changes.filter((c) => c.state === "not_answering" && c.t >= since).length;
+  strip.replaceChildren(...spans);
+  strip.setAttribute("aria-label", said.length ? `availability: ${said.join("; ")}${silent ? `; stopped answering ${silent} time(s)` : ""}` : "availability unknown");
+}
+
+for (const button of document.querySelectorAll("#history .ranges button")) {
+  button.addEventListener("click", () => { state.history.range = Number(button.dataset.range); drawHistory(); });
+}
+$("#history-close").addEventListener("click", () => $("#history").close());
 
 async function loadScripts() {
   const { script_list } = await api("GET", "/scripts/list");
@@ -80,7 +260,11 @@ async function loadScripts() {
 const finished = (runState) => runState && !["queued", "running"].includes(runState);
 
 async function loadRuns() {
-  const { runs } = await api("GET", "/runs?per_page=20");
+  const query = new URLSearchParams({ per_page: 20 });
+  if ($("#filter-state").value) query.set("state", $("#filter-state").value);
+  if ($("#filter-script").value.trim()) query.set("script", $("#filter-script").value.trim());
+  const { runs } = await api("GET", `/runs?${query}`);
+  if (query.has("state") || query.has("script")) state.runs = new Map();  // a filtered view: only these
   for (const run of runs) {
     const known = state.runs.get(run.run_id);
     // The database may lag the bus: an end already seen in an event is never undone by it.
@@ -92,6 +276,10 @@ async function loadRuns() {
   }
   renderRuns();
 }
+
+$("#filter-state").addEventListener("change", () => { state.runs = new Map(); loadRuns(); });
+$("#filter-script").addEventListener("change", () => { state.runs = new Map(); loadRuns(); });
+$("#run-filters").addEventListener("submit", (event) => event.preventDefault());
 
 function updateRun(data) {
   const known = state.runs.get(data.run_id);
@@ -113,7 +301,16 @@ function renderRuns() {
     cell(row, run.state);
     cell(row, run.exit_code ?? "");
     cell(row, run.started_at);
-    row.addEventListener("click", () => showLog(run.run_id, run.thread_id));
+    const actions = row.insertCell();
+    const log = element("button", { type: "button", textContent: "log", attrs: { "aria-label": `log of run ${run.thread_id}` } });
+    log.addEventListener("click", () => showLog(run.run_id, run.thread_id));
+    actions.append(log);
+    if (!finished(run.state)) {
+      const cancel = element("button", { type: "button", className: "cancel", textContent: "cancel",
+                                         attrs: { "aria-label": `cancel run ${run.thread_id}` } });
+      cancel.addEventListener("click", () => api("POST", `/runs/${run.run_id}/cancel`).catch((error) => alert(error.message)));
+      actions.append(cancel);
+    }
   }
 }
 
@@ -137,7 +334,7 @@ function watch(runId) {
 
 $("#run-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const params = $("#params").value.trim().split(/\s+/).filter(Boolean);
+  const params = [$("#run-node").value, ...$("#params").value.trim().split(/\s+/)].filter(Boolean);
   try {
     const started = await api("POST", "/scripts/exec/name/" + encodeURIComponent($("#script").value), { params });
     $("#log").textContent = "";
@@ -249,7 +446,11 @@ function showRunners(list) {
 function applyEvent(event) {
   if (event.seq) state.seq = Math.max(state.seq, event.seq);
   const data = event.data;
-  if (event.kind === "node") { state.nodes.set(data.id, data); renderNodes(); }
+  if (event.kind === "node") updateNode(data);
+  else if (event.kind === "lastseen") {
+    for (const [id, t] of Object.entries(data)) { const node = state.nodes.get(Number(id)); if (node) node.last_seen = t; }
+    refreshSeen();
+  }
   else if (event.kind === "node_removed") { state.nodes.delete(data.id); renderNodes(); }
   else if (event.kind === "bridge") showBridge(data.state);
   else if (event.kind === "runner") showRunners([data]);
