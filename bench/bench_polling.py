@@ -1,15 +1,16 @@
 """What the bridge's own reads of node values cost commands: 1 000 emulated nodes, polling off and on.
 
-    .venv/bin/python bench/bench_polling.py            # about 3 minutes
+    .venv/bin/python bench/bench_polling.py            # about 6 minutes
     .venv/bin/python bench/bench_polling.py --quick
 
-A `manage.py bridge` process serves 1 000 emulated 2015 nodes (each on its own loopback address,
-a quarter of each type). The same command load (a set to a random node, one at a time, through
-the broker: MQTT -> TCP -> MQTT) is measured with polling off (the baseline), at the default
-plan (HACER_POLL's default: about 25 reads a second over 1 000 nodes) and at a plan ten times
-as heavy (every node every 5 s: 200 reads a second), alternating the three in rounds so the
-machine's noise is shared. Printed: command round trip p50 and p99 of each, and the ratio to the
-baseline of the same rounds.
+A `manage.py bridge` process serves 1 000 emulated 2015 nodes (`manage.py emulate`, a process of
+its own: each node on its own loopback address, a quarter of each type). The same command load
+(a set to a random node, one at a time, through the broker: MQTT -> TCP -> MQTT) is measured
+with polling off (the baseline), at the default plan (HACER_POLL's default: about 25 reads a
+second over 1 000 nodes) and at a plan ten times as heavy (every node every 5 s: 200 reads a
+second), alternating the three in rounds so the machine's noise is shared; commands start once
+every node's first read is due (one interval). Printed: the reads made while the commands ran,
+command round trip p50 and p99 of each, and the ratio to the baseline of the same rounds.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile  # noqa: E402
-from emulator.nodes import Emulator, make_nodes  # noqa: E402
 from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import BridgeStats, Presence  # noqa: E402
-from hacer.settings import DEFAULT_POLL  # noqa: E402
+from hacer.settings import DEFAULT_POLL, parse_poll_plans  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,8 @@ def run_bridge(
         "HACER_STATE_DIR": str(workdir / "state"),
         "HACER_POLL": plan,
         "HACER_HA_DISCOVERY": "off",
+        "HACER_STATS_INTERVAL": "1",
+        "HACER_NEW_NODES_PER_SECOND": "100000",  # every node at once, as after a power cut
         "PATH": "/usr/bin:/bin",
     }
     return subprocess.Popen(
@@ -98,17 +100,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    nodes_count, rounds, count = (200, 2, 100) if args.quick else (1000, 3, 200)
-    settle = 5.0 if args.quick else 10.0
+    nodes_count, rounds, count = (200, 1, 100) if args.quick else (1000, 2, 300)
     topics = Topics()
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         broker = BrokerProcess(workdir / "broker", [free_port(), free_port()])
         broker.start()
         discovery, node_port = free_port(socket.SOCK_DGRAM), free_port()
-        # Lights and thermostats take a name: the set every command does.
-        nodes = make_nodes(nodes_count, ["light_rgb", "thermostat", "toggle", "sensor_temp"], port=node_port)
-        emulator = Emulator(nodes, ("127.0.0.1", discovery))
+        types = ["light_rgb", "thermostat", "toggle", "sensor_temp"]
+        # Its own process, so serving the reads takes nothing from the client measuring commands.
+        emulator = subprocess.Popen(
+            [
+                sys.executable,
+                str(PROJECT / "manage.py"),
+                "emulate",
+                "--count",
+                str(nodes_count),
+                "--types",
+                ",".join(types),
+                "--interval",
+                "10",
+                "--target",
+                f"127.0.0.1:{discovery}",
+                "--port",
+                str(node_port),
+            ],
+            stdout=open(workdir / "emulator.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         client = Bus(broker.url, topics, "bench-polling")
         latest_stats: list[BridgeStats] = []
         client.subscribe(
@@ -116,14 +135,16 @@ def main() -> None:
         )
         client.start()
         client.wait_connected(10)
-        named = [n.id for n in nodes if n.type in ("light_rgb", "thermostat")]
+        # Lights and thermostats take a name: the set every command does.
+        named = [
+            1000 + index for index in range(nodes_count) if types[index % len(types)] in ("light_rgb", "thermostat")
+        ]
         samples: dict[str, list[float]] = {name: [] for name in PLANS}
         reads: dict[str, int] = {name: 0 for name in PLANS}
-        emulator.start()
         try:
             for round_number in range(rounds):
-                for name, plan in PLANS.items():
-                    bridge = run_bridge(broker, workdir, discovery, node_port, plan)
+                for name, plan_text in PLANS.items():
+                    bridge = run_bridge(broker, workdir, discovery, node_port, plan_text)
                     seen: set[int] = set()
                     everyone = threading.Event()
 
@@ -136,20 +157,21 @@ def main() -> None:
                                 everyone.set()
 
                     client.subscribe(topics.filter("node_presence"), on_presence)
-                    for node in nodes:  # each beacons once at once, as after a power cut
-                        emulator.beacon_now(node)
                     if not everyone.wait(120):
                         raise RuntimeError(f"only {len(seen)} of {nodes_count} nodes came online")
                     client.unsubscribe(topics.filter("node_presence"))
-                    samples[name] += measure(client, topics, named, count, settle)
-                    # The bridge's counters as of its last stats message (every 10 s).
-                    reads[name] += sum(latest_stats[-1].polls.values()) if latest_stats else 0
+                    # A node's first read falls anywhere in its interval: the load is steady after one.
+                    settle = max((plan.interval for plan in parse_poll_plans(plan_text).values()), default=0) + 5
+                    before = sum(latest_stats[-1].polls.values()) if latest_stats else 0
+                    samples[name] += measure(client, topics, named, count, 5 if args.quick else settle)
+                    reads[name] += sum(latest_stats[-1].polls.values()) - before if latest_stats else 0
                     bridge.terminate()
                     bridge.wait(15)
                     latest_stats.clear()
                     print(f"round {round_number + 1}: {name} done", flush=True)
         finally:
-            emulator.stop()
+            emulator.terminate()
+            emulator.wait(15)
             client.stop()
             broker.stop()
     base = samples["off (baseline)"]
