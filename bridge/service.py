@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from bridge.commands import Command, CommandRelay, correlation_text
 from bridge.discovery import Discovery
@@ -39,6 +39,7 @@ from hacer.settings import PollPlan, private_dir
 from hacer.topics import DiscoveryTopics, TopicError, Topics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINT_EVERY = 5.0
 POLL_TICK = 1.0  # how often due polls are looked for
@@ -258,25 +259,29 @@ class Bridge:
                 self.discovery.forget(node_id)
 
     def _on_values(self, message: Message) -> None:
-        if message.retain and message.payload:
-            try:
-                values = NodeValues.from_payload(message.payload).values
-                node_id = self.topics.node_id(message.topic)
-            except (MessageError, TopicError) as exc:
-                log.warning("ignored retained %s: %s", message.topic, exc)
-                return
+        kept = self._decode_retained(
+            message, lambda payload: (self.topics.node_id(message.topic), NodeValues.from_payload(payload).values)
+        )
+        if kept is not None:
             with self._repair_lock:
-                self._retained_values[node_id] = values
+                self._retained_values[kept[0]] = kept[1]
 
     def _on_readings(self, message: Message) -> None:
-        if message.retain and message.payload:
-            try:
-                readings = NodeReadings.from_payload(message.payload)
-            except MessageError as exc:
-                log.warning("ignored retained %s: %s", message.topic, exc)
-                return
+        readings = self._decode_retained(message, NodeReadings.from_payload)
+        if readings is not None:
             with self._repair_lock:
                 self._retained_readings[readings.node_id] = readings
+
+    @staticmethod
+    def _decode_retained(message: Message, decode: Callable[[bytes], T]) -> T | None:
+        """A retained message decoded; None (said in the log when it is bad) for anything else."""
+        if not (message.retain and message.payload):
+            return None
+        try:
+            return decode(message.payload)
+        except (MessageError, TopicError) as exc:
+            log.warning("ignored retained %s: %s", message.topic, exc)
+            return None
 
     def _address_of(self, node_id: int) -> tuple[str, int] | None:
         record = self.tracker.get(node_id)
