@@ -73,7 +73,10 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     name.fill("porch light")
     name.press("Enter")
     name.blur()
-    expect(page.locator(f'#nodes article[data-id="{newcomer.id}"] input.name')).to_have_value("porch light")
+    # The rename made its way round: api, meta on the bus, the card redrawn under its new name.
+    expect(page.locator(f'#nodes article[data-id="{newcomer.id}"][aria-label="porch light"]')).to_be_visible(
+        timeout=10_000
+    )
     assert system.get("/api/nodes/name/porch light").json()["id"] == newcomer.id
 
     page.select_option("#script", "test")
