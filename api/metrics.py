@@ -58,10 +58,14 @@ class HacerCollector(Collector):
             "Datagrams the kernel dropped before the bridge read them",
             value=stats.kernel_drops,
         )
-        commands = CounterMetricFamily("hacer_bridge_commands", "Node commands, by result", labels=["result"])
-        for result, count in sorted(stats.commands.items()):
-            commands.add_metric([result], count)
-        yield commands
+        for name, help_text, counts in (
+            ("hacer_bridge_commands", "Node commands, by result", stats.commands),
+            ("hacer_bridge_polls", "The bridge's own reads of node values, by result", stats.polls),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["result"])
+            for result, count in sorted(counts.items()):
+                family.add_metric([result], count)
+            yield family
         yield CounterMetricFamily(
             "hacer_bridge_publish_failures", "Messages the bridge failed to publish", value=stats.publish_failures
         )

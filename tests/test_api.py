@@ -721,11 +721,12 @@ def test_metrics_in_prometheus_text_format(system):
     samples = wait_until(
         lambda: (
             (found := scrape(system)).get(("hacer_bridge_commands_total", (("result", "ok"),)), 0) >= 1
+            and found.get(("hacer_bridge_polls_total", (("result", "ok"),)), 0) >= 1
             and found.get(("hacer_bridge_datagrams_total", ()), 0) > 0
             and found
         ),
         20,
-        "the bridge's counters with a command in them",
+        "the bridge's counters with a command and a read in them",
     )
     assert samples[("hacer_bridge_up", ())] == 1
     assert samples[("hacer_nodes", (("state", "online"),))] >= 4

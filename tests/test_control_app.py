@@ -58,6 +58,8 @@ def page(browser):
 def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: F811
     from playwright.sync_api import expect
 
+    from conftest import wait_until
+
     page.goto(system.url + "/")
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
     expect(page.locator("#bridge")).to_have_text("bridge online")
@@ -69,6 +71,9 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     card = page.locator(f'#nodes article[data-id="{newcomer.id}"]')
     expect(card.locator(".presence")).to_have_text("online", timeout=10_000)
 
+    # The card shows as soon as the bridge announces the node; it can be renamed once the recorder
+    # has it (before that the api answers 404, and the page says so).
+    wait_until(lambda: system.get(f"/api/nodes/id/{newcomer.id}").status_code == 200, 10, "the node recorded")
     name = card.locator("input.name")
     name.fill("porch light")
     name.press("Enter")
