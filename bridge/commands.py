@@ -226,10 +226,12 @@ class _NodeChannel:
                 _, _, command = await asyncio.wait_for(self.queue.get(), IDLE_CLOSE_SECONDS)
             except TimeoutError:
                 if self.queue.empty():
-                    await self._disconnect()
+                    # Closed before the wait for the socket: a command arriving meanwhile gets a new
+                    # channel instead of a queue nobody reads any more.
+                    self.closed = True
                     if relay._channels.get(self.node_id) is self:
                         del relay._channels[self.node_id]
-                    self.closed = True
+                    await self._disconnect()
                     return
                 continue
             if command.poll:

@@ -372,3 +372,45 @@ def test_fuzzed_datagrams_never_stop_the_bridge(start_bridge, bridge_env, watch,
     assert counted.accepted + sum(counted.dropped.values()) == len(sent)
     assert "internal_error" not in counted.dropped and counted.kernel_drops == 0
     assert bridge.process.poll() is None
+
+
+def test_a_command_arriving_while_an_idle_connection_closes_is_answered(monkeypatch):
+    import asyncio
+    import queue
+    import threading
+
+    from bridge import commands
+
+    from conftest import free_port
+
+    node = EmulatedNode(7, "toggle", "127.0.0.31", free_port())
+    emulator = Emulator([node], ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
+    emulator.start()
+    results: queue.Queue = queue.Queue()
+    relay = commands.CommandRelay(lambda node_id: (node.ip, node.port), lambda result, _: results.put(result), 2.0)
+    monkeypatch.setattr(commands, "IDLE_CLOSE_SECONDS", 0.05)
+    closing, release = threading.Event(), threading.Event()
+    disconnect, calls = commands._NodeChannel._disconnect, []
+
+    async def slow_disconnect(channel):
+        calls.append(channel)
+        if len(calls) == 2:  # the first is the first command's (no connection yet); this one: idle
+            closing.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 5)
+        await disconnect(channel)
+
+    monkeypatch.setattr(commands._NodeChannel, "_disconnect", slow_disconnect)
+    relay.start()
+    try:
+        relay.submit(commands.Command(7, "get", "on"))
+        assert results.get(timeout=5).ok
+        assert closing.wait(5), "the idle connection was never closed"
+        relay.submit(commands.Command(7, "get", "on", correlation=b"late"))
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), relay._loop).result(5)  # the submit has run
+        release.set()
+        late = results.get(timeout=5)
+        assert late.correlation == "late" and late.ok
+    finally:
+        release.set()
+        relay.stop()
+        emulator.stop()
