@@ -1,6 +1,6 @@
 """What the bridge's own reads of node values cost commands: 1 000 emulated nodes, polling off and on.
 
-    .venv/bin/python bench/bench_polling.py            # about 6 minutes
+    .venv/bin/python bench/bench_polling.py            # about 8 minutes
     .venv/bin/python bench/bench_polling.py --quick
 
 A `manage.py bridge` process serves 1 000 emulated 2015 nodes (`manage.py emulate`, a process of
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    nodes_count, rounds, count = (200, 1, 100) if args.quick else (1000, 2, 300)
+    nodes_count, rounds, count = (200, 1, 100) if args.quick else (1000, 2, 2000)
     topics = Topics()
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
