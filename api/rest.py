@@ -21,7 +21,16 @@ from api.openapi import document
 from api.services import Services
 from hacer import runstates
 from hacer.history import MAX_BUCKETS, history, millis
-from hacer.messages import LOG_ENTRY_TYPES, MAX_KEY_CHARS, GetCommand, MessageError, RunRequest, SetCommand
+from hacer.messages import (
+    EARLIEST_TIME,
+    LATEST_TIME,
+    LOG_ENTRY_TYPES,
+    MAX_KEY_CHARS,
+    GetCommand,
+    MessageError,
+    RunRequest,
+    SetCommand,
+)
 from hacer.models import MAX_ROW_ID, Node, NodeType, Run, ScriptLogEntry, ScriptLogEntryType
 from hacer.nodecommands import CommandTimeout
 from hacer.nodewire import MAX_NODE_ID
@@ -228,8 +237,8 @@ def node_history(node_id: int) -> ResponseReturnValue:
     if not since < until:
         raise bad_request("since must be before until")
     key = request.args.get("key") or None
-    if key is not None and len(key) > MAX_KEY_CHARS:
-        raise bad_request(f"key must be at most {MAX_KEY_CHARS} characters")
+    if key is not None and (len(key) > MAX_KEY_CHARS or "\0" in key):
+        raise bad_request(f"key must be at most {MAX_KEY_CHARS} characters, without NUL")
     step: int | None = None
     if request.args.get("step"):
         try:
@@ -252,12 +261,14 @@ def history_time(name: str, default: float) -> float:
     if not raw:
         return default
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
-        pass
-    moment = time_arg(name)
-    assert moment is not None
-    return moment.replace(tzinfo=UTC).timestamp()
+        moment = time_arg(name)
+        assert moment is not None
+        seconds = moment.replace(tzinfo=UTC).timestamp()
+    if not EARLIEST_TIME.timestamp() <= seconds < LATEST_TIME.timestamp():  # nan and infinities too
+        raise bad_request(f"{name}={raw[:40]!r} is not a time between {EARLIEST_TIME.year} and {LATEST_TIME.year}")
+    return seconds
 
 
 @api.get("/node_types")

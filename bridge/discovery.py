@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from hacer.bus import Bus, BusError, Message
+from hacer.bus import Bus, Message
 from hacer.messages import MessageError, NodeMeta
-from hacer.topics import DiscoveryTopics, Topics
+from hacer.topics import DiscoveryTopics, TopicError, Topics
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,11 @@ def entity_configs(topics: Topics, node_id: int, node_type: str, name: str) -> d
 class Discovery:
     """Publishes and clears the nodes' discovery configs; see the module docstring."""
 
-    def __init__(self, bus: Bus, topics: Topics, discovery: DiscoveryTopics) -> None:
+    def __init__(
+        self, bus: Bus, topics: Topics, discovery: DiscoveryTopics, publish: Callable[[str, bytes], None]
+    ) -> None:
         self.bus = bus
+        self._send = publish  # retained, and sent again when the bus could not take it at once
         self.topics = topics
         self.discovery = discovery
         self._nodes: dict[int, tuple[str, str]] = {}  # node id -> (type, name)
@@ -173,7 +177,9 @@ class Discovery:
             return
         try:
             meta = NodeMeta.from_payload(message.payload)
-        except MessageError:
+            if self.topics.node_id(message.topic) != meta.id:
+                return
+        except (MessageError, TopicError):
             return
         node_id, name = meta.id, meta.name or ""
         with self._lock:
@@ -202,9 +208,3 @@ class Discovery:
         for topic, payload in wanted.items():
             if before.get(topic) != payload:
                 self._send(topic, payload)
-
-    def _send(self, topic: str, payload: bytes) -> None:
-        try:
-            self.bus.publish(topic, payload, qos=1, retain=True, block=False)
-        except BusError as exc:  # every config goes out again on the next connect
-            log.warning("discovery config %s not sent: %s", topic, exc)

@@ -322,8 +322,9 @@ class PresenceTracker:
                     republish.append(record.presence())
                 if record.values and retained_values.get(node_id) != record.values:
                     self._publisher.values(node_id, dict(record.values))
-                if (retained_readings or {}).get(node_id) != record.readings():
-                    self._publisher.readings(record.readings())
+                readings = record.readings()
+                if (retained_readings or {}).get(node_id) != readings:
+                    self._publisher.readings(readings)
         for presence in republish:
             self._publisher.presence(presence)
         return len(republish)

@@ -64,17 +64,18 @@ class BusPresencePublisher:
         self.discovery: Discovery | None = None
 
     def presence(self, presence: Presence) -> None:
-        self._publish(self._topics.build("node_presence", presence.id), presence.to_payload())
+        self.publish(self._topics.build("node_presence", presence.id), presence.to_payload())
         if self.discovery is not None:
             self.discovery.node(presence.id, presence.type)
 
     def values(self, node_id: int, values: dict[str, Value]) -> None:
-        self._publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
+        self.publish(self._topics.build("node_state", node_id), NodeValues(values).to_payload())
 
     def readings(self, readings: NodeReadings) -> None:
-        self._publish(self._topics.build("node_readings", readings.node_id), readings.to_payload())
+        self.publish(self._topics.build("node_readings", readings.node_id), readings.to_payload())
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish retained without blocking; what the bus cannot take now is kept for `resend()`."""
         with self._lock:
             try:
                 sent = self._bus.publish(topic, payload, qos=1, retain=True, block=False)
@@ -97,7 +98,7 @@ class BusPresencePublisher:
             with self._lock:
                 if self._unsent.get(topic) is not payload:
                     continue  # a newer message for this topic went out or is waiting
-            self._publish(topic, payload)
+            self.publish(topic, payload)
         return len(self._unsent)
 
 
@@ -132,7 +133,7 @@ class Bridge:
         self.lastseen_interval = lastseen_interval
         self.checkpoint_path = state_dir / "bridge-lastseen.json" if state_dir else None
         self.publisher = BusPresencePublisher(bus, topics)
-        self.discovery = None if discovery is None else Discovery(bus, topics, discovery)
+        self.discovery = None if discovery is None else Discovery(bus, topics, discovery, self.publisher.publish)
         self.publisher.discovery = self.discovery
         self.tracker = PresenceTracker(
             self.publisher,
@@ -268,6 +269,9 @@ class Bridge:
 
     def _on_readings(self, message: Message) -> None:
         readings = self._decode_retained(message, NodeReadings.from_payload)
+        if readings is not None and self.topics.build("node_readings", readings.node_id) != message.topic:
+            log.warning("ignored retained %s: it names node %s", message.topic, readings.node_id)
+            return
         if readings is not None:
             with self._repair_lock:
                 self._retained_readings[readings.node_id] = readings

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union, get_args
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -56,6 +56,8 @@ Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_CHARS)]
 RunId = Annotated[str, Meta(pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")]
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+# A value as the database keeps it: a 64-bit integer (history stores numbers as doubles) or a text.
+ReadingValue = Union[Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)], str]
 Availability = Literal["online", "offline"]
 EntryType = Literal["launch", "output", "sent_set", "sent_get", "result", "exception", "exit_status"]
 LOG_ENTRY_TYPES: tuple[str, ...] = get_args(EntryType)
@@ -173,7 +175,7 @@ class NodeValues(Struct, frozen=True):
 class Reading(Struct, frozen=True):
     """One value of a node and when it was read (the first read that found it so)."""
 
-    value: Value
+    value: ReadingValue
     at: Time
 
 

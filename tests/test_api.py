@@ -341,7 +341,7 @@ def test_node_history_over_rest_from_the_bridges_reads(system):
     assert states.index("online") < states.index("not_answering")  # online since before the range
     assert [a["t"] for a in availability] == sorted(a["t"] for a in availability)
     assert next(a for a in availability if a["state"] == "not_answering")["reason"] == "no reply within 1 s"
-    for bad in ("since=yesterday", "step=-1", "step=1&since=0", f"since={time.time() + 10}"):
+    for bad in ("since=yesterday", "step=-1", "step=1&since=0", f"since={time.time() + 10}", "since=-inf", "key=%00"):
         response = system.get(f"/api/nodes/id/{thermostat.id}/history?{bad}")
         assert response.status_code == 400 and response.json()["message"], bad
     assert system.get("/api/nodes/id/1/history").status_code == 404

@@ -11,8 +11,8 @@ from test_api_components import RecordingBus
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import LogEntry, Presence, RunRecorded, RunsRecorded, RunStatus, bus_time
-from hacer.models import Database, DeadLetter, Node, Run, ScriptLogEntry
+from hacer.messages import LogEntry, NodeReadings, Presence, Reading, RunRecorded, RunsRecorded, RunStatus, bus_time
+from hacer.models import Database, DeadLetter, Node, NodeSample, Run, ScriptLogEntry
 from recorder.service import Recorder
 
 from conftest import wait_until
@@ -114,6 +114,19 @@ def test_a_name_with_a_nul_is_set_aside_not_retried_forever(recorder, database):
     )
     with database.session() as session:
         assert session.get(Node, 77) is None and session.get(Node, 78) is not None
+        assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
+
+
+def test_a_reading_no_column_can_hold_is_set_aside_not_retried_forever(recorder, database):
+    good = NodeReadings(79, {"temperature": Reading(21, T1)}, True, T1)
+    huge = json.loads(good.to_payload())
+    huge["values"]["temperature"]["value"] = int("9" * 400)  # valid JSON, and no double holds it
+    deliver_all(
+        recorder,
+        [("hacer/nodes/79/readings", json.dumps(huge).encode()), ("hacer/nodes/79/readings", good.to_payload())],
+    )
+    with database.session() as session:
+        assert session.scalars(select(NodeSample.value)).all() == [21.0]
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
 
 
