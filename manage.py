@@ -9,7 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+from collections.abc import Callable
+from functools import partial
 from urllib.parse import urlsplit
 
 from hacer.logs import setup_logging
@@ -18,11 +19,9 @@ from hacer.settings import PROJECT_DIR, Settings, SettingsError
 
 log = logging.getLogger("hacer.manage")
 
-# The parts runserver starts, each as its own process.
+# The parts runserver starts, each as its own process or all in one (`--together`, `parts`): the api
+# then serves on threads (api/threaded.py), as eventlet would patch the standard library of the whole process.
 PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
-# The parts that can share one process (`parts`, `runserver --together`); the api cannot: eventlet
-# patches the standard library of the whole process.
-SHAREABLE = ("bridge", "runner", "recorder", "scheduler")
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -55,15 +54,7 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 
 
 def cmd_parts(args: argparse.Namespace) -> None:
-    import importlib
-
-    from hacer.lifecycle import Together, run_until_signal
-
-    names = list(dict.fromkeys(args.names))
-    # Each part's <part>/main.py builds it with build_<part>(settings), as its own main() does.
-    parts = [getattr(importlib.import_module(f"{name}.main"), f"build_{name}")(args.settings) for name in names]
-    log.info("starting %s in one process", ", ".join(names))
-    run_until_signal(Together(parts))
+    run_parts(args.settings, list(dict.fromkeys(args.names)))
 
 
 def cmd_automation(args: argparse.Namespace) -> None:
@@ -248,6 +239,9 @@ def cmd_runserver(args: argparse.Namespace) -> None:
     from hacer.broker import BrokerProcess, port_answers
 
     settings: Settings = args.settings
+    # Schema upgrades in a process of their own: alembic (6 MB) never stays in a part that runs for months.
+    if subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), "initdb"], env=child_env()).returncode:
+        raise SystemExit("runserver: the database could not be upgraded (see above)")
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883
     broker = None
@@ -263,54 +257,57 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         )
     else:
         log.info("using the broker at %s", settings.mqtt_url)
-    parts = [["parts", *SHAREABLE], ["api"]] if args.together else [[part] for part in PARTS]
+    from hacer.supervisor import Part, Supervisor, exec_manage, preload
+
+    def forked(name: str, run: Callable[[], None]) -> Part:
+        def main() -> None:
+            setup_logging(settings, name, args.verbose)
+            run()
+
+        return Part(name, main)
+
+    if args.together:
+        parts = [forked("parts", partial(run_parts, settings, list(PARTS)))]
+    else:
+        parts = [forked(name, partial(run_parts, settings, [name])) for name in PARTS if name != "api"]
+        parts.append(forked("api", run_api))
     if args.emulate:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
-        parts.append(["emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval"])
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
-    children: dict[str, subprocess.Popen[bytes]] = {}
+        emulate = exec_manage("emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval")
+        parts.append(Part("emulate", emulate))
     try:
-        while not stopping.is_set():
-            for command in parts:
-                part = command[0]
-                child = children.get(part)
-                if child is None or child.poll() is not None:
-                    if child is not None:
-                        log.error("%s exited with %s; restarting it", part, child.returncode)
-                    children[part] = start_part(command, prefixed=settings.log_format != "json")
-            stopping.wait(1.0)
+        if not args.together:
+            # Five children share these modules' pages (measured: 29 MB less); one child would not.
+            preload()
+        supervisor = Supervisor(parts, prefixed=settings.log_format != "json")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, supervisor.stop)
+        supervisor.run()
     finally:
-        for child in children.values():
-            child.send_signal(signal.SIGTERM)
-        for child in children.values():
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
         if broker is not None:
             broker.stop()
 
 
-def start_part(command: list[str], prefixed: bool = True) -> subprocess.Popen[bytes]:
-    """Start `manage.py <command>`, its output lines prefixed with the part's name (JSON lines name it)."""
-    child = subprocess.Popen(
-        [sys.executable, str(PROJECT_DIR / "manage.py"), *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=child_env(),
-    )
+def run_parts(settings: Settings, names: list[str]) -> None:
+    """Build the parts `names` (each <part>/main.py's build_<part>) and run them in this process until a signal."""
+    import importlib
 
-    prefix = f"{command[0]:>8} | " if prefixed else ""
+    from hacer.lifecycle import Together, run_until_signal
 
-    def copy() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
-            sys.stderr.write(prefix + line.decode(errors="replace"))
+    modules = {"api": "api.threaded"}  # api/main.py is eventlet's
+    parts = [
+        getattr(importlib.import_module(modules.get(name, f"{name}.main")), f"build_{name}")(settings) for name in names
+    ]
+    log.info("starting %s", ", ".join(names))
+    run_until_signal(Together(parts))
 
-    threading.Thread(target=copy, name=f"output-{command[0]}", daemon=True).start()
-    return child
+
+def run_api() -> None:
+    """The api as `python -m api` runs it: eventlet patches the standard library first."""
+    import runpy
+
+    sys.argv = ["api"]
+    runpy.run_module("api", run_name="__main__", alter_sys=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     runserver = commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)")
     runserver.add_argument("--emulate", type=int, default=0, metavar="N", help="also run N emulated nodes")
     runserver.add_argument(
-        "--together", action="store_true", help="bridge, runner, recorder and scheduler in one process (less memory)"
+        "--together", action="store_true", help="every part in one process, the api on threads (the least memory)"
     )
     runserver.set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
@@ -332,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         func=cmd_scheduler
     )
     together = commands.add_parser("parts", help="several parts in one process: less memory, less isolation")
-    together.add_argument("names", nargs="+", choices=SHAREABLE, metavar="PART", help=", ".join(SHAREABLE))
+    together.add_argument("names", nargs="+", choices=PARTS, metavar="PART", help=", ".join(PARTS))
     together.set_defaults(func=cmd_parts)
     automation = commands.add_parser("automation", help="add, list, remove automations, or show when they fire")
     actions = automation.add_subparsers(dest="action", required=True)

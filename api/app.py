@@ -6,6 +6,7 @@ bus after the app exists, so a reloader or a test client never opens a second co
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -28,7 +29,19 @@ from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import Topics
 
+log = logging.getLogger("api")
+
 MAX_BODY_BYTES = 64 * 1024
+
+
+def served_host(settings: Settings) -> str:
+    """The address the api may serve on, said in the log when it is not the one asked for."""
+    host = settings.served_http_host
+    if host != settings.http_host:
+        log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", settings.http_host)
+    elif not settings.api_token:
+        log.info("no HACER_API_TOKEN: the api serves 127.0.0.1 only and asks no token")
+    return host
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:

@@ -9,7 +9,7 @@ import signal
 import eventlet
 import eventlet.event
 
-from api.app import create_app
+from api.app import create_app, served_host
 from hacer.logs import setup_logging
 from hacer.models import Database
 from hacer.settings import Settings
@@ -22,11 +22,7 @@ def main() -> None:
     settings = Settings.from_env()
     setup_logging(settings, "api")
     Database(settings.database_url).init()
-    host = settings.served_http_host
-    if host != settings.http_host:
-        log.warning("HACER_API_TOKEN is not set: serving on 127.0.0.1 only, not %s", settings.http_host)
-    elif not settings.api_token:
-        log.info("no HACER_API_TOKEN: the api serves 127.0.0.1 only and asks no token")
+    host = served_host(settings)
     app = create_app({"HACER_SETTINGS": settings})
     services = app.extensions["hacer"]
     services.bus.start()

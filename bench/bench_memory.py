@@ -3,7 +3,10 @@
     .venv/bin/python bench/bench_memory.py             # 1 000 emulated nodes, 20 s at rest
     .venv/bin/python bench/bench_memory.py --together  # bridge, runner, recorder, scheduler in one process
 
-Starts `manage.py runserver --emulate N` in a folder of its own (its own mosquitto on free
+Starts `manage.py runserver --emulate N`, with the Python packages a user has (a venv of
+requirements.txt alone, made for the run, as `setup.sh` without `--dev` makes it: test-only
+packages change what a library imports, e.g. python-socketio loads redis and kombu when present),
+in a folder of its own (its own mosquitto on free
 ports, SQLite), waits until the bridge counts N nodes online, lets it rest, then reads the
 proportional set size (PSS: shared pages divided among the processes sharing them) of every
 process runserver started, by part. The emulator and mosquitto are not hacer's and are shown
@@ -63,19 +66,19 @@ def descendants(pid: int) -> list[int]:
 
 
 def part_of(pid: int) -> str:
-    """The part a process is, from its command line."""
+    """The part a process is: runserver names the parts it forks `hacer-<part>`."""
     try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
         words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "gone"
-    text = " ".join(words)
+    if name.startswith("hacer-"):
+        return name.removeprefix("hacer-")
     if "mosquitto" in words[0]:
         return "mosquitto (not hacer's)"
-    if "forkserver.py" in text:  # its spare too: forked without exec, it keeps the command line
+    if any(word.endswith("forkserver.py") for word in words):  # its spare too: forked, it keeps the command line
         return "runner's fork server"
-    if "manage.py" in text:
-        return words[words.index(next(w for w in words if w.endswith("manage.py"))) + 1]
-    return "api" if " -m api" in text else text[:40]  # `manage.py api` execs `python -m api`
+    return "emulate" if "emulate" in words else " ".join(words)[:40]
 
 
 def main() -> None:
@@ -84,8 +87,10 @@ def main() -> None:
     parser.add_argument("--rest", type=float, default=20.0, help="seconds at rest before reading (20)")
     parser.add_argument("--together", action="store_true", help="runserver --together: four parts in one process")
     parser.add_argument("--no-fork-server", action="store_true", help="HACER_RUNNER_FORK_SERVER=0")
+    parser.add_argument("--python", help="run the server with this interpreter instead of a fresh user's venv")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
+        python = args.python or user_install(Path(work) / "venv")
         mqtt = free_port()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
@@ -99,7 +104,7 @@ def main() -> None:
             "HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1",
         }
         server = subprocess.Popen(
-            [sys.executable, str(PROJECT / "manage.py"), "runserver", "--emulate", str(args.nodes)]
+            [python, str(PROJECT / "manage.py"), "runserver", "--emulate", str(args.nodes)]
             + (["--together"] if args.together else []),
             env=env,
             stdout=subprocess.DEVNULL,
@@ -139,6 +144,17 @@ def main() -> None:
         print(f"  {part:<24} {sum(sizes) / 1024:6.1f} MB  ({len(sizes)} process(es)){mark}")
     print(f"  {'the server, total':<24} {total / 1024:6.1f} MB  (goal <= {GOAL_MB:.0f} MB)")
     print(f"  a bare interpreter: {bare_kb / 1024:.1f} MB; the server is {total / bare_kb:.1f} bare interpreters")
+
+
+def user_install(venv: Path) -> str:
+    """A venv with requirements.txt's packages only; its interpreter."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(PROJECT / "requirements.txt")],
+        check=True,
+    )
+    return python
 
 
 def _answers(port: int) -> bool:

@@ -1,0 +1,200 @@
+"""runserver's supervisor: the server's parts as its children, their output prefixed, each restarted when it dies.
+
+The supervisor imports once what every part uses (paho, SQLAlchemy, msgspec, hacer's core), then
+forks each part from itself: those modules' pages stay shared copy-on-write, so a part costs only
+what it adds (bench/bench_memory.py). Forking is only safe in a single-threaded process, so one
+loop does everything: it starts, reads, reaps and stops the children.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hacer.parentdeath import PARENT_ENV, die_with_parent
+
+log = logging.getLogger("hacer.supervisor")
+
+# What both the api and the other parts import: loaded before the first fork, shared by all.
+COMMON_MODULES = ("hacer.bus", "hacer.models", "hacer.messages", "hacer.topics", "hacer.runstates", "hacer.logs")
+RESTART_AFTER = 1.0  # seconds between a part's death and its next start
+PR_SET_NAME = 15
+
+
+@dataclass
+class Part:
+    """A child to keep running: `main` runs in the forked process and should not return until told to stop."""
+
+    name: str
+    main: Callable[[], None]
+    pid: int = 0
+    output: int = -1
+    pending: bytes = b""
+    exited_at: float = field(default=-RESTART_AFTER)
+
+
+def preload(modules: tuple[str, ...] = COMMON_MODULES) -> None:
+    """Import `modules` and keep their objects out of the collector, so that children share their pages."""
+    for module in modules:
+        importlib.import_module(module)
+    gc.collect()
+    # A collection writes to every object it scans: frozen ones stay untouched in every child.
+    gc.freeze()
+
+
+def exec_manage(*command: str) -> Callable[[], None]:
+    """A part's main that replaces the forked child with `manage.py <command>` (a fresh interpreter)."""
+    from hacer.settings import PROJECT_DIR
+
+    def main() -> None:
+        os.execv(sys.executable, [sys.executable, str(PROJECT_DIR / "manage.py"), *command])
+
+    return main
+
+
+class Supervisor:
+    """Keeps `parts` running as forked children until `stop()`; their lines go to stderr, prefixed."""
+
+    def __init__(self, parts: list[Part], prefixed: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        self.parts = parts
+        self.prefixed = prefixed
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.wakeup_read, self.wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_write, False)
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ)
+
+    def stop(self, *_: object) -> None:
+        """Ask run() to stop the children and return (safe from a signal handler)."""
+        self.stopping = True
+        try:
+            os.write(self.wakeup_write, b"\0")
+        except BlockingIOError:
+            pass
+
+    def run(self) -> None:
+        """Start the parts, restart any that dies, until stop(); then stop them (SIGTERM, SIGKILL after 15 s)."""
+        try:
+            while not self.stopping:
+                now = self.clock()
+                for part in self.parts:
+                    if not part.pid and now - part.exited_at >= RESTART_AFTER:
+                        self._start(part)
+                self._pump(timeout=RESTART_AFTER)
+        finally:
+            self._stop_children(grace=15.0)
+
+    def _start(self, part: Part) -> None:
+        read_end, write_end = os.pipe()
+        inherited = [key.fd for key in self.selector.get_map().values()]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            self._become(part, write_end, inherited)
+        os.close(write_end)
+        # Read without blocking: a grandchild (the runner's fork server) may hold the pipe past its part.
+        os.set_blocking(read_end, False)
+        part.pid, part.output, part.pending = pid, read_end, b""
+        self.selector.register(read_end, selectors.EVENT_READ, part)
+
+    def _become(self, part: Part, output: int, inherited: list[int]) -> None:
+        """In the forked child: its output to the pipe, its own signals, its name; then its main. Never returns."""
+        code = 1
+        try:
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            for fd in [output, *inherited]:
+                os.close(fd)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
+            die_with_parent(os.getppid())
+            os.environ[PARENT_ENV] = str(os.getppid())  # for a part that execs: its parent is now this one
+            ctypes.CDLL(None).prctl(PR_SET_NAME, f"hacer-{part.name}"[:15].encode())
+            part.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def _pump(self, timeout: float) -> None:
+        """Copy what the children wrote, then reap the ones that ended."""
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                os.read(self.wakeup_read, 512)
+                continue
+            self._copy(key.data)
+        for part in self.parts:
+            if part.pid:
+                pid, status = os.waitpid(part.pid, os.WNOHANG)
+                if pid:
+                    self._ended(part, os.waitstatus_to_exitcode(status))
+
+    def _copy(self, part: Part) -> bool:
+        """Copy what `part` has written; False when there was nothing to read."""
+        try:
+            data = os.read(part.output, 65536)
+        except BlockingIOError:
+            return False
+        if not data:
+            self._close_output(part)
+            return False
+        lines = (part.pending + data).split(b"\n")
+        part.pending = lines.pop()
+        self._write(part, lines)
+        return True
+
+    def _write(self, part: Part, lines: list[bytes]) -> None:
+        prefix = f"{part.name:>8} | " if self.prefixed else ""
+        sys.stderr.write("".join(f"{prefix}{line.decode(errors='replace')}\n" for line in lines))
+        sys.stderr.flush()
+
+    def _close_output(self, part: Part) -> None:
+        if part.output >= 0:
+            if part.pending:
+                self._write(part, [part.pending])
+            self.selector.unregister(part.output)
+            os.close(part.output)
+            part.output = -1
+
+    def _ended(self, part: Part, code: int) -> None:
+        while part.output >= 0 and self._copy(part):  # what it wrote last, before saying it ended
+            pass
+        self._close_output(part)
+        if not self.stopping:
+            log.error("%s exited with %s; restarting it", part.name, code)
+        part.pid, part.exited_at = 0, self.clock()
+
+    def _stop_children(self, grace: float) -> None:
+        running = [part for part in self.parts if part.pid]
+        for part in running:
+            os.kill(part.pid, signal.SIGTERM)
+        deadline = self.clock() + grace
+        while any(part.pid for part in self.parts) and self.clock() < deadline:
+            self._pump(timeout=0.1)
+        for part in self.parts:
+            if part.pid:
+                os.kill(part.pid, signal.SIGKILL)
+                self._ended(part, os.waitstatus_to_exitcode(os.waitpid(part.pid, 0)[1]))
+        self.selector.close()
+        os.close(self.wakeup_read)
+        os.close(self.wakeup_write)
