@@ -97,20 +97,21 @@ class Supervisor:
 
     def _start(self, part: Part) -> None:
         read_end, write_end = os.pipe()
-        inherited = [key.fd for key in self.selector.get_map().values()]
+        inherited = [key.fd for key in self.selector.get_map().values()] + [self.wakeup_write, self.selector.fileno()]
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
-            self._become(part, write_end, inherited)
+            self._become(part, parent, write_end, inherited)
         os.close(write_end)
         # Read without blocking: a grandchild (the runner's fork server) may hold the pipe past its part.
         os.set_blocking(read_end, False)
         part.pid, part.output, part.pending = pid, read_end, b""
         self.selector.register(read_end, selectors.EVENT_READ, part)
 
-    def _become(self, part: Part, output: int, inherited: list[int]) -> None:
+    def _become(self, part: Part, parent: int, output: int, inherited: list[int]) -> None:
         """In the forked child: its output to the pipe, its own signals, its name; then its main. Never returns."""
         code = 1
         try:
@@ -120,8 +121,8 @@ class Supervisor:
                 os.close(fd)
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_DFL)
-            die_with_parent(os.getppid())
-            os.environ[PARENT_ENV] = str(os.getppid())  # for a part that execs: its parent is now this one
+            die_with_parent(parent)
+            os.environ[PARENT_ENV] = str(parent)  # for a part that execs: its parent is now this one
             ctypes.CDLL(None).prctl(PR_SET_NAME, f"hacer-{part.name}"[:15].encode())
             part.main()
             code = 0

@@ -1,58 +1,71 @@
-"""runserver's supervisor with small parts: output prefixed line by line, a dead part restarted, stop ends all."""
+"""runserver's supervisor in a process of its own (single-threaded, as runserver is), with small parts:
+output prefixed line by line, a dead part restarted, SIGTERM ends every part."""
 
-import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 
+from hacer.settings import PROJECT_DIR
+
+SUPERVISOR = """
+import os, signal, sys
 from hacer.supervisor import Part, Supervisor
 
-from conftest import wait_until
-
-
-def short() -> None:
-    os.write(1, b"first\nhalf a ")
-    os.write(2, b"line\n")
+def short():
+    os.write(1, b"first\\nhalf a ")
+    os.write(2, b"line\\n")
     os.write(2, b"unfinished")  # a last line without its newline: ended by the supervisor
     raise SystemExit(3)
 
+def sleeper():
+    os.write(1, b"up\\n")
+    signal.pause()
 
-def test_output_is_prefixed_and_a_dead_part_restarted(capfd, caplog):
-    caplog.set_level(logging.ERROR, "hacer.supervisor")
-    supervisor = Supervisor([Part("short", short)])
-
-    def stop_after_the_second_exit() -> None:
-        exits = lambda: [r for r in caplog.records if r.getMessage() == "short exited with 3; restarting it"]  # noqa: E731
-        try:
-            wait_until(lambda: len(exits()) >= 2, 30, "two exits")
-        finally:
-            supervisor.stop()
-
-    threading.Thread(target=stop_after_the_second_exit, daemon=True).start()
-    supervisor.run()
-    err = capfd.readouterr().err
-    assert err.count("   short | first\n   short | half a line\n   short | unfinished\n") >= 2, err
+supervisor = Supervisor([Part(name, {"short": short}.get(name, sleeper)) for name in sys.argv[1:]])
+signal.signal(signal.SIGTERM, supervisor.stop)
+supervisor.run()
+"""
 
 
-def test_stop_ends_every_part(capfd):
-    def sleeper() -> None:
-        os.write(1, b"up\n")  # (print() would go to pytest's capture, not to fd 1)
-        signal.pause()
+def start(*parts: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, *parts], cwd=PROJECT_DIR, stderr=subprocess.PIPE, text=True
+    )
+    timer = threading.Timer(60, process.kill)  # a supervisor that never says what the test waits for
+    timer.daemon = True
+    timer.start()
+    return process
 
-    supervisor = Supervisor([Part("sleeper", sleeper), Part("other", sleeper)])
-    seen = []
 
-    def stop_once_both_are_up() -> None:
-        try:
-            for name in ("sleeper", "other"):
-                wait_until(lambda n=name: seen.append(capfd.readouterr().err) or f"{n} | up" in "".join(seen), 30, name)
-        finally:
-            supervisor.stop()
+def read_until(process: subprocess.Popen, done) -> list[str]:
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if done(lines):
+            return lines
+    raise AssertionError(f"the supervisor ended first: {''.join(lines)}")
 
-    threading.Thread(target=stop_once_both_are_up, daemon=True).start()
-    pids = []
-    original = supervisor._start
-    supervisor._start = lambda part: (original(part), pids.append(part.pid))  # type: ignore[method-assign]
-    supervisor.run()
-    assert [part.pid for part in supervisor.parts] == [0, 0]
-    assert len(pids) == 2 and not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "a part outlived stop()"
+
+def test_output_is_prefixed_and_a_dead_part_restarted():
+    supervisor = start("short")
+    lines = read_until(supervisor, lambda lines: sum("short exited with 3; restarting it" in x for x in lines) == 2)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(30) == 0
+    text = "".join(lines)
+    assert text.count("   short | first\n   short | half a line\n   short | unfinished\n") == 2, text
+
+
+def test_sigterm_ends_every_part():
+    supervisor = start("sleeper", "other")
+    read_until(supervisor, lambda lines: {"sleeper | up\n", "other | up\n"} <= {x.lstrip() for x in lines})
+    with open(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children") as children:
+        parts = [int(pid) for pid in children.read().split()]
+    assert len(parts) == 2
+    for pid in parts:
+        with open(f"/proc/{pid}/comm") as comm:
+            assert comm.read().strip() in ("hacer-sleeper", "hacer-other")
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(30) == 0
+    assert not [pid for pid in parts if os.path.exists(f"/proc/{pid}")], "a part outlived its supervisor"
