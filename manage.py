@@ -270,14 +270,15 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         parts = [forked("parts", partial(run_parts, settings, list(PARTS)))]
     else:
         parts = [forked(name, partial(run_parts, settings, [name])) for name in PARTS if name != "api"]
-        parts.append(forked("api", run_api))
+        # Eventlet must patch the standard library before anything imports it: a fresh interpreter.
+        parts.append(Part("api", exec_manage("api")))
     if args.emulate:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
         emulate = exec_manage("emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval")
         parts.append(Part("emulate", emulate))
     try:
         if not args.together:
-            # Five children share these modules' pages (measured: 29 MB less); one child would not.
+            # The four non-web parts share these modules' pages; one child alone would not (see README).
             preload()
         supervisor = Supervisor(parts, prefixed=settings.log_format != "json")
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -300,14 +301,6 @@ def run_parts(settings: Settings, names: list[str]) -> None:
     ]
     log.info("starting %s", ", ".join(names))
     run_until_signal(Together(parts))
-
-
-def run_api() -> None:
-    """The api as `python -m api` runs it: eventlet patches the standard library first."""
-    import runpy
-
-    sys.argv = ["api"]
-    runpy.run_module("api", run_name="__main__", alter_sys=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,7 +78,9 @@ def part_of(pid: int) -> str:
         return "mosquitto (not hacer's)"
     if any(word.endswith("forkserver.py") for word in words):  # its spare too: forked, it keeps the command line
         return "runner's fork server"
-    return "emulate" if "emulate" in words else " ".join(words)[:40]
+    if "emulate" in words:
+        return "emulate"
+    return "api" if words[1:3] == ["-m", "api"] else " ".join(words)[:40]  # the api execs `python -m api`
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """runserver's supervisor: the server's parts as its children, their output prefixed, each restarted when it dies.
 
-The supervisor imports once what every part uses (paho, SQLAlchemy, msgspec, hacer's core), then
-forks each part from itself: those modules' pages stay shared copy-on-write, so a part costs only
-what it adds (bench/bench_memory.py). Forking is only safe in a single-threaded process, so one
-loop does everything: it starts, reads, reaps and stops the children.
+The supervisor can import once what the parts use (paho, SQLAlchemy, msgspec, hacer's core), then
+fork each part from itself: those modules' pages stay shared copy-on-write as far as the parts
+leave them unwritten (bench/bench_memory.py). A part that needs a fresh interpreter execs one.
+Forking is only safe in a single-threaded process, so one loop does everything: it starts, reads,
+reaps and stops the children.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hacer.parentdeath import PARENT_ENV, die_with_parent
+from hacer.settings import PROJECT_DIR
 
 log = logging.getLogger("hacer.supervisor")
 
-# What both the api and the other parts import: loaded before the first fork, shared by all.
+# What every non-web part imports: loaded before the first fork, shared by those forked after.
 COMMON_MODULES = ("hacer.bus", "hacer.models", "hacer.messages", "hacer.topics", "hacer.runstates", "hacer.logs")
 RESTART_AFTER = 1.0  # seconds between a part's death and its next start
 PR_SET_NAME = 15
@@ -40,7 +42,7 @@ class Part:
     pid: int = 0
     output: int = -1
     pending: bytes = b""
-    exited_at: float = field(default=-RESTART_AFTER)
+    exited_at: float = -RESTART_AFTER
 
 
 def preload(modules: tuple[str, ...] = COMMON_MODULES) -> None:
@@ -54,7 +56,6 @@ def preload(modules: tuple[str, ...] = COMMON_MODULES) -> None:
 
 def exec_manage(*command: str) -> Callable[[], None]:
     """A part's main that replaces the forked child with `manage.py <command>` (a fresh interpreter)."""
-    from hacer.settings import PROJECT_DIR
 
     def main() -> None:
         os.execv(sys.executable, [sys.executable, str(PROJECT_DIR / "manage.py"), *command])
@@ -186,8 +187,7 @@ class Supervisor:
         part.pid, part.exited_at = 0, self.clock()
 
     def _stop_children(self, grace: float) -> None:
-        running = [part for part in self.parts if part.pid]
-        for part in running:
+        for part in [part for part in self.parts if part.pid]:
             os.kill(part.pid, signal.SIGTERM)
         deadline = self.clock() + grace
         while any(part.pid for part in self.parts) and self.clock() < deadline:
