@@ -70,12 +70,12 @@ def become(run_id: str, script: str, params: list[str]) -> None:
 
 def run_script(path: str, namespace: dict[str, object] | None = None) -> None:
     """Run the script at `path` as __main__ (in `namespace`); raise SystemExit with the run's outcome."""
-    with open(path, "rb") as source:
-        code = compile(source.read(), path, "exec")
     if namespace is None:
         namespace = {}
     namespace.update({"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
     try:
+        with open(path, "rb") as source:  # a SyntaxError is the script's failure too
+            code = compile(source.read(), path, "exec")
         exec(code, namespace)
     except SystemExit:
         raise

@@ -138,7 +138,10 @@ def _spare(channel: socket.socket, runner: socket.socket, server: int, placehold
     except BaseException as exc:  # noqa: BLE001 - nothing of the server's loop may run in a child
         os.write(2, f"hacer: the run could not start: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
-    scriptmain.run_to_the_end(script)
+    try:
+        scriptmain.run_to_the_end(script)
+    finally:
+        os._exit(1)  # (it ends the process itself): never back into the server's loop
 
 
 def _placeholder() -> int:

@@ -23,6 +23,7 @@ from conftest import wait_until
 
 TEST_SCRIPTS = {
     "crash": "raise ValueError('boom')\n",
+    "broken": "print('never')\ndef (\n",
     "block": (  # blocks until the test opens its FIFO for writing
         "import sys\nprint('waiting', sys.argv[1], flush=True)\nopen(sys.argv[1]).read()\nprint('released')\n"
     ),
@@ -283,6 +284,19 @@ def test_uncaught_exception_is_an_entry(start_runner, requester, runs):
     log = runs.log_of(run_id)
     assert ("exception", "ValueError: boom") in log
     assert ("output", "Traceback (most recent call last):") in log
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_a_script_that_does_not_compile_fails_with_its_error(start_runner, requester, runs, fork_server):
+    # Forked, its SyntaxError once went up into the fork server's loop, in the run's process.
+    start_runner(HACER_RUNNER_FORK_SERVER=fork_server)
+    run_id = requester("broken")
+    status = runs.wait_finished(run_id)
+    assert (status.state, status.exit_code) == (runstates.FAILED, 1)
+    log = runs.log_of(run_id)
+    assert ("exception", "SyntaxError: invalid syntax (broken.py, line 2)") in log
+    assert ("output", "never") not in log
+    assert runs.wait_finished(requester("exit3")).exit_code == 3  # the runner and its fork server go on
 
 
 @pytest.mark.parametrize(
