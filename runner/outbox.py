@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -60,55 +60,42 @@ class Outbox:
         self._confirmations: queue.SimpleQueue[RunRecorded] = queue.SimpleQueue()
         self._held_runs: set[str] = set()  # runs this runner holds rows of (so others' confirmations cost nothing)
 
-    def hold_entries(
-        self, run_id: str, entries: list[tuple[int, str, bytes]], connection: Connection | None = None
+    def hold(
+        self,
+        run_id: str,
+        entries: Sequence[tuple[int, str, bytes]] = (),
+        status: tuple[str, str, bytes] | None = None,
+        connection: Connection | None = None,
     ) -> None:
-        """Keep (seq, topic, payload) log entries about to be published (in `connection`'s transaction if given)."""
-        now = self.clock()
-        self._held_runs.add(run_id)
-        with self._transaction(connection) as transaction:
-            transaction.execute(
-                HOLD,
-                [
-                    {
-                        "runner_id": self.runner_id,
-                        "run_id": run_id,
-                        "seq": seq,
-                        "state": "",
-                        "topic": topic,
-                        "payload": payload.decode(),
-                        "size": len(payload),
-                        "sent_at": now,
-                        "sends": 1,
-                    }
-                    for seq, topic, payload in entries
-                ],
-            )
+        """Keep (seq, topic, payload) log entries and the run's (state, topic, payload) status about to be published.
 
-    def hold_status(
-        self, run_id: str, state: str, topic: str, payload: bytes, connection: Connection | None = None
-    ) -> None:
-        """Keep a run's latest status about to be published, replacing the one held before.
-
-        In `connection`'s transaction if given.
+        A status replaces the one held before. In `connection`'s transaction if given.
         """
+        now = self.clock()
+
+        def row(seq: int, state: str, topic: str, payload: bytes) -> dict[str, object]:
+            return {
+                "runner_id": self.runner_id,
+                "run_id": run_id,
+                "seq": seq,
+                "state": state,
+                "topic": topic,
+                "payload": payload.decode(),
+                "size": len(payload),
+                "sent_at": now,
+                "sends": 1,
+            }
+
+        rows = [row(seq, "", topic, payload) for seq, topic, payload in entries]
+        if status is not None:
+            rows.append(row(STATUS_SEQ, *status))
+        if not rows:
+            return
         self._held_runs.add(run_id)
         with self._transaction(connection) as transaction:
-            transaction.execute(LET_GO_OF_STATUS, {"run": run_id})
-            transaction.execute(
-                HOLD,
-                {
-                    "runner_id": self.runner_id,
-                    "run_id": run_id,
-                    "seq": STATUS_SEQ,
-                    "state": state,
-                    "topic": topic,
-                    "payload": payload.decode(),
-                    "size": len(payload),
-                    "sent_at": self.clock(),
-                    "sends": 1,
-                },
-            )
+            if status is not None:
+                transaction.execute(LET_GO_OF_STATUS, {"run": run_id})
+            transaction.execute(HOLD, rows)  # one statement: a run's start holds its status and launch entry
 
     @contextmanager
     def _transaction(self, connection: Connection | None) -> Iterator[Connection]:

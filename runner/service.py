@@ -62,6 +62,7 @@ from runner.launcher import Launcher, ScriptProcess
 from runner.leftovers import Birth, end_leftovers
 from runner.outbox import Outbox
 from runner.output import OutputSplitter, read_output
+from runner.threads import ThreadPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -147,6 +148,9 @@ class Runner:
         self._resend_all = threading.Event()
         self._threads: list[threading.Thread] = []
         self._recorders_online: set[str] = set()
+        # A thread a run keeps its time limit and reaps it; a new one (and a Timer thread for the
+        # limit) cost the first line 0.6 ms, the script's output waiting in the pipe meanwhile.
+        self._reapers = ThreadPool("runner-reaper")
         self.unheld = 0  # messages the outbox could not keep (database failing): sent once
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -513,8 +517,7 @@ class Runner:
         )
 
         def hold_start(connection: Connection) -> None:
-            self.outbox.hold_status(run.run_id, runstates.RUNNING, *status, connection)
-            self.outbox.hold_entries(run.run_id, launch, connection)
+            self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), connection)
 
         # The claim's transaction holds the run's first messages too: one commit before the start.
         if request_message is not None:
@@ -544,18 +547,12 @@ class Runner:
             self._finish(run, runstates.CANCELLED, error="cancelled")
             return
         timeout = min(request.timeout or self.config.default_timeout, self.config.max_timeout)
-        limit = threading.Timer(timeout, self._time_out, args=(run,))
-        limit.daemon = True
-        limit.start()
         assert run.process.stdout is not None
         # The reaper's own copy of the pipe's read end: the pipe (and its inode number, which
         # finds the processes holding it) cannot go to another run's pipe before it is done.
         pipe = os.dup(run.process.stdout.fileno())
-        threading.Thread(target=self._reap_group, args=(run, pipe), daemon=True).start()
-        try:
-            self._stream_output(run)
-        finally:
-            limit.cancel()
+        self._reapers.submit(functools.partial(self._reap_group, run, pipe, timeout))
+        self._stream_output(run)
         exit_code = run.process.wait()
         state: RunState
         if run.cancel_requested:
@@ -615,10 +612,14 @@ class Runner:
             out.append(("output", "\n".join(batch)))
         self._log(run, *out)
 
-    def _reap_group(self, run: Run, pipe: int) -> None:
-        """When the script exits, end what it left running, in its group and outside it."""
+    def _reap_group(self, run: Run, pipe: int, timeout: float) -> None:
+        """Keep the run's time limit; once the script exits, end what it left running, in its group and outside it."""
         assert run.process is not None
-        run.process.wait()
+        try:
+            run.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._time_out(run)
+            run.process.wait()
         if _signal_group(run.process.pid, signal.SIGTERM):
             time.sleep(0.2)  # a moment for the leftovers to exit cleanly before the kill
             _signal_group(run.process.pid, signal.SIGKILL)
@@ -666,7 +667,7 @@ class Runner:
         if run.fenced or not entries:
             return
         held = self._entry_messages(run, *entries)
-        self._hold(run.run_id, lambda: self.outbox.hold_entries(run.run_id, held))
+        self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, held))
         for _, topic, payload in held:
             self.bus.publish(topic, payload)
 
@@ -684,7 +685,7 @@ class Runner:
         if run.fenced:
             return
         topic, payload = self._status_message(run, state, exit_code, error, finished)
-        self._hold(run.run_id, lambda: self.outbox.hold_status(run.run_id, state, topic, payload))
+        self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, status=(state, topic, payload)))
         self.bus.publish(topic, payload)
 
     def _status_message(

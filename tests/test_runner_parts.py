@@ -4,6 +4,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from hacer.scriptdir import ScriptDir, script_id
 from hacer.scripting import decode_line, encode_entry
 from runner.output import HELD_OPEN, OutputSplitter, read_output
+from runner.threads import ThreadPool
+
+from conftest import wait_until
 
 
 def test_lines_split_across_reads():
@@ -81,8 +85,8 @@ def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
     from hacer.messages import RunRecorded
 
     outbox = outbox_of(resend_after=5.0)
-    outbox.hold_entries("r", [(seq, "t/log", b"e%d" % seq) for seq in (1, 2, 3)])
-    outbox.hold_status("r", "running", "t/status", b"running")
+    outbox.hold("r", [(seq, "t/log", b"e%d" % seq) for seq in (1, 2, 3)])
+    outbox.hold("r", status=("running", "t/status", b"running"))
     outbox_of.now[0] = 1.0
     assert outbox.due() == []  # not waited long enough
     outbox.confirm(RunRecorded("r", 2, "queued"))
@@ -94,7 +98,7 @@ def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
     outbox_of.now[0] = 7.0
     assert outbox.due() == []  # just sent again
     assert outbox.due(everything=True) == [("t/log", b"e3"), ("t/status", b"running")]
-    outbox.hold_status("r", "succeeded", "t/status", b"succeeded")
+    outbox.hold("r", status=("succeeded", "t/status", b"succeeded"))
     outbox.confirm(RunRecorded("r", 3, "succeeded"))
     outbox.apply()
     assert outbox.held("r") == ([], None) and outbox.due(everything=True) == []
@@ -104,7 +108,7 @@ def test_a_recorded_end_confirms_any_status_held(outbox_of):
     from hacer.messages import RunRecorded
 
     outbox = outbox_of()
-    outbox.hold_status("r", "running", "t/status", b"running")
+    outbox.hold("r", status=("running", "t/status", b"running"))
     outbox.confirm(RunRecorded("r", 0, "lost"))  # taken over and ended by another runner
     outbox.apply()
     assert outbox.held("r") == ([], None)
@@ -112,8 +116,8 @@ def test_a_recorded_end_confirms_any_status_held(outbox_of):
 
 def test_a_runner_taking_over_adopts_what_the_dead_one_held(outbox_of):
     dead, alive = outbox_of("dead"), outbox_of("alive")
-    dead.hold_entries("r", [(1, "t/log", b"e1")])
-    dead.hold_status("r", "succeeded", "t/status", b"succeeded")
+    dead.hold("r", [(1, "t/log", b"e1")])
+    dead.hold("r", status=("succeeded", "t/status", b"succeeded"))
     assert alive.due(everything=True) == []
     assert alive.adopt("dead") == 1
     assert alive.due(everything=True) == [("t/log", b"e1"), ("t/status", b"succeeded")]
@@ -122,8 +126,8 @@ def test_a_runner_taking_over_adopts_what_the_dead_one_held(outbox_of):
 
 def test_the_outbox_is_bounded_and_gives_up_on_what_is_never_confirmed(outbox_of):
     outbox = outbox_of(resend_after=0.0, max_bytes=1000, max_sends=3)
-    outbox.hold_entries("old", [(seq, "t/log", b"x" * 100) for seq in range(1, 51)])
-    outbox.hold_entries("new", [(seq, "t/log", b"x" * 100) for seq in range(51, 101)])
+    outbox.hold("old", [(seq, "t/log", b"x" * 100) for seq in range(1, 51)])
+    outbox.hold("new", [(seq, "t/log", b"x" * 100) for seq in range(51, 101)])
     outbox.bound()  # 100 entries of 100 bytes: ten times the bound
     assert outbox.dropped == 90
     assert outbox.held("old") == ([], None) and outbox.held("new")[0] == list(range(91, 101))
@@ -176,7 +180,7 @@ def test_a_claim_is_committed_to_survive_a_power_cut_and_held_lines_a_crash(tmp_
         levels.append(connection.exec_driver_sql("PRAGMA synchronous").scalar())
 
     claims.claim("run", "{}", also=level)  # inside the claim's transaction
-    outbox.hold_entries("run", [(1, "t", b"line")])
+    outbox.hold("run", [(1, "t", b"line")])
     with database.engine.connect() as connection:  # the one pooled connection, as the hold left it
         level(connection)
     assert levels == [2, 1]  # FULL, then NORMAL
@@ -225,3 +229,14 @@ def test_a_writer_that_never_stops_cannot_keep_the_reader_past_the_deadline():
         os.close(read_end)
     assert entries[-1] == ("output", HELD_OPEN)
     assert sum(len(data) + 1 for _, data in entries[:-1]) <= pipe_size + 65536  # one read more at most
+
+
+def test_the_thread_pool_never_makes_a_job_wait_and_reuses_waiting_threads():
+    pool = ThreadPool("test")
+    for _ in range(2):
+        together = threading.Barrier(6, timeout=10)  # five jobs that each wait for all the others
+        for _ in range(5):
+            pool.submit(together.wait)
+        together.wait()
+        wait_until(lambda: pool._idle == 5, 10, "the five threads to be waiting again")
+    assert pool.threads == 5  # the second five ran on the first five's threads
