@@ -1,16 +1,22 @@
-"""What the bridge's own reads of node values cost commands: 1 000 emulated nodes, polling off and on.
+"""What the bridge's own reads of node values cost commands: two bridges side by side, one polling.
 
-    .venv/bin/python bench/bench_polling.py            # about 8 minutes
+    .venv/bin/python bench/bench_polling.py            # about 6 minutes
     .venv/bin/python bench/bench_polling.py --quick
 
-A `manage.py bridge` process serves 1 000 emulated 2015 nodes (`manage.py emulate`, a process of
-its own: each node on its own loopback address, a quarter of each type). The same command load
-(a set to a random node, one at a time, through the broker: MQTT -> TCP -> MQTT) is measured
-with polling off (the baseline), at the default plan (HACER_POLL's default: about 25 reads a
-second over 1 000 nodes) and at a plan ten times as heavy (every node every 5 s: 200 reads a
-second), alternating the three in rounds so the machine's noise is shared; commands start once
-every node's first read is due (one interval). Printed: the reads made while the commands ran,
-command round trip p50 and p99 of each, and the ratio to the baseline of the same rounds.
+Paired, so that the machine's noise falls on both sides alike: two `manage.py bridge`
+processes run at once on one broker (topic prefixes `pa` and `pb`), each serving 1 000 emulated
+2015 nodes of its own (`manage.py emulate`, a process per set: each node on its own loopback
+address, a quarter of each type). One bridge polls, the other does not; commands (a set to a
+random node, one at a time, through the broker: MQTT -> TCP -> MQTT) alternate between the two,
+so consecutive samples of the two sides are a few milliseconds apart. Each comparison runs
+twice with the two bridges' roles swapped, which cancels whatever differs between the two
+processes and their node sets. Compared with polling off: the default plan (HACER_POLL's
+default, about 25 reads a second over 1 000 nodes) and a plan ten times as heavy (every node
+every 5 s: 200 reads a second). Commands start once every node's first read is due.
+
+Printed per plan: reads made while the commands ran, round trip p50 and p99 of both sides, and
+the p99 ratio with its 95 % interval (bootstrap over the pairs). The goal "p99 unchanged within
+10 %" is shown when the interval's upper end is below 1.10.
 """
 
 from __future__ import annotations
@@ -36,39 +42,94 @@ from hacer.topics import Topics  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 PLANS = {
-    "off (baseline)": "off",
     "default": DEFAULT_POLL,
     "10x default": "thermostat:temperature,target@5 sensor_temp:temperature@5 toggle:on@5 light_rgb:color@5",
 }
+TYPES = ["light_rgb", "thermostat", "toggle", "sensor_temp"]
 
 
-def run_bridge(
-    broker: BrokerProcess, workdir: Path, discovery: int, node_port: int, plan: str
-) -> subprocess.Popen[bytes]:
-    env = {
-        "HACER_MQTT_URL": broker.url,
-        "HACER_DISCOVERY_HOST": "127.0.0.1",
-        "HACER_DISCOVERY_PORT": str(discovery),
-        "HACER_NODE_PORT": str(node_port),
-        "HACER_STATE_DIR": str(workdir / "state"),
-        "HACER_POLL": plan,
-        "HACER_HA_DISCOVERY": "off",
-        "HACER_STATS_INTERVAL": "1",
-        "HACER_NEW_NODES_PER_SECOND": "100000",  # every node at once, as after a power cut
-        "PATH": "/usr/bin:/bin",
-    }
-    return subprocess.Popen(
-        [sys.executable, str(PROJECT / "manage.py"), "bridge"],
-        env=env,
-        stdout=open(workdir / "bridge.log", "ab"),
-        stderr=subprocess.STDOUT,
-        cwd=PROJECT,
-    )
+class Site:
+    """A bridge with its own emulated nodes, under its own topic prefix."""
+
+    def __init__(self, broker: BrokerProcess, workdir: Path, prefix: str, first_ip: str, nodes: int) -> None:
+        self.topics = Topics(prefix)
+        self.workdir = workdir / prefix
+        self.workdir.mkdir()
+        self.broker = broker
+        self.nodes = nodes
+        self.discovery, self.node_port = free_port(socket.SOCK_DGRAM), free_port()
+        self.first_ip = first_ip
+        # Lights and thermostats take a name: the set every command does.
+        self.named = [
+            1000 + index for index in range(nodes) if TYPES[index % len(TYPES)] in ("light_rgb", "thermostat")
+        ]
+        self.stats: list[BridgeStats] = []
+        self.bridge: subprocess.Popen[bytes] | None = None
+        self.emulator: subprocess.Popen[bytes] | None = None
+
+    def start_emulator(self) -> None:
+        self.emulator = subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), "emulate", "--count", str(self.nodes)]
+            + ["--types", ",".join(TYPES), "--interval", "10", "--first-ip", self.first_ip]
+            + ["--target", f"127.0.0.1:{self.discovery}", "--port", str(self.node_port)],
+            stdout=open(self.workdir / "emulator.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def start_bridge(self, plan: str) -> None:
+        env = {
+            "HACER_MQTT_URL": self.broker.url,
+            "HACER_TOPIC_PREFIX": self.topics.prefix,
+            "HACER_DISCOVERY_HOST": "127.0.0.1",
+            "HACER_DISCOVERY_PORT": str(self.discovery),
+            "HACER_NODE_PORT": str(self.node_port),
+            "HACER_STATE_DIR": str(self.workdir / "state"),
+            "HACER_POLL": plan,
+            "HACER_HA_DISCOVERY": "off",
+            "HACER_STATS_INTERVAL": "1",
+            "HACER_NEW_NODES_PER_SECOND": "100000",  # every node at once, as after a power cut
+            "PATH": "/usr/bin:/bin",
+        }
+        self.bridge = subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), "bridge"],
+            env=env,
+            stdout=open(self.workdir / "bridge.log", "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT,
+        )
+
+    def reads(self) -> int:
+        return sum(self.stats[-1].polls.values()) if self.stats else 0
+
+    def stop(self, *processes: subprocess.Popen[bytes] | None) -> None:
+        for process in processes:
+            if process is not None:
+                process.terminate()
+                process.wait(15)
 
 
-def measure(client: Bus, topics: Topics, node_ids: list[int], count: int, settle: float) -> list[float]:
-    """Round trips (ms) of `count` sets to random nodes, after `settle` seconds of polling alone."""
-    time.sleep(settle)  # a load to be under, not an event to wait for
+def wait_online(client: Bus, sites: list[Site]) -> None:
+    """Wait until every node of every site is online."""
+    seen: set[tuple[str, int]] = set()
+    everyone = threading.Event()
+    total = sum(site.nodes for site in sites)
+
+    def on_presence(message: Message) -> None:
+        if message.payload:
+            seen.add((message.topic.split("/", 1)[0], Presence.from_payload(message.payload).id))
+            if len(seen) >= total:
+                everyone.set()
+
+    for site in sites:
+        client.subscribe(site.topics.filter("node_presence"), on_presence)
+    if not everyone.wait(180):
+        raise RuntimeError(f"only {len(seen)} of {total} nodes came online")
+    for site in sites:
+        client.unsubscribe(site.topics.filter("node_presence"))
+
+
+def measure(client: Bus, sites: list[Site], pairs: int) -> list[list[float]]:
+    """Round trips (ms) of sets to random nodes, alternating between the sites: one list per site, in pairs."""
     results: dict[bytes, float] = {}
     arrived = threading.Event()
 
@@ -77,110 +138,100 @@ def measure(client: Bus, topics: Topics, node_ids: list[int], count: int, settle
             results[message.correlation] = time.perf_counter()
             arrived.set()
 
-    client.subscribe(topics.filter("node_result"), on_result)
+    for site in sites:
+        client.subscribe(site.topics.filter("node_result"), on_result)
     client.sync()
-    times = []
-    for index in range(count):
-        node_id = random.choice(node_ids)
-        correlation = f"{time.monotonic_ns()}-{index}".encode()
-        arrived.clear()
-        started = time.perf_counter()
-        client.publish(topics.build("node_set", node_id), '{"name": "x"}', correlation=correlation)
-        deadline = time.monotonic() + 10
-        while correlation not in results:
-            if not arrived.wait(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError("a command got no result within 10 s")
+    times: list[list[float]] = [[] for _ in sites]
+    for _ in range(pairs):
+        order = list(enumerate(sites))
+        random.shuffle(order)  # neither side always goes first
+        for side, site in order:
+            correlation = f"{site.topics.prefix}-{time.monotonic_ns()}".encode()
             arrived.clear()
-        times.append((results[correlation] - started) * 1000)
-    client.unsubscribe(topics.filter("node_result"))
+            started = time.perf_counter()
+            node = random.choice(site.named)
+            client.publish(site.topics.build("node_set", node), '{"name": "x"}', correlation=correlation)
+            deadline = time.monotonic() + 10
+            while correlation not in results:
+                if not arrived.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError("a command got no result within 10 s")
+                arrived.clear()
+            times[side].append((results.pop(correlation) - started) * 1000)
+    for site in sites:
+        client.unsubscribe(site.topics.filter("node_result"))
     return times
+
+
+def p99_ratio_interval(polled: list[float], baseline: list[float], draws: int = 2000) -> tuple[float, float]:
+    """The 95 % bootstrap interval of p99(polled) / p99(baseline), resampling the pairs together."""
+    pairs = len(polled)
+    ratios = []
+    for _ in range(draws):
+        picks = [random.randrange(pairs) for _ in range(pairs)]
+        ratios.append(percentile([polled[i] for i in picks], 0.99) / percentile([baseline[i] for i in picks], 0.99))
+    return percentile(ratios, 0.025), percentile(ratios, 0.975)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pairs", type=int, help="commands to each side per round (default 5 000)")
     args = parser.parse_args()
-    nodes_count, rounds, count = (200, 1, 100) if args.quick else (1000, 2, 2000)
-    topics = Topics()
+    nodes = 200 if args.quick else 1000
+    pairs = args.pairs or (300 if args.quick else 5000)
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         broker = BrokerProcess(workdir / "broker", [free_port(), free_port()])
         broker.start()
-        discovery, node_port = free_port(socket.SOCK_DGRAM), free_port()
-        types = ["light_rgb", "thermostat", "toggle", "sensor_temp"]
-        # Its own process, so serving the reads takes nothing from the client measuring commands.
-        emulator = subprocess.Popen(
-            [
-                sys.executable,
-                str(PROJECT / "manage.py"),
-                "emulate",
-                "--count",
-                str(nodes_count),
-                "--types",
-                ",".join(types),
-                "--interval",
-                "10",
-                "--target",
-                f"127.0.0.1:{discovery}",
-                "--port",
-                str(node_port),
-            ],
-            stdout=open(workdir / "emulator.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
-        client = Bus(broker.url, topics, "bench-polling")
-        latest_stats: list[BridgeStats] = []
-        client.subscribe(
-            topics.build("bridge_stats"), lambda m: latest_stats.append(BridgeStats.from_payload(m.payload))
-        )
+        sites = [Site(broker, workdir, "pa", "127.0.0.2", nodes), Site(broker, workdir, "pb", "127.0.64.2", nodes)]
+        client = Bus(broker.url, sites[0].topics, "bench-polling")
+        for site in sites:
+            client.subscribe(
+                site.topics.build("bridge_stats"),
+                lambda m, site=site: site.stats.append(BridgeStats.from_payload(m.payload)),
+            )
         client.start()
         client.wait_connected(10)
-        # Lights and thermostats take a name: the set every command does.
-        named = [
-            1000 + index for index in range(nodes_count) if types[index % len(types)] in ("light_rgb", "thermostat")
-        ]
-        samples: dict[str, list[float]] = {name: [] for name in PLANS}
+        polled: dict[str, list[float]] = {name: [] for name in PLANS}
+        baseline: dict[str, list[float]] = {name: [] for name in PLANS}
         reads: dict[str, int] = {name: 0 for name in PLANS}
         try:
-            for round_number in range(rounds):
-                for name, plan_text in PLANS.items():
-                    bridge = run_bridge(broker, workdir, discovery, node_port, plan_text)
-                    seen: set[int] = set()
-                    everyone = threading.Event()
-
-                    def on_presence(
-                        message: Message, seen: set[int] = seen, everyone: threading.Event = everyone
-                    ) -> None:
-                        if message.payload:
-                            seen.add(Presence.from_payload(message.payload).id)
-                            if len(seen) >= nodes_count:
-                                everyone.set()
-
-                    client.subscribe(topics.filter("node_presence"), on_presence)
-                    if not everyone.wait(120):
-                        raise RuntimeError(f"only {len(seen)} of {nodes_count} nodes came online")
-                    client.unsubscribe(topics.filter("node_presence"))
+            for site in sites:
+                site.start_emulator()
+            for name, plan in PLANS.items():
+                for polling in range(len(sites)):  # each site polls once
+                    for index, site in enumerate(sites):
+                        site.stats.clear()
+                        site.start_bridge(plan if index == polling else "off")
+                    wait_online(client, sites)
                     # A node's first read falls anywhere in its interval: the load is steady after one.
-                    settle = max((plan.interval for plan in parse_poll_plans(plan_text).values()), default=0) + 5
-                    before = sum(latest_stats[-1].polls.values()) if latest_stats else 0
-                    samples[name] += measure(client, topics, named, count, 5 if args.quick else settle)
-                    reads[name] += sum(latest_stats[-1].polls.values()) - before if latest_stats else 0
-                    bridge.terminate()
-                    bridge.wait(15)
-                    latest_stats.clear()
-                    print(f"round {round_number + 1}: {name} done", flush=True)
+                    settle = max((p.interval for p in parse_poll_plans(plan).values()), default=0) + 5
+                    time.sleep(5 if args.quick else settle)  # a load to be under, not an event to wait for
+                    before = sites[polling].reads()
+                    times = measure(client, sites, pairs)
+                    reads[name] += sites[polling].reads() - before
+                    polled[name] += times[polling]
+                    baseline[name] += times[1 - polling]
+                    for site in sites:
+                        site.stop(site.bridge)
+                    print(f"{name}: polled by {sites[polling].topics.prefix} done", flush=True)
         finally:
-            emulator.terminate()
-            emulator.wait(15)
+            for site in sites:
+                site.stop(site.emulator)
             client.stop()
             broker.stop()
-    base = samples["off (baseline)"]
-    print(f"\n{nodes_count} nodes, {rounds} rounds x {count} sets each, alternating")
-    print(f"{'polling':>16} {'reads':>7} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'p99 ratio':>10}")
-    for name, times in samples.items():
-        p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
-        ratio50, ratio99 = p50 / percentile(base, 0.5), p99 / percentile(base, 0.99)
-        print(f"{name:>16} {reads[name]:>7} {p50:>8.2f} {p99:>8.2f} {ratio50:>10.2f} {ratio99:>10.2f}")
+    print(f"\n{nodes} nodes a bridge, {pairs} commands to each bridge a round, 2 rounds a plan (roles swapped)")
+    columns = ("reads", 7), ("p50 off", 8), ("p50 on", 7), ("p99 off", 8), ("p99 on", 7), ("p99 ratio", 10)
+    print(f"{'polling':>12} " + " ".join(f"{name:>{width}}" for name, width in columns) + "  95 %")
+    for name in PLANS:
+        on, off = polled[name], baseline[name]
+        low, high = p99_ratio_interval(on, off)
+        ratio = percentile(on, 0.99) / percentile(off, 0.99)
+        print(
+            f"{name:>12} {reads[name]:>7} {percentile(off, 0.5):>8.2f} {percentile(on, 0.5):>7.2f} "
+            f"{percentile(off, 0.99):>8.2f} {percentile(on, 0.99):>7.2f} {ratio:>10.2f}  {low:.2f}-{high:.2f}"
+            f"  (within 10 %: {'shown' if high < 1.10 else 'not shown'})"
+        )
 
 
 if __name__ == "__main__":
