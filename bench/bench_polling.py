@@ -1,6 +1,7 @@
 """What the bridge's own reads of node values cost commands: two bridges side by side, one polling.
 
-    .venv/bin/python bench/bench_polling.py            # about 6 minutes
+    .venv/bin/python bench/bench_polling.py            # about 9 minutes
+    .venv/bin/python bench/bench_polling.py --plans default --pairs 80000   # 10 minutes
     .venv/bin/python bench/bench_polling.py --quick
 
 Paired, so that the machine's noise falls on both sides alike: two `manage.py bridge`
@@ -175,10 +176,12 @@ def p99_ratio_interval(polled: list[float], baseline: list[float], draws: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--pairs", type=int, help="commands to each side per round (default 5 000)")
+    parser.add_argument("--pairs", type=int, help="commands to each side per round (default 20 000)")
+    parser.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS), help="plans to compare")
     args = parser.parse_args()
+    plans = {name: PLANS[name] for name in args.plans}
     nodes = 200 if args.quick else 1000
-    pairs = args.pairs or (300 if args.quick else 5000)
+    pairs = args.pairs or (300 if args.quick else 20_000)
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
         broker = BrokerProcess(workdir / "broker", [free_port(), free_port()])
@@ -192,13 +195,13 @@ def main() -> None:
             )
         client.start()
         client.wait_connected(10)
-        polled: dict[str, list[float]] = {name: [] for name in PLANS}
-        baseline: dict[str, list[float]] = {name: [] for name in PLANS}
-        reads: dict[str, int] = {name: 0 for name in PLANS}
+        polled: dict[str, list[float]] = {name: [] for name in plans}
+        baseline: dict[str, list[float]] = {name: [] for name in plans}
+        reads: dict[str, int] = {name: 0 for name in plans}
         try:
             for site in sites:
                 site.start_emulator()
-            for name, plan in PLANS.items():
+            for name, plan in plans.items():
                 for polling in range(len(sites)):  # each site polls once
                     for index, site in enumerate(sites):
                         site.stats.clear()
@@ -223,7 +226,7 @@ def main() -> None:
     print(f"\n{nodes} nodes a bridge, {pairs} commands to each bridge a round, 2 rounds a plan (roles swapped)")
     columns = ("reads", 7), ("p50 off", 8), ("p50 on", 7), ("p99 off", 8), ("p99 on", 7), ("p99 ratio", 10)
     print(f"{'polling':>12} " + " ".join(f"{name:>{width}}" for name, width in columns) + "  95 %")
-    for name in PLANS:
+    for name in plans:
         on, off = polled[name], baseline[name]
         low, high = p99_ratio_interval(on, off)
         ratio = percentile(on, 0.99) / percentile(off, 0.99)

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -114,11 +114,15 @@ class CommandRelay:
             raise RuntimeError("command relay is not started")
         loop.call_soon_threadsafe(self._enqueue, command)
 
-    def poll(self, node_id: int, keys: Iterable[str]) -> None:
-        """Read `keys` of a node behind its commands, unless a poll of it is still queued."""
+    def poll(self, polls: list[tuple[int, tuple[str, ...]]], over: float = 0.0) -> None:
+        """Read each (node, keys) behind its commands, unless a poll of it is still queued; spread over `over` seconds.
+
+        Due together, a second's polls (hundreds, with many nodes) went into the loop at once, and
+        a command that came then waited behind them all: the commands' p99 was 1.4x polling off.
+        """
         loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._enqueue_poll, node_id, tuple(keys))
+        if loop is not None and polls:
+            loop.call_soon_threadsafe(self._spread_polls, polls, over)
 
     # --- inside the loop --------------------------------------------------------------------
 
@@ -142,6 +146,12 @@ class CommandRelay:
             return
         channel.queue.put_nowait((0, next(self._order), command))
         channel.ensure_worker()
+
+    def _spread_polls(self, polls: list[tuple[int, tuple[str, ...]]], over: float) -> None:
+        loop = asyncio.get_running_loop()
+        step = over / len(polls)
+        for index, (node_id, keys) in enumerate(polls):
+            loop.call_later(index * step, self._enqueue_poll, node_id, keys)
 
     def _enqueue_poll(self, node_id: int, keys: tuple[str, ...]) -> None:
         if self._resolve(node_id) is None:

@@ -2,7 +2,9 @@
 
 A 2015 node never pushes its values, so the bridge asks. Each node's first read falls at a
 random point of its interval, so a thousand nodes spread their reads instead of arriving
-together; a set is read back a moment later, so the value shown is the node's own.
+together; a set of one of the keys it reads is read back a moment later, so the value shown is
+the node's own (a set of another key, a name say, reads nothing: the firmware serves four
+clients at most).
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ class Poller:
     def __init__(
         self,
         plans: dict[str, PollPlan],
-        poll: Callable[[int, tuple[str, ...]], None],
+        poll: Callable[[list[tuple[int, tuple[str, ...]]]], None],
         random_fraction: Callable[[], float] = random.random,
     ) -> None:
         self.plans = plans
         self._poll = poll
         self._random_fraction = random_fraction
         self._due: dict[int, float] = {}
+        self._keys: dict[int, tuple[str, ...]] = {}  # what is read of each node followed
 
     def run_due(self, online: Iterable[tuple[int, str]], now: float) -> None:
-        """Poll the online nodes whose reads are due; forget the nodes not online."""
+        """Poll the online nodes whose reads are due (in one call); forget the nodes not online."""
         due: dict[int, float] = {}
+        keys: dict[int, tuple[str, ...]] = {}
+        polls: list[tuple[int, tuple[str, ...]]] = []
         for node_id, node_type in online:
             plan = self.plans.get(node_type)
             if plan is None:
@@ -40,12 +45,17 @@ class Poller:
             if when is None:
                 when = now + self._random_fraction() * plan.interval
             elif when <= now:
-                self._poll(node_id, plan.keys)
+                polls.append((node_id, plan.keys))
                 when = now + plan.interval
             due[node_id] = when
-        self._due = due
+            keys[node_id] = plan.keys
+        self._due, self._keys = due, keys
+        if polls:
+            self._poll(polls)
 
-    def read_back(self, node_id: int, now: float) -> None:
-        """Read a node's planned keys again shortly (after a set)."""
-        if node_id in self._due:
-            self._due[node_id] = min(self._due[node_id], now + READ_BACK_AFTER)
+    def read_back(self, node_id: int, key: str, now: float) -> None:
+        """Read a node's planned keys again shortly, after a set of one of them."""
+        due = self._due  # run_due() (another thread) may put a new one in its place meanwhile
+        when = due.get(node_id)
+        if when is not None and key in self._keys.get(node_id, ()):
+            due[node_id] = min(when, now + READ_BACK_AFTER)

@@ -146,7 +146,7 @@ class Bridge:
         )
         self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
         self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
-        self.poller = Poller(poll_plans or {}, self.relay.poll)
+        self.poller = Poller(poll_plans or {}, lambda polls: self.relay.poll(polls, over=POLL_TICK))
         self.started_at = 0.0
         self.restored = threading.Event()
         self._stopping = threading.Event()
@@ -306,7 +306,7 @@ class Bridge:
         if result.ok and result.value is not None:
             self.tracker.update_values(command.node_id, {result.key: result.value}, now)
             if command.op == "set" and not command.poll:
-                self.poller.read_back(command.node_id, now)
+                self.poller.read_back(command.node_id, command.key, now)
 
     def _answer(
         self, result: CommandResult, result_topic: str, correlation: bytes | None, response_topic: str | None

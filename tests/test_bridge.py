@@ -414,3 +414,33 @@ def test_a_command_arriving_while_an_idle_connection_closes_is_answered(monkeypa
         release.set()
         relay.stop()
         emulator.stop()
+
+
+def test_polls_due_together_are_spread_over_their_period():
+    """A second's polls once went into the relay's loop at once: a command then waited behind them all."""
+    import queue
+
+    from bridge import commands
+
+    from conftest import free_port
+
+    nodes = [EmulatedNode(20 + i, "toggle", f"127.0.0.{40 + i}", free_port()) for i in range(5)]
+    emulator = Emulator(nodes, ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
+    emulator.start()
+    by_id = {node.id: node for node in nodes}
+    answered: queue.Queue = queue.Queue()
+    relay = commands.CommandRelay(
+        lambda node_id: (by_id[node_id].ip, by_id[node_id].port),
+        lambda result, command: answered.put((time.monotonic(), result, command)),
+        2.0,
+    )
+    relay.start()
+    try:
+        relay.poll([(node.id, ("on",)) for node in nodes], over=0.5)  # at 0, 0.1, ... 0.4 s
+        polls = [answered.get(timeout=10) for _ in nodes]
+    finally:
+        relay.stop()
+        emulator.stop()
+    assert all(command.poll and result.ok for _, result, command in polls)
+    assert [result.node_id for _, result, _ in polls] == [node.id for node in nodes]
+    assert polls[-1][0] - polls[0][0] >= 0.35

@@ -185,9 +185,7 @@ def test_restore_keeps_the_times_of_values_that_did_not_change():
 def test_reads_are_spread_over_the_interval_then_come_on_it():
     polls = []
     fractions = iter([0.0, 0.5, 0.99])
-    poller = Poller(
-        {"sensor_temp": PollPlan(("temperature",), 30.0)}, lambda *p: polls.append(p), lambda: next(fractions)
-    )
+    poller = Poller({"sensor_temp": PollPlan(("temperature",), 30.0)}, polls.extend, lambda: next(fractions))
     online = [(1, "sensor_temp"), (2, "sensor_temp"), (3, "sensor_temp"), (4, "toggle")]
     poller.run_due(online, 100.0)  # first sight: each gets its place in the interval
     assert polls == []
@@ -197,15 +195,18 @@ def test_reads_are_spread_over_the_interval_then_come_on_it():
     assert polls[0] == (1, ("temperature",))
 
 
-def test_a_set_is_read_back_and_an_offline_node_is_not_read():
+def test_a_set_of_a_read_key_is_read_back_and_an_offline_node_is_not_read():
     polls = []
-    poller = Poller({"toggle": PollPlan(("on",), 60.0)}, lambda *p: polls.append(p), lambda: 0.5)
+    poller = Poller({"toggle": PollPlan(("on",), 60.0)}, polls.extend, lambda: 0.5)
     poller.run_due([(1, "toggle")], 0.0)
-    poller.read_back(1, 5.0)
+    poller.read_back(1, "name", 1.0)  # not a key it reads
+    poller.run_due([(1, "toggle")], 2.5)
+    assert polls == []
+    poller.read_back(1, "on", 5.0)
     poller.run_due([(1, "toggle")], 6.0)
     assert polls == [(1, ("on",))]
     poller.run_due([], 7.0)  # offline: forgotten
-    poller.read_back(1, 7.0)
+    poller.read_back(1, "on", 7.0)
     poller.run_due([(1, "toggle")], 66.0)  # back: a new place in the interval
     assert polls == [(1, ("on",))]
 
