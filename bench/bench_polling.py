@@ -1,7 +1,7 @@
 """What the bridge's own reads of node values cost commands: two bridges side by side, one polling.
 
     .venv/bin/python bench/bench_polling.py            # about 9 minutes
-    .venv/bin/python bench/bench_polling.py --plans default --pairs 80000   # 10 minutes
+    .venv/bin/python bench/bench_polling.py --plans default --pairs 80000   # 16 minutes
     .venv/bin/python bench/bench_polling.py --quick
 
 Paired, so that the machine's noise falls on both sides alike: two `manage.py bridge`
