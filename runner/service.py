@@ -149,7 +149,7 @@ class Runner:
         self._threads: list[threading.Thread] = []
         self._recorders_online: set[str] = set()
         # A thread a run keeps its time limit and reaps it; a new one (and a Timer thread for the
-        # limit) cost the first line 0.6 ms, the script's output waiting in the pipe meanwhile.
+        # limit) cost the first line 0.3-0.5 ms, the script's output waiting in the pipe meanwhile.
         self._reapers = ThreadPool("runner-reaper")
         self.unheld = 0  # messages the outbox could not keep (database failing): sent once
 
