@@ -102,11 +102,11 @@ class Site:
     def reads(self) -> int:
         return sum(self.stats[-1].polls.values()) if self.stats else 0
 
-    def stop(self, *processes: subprocess.Popen[bytes] | None) -> None:
-        for process in processes:
-            if process is not None:
-                process.terminate()
-                process.wait(15)
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None:
+        process.terminate()
+        process.wait(15)
 
 
 def wait_online(client: Bus, sites: list[Site]) -> None:
@@ -216,11 +216,11 @@ def main() -> None:
                     polled[name] += times[polling]
                     baseline[name] += times[1 - polling]
                     for site in sites:
-                        site.stop(site.bridge)
+                        stop(site.bridge)
                     print(f"{name}: polled by {sites[polling].topics.prefix} done", flush=True)
         finally:
             for site in sites:
-                site.stop(site.emulator)
+                stop(site.emulator)
             client.stop()
             broker.stop()
     print(f"\n{nodes} nodes a bridge, {pairs} commands to each bridge a round, 2 rounds a plan (roles swapped)")

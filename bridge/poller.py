@@ -29,33 +29,32 @@ class Poller:
         self.plans = plans
         self._poll = poll
         self._random_fraction = random_fraction
-        self._due: dict[int, float] = {}
-        self._keys: dict[int, tuple[str, ...]] = {}  # what is read of each node followed
+        self._due: dict[int, tuple[float, PollPlan]] = {}  # node -> when its next read is due, and its plan
 
     def run_due(self, online: Iterable[tuple[int, str]], now: float) -> None:
         """Poll the online nodes whose reads are due (in one call); forget the nodes not online."""
-        due: dict[int, float] = {}
-        keys: dict[int, tuple[str, ...]] = {}
+        due: dict[int, tuple[float, PollPlan]] = {}
         polls: list[tuple[int, tuple[str, ...]]] = []
         for node_id, node_type in online:
             plan = self.plans.get(node_type)
             if plan is None:
                 continue
-            when = self._due.get(node_id)
-            if when is None:
+            followed = self._due.get(node_id)
+            if followed is None:
                 when = now + self._random_fraction() * plan.interval
-            elif when <= now:
+            elif followed[0] <= now:
                 polls.append((node_id, plan.keys))
                 when = now + plan.interval
-            due[node_id] = when
-            keys[node_id] = plan.keys
-        self._due, self._keys = due, keys
+            else:
+                when = followed[0]
+            due[node_id] = (when, plan)
+        self._due = due
         if polls:
             self._poll(polls)
 
     def read_back(self, node_id: int, key: str, now: float) -> None:
         """Read a node's planned keys again shortly, after a set of one of them."""
         due = self._due  # run_due() (another thread) may put a new one in its place meanwhile
-        when = due.get(node_id)
-        if when is not None and key in self._keys.get(node_id, ()):
-            due[node_id] = min(when, now + READ_BACK_AFTER)
+        followed = due.get(node_id)
+        if followed is not None and key in followed[1].keys:
+            due[node_id] = (min(followed[0], now + READ_BACK_AFTER), followed[1])

@@ -139,9 +139,10 @@ def _spare(channel: socket.socket, runner: socket.socket, server: int, placehold
         os.write(2, f"hacer: the run could not start: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
     try:
-        scriptmain.run_to_the_end(script)
-    finally:
-        os._exit(1)  # (it ends the process itself): never back into the server's loop
+        scriptmain.run_to_the_end(script)  # ends the process itself
+    except BaseException as exc:  # noqa: BLE001 - never back into the server's loop
+        os.write(2, f"hacer: the run failed to end: {type(exc).__name__}: {exc}\n".encode())
+    os._exit(1)
 
 
 def _placeholder() -> int:
