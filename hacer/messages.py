@@ -9,6 +9,7 @@ mosquitto_sub as easily as by programs; in Python they are aware datetimes.
 from __future__ import annotations
 
 import functools
+import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union, get_args
 
@@ -365,6 +366,22 @@ class LogEntry(Payload, frozen=True):
 
     def __post_init__(self) -> None:
         _check_times(self.timestamp)
+
+
+class Launch(Struct, frozen=True):
+    """The data of a run's `launch` entry: the script and its parameters (spaced as 2015's json.dumps)."""
+
+    script: ScriptName
+    params: Annotated[tuple[Param, ...], Meta(max_length=MAX_PARAMS)] = ()
+
+    def to_data(self) -> str:
+        """The entry's data."""
+        return json.dumps({"script": self.script, "params": list(self.params)})
+
+    @classmethod
+    def from_data(cls, data: str) -> Launch:
+        """Decode an entry's data; raise MessageError."""
+        return decode(cls, data, "launch entry")
 
 
 class LogEntrySeq(Struct):

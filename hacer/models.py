@@ -372,15 +372,40 @@ def _create_private_file(path: Path) -> None:
         pass
 
 
-def survive_power_cuts(connection: Connection, survive: bool = True) -> None:
-    """Say, first thing in a transaction, whether its commit must survive a power cut, not only a crash.
+class CommitSync:
+    """Makes what an engine's connections have committed survive a power cut, not only a crash, when called.
 
-    SQLite in WAL mode with synchronous=NORMAL (the default here) syncs at checkpoints only: a
-    commit survives any crash of the process but may roll back in a power cut; FULL syncs every
-    commit (0.4 ms alone here, 1.2 ms of a run's start). PostgreSQL syncs every commit anyway.
+    SQLite in WAL mode with synchronous=NORMAL (every connection here) syncs at checkpoints only: a
+    commit is seen by everyone and survives any crash of the process, but may roll back in a power
+    cut. Called after a commit, this syncs the WAL file as synchronous=FULL would have inside the
+    commit, so what needs only the commit does not wait on the disk (0.5-1 ms cold). PostgreSQL
+    syncs every commit itself.
     """
-    if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql(f"PRAGMA synchronous={'FULL' if survive else 'NORMAL'}")
+
+    def __init__(self, engine: Engine) -> None:
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.wal = Path(f"{database}-wal") if database and database != ":memory:" else None
+        self._named = -1  # the inode of the WAL file whose name was synced into its folder
+
+    def __call__(self) -> None:
+        if self.wal is None:
+            return
+        try:
+            wal = os.open(self.wal, os.O_RDONLY)
+        except FileNotFoundError:  # the last connection closed: its checkpoint synced everything into the database
+            return
+        try:
+            os.fdatasync(wal)
+            inode = os.fstat(wal).st_ino
+            if inode != self._named:  # a new WAL file: its name must reach the disk too
+                folder = os.open(self.wal.parent, os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+                self._named = inode
+        finally:
+            os.close(wal)
 
 
 def _no_autocheckpoint(dbapi_connection: Any, record: Any) -> None:

@@ -39,6 +39,7 @@ from hacer.bus import Bus, BusError, Message
 from hacer.history import availability_of_presence, availability_of_readings, sample_rows
 from hacer.messages import (
     LastSeenBatch,
+    Launch,
     LogEntry,
     LogEntrySeq,
     MessageError,
@@ -513,8 +514,17 @@ class Recorder:
         session.refresh(run)
 
     def _entry(self, session: Session, runs: dict[str, Run], entry: LogEntry) -> dict[str, Any]:
-        if entry.run_id not in self._entry_context:
-            self._run(session, runs, entry.run_id)
+        if entry.run_id not in self._entry_context or entry.entry_type == "launch":
+            run = self._run(session, runs, entry.run_id)
+            if entry.entry_type == "launch" and not run.script:
+                # The runner sends a run's launch entry before its first status: a run named by
+                # its runner (a request without a run id) is first heard of here.
+                try:
+                    launch = Launch.from_data(entry.data)
+                except MessageError:
+                    pass
+                else:
+                    run.script, run.params = launch.script, json.dumps(list(launch.params))
         return {
             "run_id": entry.run_id,
             "seq": entry.seq,

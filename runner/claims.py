@@ -22,10 +22,11 @@ from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
 from hacer.messages import RunStatus
-from hacer.models import Run, RunClaim, RunnerHeartbeat, aware_utc, survive_power_cuts, utc_datetime
+from hacer.models import CommitSync, Run, RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
 Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
+Committed = Callable[[], None]  # what may go on once a claim's change is committed, while it is synced
 CLAIM = insert(RunClaim)  # built once: building it cost more than executing it
 
 
@@ -59,16 +60,24 @@ class ClaimStore:
         self.clock = clock
         self.monotonic = monotonic
         self._observed: dict[str, tuple[int, float]] = {}  # runner -> (beat, when it last moved)
+        self._sync = CommitSync(engine)  # who owns a run must outlive a power cut
 
-    def claim(self, run_id: str, request: str, state: str = runstates.QUEUED, also: Hold | None = None) -> None:
+    def claim(
+        self,
+        run_id: str,
+        request: str,
+        state: str = runstates.QUEUED,
+        also: Hold | None = None,
+        committed: Committed | None = None,
+    ) -> None:
         """Insert the claim of `run_id` for this runner, and `also` in the same transaction.
 
-        Raise AlreadyClaimed if the run id has a claim.
+        Return once the claim survives a power cut; `committed` is called before, once it survives a
+        crash. Raise AlreadyClaimed if the run id has a claim.
         """
         now = utc_datetime(self.clock())
         try:
             with self.engine.begin() as connection:
-                survive_power_cuts(connection)  # who owns a run must outlive a power cut
                 connection.execute(
                     CLAIM,
                     {
@@ -84,6 +93,7 @@ class ClaimStore:
                     also(connection)
         except IntegrityError:
             raise AlreadyClaimed(run_id) from None
+        self._synced(committed)
 
     def move(
         self,
@@ -94,10 +104,12 @@ class ClaimStore:
         state: str | None = None,
         new_owner: str | None = None,
         also: Hold | None = None,
+        committed: Committed | None = None,
     ) -> bool:
         """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`.
 
-        `also` is done in the same transaction, only when the claim changed.
+        `also` is done in the same transaction, and `committed` called as by claim(), only when the
+        claim changed.
         """
         values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
         if state:
@@ -105,7 +117,6 @@ class ClaimStore:
         if new_owner:
             values["runner_id"] = new_owner
         with self.engine.begin() as connection:
-            survive_power_cuts(connection)  # who owns a run must outlive a power cut
             result = connection.execute(
                 update(RunClaim)
                 .where(
@@ -118,7 +129,16 @@ class ClaimStore:
             moved = result.rowcount == 1
             if moved and also is not None:
                 also(connection)
-            return moved
+        if moved:
+            self._synced(committed)
+        return moved
+
+    def _synced(self, committed: Committed | None) -> None:
+        try:
+            if committed is not None:
+                committed()
+        finally:
+            self._sync()
 
     def active_claims(self, runner_id: str) -> list[Claim]:
         """The queued and running claims of `runner_id`."""

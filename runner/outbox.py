@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from hacer import runstates
 from hacer.messages import RunRecorded
-from hacer.models import RunOutbox, survive_power_cuts
+from hacer.models import RunOutbox
 
 STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entries 1..n
 # Built once: building a statement costs more than SQLite executing it (measured 1.5 ms against
@@ -103,8 +103,7 @@ class Outbox:
         if connection is not None:
             yield connection
             return
-        with self.engine.begin() as own:
-            survive_power_cuts(own, False)  # a crash, not a power cut: that ends the run itself `lost`
+        with self.engine.begin() as own:  # survives a crash, not a power cut: that ends the run itself `lost`
             yield own
 
     def confirm(self, recorded: RunRecorded) -> None:

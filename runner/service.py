@@ -21,7 +21,6 @@ published until a recorder confirms it written, and sent again when it is not.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -45,6 +44,7 @@ from hacer import runstates
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import (
     Entry,
+    Launch,
     LogEntry,
     MessageError,
     RecorderState,
@@ -57,7 +57,7 @@ from hacer.messages import (
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 from hacer.topics import TopicError, Topics
-from runner.claims import AlreadyClaimed, ClaimStore, Hold
+from runner.claims import AlreadyClaimed, ClaimStore, Committed, Hold
 from runner.launcher import Launcher, ScriptProcess
 from runner.leftovers import Birth, end_leftovers
 from runner.outbox import Outbox
@@ -278,10 +278,12 @@ class Runner:
         if self._claim_or_refuse(run, message, runstates.QUEUED):
             self._enqueue(run)
 
-    def _claim_or_refuse(self, run: Run, message: Message, state: RunState, also: Hold | None = None) -> bool:
+    def _claim_or_refuse(
+        self, run: Run, message: Message, state: RunState, also: Hold | None = None, committed: Committed | None = None
+    ) -> bool:
         """Claim a run and acknowledge its request; tell whether the claim is this runner's."""
         try:
-            self._claim(run.run_id, run.request, state, also)
+            self._claim(run.run_id, run.request, state, also, committed)
         except AlreadyClaimed:
             log.info("run %s already claimed: duplicate delivery ignored", run.run_id)
             self._say_how_it_ended(run.run_id)
@@ -307,11 +309,12 @@ class Runner:
         if ended is not None:
             self.bus.publish(self.topics.build("run_status", run_id), ended.to_payload())
 
-    def _claim(self, run_id: str, request: RunRequest, state: str, also: Hold | None = None) -> None:
+    def _claim(
+        self, run_id: str, request: RunRequest, state: str, also: Hold | None = None, committed: Committed | None = None
+    ) -> None:
         """Claim a run id, trying again a few times while the database is busy or away."""
-        self._with_retries(
-            f"claiming run {run_id}", lambda: self.claims.claim(run_id, request.to_payload().decode(), state, also)
-        )
+        payload = request.to_payload().decode()
+        self._with_retries(f"claiming run {run_id}", lambda: self.claims.claim(run_id, payload, state, also, committed))
 
     def _with_retries(self, what: str, call: Callable[[], T]) -> T:
         """Call a database operation, again a few times while the database is busy or away."""
@@ -512,27 +515,33 @@ class Runner:
         request = run.request
         run.started_at = self.clock()
         status = self._status_message(run, runstates.RUNNING)
-        launch = self._entry_messages(
-            run, ("launch", json.dumps({"script": request.script, "params": list(request.params)}))
-        )
+        launch = self._entry_messages(run, ("launch", Launch(request.script, request.params).to_data()))
 
         def hold_start(connection: Connection) -> None:
             self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), connection)
 
+        def publish_launch() -> None:
+            # Once committed, while the commit is synced: a launch entry stops no requester (a
+            # status does), and a recorder that kept it kept the claim before it in the same WAL.
+            for _, topic, payload in launch:
+                self.bus.publish(topic, payload)
+
         # The claim's transaction holds the run's first messages too: one commit before the start.
         if request_message is not None:
-            if not self._claim_or_refuse(run, request_message, runstates.RUNNING, hold_start):
+            if not self._claim_or_refuse(run, request_message, runstates.RUNNING, hold_start, publish_launch):
                 return False
         elif not self.claims.move(
-            run.run_id, from_states=(runstates.QUEUED,), state=runstates.RUNNING, also=hold_start
+            run.run_id,
+            from_states=(runstates.QUEUED,),
+            state=runstates.RUNNING,
+            also=hold_start,
+            committed=publish_launch,
         ):
             log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
             return False
-        # Queued for the bus first (a tenth of a millisecond): neither waits on the script's
-        # start (a millisecond), nor the script on them.
+        # Queued for the bus (a tenth of a millisecond): it does not wait on the script's start
+        # (a millisecond), nor the script on it.
         self.bus.publish(*status)
-        for _, topic, payload in launch:
-            self.bus.publish(topic, payload)
         with run.lock:  # a cancel or a fence from now on finds the process
             if not (run.cancel_requested or run.fenced):
                 run.process, run.launch_token, run.birth = self.launcher.launch(

@@ -11,7 +11,17 @@ from test_api_components import RecordingBus
 
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import LogEntry, NodeReadings, Presence, Reading, RunRecorded, RunsRecorded, RunStatus, bus_time
+from hacer.messages import (
+    Launch,
+    LogEntry,
+    NodeReadings,
+    Presence,
+    Reading,
+    RunRecorded,
+    RunsRecorded,
+    RunStatus,
+    bus_time,
+)
 from hacer.models import Database, DeadLetter, Node, NodeSample, Run, ScriptLogEntry
 from recorder.service import Recorder
 
@@ -163,6 +173,22 @@ def test_a_bad_log_entry_leaves_a_placeholder_so_the_log_has_no_gap(recorder, da
         assert [(r.seq, r.entry_type.name) for r in rows] == [(1, "output"), (2, "exception"), (3, "output")]
         assert "set aside" in rows[1].data
     assert recorder.test_bus.recorded()[-1] == RunRecorded("g", 3, runstates.RUNNING)
+
+
+def test_a_run_first_heard_of_by_its_launch_entry_has_its_script_and_params_in_every_entry(recorder, database):
+    """The runner sends the launch entry before the `running` status; a request without a run id is not recorded."""
+    launch = LogEntry("l", 1, T1, "launch", Launch("lamp", ("hall", "on")).to_data()).to_payload()
+    deliver_all(recorder, [("hacer/runs/l/log", launch)])
+    running = RunStatus("l", "lamp", ("hall", "on"), runstates.RUNNING, "runner-a").to_payload()
+    deliver_all(recorder, [entry("l", 2), ("hacer/runs/l/status", running)])
+    with database.session() as session:
+        rows = session.scalars(select(ScriptLogEntry).order_by(ScriptLogEntry.seq)).all()
+        assert [(r.seq, r.script_name, r.params) for r in rows] == [(1, "lamp", '["on"]'), (2, "lamp", '["on"]')]
+        assert session.scalar(select(Run.state).where(Run.run_id == "l")) == runstates.RUNNING
+    bad = LogEntry("b", 1, T1, "launch", "not json").to_payload()  # kept as it came, the run as it was
+    deliver_all(recorder, [("hacer/runs/b/log", bad)])
+    with database.session() as session:
+        assert session.scalar(select(ScriptLogEntry.data).where(ScriptLogEntry.script_name == "")) == "not json"
 
 
 def test_topic_and_payload_must_name_the_same_run(recorder, database):

@@ -165,25 +165,51 @@ def test_leftovers_are_looked_for_among_the_processes_created_since_the_launch(m
     assert sorted(found) == sorted(pids if expected == "all" else expected)
 
 
-def test_a_claim_is_committed_to_survive_a_power_cut_and_held_lines_a_crash(tmp_path):
-    """SQLite syncs the claim's commit (synchronous=FULL); the outbox's own commits only survive a crash."""
+def test_a_claim_is_synced_to_survive_a_power_cut_after_its_commit_and_held_lines_only_committed(tmp_path, monkeypatch):
+    """SQLite commits at synchronous=NORMAL; a claim's change then has its WAL synced, and `committed` runs between."""
+    from hacer import models
     from hacer.models import Database
     from runner.claims import ClaimStore
     from runner.outbox import Outbox
 
-    database = Database(f"sqlite:///{tmp_path / 'claims.db'}", pool_size=1, max_overflow=0)
+    path = tmp_path / "claims.db"
+    database = Database(f"sqlite:///{path}", pool_size=1, max_overflow=0)
     database.init()
     claims, outbox = ClaimStore(database.engine, "r"), Outbox(database.engine, "r")
+    other = Database(f"sqlite:///{path}").engine  # another process's view
+    events = []
+
+    def noting(kind, sync):
+        def noted(fd):
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            sync(fd)
+
+        return noted
+
+    monkeypatch.setattr(models.os, "fdatasync", noting("fdatasync", os.fdatasync))
+    monkeypatch.setattr(models.os, "fsync", noting("fsync", os.fsync))
+
+    def committed(run_id):
+        with other.connect() as connection:
+            seen = connection.exec_driver_sql("SELECT state FROM run_claim WHERE run_id = ?", (run_id,)).scalar()
+        events.append(("committed", seen))
+
     levels = []
 
     def level(connection):
         levels.append(connection.exec_driver_sql("PRAGMA synchronous").scalar())
 
-    claims.claim("run", "{}", also=level)  # inside the claim's transaction
+    claims.claim("run", "{}", also=level, committed=lambda: committed("run"))
+    assert events == [("committed", "queued"), ("fdatasync", f"{path}-wal"), ("fsync", str(tmp_path))]
+    events.clear()
+    assert claims.move("run", state="running", committed=lambda: committed("run"))
+    assert events == [("committed", "running"), ("fdatasync", f"{path}-wal")]  # the WAL's name is on disk already
+    events.clear()
+    assert not claims.move("run", from_states=("queued",), state="running", committed=lambda: committed("run"))
     outbox.hold("run", [(1, "t", b"line")])
-    with database.engine.connect() as connection:  # the one pooled connection, as the hold left it
+    with database.engine.connect() as connection:
         level(connection)
-    assert levels == [2, 1]  # FULL, then NORMAL
+    assert events == [] and levels == [1, 1]  # NORMAL throughout: nothing toggles it per transaction
 
 
 # --- reading a run's pipe: to its end, or until its deadline -----------------------------------
