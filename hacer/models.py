@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Executable,
     Float,
     ForeignKey,
     Integer,
@@ -28,7 +30,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from hacer import migrations
@@ -370,6 +373,43 @@ def _create_private_file(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         pass
+
+
+class DriverStatement:
+    """A Core statement compiled once for a dialect, run straight on the driver's cursor in a connection's transaction.
+
+    For the runner's hot path: SQLAlchemy's execution of a run's start (three small statements)
+    cost 0.3 ms more than SQLite's, cold. Errors are raised as SQLAlchemy's, as execute() would.
+    """
+
+    def __init__(self, statement: Executable, dialect: Dialect, columns: Sequence[str] = ()) -> None:
+        self._compiled = statement.compile(dialect=dialect, column_keys=list(columns) or None)
+        self._dialect = dialect
+        self.sql = str(self._compiled)
+        self._positions = self._compiled.positiontup if self._compiled.positional else None
+        self._processors = {
+            name: processor
+            for name, bind in self._compiled.binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute once a row of values (by column or bind name); return the rows it changed."""
+        params = [self._driver_params(row) for row in rows]
+        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(self.sql, params)
+            return int(cursor.rowcount)
+        except self._dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(self.sql, params, exc, self._dialect.loaded_dbapi.Error) from exc
+        finally:
+            cursor.close()
+
+    def _driver_params(self, row: Mapping[str, Any]) -> Any:
+        values = self._compiled.construct_params(row)
+        for name, processor in self._processors.items():
+            values[name] = processor(values[name])
+        return values if self._positions is None else tuple(values[name] for name in self._positions)
 
 
 class CommitSync:

@@ -7,6 +7,8 @@ never joined into a path from user text, so no name can reach outside the folder
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +39,27 @@ class ScriptDir:
 
     def list(self) -> list[Script]:
         """Return the scripts, sorted by name."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(
-            (
-                Script(path.stem, path)
-                for path in self.folder.iterdir()
-                if path.suffix == ".py" and path.is_file() and not path.name.startswith(("_", "."))
-            ),
-            key=lambda script: script.name,
-        )
+        return sorted(self._scripts(), key=lambda script: script.name)
 
     def find(self, name: str) -> Script | None:
         """Return the script called `name` (with or without `.py`), or None."""
-        wanted = name[:-3] if name.endswith(".py") else name
-        return next((s for s in self.list() if s.name == wanted), None)
+        file_name = name if name.endswith(".py") else f"{name}.py"
+        return next(self._scripts(file_name), None)
+
+    def _scripts(self, only: str | None = None) -> Iterator[Script]:
+        """The folder's scripts; with `only`, those of that file name (the others' file types are not read)."""
+        try:
+            with os.scandir(self.folder) as entries:
+                for entry in entries:
+                    if (only is None or entry.name == only) and _is_script(entry):
+                        yield Script(entry.name[:-3], Path(entry.path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
 
     def find_id(self, script_id_: int) -> Script | None:
         """Return the script with this 2015 id, or None."""
         return next((s for s in self.list() if s.id == script_id_), None)
+
+
+def _is_script(entry: os.DirEntry[str]) -> bool:
+    return entry.name.endswith(".py") and not entry.name.startswith(("_", ".")) and entry.is_file()

@@ -22,12 +22,12 @@ from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
 from hacer.messages import RunStatus
-from hacer.models import CommitSync, Run, RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
+from hacer.models import CommitSync, DriverStatement, Run, RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
 Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
 Committed = Callable[[], None]  # what may go on once a claim's change is committed, while it is synced
-CLAIM = insert(RunClaim)  # built once: building it cost more than executing it
+CLAIM_COLUMNS = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
 
 
 class AlreadyClaimed(Exception):
@@ -61,6 +61,7 @@ class ClaimStore:
         self.monotonic = monotonic
         self._observed: dict[str, tuple[int, float]] = {}  # runner -> (beat, when it last moved)
         self._sync = CommitSync(engine)  # who owns a run must outlive a power cut
+        self._insert = DriverStatement(insert(RunClaim), engine.dialect, CLAIM_COLUMNS)
 
     def claim(
         self,
@@ -78,16 +79,18 @@ class ClaimStore:
         now = utc_datetime(self.clock())
         try:
             with self.engine.begin() as connection:
-                connection.execute(
-                    CLAIM,
-                    {
-                        "run_id": run_id,
-                        "runner_id": self.runner_id,
-                        "state": state,
-                        "request": request,
-                        "claimed_at": now,
-                        "updated_at": now,
-                    },
+                self._insert.execute(
+                    connection,
+                    [
+                        {
+                            "run_id": run_id,
+                            "runner_id": self.runner_id,
+                            "state": state,
+                            "request": request,
+                            "claimed_at": now,
+                            "updated_at": now,
+                        }
+                    ],
                 )
                 if also is not None:
                     also(connection)
