@@ -17,7 +17,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Executable,
     Float,
     ForeignKey,
     Integer,
@@ -33,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql.expression import UpdateBase
 
 from hacer import migrations
 from hacer.messages import LOG_ENTRY_TYPES, NodeMeta
@@ -382,7 +382,7 @@ class DriverStatement:
     cost 0.3 ms more than SQLite's, cold. Errors are raised as SQLAlchemy's, as execute() would.
     """
 
-    def __init__(self, statement: Executable, dialect: Dialect, columns: Sequence[str] = ()) -> None:
+    def __init__(self, statement: UpdateBase, dialect: Dialect, columns: Sequence[str] = ()) -> None:
         self._compiled = statement.compile(dialect=dialect, column_keys=list(columns) or None)
         self._dialect = dialect
         self.sql = str(self._compiled)

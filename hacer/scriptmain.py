@@ -19,7 +19,10 @@ from hacer.parentdeath import die_with_parent_from_env
 
 TYPE_CHECKING = False  # typing's import alone would cost a cold script 20 ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
+
+    Ready = Callable[[], None]
 
 RUN_ID_ENV = "HACER_RUN_ID"
 # A token per script process, in the environment it starts with: /proc/<pid>/environ of its
@@ -68,14 +71,21 @@ def become(run_id: str, script: str, params: list[str]) -> None:
     sys.path[0] = os.path.dirname(script)
 
 
-def run_script(path: str, namespace: dict[str, object] | None = None) -> None:
-    """Run the script at `path` as __main__ (in `namespace`); raise SystemExit with the run's outcome."""
+def run_script(path: str, namespace: dict[str, object] | None = None, ready: Ready | None = None) -> None:
+    """Run the script at `path` as __main__ (in `namespace`); raise SystemExit with the run's outcome.
+
+    `ready` is called once the script is compiled (or failed to), before any of its code runs.
+    """
     if namespace is None:
         namespace = {}
     namespace.update({"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
     try:
-        with open(path, "rb") as source:  # a SyntaxError is the script's failure too
-            code = compile(source.read(), path, "exec")
+        try:
+            with open(path, "rb") as source:  # a SyntaxError is the script's failure too
+                code = compile(source.read(), path, "exec")
+        finally:
+            if ready is not None:
+                ready()
         exec(code, namespace)
     except SystemExit:
         raise
@@ -92,8 +102,8 @@ def run_script(path: str, namespace: dict[str, object] | None = None) -> None:
         sys.exit(1)
 
 
-def run_to_the_end(path: str) -> NoReturn:
-    """Run the script at `path` and end the process as the interpreter's exit would.
+def run_to_the_end(path: str, ready: Ready | None = None) -> NoReturn:
+    """Run the script at `path` (`ready` as for run_script) and end the process as the interpreter's exit would.
 
     Only the interpreter's teardown of its modules is left out: in a forked run it writes to
     every object shared with the fork server, copying all its pages (25 MB, several ms of CPU
@@ -104,7 +114,7 @@ def run_to_the_end(path: str) -> NoReturn:
     """
     namespace: dict[str, object] = {}
     try:
-        run_script(path, namespace)
+        run_script(path, namespace, ready)
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc)

@@ -12,7 +12,10 @@ imported pages copy-on-write.
 
 On the SOCK_SEQPACKET socket at <fd>, one message each:
     server -> runner   b"spare <pid>" with the spare's socket (SCM_RIGHTS): the runner sends the
-                       run's hand-off (hacer/scriptmain.py) and output pipe on it;
+                       run's hand-off (hacer/scriptmain.py) and output pipe on it while the
+                       run's claim is being synced to disk, then b"go" once it is; the spare
+                       becomes the run and compiles the script meanwhile, and without the go
+                       (the socket closed) exits having run none of it;
                        b"exited <pid> <returncode>" for every child that ended (a run's, or an
                        unused spare's), returncode as subprocess's
     runner -> server   b"used <pid>": the spare has a run, fork the next (after a quiet moment);
@@ -128,7 +131,6 @@ def _spare(channel: socket.socket, runner: socket.socket, server: int, placehold
         body, fds, _, _ = socket.recv_fds(channel, scriptmain.HANDOFF_LIMIT, 1)
         if not body or len(fds) != 1:
             os._exit(0)  # the runner let this spare go
-        channel.close()
         run_id, token, script, params = scriptmain.decode_handoff(body)
         os.dup2(fds[0], 1)
         os.dup2(fds[0], 2)
@@ -138,8 +140,18 @@ def _spare(channel: socket.socket, runner: socket.socket, server: int, placehold
     except BaseException as exc:  # noqa: BLE001 - nothing of the server's loop may run in a child
         os.write(2, f"hacer: the run could not start: {type(exc).__name__}: {exc}\n".encode())
         os._exit(1)
+
+    def wait_for_go() -> None:
+        try:
+            word = channel.recv(8)
+        except OSError:
+            word = b""
+        channel.close()  # none of the script's business
+        if word != b"go":
+            os._exit(0)  # the run's claim did not reach the disk: nothing of it runs
+
     try:
-        scriptmain.run_to_the_end(script)  # ends the process itself
+        scriptmain.run_to_the_end(script, wait_for_go)  # ends the process itself
     except BaseException as exc:  # noqa: BLE001 - never back into the server's loop
         os.write(2, f"hacer: the run failed to end: {type(exc).__name__}: {exc}\n".encode())
     os._exit(1)

@@ -64,11 +64,32 @@ class Launched(NamedTuple):
 class ForkedProcess:
     """A run forked by the fork server: its exit status comes from the server."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, channel: socket.socket | None = None) -> None:
         self.pid = pid
         self.stdout: IO[bytes] | None = None
         self.returncode: int | None = None
         self._exited = threading.Event()
+        self._channel = channel  # to the spare, until it is told go or let go
+
+    def go(self) -> None:
+        """Let the script run; a spare killed meanwhile (a cancel) is not told, its exit says so."""
+        self._release(b"go")
+
+    def let_go(self) -> None:
+        """Tell the spare the run is not to run: it exits having run none of it."""
+        self._release(b"")
+
+    def _release(self, word: bytes) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        try:
+            if word:
+                channel.send(word)
+        except OSError:
+            pass
+        finally:
+            channel.close()
 
     def poll(self) -> int | None:
         """The exit code, or None while it runs."""
@@ -142,13 +163,39 @@ class Launcher:
             server.kill()
             server.wait()
 
-    def launch(self, run_id: str, script: Path, params: tuple[str, ...]) -> Launched:
-        """Start a run's script."""
+    def prepare(self, run_id: str, script: Path, params: tuple[str, ...]) -> Launched | None:
+        """Hand a run to the fork server's spare, which gets the script ready and waits for go().
+
+        None when there is no spare to be had (then launch() starts it cold).
+        """
         token, moment = uuid.uuid4().hex, birth()
         forked = self._fork(run_id, token, script, params) if self.use_fork_server else None
-        if forked is not None:
-            self.forked += 1
-            return Launched(forked, token, moment)
+        if forked is None:
+            return None
+        self.forked += 1
+        return Launched(forked, token, moment)
+
+    @staticmethod
+    def go(process: ScriptProcess) -> None:
+        """Let a prepared run's script run."""
+        if isinstance(process, ForkedProcess):
+            process.go()
+
+    @staticmethod
+    def let_go(process: ScriptProcess) -> None:
+        """End a prepared run before any of its script runs, and close its output."""
+        if isinstance(process, ForkedProcess):
+            process.let_go()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def launch(self, run_id: str, script: Path, params: tuple[str, ...]) -> Launched:
+        """Start a run's script now."""
+        prepared = self.prepare(run_id, script, params)
+        if prepared is not None:
+            self.go(prepared.process)
+            return prepared
+        token, moment = uuid.uuid4().hex, birth()
         self.cold += 1
         process = subprocess.Popen(
             [self.python, str(SCRIPT_MAIN), str(script), *params],
@@ -174,7 +221,7 @@ class Launcher:
             spare = self._take_spare()
             if spare is None:
                 return None
-            process = self._forked[spare.pid] = ForkedProcess(spare.pid)  # before its exit can be told
+            process = self._forked[spare.pid] = ForkedProcess(spare.pid, spare.channel)  # before its exit can be told
         read_end, write_end = os.pipe()
         try:
             socket.send_fds(spare.channel, [handoff], [write_end])
@@ -182,11 +229,11 @@ class Launcher:
             log.warning("handing run %s to the spare %d failed (%s): it starts cold", run_id, spare.pid, exc)
             with self._lock:
                 self._forked.pop(spare.pid, None)
+            process.let_go()
             os.close(read_end)
             return None
         finally:
             os.close(write_end)
-            spare.channel.close()
         process.stdout = os.fdopen(read_end, "rb", buffering=0)
         self._tell_server(b"used %d" % spare.pid)
         return process

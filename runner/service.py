@@ -520,33 +520,50 @@ class Runner:
         def hold_start(connection: Connection) -> None:
             self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), connection)
 
-        def publish_launch() -> None:
+        def publish_launch_and_prepare() -> None:
             # Once committed, while the commit is synced: a launch entry stops no requester (a
             # status does), and a recorder that kept it kept the claim before it in the same WAL.
+            # The spare gets the script ready meanwhile; none of it runs before the sync is done.
             for _, topic, payload in launch:
                 self.bus.publish(topic, payload)
+            with run.lock:  # a cancel or a fence from now on finds the process
+                prepared = None if run.cancel_requested or run.fenced else self.launcher.prepare(*start)
+                if prepared is not None:
+                    run.process, run.launch_token, run.birth = prepared
 
-        # The claim's transaction holds the run's first messages too: one commit before the start.
-        if request_message is not None:
-            if not self._claim_or_refuse(run, request_message, runstates.RUNNING, hold_start, publish_launch):
-                return False
-        elif not self.claims.move(
-            run.run_id,
-            from_states=(runstates.QUEUED,),
-            state=runstates.RUNNING,
-            also=hold_start,
-            committed=publish_launch,
-        ):
-            log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
-            return False
-        # Queued for the bus (a tenth of a millisecond): it does not wait on the script's start
-        # (a millisecond), nor the script on it.
-        self.bus.publish(*status)
-        with run.lock:  # a cancel or a fence from now on finds the process
-            if not (run.cancel_requested or run.fenced):
-                run.process, run.launch_token, run.birth = self.launcher.launch(
-                    run.run_id, run.script_path, request.params
+        start = (run.run_id, run.script_path, request.params)
+        try:
+            # The claim's transaction holds the run's first messages too: one commit before the start.
+            if request_message is not None:
+                claimed = self._claim_or_refuse(
+                    run, request_message, runstates.RUNNING, hold_start, publish_launch_and_prepare
                 )
+            else:
+                claimed = self.claims.move(
+                    run.run_id,
+                    from_states=(runstates.QUEUED,),
+                    state=runstates.RUNNING,
+                    also=hold_start,
+                    committed=publish_launch_and_prepare,
+                )
+        except BaseException:
+            with run.lock:
+                prepared, run.process = run.process, None
+            if prepared is not None:  # the claim may not be on disk: none of the run may run
+                self.launcher.let_go(prepared)
+            raise
+        if not claimed:
+            if request_message is None:
+                log.warning("run %s is no longer this runner's to start: dropped", run.run_id)
+            return False
+        with run.lock:
+            if run.process is not None:
+                self.launcher.go(run.process)
+            elif not (run.cancel_requested or run.fenced):  # no spare to be had: a cold start
+                run.process, run.launch_token, run.birth = self.launcher.launch(*start)
+        # Queued for the bus (a tenth of a millisecond): it does not wait on the script, nor the
+        # script on it.
+        self.bus.publish(*status)
         return True
 
     def _follow(self, run: Run) -> None:

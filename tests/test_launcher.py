@@ -208,3 +208,26 @@ def test_a_spare_killed_while_it_waits_is_replaced_and_runs_stay_forked(launcher
         before = forked.forked
         assert run(forked, quick)[:2] == ("quick\n", 0)
         assert forked.forked == before + 1
+
+
+def _waiting_for_go(pid: int) -> bool:
+    """Tell whether a spare is in recv(), waiting for its go (recvfrom; recv_fds, before, is recvmsg)."""
+    recvfrom = {"x86_64": 45, "aarch64": 207}[os.uname().machine]
+    with open(f"/proc/{pid}/syscall") as current:
+        return current.read().split()[0] == str(recvfrom)
+
+
+def test_a_prepared_run_runs_none_of_its_script_before_go_and_none_at_all_when_let_go(launcher, tmp_path):
+    script = tmp_path / "mark.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'w').write('ran')\nprint('ran', flush=True)\n")
+    forked = launcher()
+    marks = {"go": tmp_path / "went", "let go": tmp_path / "let-go"}
+    outcome = {}
+    for word, mark in marks.items():
+        process, _, _ = forked.prepare(f"run-{word}", script, (str(mark),))
+        wait_until(lambda p=process: _waiting_for_go(p.pid), 10, "the spare waiting for its go")
+        assert not mark.exists()
+        (process.go if word == "go" else process.let_go)()
+        outcome[word] = (process.stdout.read(), process.wait(10), mark.exists())
+        process.stdout.close()
+    assert outcome == {"go": (b"ran\n", 0, True), "let go": (b"", 0, False)}

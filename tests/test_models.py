@@ -70,3 +70,27 @@ def test_shell_runs_the_2015_setup(hacer_env):
     )
     assert done.returncode == 0, done.stderr
     assert str(sorted(NODE_TYPES)) in done.stdout
+
+
+def test_a_driver_statement_writes_what_execute_would_and_raises_sqlalchemys_errors(database):
+    """Straight on the driver's cursor, on each database: values as SQLAlchemy binds them, its errors."""
+    import pytest
+    from sqlalchemy import bindparam, delete, insert
+    from sqlalchemy.exc import IntegrityError
+
+    from hacer.models import DriverStatement, RunClaim, utc_datetime
+
+    columns = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
+    claim = DriverStatement(insert(RunClaim), database.engine.dialect, columns)
+    let_go = DriverStatement(
+        delete(RunClaim).where(RunClaim.run_id == bindparam("run"), RunClaim.state == "queued"), database.engine.dialect
+    )
+    moment = utc_datetime(1_800_000_000.25)
+    row = dict(zip(columns, ("a", "r", "queued", "{}", moment, moment), strict=True))
+    with database.engine.begin() as connection:
+        assert claim.execute(connection, [row, {**row, "run_id": "b", "state": "running"}]) == 2
+        assert let_go.execute(connection, [{"run": "a"}, {"run": "b"}]) == 1  # a literal of the statement kept
+    with database.session() as session:
+        assert [(c.run_id, c.claimed_at) for c in session.scalars(select(RunClaim))] == [("b", moment)]
+    with pytest.raises(IntegrityError), database.engine.begin() as connection:
+        claim.execute(connection, [{**row, "run_id": "b"}])

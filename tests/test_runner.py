@@ -17,7 +17,7 @@ import pytest
 from emulator.nodes import Emulator, make_nodes
 from hacer import runstates
 from hacer.messages import LogEntry, Presence, RunnerState, RunRequest, RunStatus
-from hacer.settings import PROJECT_DIR
+from hacer.settings import PROJECT_DIR, Settings
 
 from conftest import wait_until
 
@@ -43,6 +43,7 @@ TEST_SCRIPTS = {
     "noeol": "import sys\nsys.stdout.write('x' * int(sys.argv[1]))\n",
     "echo": "import sys\nprint(repr(sys.argv[1:]))\n",
     "exit3": "import sys\nprint('bye')\nsys.exit(3)\n",
+    "mark": "import sys\nopen(sys.argv[1], 'w').write('ran')\nprint('ran')\n",
 }
 
 
@@ -775,3 +776,36 @@ def test_runs_are_forked_by_the_fork_server_or_started_by_the_runner_when_it_is_
         assert server != runner_pid and f"PPid:\t{runner_pid}\n" in open(f"/proc/{server}/status").read()
     else:
         assert parents == {runner_pid}
+
+
+def test_a_claim_that_does_not_reach_the_disk_runs_none_of_its_script(
+    runner_env, requester, runs, watch, tmp_path, monkeypatch
+):
+    """The spare gets a run ready while its claim is synced; if the sync fails, the run fails, its script unrun."""
+    from hacer.models import CommitSync
+    from runner.main import build_runner
+
+    sync, failures = CommitSync.__call__, []
+
+    def sync_or_fail(self):
+        if failures:
+            raise failures.pop()
+        sync(self)
+
+    monkeypatch.setattr(CommitSync, "__call__", sync_or_fail)
+    runner = build_runner(Settings.from_env(runner_env))
+    states = watch(f"hacer/runners/{runner.config.runner_id}/state")
+    runner.start()
+    try:
+        states.wait_for(lambda m: RunnerState.from_payload(m.payload).state == "online", timeout=20)
+        mark = tmp_path / "ran"
+        failures.append(OSError(5, "Input/output error"))
+        failed = runs.wait_finished(requester("mark", [str(mark)]))
+        assert failed.state == runstates.FAILED and "OSError" in failed.error
+        assert runner.launcher.forked == 1  # it was handed to the spare, which was let go:
+        wait_until(lambda: not runner.launcher._forked, 10, "the spare's exit")
+        assert not mark.exists()
+        assert runs.wait_finished(requester("mark", [str(mark)])).state == runstates.SUCCEEDED
+        assert mark.read_text() == "ran" and runner.launcher.forked == 2
+    finally:
+        runner.stop()

@@ -48,11 +48,13 @@ def test_scripts_are_found_only_in_the_listing(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.py").write_text("")
+    (tmp_path / "folder.py").mkdir()
     scripts = ScriptDir(tmp_path)
     assert [s.name for s in scripts.list()] == ["lamp"]
     assert scripts.find("lamp").path == tmp_path / "lamp.py" and scripts.find("lamp.py")
-    for name in ("../lamp", "sub/x", "_helper", str(tmp_path / "lamp"), "notes"):
+    for name in ("../lamp", "sub/x", "_helper", str(tmp_path / "lamp"), "notes", "folder"):
         assert scripts.find(name) is None
+    assert ScriptDir(tmp_path / "gone").list() == [] and ScriptDir(tmp_path / "gone").find("lamp") is None
     assert scripts.find_id(script_id("lamp")).name == "lamp"
     assert script_id("lamp") == int(__import__("hashlib").md5(b"lamp").hexdigest()[:8], 16)
 
