@@ -514,7 +514,7 @@ class Recorder:
         session.refresh(run)
 
     def _entry(self, session: Session, runs: dict[str, Run], entry: LogEntry) -> dict[str, Any]:
-        if entry.run_id not in self._entry_context or entry.entry_type == "launch":
+        if entry.run_id not in self._entry_context:
             run = self._run(session, runs, entry.run_id)
             if entry.entry_type == "launch" and not run.script:
                 # The runner sends a run's launch entry before its first status: a run named by

@@ -520,6 +520,8 @@ class Runner:
         def hold_start(connection: Connection) -> None:
             self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), connection)
 
+        start = (run.run_id, run.script_path, request.params)
+
         def publish_launch_and_prepare() -> None:
             # Once committed, while the commit is synced: a launch entry stops no requester (a
             # status does), and a recorder that kept it kept the claim before it in the same WAL.
@@ -531,7 +533,6 @@ class Runner:
                 if prepared is not None:
                     run.process, run.launch_token, run.birth = prepared
 
-        start = (run.run_id, run.script_path, request.params)
         try:
             # The claim's transaction holds the run's first messages too: one commit before the start.
             if request_message is not None:
