@@ -5,6 +5,7 @@ from __future__ import annotations
 import compileall
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 # A runner's queued requests wait in its broker session while it is away (a restart, an
 # upgrade): keep the session a week.
 SESSION_EXPIRY = 7 * 24 * 3600
+# Seconds a thread may keep the GIL while another waits for it (Python's default: 5 ms). A run's
+# start and first line pass between the runner's threads (the bus's, the dispatcher, a worker);
+# at 0.5 ms the first line's p99 came 1.4 ms sooner, and its p50 0.4 ms, in six alternating runs.
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 def precompile_script_library() -> None:
@@ -82,7 +87,8 @@ def without_credentials(url: str) -> str:
 
 
 def build_runner(settings: Settings) -> Runner:
-    """Build a runner (not started) from settings."""
+    """Build a runner (not started) from settings; the process's GIL switch interval is set for it."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     precompile_script_library()
     topics = Topics(settings.topic_prefix)
     # One SQLite connection for the runner's threads: they then wait their turn in the pool, where
