@@ -793,6 +793,7 @@ def test_a_claim_that_does_not_reach_the_disk_runs_none_of_its_script(
         sync(self)
 
     monkeypatch.setattr(CommitSync, "__call__", sync_or_fail)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)  # the runner's, not pytest's
     runner = build_runner(Settings.from_env(runner_env))
     states = watch(f"hacer/runners/{runner.config.runner_id}/state")
     runner.start()
