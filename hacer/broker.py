@@ -114,7 +114,11 @@ class BrokerProcess:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start mosquitto and wait until its MQTT port accepts connections."""
+        """Start mosquitto and wait until every listener accepts connections.
+
+        mosquitto opens its listeners in order and exits when one cannot be had (a port taken since
+        it was chosen): answering on the first port alone does not mean it stays up.
+        """
         if port_answers(self.host, self.port, timeout=0.2):  # else that process would be taken for this one
             raise BrokerError(f"port {self.port} is in use by another process")
         data_dir = self.work_dir / "data"
@@ -137,7 +141,7 @@ class BrokerProcess:
         )
         log_file.close()
         deadline = time.monotonic() + timeout
-        while not port_answers(self.host, self.port, timeout=0.2):
+        while not all(port_answers(self.host, port, timeout=0.2) for port in self.ports):
             if self.process.poll() is not None:
                 raise BrokerError(
                     f"mosquitto exited with {self.process.returncode}: "
@@ -145,7 +149,7 @@ class BrokerProcess:
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise BrokerError(f"mosquitto did not listen on {self.port} within {timeout} s")
+                raise BrokerError(f"mosquitto did not listen on {self.ports} within {timeout} s")
             time.sleep(0.02)  # polling a port that has no event to wait on
 
     def stop(self, kill: bool = False) -> None:

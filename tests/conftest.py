@@ -86,11 +86,23 @@ class Watcher:
             return [m for m in self.messages if m.topic == topic]
 
 
+def start_broker(work: Path, template: Path = CONFIG_DIR / "dev.conf", listeners: int = 2) -> BrokerProcess:
+    """A mosquitto on free ports; others are tried if one is taken before it binds them (TIME_WAIT, another test)."""
+    for attempt in range(3):
+        process = BrokerProcess(work, [free_port() for _ in range(listeners)], template=template)
+        try:
+            process.start()
+            return process
+        except BrokerError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
     """A mosquitto from mosquitto/dev.conf on free ports, its files in the test's folder."""
-    process = BrokerProcess(tmp_path / "broker", [free_port(), free_port()])
-    process.start()
+    process = start_broker(tmp_path / "broker")
     yield process
     process.stop()
 
@@ -368,8 +380,7 @@ def connect(production_broker):
 def live_api(tmp_path_factory):
     """A broker and an api process (no token, the default), with a watcher on run requests."""
     work = tmp_path_factory.mktemp("hostile-api")
-    broker = BrokerProcess(work / "broker", [free_port(), free_port()])
-    broker.start()
+    broker = start_broker(work / "broker")
     port = free_port()
     env = {
         "HACER_MQTT_URL": broker.url,

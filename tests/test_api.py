@@ -20,13 +20,13 @@ import requests
 
 from emulator.nodes import Emulator, make_nodes
 from hacer import migrations, runstates
-from hacer.broker import BrokerProcess, port_answers
+from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 
-from conftest import Watcher, free_port, wait_until
+from conftest import Watcher, free_port, start_broker, wait_until
 
 
 class System:
@@ -34,7 +34,6 @@ class System:
 
     def __init__(self, work: Path, database_url: str | None) -> None:
         self.work = work
-        self.broker = BrokerProcess(work / "broker", [free_port(), free_port()])
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
         self.env.update(
             {
@@ -67,7 +66,7 @@ class System:
         (self.work / "scripts" / "block.py").write_text(
             "import sys\nprint('waiting', flush=True)\nopen(sys.argv[1]).read()\n"
         )
-        self.broker.start()
+        self.broker = start_broker(self.work / "broker")
         self.env["HACER_MQTT_URL"] = self.broker.url
         for part in ("bridge", "runner", "recorder", "scheduler", "api"):
             self.start_part(part)

@@ -14,14 +14,14 @@ import pytest
 from sqlalchemy import func, select
 
 from hacer import runstates
-from hacer.broker import CONFIG_DIR, BrokerProcess
+from hacer.broker import CONFIG_DIR
 from hacer.bus import Bus
 from hacer.messages import RunRequest
 from hacer.models import Database, Run, ScriptLogEntry
 from hacer.runrequest import request_until_claimed
 from hacer.topics import Topics
 
-from conftest import free_port, wait_until
+from conftest import start_broker, wait_until
 
 RUNS = 1000
 SCRIPT = (  # notes each start in a file (a run started twice shows there) and prints one line
@@ -35,16 +35,14 @@ SCRIPT = (  # notes each start in a file (a run started twice shows there) and p
 @pytest.fixture
 def bridged_brokers(tmp_path):
     """Broker `a`, and broker `b` bridging every hacer topic both ways to `a` over MQTT 5."""
-    first = BrokerProcess(tmp_path / "a", [free_port(), free_port()])
-    first.start()
+    first = start_broker(tmp_path / "a")
     template = tmp_path / "bridged.conf"
     template.write_text(
         (CONFIG_DIR / "dev.conf").read_text()
         + f"\nconnection to-a\naddress 127.0.0.1:{first.port}\nbridge_protocol_version mqttv50\n"
         "topic hacer/# both 1\ncleansession false\nnotifications false\ntry_private true\n"
     )
-    second = BrokerProcess(tmp_path / "b", [free_port(), free_port()], template=template)
-    second.start()
+    second = start_broker(tmp_path / "b", template)
     probe_a, probe_b = (Bus(broker.url, Topics(), f"probe-{uuid.uuid4().hex[:6]}") for broker in (first, second))
     seen = threading.Event()
     probe_a.subscribe("hacer/probe", lambda message: seen.set())
