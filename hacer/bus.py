@@ -135,6 +135,60 @@ class _Client(paho.Client):
     """
 
     quickack = False
+    direct_writes = False  # a plain TCP socket: other threads may write to it (see _packet_queue)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._write_lock = threading.RLock()
+
+    def _packet_queue(
+        self, command: int, packet: bytes, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
+    ) -> paho.MQTTErrorCode:
+        """Queue a packet, and send it from the calling thread when no other thread is sending.
+
+        paho leaves every packet of another thread to its network thread, woken through a socket
+        pair: on two busy cores that thread then waited for the GIL while the caller went on (a
+        run's launch entry behind the claim's sync). Only plain TCP: an SSL object must not be
+        read and written by two threads at once, nor a websocket frame.
+        """
+        if not self.direct_writes or threading.current_thread() is self._thread or command & 0xF0 == paho.DISCONNECT:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # As paho 2.1's _packet_queue (requirements.txt pins it), without the wake-up.
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(packet),
+                "packet": packet,
+                "info": info,
+            }
+        )
+        if self._write_lock.acquire(blocking=False):
+            try:
+                self._packet_write()  # what cannot be sent now (a full socket, a lost connection) stays queued
+            finally:
+                self._write_lock.release()
+        if self._out_packet and self._sockpairW is not None:  # left for the network thread
+            try:
+                self._sockpairW.send(b"0")
+            except BlockingIOError:
+                pass
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    # The network thread sends, closes and reconnects the socket under the same lock.
+    def _packet_write(self) -> paho.MQTTErrorCode:
+        with self._write_lock:
+            return super()._packet_write()
+
+    def _sock_close(self) -> None:
+        with self._write_lock:
+            super()._sock_close()
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        with self._write_lock:
+            return super().reconnect()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
@@ -461,6 +515,7 @@ class Bus:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(client, _Client):
                 client.quickack = True
+                client.direct_writes = type(sock) is socket.socket
 
     def _on_connect(
         self,
