@@ -138,7 +138,7 @@ class Runner:
         self.config = config
         self.outbox = outbox
         self.clock = clock
-        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[Run] = deque()
         self._started: deque[Run] = deque()  # started by the dispatcher, for a worker to follow
         self._running: dict[str, Run] = {}

@@ -231,3 +231,16 @@ def test_a_prepared_run_runs_none_of_its_script_before_go_and_none_at_all_when_l
         outcome[word] = (process.stdout.read(), process.wait(10), mark.exists())
         process.stdout.close()
     assert outcome == {"go": (b"ran\n", 0, True), "let go": (b"", 0, False)}
+
+
+def test_a_run_too_large_to_hand_off_starts_cold_and_the_spare_waits_for_the_next(launcher, tmp_path):
+    script = tmp_path / "count.py"
+    script.write_text("import sys\nprint(sum(len(param) for param in sys.argv[1:]))\n")
+    forked = launcher()
+    spare = forked._spare
+    large = ("x" * 100_000, "y" * 100_000)  # over the hand-off's limit together, each under Linux's for one argument
+    assert run(forked, script, *large)[:2] == ("200000\n", 0) and (forked.cold, forked.forked) == (1, 0)
+    process, _, _ = forked.launch("run-2", script, ("z",))
+    assert spare is not None and process.pid == spare.pid
+    assert process.stdout is not None and process.stdout.read() == b"1\n" and process.wait(10) == 0
+    process.stdout.close()
