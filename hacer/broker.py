@@ -124,24 +124,24 @@ class BrokerProcess:
         data_dir = self.work_dir / "data"
         private_dir(data_dir)
         config = self.work_dir / "mosquitto.conf"
-        config.write_text(
-            render_config(
-                self.template,
-                self.ports,
-                data_dir,
-                self.password_file,
-                self.acl_file,
-                user=pwd.getpwuid(os.geteuid()).pw_name,
-                tls_files=self.tls_files,
-            )
+        rendered = render_config(
+            self.template,
+            self.ports,
+            data_dir,
+            self.password_file,
+            self.acl_file,
+            user=pwd.getpwuid(os.geteuid()).pw_name,
+            tls_files=self.tls_files,
         )
+        config.write_text(rendered)
+        listening = [int(line.split()[1]) for line in rendered.splitlines() if line.startswith("listener ")]
         log_file = open(self.work_dir / "mosquitto.log", "ab")
         self.process = subprocess.Popen(
             [mosquitto_binary(), "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
         log_file.close()
         deadline = time.monotonic() + timeout
-        while not all(port_answers(self.host, port, timeout=0.2) for port in self.ports):
+        while not all(port_answers(self.host, port, timeout=0.2) for port in listening):
             if self.process.poll() is not None:
                 raise BrokerError(
                     f"mosquitto exited with {self.process.returncode}: "
@@ -149,7 +149,7 @@ class BrokerProcess:
                 )
             if time.monotonic() > deadline:
                 self.stop()
-                raise BrokerError(f"mosquitto did not listen on {self.ports} within {timeout} s")
+                raise BrokerError(f"mosquitto did not listen on {listening} within {timeout} s")
             time.sleep(0.02)  # polling a port that has no event to wait on
 
     def stop(self, kill: bool = False) -> None:
