@@ -125,7 +125,7 @@ TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Client(paho.Client):
-    """paho's client, acknowledging at TCP level at once what it reads.
+    """paho's client, acknowledging at TCP level at once what it reads, and sending from the calling thread.
 
     A broker with Nagle on (mosquitto's default; the project's config sets `set_tcp_nodelay`)
     holds a small packet back until the one before it is acknowledged, and the client's kernel
