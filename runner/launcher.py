@@ -322,13 +322,14 @@ class Launcher:
                     pid = int(fields[0])
                     spare_channel = socket.socket(fileno=fds.pop())
                     spare_channel.set_inheritable(False)
+                    spare = _Spare(pid, spare_channel, uuid.uuid4().hex, birth())  # not under the lock a start takes
                     with self._lock:
                         if channel is not self._channel:  # a server given up on: its spare dies with it
                             spare_channel.close()
                             continue
                         if self._spare is not None:
                             self._spare.channel.close()
-                        self._spare = _Spare(pid, spare_channel, uuid.uuid4().hex, birth())
+                        self._spare = spare
                         self._ready = True
                         self._spare_came.notify_all()
                     mine.add(pid)
