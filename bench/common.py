@@ -7,12 +7,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 right now and not returned before by this process (the tests' too).
+
+    The kernel may give the same free port twice in a row: a broker then got one port for both
+    of its listeners, and nginx one for http and https.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.common import free_port
 from hacer.broker import CONFIG_DIR, BrokerError, BrokerProcess, port_answers
 from hacer.brokerusers import USERS
 from hacer.bus import Bus, Message
@@ -26,24 +27,6 @@ from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 
 POSTGRES_URL = os.environ.get("HACER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """Return a port that is free on 127.0.0.1 right now and was not returned before in this session.
-
-    The kernel may give the same free port twice in a row: a broker then got one port for both
-    of its listeners, and nginx one for http and https.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, kind) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
