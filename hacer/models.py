@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -375,8 +376,34 @@ def _create_private_file(path: Path) -> None:
         pass
 
 
+def driver_connection(connection: Connection) -> Any:
+    """The driver's connection under a SQLAlchemy connection, in its transaction (for DriverStatement)."""
+    return connection.connection.driver_connection
+
+
+@contextmanager
+def driver_transaction(engine: Engine) -> Iterator[Any]:
+    """A transaction on a pooled connection's driver connection, committed at the end, rolled back on an error.
+
+    For the runner's hot path: engine.begin()'s connection cost 0.1 ms more, cold (0.33 against
+    0.23 ms for an empty transaction). A failed commit raises SQLAlchemy's error, as commit() would.
+    """
+    pooled = engine.raw_connection()
+    try:
+        yield pooled.driver_connection
+        try:
+            pooled.commit()
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance("COMMIT", None, exc, engine.dialect.loaded_dbapi.Error) from exc
+    except BaseException:
+        pooled.rollback()
+        raise
+    finally:
+        pooled.close()
+
+
 class DriverStatement:
-    """A Core statement compiled once for a dialect, run straight on the driver's cursor in a connection's transaction.
+    """A Core statement compiled once for a dialect, run straight on the driver's cursor in a driver's transaction.
 
     For the runner's hot path: SQLAlchemy's execution of a run's start (three small statements)
     cost 0.3 ms more than SQLite's, cold. Errors are raised as SQLAlchemy's, as execute() would.
@@ -393,10 +420,10 @@ class DriverStatement:
             if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         }
 
-    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Execute once a row of values (by column or bind name); return the rows it changed."""
+    def execute(self, driver: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute once a row of values (by column or bind name) on a driver connection; return the rows changed."""
         params = [self._driver_params(row) for row in rows]
-        cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor = driver.cursor()
         try:
             cursor.executemany(self.sql, params)
             return int(cursor.rowcount)

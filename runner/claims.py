@@ -15,17 +15,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
 from hacer.messages import RunStatus
-from hacer.models import CommitSync, DriverStatement, Run, RunClaim, RunnerHeartbeat, aware_utc, utc_datetime
+from hacer.models import (
+    CommitSync,
+    DriverStatement,
+    Run,
+    RunClaim,
+    RunnerHeartbeat,
+    aware_utc,
+    driver_connection,
+    driver_transaction,
+    utc_datetime,
+)
 
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
-Hold = Callable[[Connection], None]  # more writes for a claim's transaction (the outbox's)
+Hold = Callable[[Any], None]  # more writes for a claim's transaction (the outbox's), on the driver's connection
 Committed = Callable[[], None]  # what may go on once a claim's change is committed, while it is synced
 CLAIM_COLUMNS = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
 
@@ -78,9 +89,9 @@ class ClaimStore:
         """
         now = utc_datetime(self.clock())
         try:
-            with self.engine.begin() as connection:
+            with driver_transaction(self.engine) as driver:
                 self._insert.execute(
-                    connection,
+                    driver,
                     [
                         {
                             "run_id": run_id,
@@ -93,7 +104,7 @@ class ClaimStore:
                     ],
                 )
                 if also is not None:
-                    also(connection)
+                    also(driver)
         except IntegrityError:
             raise AlreadyClaimed(run_id) from None
         self._synced(committed)
@@ -131,7 +142,7 @@ class ClaimStore:
             )
             moved = result.rowcount == 1
             if moved and also is not None:
-                also(connection)
+                also(driver_connection(connection))
         if moved:
             self._synced(committed)
         return moved

@@ -21,13 +21,14 @@ import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from hacer import runstates
 from hacer.messages import RunRecorded
-from hacer.models import DriverStatement, RunOutbox
+from hacer.models import DriverStatement, RunOutbox, driver_transaction
 
 STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entries 1..n
 HELD_COLUMNS = ("runner_id", "run_id", "seq", "state", "topic", "payload", "size", "sent_at", "sends")
@@ -66,11 +67,11 @@ class Outbox:
         run_id: str,
         entries: Sequence[tuple[int, str, bytes]] = (),
         status: tuple[str, str, bytes] | None = None,
-        connection: Connection | None = None,
+        driver: Any = None,
     ) -> None:
         """Keep (seq, topic, payload) log entries and the run's (state, topic, payload) status about to be published.
 
-        A status replaces the one held before. In `connection`'s transaction if given.
+        A status replaces the one held before. In the transaction of `driver` (a driver's connection) if given.
         """
         now = self.clock()
 
@@ -93,18 +94,18 @@ class Outbox:
         if not rows:
             return
         self._held_runs.add(run_id)
-        with self._transaction(connection) as transaction:
+        with self._transaction(driver) as transaction:
             if status is not None:
                 self._let_go_of_status.execute(transaction, [{"run": run_id}])
             self._hold.execute(transaction, rows)  # one statement: a run's start holds its status and launch entry
 
     @contextmanager
-    def _transaction(self, connection: Connection | None) -> Iterator[Connection]:
-        """`connection` (a caller's transaction), or one of the outbox's own."""
-        if connection is not None:
-            yield connection
+    def _transaction(self, driver: Any) -> Iterator[Any]:
+        """`driver` (in a caller's transaction), or a driver's connection in a transaction of the outbox's own."""
+        if driver is not None:
+            yield driver
             return
-        with self.engine.begin() as own:  # survives a crash, not a power cut: that ends the run itself `lost`
+        with driver_transaction(self.engine) as own:  # survives a crash, not a power cut: that ends the run `lost`
             yield own
 
     def confirm(self, recorded: RunRecorded) -> None:

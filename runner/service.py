@@ -34,10 +34,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from msgspec.structs import replace
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
@@ -517,8 +516,8 @@ class Runner:
         status = self._status_message(run, runstates.RUNNING)
         launch = self._entry_messages(run, ("launch", Launch(request.script, request.params).to_data()))
 
-        def hold_start(connection: Connection) -> None:
-            self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), connection)
+        def hold_start(driver: Any) -> None:
+            self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), driver)
 
         start = (run.run_id, run.script_path, request.params)
 

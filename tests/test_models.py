@@ -78,7 +78,7 @@ def test_a_driver_statement_writes_what_execute_would_and_raises_sqlalchemys_err
     from sqlalchemy import bindparam, delete, insert
     from sqlalchemy.exc import IntegrityError
 
-    from hacer.models import DriverStatement, RunClaim, utc_datetime
+    from hacer.models import DriverStatement, RunClaim, driver_connection, driver_transaction, utc_datetime
 
     columns = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
     claim = DriverStatement(insert(RunClaim), database.engine.dialect, columns)
@@ -88,9 +88,15 @@ def test_a_driver_statement_writes_what_execute_would_and_raises_sqlalchemys_err
     moment = utc_datetime(1_800_000_000.25)
     row = dict(zip(columns, ("a", "r", "queued", "{}", moment, moment), strict=True))
     with database.engine.begin() as connection:
-        assert claim.execute(connection, [row, {**row, "run_id": "b", "state": "running"}]) == 2
-        assert let_go.execute(connection, [{"run": "a"}, {"run": "b"}]) == 1  # a literal of the statement kept
+        driver = driver_connection(connection)
+        assert claim.execute(driver, [row, {**row, "run_id": "b", "state": "running"}]) == 2
+        assert let_go.execute(driver, [{"run": "a"}, {"run": "b"}]) == 1  # a literal of the statement kept
     with database.session() as session:
         assert [(c.run_id, c.claimed_at) for c in session.scalars(select(RunClaim))] == [("b", moment)]
-    with pytest.raises(IntegrityError), database.engine.begin() as connection:
-        claim.execute(connection, [{**row, "run_id": "b"}])
+    with pytest.raises(IntegrityError), driver_transaction(database.engine) as driver:
+        claim.execute(driver, [{**row, "run_id": "c"}])  # rolled back with what failed after it
+        claim.execute(driver, [{**row, "run_id": "b"}])
+    with driver_transaction(database.engine) as driver:
+        claim.execute(driver, [{**row, "run_id": "d"}])
+    with database.session() as session:
+        assert sorted(session.scalars(select(RunClaim.run_id))) == ["b", "d"]

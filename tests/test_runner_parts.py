@@ -170,7 +170,7 @@ def test_leftovers_are_looked_for_among_the_processes_created_since_the_launch(m
 def test_a_claim_is_synced_to_survive_a_power_cut_after_its_commit_and_held_lines_only_committed(tmp_path, monkeypatch):
     """SQLite commits at synchronous=NORMAL; a claim's change then has its WAL synced, and `committed` runs between."""
     from hacer import models
-    from hacer.models import Database
+    from hacer.models import Database, driver_connection
     from runner.claims import ClaimStore
     from runner.outbox import Outbox
 
@@ -198,8 +198,8 @@ def test_a_claim_is_synced_to_survive_a_power_cut_after_its_commit_and_held_line
 
     levels = []
 
-    def level(connection):
-        levels.append(connection.exec_driver_sql("PRAGMA synchronous").scalar())
+    def level(driver):
+        levels.append(driver.execute("PRAGMA synchronous").fetchone()[0])
 
     claims.claim("run", "{}", also=level, committed=lambda: committed("run"))
     assert events == [("committed", "queued"), ("fdatasync", f"{path}-wal"), ("fsync", str(tmp_path))]
@@ -210,7 +210,7 @@ def test_a_claim_is_synced_to_survive_a_power_cut_after_its_commit_and_held_line
     assert not claims.move("run", from_states=("queued",), state="running", committed=lambda: committed("run"))
     outbox.hold("run", [(1, "t", b"line")])
     with database.engine.connect() as connection:
-        level(connection)
+        level(driver_connection(connection))
     assert events == [] and levels == [1, 1]  # NORMAL throughout: nothing toggles it per transaction
 
 
