@@ -228,6 +228,7 @@ class Bus:
         max_unconfirmed: int = 10_000,
         keepalive: int = 15,
         manual_ack: bool = False,
+        send_from_caller: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
         self.topics = topics
@@ -239,6 +240,9 @@ class Bus:
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.manual_ack = manual_ack
+        # Publishes written to the socket by the calling thread (see _Client._packet_queue): for parts
+        # of plain threads whose latency it serves (the runner); eventlet's api keeps paho's way.
+        self.send_from_caller = send_from_caller
         self.handler_errors = 0
         self.messages_received = 0
         self.too_large = 0
@@ -515,7 +519,7 @@ class Bus:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(client, _Client):
                 client.quickack = True
-                client.direct_writes = type(sock) is socket.socket
+                client.direct_writes = self.send_from_caller and type(sock) is socket.socket
 
     def _on_connect(
         self,

@@ -10,7 +10,7 @@ from conftest import Watcher, wait_until
 
 def test_a_publish_goes_out_from_its_own_thread_while_the_network_thread_is_busy(make_bus, watch):
     watcher = watch("hacer/test/out")
-    bus = make_bus()
+    bus = make_bus(send_from_caller=True)
     in_handler, release = threading.Event(), threading.Event()
 
     def hold_the_network_thread(message: Message) -> None:
@@ -34,7 +34,7 @@ def test_publishes_from_many_threads_arrive_all_and_each_threads_in_order(topics
     receiver = make_bus()
     seen = Watcher(receiver, "hacer/test/threads/+")
     receiver.sync()
-    sender = make_bus()
+    sender = make_bus(send_from_caller=True)
     echoed = Watcher(sender, "hacer/test/threads/+")  # its network thread acknowledges these meanwhile
     sender.sync()
     sender._client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
