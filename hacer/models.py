@@ -396,7 +396,10 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
         except engine.dialect.loaded_dbapi.Error as exc:
             raise DBAPIError.instance("COMMIT", None, exc, engine.dialect.loaded_dbapi.Error) from exc
     except BaseException:
-        pooled.rollback()
+        try:
+            pooled.rollback()
+        except engine.dialect.loaded_dbapi.Error:  # the connection is gone (a database restart): not back to the pool
+            pooled.invalidate()
         raise
     finally:
         pooled.close()

@@ -80,10 +80,10 @@ class Watcher:
             return [m for m in self.messages if m.topic == topic]
 
 
-def start_broker(work: Path, template: Path = CONFIG_DIR / "dev.conf", listeners: int = 2) -> BrokerProcess:
+def start_broker(work: Path, template: Path = CONFIG_DIR / "dev.conf") -> BrokerProcess:
     """A mosquitto on free ports; others are tried if one is taken before it binds them (TIME_WAIT, another test)."""
     for attempt in range(3):
-        process = BrokerProcess(work, [free_port() for _ in range(listeners)], template=template)
+        process = BrokerProcess(work, [free_port(), free_port()], template=template)
         try:
             process.start()
             return process

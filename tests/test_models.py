@@ -100,3 +100,28 @@ def test_a_driver_statement_writes_what_execute_would_and_raises_sqlalchemys_err
         claim.execute(driver, [{**row, "run_id": "d"}])
     with database.session() as session:
         assert sorted(session.scalars(select(RunClaim.run_id))) == ["b", "d"]
+
+
+def test_a_driver_transaction_whose_connection_died_raises_sqlalchemys_error_and_the_next_one_works(postgres_url):
+    """A PostgreSQL restart mid-transaction: callers see a database error, and the pool forgets the connection."""
+    import pytest
+    from sqlalchemy import insert, text
+    from sqlalchemy.exc import OperationalError
+
+    from hacer.models import Database, DriverStatement, RunClaim, driver_transaction, utc_datetime
+
+    database = Database(postgres_url)
+    database.init()
+    columns = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
+    claim = DriverStatement(insert(RunClaim), database.engine.dialect, columns)
+    moment = utc_datetime(1_800_000_000.0)
+    row = dict(zip(columns, ("a", "r", "queued", "{}", moment, moment), strict=True))
+    try:
+        with pytest.raises(OperationalError), driver_transaction(database.engine) as driver:
+            with database.engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": driver.info.backend_pid})
+            claim.execute(driver, [row])
+        with driver_transaction(database.engine) as driver:
+            assert claim.execute(driver, [row]) == 1
+    finally:
+        database.engine.dispose()
