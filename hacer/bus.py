@@ -240,8 +240,8 @@ class Bus:
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.manual_ack = manual_ack
-        # Publishes written to the socket by the calling thread (see _Client._packet_queue): for parts
-        # of plain threads whose latency it serves (the runner); eventlet's api keeps paho's way.
+        # Publishes written to the socket by the calling thread (see _Client._packet_queue). Off in every
+        # part for now: after a broker restart a run's log entry sent so overtook one paho re-sent.
         self.send_from_caller = send_from_caller
         self.handler_errors = 0
         self.messages_received = 0
