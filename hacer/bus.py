@@ -125,7 +125,7 @@ TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class _Client(paho.Client):
-    """paho's client, acknowledging at TCP level at once what it reads, and sending from the calling thread.
+    """paho's client: publishes kept in order across reconnects, reads acknowledged at once, sends by the caller.
 
     A broker with Nagle on (mosquitto's default; the project's config sets `set_tcp_nodelay`)
     holds a small packet back until the one before it is acknowledged, and the client's kernel
@@ -140,11 +140,50 @@ class _Client(paho.Client):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._write_lock = threading.RLock()
+        self._awaiting_connack = True
+
+    # --- order across reconnects --------------------------------------------------------------
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        with self._write_lock:  # the network thread sends, closes and reconnects under the lock direct writes take
+            self._awaiting_connack = True
+            return super().reconnect()
+
+    def _send_publish(
+        self,
+        mid: int,
+        topic: bytes,
+        payload: bytes = b"",
+        qos: int = 0,
+        retain: bool = False,
+        dup: bool = False,
+        info: paho.MQTTMessageInfo | None = None,
+        properties: Properties | None = None,
+    ) -> paho.MQTTErrorCode:
+        """Hold a publish made between a reconnect and its CONNACK, as one made while disconnected.
+
+        paho sends such a publish at once, and only at CONNACK those it had not seen acknowledged:
+        the newer overtook the older (a run's log entry 4 reached a subscriber before 3). Held, a
+        QoS 1 publish is sent by CONNACK's re-sends, in order; a QoS 0 one is dropped, as paho
+        drops those made while disconnected.
+        """
+        if self._awaiting_connack:
+            return paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+        return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+
+    def _handle_connack(self) -> paho.MQTTErrorCode:
+        # publish() takes this lock to add a message: none can come between the end of the hold
+        # and the re-sends, which paho makes after on_connect under the same lock.
+        with self._out_message_mutex:
+            self._awaiting_connack = False
+            return super()._handle_connack()
+
+    # --- sending from the calling thread ------------------------------------------------------
 
     def _packet_queue(
         self, command: int, packet: bytes, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
     ) -> paho.MQTTErrorCode:
-        """Queue a packet, and send it from the calling thread when no other thread is sending.
+        """Queue a packet; one from another thread is sent by that thread when no other is sending.
 
         paho leaves every packet of another thread to its network thread, woken through a socket
         pair: on two busy cores that thread then waited for the GIL while the caller went on (a
@@ -165,6 +204,29 @@ class _Client(paho.Client):
                 "info": info,
             }
         )
+        if command & 0xF0 != paho.PUBLISH:  # publish() sends its own once out of its lock (see there)
+            self._send_queued()
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish(
+        self,
+        topic: str,
+        payload: paho.PayloadType = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """paho's publish, then the send, outside paho's message lock.
+
+        Sending a QoS 0 packet calls on_publish under paho's callback lock; a handler on the
+        network thread holds that lock while it publishes, waiting for the message lock.
+        """
+        info = super().publish(topic, payload, qos, retain, properties)
+        if self.direct_writes and threading.current_thread() is not self._thread:
+            self._send_queued()
+        return info
+
+    def _send_queued(self) -> None:
         if self._write_lock.acquire(blocking=False):
             try:
                 self._packet_write()  # what cannot be sent now (a full socket, a lost connection) stays queued
@@ -175,9 +237,7 @@ class _Client(paho.Client):
                 self._sockpairW.send(b"0")
             except BlockingIOError:
                 pass
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    # The network thread sends, closes and reconnects the socket under the same lock.
     def _packet_write(self) -> paho.MQTTErrorCode:
         with self._write_lock:
             return super()._packet_write()
@@ -185,10 +245,6 @@ class _Client(paho.Client):
     def _sock_close(self) -> None:
         with self._write_lock:
             super()._sock_close()
-
-    def reconnect(self) -> paho.MQTTErrorCode:
-        with self._write_lock:
-            return super().reconnect()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
@@ -240,8 +296,8 @@ class Bus:
         self.session_expiry = session_expiry
         self.keepalive = keepalive
         self.manual_ack = manual_ack
-        # Publishes written to the socket by the calling thread (see _Client._packet_queue). Off in every
-        # part for now: after a broker restart a run's log entry sent so overtook one paho re-sent.
+        # Publishes written to the socket by the calling thread (see _Client._packet_queue): for parts
+        # of plain threads whose latency it serves (the runner); eventlet's api keeps paho's way.
         self.send_from_caller = send_from_caller
         self.handler_errors = 0
         self.messages_received = 0

@@ -108,6 +108,7 @@ def build_runner(settings: Settings) -> Runner:
         clean_start=False,
         session_expiry=SESSION_EXPIRY,
         manual_ack=True,
+        send_from_caller=True,
     )
     script_env = script_environment(settings, os.environ)
     config = RunnerConfig(

@@ -3,6 +3,8 @@
 import socket
 import threading
 
+import pytest
+
 from hacer.bus import Message
 
 from conftest import Watcher, wait_until
@@ -71,3 +73,74 @@ def count_short_writes(client) -> list[int]:
 
     client._sock_send = counting
     return counted
+
+
+@pytest.mark.parametrize("send_from_caller", [False, True], ids=["network-thread", "same-thread"])
+def test_a_threads_publishes_keep_their_order_across_a_broker_restart(make_bus, broker, send_from_caller):
+    # paho re-sends what the broker did not acknowledge once CONNACK comes; a publish made from
+    # the reconnect on must not overtake those.
+    receiver = make_bus(clean_start=False, session_expiry=600)  # what comes meanwhile is kept for it
+    seen = Watcher(receiver, "hacer/test/stream")
+    receiver.sync()
+    sender = make_bus(send_from_caller=send_from_caller)
+    reconnects = []
+    sender.on_connect(reconnects.append)
+    sent, stop = [0], threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            sender.publish("hacer/test/stream", b"%d" % sent[0])
+            sent[0] += 1
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        wait_until(lambda: len(seen.messages) > 200, 30, "the stream before the restart")
+        broker.restart()
+        wait_until(lambda: reconnects, 30, "the sender's reconnect")
+        after = sent[0]
+        wait_until(lambda: sent[0] > after + 2000, 30, "the stream after the restart")
+    finally:
+        stop.set()
+        streaming.join(60)
+    total = sent[0]
+    wait_until(lambda: {int(m.payload) for m in seen.messages} >= set(range(total)), 60, "every publish")
+    first_seen = list(dict.fromkeys(int(m.payload) for m in seen.messages))  # QoS 1 may deliver one twice
+    assert first_seen == list(range(total))
+
+
+def test_a_handler_may_publish_while_another_thread_completes_a_qos_0_send(make_bus, watch):
+    # Completing a QoS 0 packet calls on_publish under paho's callback lock, which a handler on the
+    # network thread holds while it publishes: the thread completing it must not hold paho's
+    # message lock meanwhile, which that publish waits for.
+    watcher = watch("hacer/test/done/+")
+    bus = make_bus(send_from_caller=True)
+    in_handler, go = threading.Event(), threading.Event()
+
+    def publish_when_told(message: Message) -> None:
+        in_handler.set()
+        go.wait(30)
+        bus.publish("hacer/test/done/handler", b"")
+
+    bus.subscribe("hacer/test/hold", publish_when_told)
+    bus.sync()
+    full, rest_sent = threading.Event(), threading.Event()
+    send = bus._client._sock_send
+
+    def sending(data: bytes) -> int:
+        if full.is_set():
+            raise BlockingIOError
+        rest_sent.set()
+        return send(data)
+
+    bus._client._sock_send = sending
+    bus.publish("hacer/test/hold", b"")
+    assert in_handler.wait(10)  # the network thread holds paho's callback lock from here
+    full.set()
+    bus.publish("hacer/test/done/qos0", b"", qos=0)  # the socket takes none of it: left queued
+    full.clear()
+    threading.Thread(target=bus.publish, args=("hacer/test/done/worker", b""), daemon=True).start()
+    assert rest_sent.wait(10)  # that thread sends the QoS 0 packet, and waits for the callback lock
+    go.set()
+    for topic in ("qos0", "worker", "handler"):
+        watcher.wait_for(lambda message, topic=topic: message.topic == f"hacer/test/done/{topic}")
