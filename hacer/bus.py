@@ -2,8 +2,9 @@
 
 A `Bus` connects with MQTT 5, sets its last will before connecting, reconnects with backoff,
 renews every registered subscription on each connect and only then publishes its retained
-birth message, bounds its unconfirmed QoS 1 publishes, and dispatches messages to handlers
-that must not block; a handler's exception is logged and counted, never raised into paho.
+birth message, keeps its publishes in order across reconnects, bounds its unconfirmed QoS 1
+publishes, and dispatches messages to handlers that must not block; a handler's exception is
+logged and counted, never raised into paho.
 """
 
 from __future__ import annotations
