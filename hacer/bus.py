@@ -150,6 +150,17 @@ class _Client(paho.Client):
             self._awaiting_connack = True
             return super().reconnect()
 
+    def _send_connect(self, keepalive: int) -> paho.MQTTErrorCode:
+        # reconnect() empties the queue before it connects, but another thread may queue a packet
+        # meanwhile (an ack): one meant for the old connection, which the broker would take for a
+        # protocol error before CONNECT and close the new one. Held publishes stay in paho's store.
+        for packet in self._out_packet:
+            if packet["info"] is not None and packet["command"] & 0xF0 == paho.PUBLISH and packet["qos"] == 0:
+                packet["info"].rc = paho.MQTTErrorCode.MQTT_ERR_CONN_LOST
+                packet["info"]._set_as_published()
+        self._out_packet.clear()
+        return super()._send_connect(keepalive)
+
     def _send_publish(
         self,
         mid: int,

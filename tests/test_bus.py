@@ -144,3 +144,14 @@ def test_a_handler_may_publish_while_another_thread_completes_a_qos_0_send(make_
     go.set()
     for topic in ("qos0", "worker", "handler"):
         watcher.wait_for(lambda message, topic=topic: message.topic == f"hacer/test/done/{topic}")
+
+
+def test_a_packet_queued_for_the_old_connection_does_not_go_before_connect(make_bus, broker):
+    # Another thread may queue a packet (an ack) between reconnect() emptying the queue and CONNECT:
+    # sent first, the broker takes it for a protocol error and closes the new connection.
+    bus = make_bus()
+    reconnected = threading.Event()
+    bus.on_connect(lambda session_present: reconnected.set())
+    bus._client.on_pre_connect = lambda client, userdata: client._send_puback(1)  # at every attempt
+    broker.restart()
+    assert reconnected.wait(30)
