@@ -9,7 +9,8 @@
    Redis as the 2015 design would; see bench/celery2015.py), against a bare `python -c pass`.
    Goals: hacer's first output p50 <= 0.5x Celery's and below the bare start, p99 < 10 ms;
    request -> launch p50 < 2 ms, against the floor of an echo through the same broker (the
-   request's and the launch entry's two hops with nothing between).
+   request's and the launch entry's two hops with nothing between), and a disk sync alone
+   beside each run (the claim's sync is on the first output's way: its tail is the p99's).
 2. burst: 200 runs requested at once, capacity 4 (hacer) against a prefork pool of 4 (Celery):
    time to drain and p99 wait to the first output.
 3. log throughput: a script printing 200 000 lines -> every line seen in order by a subscriber
@@ -68,6 +69,14 @@ def bare_start(samples: int) -> list[float]:
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         exits.append((time.perf_counter() - started) * 1000)
     return exits
+
+
+def disk_sync(fd: int) -> float:
+    """4 KB appended and `fdatasync`ed, in ms: what the claim's sync (a power cut needs it) costs alone."""
+    os.write(fd, b"x" * 4096)
+    started = time.perf_counter()
+    os.fdatasync(fd)
+    return (time.perf_counter() - started) * 1000
 
 
 def line(label: str, values: list[float]) -> str:
@@ -261,22 +270,26 @@ class Echo:
         self.asker.stop()
 
 
-def dispatch(hacer: Hacer, celery: Celery2015, echo: Echo, scripts: Path, samples: int) -> None:
+def dispatch(hacer: Hacer, celery: Celery2015, echo: Echo, scripts: Path, samples: int, work: Path) -> None:
     print(f"1. dispatch, {samples} runs each of a script that prints one line, hacer and Celery alternating")
     for _ in range(3):  # warm-up: connections, the fork server's spare, Celery's pool
         hacer.run("first")
         celery.run(scripts / "first.py")
-    to_launch, to_output, celery_output, echoes = [], [], [], []
+    to_launch, to_output, celery_output, echoes, syncs = [], [], [], [], []
+    sync_fd = os.open(work / "sync-probe", os.O_CREAT | os.O_WRONLY | os.O_APPEND)  # beside the database
     for _ in range(samples):
         launch, output = hacer.run("first")
         to_launch.append(launch)
         to_output.append(output)
         celery_output.append(celery.run(scripts / "first.py"))
         echoes.append(echo.run())
+        syncs.append(disk_sync(sync_fd))
+    os.close(sync_fd)
     exits = bare_start(samples)
     print(line("bare `python -c pass`:", exits))
     print(line("Celery + Redis: delay() -> first line:", celery_output))
     print(line("an echo through the broker (2 hops):", echoes))
+    print(line("a disk sync alone (fdatasync, 4 KB):", syncs))
     print(line("hacer: request -> launch entry:", to_launch))
     print(line("hacer: request -> first output line:", to_output))
     ratio = statistics.median(to_output) / statistics.median(celery_output)
@@ -450,7 +463,7 @@ def main() -> None:
             celery.run(scripts / "first.py", timeout=60)  # the worker is up
             if wanted("dispatch"):
                 echo = Echo(broker.url)
-                dispatch(hacer, celery, echo, scripts, samples)
+                dispatch(hacer, celery, echo, scripts, samples, work)
                 echo.stop()
             if wanted("burst"):
                 burst(hacer, celery, scripts, 200)
