@@ -388,17 +388,18 @@ def driver_transaction(engine: Engine) -> Iterator[Any]:
     For the runner's hot path: engine.begin()'s connection cost 0.1 ms more, cold (0.33 against
     0.23 ms for an empty transaction). A failed commit raises SQLAlchemy's error, as commit() would.
     """
+    error = engine.dialect.loaded_dbapi.Error
     pooled = engine.raw_connection()
     try:
         yield pooled.driver_connection
         try:
             pooled.commit()
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance("COMMIT", None, exc, engine.dialect.loaded_dbapi.Error) from exc
+        except error as exc:
+            raise DBAPIError.instance("COMMIT", None, exc, error) from exc
     except BaseException:
         try:
             pooled.rollback()
-        except engine.dialect.loaded_dbapi.Error:  # the connection is gone (a database restart): not back to the pool
+        except error:  # the connection is gone (a database restart): not back to the pool
             pooled.invalidate()
         raise
     finally:
