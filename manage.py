@@ -246,15 +246,9 @@ def cmd_runserver(args: argparse.Namespace) -> None:
     host, port = url.hostname or "127.0.0.1", url.port or 1883
     broker = None
     if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
-        broker = BrokerProcess(settings.state_dir / "mosquitto", [port, settings.mqtt_ws_port])
+        broker = BrokerProcess(settings.state_dir / "mosquitto", [port])
         broker.start()
-        log.info(
-            "started mosquitto on %s:%d (websockets %d); log in %s",
-            host,
-            port,
-            settings.mqtt_ws_port,
-            broker.work_dir / "mosquitto.log",
-        )
+        log.info("started mosquitto on %s:%d; log in %s", host, port, broker.work_dir / "mosquitto.log")
     else:
         log.info("using the broker at %s", settings.mqtt_url)
     from hacer.supervisor import Part, Supervisor, exec_manage, preload

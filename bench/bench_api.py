@@ -58,7 +58,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="hacer-bench-") as tmp:
         work = Path(os.environ.get("HACER_BENCH_DIR") or tmp)
-        broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+        broker = BrokerProcess(work / "broker", [free_port()])
         broker.start()
         env = {
             **os.environ,
@@ -245,7 +245,7 @@ def recorder_throughput(work: Path, topics: Topics, count: int) -> None:
         results = []
         for measure in (mosquitto_sub_rate, feed_a_recorder):  # a fresh broker each: no session left over
             broker = BrokerProcess(
-                work / f"broker-{config.stem}-{measure.__name__}", [free_port(), free_port()], template=config
+                work / f"broker-{config.stem}-{measure.__name__}", [free_port()], template=config
             )
             broker.start()
             try:

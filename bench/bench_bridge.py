@@ -309,7 +309,7 @@ def main() -> None:
         def fresh_broker(config: Path = PROJECT / "mosquitto" / "dev.conf") -> BrokerProcess:
             """A new broker per phase: mosquitto saves its whole store on every change (dev
             config), so the retained table one phase leaves would slow the next."""
-            broker = BrokerProcess(workdir / f"broker{len(brokers)}", [free_port(), free_port()], template=config)
+            broker = BrokerProcess(workdir / f"broker{len(brokers)}", [free_port()], template=config)
             broker.start()
             brokers.append(broker)
             return broker

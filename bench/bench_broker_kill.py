@@ -25,7 +25,7 @@ MESSAGES = 50
 
 def lost_after_kills(folder: Path, template: Path, rounds: int) -> int:
     """Acknowledged retained messages missing after `rounds` kills."""
-    broker = BrokerProcess(folder, [free_port(), free_port()], template=template)
+    broker = BrokerProcess(folder, [free_port()], template=template)
     broker.start()
     lost = 0
     try:

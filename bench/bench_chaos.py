@@ -74,7 +74,7 @@ def run(work: Path, database_url: str, count: int, kills: int) -> None:
     (work / "scripts").mkdir()
     (work / "scripts" / "chaos.py").write_text(SCRIPT)
     starts = work / "starts.txt"
-    broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+    broker = BrokerProcess(work / "broker", [free_port()])
     broker.start()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},

@@ -65,7 +65,6 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
         env.update(
             HACER_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}",
-            HACER_MQTT_WS_PORT=str(free_port()),
             HACER_HTTP_PORT=str(http_port),
             HACER_DISCOVERY_HOST="127.0.0.1",
             HACER_DISCOVERY_PORT=str(free_port(socket.SOCK_DGRAM)),

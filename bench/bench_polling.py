@@ -184,7 +184,7 @@ def main() -> None:
     pairs = args.pairs or (300 if args.quick else 20_000)
     with tempfile.TemporaryDirectory() as folder:
         workdir = Path(folder)
-        broker = BrokerProcess(workdir / "broker", [free_port(), free_port()])
+        broker = BrokerProcess(workdir / "broker", [free_port()])
         broker.start()
         sites = [Site(broker, workdir, "pa", "127.0.0.2", nodes), Site(broker, workdir, "pb", "127.0.64.2", nodes)]
         client = Bus(broker.url, sites[0].topics, "bench-polling")

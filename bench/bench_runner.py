@@ -384,7 +384,7 @@ def whole_server(work: Path, scripts: Path, celery: Celery2015, samples: int) ->
     for name, template in (("project's config", PROJECT / "mosquitto" / "dev.conf"), ("mosquitto defaults", defaults)):
         folder = work / f"server-{template.stem}"
         folder.mkdir()
-        broker = BrokerProcess(folder / "broker", [free_port(), free_port()], template=template)
+        broker = BrokerProcess(folder / "broker", [free_port()], template=template)
         broker.start()
         env = {
             **os.environ,
@@ -444,7 +444,7 @@ def main() -> None:
         )
         celery = Celery2015(work)
         celery.start()
-        broker = BrokerProcess(work / "broker", [free_port(), free_port()])
+        broker = BrokerProcess(work / "broker", [free_port()])
         broker.start()
         runner_id = f"bench-{uuid.uuid4().hex[:6]}"
         env = {

@@ -40,7 +40,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 def broker_and_database(work: Path, name: str) -> tuple[BrokerProcess, Path, Database]:
     """A fresh broker and SQLite database for one benchmark."""
-    broker = BrokerProcess(work / f"broker-{name}", [free_port(), free_port()])
+    broker = BrokerProcess(work / f"broker-{name}", [free_port()])
     broker.start()
     db_path = work / f"{name}.db"
     database = Database(f"sqlite:///{db_path}")

@@ -120,8 +120,6 @@ class Settings:
     """The configuration of one hacer process."""
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"
-    # Websockets listener of the broker runserver starts (browsers' MQTT).
-    mqtt_ws_port: int = 9001
     topic_prefix: str = "hacer"
     database_url: str = field(default_factory=lambda: sqlite_url(PROJECT_DIR / "hacer.db"))
     discovery_host: str = "0.0.0.0"
@@ -206,7 +204,6 @@ class Settings:
             raise SettingsError(f"HACER_TOPIC_PREFIX={prefix!r} must be a non-empty topic without wildcards")
         return cls(
             mqtt_url=env.get("HACER_MQTT_URL", "").strip() or cls.mqtt_url,
-            mqtt_ws_port=_int(env, "HACER_MQTT_WS_PORT", 9001, 1, 65535),
             topic_prefix=prefix,
             database_url=database_url,
             discovery_host=env.get("HACER_DISCOVERY_HOST", "").strip() or cls.discovery_host,

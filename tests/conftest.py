@@ -83,7 +83,7 @@ class Watcher:
 def start_broker(work: Path, template: Path = CONFIG_DIR / "dev.conf") -> BrokerProcess:
     """A mosquitto on free ports; others are tried if one is taken before it binds them (TIME_WAIT, another test)."""
     for attempt in range(3):
-        process = BrokerProcess(work, [free_port(), free_port()], template=template)
+        process = BrokerProcess(work, [free_port()], template=template)
         try:
             process.start()
             return process
@@ -223,7 +223,6 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
             "HACER_DISCOVERY_HOST": "127.0.0.1",
             "HACER_DISCOVERY_PORT": str(free_port(socket.SOCK_DGRAM)),
             "HACER_NODE_PORT": str(free_port()),
-            "HACER_MQTT_WS_PORT": str(free_port()),
             "HACER_STATE_DIR": str(tmp_path / "state"),
             "HADB_PATH": str(tmp_path / "hacer.db"),
             "HACER_STATS_INTERVAL": "0.5",
@@ -331,7 +330,7 @@ def start_production_broker(work: Path, passwords: Path, port: int | None = None
     for attempt in range(3):
         process = BrokerProcess(
             work,
-            [port or free_port(), free_port(), free_port()],
+            [port or free_port(), free_port()],
             template=CONFIG_DIR / "production.conf",
             password_file=passwords,
             acl_file=acl,

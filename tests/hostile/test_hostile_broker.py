@@ -67,7 +67,7 @@ def test_a_script_cannot_pose_as_a_runner_or_write_a_runs_log(connect):
 def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_broker):
     from hacer.broker import render_config
 
-    tls_port = production_broker.ports[2]
+    tls_port = production_broker.ports[1]
     certificate = production_broker.tls_files[0]
     secure = Bus(
         f"mqtts://viewer:viewer-secret@127.0.0.1:{tls_port}?ca={certificate}", Topics(), f"tls-{uuid.uuid4().hex[:6]}"
@@ -85,9 +85,9 @@ def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_b
             untrusted.wait_connected(2)
     finally:
         untrusted.stop()
-    rendered = render_config(production_broker.template, [1883, 9001, 8883], production_broker.work_dir)
+    rendered = render_config(production_broker.template, [1883, 8883], production_broker.work_dir)
     listeners = [line.split()[1:] for line in rendered.splitlines() if line.startswith("listener")]
-    assert listeners == [["1883", "127.0.0.1"], ["9001", "127.0.0.1"], ["8883", "0.0.0.0"]]
+    assert listeners == [["1883", "127.0.0.1"], ["8883", "0.0.0.0"]]
 
 
 def test_a_user_cannot_take_over_a_parts_session_by_its_guessable_client_id(connect, production_broker):
