@@ -13,12 +13,20 @@ import msgspec
 from astral import Observer
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, bad_request, not_found
 from api.rest import ROW_ID, api, services
-from hacer.automations import AutomationSpec, NameTaken, describe, location_of, missing_references, save
+from hacer.automations import (
+    AutomationSpec,
+    NameTaken,
+    describe,
+    describe_all,
+    location_of,
+    missing_references,
+    save,
+)
 from hacer.messages import MessageError
 from hacer.models import Automation
 
@@ -57,14 +65,16 @@ def find_row(session: Session, automation_id: int) -> Automation:
 @automations.get("")
 def list_automations() -> ResponseReturnValue:
     with services().sessions() as session:
-        rows = session.scalars(select(Automation).order_by(Automation.id)).all()
-        return jsonify({"automations": [describe(session, row, location(), now(), count=1) for row in rows]})
+        return jsonify({"automations": describe_all(session, location(), now())})
 
 
 @automations.post("")
 def add_automation() -> ResponseReturnValue:
     spec = spec_of_body(request.get_data(cache=True))
+    limit = services().settings.max_automations
     with services().sessions() as session:
+        if (session.scalar(select(func.count()).select_from(Automation)) or 0) >= limit:
+            raise ApiError(409, f"there are {limit} automations already, the most HACER_MAX_AUTOMATIONS allows")
         try:
             row = save(session, spec, now())
         except NameTaken as exc:

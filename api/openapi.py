@@ -129,13 +129,15 @@ SCHEMAS: dict[str, Any] = {
     **AUTOMATION_SCHEMAS,  # AutomationSpec and the triggers and conditions it refers to
     "Automation": {
         "type": "object",
-        "required": ["id", "name", "enabled", "definition", "changed_at", "next_fires", "last_runs"],
+        "required": ["id", "name", "enabled", "definition", "changed_at", "failure", "next_fires", "last_runs"],
         "properties": {
             "id": {"type": "integer"},
             "name": TEXT,
             "enabled": {"type": "boolean"},
             "definition": ref("AutomationSpec"),
             "changed_at": {"type": "string", "format": "date-time"},
+            # Why the scheduler cannot plan this definition (it never fires); null when it can.
+            "failure": {"type": ["string", "null"]},
             "next_fires": {"type": "array", "items": {"type": "string", "format": "date-time"}},
             "last_runs": {
                 "type": "array",

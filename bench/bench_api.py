@@ -244,9 +244,7 @@ def recorder_throughput(work: Path, topics: Topics, count: int) -> None:
         print(f"   {label}:")
         results = []
         for measure in (mosquitto_sub_rate, feed_a_recorder):  # a fresh broker each: no session left over
-            broker = BrokerProcess(
-                work / f"broker-{config.stem}-{measure.__name__}", [free_port()], template=config
-            )
+            broker = BrokerProcess(work / f"broker-{config.stem}-{measure.__name__}", [free_port()], template=config)
             broker.start()
             try:
                 results.append(measure(broker, work / f"{config.stem}-{measure.__name__}", topics, count))

@@ -27,7 +27,7 @@ from astral import Observer
 from astral.sun import sun
 from cronsim import CronSim, CronSimError
 from msgspec import Meta, Struct
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hacer import runstates
@@ -191,9 +191,13 @@ def check_trigger(trigger: Trigger, location: Observer | None, conditions: tuple
             raise MessageError(f"bad automation: {exc} - at `$.trigger.cron`") from None
     if isinstance(trigger, At):
         try:
-            datetime.fromisoformat(trigger.at)
+            datetime.fromisoformat(trigger.at).replace(tzinfo=zone(trigger.tz)).astimezone(UTC)
         except ValueError:
             raise MessageError(f"bad automation: {trigger.at!r} is not a local time - at `$.trigger.at`") from None
+        except OverflowError:  # 9999-12-31T23:59 in Los Angeles is in the year 10000 in UTC
+            raise MessageError(
+                f"bad automation: {trigger.at!r} in {trigger.tz} is past what a date can hold - at `$.trigger.at`"
+            ) from None
     if isinstance(trigger, Sun) and location is None:
         raise MessageError("bad automation: a sun trigger needs HACER_LATITUDE and HACER_LONGITUDE - at `$.trigger`")
 
@@ -202,8 +206,15 @@ def next_due(trigger: Trigger, after: datetime, since: datetime, location: Obser
     """The first due time strictly after `after` (UTC), or None when there is none any more.
 
     `since` is when the automation was last changed: `every` counts from it. Bus triggers are
-    never due at a time.
+    never due at a time, nor is a trigger whose next time is past the year 9999.
     """
+    try:
+        return _next_due(trigger, after, since, location)
+    except OverflowError:
+        return None
+
+
+def _next_due(trigger: Trigger, after: datetime, since: datetime, location: Observer | None) -> datetime | None:
     if isinstance(trigger, BUS_TRIGGERS):
         return None
     if isinstance(trigger, Every):
@@ -362,7 +373,7 @@ def save(session: Session, spec: AutomationSpec, now: datetime, row: Automation 
         row = Automation()
         session.add(row)
     row.name, row.definition, row.enabled = spec.name, spec.to_json().decode(), spec.enabled
-    row.changed_at = naive_utc(now)
+    row.changed_at, row.failure = naive_utc(now), None  # a new definition is planned afresh
     session.flush()
     return row
 
@@ -373,11 +384,13 @@ def find(session: Session, key: str) -> Automation | None:
     return row or session.scalar(select(Automation).where(Automation.name == key))
 
 
+FireRow = tuple[AutomationFire, str | None, int | None]  # a fire, its run's state and exit code
+
+
 def describe(
     session: Session, row: Automation, location: Observer | None, now: datetime, count: int = 5
 ) -> dict[str, Any]:
     """An automation for people and programs: its definition, next due times and last fires with their runs."""
-    spec = decode(AutomationSpec, row.definition, "automation")
     fires = session.execute(
         select(AutomationFire, Run.state, Run.exit_code)
         .outerjoin(Run, Run.run_id == AutomationFire.run_id)
@@ -385,18 +398,53 @@ def describe(
         .order_by(AutomationFire.due_at.desc())
         .limit(10)
     ).all()
+    return _described(row, [(fire, state, code) for fire, state, code in fires], location, now, count)
+
+
+def describe_all(session: Session, location: Observer | None, now: datetime) -> list[dict[str, Any]]:
+    """Every automation, each with its next due time and its last fire, in two queries whatever their number."""
+    latest = (
+        select(AutomationFire.automation_id, func.max(AutomationFire.due_at).label("due_at"))
+        .group_by(AutomationFire.automation_id)
+        .subquery()
+    )
+    last_fires = {
+        fire.automation_id: (fire, state, exit_code)
+        for fire, state, exit_code in session.execute(
+            select(AutomationFire, Run.state, Run.exit_code)
+            .join(
+                latest,
+                (latest.c.automation_id == AutomationFire.automation_id) & (latest.c.due_at == AutomationFire.due_at),
+            )
+            .outerjoin(Run, Run.run_id == AutomationFire.run_id)
+        )
+    }
+    rows = session.scalars(select(Automation).order_by(Automation.id)).all()
+    return [_described(row, [last_fires[row.id]] if row.id in last_fires else [], location, now, 1) for row in rows]
+
+
+def _described(
+    row: Automation, fires: list[FireRow], location: Observer | None, now: datetime, count: int
+) -> dict[str, Any]:
+    spec = decode(AutomationSpec, row.definition, "automation")
     changed_at = aware_utc(row.changed_at)
     last_due = aware_utc(fires[0][0].due_at) if fires else None
     start = max(plan_start(changed_at, last_due), now)
+    failure = row.failure
+    next_fires: list[datetime] = []
+    if row.enabled and failure is None:
+        try:
+            next_fires = upcoming(spec, changed_at, start, location, count)
+        except Exception as exc:  # the scheduler marks it failed too; the list stays readable for the others
+            failure = f"{type(exc).__name__}: {exc}"
     return {
         "id": row.id,
         "name": row.name,
         "enabled": row.enabled,
         "definition": msgspec.to_builtins(spec),
         "changed_at": changed_at.isoformat(),
-        "next_fires": [due.isoformat() for due in upcoming(spec, changed_at, start, location, count)]
-        if row.enabled
-        else [],
+        "failure": failure,
+        "next_fires": [due.isoformat() for due in next_fires],
         "last_runs": [
             {
                 "due": aware_utc(fire.due_at).isoformat(),

@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
     inspect,
     select,
     text,
@@ -112,6 +113,8 @@ class Node(Base):
     __tablename__ = "node"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # A name a user gave (REST, the app) wins over one a beacon claimed, which only takes a free name.
+    named_by_user: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     type_id: Mapped[int] = mapped_column(ForeignKey("node_type.id"))
     ip: Mapped[str] = mapped_column(String(64), default="")
     last_update: Mapped[datetime | None] = mapped_column(DateTime)
@@ -247,6 +250,7 @@ class Automation(Base):
     """An automation: its definition (hacer/automations.py) and when it last changed."""
 
     __tablename__ = "automation"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused: a deleted one's fires stay its own
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     definition: Mapped[str] = mapped_column(Text)  # AutomationSpec JSON
@@ -256,6 +260,8 @@ class Automation(Base):
     # run that must have ended before another starts. Changed only by conditional UPDATEs.
     last_fired_at: Mapped[datetime | None] = mapped_column(DateTime)
     active_run: Mapped[str | None] = mapped_column(String(64))
+    # Why the scheduler cannot plan it (shown, never fired), for the definition of `changed_at`.
+    failure: Mapped[str | None] = mapped_column(Text)
 
 
 class AutomationTrigger(Base):

@@ -174,6 +174,7 @@ class Settings:
     # Variables of the runner's environment scripts see besides SCRIPT_ENV_ALLOWED.
     script_env_names: tuple[str, ...] = ()
     scheduler_id: str = field(default_factory=socket.gethostname)
+    max_automations: int = 1000
     # Logging (hacer/logs.py): a level name, `text` or `json` lines, stderr or a rotated file per part.
     log_level: str = "INFO"
     log_format: str = "text"
@@ -246,6 +247,7 @@ class Settings:
             database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
             runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),
             scheduler_id=env.get("HACER_SCHEDULER_ID", "").strip() or socket.gethostname(),
+            max_automations=_int(env, "HACER_MAX_AUTOMATIONS", 1000, 1, 1_000_000),
             log_level=_choice(env, "HACER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
             log_format=_choice(env, "HACER_LOG_FORMAT", "text", ("text", "json")),
             log_dir=Path(env["HACER_LOG_DIR"].strip()).resolve() if env.get("HACER_LOG_DIR", "").strip() else None,

@@ -97,6 +97,7 @@ class Scheduler:
         self.fired_elsewhere = 0
         self.skipped = 0
         self.held_back = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
+        self.failed = 0  # automations whose due times could not be computed: marked failed, never fired
         self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.queued = 0
@@ -198,12 +199,12 @@ class Scheduler:
             try:
                 spec = AutomationSpec.from_json(row.definition, self.location)
             except MessageError as exc:  # written past the api's checks: shown, not run
-                log.error("automation %s (%s) cannot be planned: %s", row.id, row.name, exc)
+                self._mark_failed(row.id, row.name, row.changed_at, str(exc))
                 continue
             changed_at, last = aware_utc(row.changed_at), last_fires.get(row.id)
             start = plan_start(changed_at, None if last is None else aware_utc(last))
-            since = anchor(changed_at)
-            plan = Planned(row.id, spec, since, next_due(spec.trigger, start, since, self.location), row.changed_at)
+            plan = Planned(row.id, spec, anchor(changed_at), None, row.changed_at)
+            plan.next_due = self._next(plan, start)
             planned[row.id] = plan
             fresh.append(plan)
             self._publish_plan(plan)
@@ -222,6 +223,29 @@ class Scheduler:
         for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
             if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
                 self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
+
+    def _next(self, plan: Planned, after: datetime) -> datetime | None:
+        """The plan's first due time after `after`; a trigger that cannot say is marked failed, it alone."""
+        try:
+            return next_due(plan.spec.trigger, after, plan.since, self.location)
+        except Exception as exc:  # a bug in one trigger's arithmetic must not stop the others
+            self._mark_failed(plan.id, plan.spec.name, plan.version, f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _mark_failed(self, automation_id: int, name: str, version: datetime, why: str) -> None:
+        """Keep an automation from firing and say why, in the log and on its row (for that definition only)."""
+        self.failed += 1
+        log.error("automation %s (%s) cannot be planned, and will not fire: %s", automation_id, name, why)
+        try:
+            with self.sessions() as session:
+                session.execute(
+                    update(Automation)
+                    .where(Automation.id == automation_id, Automation.changed_at == version)
+                    .values(failure=why[:500])
+                )
+                session.commit()
+        except SQLAlchemyError as exc:
+            log.warning("automation %s: its failure not recorded (%s)", automation_id, exc)
 
     def _fire_due(self) -> None:
         now, batch, moved = self.now(), [], []
@@ -258,10 +282,10 @@ class Scheduler:
         assert plan.next_due is not None
         spec, due = plan.spec, plan.next_due
         if (now - due).total_seconds() <= spec.grace:
-            plan.next_due = next_due(spec.trigger, due, plan.since, self.location)
+            plan.next_due = self._next(plan, due)
             return due, False
         latest, missed = self._latest_missed(plan, now)
-        plan.next_due = next_due(spec.trigger, now, plan.since, self.location)
+        plan.next_due = self._next(plan, now)
         run_once = spec.missed == "run_once" and (now - latest).total_seconds() <= spec.catch_up
         self.skipped += missed - run_once
         log.warning(
@@ -278,7 +302,7 @@ class Scheduler:
             return plan.next_due + timedelta(seconds=steps * trigger.seconds), steps + 1
         latest, count = plan.next_due, 1
         for _ in range(MAX_CATCH_UP_STEPS):
-            following = next_due(trigger, latest, plan.since, self.location)
+            following = self._next(plan, latest)
             if following is None or following > now:
                 break
             latest, count = following, count + 1

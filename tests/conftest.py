@@ -369,10 +369,13 @@ def connect(production_broker):
 # --- a live api process (the hostile suite) ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def live_api(tmp_path_factory):
-    """A broker and an api process (no token, the default), with a watcher on run requests."""
-    work = tmp_path_factory.mktemp("hostile-api")
+API_MODES = {"eventlet": ["api"], "threads": ["parts", "api"]}  # the api's two servers: eventlet's, Werkzeug's
+
+
+@pytest.fixture(scope="module", params=list(API_MODES))
+def live_api(request, tmp_path_factory):
+    """A broker and an api process (no token, the default) serving in each mode, with a watcher on run requests."""
+    work = tmp_path_factory.mktemp(f"hostile-api-{request.param}")
     broker = start_broker(work / "broker")
     port = free_port()
     env = {
@@ -384,7 +387,7 @@ def live_api(tmp_path_factory):
         "HACER_DATABASE_TIMEOUT": "2",
     }
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}, **env}
-    process = HacerProcess(["api"], env, work / "api.log").start()
+    process = HacerProcess(API_MODES[request.param], env, work / "api.log").start()
     bus = Bus(broker.url, Topics(), f"hostile-{uuid.uuid4().hex[:6]}")
     requests_seen = Watcher(bus, Topics().build("run_request"))
     bus.start()
@@ -392,6 +395,7 @@ def live_api(tmp_path_factory):
     wait_until(lambda: port_answers("127.0.0.1", port), 20, "the api to listen")
     api = type("Api", (), {})()
     api.url, api.port, api.process, api.requests = f"http://127.0.0.1:{port}", port, process, requests_seen
+    api.mode = request.param
     api.bus, api.database = bus, work / "hacer.db"
     yield api
     bus.stop()

@@ -115,9 +115,8 @@ def test_nginx_carries_rest_and_websockets_over_tls_and_no_broker(nginx, spawn, 
 
     # No MQTT over websockets behind nginx: /mqtt is the api's (an unknown path), not the broker's.
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        websocket.create_connection(
-            f"wss://127.0.0.1:{nginx['https']}/mqtt", subprotocols=["mqtt"], sslopt={"ca_certs": ca}, suppress_origin=True
-        )
+        mqtt_url = f"wss://127.0.0.1:{nginx['https']}/mqtt"
+        websocket.create_connection(mqtt_url, subprotocols=["mqtt"], sslopt={"ca_certs": ca}, suppress_origin=True)
     assert refused.value.status_code in (400, 404)
 
 

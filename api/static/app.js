@@ -386,7 +386,8 @@ function renderAutomations() {
     cell(row, name);
     cell(row, describeTrigger(definition.trigger));
     cell(row, [definition.script, ...definition.params].join(" "));
-    cell(row, enabled ? localTime(automation.next_fires[0]) : "");
+    if (automation.failure) cell(row, `failed: ${automation.failure}`, "failed");
+    else cell(row, enabled ? localTime(automation.next_fires[0]) : "");
     const fired = state.lastFires.get(id) || automation.last_runs[0];
     cell(row, fired ? `${localTime(fired.due)}${fired.state ? " " + fired.state : ""}` : "", "last-fire");
     const toggle = document.createElement("button");

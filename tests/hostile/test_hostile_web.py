@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 
 import pytest
-
 from test_control_app import CHROMIUM, CHROMIUM_FLAGS
 
 from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
@@ -140,4 +139,3 @@ def test_the_probe_does_reach_a_broker_with_a_websockets_listener(browser, tmp_p
     finally:
         bus.stop()
         broker.stop()
-
