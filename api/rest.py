@@ -206,14 +206,24 @@ def rename_node(node_id: int) -> ResponseReturnValue:
     if not isinstance(name, str) or not 0 < len(name.strip()) <= 64:
         raise bad_request("name must be a string of 1 to 64 characters")
     name = name.strip()
+    if name.isdigit() and name != str(node_id):  # scripts take a node by name or id: one must not be the other
+        raise bad_request(f"a name made only of digits reads as a node id: {name!r} can only name node {name}")
     svc = services()
     with svc.sessions() as session:
         node = find_node(session, node_id)
-        node.name = name
+        holder = session.scalar(select(Node).where(Node.name == name, Node.id != node_id))
+        if holder is not None and holder.named_by_user:
+            raise ApiError(409, f"the name {name!r} is taken by node {holder.id}")
+        if holder is not None:  # a beacon's claim: the user's name wins
+            holder.name = None
+            session.flush()
+        node.name, node.named_by_user = name, True
         try:
             session.commit()
         except IntegrityError:
             raise ApiError(409, f"the name {name!r} is taken") from None
+        if holder is not None:
+            svc.publish_meta(holder)
         svc.publish_meta(node)
         return jsonify({"success": True, "node": node_json(node)})
 

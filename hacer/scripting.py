@@ -41,6 +41,10 @@ class NodeNotFound(ScriptError):
     """No node has that name or id."""
 
 
+class AmbiguousNode(NodeNotFound):
+    """A name or id that could mean more than one node."""
+
+
 class CommandFailed(ScriptError):
     """The node (or the bridge on its behalf) answered with a failure."""
 
@@ -148,6 +152,7 @@ class Hub:
         self._commands: NodeCommandClient | None = None
         self._meta: dict[int, Any] | None = None
         self._presence: dict[int, Any] | None = None
+        self._told: dict[str, int] = {}  # name or id -> the node the run's log was told it is
 
     @property
     def bus(self) -> Bus:
@@ -181,12 +186,15 @@ class Hub:
             self._meta = self._presence = None  # their subscriptions went with the bus
 
     def nodes(self, type: str | None = None) -> list[Node]:
-        """Return every node the bus knows (names from `meta`, addresses from `presence`)."""
+        """Return every node the bus knows (names from `meta`, addresses from `presence`).
+
+        A name is the database's (`meta`): one a beacon claims counts only once the recorder let it have it.
+        """
         meta, presence = (dict(found) for found in self._directory())  # a copy: the bus thread updates them
         found_nodes = []
         for node_id in sorted(meta.keys() | presence.keys()):
             seen, known = presence.get(node_id), meta.get(node_id)
-            name = (known.name if known else "") or (seen.name if seen else "") or ""
+            name = known.name if known else ""
             node_type = seen.type if seen else (known.type if known else "other")
             node = Node(node_id, name, node_type, seen.ip if seen else "", bool(seen and seen.state == "online"))
             if type is None or node.type == type:
@@ -223,17 +231,21 @@ class Hub:
         return self._meta, self._presence
 
     def node(self, name_or_id: str | int) -> Node:
-        """Return the node with this name, or this id; raise NodeNotFound."""
+        """Return the node with this name, or this id, and say in the run's log which one it is.
+
+        Raises NodeNotFound, or AmbiguousNode when the name and the id are of two nodes.
+        """
         wanted = str(name_or_id)
-        nodes = self.nodes()
-        for node in nodes:
-            if node.name and node.name == wanted:
-                return node
-        if wanted.isdigit():
-            for node in nodes:
-                if node.id == int(wanted):
-                    return node
-        raise NodeNotFound(f"no node named {wanted!r}")
+        found = {node.id: node for node in self.nodes() if (node.name and node.name == wanted) or str(node.id) == wanted}
+        if not found:
+            raise NodeNotFound(f"no node named {wanted!r}")
+        if len(found) > 1:
+            raise AmbiguousNode(f"{wanted!r} could be node {' or node '.join(map(str, sorted(found)))}: rename one")
+        (node,) = found.values()
+        if self._told.get(wanted) != node.id:
+            self._told[wanted] = node.id
+            emit("output", f"node {wanted!r} is node {node.id} ({node.type} at {node.ip or 'no address yet'})")
+        return node
 
     def command(
         self, node: Node | str | int, op: str, key: str, value: Any = None, timeout: float = 5.0

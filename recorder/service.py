@@ -428,10 +428,14 @@ class Recorder:
         seen = utc(presence.last_seen)
         type_id = self._type_ids.get(presence.type, self._type_ids["other"])
         if node is None:
-            taken = presence.name and session.scalar(select(Node.id).where(Node.name == presence.name))
+            name = presence.name or None
+            # A beacon may claim a free name, never one that reads as a node id (scripts take a node by either).
+            if name is not None and (name.isdigit() or session.scalar(select(Node.id).where(Node.name == name))):
+                log.warning("node %s claims the name %r: refused (taken, or digits only)", presence.id, name)
+                name = None
             node = Node(
                 id=presence.id,
-                name=None if taken else presence.name,
+                name=name,
                 type_id=type_id,
                 ip=presence.ip,
                 last_update=seen,
