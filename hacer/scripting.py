@@ -18,6 +18,7 @@ from __future__ import annotations
 
 # Only os and sys at import time (each import here delays every script's first line):
 # json, threading, uuid and the bus are imported where first needed.
+import builtins
 import os
 import sys
 
@@ -152,7 +153,7 @@ class Hub:
         self._commands: NodeCommandClient | None = None
         self._meta: dict[int, Any] | None = None
         self._presence: dict[int, Any] | None = None
-        self._told: dict[str, int] = {}  # name or id -> the node the run's log was told it is
+        self._told: builtins.set[int] = builtins.set()  # the nodes the run's log was told a lookup took
 
     @property
     def bus(self) -> Bus:
@@ -236,14 +237,14 @@ class Hub:
         Raises NodeNotFound, or AmbiguousNode when the name and the id are of two nodes.
         """
         wanted = str(name_or_id)
-        found = {node.id: node for node in self.nodes() if (node.name and node.name == wanted) or str(node.id) == wanted}
+        found = {node.id: node for node in self.nodes() if wanted and wanted in (node.name, str(node.id))}
         if not found:
             raise NodeNotFound(f"no node named {wanted!r}")
         if len(found) > 1:
             raise AmbiguousNode(f"{wanted!r} could be node {' or node '.join(map(str, sorted(found)))}: rename one")
         (node,) = found.values()
-        if self._told.get(wanted) != node.id:
-            self._told[wanted] = node.id
+        if node.id not in self._told:
+            self._told.add(node.id)
             emit("output", f"node {wanted!r} is node {node.id} ({node.type} at {node.ip or 'no address yet'})")
         return node
 

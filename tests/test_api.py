@@ -229,7 +229,7 @@ def test_scripts_list_and_exec_then_logs(system):
         10,
         "entries",
     )
-    assert [e["entry_type"] for e in entries] == ["launch", "sent_set", "result", "exit_status"]
+    assert [e["entry_type"] for e in entries] == ["launch", "output", "sent_set", "result", "exit_status"]
     for entry in entries:
         assert {k: type(v) for k, v in entry.items()} == {
             "id": int,

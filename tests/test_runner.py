@@ -202,11 +202,17 @@ def test_2015_scripts_against_emulated_nodes(named_nodes, start_runner, requeste
     assert named_nodes["outlet1"].values["on"] == 1
     launch, *rest = runs.log_of(toggle)
     assert launch == ("launch", json.dumps({"script": "toggle", "params": ["outlet1", "1"]}))
-    assert rest == [("sent_set", '"on": "1"'), ("result", "+i1e"), ("exit_status", "success")]
+    outlet = named_nodes["outlet1"]
+    assert rest == [
+        ("output", f"node 'outlet1' is node {outlet.id} (toggle at {outlet.ip})"),  # which node the name took
+        ("sent_set", '"on": "1"'),
+        ("result", "+i1e"),
+        ("exit_status", "success"),
+    ]
 
     gettemp = requester("gettemp", ["hall"])
     assert runs.wait_finished(gettemp).exit_code == 0
-    assert runs.log_of(gettemp)[1:] == [
+    assert runs.log_of(gettemp)[2:] == [
         ("sent_get", '"temperature"'),
         ("result", "+i21e"),
         ("output", "21"),
@@ -253,7 +259,7 @@ def test_a_2015_script_file_runs_unchanged(named_nodes, start_runner, requester,
     start_runner()
     run_id = requester("oldstyle", ["outlet1", "1"])
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
-    assert runs.log_of(run_id)[1:] == [
+    assert runs.log_of(run_id)[2:] == [
         ("sent_set", '"on": "1"'),
         ("result", "+i1e"),
         ("sent_get", '"on"'),
@@ -529,6 +535,13 @@ def test_a_script_requests_another_run_and_uses_the_modern_library(
     run_id = requester("chain")
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
     outputs = [data for kind, data in runs.log_of(run_id) if kind == "output"]
+    took = [line for line in outputs if line.startswith("node '")]  # each lookup says which node it took, once
+    hall, cellar = named_nodes["hall"], named_nodes["cellar"]
+    assert took == [
+        f"node 'hall' is node {hall.id} (thermostat at {hall.ip})",
+        f"node 'cellar' is node {cellar.id} (sensor_temp at {cellar.ip})",
+    ]
+    outputs = [line for line in outputs if line not in took]
     assert outputs[:3] == ["hall thermostat online=True", "21", "refused: node_error Key Not Found"]
     child = outputs[3].removeprefix("child ")
     status = runs.wait_finished(child)
