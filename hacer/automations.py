@@ -31,7 +31,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hacer import runstates
-from hacer.messages import MAX_PARAMS, NO_NUL, MessageError, NodeId, Param, Payload, RunId, Time, decode
+from hacer.messages import (
+    FIRE_RUN_PREFIX,
+    MAX_PARAMS,
+    NO_NUL,
+    MessageError,
+    NodeId,
+    Param,
+    Payload,
+    RunId,
+    Time,
+    decode,
+)
 from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
@@ -251,14 +262,15 @@ def _sun_moment(trigger: Sun, day: date, location: Observer, local_zone: ZoneInf
 def fire_run_id(automation_id: int, due: datetime) -> str:
     """The run id of an automation's fire at `due`: the same for every scheduler, so a second fire is a no-op."""
     fraction = f".{due.microsecond:06d}" if due.microsecond else ""  # a bus event's time
-    return f"auto-{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}{fraction}Z"
+    return f"{FIRE_RUN_PREFIX}{automation_id}-{due.astimezone(UTC):%Y%m%dT%H%M%S}{fraction}Z"
 
 
 def automation_of_run(run_id: str) -> int | None:
     """The automation whose fire a run id names (see fire_run_id), or None."""
-    prefix, _, rest = run_id.partition("-")
-    automation_id = rest.partition("-")[0]
-    return int(automation_id) if prefix == "auto" and automation_id.isascii() and automation_id.isdigit() else None
+    if not run_id.startswith(FIRE_RUN_PREFIX):
+        return None
+    automation_id = run_id[len(FIRE_RUN_PREFIX) :].partition("-")[0]
+    return int(automation_id) if automation_id.isascii() and automation_id.isdigit() else None
 
 
 def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:

@@ -55,6 +55,8 @@ NodeId = Annotated[int, Meta(ge=0, le=MAX_NODE_ID)]
 Time = Annotated[datetime, Meta(tz=True)]
 Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_CHARS)]
 RunId = Annotated[str, Meta(pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")]
+# The run ids of automation fires (hacer/automations.py fire_run_id): runners run one only as the scheduler stored it.
+FIRE_RUN_PREFIX = "auto-"
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 # A value as the database keeps it: a 64-bit integer (history stores numbers as doubles) or a text.

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from hacer import runstates
 from hacer.messages import RunStatus
 from hacer.models import (
+    AutomationFire,
     CommitSync,
     DriverStatement,
     Run,
@@ -191,6 +192,15 @@ class ClaimStore:
             )
         except (ValueError, TypeError):  # a row no status could have written (2015's): nothing to say
             return None
+
+    def fire_request(self, run_id: str) -> str | None:
+        """The request a scheduler stored with the automation fire of `run_id`; None when no fire has that run."""
+        with self.engine.begin() as connection:
+            return connection.scalar(
+                select(Run.request)
+                .join(AutomationFire, AutomationFire.run_id == Run.run_id)
+                .where(Run.run_id == run_id, AutomationFire.pending.is_(False))
+            )
 
     def taken(self, run_ids: list[str]) -> list[str]:
         """Those of `run_ids` taken from this runner: another runner owns them, or reported them lost."""

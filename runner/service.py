@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from hacer import runstates
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import (
+    FIRE_RUN_PREFIX,
     Entry,
     Launch,
     LogEntry,
@@ -137,6 +138,7 @@ class Runner:
         self.config = config
         self.outbox = outbox
         self.clock = clock
+        self.forged_fires = 0  # requests under an automation fire's run id that no scheduler stored
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[Run] = deque()
         self._started: deque[Run] = deque()  # started by the dispatcher, for a worker to follow
@@ -255,6 +257,12 @@ class Runner:
             self.bus.ack(message)
             return
         run_id = request.run_id or uuid.uuid4().hex
+        if run_id.startswith(FIRE_RUN_PREFIX):
+            fired = self._as_fired(run_id)
+            if fired is None:
+                self.bus.ack(message)
+                return
+            request = fired
         script = self.scripts.find(request.script)
         if script is None:
             self._refuse(run_id, request, f"no script named {request.script!r} in {self.scripts.folder.name}/")
@@ -276,6 +284,28 @@ class Runner:
             return
         if self._claim_or_refuse(run, message, runstates.QUEUED):
             self._enqueue(run)
+
+    def _as_fired(self, run_id: str) -> RunRequest | None:
+        """An automation fire's request as the scheduler stored it, whoever sent this one; None: no such fire.
+
+        A fire's run id is predictable: a request under it that no scheduler stored is dropped without a
+        claim (a refusal would take the id from the fire to come), and a stored one runs with the
+        automation's parameters, whatever the message said.
+        """
+        try:
+            stored = self._with_retries(f"reading the fire of run {run_id}", lambda: self.claims.fire_request(run_id))
+        except SQLAlchemyError as exc:  # the recorders send a queued fire's request again
+            log.warning("run %s: its fire could not be read (%s); the request is sent again later", run_id, exc)
+            return None
+        if stored is None:
+            self.forged_fires += 1
+            log.warning("run %s: no automation fired it, request dropped (not the scheduler's)", run_id)
+            return None
+        try:
+            return RunRequest.from_payload(stored)
+        except MessageError as exc:
+            log.error("run %s: its stored request cannot be read: %s", run_id, exc)
+            return None
 
     def _claim_or_refuse(
         self, run: Run, message: Message, state: RunState, also: Hold | None = None, committed: Committed | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -132,3 +133,47 @@ def test_a_daemon_forked_without_exec_ends_with_the_run(
     assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
     pid = int(pid_file.read_text())
     wait_until(lambda: not alive(pid), 5, "the daemon to be ended with its run")
+
+
+def test_a_request_under_a_fires_run_id_runs_only_as_the_scheduler_stored_it(
+    spawn,
+    runner_env,
+    start_runner,
+    runs,  # noqa: F811
+    make_bus,
+    watch,
+):
+    """Fire run ids are predictable (and their next due times published): a user who sends them first
+    runs nothing, and each fire runs the automation's parameters."""
+    from datetime import UTC, datetime, timedelta
+
+    from hacer.automations import AutomationSpec, Every, anchor, fire_run_id
+    from hacer.messages import RunRequest
+    from hacer.models import Automation, Database, RunClaim
+
+    database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
+    database.init()
+    changed_at = datetime.now(UTC)
+    spec = AutomationSpec("every two seconds", Every(2), "test", ("from the automation",))
+    with database.session() as session:
+        row = Automation(name=spec.name, definition=spec.to_json().decode(), changed_at=changed_at.replace(tzinfo=None))
+        session.add(row)
+        session.commit()
+        automation_id = row.id
+    dues = [anchor(changed_at) + timedelta(seconds=2 * step) for step in range(1, 6)]
+    forged_ids = [fire_run_id(automation_id, due) for due in dues]
+    runner = start_runner()
+    attacker = make_bus()
+    for run_id in forged_ids:
+        attacker.publish("hacer/runs/request", RunRequest("test", ("attacker",), run_id).to_payload(), qos=1)
+    wait_until(lambda: runner.output().count("no automation fired it") == len(forged_ids), 20, "the forgeries dropped")
+    with database.session() as session:
+        assert session.query(RunClaim).count() == 0  # dropped unclaimed: the fires to come keep their ids
+    fired = watch(f"hacer/automations/{automation_id}/fired")
+    spawn(["scheduler"], runner_env)
+    wait_until(lambda: len(fired.messages) >= 2, 30, "two fires")
+    for message in fired.messages[:2]:
+        run_id = json.loads(message.payload)["run_id"]
+        assert runs.wait_finished(run_id).state == runstates.SUCCEEDED
+        outputs = [data for kind, data in runs.log_of(run_id) if kind == "output"]
+        assert outputs == ["test script running with ['from the automation']"], outputs
