@@ -67,11 +67,11 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
         return True
 
     @socketio.on("resume")
-    def resume(data: Any) -> None:
+    def resume(data: Any = None) -> None:  # a client may send an event without data
         catch_up(data.get("seq") if isinstance(data, dict) else None)
 
     @socketio.on("watch_run")
-    def watch_run(data: Any) -> None:
+    def watch_run(data: Any = None) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
             room = run_room(data["run_id"])
             join_room(room)
@@ -81,6 +81,6 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
                 socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("unwatch_run")
-    def unwatch_run(data: Any) -> None:
+    def unwatch_run(data: Any = None) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
             leave_room(run_room(data["run_id"]))

@@ -220,3 +220,20 @@ def test_a_locked_database_answers_503_and_websocket_events_keep_flowing(api):
             thread.join(30)
         client.disconnect()
     assert requests.get(api.url + "/api/nodes", timeout=10).status_code == 200
+
+
+def test_websocket_events_without_data_are_answered_not_logged_as_errors(api):
+    import socketio
+
+    client = socketio.Client(reconnection=False)
+    snapshots: list[dict] = []
+    client.on("snapshot", snapshots.append)
+    client.connect(api.url, transports=["websocket"], wait_timeout=5)
+    try:
+        for name in ("resume", "watch_run", "unwatch_run"):
+            client.emit(name)  # no data at all
+        client.call("resume", {"seq": None}, timeout=10)  # answered in order: the ones before were handled
+        wait_until(lambda: len(snapshots) >= 2, 10, "the snapshot a resume without a seq gets")
+    finally:
+        client.disconnect()
+    assert "TypeError" not in api.process.output() and "Traceback" not in api.process.output()
