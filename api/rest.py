@@ -471,21 +471,24 @@ def entries(thread_id: int | None = None) -> ResponseReturnValue:
             page, per_page = page_args()
             query = query.order_by(ScriptLogEntry.thread_id, ScriptLogEntry.seq, ScriptLogEntry.id)
             found = list(session.scalars(query.offset((page - 1) * per_page).limit(per_page)))
-        elif thread_id is None:  # without paging, the latest entries, oldest first
-            found = list(session.scalars(query.order_by(ScriptLogEntry.id.desc()).limit(UNPAGED_ENTRIES)))[::-1]
-        else:  # one run without paging (the 2015 app): its first entries, within bounds
+        else:  # the 2015 app: a run's first entries, or the latest of all (oldest first), within bounds
+            order = (ScriptLogEntry.seq, ScriptLogEntry.id) if thread_id else (ScriptLogEntry.id.desc(),)
             found, size = [], 0
-            rows = session.scalars(
-                query.order_by(ScriptLogEntry.seq, ScriptLogEntry.id)
-                .limit(UNPAGED_ENTRIES + 1)
-                .execution_options(yield_per=500)
-            )
+            rows = session.scalars(query.order_by(*order).limit(UNPAGED_ENTRIES + 1).execution_options(yield_per=500))
             for entry in rows:
                 size += len(entry.data or "")
                 if len(found) == UNPAGED_ENTRIES or size > UNPAGED_BYTES:
-                    return jsonify({"entry_list": [entry_json(e) for e in found], "truncated": True})
+                    return jsonify(
+                        {"entry_list": [entry_json(e) for e in in_order(found, thread_id)], "truncated": True}
+                    )
                 found.append(entry)
+            found = in_order(found, thread_id)
         return jsonify({"entry_list": [entry_json(e) for e in found]})
+
+
+def in_order(found: list[ScriptLogEntry], thread_id: int | None) -> list[ScriptLogEntry]:
+    """Entries read newest first (all runs' latest) put oldest first, as a run's are."""
+    return found if thread_id else found[::-1]
 
 
 @api.get("/logs/script")

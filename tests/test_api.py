@@ -679,6 +679,11 @@ def test_a_long_log_read_without_paging_is_bounded_and_paging_reads_it_all(syste
     assert unpaged["truncated"] is True
     assert sum(len(e["data"]) for e in unpaged["entry_list"]) <= 4 * 1024 * 1024
     assert [e["id"] for e in unpaged["entry_list"]] == [e["id"] for e in paged[: len(unpaged["entry_list"])]]
+    every_run = system.get("/api/logs/script").json()  # all runs' latest entries: bounded alike, the newest kept
+    assert every_run["truncated"] is True
+    assert sum(len(e["data"]) for e in every_run["entry_list"]) <= 4 * 1024 * 1024
+    ids = [e["id"] for e in every_run["entry_list"]]
+    assert ids == sorted(ids)
 
 
 def test_status_says_every_part_is_up(system):
