@@ -74,11 +74,15 @@ class RequestGuard:
         )
         return [body]
 
+    def _named_here(self, host: str) -> bool:
+        """Whether `host` is a name this api serves by itself or by the settings, `*` aside (it names none)."""
+        return host in self.allowed_hosts or host.endswith(".localhost") or _is_ip(host)
+
     def _check_host(self, environ: Environ) -> tuple[int, str, str] | None:
         if self.any_host:
             return None
         host = _host_name(environ.get("HTTP_HOST") or environ.get("SERVER_NAME", ""))
-        if host in self.allowed_hosts or host.endswith(".localhost") or _is_ip(host):
+        if self._named_here(host):
             return None
         return (
             400,
@@ -99,8 +103,11 @@ class RequestGuard:
             if environ.get("HTTP_SEC_FETCH_SITE") == "cross-site":
                 return 403, "origin", "a cross-site request: only the api's own pages may change things"
             return None  # not a browser: curl, scripts, REST clients
-        key = _origin_key(origin)
-        if key == _host_key(environ.get("HTTP_HOST", "")) or key in self.allowed_origins:
+        key, host = _origin_key(origin), environ.get("HTTP_HOST", "")
+        # The api's own page: its origin is the Host, and that Host a name served here. With
+        # HACER_ALLOWED_HOSTS=* any Host passes, so a DNS-rebound page (evil.example pointed at this
+        # machine) would be "its own page": such a page is only its own if its name is listed.
+        if (key == _host_key(host) and self._named_here(_host_name(host))) or key in self.allowed_origins:
             return None
         return (
             403,

@@ -237,3 +237,29 @@ def test_websocket_events_without_data_are_answered_not_logged_as_errors(api):
     finally:
         client.disconnect()
     assert "TypeError" not in api.process.output() and "Traceback" not in api.process.output()
+
+
+def test_any_host_allowed_still_refuses_a_rebound_pages_changes(tmp_path):
+    """HACER_ALLOWED_HOSTS=* lets any name reach the api, not any page change things through it."""
+    from test_automations import PublishingBus
+
+    from api.app import create_app
+    from hacer.models import Database
+    from hacer.settings import Settings
+
+    settings = Settings.from_env({"HADB_PATH": str(tmp_path / "api.db"), "HACER_ALLOWED_HOSTS": "*"})
+    Database(settings.database_url).init()
+    bus = PublishingBus()
+    client = create_app({"HACER_SETTINGS": settings, "HACER_BUS": bus, "ASYNC_MODE": "threading"}).test_client()
+    body = '{"params": ["rebound"]}'
+    assert client.get("/api/nodes", headers={"Host": "evil.example:5000"}).status_code == 200
+    rebound = client.post(
+        "/api/scripts/exec/name/test",
+        data=body,
+        headers={"Host": "evil.example:5000", "Origin": "http://evil.example:5000", "Content-Type": "text/plain"},
+    )
+    assert rebound.status_code == 403 and "HACER_ALLOWED_ORIGINS" in rebound.get_json()["message"]
+    own = client.post(
+        "/api/scripts/exec/name/test", data=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:5000"}
+    )
+    assert own.status_code == 200 and len(bus.requests()) == 1
