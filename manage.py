@@ -11,11 +11,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from hacer.logs import setup_logging
 from hacer.parentdeath import child_env, die_with_parent_from_env
-from hacer.settings import PROJECT_DIR, Settings, SettingsError
+from hacer.settings import PROJECT_DIR, Settings, SettingsError, pin_paths
 
 log = logging.getLogger("hacer.manage")
 
@@ -377,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.emulator_args = args.extra = rest
     die_with_parent_from_env()  # a part started by runserver ends with it
+    pin_paths(os.environ)  # a relative path means the folder the user started in, to every part
+    if getattr(args, "path", None):
+        args.path = str(Path(args.path).resolve())  # backup and restore: likewise
     try:
         args.settings = Settings.from_env()
     except SettingsError as exc:

@@ -31,6 +31,7 @@ def backup(database: Database, path: Path) -> None:
     """Write a backup of the database to `path` (replaced if it exists)."""
     partial = path.with_name(path.name + ".partial")  # a failed backup never leaves a file that looks whole
     partial.unlink(missing_ok=True)
+    os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # as private as the database
     if database.engine.dialect.name == "sqlite":
         _sqlite_copy(_sqlite(database), sqlite3.connect(partial))
     elif database.engine.dialect.name == "postgresql":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,6 +256,24 @@ class Settings:
             latitude=_degrees(env, "HACER_LATITUDE", 90.0),
             longitude=_degrees(env, "HACER_LONGITUDE", 180.0),
         )
+
+
+PATH_SETTINGS = ("HADB_PATH", "HACER_SCRIPTS_DIR", "HACER_STATE_DIR", "HACER_LOG_DIR")
+
+
+def pin_paths(env: MutableMapping[str, str]) -> None:
+    """Make the relative paths of `env`'s settings absolute, against the current folder.
+
+    Done once, where a command starts (before it moves to the project folder), so that every part it
+    starts, and every later read of the settings, means the folder the user started in.
+    """
+    for name in PATH_SETTINGS:
+        if env.get(name, "").strip():
+            env[name] = str(Path(env[name].strip()).resolve())
+    url = env.get("HACER_DATABASE_URL", "").strip()
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        path, mark, query = url[len("sqlite:///") :].partition("?")
+        env["HACER_DATABASE_URL"] = sqlite_url(Path(path)) + mark + query
 
 
 def sqlite_url(path: Path) -> str:

@@ -12,9 +12,14 @@ from hacer.settings import PROJECT_DIR
 FIXED = ("node_type", "script_log_entry_type")  # inserted by init() as ROWS has them
 
 
-def manage(env, *args):
+def manage(env, *args, cwd=None):
     return subprocess.run(
-        [sys.executable, str(PROJECT_DIR / "manage.py"), *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(PROJECT_DIR / "manage.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
     )
 
 
@@ -39,8 +44,21 @@ def test_a_restore_brings_back_every_row(database_url, hacer_env, tmp_path):
     done = manage(env, "restore", str(saved))
 
     assert done.returncode == 0, done.stderr
-    assert all_rows(database, ROWS) == ROWS
+    rows = all_rows(database, ROWS)
+    assert {name: [{key: row[key] for key in ROWS[name][0]} for row in rows[name]] for name in ROWS} == ROWS
     database.engine.dispose()
+
+
+def test_relative_paths_mean_the_folder_the_command_started_in_and_backups_are_private(hacer_env, tmp_path):
+    started_in = tmp_path / "home"
+    started_in.mkdir()
+    env = {**hacer_env, "HADB_PATH": "relative.db"}
+    for command in (["initdb"], ["backup", "relative.backup"]):
+        done = manage(env, *command, cwd=started_in)
+        assert done.returncode == 0, done.stderr
+    assert (started_in / "relative.db").exists() and not (PROJECT_DIR / "relative.db").exists()
+    assert (started_in / "relative.backup").stat().st_mode & 0o777 == 0o600
+    assert not (PROJECT_DIR / "relative.backup").exists()
 
 
 def test_a_restore_refuses_what_is_not_a_backup_of_its_kind(hacer_env, tmp_path):
