@@ -11,9 +11,9 @@ by holding the run's pipe.
 from __future__ import annotations
 
 import os
-import signal
 from typing import NamedTuple
 
+from hacer.parentdeath import children_of, kill_with_group
 from hacer.scriptmain import LAUNCH_ENV, RUN_ID_ENV
 
 PROC = "/proc"
@@ -100,13 +100,18 @@ def _read(path: str) -> bytes:
 def end_leftovers(run_id: str, token: str, since: Birth, pipe_inode: int | None) -> list[int]:
     """SIGKILL every process `run_processes` finds, with its process group; return their pids."""
     pids = run_processes(run_id, token, since, pipe_inode)
-    own_group = os.getpgrp()
     for pid in pids:
-        try:
-            group = os.getpgid(pid)
-            if group != own_group:  # a leftover may have joined the runner's group: not that one
-                os.killpg(group, signal.SIGKILL)
-            os.kill(pid, signal.SIGKILL)
-        except OSError:  # gone meanwhile
-            pass
+        kill_with_group(pid)  # a leftover may have joined the runner's group: not that one
     return pids
+
+
+def adopted(run_pid: int, since: Birth) -> list[int]:
+    """The processes a live run's process adopted (hacer/parentdeath.py): those that left its process group."""
+    escaped = []
+    for pid in children_of(run_pid, _created_since(since)):
+        try:
+            if os.getpgid(pid) != run_pid:
+                escaped.append(pid)
+        except OSError:  # gone meanwhile
+            continue
+    return escaped

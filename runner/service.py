@@ -54,12 +54,13 @@ from hacer.messages import (
     RunStatus,
     bus_time,
 )
+from hacer.parentdeath import kill_with_group
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 from hacer.topics import TopicError, Topics
 from runner.claims import AlreadyClaimed, ClaimStore, Committed, Hold
 from runner.launcher import Launcher, ScriptProcess
-from runner.leftovers import Birth, end_leftovers
+from runner.leftovers import Birth, adopted, end_leftovers
 from runner.outbox import Outbox
 from runner.output import OutputSplitter, read_output
 from runner.threads import ThreadPool
@@ -705,6 +706,9 @@ class Runner:
         if process is None or process.poll() is not None:
             return
         log.info("ending run %s (%s)", run.run_id, why)
+        escaped = adopted(process.pid, run.birth)  # left its group (setsid, env -i): still its process's child
+        for pid in escaped:
+            kill_with_group(pid, signal.SIGTERM)
         _signal_group(process.pid, signal.SIGTERM)
 
         def kill_after_grace() -> None:
@@ -712,6 +716,8 @@ class Runner:
                 process.wait(self.config.cancel_grace)
             except subprocess.TimeoutExpired:
                 pass
+            for pid in escaped:
+                kill_with_group(pid)
             _signal_group(process.pid, signal.SIGKILL)
 
         threading.Thread(target=kill_after_grace, daemon=True).start()

@@ -24,6 +24,14 @@ ESCAPE = (  # a child in a session of its own keeps the run's stdout open; its p
 )
 
 
+HIDE = (  # a grandchild in a session of its own, with no environment and none of the run's files
+    "import subprocess, sys, time\n"
+    "subprocess.run(['sh', '-c', 'env -i setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > ' + sys.argv[1]])\n"
+    "print('hidden', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -51,6 +59,33 @@ def test_a_child_that_leaves_the_process_group_ends_with_the_run(
         pid = int(pid_file.read_text())
         wait_until(lambda p=pid: not alive(p), 5, "the escaped child to be gone")
         assert ("output", "escaped") in runs.log_of(run_id)
+
+
+@pytest.mark.parametrize("fork_server", ["1", "0"])
+def test_a_descendant_that_drops_the_runs_group_environment_and_files_ends_with_it(
+    fork_server,
+    scripts_dir,
+    start_runner,
+    runs,  # noqa: F811
+    requester,
+    tmp_path,
+):
+    (scripts_dir / "hide.py").write_text(HIDE)
+    start_runner(HACER_RUNNER_FORK_SERVER=fork_server)
+    for pause, timeout, expected in (
+        ("0", None, runstates.SUCCEEDED),
+        ("300", 2.0, runstates.TIMED_OUT),
+        ("300", None, runstates.CANCELLED),
+    ):
+        pid_file = tmp_path / f"pid-{uuid.uuid4().hex[:6]}"
+        run_id = f"hide-{uuid.uuid4().hex[:6]}"
+        requester("hide", (str(pid_file), pause), run_id=run_id, **({"timeout": timeout} if timeout else {}))
+        if expected == runstates.CANCELLED:
+            runs.watcher.wait_for(lambda m, r=run_id: m.topic == f"hacer/runs/{r}/log" and b"hidden" in m.payload)
+            requester.bus.publish(f"hacer/runs/{run_id}/cancel", b"")
+        assert runs.wait_finished(run_id, timeout=20).state == expected
+        pid = int(wait_until(lambda p=pid_file: p.exists() and p.read_text().strip(), 5, "the hidden pid"))
+        wait_until(lambda p=pid: not alive(p), 5, f"the hidden grandchild to be gone ({expected})")
 
 
 def test_scripts_see_no_secret_of_the_runner(scripts_dir, start_runner, runs, requester, runner_env):  # noqa: F811
