@@ -24,6 +24,7 @@ from bridge.presence import PresenceTracker
 from hacer.bus import Bus, BusError, Message, MessageTooLarge
 from hacer.messages import (
     BridgeStats,
+    ClientCommand,
     CommandResult,
     GetCommand,
     LastSeenBatch,
@@ -167,6 +168,7 @@ class Bridge:
         self.relay.start()
         self.bus.subscribe(self.topics.filter("node_set"), self._on_set, send_retained=False)
         self.bus.subscribe(self.topics.filter("node_get"), self._on_get, send_retained=False)
+        self.bus.subscribe(self.topics.filter("client_command"), self._on_client_command, send_retained=False)
         # Every (re)subscription brings the retained table, which the repair after each connect
         # reads; live messages on these topics are our own, except an empty presence: a delete.
         self.bus.subscribe(self.topics.filter("node_presence"), self._on_presence)
@@ -209,6 +211,7 @@ class Bridge:
         self._on_command(message, "get")
 
     def _on_command(self, message: Message, op: Literal["set", "get"]) -> None:
+        self._refuse_response_topic(message.response_topic, "a command on a node's own topic")
         try:
             node_id: int | None = self.topics.node_id(message.topic)
             items = (
@@ -217,28 +220,59 @@ class Bridge:
                 else [(key, None) for key in GetCommand.from_payload(message.payload).keys]
             )
         except (TopicError, MessageError) as exc:
-            self.relay.counts["bad_request"] += 1
             if isinstance(exc, TopicError):
                 node_id, exc = None, MessageError("the node id must be ASCII digits")
-            result = CommandResult(
-                node_id,
-                op,
-                "",
-                False,
-                None,
-                "",
-                f"bad request: {exc}",
-                correlation_text(message.correlation),
-                bus_time(self.clock()),
-                "bad_request",
-            )
-            self._answer(
-                result, self.topics.result_of_command(message.topic), message.correlation, message.response_topic
-            )
+            self._bad_request(node_id, op, exc, message.correlation, self.topics.result_of_command(message.topic), None)
             return
         assert node_id is not None
         for key, value in items:
-            self.relay.submit(Command(node_id, op, key, value, message.correlation, message.response_topic))
+            self.relay.submit(Command(node_id, op, key, value, message.correlation))
+
+    def _on_client_command(self, message: Message) -> None:
+        """A command answered on its sender's own reply topics (the ACL binds the topic's client id to the sender)."""
+        client_id = self.topics.parse(message.topic)[1]
+        assert client_id is not None
+        reply_to = message.response_topic
+        if reply_to is not None and not self.topics.is_reply_topic(reply_to, client_id):
+            self._refuse_response_topic(reply_to, f"not under {self.topics.build('reply', client_id)}")
+            reply_to = None
+        try:
+            command = ClientCommand.from_payload(message.payload)
+            op, items = command.items()
+        except MessageError as exc:
+            self._bad_request(None, "set", exc, message.correlation, None, reply_to)
+            return
+        for key, value in items:
+            self.relay.submit(Command(command.node, op, key, value, message.correlation, reply_to))
+
+    def _refuse_response_topic(self, response_topic: str | None, why: str) -> None:
+        if response_topic is not None:
+            self.relay.counts["bad_response_topic"] += 1
+            log.warning("will not answer on response topic %.80r: %s", response_topic, why)
+
+    def _bad_request(
+        self,
+        node_id: int | None,
+        op: Literal["set", "get"],
+        error: Exception,
+        correlation: bytes | None,
+        result_topic: str | None,
+        response_topic: str | None,
+    ) -> None:
+        self.relay.counts["bad_request"] += 1
+        result = CommandResult(
+            node_id,
+            op,
+            "",
+            False,
+            None,
+            "",
+            f"bad request: {error}",
+            correlation_text(correlation),
+            bus_time(self.clock()),
+            "bad_request",
+        )
+        self._answer(result, result_topic, correlation, response_topic)
 
     def _on_presence(self, message: Message) -> None:
         if message.retain and message.payload:
@@ -309,19 +343,14 @@ class Bridge:
                 self.poller.read_back(command.node_id, command.key, now)
 
     def _answer(
-        self, result: CommandResult, result_topic: str, correlation: bytes | None, response_topic: str | None
+        self, result: CommandResult, result_topic: str | None, correlation: bytes | None, response_topic: str | None
     ) -> None:
+        """Publish a result on its node's result topic, and on the sender's response topic (checked before)."""
         payload = result.to_payload()
-        self.bus.publish(result_topic, payload, correlation=correlation)
-        if not response_topic:
-            return
-        if self.topics.is_reply_topic(response_topic):
+        if result_topic is not None:
+            self.bus.publish(result_topic, payload, correlation=correlation)
+        if response_topic is not None:
             self.bus.publish(response_topic, payload, correlation=correlation)
-        else:
-            self.relay.counts["bad_response_topic"] += 1
-            log.warning(
-                "did not answer on response topic %.80r: not under %s/replies/", response_topic, self.topics.prefix
-            )
 
     # --- repair on connect ------------------------------------------------------------------
 

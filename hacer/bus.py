@@ -457,6 +457,7 @@ class Bus:
         qos: int = 1,
         retain: bool = False,
         correlation: bytes | None = None,
+        response_topic: str | None = None,
         block: bool = True,
         timeout: float = 30.0,
     ) -> bool:
@@ -465,7 +466,7 @@ class Bus:
         When that many wait, block up to `timeout` (raising BusError), or with block=False
         return False at once so the caller can repair state later instead.
         """
-        return self._publish(topic, payload, qos, retain, correlation, block, timeout) is not None
+        return self._publish(topic, payload, qos, retain, correlation, block, timeout, response_topic) is not None
 
     def publish_confirmed(
         self, messages: list[tuple[str, bytes]], *, retain: bool = False, timeout: float = 10.0
@@ -495,6 +496,7 @@ class Bus:
         correlation: bytes | None,
         block: bool,
         timeout: float,
+        response_topic: str | None = None,
     ) -> paho.MQTTMessageInfo | None:
         if is_wildcard(topic):
             raise BusError(f"cannot publish to the wildcard topic {topic!r}")
@@ -503,7 +505,7 @@ class Bus:
             raise BusError("bus is not started")
         if isinstance(payload, str):
             payload = payload.encode()
-        size = len(payload) + len(correlation or b"") + PUBLISH_OVERHEAD
+        size = len(payload) + len(correlation or b"") + len(response_topic or "") * 4 + PUBLISH_OVERHEAD
         # 4 bytes a character bound the topic's UTF-8 length: encode it only when that may matter.
         if size + 4 * len(topic) > self.max_packet and (size := size + len(topic.encode())) > self.max_packet:
             self.too_large += 1
@@ -514,9 +516,12 @@ class Bus:
                 f"{size} bytes for {topic} is more than the broker's limit of {self.max_packet} bytes"
             )
         properties = None
-        if correlation is not None:
+        if correlation is not None or response_topic is not None:
             properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = correlation
+            if correlation is not None:
+                properties.CorrelationData = correlation
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
         if qos > 0 and not self._unconfirmed.acquire(blocking=block, timeout=timeout if block else None):
             if block:
                 raise BusError(f"broker confirmed nothing for {timeout} s")

@@ -220,7 +220,12 @@ class SetCommand(Struct, frozen=True):
     @classmethod
     def from_payload(cls, payload: bytes | str) -> SetCommand:
         """Decode a set JSON object; refuse empty objects and values a node cannot hold."""
-        return cls({key: _command_value(value) for key, value in decode(SetBody, payload, "set").items()})
+        return cls.of(decode(SetBody, payload, "set"))
+
+    @classmethod
+    def of(cls, body: dict[str, bool | int | float | str]) -> SetCommand:
+        """A decoded set body's command, with values a node can hold."""
+        return cls({key: _command_value(value) for key, value in body.items()})
 
 
 class GetCommand(Struct, frozen=True):
@@ -242,7 +247,39 @@ class GetCommand(Struct, frozen=True):
         except msgspec.DecodeError:  # a bare key, as mosquitto_pub -m sends it
             text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
             body = decode(Key, _ENCODER.encode(text.strip()), "get")
-        return cls(tuple(body) if type(body) is list else (body,))
+        return cls.of(body)
+
+    @classmethod
+    def of(cls, body: str | list[str]) -> GetCommand:
+        """A decoded get body's command."""
+        return cls(tuple(body) if isinstance(body, list) else (body,))
+
+
+class ClientCommand(Struct, frozen=True, forbid_unknown_fields=True):
+    """A node command on `clients/<client id>/command`: `set` or `get` as on the node's own topics."""
+
+    node: NodeId
+    set: SetBody | None = None
+    get: GetBody | None = None
+
+    def to_payload(self) -> bytes:
+        """Encode as the command JSON."""
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def from_payload(cls, payload: bytes | str) -> ClientCommand:
+        """Decode a command; refuse one that is neither or both of set and get."""
+        command: ClientCommand = decode(cls, payload, "command")
+        if (command.set is None) == (command.get is None):
+            raise MessageError("bad command: give either `set` or `get` - at `$`")
+        return command
+
+    def items(self) -> tuple[Literal["set", "get"], list[tuple[str, Value | None]]]:
+        """The op and its (key, value) pairs, values checked as a `set` topic's are (None for a get)."""
+        if self.set is not None:
+            return "set", list(SetCommand.of(self.set).values.items())
+        assert self.get is not None
+        return "get", [(key, None) for key in GetCommand.of(self.get).keys]
 
 
 class CommandResult(Payload, frozen=True):
@@ -458,6 +495,7 @@ DECLARATIONS: dict[str, Any] = {
     "NodeReadings": NodeReadings,
     "SetCommand": SetBody,
     "GetCommand": GetBody,
+    "ClientCommand": ClientCommand,
     "CommandResult": CommandResult,
     "LastSeenBatch": LastSeenBatch,
     "BridgeStats": BridgeStats,

@@ -1,6 +1,8 @@
 """Node commands through the bridge: publish a set or get, wait for its results by correlation.
 
-The api (REST set/get) and the scripting library both use this one client.
+The api (REST set/get) and the scripting library both use this one client. Commands go on the
+client's own command topic and are answered on its own reply topics, which only the bridge may
+publish on and only this client read (mosquitto/acl): no other client can feed it a result.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import threading
 import uuid
 
 from hacer.bus import Bus, Message
-from hacer.messages import CommandResult, GetCommand, MessageError, SetCommand
+from hacer.messages import ClientCommand, CommandResult, GetCommand, MessageError, SetCommand
 from hacer.topics import Topics
 
 
@@ -26,8 +28,8 @@ class NodeCommandClient:
         self._waiting: dict[bytes, tuple[threading.Event, list[CommandResult]]] = {}
 
     def subscribe(self) -> None:
-        """Register for every node's results (before or after the bus starts)."""
-        self.bus.subscribe(self.topics.filter("node_result"), self._on_result)
+        """Register for this client's results (before or after the bus starts)."""
+        self.bus.subscribe(self.topics.replies_of(self.bus.client_id), self._on_result)
 
     def _on_result(self, message: Message) -> None:
         waiter = self._waiting.get(message.correlation) if message.correlation else None
@@ -41,14 +43,21 @@ class NodeCommandClient:
 
     def command(self, node_id: int, command: SetCommand | GetCommand, timeout: float) -> list[CommandResult]:
         """Send `command` to a node and return its results, one per key (failures included)."""
-        op = "set" if isinstance(command, SetCommand) else "get"
-        count = len(command.values) if isinstance(command, SetCommand) else len(command.keys)
         correlation = uuid.uuid4().hex.encode()
         arrived = threading.Event()
         results: list[CommandResult] = []
         self._waiting[correlation] = (arrived, results)
+        if isinstance(command, SetCommand):
+            body, count = ClientCommand(node_id, set=dict(command.values)), len(command.values)
+        else:
+            body, count = ClientCommand(node_id, get=list(command.keys)), len(command.keys)
         try:
-            self.bus.publish(self.topics.build(f"node_{op}", node_id), command.to_payload(), correlation=correlation)
+            self.bus.publish(
+                self.topics.build("client_command", self.bus.client_id),
+                body.to_payload(),
+                correlation=correlation,
+                response_topic=self.topics.reply_to(self.bus.client_id, correlation.decode()),
+            )
             while len(results) < count:
                 if not arrived.wait(timeout):
                     raise CommandTimeout(f"the bridge answered {len(results)} of {count} within {timeout} s")

@@ -48,6 +48,9 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("automation", "automations/{arg}", True, 1, "scheduler", "AutomationState"),
     TopicSpec("automation_fired", "automations/{arg}/fired", False, 1, "scheduler", "AutomationFired"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),
+    # A node command answered on its sender's response topic: the broker's ACL lets a client
+    # publish here under its own client id only, so the answer goes to that client alone.
+    TopicSpec("client_command", "clients/{arg}/command", False, 1, "any client, under its own id", "ClientCommand"),
     # A requester's response topics: `replies/<its client id>/<anything>`.
     TopicSpec("reply", "replies/{arg}", False, 1, "bridge, to a command's response topic", "CommandResult"),
 )
@@ -119,20 +122,27 @@ class Topics:
                 return spec.name, arg
         raise TopicError(f"{topic!r} is not a hacer topic")
 
-    def is_reply_topic(self, topic: str) -> bool:
-        """Tell whether `topic` may be a command's response topic: under `<prefix>/replies/`.
+    def is_reply_topic(self, topic: str, client_id: str) -> bool:
+        """Tell whether `topic` may answer a command of `client_id`: `<prefix>/replies/<client_id>` or below.
 
-        Anything else would let a request make the bridge publish on a topic other parts own.
+        Anything else would let a request make the bridge publish on a topic other parts own, or
+        hand results (and correlation data of the requester's choosing) to another client.
         """
-        head = f"{self.prefix}/replies/"
+        own = self.build("reply", client_id)
         return (
-            topic.startswith(head)
+            (topic == own or topic.startswith(own + "/"))
             and len(topic) <= MAX_REPLY_TOPIC
             and not is_wildcard(topic)
             and "\0" not in topic
-            and not topic[len(head) :].startswith("/")  # a client id level comes first
-            and topic != head
         )
+
+    def reply_to(self, client_id: str, request: str) -> str:
+        """The response topic of one request of `client_id`: `replies/<client_id>/<request>`."""
+        return f"{self.build('reply', client_id)}/{_check_level(request)}"
+
+    def replies_of(self, client_id: str) -> str:
+        """The filter of every response topic of `client_id`."""
+        return f"{self.build('reply', client_id)}/#"
 
     def result_of_command(self, topic: str) -> str:
         """Return the result topic beside a set or get topic, whatever its id level holds."""

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from emulator.nodes import EmulatedNode, Emulator, make_nodes
-from hacer.messages import BridgeStats, CommandResult, NodeReadings, NodeValues
+from hacer.messages import BridgeStats, ClientCommand, CommandResult, NodeReadings, NodeValues
 
 from conftest import presence_of, target, wait_until
 
@@ -169,26 +169,14 @@ def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch
     presence = watch(topics.filter("node_presence"))
     emulator.start()
     presence.wait_for(lambda m: presence_of(m).id == made[0].id)
-    replies = watch(topics.prefix + "/replies/me/1")
-    bus = make_bus()
-    bus._client.publish(
-        topics.build("node_get", made[0].id),
-        "on",
-        qos=1,
-        properties=_request_properties(topics.prefix + "/replies/me/1", b"xyz"),
+    replies = watch(topics.reply_to("me", "1"))
+    bus = make_bus("me")
+    command = ClientCommand(made[0].id, get=["on"]).to_payload()
+    bus.publish(
+        topics.build("client_command", "me"), command, correlation=b"xyz", response_topic=topics.reply_to("me", "1")
     )
     reply = replies.wait_for(lambda m: True)
     assert reply.correlation == b"xyz" and result_of(reply).value == 0
-
-
-def _request_properties(response_topic, correlation):
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
-    properties = Properties(PacketTypes.PUBLISH)
-    properties.ResponseTopic = response_topic
-    properties.CorrelationData = correlation
-    return properties
 
 
 def test_dead_node_times_out_without_blocking_others(start_bridge, bridge_env, nodes, make_bus, watch, topics):

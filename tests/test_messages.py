@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hacer.messages import (
     DECLARATIONS,
     BridgeStats,
+    ClientCommand,
     CommandResult,
     GetCommand,
     LastSeenBatch,
@@ -99,6 +100,7 @@ EXAMPLES = {
     "NodeReadings": NodeReadings(7, {"temperature": Reading(21, T1), "mode": Reading("eco", T1)}, False, T1, "timeout"),
     "SetCommand": SetCommand({"on": 1}),
     "GetCommand": GetCommand(("temperature", "target")),
+    "ClientCommand": ClientCommand(7, set={"on": 1}),
     "CommandResult": CommandResult(7, "get", "temperature", True, 21, "+i21e", at=T1),
     "LastSeenBatch": LastSeenBatch({7: T1}),
     "BridgeStats": BridgeStats(3, 2, {"not_json": 1}, 0, 1, 0, {"ok": 2}),

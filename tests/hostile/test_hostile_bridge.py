@@ -122,32 +122,51 @@ def test_a_hostile_reply_ends_in_a_bounded_result_and_the_bridge_stays_connected
         emulator.stop()
 
 
-def test_response_topics_outside_the_reply_prefix_are_refused(
+def test_a_command_is_answered_only_on_its_senders_own_reply_topics(
     start_bridge, bridge_env, online, make_bus, watch, topics
 ):
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+    """A response topic is honoured only on `clients/<id>/command` and only under `replies/<id>/`: no
+    request makes the bridge publish over a part's topic, or hand another client a result it did not ask for."""
+    from hacer.messages import ClientCommand
 
     start_bridge()
     online(71, "127.0.0.71")  # no TCP server there: the command ends `unreachable`
     state = watch(topics.build("bridge_state"))
     replies = watch(topics.prefix + "/replies/#")
     results = watch(topics.filter("node_result"))
-    bus = make_bus()
-    for response_topic, correlation in (
-        (topics.build("bridge_state"), b"forged"),
-        (topics.prefix + "/replies/me/1", b"fine"),
+    attacker = make_bus("attacker")
+    victim_reply = topics.reply_to("victim", "1")
+    get_on = ClientCommand(71, get="on").to_payload()
+    for topic, payload, response_topic, correlation in (
+        (topics.build("node_get", 71), b"on", topics.build("bridge_state"), b"over a part's topic"),
+        (topics.build("node_get", 71), b"on", victim_reply, b"to the victim, on a node's topic"),
+        (topics.build("client_command", "attacker"), get_on, victim_reply, b"to the victim, as itself"),
+        (topics.build("client_command", "attacker"), get_on, topics.reply_to("attacker", "1"), b"its own"),
     ):
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.ResponseTopic = response_topic
-        properties.CorrelationData = correlation
-        bus._client.publish(topics.build("node_get", 71), "on", qos=1, properties=properties)
-    results.wait_for(lambda m: m.correlation == b"forged")
-    replies.wait_for(lambda m: m.correlation == b"fine")
-    assert [m.topic for m in replies.messages] == [topics.prefix + "/replies/me/1"]
+        attacker.publish(topic, payload, correlation=correlation, response_topic=response_topic)
+    for correlation in (b"over a part's topic", b"to the victim, on a node's topic", b"to the victim, as itself"):
+        results.wait_for(lambda m, c=correlation: m.correlation == c)  # each still has its result, on the node's topic
+    replies.wait_for(lambda m: m.correlation == b"its own")
+    assert [m.topic for m in replies.messages] == [topics.reply_to("attacker", "1")]
     assert [m.payload for m in state.messages] == [b"online"]
     stats = watch(topics.build("bridge_stats"))
-    stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).commands.get("bad_response_topic") == 1)
+    stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).commands.get("bad_response_topic") == 3)
+
+
+def test_a_bad_client_command_is_answered_on_its_senders_reply_topic(start_bridge, make_bus, watch, topics):
+    start_bridge()
+    replies = watch(topics.replies_of("me"))
+    me = make_bus("me")
+    for payload in (b'{"node": 71}', b'{"node": 71, "set": {"on": 1}, "get": "on"}', b'{"node": 71, "colour": 1}'):
+        me.publish(
+            topics.build("client_command", "me"),
+            payload,
+            correlation=payload,
+            response_topic=topics.reply_to("me", "x"),
+        )
+    for payload in (b'{"node": 71}', b'{"node": 71, "set": {"on": 1}, "get": "on"}', b'{"node": 71, "colour": 1}'):
+        result = result_of(replies.wait_for(lambda m, p=payload: m.correlation == p))
+        assert result.reason == "bad_request" and not result.ok
 
 
 @pytest.mark.parametrize("level", ["abc", "１０００", "99999999999999999999", "-1"])

@@ -123,3 +123,21 @@ def test_a_user_cannot_take_over_a_parts_session_by_its_guessable_client_id(conn
         assert [m.topic for m in seen.messages if "/clients/" in m.topic and viewer.client_id not in m.topic] == []
     finally:
         runner.stop()
+
+
+def test_a_client_may_send_answered_commands_only_under_its_own_id(connect):
+    topics = Topics()
+    api = connect("hacer-api")  # reads everything
+    seen = Watcher(api, topics.filter("client_command"))
+    api.sync()
+    script = connect("hacer-script")
+    victim = connect("hacer-script")
+    script.publish(
+        topics.build("client_command", victim.client_id), b'{"node": 5, "get": "on"}', correlation=b"as another"
+    )
+    script.publish(
+        topics.build("client_command", script.client_id), b'{"node": 5, "get": "on"}', correlation=b"as itself"
+    )
+    seen.wait_for(lambda m: m.correlation == b"as itself")
+    api.sync()
+    assert [m.correlation for m in seen.messages] == [b"as itself"]
