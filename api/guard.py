@@ -27,6 +27,27 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_LINE = 1024  # a chunk-size line or a trailer of a chunked body (Werkzeug's own bound is 100)
+
+
+class LineTooLong(ValueError):
+    """A line of a chunked body (its size, a trailer) longer than MAX_LINE."""
+
+
+class _BoundedLines:
+    """A socket's file whose readline() stops at MAX_LINE: eventlet reads a chunk-size line unbounded."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def readline(self, size: int | None = -1) -> bytes:
+        line: bytes = self.raw.readline(MAX_LINE if size is None or size < 0 else min(size, MAX_LINE))
+        if len(line) >= MAX_LINE and not line.endswith(b"\n"):
+            raise LineTooLong(f"a line of the chunked body is longer than {MAX_LINE} bytes")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def default_host_names() -> set[str]:
@@ -127,9 +148,14 @@ class RequestGuard:
         if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             return None
         stream = environ["wsgi.input"]
+        if hasattr(stream, "rfile") and not isinstance(stream.rfile, _BoundedLines):  # eventlet's Input
+            stream.rfile = _BoundedLines(stream.rfile)
         chunks, size = [], 0
         while size <= self.max_body:
-            chunk = stream.read(min(64 * 1024, self.max_body + 1 - size))
+            try:
+                chunk = stream.read(min(64 * 1024, self.max_body + 1 - size))
+            except ValueError as exc:  # a line too long, a chunk size that is not hex
+                return 400, "body", f"bad chunked body: {exc}"
             if not chunk:
                 break
             chunks.append(chunk)
