@@ -10,6 +10,9 @@ from hacer.settings import Settings  # noqa: E402 - needs the path above
 settings = Settings.from_env()
 worker_class = "eventlet"
 workers = 1
+# Connections at most (api/limits.py): behind nginx every connection is nginx's, so no per-client limit here.
+worker_connections = settings.http_max_connections
+keepalive = int(settings.http_idle_timeout)
 # Websocket connections never end by themselves: waiting the default 30 s for them on every
 # stop only delays it.
 graceful_timeout = 5

@@ -10,6 +10,7 @@ import eventlet
 import eventlet.event
 
 from api.app import create_app, served_host
+from api.limits import ConnectionLimits, limited_pool
 from hacer.logs import setup_logging
 from hacer.models import Database
 from hacer.settings import Settings
@@ -36,7 +37,17 @@ def main() -> None:
         signal.signal(signum, lambda *_: stop.ready() or stop.send())
     log.info("api on http://%s:%d/ (broker %s)", host, settings.http_port, settings.mqtt_url)
     socketio = app.extensions["socketio"]
-    server = eventlet.spawn(socketio.run, app, host=host, port=settings.http_port, log_output=False)
+    limits = ConnectionLimits(settings.http_max_connections, settings.http_max_per_client, settings.http_idle_timeout)
+    server = eventlet.spawn(
+        socketio.run,
+        app,
+        host=host,
+        port=settings.http_port,
+        log_output=False,
+        custom_pool=limited_pool(limits),
+        socket_timeout=limits.idle,  # a connection that sends nothing for this long is closed
+        keepalive=limits.idle,
+    )
     try:
         stop.wait()
     finally:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler
 
 from api.app import create_app, served_host
+from api.limits import ConnectionLimits
 from hacer.models import Database
 from hacer.settings import Settings
 
@@ -25,6 +27,26 @@ class QuietRequests(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Nothing."""
+
+
+class LimitedServer(ThreadedWSGIServer):
+    """Werkzeug's threaded server within the api's connection limits (api/limits.py)."""
+
+    def __init__(self, host: str, port: int, app: Any, limits: ConnectionLimits) -> None:
+        handler = type("IdleLimitedRequests", (QuietRequests,), {"timeout": limits.idle})  # a silent one ends
+        super().__init__(host, port, app, handler=handler)
+        self.limits = limits
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection within the limits (socketserver closes the others)."""
+        return self.limits.admit(client_address[0])
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve an admitted connection, then give its place back."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.limits.release(client_address[0])
 
 
 class ThreadedApi:
@@ -41,7 +63,11 @@ class ThreadedApi:
         """Connect the bus and serve."""
         self.app.extensions["hacer"].bus.start()
         host = served_host(self.settings)
-        self.server = make_server(host, self.settings.http_port, self.app, threaded=True, request_handler=QuietRequests)
+        settings = self.settings
+        limits = ConnectionLimits(
+            settings.http_max_connections, settings.http_max_per_client, settings.http_idle_timeout
+        )
+        self.server = LimitedServer(host, settings.http_port, self.app, limits)
         self.thread = threading.Thread(target=self.server.serve_forever, name="api-server", daemon=True)
         self.thread.start()
         log.info("api on http://%s:%d/ (threads)", host, self.settings.http_port)

@@ -36,7 +36,14 @@ def adopt_orphans() -> None:
 def children_of(parent: int, candidates: "list[int] | None" = None) -> "list[int]":
     """The pids among `candidates` (default: every process) whose parent is `parent`."""
     if candidates is None:
-        candidates = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        try:  # the kernel's own list, where it keeps one (CONFIG_PROC_CHILDREN)
+            children: list[int] = []
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as listed:
+                    children.extend(int(child) for child in listed.read().split())
+            return children
+        except OSError:
+            candidates = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     found = []
     for pid in candidates:
         try:

@@ -150,6 +150,10 @@ class Settings:
     runner_takeover: float = 10.0
     http_host: str = "127.0.0.1"
     http_port: int = 5000
+    # Connections the api holds at most (in all, from one address) and seconds one may send nothing.
+    http_max_connections: int = 1000
+    http_max_per_client: int = 100
+    http_idle_timeout: float = 60.0
     api_token: str = ""
     # Names the api is reached by beyond localhost, IP literals and this machine's own names
     # ("*": any), and other origins whose pages may change things (DNS rebinding, CSRF).
@@ -230,6 +234,9 @@ class Settings:
             runner_takeover=_float(env, "HACER_RUNNER_TAKEOVER", 10.0, 0.1) or 10.0,
             http_host=env.get("HACER_HTTP_HOST", "").strip() or "127.0.0.1",
             http_port=_int(env, "HACER_HTTP_PORT", 5000, 1, 65535),
+            http_max_connections=_int(env, "HACER_HTTP_MAX_CONNECTIONS", 1000, 1, 1_000_000),
+            http_max_per_client=_int(env, "HACER_HTTP_MAX_PER_CLIENT", 100, 1, 1_000_000),
+            http_idle_timeout=_float(env, "HACER_HTTP_IDLE_TIMEOUT", 60.0, 1.0) or 60.0,
             api_token=env.get("HACER_API_TOKEN", "").strip(),
             script_mqtt_url=env.get("HACER_SCRIPT_MQTT_URL", "").strip(),
             script_env_names=_list(env, "HACER_SCRIPT_ENV"),
