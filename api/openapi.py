@@ -63,7 +63,8 @@ SCHEMAS: dict[str, Any] = {
         "description": "Times are Unix seconds. A raw point is [t, value] (the value holds until the next "
         "point); a bucket is [start, low, mean, high, count] of the samples in it. `before` is the point in "
         "effect at `since`. Availability lists changes, with the ones in effect at `since`: `online`/`offline` "
-        "(beacons) and `answering`/`not_answering` (commands and reads).",
+        "(beacons) and `answering`/`not_answering` (commands and reads). Raw points (`step=0`) come 5 000 at "
+        "most: `truncated` then says so, and `next_since` is where the next page begins.",
         "required": ["node_id", "since", "until", "availability"],
         "properties": {
             "node_id": NODE_ID_SCHEMA,
@@ -71,6 +72,8 @@ SCHEMAS: dict[str, Any] = {
             "since": {"type": "number"},
             "until": {"type": "number"},
             "step": {"type": "integer", "minimum": 0},
+            "truncated": {"type": "boolean"},
+            "next_since": {"type": "number"},
             "points": {
                 "type": "array",
                 "items": {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from hacer.nodewire import DEFAULT_BEACON_INTERVAL, Beacon, Value
 log = logging.getLogger(__name__)
 
 MAX_VALUES_PER_NODE = 64
+# Values a node's beacons carry are taken at most once per this many seconds per node: a node
+# beacons every 60 s, while a flood of beacons with changing values would fill the history and
+# make every subscriber read the node's whole state again at each one. Command replies are not limited.
+BEACON_VALUES_EVERY = 10.0
 
 
 class PresencePublisher(Protocol):
@@ -55,6 +60,7 @@ class NodeRecord:
     answering: bool = True
     answering_since: float = 0.0
     answer_error: str | None = None
+    beacon_values_at: float = -math.inf  # when values a beacon carried were last taken
 
     def readings(self) -> NodeReadings:
         """Return the readings message of this record."""
@@ -130,6 +136,7 @@ class PresenceTracker:
         self._nodes: dict[int, NodeRecord] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._fresh: dict[int, float] = {}
+        self.beacon_values_held_back = 0  # beacons whose values came sooner than BEACON_VALUES_EVERY
         self._lock = threading.Lock()
         self.deadline_changed = threading.Event()
 
@@ -163,7 +170,7 @@ class PresenceTracker:
                 record.last_seen = now  # the common case: nothing to announce
                 self._fresh[beacon.id] = now
                 if beacon.state:
-                    self._merge_values(record, beacon.state, now)
+                    self._merge_beacon_values(record, beacon.state, now)
                 return None
             if record is None:
                 refused = self._admit(now)
@@ -188,7 +195,7 @@ class PresenceTracker:
             self._push_deadline(record)
             presence = record.presence()
             if beacon.state:
-                self._merge_values(record, beacon.state, now)
+                self._merge_beacon_values(record, beacon.state, now)
         self._publisher.presence(presence)
         return None
 
@@ -210,6 +217,17 @@ class PresenceTracker:
             return old != new
         assert isinstance(old, int)
         return abs(new - old) > self._deadbands.get(key, 0.0)
+
+    def held_back(self) -> dict[str, int]:
+        """Beacons whose values were not taken (`values_too_often`), for the bridge's stats when there are any."""
+        return {"values_too_often": self.beacon_values_held_back} if self.beacon_values_held_back else {}
+
+    def _merge_beacon_values(self, record: NodeRecord, values: dict[str, Value], now: float) -> None:
+        if now - record.beacon_values_at < BEACON_VALUES_EVERY:
+            self.beacon_values_held_back += 1
+            return
+        record.beacon_values_at = now
+        self._merge_values(record, values, now)
 
     def _merge_values(self, record: NodeRecord, values: dict[str, Value], now: float) -> None:
         changed = {k: v for k, v in values.items() if self._changed(k, record.values.get(k), v)}

@@ -423,7 +423,8 @@ class Bridge:
         return BridgeStats(
             datagrams=self.listener.datagrams,
             accepted=self.listener.accepted,
-            dropped=dict(self.listener.drops.counts),
+            # Beacons whose values came too soon after the node's last ones: the beacon counts, its values not.
+            dropped={**self.listener.drops.counts, **self.tracker.held_back()},
             kernel_drops=self.listener.kernel_drops(),
             nodes_online=online,
             nodes_offline=offline,

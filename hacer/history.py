@@ -175,6 +175,10 @@ def history(
             answer["points"] = _buckets(connection, node_id, key, since_ms, until_ms, step * 1000)
         else:
             answer["points"] = _raw(connection, node_id, key, since_ms, until_ms)
+            if len(answer["points"]) > MAX_RAW_POINTS:  # the first ones, and where the rest begins
+                del answer["points"][MAX_RAW_POINTS:]
+                answer["truncated"] = True
+                answer["next_since"] = (round(answer["points"][-1][0] * 1000) + 1) / 1000
         before = connection.execute(
             select(NodeSample.at_ms, NodeSample.value, NodeSample.text)
             .where(NodeSample.node_id == node_id, NodeSample.key == key, NodeSample.at_ms < since_ms)
@@ -220,6 +224,7 @@ def _raw(connection: Connection, node_id: int, key: str, since_ms: int, until_ms
         .where(NodeSample.node_id == node_id, NodeSample.key == key)
         .where(NodeSample.at_ms >= since_ms, NodeSample.at_ms < until_ms)
         .order_by(NodeSample.at_ms)
+        .limit(MAX_RAW_POINTS + 1)
     )
     return [_point(row) for row in rows]
 

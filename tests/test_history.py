@@ -96,3 +96,12 @@ def test_availability_keeps_what_a_node_was_when_the_range_begins(database):
         (NOW - 34 * DAY, "answering", None),
         (NOW - 3600, "not_answering", "cannot reach 10.0.0.5:7777"),
     ]
+
+
+def test_every_sample_asked_for_comes_in_pages(database):
+    write(database, *[readings(1, NOW - DAY + 10 * i, temperature=i % 50) for i in range(6000)])
+    first = read(database, since=NOW - DAY, step=0)
+    assert first["truncated"] is True and len(first["points"]) == 5000
+    rest = read(database, since=first["next_since"], step=0)
+    assert "truncated" not in rest and len(rest["points"]) == 1000
+    assert [p[0] for p in first["points"] + rest["points"]] == [NOW - DAY + 10 * i for i in range(6000)]

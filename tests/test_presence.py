@@ -218,3 +218,15 @@ def test_poll_plans_are_read_from_the_setting():
     for bad in ("thermostat", "toggle:on", "toggle:@5", "toggle:on@0.5", ":on@5", "toggle:on@x"):
         with pytest.raises(SettingsError, match="HACER_POLL"):
             parse_poll_plans(bad)
+
+
+def test_a_flood_of_beacons_changes_a_nodes_values_at_most_once_per_ten_seconds():
+    pub = RecordingPublisher()
+    tracker = PresenceTracker(pub, None, clock=lambda: 0)
+    for index in range(2000):  # 200 a second for 10 s, every one with new values
+        tracker.observe(beacon(state={f"k{n}": index for n in range(32)}), "10.0.0.5", index / 200)
+    assert len(pub.value_updates) == 1 and len(pub.presences) == 1  # the first; the next would be at 10 s
+    assert tracker.held_back() == {"values_too_often": 1999}
+    tracker.observe(beacon(state={"k0": -1}), "10.0.0.5", 10.0)
+    tracker.update_values(1, {"k1": -1}, 10.1)  # a command's reply is not a beacon: taken at once
+    assert [update[1]["k0"] for update in pub.value_updates] == [0, -1, -1]
