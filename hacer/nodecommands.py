@@ -29,7 +29,7 @@ class NodeCommandClient:
 
     def subscribe(self) -> None:
         """Register for this client's results (before or after the bus starts)."""
-        self.bus.subscribe(self.topics.replies_of(self.bus.client_id), self._on_result)
+        self.bus.subscribe(self.topics.build("reply", self.bus.client_id), self._on_result)
 
     def _on_result(self, message: Message) -> None:
         waiter = self._waiting.get(message.correlation) if message.correlation else None
@@ -56,7 +56,7 @@ class NodeCommandClient:
                 self.topics.build("client_command", self.bus.client_id),
                 body.to_payload(),
                 correlation=correlation,
-                response_topic=self.topics.reply_to(self.bus.client_id, correlation.decode()),
+                response_topic=self.topics.build("reply", self.bus.client_id),  # requests told apart by correlation
             )
             while len(results) < count:
                 if not arrived.wait(timeout):

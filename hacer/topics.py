@@ -123,26 +123,15 @@ class Topics:
         raise TopicError(f"{topic!r} is not a hacer topic")
 
     def is_reply_topic(self, topic: str, client_id: str) -> bool:
-        """Tell whether `topic` may answer a command of `client_id`: `<prefix>/replies/<client_id>` or below.
+        """Tell whether `topic` may answer a command of `client_id`: only `<prefix>/replies/<client_id>`.
 
         Anything else would let a request make the bridge publish on a topic other parts own, or
         hand results (and correlation data of the requester's choosing) to another client.
         """
-        own = self.build("reply", client_id)
-        return (
-            (topic == own or topic.startswith(own + "/"))
-            and len(topic) <= MAX_REPLY_TOPIC
-            and not is_wildcard(topic)
-            and "\0" not in topic
-        )
-
-    def reply_to(self, client_id: str, request: str) -> str:
-        """The response topic of one request of `client_id`: `replies/<client_id>/<request>`."""
-        return f"{self.build('reply', client_id)}/{_check_level(request)}"
-
-    def replies_of(self, client_id: str) -> str:
-        """The filter of every response topic of `client_id`."""
-        return f"{self.build('reply', client_id)}/#"
+        try:
+            return topic == self.build("reply", client_id) and len(topic) <= MAX_REPLY_TOPIC
+        except TopicError:  # a client id no topic level can hold
+            return False
 
     def result_of_command(self, topic: str) -> str:
         """Return the result topic beside a set or get topic, whatever its id level holds."""

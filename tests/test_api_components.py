@@ -29,6 +29,7 @@ class RecordingBus:
         self.published: list[tuple[str, bytes, bool]] = []
         self.handlers: list[tuple[str, object]] = []
         self.connected = True
+        self.client_id = "recording-bus"
 
     def subscribe(self, topic_filter, handler, **options) -> None:
         self.handlers.append((topic_filter, handler))

@@ -125,6 +125,7 @@ class Clock:
 class PublishingBus:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
+        self.client_id = "publishing-bus"
 
     def publish(self, topic, payload, **options) -> bool:
         self.published.append((topic, payload))

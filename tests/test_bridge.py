@@ -169,11 +169,11 @@ def test_response_topic_gets_the_result_too(start_bridge, nodes, make_bus, watch
     presence = watch(topics.filter("node_presence"))
     emulator.start()
     presence.wait_for(lambda m: presence_of(m).id == made[0].id)
-    replies = watch(topics.reply_to("me", "1"))
+    replies = watch(topics.build("reply", "me"))
     bus = make_bus("me")
     command = ClientCommand(made[0].id, get=["on"]).to_payload()
     bus.publish(
-        topics.build("client_command", "me"), command, correlation=b"xyz", response_topic=topics.reply_to("me", "1")
+        topics.build("client_command", "me"), command, correlation=b"xyz", response_topic=topics.build("reply", "me")
     )
     reply = replies.wait_for(lambda m: True)
     assert reply.correlation == b"xyz" and result_of(reply).value == 0

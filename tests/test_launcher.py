@@ -128,15 +128,13 @@ def test_a_forked_run_carries_its_token_where_a_fork_without_exec_inherits_it(la
         "        os.dup2(null, fd)\n"
         "    time.sleep(30)\n"
         "    os._exit(0)\n"
-        "print(pid, flush=True)\n"
+        "environ = open(f'/proc/{pid}/environ', 'rb').read().split(b'\\0')\n"  # as the runner reads it
+        "print(pid, [v.decode() for v in environ if v.startswith(b'HACER_LAUNCH=')], flush=True)\n"
     )
     output, code, token = run(launcher(), script)
-    twin = int(output)
-    try:
-        environ = Path(f"/proc/{twin}/environ").read_bytes().split(b"\0")
-        assert f"HACER_LAUNCH={token}".encode() in environ
-    finally:
-        os.kill(twin, signal.SIGKILL)
+    twin, seen = output.split(" ", 1)
+    assert seen.strip() == repr([f"HACER_LAUNCH={token}"])
+    wait_until(lambda: not Path(f"/proc/{twin}/stat").exists(), 5, "the twin ended with its run")
 
 
 def test_runs_die_with_the_fork_server_and_the_next_runs_start_cold_then_forked_again(launcher, tmp_path):

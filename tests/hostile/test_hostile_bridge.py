@@ -135,19 +135,19 @@ def test_a_command_is_answered_only_on_its_senders_own_reply_topics(
     replies = watch(topics.prefix + "/replies/#")
     results = watch(topics.filter("node_result"))
     attacker = make_bus("attacker")
-    victim_reply = topics.reply_to("victim", "1")
+    victim_reply = topics.build("reply", "victim")
     get_on = ClientCommand(71, get="on").to_payload()
     for topic, payload, response_topic, correlation in (
         (topics.build("node_get", 71), b"on", topics.build("bridge_state"), b"over a part's topic"),
         (topics.build("node_get", 71), b"on", victim_reply, b"to the victim, on a node's topic"),
         (topics.build("client_command", "attacker"), get_on, victim_reply, b"to the victim, as itself"),
-        (topics.build("client_command", "attacker"), get_on, topics.reply_to("attacker", "1"), b"its own"),
+        (topics.build("client_command", "attacker"), get_on, topics.build("reply", "attacker"), b"its own"),
     ):
         attacker.publish(topic, payload, correlation=correlation, response_topic=response_topic)
     for correlation in (b"over a part's topic", b"to the victim, on a node's topic", b"to the victim, as itself"):
         results.wait_for(lambda m, c=correlation: m.correlation == c)  # each still has its result, on the node's topic
     replies.wait_for(lambda m: m.correlation == b"its own")
-    assert [m.topic for m in replies.messages] == [topics.reply_to("attacker", "1")]
+    assert [m.topic for m in replies.messages] == [topics.build("reply", "attacker")]
     assert [m.payload for m in state.messages] == [b"online"]
     stats = watch(topics.build("bridge_stats"))
     stats.wait_for(lambda m: BridgeStats.from_payload(m.payload).commands.get("bad_response_topic") == 3)
@@ -155,14 +155,14 @@ def test_a_command_is_answered_only_on_its_senders_own_reply_topics(
 
 def test_a_bad_client_command_is_answered_on_its_senders_reply_topic(start_bridge, make_bus, watch, topics):
     start_bridge()
-    replies = watch(topics.replies_of("me"))
+    replies = watch(topics.build("reply", "me"))
     me = make_bus("me")
     for payload in (b'{"node": 71}', b'{"node": 71, "set": {"on": 1}, "get": "on"}', b'{"node": 71, "colour": 1}'):
         me.publish(
             topics.build("client_command", "me"),
             payload,
             correlation=payload,
-            response_topic=topics.reply_to("me", "x"),
+            response_topic=topics.build("reply", "me"),
         )
     for payload in (b'{"node": 71}', b'{"node": 71, "set": {"on": 1}, "get": "on"}', b'{"node": 71, "colour": 1}'):
         result = result_of(replies.wait_for(lambda m, p=payload: m.correlation == p))
