@@ -82,3 +82,16 @@ def test_the_asyncapi_document_is_current_and_valid():
         named = parameter(spec)
         if named is not None:
             assert names[spec.pattern.split("{arg}")[0]] == named[0], spec.pattern
+
+
+def test_every_line_of_the_readmes_trust_section_names_tests_that_exist():
+    readme = (PROJECT_DIR / "README.md").read_text()
+    section = readme.split("## Trust: a hostile home network", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| who", "| ---"))]
+    assert len(rows) >= 10
+    for row in rows:
+        named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", row)
+        assert named, f"a Trust line names no test: {row[:80]}"
+        for path, test in named:
+            source = (PROJECT_DIR / path).read_text()
+            assert re.search(rf"^def {test}\(", source, re.MULTILINE), f"{path}::{test} does not exist"
