@@ -12,10 +12,12 @@ import time
 import pytest
 import requests
 
+from bench.common import free_port
+from hacer.broker import port_answers
 from hacer.messages import Presence, RunRequest, bus_time
 from hacer.topics import Topics
 
-from conftest import wait_until
+from conftest import API_MODES, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -255,27 +257,23 @@ def test_websocket_events_without_data_are_answered_not_logged_as_errors(api):
     assert "TypeError" not in api.process.output() and "Traceback" not in api.process.output()
 
 
-def test_any_host_allowed_still_refuses_a_rebound_pages_changes(tmp_path):
+@pytest.mark.parametrize("mode", list(API_MODES))
+def test_any_host_allowed_still_refuses_a_rebound_pages_changes(mode, spawn, hacer_env, watch):
     """HACER_ALLOWED_HOSTS=* lets any name reach the api, not any page change things through it."""
-    from test_automations import PublishingBus
-
-    from api.app import create_app
-    from hacer.models import Database
-    from hacer.settings import Settings
-
-    settings = Settings.from_env({"HADB_PATH": str(tmp_path / "api.db"), "HACER_ALLOWED_HOSTS": "*"})
-    Database(settings.database_url).init()
-    bus = PublishingBus()
-    client = create_app({"HACER_SETTINGS": settings, "HACER_BUS": bus, "ASYNC_MODE": "threading"}).test_client()
-    body = '{"params": ["rebound"]}'
-    assert client.get("/api/nodes", headers={"Host": "evil.example:5000"}).status_code == 200
-    rebound = client.post(
-        "/api/scripts/exec/name/test",
+    port = free_port()
+    spawn(API_MODES[mode], {**hacer_env, "HACER_HTTP_PORT": str(port), "HACER_ALLOWED_HOSTS": "*"})
+    wait_until(lambda: port_answers("127.0.0.1", port), 30, "the api")
+    requests_seen = watch(Topics().build("run_request"))
+    url, body = f"http://127.0.0.1:{port}/api/scripts/exec/name/test", '{"params": ["rebound"]}'
+    assert requests.get(f"http://127.0.0.1:{port}/api/nodes", headers={"Host": "evil.example"}).status_code == 200
+    rebound = requests.post(
+        url,
         data=body,
-        headers={"Host": "evil.example:5000", "Origin": "http://evil.example:5000", "Content-Type": "text/plain"},
+        headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}", "Content-Type": "text/plain"},
+        timeout=10,
     )
-    assert rebound.status_code == 403 and "HACER_ALLOWED_ORIGINS" in rebound.get_json()["message"]
-    own = client.post(
-        "/api/scripts/exec/name/test", data=body, headers={"Host": "127.0.0.1:5000", "Origin": "http://127.0.0.1:5000"}
-    )
-    assert own.status_code == 200 and len(bus.requests()) == 1
+    assert rebound.status_code == 403 and "HACER_ALLOWED_ORIGINS" in rebound.json()["message"]
+    own = requests.post(url, data=body, headers={"Origin": f"http://127.0.0.1:{port}"}, timeout=10)
+    assert own.status_code == 200
+    requests_seen.wait_for(lambda m: b"rebound" in m.payload)
+    assert len(requests_seen.messages) == 1

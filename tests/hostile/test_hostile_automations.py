@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sqlalchemy import event, select
 from test_automations import START, Clock, add, fires, schedulers
 
+from bench.common import free_port
 from hacer.automations import (
     SECONDS_PER_YEAR,
     AutomationSpec,
@@ -21,8 +22,11 @@ from hacer.automations import (
     next_due,
     upcoming,
 )
+from hacer.broker import port_answers
 from hacer.messages import MessageError
 from hacer.models import Automation, AutomationFire
+
+from conftest import API_MODES, wait_until
 
 END_OF_TIME = {"kind": "at", "at": "9999-12-31T23:59", "tz": "America/Los_Angeles"}
 
@@ -152,24 +156,16 @@ def test_no_accepted_definition_raises_when_planned(trigger, changed, after, lat
     assert following is None or following > after
 
 
-def test_a_user_can_create_only_so_many_automations(tmp_path):
-    from test_automations import PublishingBus
-
-    from api.app import create_app
-    from hacer.models import Database
-    from hacer.settings import Settings
-
-    env = {"HADB_PATH": str(tmp_path / "api.db"), "HACER_SCRIPTS_DIR": str(tmp_path), "HACER_MAX_AUTOMATIONS": "2"}
-    settings = Settings.from_env(env)
-    (tmp_path / "lamp.py").write_text("print('on')\n")
-    Database(settings.database_url).init()
-    client = create_app(
-        {"HACER_SETTINGS": settings, "HACER_BUS": PublishingBus(), "ASYNC_MODE": "threading"}
-    ).test_client()
-    lamp = {"script": "lamp", "trigger": {"kind": "every", "seconds": 60}}
-    assert [client.post("/api/automations", json={**lamp, "name": f"a{n}"}).status_code for n in range(3)] == [
+@pytest.mark.parametrize("mode", list(API_MODES))
+def test_a_user_can_create_only_so_many_automations(mode, spawn, hacer_env):
+    port = free_port()
+    spawn(API_MODES[mode], {**hacer_env, "HACER_HTTP_PORT": str(port), "HACER_MAX_AUTOMATIONS": "2"})
+    wait_until(lambda: port_answers("127.0.0.1", port), 30, "the api")
+    url = f"http://127.0.0.1:{port}/api/automations"
+    test = {"script": "test", "trigger": {"kind": "every", "seconds": 60}}
+    assert [requests.post(url, json={**test, "name": f"a{n}"}, timeout=10).status_code for n in range(3)] == [
         201,
         201,
         409,
     ]
-    assert "HACER_MAX_AUTOMATIONS" in client.post("/api/automations", json={**lamp, "name": "a9"}).get_json()["message"]
+    assert "HACER_MAX_AUTOMATIONS" in requests.post(url, json={**test, "name": "a9"}, timeout=10).json()["message"]
