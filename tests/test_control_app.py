@@ -159,6 +159,33 @@ def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(syste
     expect(page.locator("#automations tbody tr", has_text="each second")).to_have_count(0, timeout=10_000)
     assert system.get(f"/api/automations/{automation_id}").status_code == 404
 
+    # A definition written past the api's checks (an older hacer, by hand): the scheduler marks it failed,
+    # the api says why and the app shows it, in place of its next fire.
+    from datetime import UTC, datetime
+
+    from hacer.models import Automation, Database
+
+    from conftest import wait_until
+
+    end_of_time = {"kind": "at", "at": "9999-12-31T23:59", "tz": "America/Los_Angeles"}
+    with Database(f"sqlite:///{system.env['HADB_PATH']}").session() as session:
+        session.add(
+            Automation(
+                name="end of time",
+                definition=json.dumps({"name": "end of time", "script": "test", "trigger": end_of_time}),
+                changed_at=datetime.now(UTC).replace(tzinfo=None),
+            )
+        )
+        session.commit()
+    listed = wait_until(
+        lambda: [a for a in system.get("/api/automations").json()["automations"] if a["failure"]], 20, "the failure"
+    )
+    assert listed[0]["name"] == "end of time" and "$.trigger.at" in listed[0]["failure"]
+    page.reload()
+    expect(page.locator("#automations tbody tr", has_text="end of time").locator("td.failed")).to_contain_text(
+        "failed: bad automation", timeout=10_000
+    )
+
 
 @pytest.mark.parametrize("system", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
