@@ -243,16 +243,24 @@ def cmd_runserver(args: argparse.Namespace) -> None:
     # Schema upgrades in a process of their own: alembic (6 MB) never stays in a part that runs for months.
     if subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), "initdb"], env=child_env()).returncode:
         raise SystemExit("runserver: the database could not be upgraded (see above)")
+    from hacer.supervisor import Part, Supervisor, exec_manage, preload
+
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883
-    broker = None
+    broker: list[Part] = []
     if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
-        broker = BrokerProcess(settings.state_dir / "mosquitto", [port])
-        broker.start()
-        log.info("started mosquitto on %s:%d; log in %s", host, port, broker.work_dir / "mosquitto.log")
+        command, _ = BrokerProcess(settings.state_dir / "mosquitto", [port]).prepare()
+        log.info("starting mosquitto on %s:%d, restarted like every part if it dies", host, port)
+        broker.append(
+            Part(
+                "broker",
+                lambda: os.execv(command[0], command),
+                ready=lambda: port_answers(host, port, timeout=0.2),
+                stops_last=True,
+            )
+        )
     else:
         log.info("using the broker at %s", settings.mqtt_url)
-    from hacer.supervisor import Part, Supervisor, exec_manage, preload
 
     def forked(name: str, run: Callable[[], None]) -> Part:
         def main() -> None:
@@ -271,17 +279,13 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
         emulate = exec_manage("emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval")
         parts.append(Part("emulate", emulate))
-    try:
-        if not args.together:
-            # The four non-web parts share these modules' pages; one child alone would not (see README).
-            preload()
-        supervisor = Supervisor(parts, prefixed=settings.log_format != "json")
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, supervisor.stop)
-        supervisor.run()
-    finally:
-        if broker is not None:
-            broker.stop()
+    if not args.together:
+        # The four non-web parts share these modules' pages; one child alone would not (see README).
+        preload()
+    supervisor = Supervisor(broker + parts, prefixed=settings.log_format != "json")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, supervisor.stop)
+    supervisor.run()
 
 
 def run_parts(settings: Settings, names: list[str]) -> None:

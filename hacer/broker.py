@@ -119,6 +119,24 @@ class BrokerProcess:
         mosquitto opens its listeners in order and exits when one cannot be had (a port taken since
         it was chosen): answering on the first port alone does not mean it stays up.
         """
+        command, listening = self.prepare()
+        log_file = open(self.work_dir / "mosquitto.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while not all(port_answers(self.host, port, timeout=0.2) for port in listening):
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"mosquitto exited with {self.process.returncode}: "
+                    f"{(self.work_dir / 'mosquitto.log').read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"mosquitto did not listen on {listening} within {timeout} s")
+            time.sleep(0.02)  # polling a port that has no event to wait on
+
+    def prepare(self) -> tuple[list[str], list[int]]:
+        """Write the config; return mosquitto's command line and the ports it will listen on."""
         if port_answers(self.host, self.port, timeout=0.2):  # else that process would be taken for this one
             raise BrokerError(f"port {self.port} is in use by another process")
         data_dir = self.work_dir / "data"
@@ -135,22 +153,7 @@ class BrokerProcess:
         )
         config.write_text(rendered)
         listening = [int(line.split()[1]) for line in rendered.splitlines() if line.startswith("listener ")]
-        log_file = open(self.work_dir / "mosquitto.log", "ab")
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(config)], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log_file.close()
-        deadline = time.monotonic() + timeout
-        while not all(port_answers(self.host, port, timeout=0.2) for port in listening):
-            if self.process.poll() is not None:
-                raise BrokerError(
-                    f"mosquitto exited with {self.process.returncode}: "
-                    f"{(self.work_dir / 'mosquitto.log').read_text()[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BrokerError(f"mosquitto did not listen on {listening} within {timeout} s")
-            time.sleep(0.02)  # polling a port that has no event to wait on
+        return [mosquitto_binary(), "-c", str(config)], listening
 
     def stop(self, kill: bool = False) -> None:
         """Stop mosquitto (SIGKILL when `kill`, as a crash would)."""

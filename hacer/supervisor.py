@@ -30,6 +30,7 @@ log = logging.getLogger("hacer.supervisor")
 # What every non-web part imports: loaded before the first fork, shared by those forked after.
 COMMON_MODULES = ("hacer.bus", "hacer.models", "hacer.messages", "hacer.topics", "hacer.runstates", "hacer.logs")
 RESTART_AFTER = 1.0  # seconds between a part's death and its next start
+READY_WITHIN = 10.0  # seconds a part with a readiness check gets before the parts after it start
 PR_SET_NAME = 15
 
 
@@ -39,6 +40,9 @@ class Part:
 
     name: str
     main: Callable[[], None]
+    # Checked after the part's first start, before the next parts start (the broker: its port answers).
+    ready: Callable[[], bool] | None = None
+    stops_last: bool = False  # stopped once the others have (the broker: they say `offline` through it)
     pid: int = 0
     output: int = -1
     pending: bytes = b""
@@ -87,6 +91,11 @@ class Supervisor:
     def run(self) -> None:
         """Start the parts, restart any that dies, until stop(); then stop them (SIGTERM, SIGKILL after 15 s)."""
         try:
+            for part in self.parts:  # the first start, in order, each ready before the next
+                self._start(part)
+                deadline = self.clock() + READY_WITHIN
+                while part.ready is not None and part.pid and not part.ready() and self.clock() < deadline:
+                    self._pump(timeout=0.02)
             while not self.stopping:
                 now = self.clock()
                 for part in self.parts:
@@ -187,15 +196,18 @@ class Supervisor:
         part.pid, part.exited_at = 0, self.clock()
 
     def _stop_children(self, grace: float) -> None:
-        for part in [part for part in self.parts if part.pid]:
-            os.kill(part.pid, signal.SIGTERM)
-        deadline = self.clock() + grace
-        while any(part.pid for part in self.parts) and self.clock() < deadline:
-            self._pump(timeout=0.1)
-        for part in self.parts:
-            if part.pid:
-                os.kill(part.pid, signal.SIGKILL)
-                self._ended(part, os.waitstatus_to_exitcode(os.waitpid(part.pid, 0)[1]))
+        for last in (False, True):
+            group = [part for part in self.parts if part.stops_last == last]
+            for part in group:
+                if part.pid:
+                    os.kill(part.pid, signal.SIGTERM)
+            deadline = self.clock() + grace
+            while any(part.pid for part in group) and self.clock() < deadline:
+                self._pump(timeout=0.1)
+            for part in group:
+                if part.pid:
+                    os.kill(part.pid, signal.SIGKILL)
+                    self._ended(part, os.waitstatus_to_exitcode(os.waitpid(part.pid, 0)[1]))
         self.selector.close()
         os.close(self.wakeup_read)
         os.close(self.wakeup_write)

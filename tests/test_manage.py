@@ -275,3 +275,17 @@ def test_runserver_together_runs_every_part_in_one_process(spawn, hacer_env):
         "the run recorded",
     )
     assert server.stop() == 0, server.output()
+
+
+def test_runserver_restarts_its_broker_when_it_dies_and_says_so(spawn, hacer_env):
+    port = free_port()
+    env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}", "HACER_HTTP_PORT": str(free_port())}
+    server = spawn(["runserver"], env)
+    wait_until(lambda: status(env).returncode == 0, 60, "every part online")
+    broker = [pid for pid in children_of(server.process.pid) if process_name(pid) == "mosquitto"]
+    assert len(broker) == 1
+    os.kill(broker[0], signal.SIGKILL)
+    wait_until(lambda: "broker exited with -9; restarting it" in server.output(), 15, "the supervisor to say so")
+    wait_until(lambda: status(env).returncode == 0, 60, "every part online again, through the new broker")
+    assert server.stop() == 0, server.output()
+    assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
