@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -69,6 +70,8 @@ from hacer.models import (
 from hacer.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
+
+MAX_RESCUE_EVERY = 60.0  # seconds between two sends of a request no runner takes, at most
 
 SHARE_GROUP = "hacer-recorders"
 BATCH_LIMIT = 2000
@@ -120,6 +123,7 @@ class Recorder:
         self.clock = clock
         self.written = 0
         self.rescued = 0
+        self._resends: dict[str, tuple[float, float]] = {}  # run id -> (last sent here, seconds until the next)
         self.set_aside = 0
         # run id -> (n, seqs above n): log entries 1..n known written, and the later ones this recorder wrote
         self._watermarks: dict[str, tuple[int, set[int]]] = {}
@@ -560,30 +564,43 @@ class Recorder:
 
     def _rescue_loop(self) -> None:
         while not self._stopping.wait(min(1.0, self.rescue_after / 2)):
-            if not self._online_runners:
-                continue  # nobody to take them: they wait in the runners' sessions
             try:
-                self._rescue()
+                self._rescue_round()
             except Exception:
                 log.exception("rescuing run requests failed")
 
+    def _rescue_round(self) -> None:
+        if self._online_runners and self.bus.connected:  # else nobody takes them, or nothing is sent into the void
+            self._rescue()
+
     def _rescue(self) -> None:
-        """Send again requests no runner acknowledged within `rescue_after` seconds."""
-        cutoff = utc_datetime(self.clock() - self.rescue_after)
+        """Send again requests no runner took within `rescue_after` seconds, then at doubling intervals.
+
+        A request keeps its time (`requested_at`); when it was last sent is this recorder's to know.
+        """
+        now = self.clock()
+        cutoff = utc_datetime(now - self.rescue_after)
         with self.sessions() as session:
-            stale = session.scalars(
-                select(Run).where(
+            stale = session.execute(
+                select(Run.run_id, Run.request).where(
                     Run.runner == "", Run.state == runstates.QUEUED, Run.request != "", Run.requested_at < cutoff
                 )
             ).all()
-            for run in stale:
-                log.warning(
-                    "run %s not taken by any runner for %s s: requesting it again", run.run_id, self.rescue_after
-                )
-                self.bus.publish(self.topics.build("run_request"), run.request)
-                run.requested_at = utc_datetime(self.clock())
-                self.rescued += 1
-            session.commit()
+        resent = {run_id: self._resends.get(run_id, (-math.inf, 0.0)) for run_id, _ in stale}
+        due = [(run_id, request) for run_id, request in stale if now - resent[run_id][0] >= resent[run_id][1]]
+        for run_id, request in due:
+            self.bus.publish(self.topics.build("run_request"), request)
+            resent[run_id] = (now, min(max(self.rescue_after, resent[run_id][1] * 2), MAX_RESCUE_EVERY))
+        self._resends = resent  # runs taken since are forgotten
+        self.rescued += len(due)
+        if due:
+            log.warning(
+                "%d run(s) not taken by any runner for %g s or more, requested again (%d wait): %s",
+                len(due),
+                self.rescue_after,
+                len(stale),
+                " ".join(run_id for run_id, _ in due[:10]) + (" ..." if len(due) > 10 else ""),
+            )
 
 
 def _seq_of(payload: bytes) -> int | None:

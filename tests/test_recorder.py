@@ -22,7 +22,7 @@ from hacer.messages import (
     RunStatus,
     bus_time,
 )
-from hacer.models import Database, DeadLetter, Node, NodeSample, Run, ScriptLogEntry
+from hacer.models import Database, DeadLetter, Node, NodeSample, Run, ScriptLogEntry, utc_datetime
 from recorder.service import Recorder
 
 from conftest import wait_until
@@ -328,3 +328,40 @@ def test_a_requester_that_missed_every_status_learns_how_its_run_ended(
     late = request_until_claimed(make_bus(), RunRequest("exit3", (), run_id, "test"), timeout=10)
     assert late is not None, "no answer: the requester would send forever"
     assert (late.state, late.exit_code, late.runner) == (runstates.FAILED, 3, runner.runner_id)
+
+
+def test_a_request_no_runner_takes_is_sent_again_ever_less_often_and_keeps_its_time(database):
+    clock = [1000.0]
+    bus = AckingBus()
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", rescue_after=5.0, clock=lambda: clock[0])
+    asked_at = utc_datetime(990.0)
+    with database.session() as session:
+        session.add(Run(run_id="waits", script="test", state="queued", runner="", request='{"script":"test"}',
+                        requested_at=asked_at))  # fmt: skip
+        session.commit()
+    sent_at = []
+    for _ in range(200):  # 200 s in steps of 1 s
+        before = len(bus.published)
+        recorder._rescue()
+        if len(bus.published) > before:
+            sent_at.append(clock[0] - 1000.0)
+        clock[0] += 1.0
+    assert sent_at == [0.0, 5.0, 15.0, 35.0, 75.0, 135.0, 195.0]  # 5, 10, 20, 40, 60, 60 s apart
+    with database.session() as session:
+        assert session.get(Run, 1).requested_at == asked_at  # the request's own time stays
+
+
+def test_no_request_is_sent_again_while_the_broker_is_away(database):
+    bus = AckingBus()
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", rescue_after=0.1)
+    with database.session() as session:
+        session.add(Run(run_id="waits", script="test", state="queued", runner="", request='{"script":"test"}',
+                        requested_at=utc_datetime(0.0)))  # fmt: skip
+        session.commit()
+    recorder._online_runners.add("r1")
+    bus.connected = False
+    recorder._rescue_round()
+    assert [t for t, _, _ in bus.published if t == "hacer/runs/request"] == []
+    bus.connected = True
+    recorder._rescue_round()
+    assert [t for t, _, _ in bus.published if t == "hacer/runs/request"] == ["hacer/runs/request"]
