@@ -52,6 +52,13 @@ JSON_OBJECT_BODY = {
     "description": "JSON, with or without a JSON content type (2015 clients send none)",
 }
 TEXT = {"type": "string"}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "the same key (at most 255 characters), the same run: a request sent again runs nothing more",
+    "schema": {"type": "string", "maxLength": 255},
+}
 OPTIONAL_TEXT = {"type": ["string", "null"]}
 
 BUS_SCHEMAS = json_schemas(ref_template="#/components/schemas/{name}")
@@ -362,17 +369,19 @@ PATHS: dict[str, Any] = {
     "/api/scripts/exec/id/{script_id}": {
         "parameters": [{"name": "script_id", "in": "path", "required": True, "schema": ROW_ID_SCHEMA}],
         "post": {
-            "summary": 'Run a script (2015): {"params": [...]}',
+            "summary": 'Run a script (2015): {"params": [...]}; `run_id` or an Idempotency-Key runs it once',
+            "parameters": [IDEMPOTENCY_KEY],
             "requestBody": JSON_OBJECT_BODY,
-            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR},
+            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR, "409": ERROR},
         },
     },
     "/api/scripts/exec/name/{name}": {
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": TEXT}],
         "post": {
             "summary": "Run a script by name (2015)",
+            "parameters": [IDEMPOTENCY_KEY],
             "requestBody": JSON_OBJECT_BODY,
-            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR},
+            "responses": {"200": body("Started"), "400": ERROR, "404": ERROR, "409": ERROR},
         },
     },
     "/api/runs": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import time
@@ -23,6 +24,7 @@ from hacer import runstates
 from hacer.history import MAX_BUCKETS, history, millis
 from hacer.messages import (
     EARLIEST_TIME,
+    FIRE_RUN_PREFIX,
     LATEST_TIME,
     LOG_ENTRY_TYPES,
     MAX_KEY_CHARS,
@@ -348,10 +350,16 @@ def exec_script_by_name(name: str) -> ResponseReturnValue:
 
 
 def exec_script(script: Script) -> ResponseReturnValue:
+    """Record and request a run; once per run id, so a client whose answer was lost may ask again.
+
+    The run id is the body's `run_id`, or one derived from an `Idempotency-Key` header, or a new one.
+    """
     body = json_body()
     params = body.get("params", [])
     timeout = body.get("timeout")
-    run_id = uuid.uuid4().hex
+    run_id = body.get("run_id") or idempotent_run_id(request.headers.get("Idempotency-Key")) or uuid.uuid4().hex
+    if isinstance(run_id, str) and run_id.startswith(FIRE_RUN_PREFIX):
+        raise bad_request(f"run ids starting with {FIRE_RUN_PREFIX!r} are the scheduler's")
     try:
         request_payload = RunRequest.from_payload(
             json.dumps(
@@ -367,9 +375,22 @@ def exec_script(script: Script) -> ResponseReturnValue:
     except MessageError as exc:
         raise bad_request(str(exc)) from None
     svc = services()
-    thread_id = svc.record_request(run_id, script.name, params, request_payload)
-    svc.bus.publish(svc.topics.build("run_request"), request_payload)
+    thread_id, recorded = svc.record_request(run_id, script.name, params, request_payload)
+    if recorded is None:
+        svc.bus.publish(svc.topics.build("run_request"), request_payload)
+    elif recorded != request_payload.decode():
+        raise ApiError(409, f"run {run_id} was requested already, with another script or parameters")
+    # else asked again: the run it made, once (the recorders send its request again if no runner took it)
     return jsonify({"status": "ok", "log_thread_id": thread_id, "run_id": run_id})
+
+
+def idempotent_run_id(key: str | None) -> str | None:
+    """The run id of a request's Idempotency-Key: the same key, the same run."""
+    if not key:
+        return None
+    if len(key) > 255:
+        raise bad_request("Idempotency-Key is at most 255 characters")
+    return "rest-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def run_json(run: Run) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.live import LiveView
@@ -36,8 +38,11 @@ class Services:
         """Publish a node's retained `meta` (after a rename)."""
         self.bus.publish(self.topics.build("node_meta", node.id), node.meta().to_payload(), retain=True)
 
-    def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> int:
-        """Insert the run row of a REST request and return its 2015 thread id."""
+    def record_request(self, run_id: str, script: str, params: list[Any], payload: bytes) -> tuple[int, str | None]:
+        """Insert the run row of a REST request; return its 2015 thread id, and None.
+
+        A run id recorded already keeps its row: its thread id and the request it holds are returned.
+        """
         with self.sessions() as session:
             run = Run(
                 run_id=run_id,
@@ -50,8 +55,13 @@ class Services:
                 requested_at=utc_datetime(time.time()),
             )
             session.add(run)
-            session.commit()
-            return run.id
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                kept = session.scalars(select(Run).where(Run.run_id == run_id)).one()
+                return kept.id, kept.request
+            return run.id, None
 
     def versions(self) -> dict[str, str]:
         """Versions of hacer's main dependencies."""

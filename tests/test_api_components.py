@@ -226,3 +226,22 @@ def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(t
     with database.session() as session:
         run = session.scalar(select(Run).where(Run.run_id == "r1"))
         assert (run.state, run.exit_code, run.finished_at is not None) == (runstates.SUCCEEDED, 0, True)
+
+
+def test_a_run_asked_for_again_with_its_key_or_run_id_runs_once(app):
+    client = app.test_client()
+    request = json.dumps({"params": ["7"]})
+    first = client.post("/api/scripts/exec/name/lamp", data=request, headers={"Idempotency-Key": "k1"}).get_json()
+    again = client.post("/api/scripts/exec/name/lamp", data=request, headers={"Idempotency-Key": "k1"}).get_json()
+    assert again == first
+    other = client.post(
+        "/api/scripts/exec/name/lamp", data=json.dumps({"params": ["8"]}), headers={"Idempotency-Key": "k1"}
+    )
+    assert other.status_code == 409 and "another script or parameters" in other.get_json()["message"]
+    own = json.dumps({"params": ["7"], "run_id": "mine-1"})
+    assert client.post("/api/scripts/exec/name/lamp", data=own).get_json()["run_id"] == "mine-1"
+    assert client.post("/api/scripts/exec/name/lamp", data=own).get_json()["run_id"] == "mine-1"
+    requests = [RunRequest.from_payload(p).run_id for t, p, _ in app.bus.published if t == "hacer/runs/request"]
+    assert requests == [first["run_id"], "mine-1"]  # each published once
+    fire = client.post("/api/scripts/exec/name/lamp", data=json.dumps({"run_id": "auto-1-20261207T000000Z"}))
+    assert fire.status_code == 400 and "scheduler" in fire.get_json()["message"]
