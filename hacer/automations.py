@@ -2,7 +2,7 @@
 
 A definition is JSON, declared here once (msgspec) for REST, the CLI and the scheduler:
 
-    {"name": "porch at sunset", "script": "toggle", "params": ["porch", "on"],
+    {"name": "porch at sunset", "script": "toggle", "params": ["porch", "1"],
      "trigger": {"kind": "sun", "event": "sunset", "offset": -600, "tz": "Europe/Madrid"},
      "missed": "skip", "grace": 60}
 
