@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 from bridge.service import Bridge
@@ -14,6 +13,10 @@ from hacer.topics import DiscoveryTopics, Topics
 
 log = logging.getLogger(__name__)
 
+# The bridge's session outlives a restart by this long: commands sent while it was away are answered
+# when it is back (runserver restarts it within a second), not lost; older ones find no session.
+SESSION_EXPIRY = 120
+
 
 def build_bridge(settings: Settings) -> Bridge:
     """Build a bridge (not started) from settings."""
@@ -21,8 +24,10 @@ def build_bridge(settings: Settings) -> Bridge:
     bus = Bus(
         settings.mqtt_url,
         topics,
-        client_id=f"hacer-bridge-{socket.gethostname()}-{os.getpid()}",
+        client_id=f"hacer-bridge-{socket.gethostname()}",
         presence_topic=topics.build("bridge_state"),
+        clean_start=False,
+        session_expiry=SESSION_EXPIRY,
     )
     return Bridge(
         bus,

@@ -40,6 +40,8 @@ from hacer.settings import PollPlan, private_dir
 from hacer.topics import DiscoveryTopics, TopicError, Topics
 
 log = logging.getLogger(__name__)
+
+MAX_HELD_COMMANDS = 10_000
 T = TypeVar("T")
 
 CHECKPOINT_EVERY = 5.0
@@ -150,6 +152,8 @@ class Bridge:
         self.poller = Poller(poll_plans or {}, lambda polls: self.relay.poll(polls, over=POLL_TICK))
         self.started_at = 0.0
         self.restored = threading.Event()
+        self._held: list[Command] = []  # commands that came before the node table was restored
+        self._held_lock = threading.Lock()
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._polling: threading.Thread | None = None
@@ -226,7 +230,7 @@ class Bridge:
             return
         assert node_id is not None
         for key, value in items:
-            self.relay.submit(Command(node_id, op, key, value, message.correlation))
+            self._submit(Command(node_id, op, key, value, message.correlation))
 
     def _on_client_command(self, message: Message) -> None:
         """A command answered on its sender's own reply topics (the ACL binds the topic's client id to the sender)."""
@@ -243,7 +247,15 @@ class Bridge:
             self._bad_request(None, "set", exc, message.correlation, None, reply_to)
             return
         for key, value in items:
-            self.relay.submit(Command(command.node, op, key, value, message.correlation, reply_to))
+            self._submit(Command(command.node, op, key, value, message.correlation, reply_to))
+
+    def _submit(self, command: Command) -> None:
+        """Relay a command, or hold it until the node table is restored (one sent while the bridge was away)."""
+        with self._held_lock:
+            if not self.restored.is_set() and len(self._held) < MAX_HELD_COMMANDS:
+                self._held.append(command)
+                return
+        self.relay.submit(command)
 
     def _refuse_response_topic(self, response_topic: str | None, why: str) -> None:
         if response_topic is not None:
@@ -374,7 +386,11 @@ class Bridge:
         log.info("node table: %d retained presence(s) read, %d republished", len(presences), republished)
         if self.discovery is not None:
             self.discovery.sync(self.tracker.node_types())
-        self.restored.set()
+        with self._held_lock:
+            self.restored.set()
+            held, self._held = self._held, []
+        for command in held:
+            self.relay.submit(command)
 
     # --- housekeeping -----------------------------------------------------------------------
 

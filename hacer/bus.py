@@ -458,6 +458,7 @@ class Bus:
         retain: bool = False,
         correlation: bytes | None = None,
         response_topic: str | None = None,
+        expiry: int | None = None,
         block: bool = True,
         timeout: float = 30.0,
     ) -> bool:
@@ -466,7 +467,8 @@ class Bus:
         When that many wait, block up to `timeout` (raising BusError), or with block=False
         return False at once so the caller can repair state later instead.
         """
-        return self._publish(topic, payload, qos, retain, correlation, block, timeout, response_topic) is not None
+        extra = (response_topic, expiry)
+        return self._publish(topic, payload, qos, retain, correlation, block, timeout, *extra) is not None
 
     def publish_confirmed(
         self, messages: list[tuple[str, bytes]], *, retain: bool = False, timeout: float = 10.0
@@ -497,6 +499,7 @@ class Bus:
         block: bool,
         timeout: float,
         response_topic: str | None = None,
+        expiry: int | None = None,
     ) -> paho.MQTTMessageInfo | None:
         if is_wildcard(topic):
             raise BusError(f"cannot publish to the wildcard topic {topic!r}")
@@ -516,12 +519,14 @@ class Bus:
                 f"{size} bytes for {topic} is more than the broker's limit of {self.max_packet} bytes"
             )
         properties = None
-        if correlation is not None or response_topic is not None:
+        if correlation is not None or response_topic is not None or expiry is not None:
             properties = Properties(PacketTypes.PUBLISH)
             if correlation is not None:
                 properties.CorrelationData = correlation
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
+            if expiry is not None:  # seconds the broker keeps it for an absent subscriber
+                properties.MessageExpiryInterval = expiry
         if qos > 0 and not self._unconfirmed.acquire(blocking=block, timeout=timeout if block else None):
             if block:
                 raise BusError(f"broker confirmed nothing for {timeout} s")

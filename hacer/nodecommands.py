@@ -7,6 +7,7 @@ publish on and only this client read (mosquitto/acl): no other client can feed i
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 
@@ -57,6 +58,7 @@ class NodeCommandClient:
                 body.to_payload(),
                 correlation=correlation,
                 response_topic=self.topics.build("reply", self.bus.client_id),  # requests told apart by correlation
+                expiry=math.ceil(timeout),  # not done later than its sender waits for it (a bridge restarting)
             )
             while len(results) < count:
                 if not arrived.wait(timeout):

@@ -432,3 +432,21 @@ def test_polls_due_together_are_spread_over_their_period():
     assert all(command.poll and result.ok for _, result, command in polls)
     assert [result.node_id for _, result, _ in polls] == [node.id for node in nodes]
     assert polls[-1][0] - polls[0][0] >= 0.35
+
+
+def test_a_command_sent_while_the_bridge_restarts_is_answered_when_it_is_back(
+    start_bridge, nodes, make_bus, watch, topics
+):
+    bridge = start_bridge()
+    made, emulator = nodes
+    presence = watch(topics.filter("node_presence"))
+    emulator.start()
+    presence.wait_for(lambda m: presence_of(m).id == made[0].id)
+    results = watch(topics.build("node_result", made[0].id))
+    bridge.stop(kill=True)  # as a crash: its session stays in the broker
+    sender = make_bus()
+    sender.publish(topics.build("node_set", made[0].id), b'{"on": 1}', correlation=b"while away")
+    sender.sync()  # the broker has it, queued for the bridge's session
+    start_bridge()
+    result = result_of(results.wait_for(lambda m: m.correlation == b"while away", timeout=20))
+    assert result.ok and made[0].values["on"] == 1
