@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hacer.lifecycle import name_process
 from hacer.logs import setup_logging
 from hacer.parentdeath import child_env, die_with_parent_from_env
 from hacer.settings import PROJECT_DIR, Settings, SettingsError, pin_paths
@@ -391,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"manage.py: {exc}") from None
     setup_logging(args.settings, args.command, args.verbose)
     os.chdir(PROJECT_DIR)
+    if args.command in (*PARTS, "emulate"):  # also when runserver execs it: named as the forked parts are
+        name_process(f"hacer-{args.command}")
     args.func(args)
 
 

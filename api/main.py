@@ -11,6 +11,7 @@ import eventlet.event
 
 from api.app import create_app, served_host
 from api.limits import ConnectionLimits, limited_pool
+from hacer.lifecycle import name_process
 from hacer.logs import setup_logging
 from hacer.models import Database
 from hacer.settings import Settings
@@ -22,6 +23,7 @@ def main() -> None:
     """Serve until interrupted."""
     settings = Settings.from_env()
     setup_logging(settings, "api")
+    name_process("hacer-api")  # `python -m api`, exec'd by manage.py: named as the other parts are
     Database(settings.database_url).init()
     host = served_host(settings)
     app = create_app({"HACER_SETTINGS": settings})

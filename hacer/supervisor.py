@@ -9,7 +9,6 @@ reaps and stops the children.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib
 import logging
@@ -22,6 +21,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hacer.lifecycle import name_process
 from hacer.parentdeath import PARENT_ENV, die_with_parent
 from hacer.settings import PROJECT_DIR
 
@@ -31,7 +31,6 @@ log = logging.getLogger("hacer.supervisor")
 COMMON_MODULES = ("hacer.bus", "hacer.models", "hacer.messages", "hacer.topics", "hacer.runstates", "hacer.logs")
 RESTART_AFTER = 1.0  # seconds between a part's death and its next start
 READY_WITHIN = 10.0  # seconds a part with a readiness check gets before the parts after it start
-PR_SET_NAME = 15
 
 
 @dataclass
@@ -133,7 +132,7 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             die_with_parent(parent)
             os.environ[PARENT_ENV] = str(parent)  # for a part that execs: its parent is now this one
-            ctypes.CDLL(None).prctl(PR_SET_NAME, f"hacer-{part.name}"[:15].encode())
+            name_process(f"hacer-{part.name}")
             part.main()
             code = 0
         except SystemExit as exc:

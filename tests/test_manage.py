@@ -282,8 +282,16 @@ def test_runserver_restarts_its_broker_when_it_dies_and_says_so(spawn, hacer_env
     env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}", "HACER_HTTP_PORT": str(free_port())}
     server = spawn(["runserver"], env)
     wait_until(lambda: status(env).returncode == 0, 60, "every part online")
-    broker = [pid for pid in children_of(server.process.pid) if process_name(pid) == "mosquitto"]
-    assert len(broker) == 1
+    names = {process_name(pid): pid for pid in children_of(server.process.pid)}
+    assert sorted(names) == [
+        "hacer-api",
+        "hacer-bridge",
+        "hacer-recorder",
+        "hacer-runner",
+        "hacer-scheduler",
+        "mosquitto",
+    ]
+    broker = [names["mosquitto"]]
     os.kill(broker[0], signal.SIGKILL)
     wait_until(lambda: "broker exited with -9; restarting it" in server.output(), 15, "the supervisor to say so")
     wait_until(lambda: status(env).returncode == 0, 60, "every part online again, through the new broker")
