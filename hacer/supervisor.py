@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hacer.lifecycle import name_process
-from hacer.parentdeath import PARENT_ENV, die_with_parent
+from hacer.parentdeath import PARENT_ENV, adopt_orphans, children_of, die_with_parent, kill_with_group
 from hacer.settings import PROJECT_DIR
 
 log = logging.getLogger("hacer.supervisor")
@@ -88,7 +88,12 @@ class Supervisor:
             pass
 
     def run(self) -> None:
-        """Start the parts, restart any that dies, until stop(); then stop them (SIGTERM, SIGKILL after 15 s)."""
+        """Start the parts, restart any that dies, until stop(); then stop them (SIGTERM, SIGKILL after 15 s).
+
+        What a part leaves when it dies (a SIGKILLed runner's scripts and their children) is given to
+        this process, not to init, and ended here: nothing but the parts is this process's child.
+        """
+        adopt_orphans()
         try:
             for part in self.parts:  # the first start, in order, each ready before the next
                 self._start(part)
@@ -158,6 +163,18 @@ class Supervisor:
                 pid, status = os.waitpid(part.pid, os.WNOHANG)
                 if pid:
                     self._ended(part, os.waitstatus_to_exitcode(status))
+        self._end_orphans()
+
+    def _end_orphans(self) -> None:
+        parts = {part.pid for part in self.parts}
+        for pid in children_of(os.getpid()):
+            if pid not in parts:
+                log.warning("ended process %d, left behind by a part that died", pid)
+                kill_with_group(pid)
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:  # reaped meanwhile
+                    pass
 
     def _copy(self, part: Part) -> bool:
         """Copy what `part` has written; False when there was nothing to read."""

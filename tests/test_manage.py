@@ -297,3 +297,33 @@ def test_runserver_restarts_its_broker_when_it_dies_and_says_so(spawn, hacer_env
     wait_until(lambda: status(env).returncode == 0, 60, "every part online again, through the new broker")
     assert server.stop() == 0, server.output()
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
+
+
+def test_what_a_killed_runners_scripts_left_running_ends_under_runserver(spawn, hacer_env, tmp_path):
+    """A SIGKILLed runner takes its fork server and runs with it; what they started (in a session and
+    an environment of its own) is given to runserver, which ends it."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    pid_file = tmp_path / "hidden.pid"
+    (scripts / "hide.py").write_text(
+        "import subprocess, time\n"
+        f"subprocess.run(['sh', '-c', 'env -i setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {pid_file}'])\n"
+        "print('hidden', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    port = free_port()
+    env = {
+        **hacer_env,
+        "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}",
+        "HACER_HTTP_PORT": str(free_port()),
+        "HACER_SCRIPTS_DIR": str(scripts),
+    }
+    server = spawn(["runserver"], env)
+    wait_until(lambda: status(env).returncode == 0, 60, "every part online")
+    requests.post(f"http://127.0.0.1:{env['HACER_HTTP_PORT']}/api/scripts/exec/name/hide", json={}, timeout=10)
+    hidden = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 20, "the hidden sleep"))
+    runner = next(pid for pid in children_of(server.process.pid) if process_name(pid) == "hacer-runner")
+    os.kill(runner, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{hidden}"), 20, "the sleep the killed runner's script left")
+    assert "left behind by a part that died" in server.output()
+    assert server.stop() == 0, server.output()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -481,11 +482,16 @@ def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs
     pid_file = tmp_path / "pids"
     run_id = requester("family", [str(pid_file)])
     runs.wait_entry(run_id, lambda e: e.data == "family ready")
-    script_pid = int(pid_file.read_text().split()[0])
+    family = [int(pid) for pid in pid_file.read_text().split()]
     runner.stop(kill=True)
-    wait_until(lambda: not _alive(script_pid), timeout=5, what="the script to die with its runner")
+    wait_until(lambda: not _alive(family[0]), timeout=5, what="the script to die with its runner")
     start_runner(runner.runner_id)
     assert runs.wait_finished(run_id).state == runstates.LOST
+    # A runner run by hand has no one above it to end its script's children (runserver and systemd
+    # do: test_manage.py, deploy/systemd): this test ends them itself, not to leave them behind.
+    for pid in family[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_queued_run_whose_script_was_removed_fails_on_restart(start_runner, requester, runs, tmp_path, scripts_dir):
