@@ -40,6 +40,16 @@ if [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 
+# A real Home Assistant for the discovery test, in an environment of its own (a few minutes, once).
+if $dev; then
+    ha_stamp=".venv-ha/.installed-$(sha256sum requirements-ha.txt | cut -c1-16)"
+    if [ ! -e "$ha_stamp" ]; then
+        python3 -m venv .venv-ha
+        .venv-ha/bin/python -m pip install -q --disable-pip-version-check -r requirements-ha.txt
+        touch "$ha_stamp"
+    fi
+fi
+
 # The control app's browser dependencies, pinned in package.json / package-lock.json.
 if [ ! -e node_modules/socket.io-client/dist/socket.io.min.js ]; then
     npm ci --omit=dev --no-audit --no-fund --loglevel=error

@@ -48,7 +48,6 @@ def entity_configs(topics: Topics, node_id: int, node_type: str, name: str) -> d
             "name": name or f"{node_type} {node_id}",
             "manufacturer": "hacer",
             "model": node_type,
-            "serial_number": str(node_id),
         },
         "origin": ORIGIN,
         "qos": 1,
