@@ -40,11 +40,10 @@ from hacer.settings import PollPlan, private_dir
 from hacer.topics import DiscoveryTopics, TopicError, Topics
 
 log = logging.getLogger(__name__)
-
-MAX_HELD_COMMANDS = 10_000
 T = TypeVar("T")
 
 CHECKPOINT_EVERY = 5.0
+MAX_HELD_COMMANDS = 10_000  # commands that came before the node table was restored, kept to run after
 POLL_TICK = 1.0  # how often due polls are looked for
 # Command outcomes that say the node did not answer at all (a node's error reply is an answer).
 NOT_ANSWERED = frozenset({"timeout", "unreachable", "bad_reply"})
