@@ -70,6 +70,8 @@ def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: 
     system.emulator.send_beacon(newcomer)
     card = page.locator(f'#nodes article[data-id="{newcomer.id}"]')
     expect(card.locator(".presence")).to_have_text("online", timeout=10_000)
+    expect(card.locator(".type")).to_have_text(f"toggle · {newcomer.id}")  # an unnamed node shows its id
+    expect(page.locator("#run-node")).to_contain_text(f"{newcomer.id} (toggle)")  # and can be picked by it
 
     # The card shows as soon as the bridge announces the node; it can be renamed once the recorder
     # has it (before that the api answers 404, and the page says so).

@@ -38,7 +38,10 @@ automation:
     action: {{service: switch.turn_on, target: {{entity_id: switch.toggle_{toggle}}}}}
   - alias: light colour
     trigger: {{platform: mqtt, topic: hatest/light_colour}}
-    action: {{service: light.turn_on, target: {{entity_id: light.light_rgb_{light}}}, data: {{rgb_color: [255, 0, 128]}}}}
+    action:
+      service: light.turn_on
+      target: {{entity_id: light.light_rgb_{light}}}
+      data: {{rgb_color: [255, 0, 128]}}
 mqtt_statestream:
   base_topic: {states}
   publish_attributes: false

@@ -59,7 +59,8 @@ function renderNodes() {
 }
 
 function nodeCard(node) {
-  const name = element("input", { className: "name", value: node.name, attrs: { "aria-label": `name of ${node.id}` } });
+  const name = element("input", { className: "name", value: node.name, placeholder: "unnamed",
+                                  attrs: { "aria-label": `name of ${node.id}` } });
   name.addEventListener("change", () => rename(node.id, name.value));
   const presence = element("span", { className: `presence state-${node.state}`, textContent: node.state });
   const seen = element("span", { className: "seen" });
@@ -70,7 +71,7 @@ function nodeCard(node) {
                                        attrs: { "aria-label": `history of ${labelOf(node)}` } });
   history.addEventListener("click", () => openHistory(node.id));
   return element("article", { className: "card", attrs: { "data-id": node.id, "data-state": node.state, "aria-label": labelOf(node) } },
-    element("header", {}, name, element("span", { className: "type", textContent: node.type })),
+    element("header", {}, name, element("span", { className: "type", textContent: `${node.type} · ${node.id}` })),
     element("p", { className: "status" }, presence, " ", seen),
     answer,
     control(node),
@@ -168,9 +169,11 @@ async function setValues(id, values) {
 
 function renderNodePicker() {
   const picker = $("#run-node"), chosen = picker.value;
-  const named = [...state.nodes.values()].filter((n) => n.name).sort((a, b) => a.name.localeCompare(b.name));
-  picker.replaceChildren(new Option("(none)", ""), ...named.map((n) => new Option(`${n.name} (${n.type})`, n.name)));
-  picker.value = named.some((n) => n.name === chosen) ? chosen : "";
+  // Every node: a named one by its name, an unnamed one by its id (scripts take either).
+  const key = (n) => n.name || String(n.id);
+  const nodes = [...state.nodes.values()].sort((a, b) => key(a).localeCompare(key(b), undefined, { numeric: true }));
+  picker.replaceChildren(new Option("(none)", ""), ...nodes.map((n) => new Option(`${key(n)} (${n.type})`, key(n))));
+  picker.value = nodes.some((n) => key(n) === chosen) ? chosen : "";
 }
 
 // --- a node's history: a chart of its value and its availability strip ----------------------------
