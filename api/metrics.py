@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from api.live import LiveView
-from hacer.models import DeadLetter, Run, RunOutbox
+from hacer.models import Automation, DeadLetter, Run, RunOutbox
 
 
 class HacerCollector(Collector):
@@ -116,6 +116,7 @@ class HacerCollector(Collector):
             by_state = session.execute(select(Run.state, func.count()).group_by(Run.state)).tuples().all()
             held, held_bytes = session.execute(select(func.count(), func.coalesce(func.sum(RunOutbox.size), 0))).one()
             letters = session.scalar(select(func.count()).select_from(DeadLetter))
+            failed = session.scalar(select(func.count()).where(Automation.failure.is_not(None)))
         runs = GaugeMetricFamily("hacer_runs", "Runs in the database, by state", labels=["state"])
         for state, count in sorted(by_state):
             runs.add_metric([state], count)
@@ -127,6 +128,9 @@ class HacerCollector(Collector):
         )
         yield GaugeMetricFamily("hacer_unconfirmed_bytes", "Their size in bytes", value=held_bytes)
         yield GaugeMetricFamily("hacer_dead_letters", "Bus messages set aside by recorders, kept", value=letters)
+        yield GaugeMetricFamily(
+            "hacer_automations_failed", "Automations the scheduler cannot plan: never fired, the api says why", failed
+        )
 
 
 def _up(name: str, what: str, states: list[tuple[tuple[str, ...], str]], label: str = "") -> GaugeMetricFamily:

@@ -746,6 +746,7 @@ def test_metrics_in_prometheus_text_format(system):
         "hacer_unconfirmed_messages",
         "hacer_unconfirmed_bytes",
         "hacer_dead_letters",
+        "hacer_automations_failed",
         "hacer_api_websocket_clients",
     ):
         assert (gauge, ()) in samples, gauge
