@@ -278,7 +278,9 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         parts.append(Part("api", exec_manage("api")))
     if args.emulate:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
-        emulate = exec_manage("emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval")
+        emulate = exec_manage(
+            "emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval", "--drift"
+        )
         parts.append(Part("emulate", emulate))
     if not args.together:
         # The four non-web parts share these modules' pages; one child alone would not (see README).

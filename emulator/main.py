@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         "--flap", type=float, default=0.0, help="every FLAP seconds, the first node goes silent or comes back"
     )
     parser.add_argument(
+        "--drift", action="store_true", help="temperatures move a degree now and then, as a room's do (for demos)"
+    )
+    parser.add_argument(
         "--beacon-only", action="store_true", help="no TCP servers: all ids beacon from --first-ip (for large counts)"
     )
     args = parser.parse_args(argv)
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for node in nodes:
         node.silent = node.id in silent
         node.mute = node.id in mute
+        node.drift = args.drift
     emulator = Emulator(nodes, target)
     emulator.start()
     for node in nodes:

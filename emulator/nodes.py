@@ -48,6 +48,7 @@ class EmulatedNode:
     silent: bool = False  # stops beaconing
     mute: bool = False  # accepts connections, never answers
     split_replies: bool = False  # send each reply in two writes, 20 ms apart
+    drift: bool = False  # a read temperature moves a degree now and then, within 15..28 °C, as a room's does
     values: dict[str, Value] = field(default_factory=dict)
     requests: int = 0
 
@@ -65,6 +66,8 @@ class EmulatedNode:
         if key not in self.values:
             return encode_reply(False, "Key Not Found", raw)
         if op == "get":
+            if self.drift and key == "temperature":
+                self.values[key] = min(28, max(15, int(self.values[key]) + random.choice((-1, 0, 0, 1))))
             return encode_reply(True, self.values[key])
         if key in READ_ONLY:
             return encode_reply(False, "Key Is Read Only", raw)

@@ -182,3 +182,21 @@ def test_requests_decode_as_a_node_does():
 def test_beacon_payload_roundtrip():
     beacon = Beacon(5, "toggle", name="lamp", interval=30.0)
     assert decode_beacon(beacon.to_payload()) == beacon
+
+
+def test_an_emulated_thermometer_that_drifts_moves_within_a_rooms_range_and_a_steady_one_does_not():
+    import random
+
+    from emulator.nodes import EmulatedNode
+
+    random.seed(7)  # the walk is random; this one is the same every time
+    steady, drifting = (
+        EmulatedNode(1, "sensor_temp", "127.0.0.2"),
+        EmulatedNode(2, "sensor_temp", "127.0.0.3", drift=True),
+    )
+    seen = set()
+    for _ in range(400):
+        assert steady.answer("get", "temperature", None) == b"+i21e"
+        drifting.answer("get", "temperature", None)
+        seen.add(drifting.values["temperature"])
+    assert len(seen) > 3 and min(seen) >= 15 and max(seen) <= 28
