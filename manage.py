@@ -283,7 +283,7 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         )
         parts.append(Part("emulate", emulate))
     if not args.together:
-        # The four non-web parts share these modules' pages; one child alone would not (see README).
+        # The four non-web parts share these modules' pages; one child alone would not (bench/README.md, memory).
         preload()
     supervisor = Supervisor(broker + parts, prefixed=settings.log_format != "json")
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     together.set_defaults(func=cmd_parts)
     automation = commands.add_parser("automation", help="add, list, remove automations, or show when they fire")
     actions = automation.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="add one from its JSON definition (see README Automations)")
+    add = actions.add_parser("add", help="add one from its JSON definition (see docs/automations.md)")
     add.add_argument("definition", help="the JSON, or - to read it from standard input")
     actions.add_parser("list", help="every automation, on or off, and its next fire")
     remove = actions.add_parser("rm", help="remove one (its runs stay)")

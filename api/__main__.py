@@ -2,7 +2,7 @@
 
 import warnings
 
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # known: see README
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # known: see docs/dependencies.md
 import eventlet  # noqa: E402
 
 eventlet.monkey_patch()  # before anything imports socket or threading

@@ -406,7 +406,7 @@ PATHS: dict[str, Any] = {
     "/api/automations": {
         "get": {"summary": "Automations, each with its next fire", "responses": {"200": body("AutomationList")}},
         "post": {
-            "summary": "Add an automation (see README Automations)",
+            "summary": "Add an automation (see docs/automations.md)",
             "requestBody": AUTOMATION_BODY,
             "responses": {"201": body("Automation"), "400": ERROR, "409": ERROR},
         },

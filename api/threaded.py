@@ -2,7 +2,7 @@
 threading mode on Werkzeug's threaded server, a thread per connection, no eventlet.
 
 It costs the api's own modules and data only (the interpreter, paho and SQLAlchemy are the other
-parts'), which is what fits the whole server in a small machine's memory (README Benchmarks).
+parts'), which is what fits the whole server in a small machine's memory (bench/README.md).
 For many clients, `manage.py api` (eventlet) behind nginx serves them better (docs/deploy.md).
 """
 

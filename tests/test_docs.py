@@ -50,9 +50,9 @@ def test_the_readme_automation_examples_are_valid_definitions():
     from hacer.automations import AutomationSpec, location_of
     from hacer.scriptdir import ScriptDir
 
-    readme = (PROJECT_DIR / "README.md").read_text()
-    examples = re.findall(r"manage\.py automation add '(.+?)'", readme, flags=re.S)
-    assert len(examples) >= 5
+    text = "".join((PROJECT_DIR / path).read_text() for path in ("README.md", "docs/automations.md"))
+    examples = re.findall(r"manage\.py automation add '(.+?)'", text, flags=re.S)
+    assert len(examples) >= 6
     scripts = ScriptDir(PROJECT_DIR / "scripts")
     for example in examples:
         spec = AutomationSpec.from_json(example, location_of(40.4, -3.7))
