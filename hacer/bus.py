@@ -467,8 +467,8 @@ class Bus:
         When that many wait, block up to `timeout` (raising BusError), or with block=False
         return False at once so the caller can repair state later instead.
         """
-        extra = (response_topic, expiry)
-        return self._publish(topic, payload, qos, retain, correlation, block, timeout, *extra) is not None
+        info = self._publish(topic, payload, qos, retain, correlation, block, timeout, response_topic, expiry)
+        return info is not None
 
     def publish_confirmed(
         self, messages: list[tuple[str, bytes]], *, retain: bool = False, timeout: float = 10.0

@@ -51,11 +51,10 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     # A node command answered on its sender's response topic: the broker's ACL lets a client
     # publish here under its own client id only, so the answer goes to that client alone.
     TopicSpec("client_command", "clients/{arg}/command", False, 1, "any client, under its own id", "ClientCommand"),
-    # A requester's response topics: `replies/<its client id>/<anything>`.
+    # A client's response topic: the results of the commands it sent on its own command topic.
     TopicSpec("reply", "replies/{arg}", False, 1, "bridge, to a command's response topic", "CommandResult"),
 )
 
-MAX_REPLY_TOPIC = 256
 
 SPECS_BY_NAME = {spec.name: spec for spec in TOPIC_SPECS}
 
@@ -128,10 +127,7 @@ class Topics:
         Anything else would let a request make the bridge publish on a topic other parts own, or
         hand results (and correlation data of the requester's choosing) to another client.
         """
-        try:
-            return topic == self.build("reply", client_id) and len(topic) <= MAX_REPLY_TOPIC
-        except TopicError:  # a client id no topic level can hold
-            return False
+        return topic == self.build("reply", client_id)
 
     def result_of_command(self, topic: str) -> str:
         """Return the result topic beside a set or get topic, whatever its id level holds."""

@@ -105,10 +105,10 @@ def end_leftovers(run_id: str, token: str, since: Birth, pipe_inode: int | None)
     return pids
 
 
-def adopted(run_pid: int, since: Birth) -> list[int]:
+def adopted(run_pid: int) -> list[int]:
     """The processes a live run's process adopted (hacer/parentdeath.py): those that left its process group."""
     escaped = []
-    for pid in children_of(run_pid, _created_since(since)):
+    for pid in children_of(run_pid):
         try:
             if os.getpgid(pid) != run_pid:
                 escaped.append(pid)

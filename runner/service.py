@@ -706,7 +706,7 @@ class Runner:
         if process is None or process.poll() is not None:
             return
         log.info("ending run %s (%s)", run.run_id, why)
-        escaped = adopted(process.pid, run.birth)  # left its group (setsid, env -i): still its process's child
+        escaped = adopted(process.pid)  # left its group (setsid, env -i): still its process's child
         for pid in escaped:
             kill_with_group(pid, signal.SIGTERM)
         _signal_group(process.pid, signal.SIGTERM)
