@@ -24,7 +24,7 @@ class ConnectionLimits:
     """Counts open connections by client address and admits one only within the limits."""
 
     def __init__(self, total: int, per_client: int, idle: float) -> None:
-        self.total = min(total, usable_fds() - RESERVED_FDS)
+        self.total = max(1, min(total, usable_fds() - RESERVED_FDS))
         self.per_client = per_client
         self.idle = idle
         self.refused = 0
@@ -60,8 +60,10 @@ class ConnectionLimits:
 def usable_fds() -> int:
     """The process's descriptor limit, raised to its hard limit first (systemd's soft default is 1 024)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    wanted = 65536 if hard == resource.RLIM_INFINITY else hard
+    if wanted > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
