@@ -66,6 +66,10 @@ class LiveView:
         self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
+        # Nodes changed by the burst of messages being handled (None: removed), sent on as one
+        # event each when the bus has drained it: a new node's presence, readings and values
+        # arrive as three messages but are one change to a client.
+        self._changed_nodes: dict[int, dict[str, Any] | None] = {}
 
     def subscribe(self) -> None:
         """Register the subscriptions (before the bus starts)."""
@@ -81,6 +85,17 @@ class LiveView:
         for name in ("bridge_stats", "recorder_state", "scheduler_state"):
             self.bus.subscribe(topics.filter(name), self._on_part)
         self.bus.subscribe(topics.build("bridge_lastseen"), self._on_lastseen)
+        self.bus.on_drained(self.flush)
+
+    def flush(self) -> None:
+        """Send one event per node changed since the last flush (the bus calls it after each burst)."""
+        with self._lock:
+            changed, self._changed_nodes = self._changed_nodes, {}
+        for node_id, data in changed.items():
+            if data is None:
+                self._emit("node_removed", {"id": node_id})
+            else:
+                self._emit("node", data)
 
     def add_listener(self, listener: Listener) -> None:
         """Call `listener(event)` for every change from now on."""
@@ -146,9 +161,8 @@ class LiveView:
             return
         if not message.payload:  # a deleted node's retained topics are cleared
             with self._lock:
-                removed = self.nodes.pop(node_id, None)
-            if removed is not None:
-                self._emit("node_removed", {"id": node_id})
+                if self.nodes.pop(node_id, None) is not None:
+                    self._changed_nodes[node_id] = None
             return
         try:
             with self._lock:
@@ -186,14 +200,12 @@ class LiveView:
                     )
                 else:
                     node["values"] = NodeValues.from_payload(message.payload).values
-                data = dict(node)
+                # A new node's first `meta` (no name yet) or a retained copy seen again changes
+                # nothing a client shows: not worth a frame to every client.
+                if node != before:
+                    self._changed_nodes[node_id] = dict(node)
         except (MessageError, ValueError) as exc:
             log.warning("ignored %s: %s", message.topic, exc)
-            return
-        # A new node's first `meta` (no name yet) or a retained copy seen again changes nothing a
-        # client shows: not worth a frame to every client.
-        if data != before:
-            self._emit("node", data)
 
     def _on_lastseen(self, message: Message) -> None:
         """Fresh last-seen times: kept for snapshots and passed on, but not as history (no seq).

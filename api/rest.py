@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import String, cast, func, select
@@ -149,15 +150,16 @@ def node_json(node: Node) -> dict[str, Any]:
 
 @api.get("/nodes")
 def list_nodes() -> ResponseReturnValue:
-    # Plain rows, not ORM objects, and the time as the database's text ("YYYY-MM-DD HH:MM:SS...")
-    # rather than datetimes: 10 000 nodes are listed in a few milliseconds.
+    # Core rows (the ORM's loading of even plain columns tripled the cost: it is paid on the
+    # server's loop, by every poll of the 2015 app) and the time as the database's text
+    # ("YYYY-MM-DD HH:MM:SS...") rather than datetimes: 1 000 nodes in about a millisecond.
     query = (
         select(Node.id, Node.name, NodeType.name, Node.ip, cast(Node.last_update, String))
         .join(NodeType)
         .order_by(Node.id)
     )
     with services().sessions() as session:
-        rows = session.execute(query).all()
+        rows = session.connection().execute(query).all()
     return fast_json(
         {
             "node_list": [
@@ -176,7 +178,7 @@ def list_nodes() -> ResponseReturnValue:
 
 def fast_json(body: Any) -> ResponseReturnValue:
     """A JSON response without Flask's key sorting and indentation checks (big lists)."""
-    return current_app.response_class(json.dumps(body, separators=(",", ":")), mimetype="application/json")
+    return current_app.response_class(msgspec.json.encode(body), mimetype="application/json")
 
 
 def find_node(session: Any, node_id: int) -> Node:

@@ -179,9 +179,11 @@ class PresenceTracker:
                 record = NodeRecord(beacon.id, beacon.type, ip, True, now, now)
                 self._nodes[beacon.id] = record
                 # Readings exist from the start: whoever waits on them (Home Assistant's
-                # availability) need not wait for the first value.
-                self._publisher.readings(record.readings())
+                # availability) need not wait for the first value. After the presence (below), so
+                # a client that sees the two apart sees the node online first.
+                first_readings: NodeReadings | None = record.readings()
             else:
+                first_readings = None
                 if not record.online:
                     record.online, record.since = True, now
                 if record.ip != ip or record.port != beacon.port:
@@ -193,10 +195,11 @@ class PresenceTracker:
             record.name, record.port, record.interval = name, beacon.port, beacon.interval
             self._fresh[beacon.id] = now
             self._push_deadline(record)
-            presence = record.presence()
+            self._publisher.presence(record.presence())
+            if first_readings is not None:
+                self._publisher.readings(first_readings)
             if beacon.state:
                 self._merge_beacon_values(record, beacon.state, now)
-        self._publisher.presence(presence)
         return None
 
     def _admit(self, now: float) -> str | None:

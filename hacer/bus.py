@@ -51,6 +51,7 @@ class MessageTooLarge(BusError):
 
 # MQTT's own limit, until the broker's CONNACK announces a smaller one.
 MQTT_MAX_PACKET = 268_435_455
+MAX_PACKETS_PER_READ = 1000  # then paho writes and keeps alive before reading on
 PUBLISH_OVERHEAD = 64  # fixed header, lengths, packet id and properties other than correlation
 
 
@@ -142,6 +143,25 @@ class _Client(paho.Client):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._write_lock = threading.RLock()
         self._awaiting_connack = True
+        self.on_drained: Callable[[], None] = lambda: None
+
+    def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
+        # Every packet already received, not paho's one per select(), then on_drained: what a
+        # burst changed (a new node's presence and readings) is seen whole, and sent on once.
+        rc = paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        for _ in range(MAX_PACKETS_PER_READ):
+            if self._sock is None:
+                rc = paho.MQTTErrorCode.MQTT_ERR_NO_CONN
+                break
+            rc = self._packet_read()
+            if rc > 0:
+                rc = self._loop_rc_handle(rc)
+                break
+            if rc == paho.MQTTErrorCode.MQTT_ERR_AGAIN:
+                rc = paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+                break
+        self.on_drained()
+        return rc
 
     # --- order across reconnects --------------------------------------------------------------
 
@@ -317,6 +337,7 @@ class Bus:
         self.max_packet = MQTT_MAX_PACKET
         self._subscriptions: list[_Subscription] = []
         self._connect_hooks: list[Callable[[bool], None]] = []
+        self._drained_hooks: list[Callable[[], None]] = []
         self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
         self._pending_mids: set[int] = set()
         self._pending_qos0: set[int] = set()
@@ -353,6 +374,7 @@ class Bus:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
+        client.on_drained = self._drained
         self._client = client
         self.subscribe(self.topics.build("client_sync", self.client_id), self._on_sync, qos=1)
         properties = Properties(PacketTypes.CONNECT)
@@ -406,6 +428,18 @@ class Bus:
     def remove_connect_hook(self, hook: Callable[[bool], None]) -> None:
         """Stop calling a hook given to on_connect."""
         self._connect_hooks.remove(hook)
+
+    def on_drained(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` after each burst of messages, once every message already received is handled."""
+        self._drained_hooks.append(hook)
+
+    def _drained(self) -> None:
+        for hook in self._drained_hooks:
+            try:
+                hook()
+            except Exception:
+                self.handler_errors += 1
+                log.exception("drained hook %r failed", hook)
 
     # --- subscribe / publish ---------------------------------------------------------------
 

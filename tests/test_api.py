@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ import requests
 
 from emulator.nodes import Emulator, make_nodes
 from hacer import migrations, runstates
+from hacer.automations import AutomationFired
 from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.parentdeath import child_env
@@ -456,6 +457,31 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
         again.disconnect()
 
 
+def test_a_new_node_reaches_a_browser_online_in_its_first_event(system):
+    # The bridge announces a new node in several messages (presence, readings, values read): a
+    # client gets what one burst of them changed as one event, and the presence first.
+    client = socket_client(system)
+    node_id = 880000 + uuid.uuid4().int % 10000
+    try:
+        wait_until(lambda: client.received["snapshot"], 10, "a snapshot")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.9", 0))
+            sock.sendto(
+                json.dumps({"id": node_id, "type": "toggle"}).encode(),
+                ("127.0.0.1", int(system.env["HACER_DISCOVERY_PORT"])),
+            )
+        first = wait_until(
+            lambda: next((e for e in client.received["event"] if e["data"].get("id") == node_id), None),
+            10,
+            "an event naming the new node",
+        )
+        assert (first["kind"], first["data"]["state"]) == ("node", "online")
+    finally:
+        client.disconnect()
+        wait_until(lambda: system.get(f"/api/nodes/id/{node_id}").status_code == 200, 10, "the recorder's row")
+        requests.delete(f"{system.url}/api/nodes/id/{node_id}", timeout=10)
+
+
 def test_token_protects_rest_and_websockets(system, bus):
     port = free_port()
     api = system.start_part("api", env={"HACER_HTTP_PORT": str(port), "HACER_API_TOKEN": "s3cret"})
@@ -628,15 +654,19 @@ def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
     slow.send("40")  # socket.io connect; from here on it never reads
     fast = socket_client(system)
     try:
+        # Fires: each is an event of its own (a node's changes in one burst would be one event).
         flood, step = 40_000, 1000
-        node_id = 990000 + uuid.uuid4().int % 10000
+        automation_id = 990000 + uuid.uuid4().int % 10000
+        due = datetime.now(UTC)
         for start in range(0, flood, step):
             for index in range(start, start + step):  # QoS 1: the broker may drop QoS 0 to a busy subscriber
-                bus.publish(f"hacer/nodes/{node_id}/state", json.dumps({"n": index}))
+                fired = AutomationFired(automation_id, "flood", due, f"flood-{index}", "test")
+                bus.publish(f"hacer/automations/{automation_id}/fired", fired.to_payload())
             # At the pace a reading client keeps (the broker alone delivers faster than a client reads).
             wait_until(
-                lambda last=start + step - 1: any(
-                    e["kind"] == "node" and e["data"]["values"].get("n") == last for e in fast.received["event"][-50:]
+                lambda last=f"flood-{start + step - 1}": any(
+                    e["kind"] == "automation_fired" and e["data"]["run_id"] == last
+                    for e in fast.received["event"][-50:]
                 ),
                 60,
                 "the fast client to get the step's last event",
@@ -656,7 +686,6 @@ def test_a_slow_websocket_client_is_cut_loose_and_others_keep_up(system, bus):
     finally:
         fast.disconnect()
         slow.close()
-        bus.publish(f"hacer/nodes/{node_id}/state", b"", retain=True)
 
 
 def test_a_long_log_read_without_paging_is_bounded_and_paging_reads_it_all(system):

@@ -28,11 +28,15 @@ class RecordingBus:
         self.topics = Topics()
         self.published: list[tuple[str, bytes, bool]] = []
         self.handlers: list[tuple[str, object]] = []
+        self.drained_hooks: list[object] = []
         self.connected = True
         self.client_id = "recording-bus"
 
     def subscribe(self, topic_filter, handler, **options) -> None:
         self.handlers.append((topic_filter, handler))
+
+    def on_drained(self, hook) -> None:
+        self.drained_hooks.append(hook)
 
     def private_group(self, group: str) -> str:
         return group
@@ -41,7 +45,7 @@ class RecordingBus:
         self.published.append((topic, payload.encode() if isinstance(payload, str) else payload, retain))
         return True
 
-    def deliver(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def deliver(self, topic: str, payload: bytes, retain: bool = False, burst_ends: bool = True) -> None:
         from paho.mqtt.client import topic_matches_sub
 
         for topic_filter, handler in self.handlers:
@@ -49,6 +53,8 @@ class RecordingBus:
                 topic_filter = topic_filter.split("/", 2)[2]
             if topic_matches_sub(topic_filter, topic):
                 handler(Message(topic, payload, retain, 1))
+        for hook in self.drained_hooks if burst_ends else ():
+            hook()
 
 
 @pytest.fixture
@@ -122,6 +128,35 @@ def test_node_messages_that_change_nothing_send_no_event(app):
     app.bus.deliver("hacer/nodes/7/meta", NodeMeta(7, "lamp", "toggle").to_payload(), retain=True)
     events = [r["args"][0] for r in ws.get_received() if r["name"] == "event"]
     assert [(e["seq"], e["data"]["name"]) for e in events] == [(1, ""), (2, "lamp")]
+    ws.disconnect()
+
+
+def test_what_one_burst_changes_of_a_node_is_one_event(app):
+    from hacer.messages import NodeReadings, NodeValues, Reading
+
+    ws = app.extensions["socketio"].test_client(app)
+    ws.get_received()
+    # A new node, as the bridge announces it: presence, readings, then values read at once.
+    burst = [
+        ("hacer/nodes/7/presence", Presence(7, "toggle", "10.0.0.7", "online", T1, T1).to_payload()),
+        ("hacer/nodes/7/readings", NodeReadings(7, {"on": Reading(1, T1)}, True, T1).to_payload()),
+        ("hacer/nodes/7/state", NodeValues({"on": 1}).to_payload()),
+        ("hacer/nodes/8/presence", Presence(8, "toggle", "10.0.0.8", "online", T1, T1).to_payload()),
+    ]
+    for index, (topic, payload) in enumerate(burst):
+        app.bus.deliver(topic, payload, retain=True, burst_ends=index == len(burst) - 1)
+    events = [r["args"][0] for r in ws.get_received() if r["name"] == "event"]
+    assert [(e["seq"], e["data"]["id"]) for e in events] == [(1, 7), (2, 8)]
+    assert (events[0]["data"]["state"], events[0]["data"]["values"], events[0]["data"]["answering"]) == (
+        "online",
+        {"on": 1},
+        True,
+    )
+    # Removed in the burst that changed it: the removal alone.
+    app.bus.deliver("hacer/nodes/8/state", NodeValues({"on": 0}).to_payload(), retain=True, burst_ends=False)
+    app.bus.deliver("hacer/nodes/8/presence", b"", retain=True)
+    events = [r["args"][0] for r in ws.get_received() if r["name"] == "event"]
+    assert [(e["kind"], e["data"]) for e in events] == [("node_removed", {"id": 8})]
     ws.disconnect()
 
 

@@ -134,6 +134,9 @@ class PublishingBus:
     def subscribe(self, topic_filter, handler, **options) -> None:
         pass
 
+    def on_drained(self, hook) -> None:
+        pass
+
     def requests(self) -> list[RunRequest]:
         return [RunRequest.from_payload(p) for t, p in self.published if t == "hacer/runs/request"]
 

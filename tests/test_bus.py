@@ -155,3 +155,20 @@ def test_a_packet_queued_for_the_old_connection_does_not_go_before_connect(make_
     bus._client.on_pre_connect = lambda client, userdata: client._send_puback(1)  # at every attempt
     broker.restart()
     assert reconnected.wait(30)
+
+
+def test_a_burst_of_messages_is_handled_whole_before_the_drained_hooks(make_bus):
+    # The broker sends a filter's retained messages at once on subscribe: they are handled in one
+    # read, then the hooks run once, so what the burst changed is sent on once (api/live.py).
+    publisher = make_bus()
+    for index in range(100):
+        publisher.publish(f"hacer/test/burst/{index}", b"%d" % index, retain=True)
+    publisher.sync()
+    marks: list[str] = []
+    receiver = make_bus()
+    receiver.on_drained(lambda: marks.append("drained"))
+    receiver.subscribe("hacer/test/burst/+", lambda message: marks.append("message"))
+    wait_until(lambda: marks.count("message") == 100 and marks[-1] == "drained", 10, "the burst and a drain")
+    assert marks.count("drained") < 10  # paho alone reads one packet per poll: 100 drains
+    for index in range(100):
+        publisher.publish(f"hacer/test/burst/{index}", b"", retain=True)
