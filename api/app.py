@@ -10,7 +10,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from flask import Flask, send_from_directory
@@ -23,7 +24,7 @@ from api.live import LiveView
 from api.offhub import eventlet_runner, move_off_hub
 from api.services import Services
 from hacer.bus import Bus, Message
-from hacer.models import Database
+from hacer.models import CommitSync, Database
 from hacer.nodecommands import NodeCommandClient
 from hacer.scriptdir import ScriptDir
 from hacer.settings import PROJECT_DIR, Settings
@@ -74,11 +75,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     commands.subscribe()
     database = Database(settings.database_url, settings.database_timeout)
     async_mode = app.config.get("ASYNC_MODE", "eventlet")
+    sync: Callable[[], None] = CommitSync(database.engine)
     if async_mode == "eventlet" and database.engine.dialect.name == "sqlite":
         # psycopg already waits cooperatively under eventlet (measured); sqlite3 blocks the hub.
-        move_off_hub(database.engine, eventlet_runner())
+        off_hub = eventlet_runner()
+        move_off_hub(database.engine, off_hub)
+        sync = partial(off_hub, sync)
     app.extensions["hacer"] = Services(
-        settings, topics, bus, live, commands, database.session, ScriptDir(settings.scripts_dir)
+        settings, topics, bus, live, commands, database.session, ScriptDir(settings.scripts_dir), sync
     )
 
     from api import automations  # noqa: F401 - its routes join the api blueprint

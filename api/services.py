@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -33,6 +34,7 @@ class Services:
     commands: NodeCommandClient
     sessions: sessionmaker[Session]
     scripts: ScriptDir
+    sync_commits: Callable[[], None]  # what the sessions committed survives a power cut once this returns
 
     def publish_meta(self, node: Node) -> None:
         """Publish a node's retained `meta` (after a rename)."""
@@ -61,7 +63,9 @@ class Services:
                 session.rollback()
                 kept = session.scalars(select(Run).where(Run.run_id == run_id)).one()
                 return kept.id, kept.request
-            return run.id, None
+        # The answer says the run is recorded: so it is after a power cut too, not only a crash.
+        self.sync_commits()
+        return run.id, None
 
     def versions(self) -> dict[str, str]:
         """Versions of hacer's main dependencies."""

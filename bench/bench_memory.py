@@ -83,6 +83,83 @@ def part_of(pid: int) -> str:
     return "api" if words[1:3] == ["-m", "api"] else " ".join(words)[:40]  # the api execs `python -m api`
 
 
+class RunServer:
+    """`manage.py runserver --emulate N` in `work` (its own mosquitto on free ports, SQLite), N nodes online."""
+
+    def __init__(self, work: Path, python: str, nodes: int, *options: str, env: dict[str, str] | None = None) -> None:
+        self.work, self.python, self.nodes, self.options = work, python, nodes, options
+        self.mqtt = free_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
+            "HACER_MQTT_URL": f"mqtt://127.0.0.1:{self.mqtt}",
+            "HACER_HTTP_PORT": str(free_port()),
+            "HACER_DISCOVERY_HOST": "127.0.0.1",
+            "HACER_DISCOVERY_PORT": str(free_port()),
+            "HACER_STATE_DIR": str(work / "state"),
+            "HADB_PATH": str(work / "hacer.db"),
+            **(env or {}),
+        }
+
+    def __enter__(self) -> RunServer:
+        self.server = subprocess.Popen(
+            [self.python, str(PROJECT / "manage.py"), "runserver", "--emulate", str(self.nodes), *self.options],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / "runserver.log", "wb"),  # noqa: SIM115 - lives as long as the child
+        )
+        online = {"n": 0}
+
+        def on_stats(message) -> None:  # noqa: ANN001
+            online["n"] = json.loads(message.payload).get("nodes_online", 0)
+
+        try:
+            wait_for(lambda: _answers(self.mqtt), 30, "the broker")
+            watcher = Bus(f"mqtt://127.0.0.1:{self.mqtt}", Topics(), f"bench-watch-{os.getpid()}")
+            watcher.subscribe("hacer/bridge/stats", on_stats)
+            watcher.start()
+            wait_for(lambda: online["n"] >= self.nodes, 600, f"{self.nodes} nodes online")
+            watcher.stop()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.send_signal(signal.SIGINT)
+        self.server.wait(60)
+
+    def processes(self) -> list[int]:
+        """runserver and every process below it."""
+        return [self.server.pid, *descendants(self.server.pid)]
+
+
+OUTSIDE = {"mosquitto (not hacer's)", "emulate"}
+
+
+def server_pss(
+    python: str, nodes: int, rest: float, *options: str, env: dict[str, str] | None = None
+) -> tuple[dict[str, list[int]], int]:
+    """PSS in KiB of runserver's processes by part, `rest` seconds after `nodes` came online; and a bare interpreter's."""
+    with tempfile.TemporaryDirectory() as work:
+        bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            with RunServer(Path(work), python, nodes, *options, env=env) as server:
+                time.sleep(rest)  # at rest: what the server holds, not what start-up briefly took
+                by_part: dict[str, list[int]] = {}
+                for pid in descendants(server.server.pid):
+                    by_part.setdefault(part_of(pid), []).append(pss_kb(pid))
+                by_part["runserver"] = [pss_kb(server.server.pid)]
+                bare_kb = pss_kb(bare.pid)
+        finally:
+            bare.kill()
+    return by_part, bare_kb
+
+
+def server_total_kb(by_part: dict[str, list[int]]) -> int:
+    """hacer's own processes, without mosquitto and the emulator."""
+    return sum(sum(sizes) for part, sizes in by_part.items() if part not in OUTSIDE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
@@ -91,57 +168,22 @@ def main() -> None:
     parser.add_argument("--no-fork-server", action="store_true", help="HACER_RUNNER_FORK_SERVER=0")
     parser.add_argument("--python", help="run the server with this interpreter instead of a fresh user's venv")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        python = args.python or user_install(Path(work) / "venv")
-        mqtt = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
-            "HACER_MQTT_URL": f"mqtt://127.0.0.1:{mqtt}",
-            "HACER_HTTP_PORT": str(free_port()),
-            "HACER_DISCOVERY_HOST": "127.0.0.1",
-            "HACER_DISCOVERY_PORT": str(free_port()),
-            "HACER_STATE_DIR": str(Path(work) / "state"),
-            "HADB_PATH": str(Path(work) / "hacer.db"),
-            "HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1",
-        }
-        server = subprocess.Popen(
-            [python, str(PROJECT / "manage.py"), "runserver", "--emulate", str(args.nodes)]
-            + (["--together"] if args.together else []),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(Path(work) / "runserver.log", "wb"),  # noqa: SIM115 - lives as long as the child
+    with tempfile.TemporaryDirectory() as venv:
+        python = args.python or user_install(Path(venv) / "venv")
+        by_part, bare_kb = server_pss(
+            python,
+            args.nodes,
+            args.rest,
+            *(["--together"] if args.together else []),
+            env={"HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1"},
         )
-        bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        try:
-            online = {"n": 0}
-
-            def on_stats(message) -> None:  # noqa: ANN001
-                online["n"] = json.loads(message.payload).get("nodes_online", 0)
-
-            wait_for(lambda: _answers(mqtt), 30, "the broker")
-            watcher = Bus(f"mqtt://127.0.0.1:{mqtt}", Topics(), f"bench-memory-{os.getpid()}")
-            watcher.subscribe("hacer/bridge/stats", on_stats)
-            watcher.start()
-            wait_for(lambda: online["n"] >= args.nodes, 600, f"{args.nodes} nodes online")
-            watcher.stop()
-            time.sleep(args.rest)  # at rest: what the server holds, not what start-up briefly took
-            by_part: dict[str, list[int]] = {}
-            for pid in descendants(server.pid):
-                by_part.setdefault(part_of(pid), []).append(pss_kb(pid))
-            by_part["runserver"] = [pss_kb(server.pid)]
-            bare_kb = pss_kb(bare.pid)
-        finally:
-            bare.kill()
-            server.send_signal(signal.SIGINT)
-            server.wait(60)
-    outside = {"mosquitto (not hacer's)", "emulate"}
-    total = sum(sum(sizes) for part, sizes in by_part.items() if part not in outside)
+    total = server_total_kb(by_part)
     how = ("runserver --together" if args.together else "runserver") + (
         ", no fork server" if args.no_fork_server else ""
     )
     print(f"{how} with {args.nodes} nodes online, {args.rest:.0f} s at rest: PSS by part")
     for part, sizes in sorted(by_part.items(), key=lambda item: -sum(item[1])):
-        mark = "  (not counted)" if part in outside else ""
+        mark = "  (not counted)" if part in OUTSIDE else ""
         print(f"  {part:<24} {sum(sizes) / 1024:6.1f} MB  ({len(sizes)} process(es)){mark}")
     print(f"  {'the server, total':<24} {total / 1024:6.1f} MB  (goal <= {GOAL_MB:.0f} MB)")
     print(f"  a bare interpreter: {bare_kb / 1024:.1f} MB; the server is {total / bare_kb:.1f} bare interpreters")

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
-from hacer.messages import RunStatus
+from hacer.messages import LogEntry, MessageError, RunStatus
 from hacer.models import (
     AutomationFire,
     CommitSync,
@@ -30,6 +30,9 @@ from hacer.models import (
     Run,
     RunClaim,
     RunnerHeartbeat,
+    RunOutbox,
+    ScriptLogEntry,
+    ScriptLogEntryType,
     aware_utc,
     driver_connection,
     driver_transaction,
@@ -44,6 +47,25 @@ CLAIM_COLUMNS = ("run_id", "runner_id", "state", "request", "claimed_at", "updat
 
 class AlreadyClaimed(Exception):
     """The run id has a claim already: a duplicate delivery, or a run id used again."""
+
+
+@dataclass(frozen=True)
+class LogSoFar:
+    """A run's log as far as the database holds it."""
+
+    last_seq: int
+    after_launch: int  # entries after the launch entry: the script ran
+    outputs: int
+    last_output: str | None
+
+    def account(self) -> str:
+        """How far the run got, in words, for a run that was lost."""
+        if not self.after_launch:
+            return "nothing after its launch was recorded: the script may not have started"
+        if self.last_output is None:
+            return f"it had started ({self.after_launch} entries after its launch), with no output"
+        lines = "1 line" if self.outputs == 1 else f"{self.outputs} lines"
+        return f"it had started; {lines} of output, the last: {self.last_output[:200]!r}"
 
 
 @dataclass(frozen=True)
@@ -192,6 +214,29 @@ class ClaimStore:
             )
         except (ValueError, TypeError):  # a row no status could have written (2015's): nothing to say
             return None
+
+    def log_so_far(self, run_id: str) -> LogSoFar:
+        """What a run's log holds, recorded or still held in an outbox: how a lost run got on."""
+        seen: dict[int, tuple[str, str]] = {}
+        with self.engine.begin() as connection:
+            for seq, entry_type, data in connection.execute(
+                select(ScriptLogEntry.seq, ScriptLogEntryType.name, ScriptLogEntry.data)
+                .join(ScriptLogEntryType)
+                .join(Run, Run.id == ScriptLogEntry.thread_id)
+                .where(Run.run_id == run_id, ScriptLogEntry.seq.is_not(None))
+            ):
+                seen[seq] = (entry_type, data)
+            for seq, payload in connection.execute(
+                select(RunOutbox.seq, RunOutbox.payload).where(RunOutbox.run_id == run_id, RunOutbox.seq > 0)
+            ):
+                try:
+                    entry = LogEntry.from_payload(payload)
+                except MessageError:
+                    continue
+                seen[seq] = (entry.entry_type, entry.data)
+        outputs = [data for _, (entry_type, data) in sorted(seen.items()) if entry_type == "output"]
+        after_launch = sum(1 for entry_type, _ in seen.values() if entry_type != "launch")
+        return LogSoFar(max(seen, default=0), after_launch, len(outputs), outputs[-1] if outputs else None)
 
     def fire_request(self, run_id: str) -> str | None:
         """The request a scheduler stored with the automation fire of `run_id`; None when no fire has that run."""

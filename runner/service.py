@@ -419,9 +419,12 @@ class Runner:
                 if self.claims.move(
                     claim.run_id, owner=runner_id, from_states=(runstates.RUNNING,), state=runstates.LOST
                 ):
-                    self._publish_status(
-                        run, runstates.LOST, error=f"runner {runner_id} went away while it ran", finished=True
-                    )
+                    # Never run again (it may have done its work): its log's last entry says how far it got.
+                    so_far = self.claims.log_so_far(claim.run_id)
+                    why = f"runner {runner_id} went away while it ran; {so_far.account()}; it is not run again"
+                    run.seq = so_far.last_seq
+                    self._log(run, ("exception", why), ("exit_status", "failed"))
+                    self._publish_status(run, runstates.LOST, error=why[:2000], finished=True)
             elif script is None:
                 if self.claims.move(
                     claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,), state=runstates.FAILED

@@ -486,7 +486,13 @@ def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs
     runner.stop(kill=True)
     wait_until(lambda: not _alive(family[0]), timeout=5, what="the script to die with its runner")
     start_runner(runner.runner_id)
-    assert runs.wait_finished(run_id).state == runstates.LOST
+    status = runs.wait_finished(run_id)
+    assert status.state == runstates.LOST
+    # Its log goes on where it stopped and says how far the run got; a lost run is not run again.
+    log = runs.log_of(run_id)
+    assert [kind for kind, _ in log] == ["launch", "output", "exception", "exit_status"]
+    assert "it had started; 1 line of output, the last: 'family ready'" in log[2][1]
+    assert "not run again" in log[2][1] and status.error == log[2][1]
     # A runner run by hand has no one above it to end its script's children (runserver and systemd
     # do: test_manage.py, deploy/systemd): this test ends them itself, not to leave them behind.
     for pid in family[1:]:
