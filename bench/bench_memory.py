@@ -139,7 +139,7 @@ OUTSIDE = {"mosquitto (not hacer's)", "emulate"}
 def server_pss(
     python: str, nodes: int, rest: float, *options: str, env: dict[str, str] | None = None
 ) -> tuple[dict[str, list[int]], int]:
-    """PSS in KiB of runserver's processes by part, `rest` seconds after `nodes` came online; and a bare interpreter's."""
+    """PSS in KiB of runserver's processes by part, `rest` s after `nodes` came online; and a bare interpreter's."""
     with tempfile.TemporaryDirectory() as work:
         bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         try:

@@ -59,7 +59,8 @@ def ingest(work: Path) -> Figure:
         rate, _, _ = bench_bridge.bridge_ingest(broker, 100_000, 5_000)
     finally:
         broker.stop()
-    return Figure("bridge_ingest_vs_bare_loop", rate / bare, True, 0.25, "x", f"{rate:,.0f} beacons/s, bare {bare:,.0f}")
+    meaning = f"{rate:,.0f} beacons/s, bare {bare:,.0f}"
+    return Figure("bridge_ingest_vs_bare_loop", rate / bare, True, 0.25, "x", meaning)
 
 
 def first_output(work: Path, samples: int = 100) -> Figure:
@@ -111,8 +112,9 @@ def live(work: Path) -> Figure:
         False,
         0.6,  # the noisiest: 800 client connections and 4 pollers on the same 2 cores
         "x",
-        f"beacon -> event at 200 clients p99 {figures.p99_ms:.1f} ms (goal < 20), MQTT p50 {figures.mqtt_p50_ms:.2f} ms, "
-        f"{figures.events_per_node:.2f} events a new node, clients' CPU {figures.client_cpu_s:.2f} s",
+        f"beacon -> event at 200 clients p99 {figures.p99_ms:.1f} ms (goal < 20), "
+        f"MQTT p50 {figures.mqtt_p50_ms:.2f} ms, {figures.events_per_node:.2f} events a new node, "
+        f"clients' CPU {figures.client_cpu_s:.2f} s",
     )
 
 
@@ -129,7 +131,8 @@ def recorder(work: Path, count: int = 20_000) -> Figure:
     bare, (rate, lost) = rates
     if lost:
         raise RuntimeError(f"the recorder lost {lost} entries")
-    return Figure("recorder_vs_mosquitto_sub", rate / bare, True, 0.25, "x", f"{rate:,.0f} entries/s, mosquitto_sub {bare:,.0f}")
+    meaning = f"{rate:,.0f} entries/s, mosquitto_sub {bare:,.0f}"
+    return Figure("recorder_vs_mosquitto_sub", rate / bare, True, 0.25, "x", meaning)
 
 
 def memory(python: str) -> Figure:
@@ -141,7 +144,8 @@ def memory(python: str) -> Figure:
         False,
         0.1,
         "x",
-        f"runserver with 1 000 nodes {total / 1024:.1f} MB PSS (goal <= 120), a bare interpreter {bare_kb / 1024:.1f} MB",
+        f"runserver with 1 000 nodes {total / 1024:.1f} MB PSS (goal <= 120), "
+        f"a bare interpreter {bare_kb / 1024:.1f} MB",
     )
 
 
@@ -180,10 +184,8 @@ def regressed(figure: Figure, baseline: dict[str, float]) -> bool:
 
 
 def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor(),
-    )
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if "model name" in line), platform.processor())
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
