@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ log = logging.getLogger("hacer.manage")
 # The parts runserver starts, each as its own process or all in one (`--together`, `parts`): the api
 # then serves on threads (api/threaded.py), as eventlet would patch the standard library of the whole process.
 PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
+OWN_BROKER_PORT = 1884  # runserver's own broker when another holds the default port and none is configured
 
 
 def cmd_bridge(args: argparse.Namespace) -> None:
@@ -248,6 +250,27 @@ def cmd_runserver(args: argparse.Namespace) -> None:
 
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883
+    if not os.environ.get("HACER_MQTT_URL", "").strip() and port_answers(host, port):
+        # Not configured, and another broker holds the default port (often the system's own
+        # mosquitto): its persistence, ACL and TCP settings are not the ones hacer's promises rest on.
+        if port_answers(host, OWN_BROKER_PORT):
+            raise SystemExit(
+                f"runserver: brokers answer on {host}:{port} and {host}:{OWN_BROKER_PORT}, neither started by "
+                "this runserver (another hacer?): stop it, or set HACER_MQTT_URL to the broker to use"
+            )
+        log.warning(
+            "a broker that is not hacer's answers on %s:%d (the system's mosquitto?): hacer starts its own "
+            "on %s:%d instead (watch it with `mosquitto_sub -p %d -v -t 'hacer/#'`); set HACER_MQTT_URL "
+            "to use another broker",
+            host,
+            port,
+            host,
+            OWN_BROKER_PORT,
+            OWN_BROKER_PORT,
+        )
+        port = OWN_BROKER_PORT
+        os.environ["HACER_MQTT_URL"] = f"mqtt://{host}:{port}"  # for the parts runserver execs
+        settings = replace(settings, mqtt_url=os.environ["HACER_MQTT_URL"])
     broker: list[Part] = []
     if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
         command, _ = BrokerProcess(settings.state_dir / "mosquitto", [port]).prepare()

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,58 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
         assert f"{part:>8} | " in log, f"no {part} lines in the log"
     orphans = subprocess.run(["pgrep", "-f", env["HACER_STATE_DIR"]], capture_output=True, text=True).stdout
     assert orphans == "", "processes outlived runserver"
+
+
+# Run in a network namespace of the test's own, where 127.0.0.1:1883 (the default) is free for a
+# stand-in of the system's mosquitto, whatever this machine runs on its own 1883.
+IN_A_NAMESPACE = """
+import os, signal, subprocess, sys, time, urllib.request
+sys.path.insert(0, os.getcwd())
+from hacer.broker import port_answers
+work = sys.argv[1]
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+system_broker = subprocess.Popen(["mosquitto", "-p", "1883"], stderr=subprocess.DEVNULL)
+env = {k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))}
+env.update(HADB_PATH=work + "/hacer.db", HACER_STATE_DIR=work + "/state", HACER_HTTP_PORT="5000")
+log = open(work + "/runserver.log", "w+")
+server = subprocess.Popen([sys.executable, "manage.py", "runserver"], env=env, stderr=log, stdout=log)
+try:
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            health = urllib.request.urlopen("http://127.0.0.1:5000/api/health", timeout=2).read().decode()
+            if '"connected"' in health:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "runserver did not come up: " + open(work + "/runserver.log").read()
+        time.sleep(0.1)  # in another namespace: no event the test could wait on
+    retained = subprocess.run(
+        ["mosquitto_sub", "-p", "1883", "-t", "hacer/#", "--retained-only", "-W", "1", "-v"],
+        capture_output=True, text=True,
+    ).stdout
+    print("own broker:", port_answers("127.0.0.1", 1884), "on the system's:", repr(retained))
+finally:
+    server.send_signal(signal.SIGINT)
+    server.wait(60)
+    system_broker.terminate()
+print(open(work + "/runserver.log").read())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_runserver_unconfigured_starts_its_own_broker_when_another_holds_the_default_port(tmp_path):
+    outcome = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", IN_A_NAMESPACE, str(tmp_path)],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert outcome.returncode == 0, outcome.stdout + outcome.stderr
+    assert "own broker: True on the system's: ''" in outcome.stdout  # nothing of hacer's went there
+    assert "a broker that is not hacer's answers on 127.0.0.1:1883" in outcome.stdout
+    assert "mosquitto_sub -p 1884" in outcome.stdout
 
 
 def test_runserver_uses_a_broker_that_answers(spawn, hacer_env, broker, watch):
