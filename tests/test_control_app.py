@@ -256,3 +256,33 @@ def test_each_node_type_has_its_control_and_a_chart_of_what_the_api_returns(syst
     # Usable on a phone: nothing wider than the screen.
     assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
     page.screenshot(path=str(artifacts() / f"control-app-{viewport['width']}.png"), full_page=True)
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system, browser):  # noqa: F811
+    from playwright.sync_api import expect
+
+    definition = {
+        "name": "phone check",
+        "script": "test",
+        "params": ["phone"],
+        "trigger": {"kind": "every", "seconds": 3600},
+    }
+    assert system.post("/api/automations", json=definition).status_code in (200, 201)
+    assert system.post("/api/scripts/exec/name/test", json={"params": ["phone"]}).status_code == 200
+    page = browser.new_context(viewport=PHONE).new_page()
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    expect(page.locator("#automations tbody tr", has_text="phone check")).to_have_count(1, timeout=10_000)
+    expect(page.locator("#runs tbody tr").first).to_be_visible(timeout=10_000)
+    buttons = page.locator("#runs tbody button, #automations tbody button")
+    assert buttons.count() >= 3  # a run's log, an automation's on and delete
+    for index in range(buttons.count()):
+        box = buttons.nth(index).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    assert page.evaluate("() => [...document.querySelectorAll('.scroll')].every((s) => s.scrollWidth <= s.clientWidth)")
+    # Each value says which column it is, as the header row is not shown.
+    expect(page.locator("#automations tbody tr", has_text="phone check").locator("td").first).to_have_attribute(
+        "data-label", "name"
+    )
+    page.screenshot(path=str(artifacts() / "control-app-tables-390.png"), full_page=True)

@@ -73,8 +73,10 @@ def server(spawn, hacer_env, broker):
     url = f"http://127.0.0.1:{hacer_env['HACER_HTTP_PORT']}"
     wait_until(lambda: port_answers("127.0.0.1", int(hacer_env["HACER_HTTP_PORT"])), 60, "the api")
     wait_until(
-        lambda: len(requests.get(f"{url}/api/nodes", timeout=5).json()["node_list"]) == 4
-        and requests.get(f"{url}/api/health", timeout=5).status_code == 200,
+        lambda: (
+            len(requests.get(f"{url}/api/nodes", timeout=5).json()["node_list"]) == 4
+            and requests.get(f"{url}/api/health", timeout=5).status_code == 200
+        ),
         60,
         "the four emulated nodes and a healthy api",
     )
@@ -111,9 +113,7 @@ def test_every_example_command_runs_against_a_running_server(server, document):
         # What they did: the outlet switched (the last toggle asked for 1), runs succeeded.
         runs = requests.get(f"{url}/api/runs", timeout=10).json()["runs"]
         wait_until(
-            lambda: all(
-                r["state"] == "succeeded" for r in requests.get(f"{url}/api/runs", timeout=10).json()["runs"]
-            ),
+            lambda: all(r["state"] == "succeeded" for r in requests.get(f"{url}/api/runs", timeout=10).json()["runs"]),
             30,
             "the README's runs to succeed",
         )

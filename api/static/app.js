@@ -23,6 +23,9 @@ function cell(row, text, className) {
   const td = row.insertCell();
   td.textContent = text;
   if (className) td.className = className;
+  // Its column's name, shown before it on a phone, where a row is a block and the header is hidden.
+  const header = row.closest("table")?.tHead?.rows[0]?.cells[td.cellIndex];
+  if (header && header.textContent) td.dataset.label = header.textContent;
   return td;
 }
 
@@ -101,7 +104,9 @@ function control(node) {
     const temperature = reading(node, "temperature");
     const parts = [element("span", { className: "reading", textContent: temperature ? `${temperature.value} °C` : "–" }),
                    element("span", { className: "trend", textContent: trendOf(node), attrs: { "aria-label": trendName(node) } })];
-    if (temperature && temperature.at) parts.push(element("span", { className: "read-at", textContent: ` read ${clock(temperature.at)}` }));
+    // `at` is when the value was first read as it is: later reads (every 30 s) found it unchanged.
+    if (temperature && temperature.at) parts.push(element("span", { className: "read-at", textContent: ` since ${clock(temperature.at)}`,
+      attrs: { title: `${temperature.value} °C since ${clock(temperature.at)}: read again since, unchanged` } }));
     if (node.type === "thermostat") {
       const target = element("input", { type: "number", className: "target", min: 5, max: 35, step: 1,
         value: values.target ?? "", attrs: { "aria-label": `target of ${labelOf(node)}` } });
