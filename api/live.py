@@ -39,6 +39,13 @@ Event = dict[str, Any]
 Listener = Callable[[Event], None]
 HISTORY = 5000  # events kept for clients that resume after a short disconnect
 ROOMS_KEPT, ROOM_HISTORY = 200, 1000  # the latest runs' log events, for clients that watch late
+ROOM_BYTES = 8 << 20  # and at most this much of their text, all rooms together (oldest first out)
+ENTRY_OVERHEAD = 400  # bytes a kept log event holds beside its text (dicts, times, ids)
+
+
+def _size(event: Event) -> int:
+    """What a kept log event holds, about: its text and a fixed overhead."""
+    return len(event["data"]["data"]) + ENTRY_OVERHEAD
 
 
 def run_room(run_id: str) -> str:
@@ -64,6 +71,7 @@ class LiveView:
         self.seq = 0
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
+        self._room_bytes = 0
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
         # Nodes changed by the burst of messages being handled (None: removed), sent on as one
@@ -137,11 +145,17 @@ class LiveView:
             if room is None:
                 self.history.append(event)
             else:
-                kept = self._room_history.pop(room, None) or deque(maxlen=ROOM_HISTORY)
+                kept = self._room_history.pop(room, None) or deque()
                 kept.append(event)
+                self._room_bytes += _size(event)
                 self._room_history[room] = kept  # most recently active last
-                if len(self._room_history) > ROOMS_KEPT:
-                    self._room_history.popitem(last=False)
+                if len(kept) > ROOM_HISTORY:
+                    self._room_bytes -= _size(kept.popleft())
+                while len(self._room_history) > ROOMS_KEPT or self._room_bytes > ROOM_BYTES:
+                    oldest = next(iter(self._room_history.values()))
+                    self._room_bytes -= _size(oldest.popleft())
+                    if not oldest:
+                        self._room_history.popitem(last=False)
         self._tell(event)
 
     def _tell(self, event: Event) -> None:

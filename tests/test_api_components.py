@@ -177,6 +177,24 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
     ws.disconnect()
 
 
+def test_the_kept_run_logs_are_bounded_in_bytes_the_latest_runs_first_kept():
+    from api import live as live_module
+    from hacer.messages import LogEntry
+
+    bus = RecordingBus()
+    view = live_module.LiveView(bus, bus.topics)  # type: ignore[arg-type]
+    view.subscribe()
+    line = "x" * 60_000
+    for run in range(400):  # 400 runs of 10 long lines: 240 MB of text, were it all kept
+        for seq in range(1, 11):
+            bus.deliver(f"hacer/runs/run{run}/log", LogEntry(f"run{run}", seq, T1, "output", line).to_payload())
+    kept = {room: len(view.room_events(room)) for room in (f"run:run{run}" for run in range(400))}
+    held = sum(count for count in kept.values()) * (len(line) + live_module.ENTRY_OVERHEAD)
+    assert held <= live_module.ROOM_BYTES
+    assert kept["run:run399"] == 10 and kept["run:run0"] == 0  # the latest runs whole, the oldest gone
+    assert view._room_bytes == held
+
+
 def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_node(tmp_path):
     # Otherwise a rename or delete the api publishes at once could reach the broker first,
     # and this blank meta would then overwrite it.
