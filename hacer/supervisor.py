@@ -31,6 +31,7 @@ log = logging.getLogger("hacer.supervisor")
 COMMON_MODULES = ("hacer.bus", "hacer.models", "hacer.messages", "hacer.topics", "hacer.runstates", "hacer.logs")
 RESTART_AFTER = 1.0  # seconds between a part's death and its next start
 READY_WITHIN = 10.0  # seconds a part with a readiness check gets before the parts after it start
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Supervisor:
             while not self.stopping:
                 now = self.clock()
                 for part in self.parts:
-                    if not part.pid and now - part.exited_at >= RESTART_AFTER:
+                    if not part.pid and now - part.exited_at >= RESTART_AFTER and not self.stopping:
                         self._start(part)
                 self._pump(timeout=RESTART_AFTER)
         finally:
@@ -115,10 +116,16 @@ class Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_end)
-            self._become(part, parent, write_end, inherited)
+        # Held until the child has its own handlers: a stop signal sent the moment after the fork
+        # would run this process's handler in the child, and the part would never see it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_end)
+                self._become(part, parent, write_end, inherited)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         os.close(write_end)
         # Read without blocking: a grandchild (the runner's fork server) may hold the pipe past its part.
         os.set_blocking(read_end, False)
@@ -133,8 +140,9 @@ class Supervisor:
             os.dup2(output, 2)
             for fd in [output, *inherited]:
                 os.close(fd)
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent meanwhile ends it now
             die_with_parent(parent)
             os.environ[PARENT_ENV] = str(parent)  # for a part that execs: its parent is now this one
             name_process(f"hacer-{part.name}")

@@ -69,3 +69,30 @@ def test_sigterm_ends_every_part():
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(30) == 0
     assert not [pid for pid in parts if os.path.exists(f"/proc/{pid}")], "a part outlived its supervisor"
+
+
+RACE = """
+import os, signal, sys, time
+from hacer.supervisor import Part, Supervisor
+
+part = Part("sleeper", lambda: time.sleep(30))
+supervisor = Supervisor([part], prefixed=False)
+signal.signal(signal.SIGTERM, supervisor.stop)  # as runserver does: inherited by a fork
+for attempt in range(20):
+    supervisor._start(part)
+    os.kill(part.pid, signal.SIGTERM)  # at once, as a stop during a part's restart does
+    deadline = time.monotonic() + 5
+    while (ended := os.waitpid(part.pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # a child's end has no event to wait on here
+    if ended[0] == 0:
+        os.kill(part.pid, signal.SIGKILL)
+        sys.exit(f"attempt {attempt}: the part lived on after SIGTERM")
+    supervisor._close_output(part)
+    part.pid = 0
+print("each ended")
+"""
+
+
+def test_a_stop_signal_sent_the_moment_a_part_starts_ends_it():
+    outcome = subprocess.run([sys.executable, "-c", RACE], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=150)
+    assert outcome.returncode == 0 and "each ended" in outcome.stdout, outcome.stderr
