@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -43,6 +44,11 @@ ROOM_BYTES = 8 << 20  # and at most this much of their text, all rooms together 
 ENTRY_OVERHEAD = 400  # bytes a kept log event holds beside its text (dicts, times, ids)
 
 
+def seen_stamp(moment: float) -> str:
+    """A Unix time in the 2015 format, `YYYY-MM-DDTHH:MM:SS` (UTC)."""
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _size(event: Event) -> int:
     """What a kept log event holds, about: its text and a fixed overhead."""
     return len(event["data"]["data"]) + ENTRY_OVERHEAD
@@ -60,6 +66,9 @@ class LiveView:
         self.bus = bus
         self.topics = topics
         self.nodes: dict[int, dict[str, Any]] = {}
+        # Each node's last-seen time in the 2015 format ("YYYY-MM-DDTHH:MM:SS", UTC), for REST's
+        # `last_updated`: fresher than the database's, which the recorder writes once a minute.
+        self.seen_stamps: dict[int, str] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.bridge_state = "unknown"
         self.runners: dict[str, dict[str, Any]] = {}
@@ -175,6 +184,7 @@ class LiveView:
             return
         if not message.payload:  # a deleted node's retained topics are cleared
             with self._lock:
+                self.seen_stamps.pop(node_id, None)
                 if self.nodes.pop(node_id, None) is not None:
                     self._changed_nodes[node_id] = None
             return
@@ -195,6 +205,7 @@ class LiveView:
                 before = dict(node)
                 if name == "node_presence":
                     presence = Presence.from_payload(message.payload)
+                    self.seen_stamps[node_id] = seen_stamp(presence.last_seen.timestamp())
                     node.update(
                         type=presence.type,
                         ip=presence.ip,
@@ -238,6 +249,7 @@ class LiveView:
             fresh = {node_id: t for node_id, t in seen.items() if node_id in self.nodes}
             for node_id, moment in fresh.items():
                 self.nodes[node_id]["last_seen"] = moment
+                self.seen_stamps[node_id] = seen_stamp(moment)
         if fresh:
             self._tell({"seq": None, "kind": "lastseen", "data": fresh, "room": None})
 

@@ -144,7 +144,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "name": node.name or "",
         "type": node.type.name,
         "ip": node.ip or "",
-        "last_updated": stamp(node.last_update),
+        "last_updated": max(stamp(node.last_update), services().live.seen_stamps.get(node.id, "")),
     }
 
 
@@ -160,6 +160,8 @@ def list_nodes() -> ResponseReturnValue:
     )
     with services().sessions() as session:
         rows = session.connection().execute(query).all()
+    # The recorder writes last-seen times once a minute; the bus's are fresher (every few seconds).
+    seen = services().live.seen_stamps
     return fast_json(
         {
             "node_list": [
@@ -168,7 +170,7 @@ def list_nodes() -> ResponseReturnValue:
                     "name": name or "",
                     "type": type_name,
                     "ip": ip or "",
-                    "last_updated": (updated or "")[:19].replace(" ", "T"),
+                    "last_updated": max((updated or "")[:19].replace(" ", "T"), seen.get(node_id, "")),
                 }
                 for node_id, name, type_name, ip, updated in rows
             ]

@@ -42,7 +42,9 @@ from hacer.topics import DiscoveryTopics, TopicError, Topics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHECKPOINT_EVERY = 5.0
+# Last-seen times saved for a restart: a restored node gets a beacon interval from the start anyway
+# (PresenceTracker.reconcile), so a minute-old copy is enough, and 720 file writes an hour fewer spare an SD card.
+CHECKPOINT_EVERY = 60.0
 MAX_HELD_COMMANDS = 10_000  # commands that came before the node table was restored, kept to run after
 POLL_TICK = 1.0  # how often due polls are looked for
 # Command outcomes that say the node did not answer at all (a node's error reply is an answer).

@@ -80,6 +80,11 @@ META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's
 RECORDED_TOPICS = ("node_presence", "node_readings", "bridge_lastseen", "run_request", "run_status", "run_log")
 DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 STATE_EVERY = 5.0  # seconds between republished counters
+# Nodes' last-seen times (the 2015 `last_updated`) are written once a minute, not every batch of
+# the bridge's (every 2 s: 1 800 commits an hour, most of an idle server's writes); the api
+# shows the bus's fresher ones meanwhile. Losing a minute of them in a crash loses nothing: the
+# bridge sends them again, and a later one replaces an earlier.
+LAST_SEEN_EVERY = 60.0
 # The runs a batch touched: run id -> (thread id, state if known, seqs of the entries written)
 Touched = dict[str, tuple[int, "str | None", list[int]]]
 
@@ -132,6 +137,8 @@ class Recorder:
         self._online_runners: set[str] = set()
         self._online_recorders: set[str] = set()
         self._stopping = threading.Event()
+        self._held_last_seen: dict[int, datetime] = {}
+        self._last_seen_due = 0.0
         self._threads: list[threading.Thread] = []
         self._type_ids: dict[str, int] = {}
         # run id -> (thread id, script, params without the node name), for log entries: a batch
@@ -236,6 +243,12 @@ class Recorder:
                 self._publish_recorded(touched)
             except Exception:  # a lost confirmation costs a resend, nothing more
                 log.exception("saying what was recorded failed")
+        if self._held_last_seen:
+            try:
+                with self.sessions() as session, session.begin():
+                    self._last_seen(session, self._held_last_seen)
+            except Exception:
+                log.exception("writing the nodes' last-seen times on stop failed")
 
     def _write_batch(self, messages: list[Message]) -> Touched:
         """Write a batch in one transaction; if the database refuses it, one message at a time."""
@@ -311,8 +324,11 @@ class Recorder:
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             insert_ignoring_duplicates(session, NodeSample.__table__, samples, ["node_id", "key", "at_ms"])
             insert_ignoring_duplicates(session, NodeAvailability.__table__, availability, ["node_id", "at_ms", "state"])
-            if last_seen:
-                self._last_seen(session, last_seen)
+            self._held_last_seen.update(last_seen)
+            if self._held_last_seen and (time.monotonic() >= self._last_seen_due or self._stopping.is_set()):
+                self._last_seen(session, self._held_last_seen)
+                self._held_last_seen = {}
+                self._last_seen_due = time.monotonic() + LAST_SEEN_EVERY
             self._add_dead_letters(session, bad)
             if new_nodes:
                 # A new node's meta is at the broker before the api can see the node: a rename or

@@ -5,7 +5,9 @@ change is a conditional UPDATE naming the owner and the state it expects, and te
 matched, so a runner acts on a run only while the database says the run is its own. Whether
 another runner is gone is read from its heartbeat counter here, never from a bus message: a
 runner whose counter has not moved for `takeover_after` seconds (of the watcher's own clock, so
-clocks need not agree) is taken over.
+clocks need not agree) is taken over. A runner beats only while another one is there to watch it:
+alone, its beats would be disk writes for no one (an SD card's wear); a runner that starts is seen
+within a heartbeat interval, and beaten for from then on, well before it could take anything over.
 """
 
 from __future__ import annotations
@@ -276,18 +278,22 @@ class ClaimStore:
         except IntegrityError:  # another process of the same id inserted it first
             pass
 
-    def silent_runners(self, takeover_after: float) -> list[str]:
-        """Other runners whose heartbeat has not moved for `takeover_after` seconds, as seen from here."""
+    def watch_others(self, takeover_after: float) -> tuple[list[str], bool]:
+        """Other runners whose heartbeat has not moved for `takeover_after` seconds, as seen from here;
+        and whether any other runner's has (or was first seen) within that time: one that may watch this one."""
         with self.engine.begin() as connection:
             beats = dict(connection.execute(select(RunnerHeartbeat.runner_id, RunnerHeartbeat.beat)).tuples().all())
         now = self.monotonic()
-        silent = []
+        silent, watched = [], False
         for runner_id, beat in beats.items():
             if runner_id == self.runner_id:
                 continue
             seen = self._observed.get(runner_id)
             if seen is None or seen[0] != beat:
                 self._observed[runner_id] = (beat, now)
+                watched = True
             elif now - seen[1] >= takeover_after:
                 silent.append(runner_id)
-        return silent
+            else:
+                watched = True
+        return silent, watched

@@ -447,12 +447,14 @@ class Runner:
         interval = max(0.05, self.config.takeover_after / 4)
         while not self._stopped.wait(interval):
             try:
-                self.claims.beat()
+                silent, watched = self.claims.watch_others(self.config.takeover_after)
+                if watched:  # alone, a beat is a disk write no one reads (runner/claims.py)
+                    self.claims.beat()
                 with self._changed:
                     running = [run for run in self._running.values() if run.started_at is not None and not run.fenced]
                 for run_id in self.claims.taken([run.run_id for run in running]):
                     self._fence(next(run for run in running if run.run_id == run_id))
-                for runner_id in self.claims.silent_runners(self.config.takeover_after):
+                for runner_id in silent:
                     self._inbox.put(functools.partial(self._take_over, runner_id))
                 self.checkpoint()
             except SQLAlchemyError as exc:

@@ -94,6 +94,25 @@ def entry(run_id, seq, data="x"):
     return f"hacer/runs/{run_id}/log", LogEntry(run_id, seq, T1, "output", data).to_payload()
 
 
+def test_last_seen_times_are_written_once_a_minute_and_on_stop(recorder, database):
+    from hacer.messages import LastSeenBatch
+
+    def last_update():
+        with database.session() as session:
+            return session.get(Node, 77).last_update
+
+    deliver_all(
+        recorder, [("hacer/nodes/77/presence", Presence(77, "toggle", "10.0.0.77", "online", T1, T1).to_payload())]
+    )
+    deliver_all(recorder, [("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(100.0)}).to_payload())])
+    assert last_update() == utc_datetime(100.0)  # the first batch at once
+    for moment in (102.0, 104.0, 106.0):  # the bridge's next ones, every 2 s: held
+        deliver_all(recorder, [("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(moment)}).to_payload())])
+    assert last_update() == utc_datetime(100.0)
+    recorder.stop()  # the latest is written on the way out
+    assert last_update() == utc_datetime(106.0)
+
+
 def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, database):
     deliver_all(
         recorder,

@@ -694,6 +694,37 @@ def test_a_forged_offline_message_takes_nothing_over(start_runner, requester, ru
     assert second.process.poll() is None
 
 
+def test_a_runner_alone_writes_no_heartbeats_and_one_that_joins_takes_nothing_from_it(
+    start_runner, requester, runs, tmp_path, runner_env
+):
+    from sqlalchemy import select
+
+    from hacer.models import RunnerHeartbeat
+
+    takeover = float(runner_env["HACER_RUNNER_TAKEOVER"])
+    first = start_runner()
+    pipe = fifo(tmp_path, "alone")
+    run_id = requester("block", [str(pipe)])
+    runs.wait_state(run_id, runstates.RUNNING)
+    database = runner_database(runner_env)
+
+    def beats() -> dict[str, int]:
+        with database.engine.connect() as connection:
+            return dict(connection.execute(select(RunnerHeartbeat.runner_id, RunnerHeartbeat.beat)).tuples().all())
+
+    alone = beats()[first.runner_id]
+    # Nothing to await: a beat would come every HACER_RUNNER_TAKEOVER / 4 (0.75 s); give it 2 s.
+    threading.Event().wait(2.0)
+    assert beats()[first.runner_id] == alone  # no disk write for no one
+    second = start_runner()
+    wait_until(lambda: beats()[first.runner_id] > alone, 2 * takeover, "the first runner to beat for the second")
+    threading.Event().wait(2 * takeover)  # a takeover would have come by now
+    release(pipe)
+    status = runs.wait_finished(run_id, timeout=30)
+    assert (status.state, status.runner) == (runstates.SUCCEEDED, first.runner_id)
+    assert second.process.poll() is None
+
+
 def test_a_runner_that_stops_beating_is_taken_over_and_ends_a_run_taken_from_it(
     start_runner, requester, runs, tmp_path, runner_env
 ):
