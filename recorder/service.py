@@ -80,11 +80,13 @@ META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's
 RECORDED_TOPICS = ("node_presence", "node_readings", "bridge_lastseen", "run_request", "run_status", "run_log")
 DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 STATE_EVERY = 5.0  # seconds between republished counters
-# Nodes' last-seen times (the 2015 `last_updated`) are written once a minute, not every batch of
-# the bridge's (every 2 s: 1 800 commits an hour, most of an idle server's writes); the api
-# shows the bus's fresher ones meanwhile. Losing a minute of them in a crash loses nothing: the
-# bridge sends them again, and a later one replaces an earlier.
-LAST_SEEN_EVERY = 60.0
+# Node data that comes alone (readings, last-seen times) waits up to a minute, unacknowledged, to
+# be written in one transaction: each was a commit of its own (the bridge's last-seen batch every
+# 2 s, a reading at each change), most of an idle server's disk writes (an SD card's wear). A run's
+# message, a new node, or this many held, write them at once; the broker's in-flight window (100)
+# keeps room for the runs'. The api shows the bus's fresher values meanwhile.
+NODE_DATA_EVERY, NODE_DATA_HELD = 60.0, 50
+NODE_DATA = ("node_readings", "bridge_lastseen")
 # The runs a batch touched: run id -> (thread id, state if known, seqs of the entries written)
 Touched = dict[str, tuple[int, "str | None", list[int]]]
 
@@ -117,8 +119,10 @@ class Recorder:
         purge: Callable[[], object] | None = None,
         purge_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        node_data_every: float = NODE_DATA_EVERY,
     ) -> None:
         self.bus = bus
+        self.node_data_every = node_data_every
         self.topics = topics
         self.sessions = sessions
         self.recorder_id = recorder_id
@@ -137,8 +141,6 @@ class Recorder:
         self._online_runners: set[str] = set()
         self._online_recorders: set[str] = set()
         self._stopping = threading.Event()
-        self._held_last_seen: dict[int, datetime] = {}
-        self._last_seen_due = 0.0
         self._threads: list[threading.Thread] = []
         self._type_ids: dict[str, int] = {}
         # run id -> (thread id, script, params without the node name), for log entries: a batch
@@ -212,16 +214,19 @@ class Recorder:
 
     def _write_loop(self) -> None:
         pending: list[Message] = []
+        held_since: float | None = None  # when the node data held in `pending` began to wait
         state_due = time.monotonic() + STATE_EVERY
         while not (self._stopping.is_set() and self._inbox.empty() and not pending):
             if time.monotonic() > state_due:
                 self._publish_state()
                 state_due = time.monotonic() + STATE_EVERY
-            if not pending:
+            if not pending or held_since is not None:
+                wait = 0.2 if held_since is None else held_since + self.node_data_every - time.monotonic()
                 try:
-                    pending.append(self._inbox.get(timeout=0.2))
+                    pending.append(self._inbox.get(timeout=min(0.2, max(0.0, wait))))
                 except queue.Empty:
-                    continue
+                    if not pending:
+                        continue
             # Group commit: a moment for a burst to gather, so one transaction writes many.
             gather_until = time.monotonic() + GATHER_SECONDS
             while len(pending) < BATCH_LIMIT:
@@ -229,6 +234,10 @@ class Recorder:
                     pending.append(self._inbox.get(timeout=max(0.0, gather_until - time.monotonic())))
                 except queue.Empty:
                     break
+            if self._may_hold(pending, held_since):
+                held_since = held_since or time.monotonic()
+                continue
+            held_since = None
             try:
                 touched = self._write_batch(pending)
             except Exception:
@@ -243,12 +252,20 @@ class Recorder:
                 self._publish_recorded(touched)
             except Exception:  # a lost confirmation costs a resend, nothing more
                 log.exception("saying what was recorded failed")
-        if self._held_last_seen:
+
+    def _may_hold(self, pending: list[Message], held_since: float | None) -> bool:
+        """Whether `pending` is node data alone that may wait longer to be written (NODE_DATA_EVERY)."""
+        if self._stopping.is_set() or len(pending) >= NODE_DATA_HELD:
+            return False
+        if held_since is not None and time.monotonic() >= held_since + self.node_data_every:
+            return False
+        for message in pending:
             try:
-                with self.sessions() as session, session.begin():
-                    self._last_seen(session, self._held_last_seen)
-            except Exception:
-                log.exception("writing the nodes' last-seen times on stop failed")
+                if self.topics.parse(message.topic)[0] not in NODE_DATA:
+                    return False
+            except TopicError:
+                return False
+        return True
 
     def _write_batch(self, messages: list[Message]) -> Touched:
         """Write a batch in one transaction; if the database refuses it, one message at a time."""
@@ -324,11 +341,8 @@ class Recorder:
             insert_ignoring_duplicates(session, ScriptLogEntry.__table__, entries, ["thread_id", "seq"])
             insert_ignoring_duplicates(session, NodeSample.__table__, samples, ["node_id", "key", "at_ms"])
             insert_ignoring_duplicates(session, NodeAvailability.__table__, availability, ["node_id", "at_ms", "state"])
-            self._held_last_seen.update(last_seen)
-            if self._held_last_seen and (time.monotonic() >= self._last_seen_due or self._stopping.is_set()):
-                self._last_seen(session, self._held_last_seen)
-                self._held_last_seen = {}
-                self._last_seen_due = time.monotonic() + LAST_SEEN_EVERY
+            if last_seen:
+                self._last_seen(session, last_seen)
             self._add_dead_letters(session, bad)
             if new_nodes:
                 # A new node's meta is at the broker before the api can see the node: a rename or

@@ -228,6 +228,7 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
             "HACER_STATS_INTERVAL": "0.5",
             "HACER_LASTSEEN_INTERVAL": "0.5",
             "HACER_POLL": "off",  # the tests of the bridge's reads turn them on
+            "HACER_NODE_DATA_EVERY": "0",  # readings in the database at once (tests/test_recorder.py waits)
             "PYTHONUNBUFFERED": "1",
         }
     )

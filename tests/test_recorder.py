@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 
 import pytest
 from sqlalchemy import func, select
@@ -65,7 +66,8 @@ class AckingBus(RecordingBus):
 @pytest.fixture
 def recorder(database):
     bus = AckingBus()
-    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test")
+    # Node data written at once (HACER_NODE_DATA_EVERY=0), but where the test says otherwise.
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", node_data_every=0.0)
     recorder.start()
     recorder.test_bus = bus
     yield recorder
@@ -94,23 +96,49 @@ def entry(run_id, seq, data="x"):
     return f"hacer/runs/{run_id}/log", LogEntry(run_id, seq, T1, "output", data).to_payload()
 
 
-def test_last_seen_times_are_written_once_a_minute_and_on_stop(recorder, database):
+def test_node_data_alone_waits_unacknowledged_and_is_written_with_a_runs_message_or_on_stop(database):
     from hacer.messages import LastSeenBatch
 
-    def last_update():
+    bus = AckingBus()
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test")  # the default wait: a minute
+    recorder.test_bus = bus
+    recorder.start()
+
+    def node_77():
         with database.session() as session:
-            return session.get(Node, 77).last_update
+            node = session.get(Node, 77)
+            samples = session.scalars(select(NodeSample.value).where(NodeSample.node_id == 77)).all()
+            return node.last_update, samples
 
     deliver_all(
         recorder, [("hacer/nodes/77/presence", Presence(77, "toggle", "10.0.0.77", "online", T1, T1).to_payload())]
     )
-    deliver_all(recorder, [("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(100.0)}).to_payload())])
-    assert last_update() == utc_datetime(100.0)  # the first batch at once
-    for moment in (102.0, 104.0, 106.0):  # the bridge's next ones, every 2 s: held
-        deliver_all(recorder, [("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(moment)}).to_payload())])
-    assert last_update() == utc_datetime(100.0)
-    recorder.stop()  # the latest is written on the way out
-    assert last_update() == utc_datetime(106.0)
+    acked = len(bus.acked)
+    bus.deliver("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(100.0)}).to_payload())
+    bus.deliver("hacer/nodes/77/readings", NodeReadings(77, {"on": Reading(1, bus_time(90.0))}, True, T1).to_payload())
+    # Nothing to await: held data shows as nothing happening; the recorder's loop turns 5 times a second.
+    threading.Event().wait(1.0)
+    assert len(bus.acked) == acked and node_77() == (utc_datetime(1.0), [])  # held, not acknowledged
+    deliver_all(recorder, [status("r77", runstates.QUEUED)])  # a run's message: everything at once
+    assert node_77() == (utc_datetime(100.0), [1.0])
+    bus.deliver("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(106.0)}).to_payload())
+    recorder.stop()  # and on the way out
+    assert node_77()[0] == utc_datetime(106.0)
+
+
+def test_node_data_alone_is_written_within_its_wait(database):
+    bus = AckingBus()
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", node_data_every=0.5)
+    recorder.start()
+    try:
+        recorder.test_bus = bus
+        deliver_all(
+            recorder, [("hacer/nodes/78/readings", NodeReadings(78, {"on": Reading(0, T1)}, True, T1).to_payload())]
+        )
+    finally:
+        recorder.stop()
+    with database.session() as session:
+        assert session.scalars(select(NodeSample.value).where(NodeSample.node_id == 78)).all() == [0.0]
 
 
 def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, database):
