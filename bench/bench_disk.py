@@ -40,6 +40,7 @@ class DiskFigures:
     idle_mb_per_hour: float
     idle_by_part: dict[str, float]  # MB an hour
     kb_per_run: float
+    run_by_part: dict[str, float]  # KB a run, less each part's idle rate
     database_kb_per_run: float
 
 
@@ -87,9 +88,9 @@ def measure(python: str, nodes: int, warm: float, idle: float, runs: int) -> Dis
             time.sleep(idle)
             idle_writes, elapsed = delta(before, written(server.processes())), time.monotonic() - start
             by_part: dict[str, float] = {}
+            names = {pid: part_of(pid) for pid in idle_writes}
             for pid, count in idle_writes.items():
-                part = part_of(pid)
-                by_part[part] = by_part.get(part, 0.0) + count / elapsed * 3600 / 1e6
+                by_part[names[pid]] = by_part.get(names[pid], 0.0) + count / elapsed * 3600 / 1e6
             hacer = Hacer(server.env["HACER_MQTT_URL"], None)
             hacer.run("five")  # the runner's fork server and the recorder's first run are start-up
             before, start = written(server.processes()), time.monotonic()
@@ -100,11 +101,18 @@ def measure(python: str, nodes: int, warm: float, idle: float, runs: int) -> Dis
             hacer.bus.stop()
         idle_rate = sum(by_part.values()) * 1e6 / 3600  # bytes a second
         per_run = max(0.0, sum(run_writes.values()) - idle_rate * elapsed) / runs
+        run_by_part: dict[str, float] = {}
+        for pid, count in run_writes.items():
+            part = names.get(pid) or part_of(pid)
+            run_by_part[part] = run_by_part.get(part, 0.0) + count / runs / 1024
+        for part, rate in by_part.items():
+            run_by_part[part] = max(0.0, run_by_part.get(part, 0.0) - rate * 1e6 / 3600 * elapsed / runs / 1024)
         return DiskFigures(
             nodes=nodes,
             idle_mb_per_hour=sum(by_part.values()),
             idle_by_part=by_part,
             kb_per_run=per_run / 1024,
+            run_by_part=run_by_part,
             database_kb_per_run=database_bytes_per_run(work / "hacer.db", runs + 1) / 1024,
         )
 
@@ -119,6 +127,9 @@ def report(figures: DiskFigures) -> None:
         f"a run of five lines: {figures.kb_per_run:.1f} KB written (goal <= {RUN_GOAL_KB:.0f} KB); the database "
         f"keeps {figures.database_kb_per_run:.2f} KB of it: {figures.kb_per_run / figures.database_kb_per_run:.0f}x"
     )
+    for part, size in sorted(figures.run_by_part.items(), key=lambda item: -item[1]):
+        if size >= 0.05:
+            print(f"   {part:<28} {size:8.1f} KB")
 
 
 def main() -> None:
