@@ -75,14 +75,14 @@ def database_bytes_per_run(path: Path, runs: int) -> float:
     return ((run_bytes or 0) + (log_bytes or 0)) / runs
 
 
-def measure(python: str, nodes: int, warm: float, idle: float, runs: int) -> DiskFigures:
+def measure(python: str, nodes: int, warm: float, idle: float, runs: int, one_core: bool = False) -> DiskFigures:
     """Idle, then `runs` runs of a five-line script, in one runserver."""
     with tempfile.TemporaryDirectory(prefix="hacer-bench-disk-") as tmp:
         work = Path(tmp)
         scripts = work / "scripts"
         scripts.mkdir()
         (scripts / "five.py").write_text(FIVE_LINES)
-        with RunServer(work, python, nodes, env={"HACER_SCRIPTS_DIR": str(scripts)}) as server:
+        with RunServer(work, python, nodes, env={"HACER_SCRIPTS_DIR": str(scripts)}, one_core=one_core) as server:
             time.sleep(warm)  # start-up's writes (schema, the first snapshot) are not idle's
             before, start = written(server.processes()), time.monotonic()
             time.sleep(idle)
@@ -139,10 +139,11 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle measured (60)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--python", help="run the server with this interpreter instead of a fresh user's venv")
+    parser.add_argument("--one-core", action="store_true", help="the whole server pinned to core 0 (taskset)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as venv:
         python = args.python or user_install(Path(venv) / "venv")
-        report(measure(python, args.nodes, args.warm, args.idle, args.runs))
+        report(measure(python, args.nodes, args.warm, args.idle, args.runs, args.one_core))
 
 
 if __name__ == "__main__":

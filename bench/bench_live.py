@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_live.py                  # both scenarios, about 1 minute
     .venv/bin/python bench/bench_live.py --clients 50     # one scenario
+    .venv/bin/python bench/bench_live.py --one-core       # the server on one core, the clients on the other
 
 A bridge and an api (`manage.py bridge`, `manage.py api`) on their own mosquitto. Clients are
 python-socketio `AsyncClient`s on the websocket transport, 50 to a process, one asyncio loop a
@@ -43,7 +44,7 @@ import socketio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, percentile, wait_for  # noqa: E402
+from bench.common import HARNESS_CORE, SERVER_CORE, free_port, one_core_prefix, percentile, wait_for  # noqa: E402
 from emulator.nodes import Emulator, make_nodes  # noqa: E402
 from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
@@ -71,8 +72,10 @@ class LiveFigures:
     wall_s: float
 
 
-def client_process(url: str, count: int, node_ids: list[int], ready: Any, results: Any) -> None:
+def client_process(url: str, count: int, node_ids: list[int], ready: Any, results: Any, core: int | None) -> None:
     """`count` AsyncClients on one loop; report (first arrivals per node, events, bytes, changes, cpu)."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     results.put(asyncio.run(_clients(url, count, set(node_ids), ready)))
 
 
@@ -131,7 +134,13 @@ def poll_nodes(url: str, stop: threading.Event, counts: list[int]) -> None:
 
 
 def scenario(
-    url: str, broker: BrokerProcess, discovery_port: int, clients: int, pollers: int, wait_between: float
+    url: str,
+    broker: BrokerProcess,
+    discovery_port: int,
+    clients: int,
+    pollers: int,
+    wait_between: float,
+    one_core: bool = False,
 ) -> LiveFigures:
     """Beacon NEW_NODES new ids at BEACONS_PER_SECOND to `clients` AsyncClients; measure at each."""
     base = 600_000_000 + uuid.uuid4().int % 100_000 * 1000
@@ -146,7 +155,8 @@ def scenario(
     processes = []
     for offset in range(0, clients, CLIENTS_PER_PROCESS):
         count = min(CLIENTS_PER_PROCESS, clients - offset)
-        process = context.Process(target=client_process, args=(url, count, node_ids, ready, results))
+        core = HARNESS_CORE if one_core else None
+        process = context.Process(target=client_process, args=(url, count, node_ids, ready, results, core))
         process.start()
         processes.append(process)
     for _ in processes:
@@ -212,8 +222,9 @@ def scenario(
 class LiveServer:
     """A mosquitto, a bridge and an api in a folder of their own."""
 
-    def __init__(self, work: Path, nodes_in_database: int) -> None:
+    def __init__(self, work: Path, nodes_in_database: int, one_core: bool = False) -> None:
         self.work = work
+        self.one_core = one_core
         self.broker = BrokerProcess(work / "broker", [free_port()])
         self.http_port = free_port()
         self.discovery_port = free_port(socket.SOCK_DGRAM)
@@ -236,6 +247,8 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.broker.start()
+        if self.one_core and self.broker.process is not None:
+            os.sched_setaffinity(self.broker.process.pid, {SERVER_CORE})
         self.env["HACER_MQTT_URL"] = self.broker.url
         database = Database(f"sqlite:///{self.env['HADB_PATH']}")
         database.init()
@@ -245,7 +258,7 @@ class LiveServer:
         for part in ("bridge", "api"):
             self.processes.append(
                 subprocess.Popen(
-                    [sys.executable, str(PROJECT / "manage.py"), part],
+                    [*one_core_prefix(self.one_core), sys.executable, str(PROJECT / "manage.py"), part],
                     env=self.env,
                     stdout=open(self.work / f"{part}.log", "ab"),
                     stderr=subprocess.STDOUT,
@@ -279,12 +292,18 @@ def report(figures: LiveFigures, pollers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, choices=(50, 200), help="one scenario only")
+    parser.add_argument("--one-core", action="store_true", help="the server on core 0, the clients on core 1")
     args = parser.parse_args()
+    if args.one_core:
+        os.sched_setaffinity(0, {HARNESS_CORE})
     with tempfile.TemporaryDirectory(prefix="hacer-bench-live-") as tmp:
-        with LiveServer(Path(os.environ.get("HACER_BENCH_DIR") or tmp), 1000) as server:
+        with LiveServer(Path(os.environ.get("HACER_BENCH_DIR") or tmp), 1000, args.one_core) as server:
             for clients, pollers in ((50, 0), (200, 4)):
                 if args.clients in (None, clients):
-                    report(scenario(server.url, server.broker, server.discovery_port, clients, pollers, 1.0), pollers)
+                    figures = scenario(
+                        server.url, server.broker, server.discovery_port, clients, pollers, 1.0, args.one_core
+                    )
+                    report(figures, pollers)
 
 
 if __name__ == "__main__":

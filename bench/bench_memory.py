@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, wait_for  # noqa: E402
+from bench.common import free_port, one_core_prefix, wait_for  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
@@ -86,8 +86,16 @@ def part_of(pid: int) -> str:
 class RunServer:
     """`manage.py runserver --emulate N` in `work` (its own mosquitto on free ports, SQLite), N nodes online."""
 
-    def __init__(self, work: Path, python: str, nodes: int, *options: str, env: dict[str, str] | None = None) -> None:
-        self.work, self.python, self.nodes, self.options = work, python, nodes, options
+    def __init__(
+        self,
+        work: Path,
+        python: str,
+        nodes: int,
+        *options: str,
+        env: dict[str, str] | None = None,
+        one_core: bool = False,
+    ) -> None:
+        self.work, self.python, self.nodes, self.options, self.one_core = work, python, nodes, options, one_core
         self.mqtt = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("HACER_", "HADB_"))},
@@ -102,7 +110,15 @@ class RunServer:
 
     def __enter__(self) -> RunServer:
         self.server = subprocess.Popen(
-            [self.python, str(PROJECT / "manage.py"), "runserver", "--emulate", str(self.nodes), *self.options],
+            [
+                *one_core_prefix(self.one_core),  # the whole tree, emulated nodes too
+                self.python,
+                str(PROJECT / "manage.py"),
+                "runserver",
+                "--emulate",
+                str(self.nodes),
+                *self.options,
+            ],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=open(self.work / "runserver.log", "wb"),  # noqa: SIM115 - lives as long as the child
@@ -137,13 +153,13 @@ OUTSIDE = {"mosquitto (not hacer's)", "emulate"}
 
 
 def server_pss(
-    python: str, nodes: int, rest: float, *options: str, env: dict[str, str] | None = None
+    python: str, nodes: int, rest: float, *options: str, env: dict[str, str] | None = None, one_core: bool = False
 ) -> tuple[dict[str, list[int]], int]:
     """PSS in KiB of runserver's processes by part, `rest` s after `nodes` came online; and a bare interpreter's."""
     with tempfile.TemporaryDirectory() as work:
         bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         try:
-            with RunServer(Path(work), python, nodes, *options, env=env) as server:
+            with RunServer(Path(work), python, nodes, *options, env=env, one_core=one_core) as server:
                 time.sleep(rest)  # at rest: what the server holds, not what start-up briefly took
                 by_part: dict[str, list[int]] = {}
                 for pid in descendants(server.server.pid):
@@ -167,6 +183,7 @@ def main() -> None:
     parser.add_argument("--together", action="store_true", help="runserver --together: four parts in one process")
     parser.add_argument("--no-fork-server", action="store_true", help="HACER_RUNNER_FORK_SERVER=0")
     parser.add_argument("--python", help="run the server with this interpreter instead of a fresh user's venv")
+    parser.add_argument("--one-core", action="store_true", help="the whole server pinned to core 0 (taskset)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as venv:
         python = args.python or user_install(Path(venv) / "venv")
@@ -176,6 +193,7 @@ def main() -> None:
             args.rest,
             *(["--together"] if args.together else []),
             env={"HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1"},
+            one_core=args.one_core,
         )
     total = server_total_kb(by_part)
     how = ("runserver --together" if args.together else "runserver") + (

@@ -25,6 +25,14 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
             return port
 
 
+SERVER_CORE, HARNESS_CORE = 0, 1  # --one-core: a Raspberry Pi's budget for the server, the harness beside it
+
+
+def one_core_prefix(one_core: bool) -> list[str]:
+    """A command prefix that pins a process and all it starts to SERVER_CORE (or nothing)."""
+    return ["taskset", "-c", str(SERVER_CORE)] if one_core else []
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-quantile (0..1) of `values`."""
     ordered = sorted(values)
