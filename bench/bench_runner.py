@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import free_port, percentile  # noqa: E402
+from bench.common import HARNESS_CORE, SERVER_CORE, free_port, one_core_prefix, percentile  # noqa: E402
 from hacer import bus  # noqa: E402
 from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
@@ -47,13 +47,14 @@ from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
+ONE_CORE = False  # --one-core: the servers (runner, broker, Celery's worker) and the bare start on core 0
 
 
 def manage(command: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start `manage.py <command>` with its output to a log file."""
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, str(PROJECT / "manage.py"), command],
+            [*one_core_prefix(ONE_CORE), sys.executable, str(PROJECT / "manage.py"), command],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -66,7 +67,7 @@ def bare_start(samples: int) -> list[float]:
     exits = []
     for _ in range(samples):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        subprocess.run([*one_core_prefix(ONE_CORE), sys.executable, "-c", "pass"], check=True)
         exits.append((time.perf_counter() - started) * 1000)
     return exits
 
@@ -183,7 +184,17 @@ class Celery2015:
         threading.Thread(target=self._listen, daemon=True).start()
         with open(self.work / "celery.log", "ab") as log:
             self.worker = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.celery2015", "worker", "--pool", "prefork"]
+                [
+                    *one_core_prefix(ONE_CORE),
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "bench.celery2015",
+                    "worker",
+                    "--pool",
+                    "prefork",
+                ]
                 + ["--concurrency", "4", "--without-gossip", "--without-mingle", "--without-heartbeat"]
                 + ["--loglevel", "WARNING"],
                 env={**os.environ, "PYTHONPATH": str(PROJECT)},
@@ -424,9 +435,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["dispatch", "burst", "throughput", "memory", "server", "nagle"])
+    parser.add_argument("--one-core", action="store_true", help="servers on core 0, this harness on core 1")
     # A p99 of 60 runs is their second-worst: 300 make it a percentile (25 s with Celery alternating).
     parser.add_argument("--samples", type=int, help="runs per measurement (default 300; 60 through runserver)")
     args = parser.parse_args()
+    if args.one_core:
+        global ONE_CORE
+        ONE_CORE = True
+        os.sched_setaffinity(0, {HARNESS_CORE})
     samples = args.samples or (20 if args.quick else 300)
     server_samples = args.samples or (20 if args.quick else 60)
     lines = 50_000 if args.quick else 200_000
@@ -446,6 +462,8 @@ def main() -> None:
         celery.start()
         broker = BrokerProcess(work / "broker", [free_port()])
         broker.start()
+        if ONE_CORE and broker.process is not None:
+            os.sched_setaffinity(broker.process.pid, {SERVER_CORE})
         runner_id = f"bench-{uuid.uuid4().hex[:6]}"
         env = {
             **os.environ,
