@@ -62,6 +62,18 @@ def manage(command: str, env: dict[str, str], log_path: Path) -> subprocess.Pope
         )
 
 
+def runner_env(broker_url: str, scripts: Path, work: Path, runner_id: str) -> dict[str, str]:
+    """A benchmark runner's environment: its broker and scripts, its database and state in `work`."""
+    return {
+        **os.environ,
+        "HACER_MQTT_URL": broker_url,
+        "HACER_SCRIPTS_DIR": str(scripts),
+        "HADB_PATH": str(work / "hacer.db"),
+        "HACER_RUNNER_ID": runner_id,
+        "HACER_STATE_DIR": str(work / "state"),
+    }
+
+
 def bare_start(samples: int) -> list[float]:
     """`python -c pass` to exit, in ms."""
     exits = []
@@ -465,14 +477,7 @@ def main() -> None:
         if ONE_CORE and broker.process is not None:
             os.sched_setaffinity(broker.process.pid, {SERVER_CORE})
         runner_id = f"bench-{uuid.uuid4().hex[:6]}"
-        env = {
-            **os.environ,
-            "HACER_MQTT_URL": broker.url,
-            "HACER_SCRIPTS_DIR": str(scripts),
-            "HADB_PATH": str(work / "hacer.db"),
-            "HACER_RUNNER_ID": runner_id,
-            "HACER_STATE_DIR": str(work / "state"),
-        }
+        env = runner_env(broker.url, scripts, work, runner_id)
         hacer = Hacer(broker.url, runner_id)
         runner = manage("runner", env, work / "runner.log")
         try:

@@ -64,20 +64,14 @@ def ingest(work: Path) -> Figure:
 
 
 def first_output(work: Path, samples: int = 100) -> Figure:
+    work = work / "runner"
     scripts = work / "scripts"
-    scripts.mkdir(exist_ok=True)
+    scripts.mkdir(parents=True)
     (scripts / "first.py").write_text("print('hi')\n")
-    broker = BrokerProcess(work / "broker-runner", [free_port()])
+    broker = BrokerProcess(work / "broker", [free_port()])
     broker.start()
     runner_id = f"guard-{uuid.uuid4().hex[:6]}"
-    env = {
-        **os.environ,
-        "HACER_MQTT_URL": broker.url,
-        "HACER_SCRIPTS_DIR": str(scripts),
-        "HADB_PATH": str(work / "runner.db"),
-        "HACER_RUNNER_ID": runner_id,
-        "HACER_STATE_DIR": str(work / "state-runner"),
-    }
+    env = bench_runner.runner_env(broker.url, scripts, work, runner_id)
     hacer = bench_runner.Hacer(broker.url, runner_id)
     runner = bench_runner.manage("runner", env, work / "runner.log")
     try:
