@@ -255,7 +255,7 @@ class Recorder:
 
     def _may_hold(self, pending: list[Message], held_since: float | None) -> bool:
         """Whether `pending` is node data alone that may wait longer to be written (NODE_DATA_EVERY)."""
-        if self._stopping.is_set() or len(pending) >= NODE_DATA_HELD:
+        if self.node_data_every <= 0 or self._stopping.is_set() or len(pending) >= NODE_DATA_HELD:
             return False
         if held_since is not None and time.monotonic() >= held_since + self.node_data_every:
             return False
