@@ -96,6 +96,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The app's own server (app.extensions["socketio"]), so two apps in one process stay apart.
     # No CORS handling in Socket.IO: RequestGuard checks every websocket connect's Origin.
     socketio = SocketIO(app, async_mode=async_mode, cors_allowed_origins=[])
+    if async_mode == "threading":
+        from api.fanout import write_directly
+
+        write_directly(socketio)
     events.attach(socketio, live, settings.api_token)
     # Outermost, around Socket.IO's middleware too.
     app.wsgi_app = RequestGuard(  # type: ignore[method-assign]

@@ -7,7 +7,7 @@ page's own domain point at 127.0.0.1. So, before Flask or Socket.IO see a reques
 - a state-changing request or a websocket connect from a browser must come from the api's own
   origin or one listed in HACER_ALLOWED_ORIGINS;
 - its body must fit MAX_BODY_BYTES however it is framed: a chunked body is read up to that
-  bound here, since Werkzeug would otherwise ignore it.
+  bound here, since the servers would otherwise read it whole.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MAX_LINE = 1024  # a chunk-size line or a trailer of a chunked body (Werkzeug's own bound is 100)
+MAX_LINE = 1024  # a chunk-size line or a trailer of a chunked body
 
 
 class LineTooLong(ValueError):
@@ -154,7 +154,7 @@ class RequestGuard:
         while size <= self.max_body:
             try:
                 chunk = stream.read(min(64 * 1024, self.max_body + 1 - size))
-            except ValueError as exc:  # a line too long, a chunk size that is not hex
+            except (ValueError, OSError) as exc:  # a line too long, a chunk size that is not hex (gunicorn: OSError)
                 return 400, "body", f"bad chunked body: {exc}"
             if not chunk:
                 break

@@ -1,6 +1,6 @@
 """How many connections the api holds: in all, per client address, and for how long one may idle.
 
-A connection costs a file descriptor and a green thread (eventlet) or a thread (Werkzeug), and
+A connection costs a file descriptor and a green thread (eventlet) or a thread (gunicorn's threaded worker), and
 every part of a `--together` server shares one process's descriptors: 1 100 idle connections
 once left the runner, the bridge and the recorder with none ("Too many open files"). So the api
 takes at most `total` connections, at most `per_client` from one address (one host cannot take

@@ -1,20 +1,37 @@
-"""The api as a part beside the others in one process (`runserver --together`): Flask-SocketIO's
-threading mode on Werkzeug's threaded server, a thread per connection, no eventlet.
+"""The api as a part beside the others in one process (runserver's default layout): Flask-SocketIO's
+threading mode on gunicorn's threaded worker, run from a thread of this process, no eventlet.
 
-It costs the api's own modules and data only (the interpreter, paho and SQLAlchemy are the other
-parts'), which is what fits the whole server in a small machine's memory (bench/README.md).
-For many clients, `manage.py api` (eventlet) behind nginx serves them better (docs/deploy.md).
+gunicorn's worker is the production server here: its HTTP/1.1 parser and limits (request line,
+header count and size), keep-alive handling, a pool of threads and a cap on connections. This
+module adds what the api promises in every server (api/limits.py): a limit per client address, an
+idle timeout from the connection's first moment, and a bound on a chunked body's lines (gunicorn
+reads them whole). gunicorn's arbiter is left out: it would be one more interpreter (about 10 MB),
+and runserver's supervisor already restarts a process that dies.
+
+Eventlet cannot serve here: it patches the standard library of the whole process, and the other
+parts block in C (SQLite commits, fsync) where every green thread would wait on them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import selectors
+import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from io import BytesIO
 from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, ThreadedWSGIServer, WSGIRequestHandler
+from gunicorn.config import Config
+from gunicorn.http.body import Body, ChunkedReader
+from gunicorn.http.message import Request
+from gunicorn.http.parser import RequestParser
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from api.app import create_app, served_host
+from api.guard import MAX_LINE, LineTooLong
 from api.limits import ConnectionLimits
 from hacer.models import Database
 from hacer.settings import Settings
@@ -22,31 +39,134 @@ from hacer.settings import Settings
 log = logging.getLogger("api")
 
 
-class QuietRequests(WSGIRequestHandler):
-    """No access log line per request (eventlet's server is told the same)."""
+class BoundedChunks(ChunkedReader):
+    """gunicorn's chunked-body reader with each chunk-size and trailer line bounded at MAX_LINE."""
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+    def get_data(self, unreader: Any, buf: BytesIO) -> None:
+        """Read more of a line, unless what is buffered already has no line end within MAX_LINE."""
+        if buf.tell() > MAX_LINE:  # only called while no line end is buffered
+            raise LineTooLong(f"a line of the chunked body is longer than {MAX_LINE} bytes")
+        super().get_data(unreader, buf)
+
+
+class BoundedRequest(Request):
+    def set_body_reader(self) -> None:
+        super().set_body_reader()
+        if isinstance(self.body.reader, ChunkedReader):  # type: ignore[has-type]  # gunicorn is untyped
+            self.body = Body(BoundedChunks(self, self.unreader))
+
+
+class BoundedRequests(RequestParser):
+    mesg_class = BoundedRequest
+
+
+class Connection(TConn):
+    """A client's connection: idles out after `limits.idle`, gives its place in the limits back once closed."""
+
+    def __init__(self, cfg: Config, sock: socket.socket, client: Any, server: Any, worker: LimitedWorker) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.limits = worker.limits
+        self.open = worker.open
+        self.released = False
+        self.open.add(self)
+        self.set_timeout()  # one that never sends a byte is closed as an idle kept-alive one is
+
+    def init(self) -> None:
+        """Ready to be read in a thread of the pool: blocking, with the idle timeout."""
+        if self.parser is None:  # type: ignore[has-type]
+            self.parser = BoundedRequests(self.cfg, self.sock, self.client)
+        super().init()
+        self.sock.settimeout(self.limits.idle)  # a half-sent request holds a thread no longer than this
+
+    def close(self) -> None:
+        """Close, and give the connection's place back."""
+        if not self.released:
+            self.released = True
+            self.limits.release(self.client[0])
+            self.open.discard(self)
+        super().close()
+
+
+class _GunicornLog:
+    """gunicorn's logger interface on the api's logger, without an access log (the eventlet server has none)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(log, name)
+
+    def access(self, *args: Any) -> None:
         """Nothing."""
 
 
-class LimitedServer(ThreadedWSGIServer):
-    """Werkzeug's threaded server within the api's connection limits (api/limits.py)."""
+class LimitedWorker(ThreadWorker):
+    """gunicorn's threaded worker serving `app` on `listener` within `limits`, from a thread of its own."""
 
-    def __init__(self, host: str, port: int, app: Any, limits: ConnectionLimits) -> None:
-        handler = type("IdleLimitedRequests", (QuietRequests,), {"timeout": limits.idle})  # a silent one ends
-        super().__init__(host, port, app, handler=handler)
+    def __init__(self, app: Any, listener: socket.socket, limits: ConnectionLimits) -> None:
+        cfg = Config()
+        # A websocket holds a thread as long as it is open: as many threads as connections.
+        for name, value in {
+            "threads": limits.total,
+            "worker_connections": limits.total,
+            "keepalive": max(1, round(limits.idle)),
+            "graceful_timeout": 5,
+        }.items():
+            cfg.set(name, value)
+        super().__init__(0, os.getppid(), [listener], None, limits.idle, cfg, _GunicornLog())
+        self.wsgi = app
         self.limits = limits
+        # New connections wait in the keep-alive queue too (accept()), so every connection may.
+        self.max_keepalived = limits.total
+        self.tpool = ThreadPoolExecutor(limits.total, thread_name_prefix="api")
+        self.poller = selectors.DefaultSelector()
+        self._lock = threading.RLock()
+        self.open: set[Connection] = set()
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit a connection within the limits (socketserver closes the others)."""
-        return self.limits.admit(client_address[0])
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Serve an admitted connection, then give its place back."""
+    def accept(self, server: Any, listener: socket.socket) -> None:
+        """Take a connection within the limits (closing the others at once) and wait for its first byte."""
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.limits.release(client_address[0])
+            sock, client = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        if not self.limits.admit(client[0]):
+            sock.close()
+            return
+        conn = Connection(self.cfg, sock, client, server, self)
+        self.nr_conns += 1
+        with self._lock:
+            self._keep.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+
+    def on_client_socket_readable(self, conn: Connection, client: Any) -> None:
+        """Hand a connection that has something to read to the pool, unless its idle time has just ended it."""
+        with self._lock:
+            self.poller.unregister(client)
+            try:
+                self._keep.remove(conn)
+            except ValueError:
+                return
+        self.enqueue_req(conn)
+
+    def handle_request(self, req: Any, conn: Connection) -> bool:
+        """Serve a request; keep its connection only if the app read the whole body (a refused upload is not
+        read to its end: the connection is closed)."""
+        keep: bool = super().handle_request(req, conn)
+        reader = req.body.reader
+        return keep and getattr(reader, "length", 0) == 0 and getattr(reader, "parser", None) is None
+
+    def notify(self) -> None:
+        """Nothing: there is no arbiter to tell (gunicorn's touches a file each second)."""
+
+    def is_parent_alive(self) -> bool:
+        """Always: this server lives as long as its process (hacer.parentdeath ends that with its parent)."""
+        return True
+
+    def stop(self) -> None:
+        """Stop accepting, and end every open connection (websockets would otherwise hold their threads)."""
+        self.alive = False
+        for conn in list(self.open):
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class ThreadedApi:
@@ -56,27 +176,28 @@ class ThreadedApi:
         self.settings = settings
         Database(settings.database_url).init()
         self.app = create_app({"HACER_SETTINGS": settings, "ASYNC_MODE": "threading"})
-        self.server: BaseWSGIServer | None = None
+        self.worker: LimitedWorker | None = None
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Connect the bus and serve."""
         self.app.extensions["hacer"].bus.start()
-        host = served_host(self.settings)
         settings = self.settings
+        host = served_host(settings)
         limits = ConnectionLimits(
             settings.http_max_connections, settings.http_max_per_client, settings.http_idle_timeout
         )
-        self.server = LimitedServer(host, settings.http_port, self.app, limits)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="api-server", daemon=True)
+        listener = socket.create_server((host, settings.http_port), backlog=2048)
+        self.worker = LimitedWorker(self.app, listener, limits)
+        self.thread = threading.Thread(target=self.worker.run, name="api-server", daemon=True)
         self.thread.start()
-        log.info("api on http://%s:%d/ (threads)", host, self.settings.http_port)
+        log.info("api on http://%s:%d/ (gunicorn's threaded worker)", host, settings.http_port)
 
     def stop(self) -> None:
         """Stop serving, then the bus."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        if self.worker is not None and self.thread is not None:
+            self.worker.stop()
+            self.thread.join(self.worker.cfg.graceful_timeout + 5)
         self.app.extensions["hacer"].bus.stop()
         log.info("api stopped")
 

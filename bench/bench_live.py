@@ -222,9 +222,11 @@ def scenario(
 class LiveServer:
     """A mosquitto, a bridge and an api in a folder of their own."""
 
-    def __init__(self, work: Path, nodes_in_database: int, one_core: bool = False) -> None:
+    def __init__(self, work: Path, nodes_in_database: int, one_core: bool = False, split: bool = True) -> None:
         self.work = work
         self.one_core = one_core
+        # Each part a process (the api on eventlet), or in one process as runserver's default layout has them.
+        self.commands = [["bridge"], ["api"]] if split else [["parts", "bridge", "api"]]
         self.broker = BrokerProcess(work / "broker", [free_port()])
         self.http_port = free_port()
         self.discovery_port = free_port(socket.SOCK_DGRAM)
@@ -255,12 +257,12 @@ class LiveServer:
         with database.session() as session, session.begin():
             session.add_all(Node(id=index + 1, type_id=1) for index in range(self.nodes_in_database))
         database.engine.dispose()
-        for part in ("bridge", "api"):
+        for command in self.commands:
             self.processes.append(
                 subprocess.Popen(
-                    [*one_core_prefix(self.one_core), sys.executable, str(PROJECT / "manage.py"), part],
+                    [*one_core_prefix(self.one_core), sys.executable, str(PROJECT / "manage.py"), *command],
                     env=self.env,
-                    stdout=open(self.work / f"{part}.log", "ab"),
+                    stdout=open(self.work / f"{command[-1]}.log", "ab"),
                     stderr=subprocess.STDOUT,
                 )
             )
@@ -293,11 +295,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, choices=(50, 200), help="one scenario only")
     parser.add_argument("--one-core", action="store_true", help="the server on core 0, the clients on core 1")
+    parser.add_argument("--split", action="store_true", help="the bridge and the api (eventlet) each a process")
     args = parser.parse_args()
     if args.one_core:
         os.sched_setaffinity(0, {HARNESS_CORE})
     with tempfile.TemporaryDirectory(prefix="hacer-bench-live-") as tmp:
-        with LiveServer(Path(os.environ.get("HACER_BENCH_DIR") or tmp), 1000, args.one_core) as server:
+        with LiveServer(Path(os.environ.get("HACER_BENCH_DIR") or tmp), 1000, args.one_core, args.split) as server:
             for clients, pollers in ((50, 0), (200, 4)):
                 if args.clients in (None, clients):
                     figures = scenario(

@@ -370,7 +370,8 @@ def connect(production_broker):
 # --- a live api process (the hostile suite) ------------------------------------------------------
 
 
-API_MODES = {"eventlet": ["api"], "threads": ["parts", "api"]}  # the api's two servers: eventlet's, Werkzeug's
+# The api's two servers: eventlet's, and gunicorn's threaded worker (runserver's default layout).
+API_MODES = {"eventlet": ["api"], "threads": ["parts", "api"]}
 
 
 @pytest.fixture(scope="module", params=list(API_MODES))
