@@ -22,8 +22,8 @@ from hacer.settings import PROJECT_DIR, Settings, SettingsError, pin_paths
 
 log = logging.getLogger("hacer.manage")
 
-# The parts runserver starts, each as its own process or all in one (`--together`, `parts`): the api
-# then serves on threads (api/threaded.py), as eventlet would patch the standard library of the whole process.
+# The parts runserver starts: all in one process by default (`parts`), the api on threads (api/threaded.py),
+# as eventlet would patch the standard library of the whole process; or each as its own (`--split`).
 PARTS = ("bridge", "runner", "recorder", "scheduler", "api")
 OWN_BROKER_PORT = 1884  # runserver's own broker when another holds the default port and none is configured
 
@@ -272,7 +272,13 @@ def cmd_runserver(args: argparse.Namespace) -> None:
         os.environ["HACER_MQTT_URL"] = f"mqtt://{host}:{port}"  # for the parts runserver execs
         settings = replace(settings, mqtt_url=os.environ["HACER_MQTT_URL"])
     broker: list[Part] = []
-    if url.scheme == "mqtt" and host in ("127.0.0.1", "localhost") and not port_answers(host, port):
+    # A broker with users (hacer-server.service's) is the system's: when it is away, wait for it, never stand in.
+    if (
+        url.scheme == "mqtt"
+        and not url.username
+        and host in ("127.0.0.1", "localhost")
+        and not port_answers(host, port)
+    ):
         command, _ = BrokerProcess(settings.state_dir / "mosquitto", [port]).prepare()
         log.info("starting mosquitto on %s:%d, restarted like every part if it dies", host, port)
         broker.append(
@@ -284,7 +290,9 @@ def cmd_runserver(args: argparse.Namespace) -> None:
             )
         )
     else:
-        log.info("using the broker at %s", settings.mqtt_url)
+        from hacer.status import without_password
+
+        log.info("using the broker at %s", without_password(settings.mqtt_url))
 
     def forked(name: str, run: Callable[[], None]) -> Part:
         def main() -> None:
@@ -293,19 +301,19 @@ def cmd_runserver(args: argparse.Namespace) -> None:
 
         return Part(name, main)
 
-    if args.together:
-        parts = [forked("parts", partial(run_parts, settings, list(PARTS)))]
-    else:
+    if args.split:
         parts = [forked(name, partial(run_parts, settings, [name])) for name in PARTS if name != "api"]
         # Eventlet must patch the standard library before anything imports it: a fresh interpreter.
         parts.append(Part("api", exec_manage("api")))
+    else:
+        parts = [forked("parts", partial(run_parts, settings, list(PARTS)))]
     if args.emulate:
         # Beacon every 10 s (announced, so offline after 30 s): nodes show up at once.
         emulate = exec_manage(
             "emulate", "--count", str(args.emulate), "--interval", "10", "--announce-interval", "--drift"
         )
         parts.append(Part("emulate", emulate))
-    if not args.together:
+    if args.split:
         # The four non-web parts share these modules' pages; one child alone would not (bench/README.md, memory).
         preload()
     supervisor = Supervisor(broker + parts, prefixed=settings.log_format != "json")
@@ -336,8 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     runserver = commands.add_parser("runserver", help="the whole server (and mosquitto when none answers)")
     runserver.add_argument("--emulate", type=int, default=0, metavar="N", help="also run N emulated nodes")
     runserver.add_argument(
-        "--together", action="store_true", help="every part in one process, the api on threads (the least memory)"
+        "--split",
+        action="store_true",
+        help="each part a process of its own, the api on eventlet (more memory; a part's crash restarts it alone)",
     )
+    runserver.add_argument("--together", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12
     runserver.set_defaults(func=cmd_runserver)
     commands.add_parser("bridge", help="the bridge alone").set_defaults(func=cmd_bridge)
     commands.add_parser("runner", help="a runner alone (start several to share the work)").set_defaults(func=cmd_runner)

@@ -15,6 +15,7 @@ from hacer.lifecycle import name_process
 from hacer.logs import setup_logging
 from hacer.models import Database
 from hacer.settings import Settings
+from hacer.status import without_password
 
 log = logging.getLogger("api")
 
@@ -37,7 +38,7 @@ def main() -> None:
     stop = eventlet.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.ready() or stop.send())
-    log.info("api on http://%s:%d/ (broker %s)", host, settings.http_port, settings.mqtt_url)
+    log.info("api on http://%s:%d/ (broker %s)", host, settings.http_port, without_password(settings.mqtt_url))
     socketio = app.extensions["socketio"]
     limits = ConnectionLimits(settings.http_max_connections, settings.http_max_per_client, settings.http_idle_timeout)
     server = eventlet.spawn(

@@ -1,7 +1,7 @@
 """The whole server's memory as a user runs it: `runserver` with 1 000 nodes beaconing, at rest.
 
-    .venv/bin/python bench/bench_memory.py             # 1 000 emulated nodes, 20 s at rest
-    .venv/bin/python bench/bench_memory.py --together  # bridge, runner, recorder, scheduler in one process
+    .venv/bin/python bench/bench_memory.py          # 1 000 emulated nodes, 20 s at rest
+    .venv/bin/python bench/bench_memory.py --split  # each part a process of its own
 
 Starts `manage.py runserver --emulate N`, with the Python packages a user has (a venv of
 requirements.txt alone, made for the run, as `setup.sh` without `--dev` makes it: test-only
@@ -180,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--rest", type=float, default=20.0, help="seconds at rest before reading (20)")
-    parser.add_argument("--together", action="store_true", help="runserver --together: four parts in one process")
+    parser.add_argument("--split", action="store_true", help="runserver --split: each part a process of its own")
     parser.add_argument("--no-fork-server", action="store_true", help="HACER_RUNNER_FORK_SERVER=0")
     parser.add_argument("--python", help="run the server with this interpreter instead of a fresh user's venv")
     parser.add_argument("--one-core", action="store_true", help="the whole server pinned to core 0 (taskset)")
@@ -191,14 +191,12 @@ def main() -> None:
             python,
             args.nodes,
             args.rest,
-            *(["--together"] if args.together else []),
+            *(["--split"] if args.split else []),
             env={"HACER_RUNNER_FORK_SERVER": "0" if args.no_fork_server else "1"},
             one_core=args.one_core,
         )
     total = server_total_kb(by_part)
-    how = ("runserver --together" if args.together else "runserver") + (
-        ", no fork server" if args.no_fork_server else ""
-    )
+    how = ("runserver --split" if args.split else "runserver") + (", no fork server" if args.no_fork_server else "")
     print(f"{how} with {args.nodes} nodes online, {args.rest:.0f} s at rest: PSS by part")
     for part, sizes in sorted(by_part.items(), key=lambda item: -sum(item[1])):
         mark = "  (not counted)" if part in OUTSIDE else ""

@@ -59,6 +59,8 @@ def render_config(
         elif words[:1] in (["certfile"], ["keyfile"]) and tls_files is not None:
             line = f"{words[0]} {tls_files[0] if words[0] == 'certfile' else tls_files[1]}"
         lines.append(line)
+    if not any(line.startswith("persistence_location ") for line in lines):  # production.conf leaves it to Debian's
+        lines.append(f"persistence_location {data_dir}/")
     if user is not None:
         lines.append(f"user {user}")
     return "\n".join(lines) + "\n"

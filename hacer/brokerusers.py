@@ -24,6 +24,7 @@ USERS = (
     "hacer-runner",
     "hacer-recorder",
     "hacer-scheduler",
+    "hacer-server",  # runserver as one service: the five parts in one process
     "hacer-script",
     "homeassistant",
     "viewer",
@@ -57,7 +58,7 @@ def write_users(password_file: Path, env_dir: Path, host: str, port: int, new_pa
         _write_private(password_file, hashed.read_text(), group="mosquitto")
     for user, password in passwords.items():
         lines = [f"{URL_SETTING}={_url(user, password, host, port)}"]
-        if user == "hacer-runner":  # the runner hands scripts their own user, never its own
+        if user in ("hacer-runner", "hacer-server"):  # a runner hands scripts their own user, never its own
             lines.append(f"{SCRIPT_URL_SETTING}={_url('hacer-script', passwords['hacer-script'], host, port)}")
         _write_private(env_dir / f"{user}.env", "".join(line + "\n" for line in lines), group="hacer")
     return made

@@ -38,7 +38,7 @@ def gather(
     timeout: float = 5.0,
 ) -> dict[str, Any]:
     """What the bus and the database say now, as one JSON-able report; `problems` says what is wrong."""
-    report: dict[str, Any] = {"broker": {"url": _without_password(mqtt_url)}, "problems": []}
+    report: dict[str, Any] = {"broker": {"url": without_password(mqtt_url)}, "problems": []}
     retained = _retained(mqtt_url, topics, timeout, report)
     if retained is not None:
         report.update(_parts(topics, retained))
@@ -221,6 +221,7 @@ def _database(database: Database, now: float, problems: list[str]) -> dict[str, 
     }
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
+    """The URL without its user and password, for logs and reports."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{rest.split('@')[-1]}"

@@ -33,7 +33,7 @@ def test_systemd_units_verify(tmp_path):
         name = unit.name.replace("@.", "@5001.")  # a template is verified as an instance
         (tmp_path / name).write_text(text.replace("%i", "5001") if "@" in unit.name else text)
         units.append(str(tmp_path / name))
-    assert len(units) == 6
+    assert len(units) == 7
     done = subprocess.run([analyze, "verify", "--man=no", *units], capture_output=True, text=True, cwd=tmp_path)
     # verify exits 0 on directives it ignores; every line it prints is one of those.
     assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -44,8 +44,9 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
     assert server.stop() == 0, server.output()
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
     log = server.output()
-    for part in ("bridge", "runner", "recorder", "api", "emulate"):
+    for part in ("parts", "emulate", "broker"):  # the five parts share one process, and its prefix
         assert f"{part:>8} | " in log, f"no {part} lines in the log"
+    assert "starting bridge, runner, recorder, scheduler, api" in log
     orphans = subprocess.run(["pgrep", "-f", env["HACER_STATE_DIR"]], capture_output=True, text=True).stdout
     assert orphans == "", "processes outlived runserver"
 
@@ -201,7 +202,7 @@ def test_the_api_stops_cleanly_on_a_signal(spawn, hacer_env, how):
 
 def test_runserver_restarts_a_recorder_that_dies(spawn, hacer_env, broker, watch):
     states = watch("hacer/recorders/+/state")
-    server = spawn(["runserver"], {**hacer_env, "HACER_HTTP_PORT": str(free_port())})
+    server = spawn(["runserver", "--split"], {**hacer_env, "HACER_HTTP_PORT": str(free_port())})
     states.wait_for(lambda m: b'"online"' in m.payload, timeout=20)
     recorder = wait_until(
         lambda: [p for p in children_of(server.process.pid) if process_name(p) == "hacer-recorder"],
@@ -297,13 +298,13 @@ def test_log_files_rotate(tmp_path):
     assert "line 199" in (tmp_path / "part.log").read_text()
 
 
-def test_runserver_together_runs_every_part_in_one_process(spawn, hacer_env):
+def test_runserver_runs_every_part_in_one_process(spawn, hacer_env):
     env = {**hacer_env, "HACER_HTTP_PORT": str(free_port())}
-    server = spawn(["runserver", "--together"], env)
+    server = spawn(["runserver"], env)
     wait_until(lambda: status(env).returncode == 0, 60, "every part online (manage.py status)")
     names = [process_name(pid) for pid in children_of(server.process.pid)]
     assert names == ["hacer-parts"], names
-    # The api on threads: REST and a websocket client, both answered by that one process.
+    # The api on gunicorn's threaded worker: REST and a websocket client, both answered by that one process.
     url = f"http://127.0.0.1:{env['HACER_HTTP_PORT']}"
     assert requests.get(f"{url}/api/node_types", timeout=10).status_code == 200
     client = socketio.Client()
@@ -333,7 +334,7 @@ def test_runserver_together_runs_every_part_in_one_process(spawn, hacer_env):
 def test_runserver_restarts_its_broker_when_it_dies_and_says_so(spawn, hacer_env):
     port = free_port()
     env = {**hacer_env, "HACER_MQTT_URL": f"mqtt://127.0.0.1:{port}", "HACER_HTTP_PORT": str(free_port())}
-    server = spawn(["runserver"], env)
+    server = spawn(["runserver", "--split"], env)
     wait_until(lambda: status(env).returncode == 0, 60, "every part online")
     names = {process_name(pid): pid for pid in children_of(server.process.pid)}
     assert sorted(names) == [
@@ -352,7 +353,10 @@ def test_runserver_restarts_its_broker_when_it_dies_and_says_so(spawn, hacer_env
     assert not port_answers("127.0.0.1", port), "mosquitto outlived runserver"
 
 
-def test_what_a_killed_runners_scripts_left_running_ends_under_runserver(spawn, hacer_env, tmp_path):
+@pytest.mark.parametrize("layout,runner_process", [([], "hacer-parts"), (["--split"], "hacer-runner")])
+def test_what_a_killed_runners_scripts_left_running_ends_under_runserver(
+    layout, runner_process, spawn, hacer_env, tmp_path
+):
     """A SIGKILLed runner takes its fork server and runs with it; what they started (in a session and
     an environment of its own) is given to runserver, which ends it."""
     scripts = tmp_path / "scripts"
@@ -371,11 +375,11 @@ def test_what_a_killed_runners_scripts_left_running_ends_under_runserver(spawn, 
         "HACER_HTTP_PORT": str(free_port()),
         "HACER_SCRIPTS_DIR": str(scripts),
     }
-    server = spawn(["runserver"], env)
+    server = spawn(["runserver", *layout], env)
     wait_until(lambda: status(env).returncode == 0, 60, "every part online")
     requests.post(f"http://127.0.0.1:{env['HACER_HTTP_PORT']}/api/scripts/exec/name/hide", json={}, timeout=10)
     hidden = int(wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), 20, "the hidden sleep"))
-    runner = next(pid for pid in children_of(server.process.pid) if process_name(pid) == "hacer-runner")
+    runner = next(pid for pid in children_of(server.process.pid) if process_name(pid) == runner_process)
     os.kill(runner, signal.SIGKILL)
     wait_until(lambda: not os.path.exists(f"/proc/{hidden}"), 20, "the sleep the killed runner's script left")
     assert "left behind by a part that died" in server.output()

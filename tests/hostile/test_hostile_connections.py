@@ -66,7 +66,7 @@ def more_fds():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.parametrize("layout", [["--together"], []], ids=["together", "default"])
+@pytest.mark.parametrize("layout", [[], ["--split"]], ids=["default", "split"])
 def test_1100_idle_connections_leave_runs_and_commands_working(layout, hacer_env, more_fds, tmp_path):
     """With systemd's default of 1 024 descriptors, one host's 1 100 idle connections take no part's."""
     env = {
