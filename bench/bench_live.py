@@ -3,8 +3,10 @@
     .venv/bin/python bench/bench_live.py                  # both scenarios, about 1 minute
     .venv/bin/python bench/bench_live.py --clients 50     # one scenario
     .venv/bin/python bench/bench_live.py --one-core       # the server on one core, the clients on the other
+    .venv/bin/python bench/bench_live.py --split          # the bridge and the api (eventlet) each a process
 
-A bridge and an api (`manage.py bridge`, `manage.py api`) on their own mosquitto. Clients are
+A bridge and an api in one process, as runserver has them (`manage.py parts bridge api`; `--split`:
+`manage.py bridge` and `manage.py api` on eventlet), on their own mosquitto. Clients are
 python-socketio `AsyncClient`s on the websocket transport, 50 to a process, one asyncio loop a
 process (the library a script or a test would use; heavier than a raw socket, lighter than a
 phone's browser). 40 new emulated nodes (serving the 2015 protocol, so the bridge reads their
@@ -222,7 +224,7 @@ def scenario(
 class LiveServer:
     """A mosquitto, a bridge and an api in a folder of their own."""
 
-    def __init__(self, work: Path, nodes_in_database: int, one_core: bool = False, split: bool = True) -> None:
+    def __init__(self, work: Path, nodes_in_database: int, one_core: bool = False, split: bool = False) -> None:
         self.work = work
         self.one_core = one_core
         # Each part a process (the api on eventlet), or in one process as runserver's default layout has them.

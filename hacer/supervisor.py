@@ -177,7 +177,10 @@ class Supervisor:
         parts = {part.pid for part in self.parts}
         for pid in children_of(os.getpid()):
             if pid not in parts:
-                log.warning("ended process %d, left behind by a part that died", pid)
+                if self.stopping:  # e.g. the runner's fork server, a moment from ending with its part
+                    log.debug("ended process %d, left by a part that stopped", pid)
+                else:
+                    log.warning("ended process %d, left behind by a part that died", pid)
                 kill_with_group(pid)
                 try:
                     os.waitpid(pid, 0)
