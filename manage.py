@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from hacer.lifecycle import name_process
 from hacer.logs import setup_logging
 from hacer.parentdeath import child_env, die_with_parent_from_env
-from hacer.settings import PROJECT_DIR, Settings, SettingsError, pin_paths
+from hacer.settings import PROJECT_DIR, Settings, SettingsError, pin_paths, without_password
 
 log = logging.getLogger("hacer.manage")
 
@@ -290,8 +290,6 @@ def cmd_runserver(args: argparse.Namespace) -> None:
             )
         )
     else:
-        from hacer.status import without_password
-
         log.info("using the broker at %s", without_password(settings.mqtt_url))
 
     def forked(name: str, run: Callable[[], None]) -> Part:

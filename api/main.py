@@ -14,8 +14,7 @@ from api.limits import ConnectionLimits, limited_pool
 from hacer.lifecycle import name_process
 from hacer.logs import setup_logging
 from hacer.models import Database
-from hacer.settings import Settings
-from hacer.status import without_password
+from hacer.settings import Settings, without_password
 
 log = logging.getLogger("api")
 

@@ -297,3 +297,9 @@ def private_dir(path: Path) -> Path:
     for folder in missing:
         folder.chmod(0o700)
     return path
+
+
+def without_password(url: str) -> str:
+    """The URL without its user and password, for logs and reports."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('@')[-1]}"

@@ -21,6 +21,7 @@ from hacer import migrations, runstates
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import BridgeStats, MessageError, Presence, RecorderState, RunnerState
 from hacer.models import Database, DeadLetter, Run, schema_revision, utc_datetime
+from hacer.settings import without_password
 from hacer.topics import TopicError, Topics
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNREACHABLE = 0, 1, 2
@@ -219,9 +220,3 @@ def _database(database: Database, now: float, problems: list[str]) -> dict[str, 
             "last": f"{last.at:%Y-%m-%d %H:%M:%S} {last.topic}: {last.error}" if last is not None else "",
         },
     }
-
-
-def without_password(url: str) -> str:
-    """The URL without its user and password, for logs and reports."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('@')[-1]}"
