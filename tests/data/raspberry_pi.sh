@@ -5,8 +5,15 @@ set -euo pipefail
 work=$1
 mount --make-rprivate /
 cp -a /etc "$work/etc" && mount --bind "$work/etc" /etc
+# /opt gets /opt/hacer beside what it holds (this checkout or the interpreter may live there too).
+mkdir "$work/project" "$work/opt" && mount --bind "$PROJECT" "$work/project" && mount --bind /opt "$work/opt"
 for place in /var/lib /var/backups /opt; do mount -t tmpfs tmpfs "$place"; done
-mkdir /opt/hacer && mount --bind "$PROJECT" /opt/hacer
+for kept in "$work"/opt/*; do
+  [ -e "$kept" ] && [ "${kept##*/}" != hacer ] || continue
+  if [ -d "$kept" ]; then mkdir "/opt/${kept##*/}"; else touch "/opt/${kept##*/}"; fi
+  mount --bind "$kept" "/opt/${kept##*/}"
+done
+mkdir /opt/hacer && mount --bind "$work/project" /opt/hacer
 ip link set lo up
 hostname raspberrypi
 echo "127.0.0.1 raspberrypi raspberrypi.local" >> /etc/hosts
