@@ -1,7 +1,7 @@
 """How many connections the api holds: in all, per client address, and for how long one may idle.
 
 A connection costs a file descriptor and a green thread (eventlet) or a thread (gunicorn's threaded worker), and
-every part of a `--together` server shares one process's descriptors: 1 100 idle connections
+every part of a `runserver` (one process) shares its descriptors: 1 100 idle connections
 once left the runner, the bridge and the recorder with none ("Too many open files"). So the api
 takes at most `total` connections, at most `per_client` from one address (one host cannot take
 them all), and a connection that sends nothing for `idle` seconds is closed (a half-sent request
