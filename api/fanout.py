@@ -122,6 +122,7 @@ class DirectWebSocket(SimpleWebSocketWSGI):
             return
         del self.pending[:written]
         if self.pending and self._bound():
+            self.flushing = True  # the writer has it now: senders only add to pending, one wake-up
             self.engine_socket.queue.put(WAKE)
 
     def _bound(self) -> bool:

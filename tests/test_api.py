@@ -461,6 +461,33 @@ def test_websocket_snapshot_live_events_run_log_and_resume(system, bus):
         again.disconnect()
 
 
+def test_a_client_that_starts_on_long_polling_upgrades_and_gets_every_event_in_order(system):
+    # Socket.IO's default: polling first, then the websocket; what is sent meanwhile is held for it.
+    import socketio
+
+    client = socketio.Client(reconnection=False)
+    events: list[dict] = []
+    client.on("snapshot", lambda data: None)
+    client.on("event", events.append)
+    client.connect(system.url, transports=["polling", "websocket"], wait_timeout=10)
+    light = node_of(system, "light_rgb")
+    try:
+        colours = list(range(0x100001, 0x100001 + 20))
+        for colour in colours:  # some before the upgrade, some during, some after
+            system.post(f"/api/nodes/id/{light.id}/set", json={"color": colour})
+        wait_until(lambda: client.transport() == "websocket", 10, "the upgrade to a websocket")
+        seen = lambda: [  # noqa: E731
+            e["data"]["values"]["color"]
+            for e in events
+            if e["kind"] == "node" and e["data"]["id"] == light.id and "color" in e["data"].get("values", {})
+        ]
+        wait_until(lambda: seen() and seen()[-1] == colours[-1], 20, "the last colour")
+        numbered = [e["seq"] for e in events if e["seq"] is not None]
+        assert numbered == sorted(numbered) and len(set(numbered)) == len(numbered)
+    finally:
+        client.disconnect()
+
+
 def test_a_new_node_reaches_a_browser_online_in_its_first_event(system):
     # The bridge announces a new node in several messages (presence, readings, values read): a
     # client gets what one burst of them changed as one event, and the presence first.

@@ -54,7 +54,8 @@ def page(browser):
     return browser.new_context(viewport=DESKTOP).new_page()
 
 
-@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+# The api on eventlet, and on threads as runserver serves it (api/threaded.py, api/fanout.py).
+@pytest.mark.parametrize("system", ["sqlite", "sqlite-threaded-api"], indirect=True)
 def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: F811
     from playwright.sync_api import expect
 
