@@ -19,6 +19,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from io import BytesIO
@@ -87,6 +88,22 @@ class Connection(TConn):
         super().close()
 
 
+def linger(sock: socket.socket, seconds: float = 1.0, most: int = 1 << 20) -> None:
+    """End the answer, then read a little of what the client still sends before the socket closes: closed
+    with unread bytes, it would be reset, and a reset can take the answer from the client with it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds / 10)
+        deadline, read = time.monotonic() + seconds, 0
+        while read < most and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                return
+            read += len(data)
+    except OSError:
+        pass
+
+
 class _GunicornLog:
     """gunicorn's logger interface on the api's logger, without an access log (the eventlet server has none)."""
 
@@ -150,7 +167,10 @@ class LimitedWorker(ThreadWorker):
         read to its end: the connection is closed)."""
         keep: bool = super().handle_request(req, conn)
         reader = req.body.reader
-        return keep and getattr(reader, "length", 0) == 0 and getattr(reader, "parser", None) is None
+        if getattr(reader, "length", 0) == 0 and getattr(reader, "parser", None) is None:
+            return keep
+        linger(conn.sock)
+        return False
 
     def notify(self) -> None:
         """Nothing: there is no arbiter to tell (gunicorn's touches a file each second)."""
