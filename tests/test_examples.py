@@ -21,7 +21,7 @@ from hacer.settings import PROJECT_DIR
 from conftest import free_port, wait_until
 
 DOCUMENTS = ("README.md", "docs/automations.md", "docs/topics.md")
-PROGRAMS = ("mosquitto_pub", "mosquitto_sub", "curl", ".venv/bin/python")
+PROGRAMS = ("mosquitto_pub", "mosquitto_sub", "mosquitto_rr", "curl", ".venv/bin/python")
 
 
 def example_commands(text: str) -> list[str]:
@@ -49,10 +49,12 @@ def example_commands(text: str) -> list[str]:
 def localised(command: str, mqtt_port: int, http_port: int) -> list[str]:
     """The command's words, with this test's ports."""
     words = shlex.split(command, comments=True)
-    if words[0] in ("mosquitto_pub", "mosquitto_sub"):
+    if words[0] in ("mosquitto_pub", "mosquitto_sub", "mosquitto_rr"):
         words[1:1] = ["-p", str(mqtt_port)]
         if words[0] == "mosquitto_sub":
             words[1:1] = ["-W", "2"]  # it would wait for ever: 2 s, then exit 27 (nothing came)
+        if words[0] == "mosquitto_rr":
+            words[1:1] = ["-W", "30"]  # a reply must come: no reply within 30 s exits 27, a failure
     elif words[0] == "curl":
         words = [word.replace("127.0.0.1:5000", f"127.0.0.1:{http_port}") for word in words]
     return words
@@ -85,29 +87,23 @@ def server(spawn, hacer_env, broker):
 
 def run_example(command: str, env: dict[str, str], mqtt_port: int, http_port: int) -> subprocess.CompletedProcess:
     words = localised(command, mqtt_port, http_port)
-    if words[-1] == "&":  # a subscriber started first (docs/topics.md's reply example)
-        return subprocess.Popen(words[:-1], env=env, cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True)
     return subprocess.run(words, env=env, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_example_command_runs_against_a_running_server(server, document):
     env, mqtt_port, http_port, url = server
-    background = []
     failures = []
     for command in example_commands((PROJECT_DIR / document).read_text()):
         outcome = run_example(command, env, mqtt_port, http_port)
-        if isinstance(outcome, subprocess.Popen):
-            background.append(outcome)
-            continue
         allowed = (0, 27) if command.startswith("mosquitto_sub") else (0,)  # 27: nothing within -W
         if outcome.returncode not in allowed:
             failures.append(f"{command}\n  exit {outcome.returncode}: {outcome.stdout[-300:]} {outcome.stderr[-300:]}")
         if command.startswith("curl") and "-X POST" in command:
             assert json.loads(outcome.stdout)["status"] == "ok", outcome.stdout
-    for process in background:
-        process.terminate()
-        process.wait(10)
+        if command.startswith("mosquitto_rr"):  # the reply: the node's answer to the request
+            reply = json.loads(outcome.stdout)
+            assert (reply["node_id"], reply["op"], reply["key"]) == (1234567, "get", "on"), outcome.stdout
     assert not failures, "\n".join(failures)
     if document == "README.md":
         # What they did: the outlet switched (the last toggle asked for 1), runs succeeded.
