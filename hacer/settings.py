@@ -162,6 +162,7 @@ class Settings:
     recorder_id: str = field(default_factory=socket.gethostname)
     rescue_after: float = 5.0
     node_data_every: float = 60.0
+    run_data_every: float = 1.0
     # History kept (recorder/retention.py): finished runs, their logs and claims, fires, dead letters.
     keep_days: float = 30.0
     keep_runs: int = 100_000
@@ -246,6 +247,7 @@ class Settings:
             recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
             rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
             node_data_every=_float(env, "HACER_NODE_DATA_EVERY", 60.0, 0.0) or 0.0,
+            run_data_every=_float(env, "HACER_RUN_DATA_EVERY", 1.0, 0.0) or 0.0,
             keep_days=_float(env, "HACER_KEEP_DAYS", 30.0, 0.001) or 30.0,
             keep_runs=_int(env, "HACER_KEEP_RUNS", 100_000, 0, 2**62),
             purge_every=_float(env, "HACER_PURGE_EVERY", 3600.0, 1.0) or 3600.0,

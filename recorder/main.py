@@ -40,6 +40,7 @@ def build_recorder(settings: Settings) -> Recorder:
         recorder_id=settings.recorder_id,
         rescue_after=settings.rescue_after,
         node_data_every=settings.node_data_every,
+        run_data_every=settings.run_data_every,
         purge=Purger(database.engine, Retention.from_settings(settings)),
         purge_every=settings.purge_every,
     )

@@ -80,13 +80,17 @@ META_CONFIRM_WITHIN = 10.0  # seconds for the broker to acknowledge a new node's
 RECORDED_TOPICS = ("node_presence", "node_readings", "bridge_lastseen", "run_request", "run_status", "run_log")
 DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 STATE_EVERY = 5.0  # seconds between republished counters
-# Node data that comes alone (readings, last-seen times) waits up to a minute, unacknowledged, to
-# be written in one transaction: each was a commit of its own (the bridge's last-seen batch every
-# 2 s, a reading at each change), most of an idle server's disk writes (an SD card's wear). A run's
-# message, a new node, or this many held, write them at once; the broker's in-flight window (100)
-# keeps room for the runs'. The api shows the bus's fresher values meanwhile.
-NODE_DATA_EVERY, NODE_DATA_HELD = 60.0, 50
+# Messages wait, unacknowledged, to be written together: each commit writes whole pages, so a
+# commit per message wore an SD card (bench/bench_disk.py). Node data that comes alone (readings,
+# last-seen times) waits up to a minute: each was a commit of its own (the bridge's last-seen batch
+# every 2 s, a reading at each change), most of an idle server's writes. A run's request, statuses
+# and log entries wait up to a second, so a run is one commit, not three: its messages come within
+# that time, and confirmations to runners (runs/recorded) a second later cost nothing. A new node,
+# or this many held, write them at once; the broker's in-flight window (100) keeps room for more.
+# The api and the control app show the bus's fresher values meanwhile.
+NODE_DATA_EVERY, RUN_DATA_EVERY, HELD_LIMIT = 60.0, 1.0, 50
 NODE_DATA = ("node_readings", "bridge_lastseen")
+RUN_DATA = ("run_request", "run_status", "run_log")
 # The runs a batch touched: run id -> (thread id, state if known, seqs of the entries written)
 Touched = dict[str, tuple[int, "str | None", list[int]]]
 
@@ -120,9 +124,11 @@ class Recorder:
         purge_every: float = 3600.0,
         clock: Callable[[], float] = time.time,
         node_data_every: float = NODE_DATA_EVERY,
+        run_data_every: float = RUN_DATA_EVERY,
     ) -> None:
         self.bus = bus
         self.node_data_every = node_data_every
+        self.run_data_every = run_data_every
         self.topics = topics
         self.sessions = sessions
         self.recorder_id = recorder_id
@@ -214,14 +220,15 @@ class Recorder:
 
     def _write_loop(self) -> None:
         pending: list[Message] = []
-        held_since: float | None = None  # when the node data held in `pending` began to wait
+        write_by: float | None = None  # when the messages held in `pending` are to be written at the latest
+        weighed = 0  # how many of `pending` write_by accounts for
         state_due = time.monotonic() + STATE_EVERY
         while not (self._stopping.is_set() and self._inbox.empty() and not pending):
             if time.monotonic() > state_due:
                 self._publish_state()
                 state_due = time.monotonic() + STATE_EVERY
-            if not pending or held_since is not None:
-                wait = 0.2 if held_since is None else held_since + self.node_data_every - time.monotonic()
+            if not pending or write_by is not None:
+                wait = 0.2 if write_by is None else write_by - time.monotonic()
                 try:
                     pending.append(self._inbox.get(timeout=min(0.2, max(0.0, wait))))
                 except queue.Empty:
@@ -234,10 +241,13 @@ class Recorder:
                     pending.append(self._inbox.get(timeout=max(0.0, gather_until - time.monotonic())))
                 except queue.Empty:
                     break
-            if self._may_hold(pending, held_since):
-                held_since = held_since or time.monotonic()
-                continue
-            held_since = None
+            hold = self._may_hold(pending[weighed:], len(pending))
+            weighed = len(pending)
+            if hold > 0:
+                write_by = min(write_by or math.inf, time.monotonic() + hold)
+                if time.monotonic() < write_by:
+                    continue
+            write_by, weighed = None, 0
             try:
                 touched = self._write_batch(pending)
             except Exception:
@@ -253,19 +263,19 @@ class Recorder:
             except Exception:  # a lost confirmation costs a resend, nothing more
                 log.exception("saying what was recorded failed")
 
-    def _may_hold(self, pending: list[Message], held_since: float | None) -> bool:
-        """Whether `pending` is node data alone that may wait longer to be written (NODE_DATA_EVERY)."""
-        if self.node_data_every <= 0 or self._stopping.is_set() or len(pending) >= NODE_DATA_HELD:
-            return False
-        if held_since is not None and time.monotonic() >= held_since + self.node_data_every:
-            return False
-        for message in pending:
+    def _may_hold(self, arrived: list[Message], held: int) -> float:
+        """Seconds the messages that just `arrived` may wait to be written (..._DATA_EVERY); 0: at once."""
+        if self._stopping.is_set() or held >= HELD_LIMIT:
+            return 0.0
+        hold = math.inf
+        for message in arrived:
             try:
-                if self.topics.parse(message.topic)[0] not in NODE_DATA:
-                    return False
+                name = self.topics.parse(message.topic)[0]
             except TopicError:
-                return False
-        return True
+                return 0.0
+            limit = self.node_data_every if name in NODE_DATA else self.run_data_every if name in RUN_DATA else 0.0
+            hold = min(hold, limit)
+        return hold  # nothing arrived: math.inf, write_by stands
 
     def _write_batch(self, messages: list[Message]) -> Touched:
         """Write a batch in one transaction; if the database refuses it, one message at a time."""

@@ -66,8 +66,8 @@ class AckingBus(RecordingBus):
 @pytest.fixture
 def recorder(database):
     bus = AckingBus()
-    # Node data written at once (HACER_NODE_DATA_EVERY=0), but where the test says otherwise.
-    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", node_data_every=0.0)
+    # Each batch written at once (HACER_NODE_DATA_EVERY=0, HACER_RUN_DATA_EVERY=0), but where the test says otherwise.
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", node_data_every=0.0, run_data_every=0.0)
     recorder.start()
     recorder.test_bus = bus
     yield recorder
@@ -119,7 +119,7 @@ def test_node_data_alone_waits_unacknowledged_and_is_written_with_a_runs_message
     # Nothing to await: held data shows as nothing happening; the recorder's loop turns 5 times a second.
     threading.Event().wait(1.0)
     assert len(bus.acked) == acked and node_77() == (utc_datetime(1.0), [])  # held, not acknowledged
-    deliver_all(recorder, [status("r77", runstates.QUEUED)])  # a run's message: everything at once
+    deliver_all(recorder, [status("r77", runstates.QUEUED)])  # a run's message: everything within its wait
     assert node_77() == (utc_datetime(100.0), [1.0])
     bus.deliver("hacer/bridge/lastseen", LastSeenBatch({77: bus_time(106.0)}).to_payload())
     recorder.stop()  # and on the way out
@@ -139,6 +139,25 @@ def test_node_data_alone_is_written_within_its_wait(database):
         recorder.stop()
     with database.session() as session:
         assert session.scalars(select(NodeSample.value).where(NodeSample.node_id == 78)).all() == [0.0]
+
+
+def test_a_runs_messages_wait_to_be_written_in_one_transaction(database):
+    bus = AckingBus()
+    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", node_data_every=0.0, run_data_every=3.0)
+    recorder.test_bus = bus
+    recorder.start()
+    try:
+        # A run's messages come over a moment, as a script runs: a tenth of a second apart here.
+        for message in (status("one", runstates.RUNNING), *(entry("one", seq) for seq in range(1, 6))):
+            bus.deliver(*message)
+            threading.Event().wait(0.1)
+        deliver_all(recorder, [status("one", runstates.SUCCEEDED, exit_code=0)])
+    finally:
+        recorder.stop()
+    # One commit, one confirmation: the whole run (it came well within the 3 s wait).
+    assert bus.recorded() == [RunRecorded("one", 5, runstates.SUCCEEDED)]
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(ScriptLogEntry)) == 5
 
 
 def test_a_poison_status_is_set_aside_and_the_batch_around_it_written(recorder, database):
