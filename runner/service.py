@@ -14,8 +14,9 @@ from queued to running for this runner; a runner whose heartbeat there stops mov
 over (its queued claims run elsewhere, its running ones are `lost`); a runner that finds a
 running claim taken from it kills that run and publishes nothing more of it.
 
-Every status and log entry is held in the database (runner/outbox.py) from before it is
-published until a recorder confirms it written, and sent again when it is not.
+Every status and log entry is held (runner/outbox.py) from before it is published until a
+recorder confirms it written, and sent again when it is not: statuses in the database with the
+claim's changes, output in memory first.
 """
 
 from __future__ import annotations
@@ -196,6 +197,10 @@ class Runner:
         self._inbox.put(lambda: None)
         for thread in self._threads:
             thread.join(self.config.cancel_grace + 5)
+        try:
+            self.outbox.spill(everything=True)  # for this runner's next start to send
+        except SQLAlchemyError as exc:
+            log.warning("unconfirmed output could not be written down: %s", exc)
         self.launcher.stop()
         self.bus.will = RunnerState(self.config.runner_id, "offline").to_payload()
         self.bus.stop()
@@ -488,6 +493,7 @@ class Runner:
             everything = self._resend_all.wait(CONFIRM_EVERY)
             try:
                 self.outbox.apply()
+                self.outbox.spill()
                 now = time.monotonic()
                 if now >= next_bound:
                     self.outbox.bound()
@@ -630,21 +636,32 @@ class Runner:
 
     def _finish(self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None) -> None:
         """End a run's claim, then its log and status, if the claim is still this runner's."""
+        exception: list[Entry] = [("exception", error)] if error and state == runstates.FAILED else []
+        ending = self._entry_messages(
+            run, *exception, ("exit_status", "success" if state == runstates.SUCCEEDED else "failed")
+        )
+        status = self._status_message(run, state, exit_code, error, finished=True)
+
+        def hold_end(driver: Any) -> None:  # in the claim's transaction: a run's end is one commit
+            self.outbox.hold(run.run_id, ending, (state, *status), driver)
+
         try:
             owned = not run.fenced and self._with_retries(
-                f"ending the claim of run {run.run_id}", lambda: self.claims.move(run.run_id, state=state)
+                f"ending the claim of run {run.run_id}",
+                lambda: self.claims.move(run.run_id, state=state, also=hold_end),
             )
         except SQLAlchemyError as exc:
             # Its end is still told: the recorder keeps a run's first end, and a runner taking the
             # claim over meanwhile could only have reported it lost.
             log.error("run %s ended as %s but its claim could not be ended: %s", run.run_id, state, exc)
+            self._hold(run.run_id, lambda: hold_end(None))
             owned = True
         if not owned:
             log.warning("run %s ended here as %s, but another runner owns it now: not reported", run.run_id, state)
             return
-        exception: list[Entry] = [("exception", error)] if error and state == runstates.FAILED else []
-        self._log(run, *exception, ("exit_status", "success" if state == runstates.SUCCEEDED else "failed"))
-        self._publish_status(run, state, exit_code=exit_code, error=error, finished=True)
+        for _, topic, payload in ending:
+            self.bus.publish(topic, payload)
+        self.bus.publish(*status)
 
     def _stream_output(self, run: Run) -> None:
         assert run.process is not None and run.process.stdout is not None
