@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -392,8 +392,8 @@ class Runner:
     def _report_unclaimed(self, run_id: str, request: RunRequest, why: str) -> None:
         log.warning("run %s refused: %s", run_id, why)
         run = Run(request, run_id, Path(), self.clock())
-        self._log(run, ("exception", why), ("exit_status", "failed"))
-        self._publish_status(run, runstates.FAILED, error=why[:2000], finished=True)
+        ending: list[Entry] = [("exception", why), ("exit_status", "failed")]
+        self._publish_status(run, runstates.FAILED, error=why[:2000], finished=True, entries=ending)
 
     def _cancel_by_id(self, run_id: str) -> None:
         with self._changed:
@@ -403,8 +403,13 @@ class Runner:
             running = self._running.get(run_id)
         if waiting is not None:
             if self.claims.move(run_id, from_states=(runstates.QUEUED,), state=runstates.CANCELLED):
-                self._log(waiting, ("exit_status", "failed"))
-                self._publish_status(waiting, runstates.CANCELLED, error="cancelled before it started", finished=True)
+                self._publish_status(
+                    waiting,
+                    runstates.CANCELLED,
+                    error="cancelled before it started",
+                    finished=True,
+                    entries=[("exit_status", "failed")],
+                )
             self._publish_state()
         elif running is not None:
             self._cancel(running, "cancelled")
@@ -428,8 +433,8 @@ class Runner:
                     so_far = self.claims.log_so_far(claim.run_id)
                     why = f"runner {runner_id} went away while it ran; {so_far.account()}; it is not run again"
                     run.seq = so_far.last_seq
-                    self._log(run, ("exception", why), ("exit_status", "failed"))
-                    self._publish_status(run, runstates.LOST, error=why[:2000], finished=True)
+                    ending = [("exception", why), ("exit_status", "failed")]
+                    self._publish_status(run, runstates.LOST, error=why[:2000], finished=True, entries=ending)
             elif script is None:
                 if self.claims.move(
                     claim.run_id, owner=runner_id, from_states=(runstates.QUEUED,), state=runstates.FAILED
@@ -747,10 +752,21 @@ class Runner:
     # --- publishing -------------------------------------------------------------------------
 
     def _log(self, run: Run, *entries: Entry) -> None:
-        """Publish (entry_type, data) entries, held in the outbox first."""
+        """Publish a running run's (entry_type, data) entries, held in the outbox first (in memory: runner/outbox.py).
+
+        Their seqs are noted with the claim first, so a runner taking the run over numbers its
+        entries after them even when their text died with this runner.
+        """
         if run.fenced or not entries:
             return
         held = self._entry_messages(run, *entries)
+        try:
+            if not self.claims.publishing(run.run_id, run.seq):
+                log.warning("run %s is no longer this runner's: its output is not published", run.run_id)
+                return
+        except SQLAlchemyError as exc:
+            self.unheld += len(held)
+            log.warning("run %s: output sent without its seq noted (the database failed: %s)", run.run_id, exc)
         self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, held))
         for _, topic, payload in held:
             self.bus.publish(topic, payload)
@@ -764,12 +780,22 @@ class Runner:
         return messages
 
     def _publish_status(
-        self, run: Run, state: RunState, exit_code: int | None = None, error: str | None = None, finished: bool = False
+        self,
+        run: Run,
+        state: RunState,
+        exit_code: int | None = None,
+        error: str | None = None,
+        finished: bool = False,
+        entries: Sequence[Entry] = (),
     ) -> None:
+        """Publish a run's status after `entries`, all held in the outbox (written down) first."""
         if run.fenced:
             return
+        held = self._entry_messages(run, *entries)
         topic, payload = self._status_message(run, state, exit_code, error, finished)
-        self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, status=(state, topic, payload)))
+        self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, held, status=(state, topic, payload)))
+        for _, entry_topic, entry_payload in held:
+            self.bus.publish(entry_topic, entry_payload)
         self.bus.publish(topic, payload)
 
     def _status_message(
