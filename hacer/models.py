@@ -207,9 +207,6 @@ class RunClaim(Base):
     request: Mapped[str] = mapped_column(Text)
     claimed_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
-    # The highest log entry seq published (runner/outbox.py holds output in memory first): entries
-    # a runner adds after a takeover come after it. Not indexed: moving it writes one page.
-    published_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class RunnerHeartbeat(Base):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -44,7 +44,7 @@ from hacer.models import (
 ACTIVE_STATES = (runstates.QUEUED, runstates.RUNNING)
 Hold = Callable[[Any], None]  # more writes for a claim's transaction (the outbox's), on the driver's connection
 Committed = Callable[[], None]  # what may go on once a claim's change is committed, while it is synced
-CLAIM_COLUMNS = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at", "published_seq")
+CLAIM_COLUMNS = ("run_id", "runner_id", "state", "request", "claimed_at", "updated_at")
 
 
 class AlreadyClaimed(Exception):
@@ -55,24 +55,19 @@ class AlreadyClaimed(Exception):
 class LogSoFar:
     """A run's log as far as the database holds it."""
 
-    last_seq: int  # the highest seq published: entries added now come after it
+    last_seq: int
     after_launch: int  # entries after the launch entry: the script ran
     outputs: int
     last_output: str | None
-    unrecorded: int = 0  # entries published that the database does not hold (yet)
 
     def account(self) -> str:
         """How far the run got, in words, for a run that was lost."""
-        entries = "1 entry" if self.unrecorded == 1 else f"{self.unrecorded} entries"
-        more = f", and {entries} more published, not recorded yet" if self.unrecorded else ""
         if not self.after_launch:
-            if self.unrecorded:
-                return f"it had started: {entries} after its launch published, none recorded yet"
             return "nothing after its launch was recorded: the script may not have started"
         if self.last_output is None:
-            return f"it had started ({self.after_launch} entries after its launch{more}), with no output"
+            return f"it had started ({self.after_launch} entries after its launch), with no output"
         lines = "1 line" if self.outputs == 1 else f"{self.outputs} lines"
-        return f"it had started; {lines} of output{more}, the last: {self.last_output[:200]!r}"
+        return f"it had started; {lines} of output, the last: {self.last_output[:200]!r}"
 
 
 @dataclass(frozen=True)
@@ -103,16 +98,6 @@ class ClaimStore:
         self._observed: dict[str, tuple[int, float]] = {}  # runner -> (beat, when it last moved)
         self._sync = CommitSync(engine)  # who owns a run must outlive a power cut
         self._insert = DriverStatement(insert(RunClaim), engine.dialect, CLAIM_COLUMNS)
-        self._publishing = DriverStatement(
-            update(RunClaim)
-            .where(
-                RunClaim.run_id == bindparam("run"),
-                RunClaim.runner_id == runner_id,
-                RunClaim.state == runstates.RUNNING,
-            )
-            .values(published_seq=bindparam("seq")),
-            engine.dialect,
-        )
 
     def claim(
         self,
@@ -140,7 +125,6 @@ class ClaimStore:
                             "request": request,
                             "claimed_at": now,
                             "updated_at": now,
-                            "published_seq": 0,
                         }
                     ],
                 )
@@ -160,11 +144,12 @@ class ClaimStore:
         new_owner: str | None = None,
         also: Hold | None = None,
         committed: Committed | None = None,
+        sync: bool = True,
     ) -> bool:
         """Change a claim only if `owner` (default: this runner) still has it in one of `from_states`.
 
         `also` is done in the same transaction, and `committed` called as by claim(), only when the
-        claim changed.
+        claim changed; without `sync` the change survives a crash, and a power cut once a later sync is done.
         """
         values: dict[str, object] = {"updated_at": utc_datetime(self.clock())}
         if state:
@@ -184,8 +169,10 @@ class ClaimStore:
             moved = result.rowcount == 1
             if moved and also is not None:
                 also(driver_connection(connection))
-        if moved:
+        if moved and sync:
             self._synced(committed)
+        elif moved and committed is not None:
+            committed()
         return moved
 
     def _synced(self, committed: Committed | None) -> None:
@@ -233,11 +220,6 @@ class ClaimStore:
         except (ValueError, TypeError):  # a row no status could have written (2015's): nothing to say
             return None
 
-    def publishing(self, run_id: str, seq: int) -> bool:
-        """Note that a running run's entries up to `seq` are being published; False if the run is not this runner's."""
-        with driver_transaction(self.engine) as driver:
-            return self._publishing.execute(driver, [{"run": run_id, "seq": seq}]) == 1
-
     def log_so_far(self, run_id: str) -> LogSoFar:
         """What a run's log holds, recorded or still held in an outbox: how a lost run got on."""
         seen: dict[int, tuple[str, str]] = {}
@@ -257,13 +239,9 @@ class ClaimStore:
                 except MessageError:
                     continue
                 seen[seq] = (entry.entry_type, entry.data)
-            published = connection.scalar(select(RunClaim.published_seq).where(RunClaim.run_id == run_id)) or 0
         outputs = [data for _, (entry_type, data) in sorted(seen.items()) if entry_type == "output"]
         after_launch = sum(1 for entry_type, _ in seen.values() if entry_type != "launch")
-        held = max(seen, default=0)
-        return LogSoFar(
-            max(held, published), after_launch, len(outputs), outputs[-1] if outputs else None, max(0, published - held)
-        )
+        return LogSoFar(max(seen, default=0), after_launch, len(outputs), outputs[-1] if outputs else None)
 
     def fire_request(self, run_id: str) -> str | None:
         """The request a scheduler stored with the automation fire of `run_id`; None when no fire has that run."""

@@ -1,22 +1,13 @@
-"""What runners have published of their runs and no recorder has confirmed yet, kept until it is.
+"""What runners have published of their runs and no recorder has confirmed yet, kept in the database.
 
 The broker acknowledges a publish before it saves it, so a broker that dies can lose a run's
 last status or log lines after the runner saw them acknowledged; and a runner that dies takes
-its memory with it. So a runner holds each log entry and each run's latest status from before
-it publishes them until a recorder says (on `runs/recorded`) that it has written them: log
-entries 1..seq, and which state. What is still held is sent again after every reconnect and,
-while a recorder is online, once it has waited `resend_after` seconds; a runner that takes over
-a dead one adopts what it wrote down and sends it, so a run that ended just before its runner
-died still reaches the database whole.
-
-Where it is held: a status goes into `run_outbox` in the transaction of the run's claim (its
-start, its end), with the entries written then (launch, exit status). Log entries in between
-(a script's output) are held in memory first and written into `run_outbox` only if no recorder
-confirmed them within `spill_after` seconds (at once past `max_fresh` bytes, and on stop): a
-recorder confirms within about a second, so a run's output costs no disk write of its own,
-where it cost two commits a line (an SD card's wear, bench/bench_disk.py). What that gives up: a
-runner killed outright loses the output of its last `spill_after` seconds that the broker did
-not get or lost with it; its run ends `lost` anyway, with what was recorded.
+its memory with it. So a runner writes each log entry and each run's latest status into
+`run_outbox` before it publishes them, and deletes them when a recorder says (on
+`runs/recorded`) that it has written them: log entries 1..seq, and which state. What is
+still held is sent again after every reconnect and, while a recorder is online, once it has
+waited `resend_after` seconds; a runner that takes over a dead one adopts its rows and sends
+them, so a run that ended just before its runner died still reaches the database whole.
 
 Bounded: past `max_bytes` held by one runner, its oldest log entries are let go (counted in
 `dropped`; they were published once and may still wait in a recorder's broker session); a row
@@ -27,7 +18,6 @@ recorder can write is never sent forever.
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,8 +32,6 @@ from hacer.models import DriverStatement, RunOutbox, driver_transaction
 
 STATUS_SEQ = 0  # a run's latest status is held under seq 0, beside its log entries 1..n
 HELD_COLUMNS = ("runner_id", "run_id", "seq", "state", "topic", "payload", "size", "sent_at", "sends")
-SPILL_AFTER = 2.0  # seconds: twice a recorder's wait for a run's messages (HACER_RUN_DATA_EVERY), and its commit
-MAX_FRESH = 256 * 1024  # bytes of output held in memory at most
 
 
 class Outbox:
@@ -57,14 +45,11 @@ class Outbox:
         resend_after: float = 5.0,
         max_bytes: int = 64 * 1024 * 1024,
         max_sends: int = 20,
-        spill_after: float = SPILL_AFTER,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.runner_id = runner_id
         self.resend_after = resend_after
-        self.spill_after = min(spill_after, resend_after)  # written down before it is sent again
-        self.max_fresh = min(MAX_FRESH, max_bytes)
         self.max_bytes = max_bytes
         self.max_sends = max_sends
         self.clock = clock
@@ -72,9 +57,6 @@ class Outbox:
         self.gave_up = 0
         self._confirmations: queue.SimpleQueue[RunRecorded] = queue.SimpleQueue()
         self._held_runs: set[str] = set()  # runs this runner holds rows of (so others' confirmations cost nothing)
-        self._lock = threading.Lock()  # over the fresh entries: held by workers, let go of by the resend thread
-        self._fresh: dict[tuple[str, int], dict[str, Any]] = {}  # (run id, seq) -> row, in memory, in order
-        self._fresh_bytes = 0
         self._hold = DriverStatement(insert(RunOutbox), engine.dialect, HELD_COLUMNS)
         self._let_go_of_status = DriverStatement(
             delete(RunOutbox).where(RunOutbox.run_id == bindparam("run"), RunOutbox.seq == STATUS_SEQ), engine.dialect
@@ -89,12 +71,11 @@ class Outbox:
     ) -> None:
         """Keep (seq, topic, payload) log entries and the run's (state, topic, payload) status about to be published.
 
-        A status replaces the one held before. With a status or a `driver` (a driver's connection, in its
-        transaction) they are written down at once; entries alone are kept in memory first.
+        A status replaces the one held before. In the transaction of `driver` (a driver's connection) if given.
         """
         now = self.clock()
 
-        def row(seq: int, state: str, topic: str, payload: bytes) -> dict[str, Any]:
+        def row(seq: int, state: str, topic: str, payload: bytes) -> dict[str, object]:
             return {
                 "runner_id": self.runner_id,
                 "run_id": run_id,
@@ -113,15 +94,6 @@ class Outbox:
         if not rows:
             return
         self._held_runs.add(run_id)
-        if status is None and driver is None:
-            with self._lock:
-                for held in rows:
-                    self._fresh[run_id, held["seq"]] = held
-                    self._fresh_bytes += held["size"]
-                too_much = self._fresh_bytes > self.max_fresh
-            if too_much:
-                self.spill(everything=True)
-            return
         with self._transaction(driver) as transaction:
             if status is not None:
                 self._let_go_of_status.execute(transaction, [{"run": run_id}])
@@ -154,11 +126,7 @@ class Outbox:
                 confirmed[recorded.run_id] = recorded
         if not confirmed:
             return
-        with self._lock:
-            for key in [k for k in self._fresh if k[0] in confirmed and k[1] <= confirmed[k[0]].seq]:
-                self._fresh_bytes -= self._fresh.pop(key)["size"]
-            fresh_runs = {run_id for run_id, _ in self._fresh}
-        with self.engine.begin() as connection:  # a commit that changed nothing writes nothing
+        with self.engine.begin() as connection:
             for recorded in confirmed.values():
                 connection.execute(
                     delete(RunOutbox).where(
@@ -171,27 +139,10 @@ class Outbox:
                     status = status.where(RunOutbox.state == recorded.state)
                 connection.execute(status)
             left = set(connection.scalars(select(RunOutbox.run_id).where(RunOutbox.run_id.in_(list(confirmed)))))
-        self._held_runs -= set(confirmed) - left - fresh_runs
-
-    def spill(self, everything: bool = False) -> None:
-        """Write down the entries held in memory that waited `spill_after` seconds unconfirmed (or all)."""
-        oldest = self.clock() - self.spill_after
-        with self._lock:
-            rows = [row for row in self._fresh.values() if everything or row["sent_at"] <= oldest]
-        if not rows:
-            return
-        with driver_transaction(self.engine) as transaction:
-            self._hold.execute(transaction, rows)
-        with self._lock:  # a row confirmed meanwhile was written all the same: one resend, harmless
-            for row in rows:
-                if self._fresh.pop((row["run_id"], row["seq"]), None) is not None:
-                    self._fresh_bytes -= row["size"]
+        self._held_runs -= set(confirmed) - left
 
     def forget(self, run_id: str) -> None:
         """Stop holding a run (another runner owns it now)."""
-        with self._lock:
-            for key in [k for k in self._fresh if k[0] == run_id]:
-                self._fresh_bytes -= self._fresh.pop(key)["size"]
         with self.engine.begin() as connection:
             connection.execute(
                 delete(RunOutbox).where(RunOutbox.run_id == run_id, RunOutbox.runner_id == self.runner_id)
@@ -213,7 +164,6 @@ class Outbox:
 
     def due(self, everything: bool = False) -> list[tuple[str, bytes]]:
         """The (topic, payload) pairs to send again now, in the order they were held, counted as sent."""
-        self.spill(everything)
         now = self.clock()
         with self.engine.begin() as connection:
             query = (
@@ -238,7 +188,7 @@ class Outbox:
         return [(row.topic, row.payload.encode()) for row in sending]
 
     def bound(self) -> None:
-        """Let go of this runner's oldest log entries written down past max_bytes (statuses are small and kept)."""
+        """Let go of this runner's oldest log entries past max_bytes (statuses are small and kept)."""
         with self.engine.begin() as connection:
             mine = RunOutbox.runner_id == self.runner_id
             total = connection.scalar(select(func.coalesce(func.sum(RunOutbox.size), 0)).where(mine)) or 0
@@ -256,12 +206,9 @@ class Outbox:
         self.dropped += len(doomed)
 
     def held(self, run_id: str) -> tuple[list[int], str | None]:
-        """The seqs of the log entries (written down or not) and the state of the status held for a run."""
+        """The seqs of the log entries and the state of the status held for a run."""
         with self.engine.begin() as connection:
             rows = connection.execute(
                 select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id).order_by(RunOutbox.seq)
             ).all()
-        with self._lock:
-            fresh = [seq for run, seq in self._fresh if run == run_id]
-        seqs = sorted({seq for seq, _ in rows if seq != STATUS_SEQ} | set(fresh))
-        return seqs, next((s for q, s in rows if q == STATUS_SEQ), None)
+        return [seq for seq, _ in rows if seq != STATUS_SEQ], next((s for q, s in rows if q == STATUS_SEQ), None)

@@ -14,9 +14,8 @@ from queued to running for this runner; a runner whose heartbeat there stops mov
 over (its queued claims run elsewhere, its running ones are `lost`); a runner that finds a
 running claim taken from it kills that run and publishes nothing more of it.
 
-Every status and log entry is held (runner/outbox.py) from before it is published until a
-recorder confirms it written, and sent again when it is not: statuses in the database with the
-claim's changes, output in memory first.
+Every status and log entry is held in the database (runner/outbox.py) from before it is
+published until a recorder confirms it written, and sent again when it is not.
 """
 
 from __future__ import annotations
@@ -197,10 +196,6 @@ class Runner:
         self._inbox.put(lambda: None)
         for thread in self._threads:
             thread.join(self.config.cancel_grace + 5)
-        try:
-            self.outbox.spill(everything=True)  # for this runner's next start to send
-        except SQLAlchemyError as exc:
-            log.warning("unconfirmed output could not be written down: %s", exc)
         self.launcher.stop()
         self.bus.will = RunnerState(self.config.runner_id, "offline").to_payload()
         self.bus.stop()
@@ -433,7 +428,7 @@ class Runner:
                     so_far = self.claims.log_so_far(claim.run_id)
                     why = f"runner {runner_id} went away while it ran; {so_far.account()}; it is not run again"
                     run.seq = so_far.last_seq
-                    ending = [("exception", why), ("exit_status", "failed")]
+                    ending: list[Entry] = [("exception", why), ("exit_status", "failed")]
                     self._publish_status(run, runstates.LOST, error=why[:2000], finished=True, entries=ending)
             elif script is None:
                 if self.claims.move(
@@ -498,7 +493,6 @@ class Runner:
             everything = self._resend_all.wait(CONFIRM_EVERY)
             try:
                 self.outbox.apply()
-                self.outbox.spill()
                 now = time.monotonic()
                 if now >= next_bound:
                     self.outbox.bound()
@@ -650,10 +644,12 @@ class Runner:
         def hold_end(driver: Any) -> None:  # in the claim's transaction: a run's end is one commit
             self.outbox.hold(run.run_id, ending, (state, *status), driver)
 
+        # Not synced (a sync a run, an SD card's wear): a power cut that rolls the end back, with
+        # the recorder's unsynced copy of it, leaves the run `lost` on restart, never run again.
         try:
             owned = not run.fenced and self._with_retries(
                 f"ending the claim of run {run.run_id}",
-                lambda: self.claims.move(run.run_id, state=state, also=hold_end),
+                lambda: self.claims.move(run.run_id, state=state, also=hold_end, sync=False),
             )
         except SQLAlchemyError as exc:
             # Its end is still told: the recorder keeps a run's first end, and a runner taking the
@@ -752,21 +748,10 @@ class Runner:
     # --- publishing -------------------------------------------------------------------------
 
     def _log(self, run: Run, *entries: Entry) -> None:
-        """Publish a running run's (entry_type, data) entries, held in the outbox first (in memory: runner/outbox.py).
-
-        Their seqs are noted with the claim first, so a runner taking the run over numbers its
-        entries after them even when their text died with this runner.
-        """
+        """Publish (entry_type, data) entries, held in the outbox first."""
         if run.fenced or not entries:
             return
         held = self._entry_messages(run, *entries)
-        try:
-            if not self.claims.publishing(run.run_id, run.seq):
-                log.warning("run %s is no longer this runner's: its output is not published", run.run_id)
-                return
-        except SQLAlchemyError as exc:
-            self.unheld += len(held)
-            log.warning("run %s: output sent without its seq noted (the database failed: %s)", run.run_id, exc)
         self._hold(run.run_id, lambda: self.outbox.hold(run.run_id, held))
         for _, topic, payload in held:
             self.bus.publish(topic, payload)

@@ -491,8 +491,7 @@ def test_restarted_runner_reports_its_old_run_lost(start_runner, requester, runs
     # Its log goes on where it stopped and says how far the run got; a lost run is not run again.
     log = runs.log_of(run_id)
     assert [kind for kind, _ in log] == ["launch", "output", "exception", "exit_status"]
-    # No recorder here: the output line, held in the dead runner's memory, is known by its seq only.
-    assert "it had started: 1 entry after its launch published, none recorded yet" in log[2][1]
+    assert "it had started; 1 line of output, the last: 'family ready'" in log[2][1]
     assert "not run again" in log[2][1] and status.error == log[2][1]
     # A runner run by hand has no one above it to end its script's children (runserver and systemd
     # do: test_manage.py, deploy/systemd): this test ends them itself, not to leave them behind.

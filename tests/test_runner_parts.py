@@ -116,44 +116,14 @@ def test_a_recorded_end_confirms_any_status_held(outbox_of):
     assert outbox.held("r") == ([], None)
 
 
-def test_output_is_written_down_only_if_no_recorder_confirms_it_in_time(outbox_of, tmp_path):
-    import sqlite3
-
-    from hacer.messages import RunRecorded
-
-    def written_down():
-        with sqlite3.connect(tmp_path / "outbox.db") as connection:
-            return connection.execute("SELECT run_id, seq FROM run_outbox ORDER BY run_id, seq").fetchall()
-
-    outbox = outbox_of(resend_after=5.0, spill_after=2.0)
-    outbox.hold("quick", [(seq, "t/log", b"e%d" % seq) for seq in (1, 2)])
-    outbox.hold("slow", [(1, "t/log", b"s1")])
-    outbox_of.now[0] = 1.0
-    outbox.confirm(RunRecorded("quick", 2, "running"))
-    outbox.apply()
-    outbox.spill()
-    assert written_down() == [] and outbox.held("slow") == ([1], None)  # "quick" never touched the disk
-    outbox_of.now[0] = 2.5
-    outbox.spill()
-    assert written_down() == [("slow", 1)] and outbox.held("quick") == ([], None)
-    # A status is written down at once; so is everything on a stop (spill(everything=True)).
-    outbox.hold("slow", [(2, "t/log", b"s2")], status=("running", "t/status", b"running"))
-    outbox.hold("slow", [(3, "t/log", b"s3")])
-    outbox.spill(everything=True)
-    assert written_down() == [("slow", 0), ("slow", 1), ("slow", 2), ("slow", 3)]
-
-
 def test_a_runner_taking_over_adopts_what_the_dead_one_held(outbox_of):
     dead, alive = outbox_of("dead"), outbox_of("alive")
     dead.hold("r", [(1, "t/log", b"e1")])
-    dead.spill(everything=True)  # written down, as output unconfirmed for a while is
-    dead.hold("r", [(2, "t/log", b"e2")])  # in its memory only: that dies with it
     dead.hold("r", status=("succeeded", "t/status", b"succeeded"))
-    del dead
     assert alive.due(everything=True) == []
     assert alive.adopt("dead") == 1
     assert alive.due(everything=True) == [("t/log", b"e1"), ("t/status", b"succeeded")]
-    assert outbox_of("dead").due(everything=True) == []
+    assert dead.due(everything=True) == []
 
 
 def test_the_outbox_is_bounded_and_gives_up_on_what_is_never_confirmed(outbox_of):
