@@ -223,7 +223,9 @@ class RunOutbox(Base):
 
     __tablename__ = "run_outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    runner_id: Mapped[str] = mapped_column(String(128), index=True)
+    # Not indexed: a runner reads its rows whole (they are nearly all its own), and an index is a
+    # page more written by every commit of a runner's.
+    runner_id: Mapped[str] = mapped_column(String(128))
     run_id: Mapped[str] = mapped_column(String(64), index=True)
     seq: Mapped[int] = mapped_column(Integer)  # 0: the run's latest status; else the log entry's seq
     state: Mapped[str] = mapped_column(String(16), default="")  # of a status
