@@ -76,6 +76,10 @@ BATCH_BYTES = 64 * 1024
 DB_TRIES = 3  # a claim change that fails for a database error (locked, gone) is tried this often
 CONFIRM_EVERY = 0.1  # seconds between applying recorders' confirmations to the outbox
 BOUND_EVERY = 5.0  # seconds between checks of the outbox's size
+# Seconds between checkpoints of a SQLite WAL: each copies the pages committed since into the
+# database file and syncs it, so a page committed every minute was written twice a minute (an SD
+# card's wear). Other parts' connections still checkpoint a WAL past 1000 pages themselves.
+CHECKPOINT_EVERY = 300.0
 OUTPUT_GRACE = 2.0  # seconds the output is still read once the script and its leftovers are gone
 
 
@@ -450,6 +454,7 @@ class Runner:
     def _heartbeat(self) -> None:
         """Beat; stop the runs taken from this runner; take over the runners that stopped beating."""
         interval = max(0.05, self.config.takeover_after / 4)
+        checkpoint_due = time.monotonic() + CHECKPOINT_EVERY
         while not self._stopped.wait(interval):
             try:
                 silent, watched = self.claims.watch_others(self.config.takeover_after)
@@ -461,7 +466,9 @@ class Runner:
                     self._fence(next(run for run in running if run.run_id == run_id))
                 for runner_id in silent:
                     self._inbox.put(functools.partial(self._take_over, runner_id))
-                self.checkpoint()
+                if time.monotonic() >= checkpoint_due:
+                    checkpoint_due = time.monotonic() + CHECKPOINT_EVERY
+                    self.checkpoint()
             except SQLAlchemyError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
