@@ -52,6 +52,7 @@ class System:
                 "HACER_RECORDER_ID": f"rec-{uuid.uuid4().hex[:6]}",
                 "HACER_RESCUE_AFTER": "1",
                 "HACER_NODE_DATA_EVERY": "0",
+                "HACER_RUN_DATA_EVERY": "0",  # as tests/conftest.py says
                 "HACER_LASTSEEN_INTERVAL": "0.5",
                 "HACER_POLL": "thermostat:temperature,target@1 sensor_temp:temperature@1",
                 "PYTHONUNBUFFERED": "1",

@@ -68,6 +68,7 @@ def test_broker_runner_and_recorder_kills_lose_nothing_and_run_nothing_twice(
         "HACER_RESCUE_AFTER": "2",
         "HACER_HTTP_PORT": str(free_port()),
         "HACER_RUNNER_CAPACITY": "4",
+        "HACER_RUN_DATA_EVERY": "1",  # the default, not the suite's 0: confirmations a second late
     }
     url = f"http://127.0.0.1:{env['HACER_HTTP_PORT']}"
     database_url = f"sqlite:///{env['HADB_PATH']}"
