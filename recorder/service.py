@@ -84,9 +84,10 @@ STATE_EVERY = 5.0  # seconds between republished counters
 # commit per message wore an SD card (bench/bench_disk.py). Node data that comes alone (readings,
 # last-seen times) waits up to a minute: each was a commit of its own (the bridge's last-seen batch
 # every 2 s, a reading at each change), most of an idle server's writes. A run's request, statuses
-# and log entries wait up to a second, so a run is one commit, not three: its messages come within
-# that time, and confirmations to runners (runs/recorded) a second later cost nothing. A new node,
-# or this many held, write them at once; the broker's in-flight window (100) keeps room for more.
+# and log entries wait up to a second, so a run is two commits, not a few a second: its messages
+# come within that time, and confirmations to runners (runs/recorded) a second later cost nothing.
+# A new node, a new run (the control app reads a run's thread id at its first status), or this many
+# held, write them at once; the broker's in-flight window (100) keeps room for more.
 # The api and the control app show the bus's fresher values meanwhile.
 NODE_DATA_EVERY, RUN_DATA_EVERY, HELD_LIMIT = 60.0, 1.0, 50
 NODE_DATA = ("node_readings", "bridge_lastseen")
@@ -270,9 +271,11 @@ class Recorder:
         hold = math.inf
         for message in arrived:
             try:
-                name = self.topics.parse(message.topic)[0]
+                name, arg = self.topics.parse(message.topic)
             except TopicError:
                 return 0.0
+            if name == "run_request" or (name == "run_status" and arg not in self._run_states):
+                return 0.0  # a new run is in the database at once: the app reads its thread id on its first status
             limit = self.node_data_every if name in NODE_DATA else self.run_data_every if name in RUN_DATA else 0.0
             hold = min(hold, limit)
         return hold  # nothing arrived: math.inf, write_by stands

@@ -154,8 +154,9 @@ def test_a_runs_messages_wait_to_be_written_in_one_transaction(database):
         deliver_all(recorder, [status("one", runstates.SUCCEEDED, exit_code=0)])
     finally:
         recorder.stop()
-    # One commit, one confirmation: the whole run (it came well within the 3 s wait).
-    assert bus.recorded() == [RunRecorded("one", 5, runstates.SUCCEEDED)]
+    # A new run's first status at once (the control app reads its thread id then), then the rest
+    # of the run in one commit, one confirmation (it came well within the 3 s wait).
+    assert bus.recorded() == [RunRecorded("one", 0, runstates.RUNNING), RunRecorded("one", 5, runstates.SUCCEEDED)]
     with database.session() as session:
         assert session.scalar(select(func.count()).select_from(ScriptLogEntry)) == 5
 
