@@ -189,7 +189,7 @@ class ScriptLogEntry(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int | None] = mapped_column(Integer)  # the bus's numbering (none in 2015 rows)
     timestamp: Mapped[datetime] = mapped_column(DateTime, index=True)
-    thread_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    thread_id: Mapped[int] = mapped_column(BigInteger)  # led by the (thread_id, seq) index
     script_name: Mapped[str] = mapped_column(String(255))
     params: Mapped[str] = mapped_column(Text, default="[]")
     entry_type_id: Mapped[int] = mapped_column(ForeignKey("script_log_entry_type.id"))
@@ -202,11 +202,13 @@ class RunClaim(Base):
 
     __tablename__ = "run_claim"
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    runner_id: Mapped[str] = mapped_column(String(128), index=True)
+    # Not indexed, nor updated_at: a runner reads its claims at its start, the purge by age now and
+    # then; an index is a page more written by each commit of a run's (migration 0006).
+    runner_id: Mapped[str] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16))
     request: Mapped[str] = mapped_column(Text)
     claimed_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class RunnerHeartbeat(Base):
