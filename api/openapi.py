@@ -11,9 +11,9 @@ from typing import Any
 import msgspec
 
 from hacer.automations import AutomationSpec
-from hacer.messages import json_schemas
 from hacer.models import MAX_ROW_ID
 from hacer.nodewire import MAX_NODE_ID
+from hacer.schemas import json_schemas
 
 
 def ref(name: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hacer.messages import json_schemas
+from hacer.schemas import json_schemas
 from hacer.topics import TOPIC_SPECS, TopicSpec
 
 # The variable level's name in each branch of the tree, as docs/topics.md writes it.

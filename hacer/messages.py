@@ -1,7 +1,7 @@
 """Bus payloads, declared once as msgspec structs: their types, ranges and lengths are the checks.
 
-Each payload has to_payload() and from_payload() (raising MessageError); json_schemas() derives
-from the same declarations the JSON schemas that docs/topics.md and the OpenAPI document show.
+Each payload has to_payload() and from_payload() (raising MessageError); hacer/schemas.py derives
+from the same declarations the JSON schemas that the AsyncAPI and OpenAPI documents show.
 Times on the bus are RFC 3339 UTC strings ("2026-11-27T20:35:36.123456Z"), read by people with
 mosquitto_sub as easily as by programs; in Python they are aware datetimes.
 """
@@ -506,19 +506,6 @@ DECLARATIONS: dict[str, Any] = {
     "RunnerState": RunnerState,
     "RecorderState": RecorderState,
 }
-
-
-def json_schemas(ref_template: str = "#/$defs/{name}") -> dict[str, dict[str, Any]]:
-    """Every payload's JSON schema by name, with the structs they refer to; refs use `ref_template`."""
-    from hacer.automations import DECLARATIONS as AUTOMATIONS  # it builds on this module
-
-    declarations = {**DECLARATIONS, **AUTOMATIONS}
-    names = list(declarations)
-    schemas, components = msgspec.json.schema_components(declarations.values(), ref_template=ref_template)
-    for name, schema in zip(names, schemas, strict=True):
-        if "$ref" not in schema:  # declared as a type rather than a struct: named here
-            components[name] = {"title": name, **schema}
-    return dict(sorted(components.items()))
 
 
 # Built now, so a declaration msgspec cannot check fails at import rather than at the first message.

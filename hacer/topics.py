@@ -22,7 +22,7 @@ class TopicSpec:
     retained: bool
     qos: int
     publisher: str
-    payload: str = ""  # its payload's schema in hacer.messages.json_schemas(); "" for plain text
+    payload: str = ""  # its payload's schema in hacer.schemas.json_schemas(); "" for plain text
 
 
 TOPIC_SPECS: tuple[TopicSpec, ...] = (

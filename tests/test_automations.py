@@ -98,7 +98,7 @@ def test_the_automation_payloads_fit_their_schemas():
     import jsonschema
 
     from hacer.automations import AutomationFired, AutomationState
-    from hacer.messages import json_schemas
+    from hacer.schemas import json_schemas
 
     schemas = json_schemas()
     spec = AutomationSpec("porch", Sun("sunset", -600, "Europe/Madrid"), "toggle", ("porch", "on"))

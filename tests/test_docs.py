@@ -2,8 +2,8 @@
 
 import re
 
-from hacer.messages import json_schemas
 from hacer.schemadoc import with_schemas
+from hacer.schemas import json_schemas
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TOPIC_SPECS
 

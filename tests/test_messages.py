@@ -30,8 +30,8 @@ from hacer.messages import (
     RunStatus,
     SetCommand,
     bus_time,
-    json_schemas,
 )
+from hacer.schemas import json_schemas
 
 T1 = bus_time(1.0)
 

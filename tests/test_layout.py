@@ -1,0 +1,49 @@
+"""The code's layout as a newcomer meets it: no module imports itself back through others."""
+
+import ast
+
+from hacer.settings import PROJECT_DIR
+
+FIRST_PARTY = ("hacer", "bridge", "runner", "recorder", "api", "scheduler", "emulator")
+
+
+def imports_of(path) -> set[str]:
+    """The first-party modules a file imports, at its top or inside a function alike."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module]
+        found.update(name for name in names if name.split(".")[0] in FIRST_PARTY)
+    return found
+
+
+def module_graph() -> dict[str, set[str]]:
+    graph = {}
+    for folder in FIRST_PARTY:
+        for path in (PROJECT_DIR / folder).glob("*.py"):
+            name = f"{folder}.{path.stem}" if path.stem != "__init__" else folder
+            graph[name] = imports_of(path)
+    return graph
+
+
+def test_no_module_imports_itself_back():
+    graph = module_graph()
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for imported in sorted(graph.get(module, ())):
+            if imported == path[0]:
+                circles.append(" -> ".join([*path, imported]))
+            elif imported not in path and imported > path[0]:  # each circle once, from its least module
+                visit(imported, [*path, imported])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert circles == []
+
+
+def test_the_graph_sees_imports_inside_functions():
+    graph = module_graph()
+    assert "hacer.automations" in graph["hacer.schemas"]  # at the top
+    assert "hacer.asyncapi" in graph["hacer.schemadoc"]  # inside a function
