@@ -149,8 +149,8 @@ def cmd_purge(args: argparse.Namespace) -> None:
 def cmd_backup(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from hacer.backup import BackupError, backup, restore
     from hacer.models import Database
+    from ops.backup import BackupError, backup, restore
 
     settings: Settings = args.settings
     database = Database(settings.database_url)
@@ -167,9 +167,9 @@ def cmd_backup(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     import time
 
-    from hacer import status
     from hacer.models import Database
     from hacer.topics import Topics
+    from ops import status
 
     logging.getLogger().setLevel(logging.WARNING)  # the report is the output
     settings: Settings = args.settings
@@ -188,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_broker_users(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from hacer.brokerusers import USERS, BrokerUsersError, write_users
+    from ops.brokerusers import USERS, BrokerUsersError, write_users
 
     try:
         made = write_users(Path(args.password_file), Path(args.env_dir), args.host, args.port, args.new_passwords)
@@ -222,7 +222,7 @@ def cmd_shell(args: argparse.Namespace) -> None:
 
 
 def cmd_schemas(args: argparse.Namespace) -> None:
-    from hacer.schemadoc import ASYNCAPI, asyncapi_json, schemas_markdown, with_schemas
+    from ops.schemadoc import ASYNCAPI, asyncapi_json, schemas_markdown, with_schemas
 
     if args.write:
         doc = PROJECT_DIR / "docs" / "topics.md"
@@ -240,13 +240,13 @@ def cmd_emulate(args: argparse.Namespace) -> None:
 
 
 def cmd_runserver(args: argparse.Namespace) -> None:
-    from hacer.broker import BrokerProcess, port_answers
+    from ops.broker import BrokerProcess, port_answers
 
     settings: Settings = args.settings
     # Schema upgrades in a process of their own: alembic (6 MB) never stays in a part that runs for months.
     if subprocess.run([sys.executable, str(PROJECT_DIR / "manage.py"), "initdb"], env=child_env()).returncode:
         raise SystemExit("runserver: the database could not be upgraded (see above)")
-    from hacer.supervisor import Part, Supervisor, exec_manage, preload
+    from ops.supervisor import Part, Supervisor, exec_manage, preload
 
     url = urlsplit(settings.mqtt_url)
     host, port = url.hostname or "127.0.0.1", url.port or 1883

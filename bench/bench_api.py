@@ -39,11 +39,11 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import broker_saving_on_every_change, free_port, percentile, wait_for  # noqa: E402
-from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
 from hacer.messages import LogEntry, RunStatus, bus_time  # noqa: E402
 from hacer.models import Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess, port_answers  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 

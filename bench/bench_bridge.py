@@ -32,10 +32,10 @@ from bench.common import broker_saving_on_every_change, free_port, percentile  #
 from bridge.listener import _grow_receive_buffer, socket_drops  # noqa: E402
 from bridge.service import Bridge  # noqa: E402
 from emulator.nodes import EmulatedNode, Emulator  # noqa: E402
-from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import Presence  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import broker_saving_on_every_change, free_port  # noqa: E402
-from hacer.broker import CONFIG_DIR, BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import CONFIG_DIR, BrokerProcess  # noqa: E402
 
 MESSAGES = 50
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, wait_for  # noqa: E402
-from hacer.broker import port_answers  # noqa: E402
+from ops.broker import port_answers  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = [

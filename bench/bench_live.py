@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import HARNESS_CORE, SERVER_CORE, free_port, one_core_prefix, percentile, wait_for  # noqa: E402
 from emulator.nodes import Emulator, make_nodes  # noqa: E402
-from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus  # noqa: E402
 from hacer.models import Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess, port_answers  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 CLIENTS_PER_PROCESS = 50

@@ -217,7 +217,7 @@ def user_install(venv: Path) -> str:
 
 
 def _answers(port: int) -> bool:
-    from hacer.broker import port_answers
+    from ops.broker import port_answers
 
     return port_answers("127.0.0.1", port)
 

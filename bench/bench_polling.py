@@ -35,11 +35,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile  # noqa: E402
-from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import BridgeStats, Presence  # noqa: E402
 from hacer.settings import DEFAULT_POLL, parse_poll_plans  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 PLANS = {

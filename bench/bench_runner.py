@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import HARNESS_CORE, SERVER_CORE, free_port, one_core_prefix, percentile  # noqa: E402
 from hacer import bus  # noqa: E402
-from hacer.broker import BrokerProcess, port_answers  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.messages import LogEntry, RunnerState, RunRequest  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess, port_answers  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 ONE_CORE = False  # --one-core: the servers (runner, broker, Celery's worker) and the bare start on core 0

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile, wait_for  # noqa: E402
 from hacer.automations import AutomationSpec, Every, NodeValue  # noqa: E402
-from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
 from hacer.models import Automation, AutomationFire, Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bench_api, bench_bridge, bench_disk, bench_live, bench_memory, bench_runner  # noqa: E402
 from bench.common import free_port, percentile  # noqa: E402
-from hacer.broker import BrokerProcess  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
+from ops.broker import BrokerProcess  # noqa: E402
 
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
 

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from bench.common import free_port
-from hacer.broker import CONFIG_DIR, BrokerError, BrokerProcess, port_answers
-from hacer.brokerusers import USERS
 from hacer.bus import Bus, Message
 from hacer.messages import Presence
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
+from ops.broker import CONFIG_DIR, BrokerError, BrokerProcess, port_answers
+from ops.brokerusers import USERS
 
 POSTGRES_URL = os.environ.get("HACER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

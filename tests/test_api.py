@@ -21,11 +21,11 @@ import requests
 from emulator.nodes import Emulator, make_nodes
 from hacer import migrations, runstates
 from hacer.automations import AutomationFired
-from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
+from ops.broker import port_answers
 
 from conftest import Watcher, free_port, start_broker, wait_until
 

@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from emulator.nodes import EmulatedNode, Emulator
-from hacer.brokerusers import USERS
 from hacer.bus import Bus, BusError
 from hacer.messages import Presence
 from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
+from ops.brokerusers import USERS
 
 from conftest import Watcher, free_port, start_production_broker, url, wait_until
 
@@ -175,7 +175,7 @@ def test_a_broker_whose_second_listener_cannot_be_had_does_not_pass_for_started(
     # mosquitto may answer on its first port, then exit on the second: start() must say so.
     import socket
 
-    from hacer.broker import CONFIG_DIR, BrokerError, BrokerProcess
+    from ops.broker import CONFIG_DIR, BrokerError, BrokerProcess
 
     template = tmp_path / "two-listeners.conf"
     template.write_text((CONFIG_DIR / "dev.conf").read_text() + "\nlistener 1884 127.0.0.1\n")

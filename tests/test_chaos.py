@@ -15,11 +15,11 @@ import requests
 from sqlalchemy import select
 
 from hacer import runstates
-from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.messages import RunRequest
 from hacer.models import Database, Run, ScriptLogEntry
 from hacer.runrequest import request_until_claimed
+from ops.broker import port_answers
 
 from conftest import free_port, wait_until
 

@@ -102,7 +102,7 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
 
     from playwright.sync_api import expect
 
-    from hacer.broker import port_answers
+    from ops.broker import port_answers
 
     from conftest import wait_until
 

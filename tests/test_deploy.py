@@ -14,8 +14,8 @@ import requests
 import socketio
 import websocket
 
-from hacer.broker import port_answers
 from hacer.settings import PROJECT_DIR
+from ops.broker import port_answers
 
 from conftest import free_port, wait_until
 
@@ -128,7 +128,7 @@ def test_compose_file_and_image_fit_the_project(hacer_env):
     import jsonschema
     import yaml
 
-    from hacer.brokerusers import USERS
+    from ops.brokerusers import USERS
 
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     schema = json.loads((PROJECT_DIR / "tests" / "data" / "compose-spec.json").read_text())

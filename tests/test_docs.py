@@ -2,10 +2,10 @@
 
 import re
 
-from hacer.schemadoc import with_schemas
 from hacer.schemas import json_schemas
 from hacer.settings import PROJECT_DIR
 from hacer.topics import TOPIC_SPECS
+from ops.schemadoc import with_schemas
 
 DOC = (PROJECT_DIR / "docs" / "topics.md").read_text()
 
@@ -64,8 +64,8 @@ def test_the_asyncapi_document_is_current_and_valid():
 
     import jsonschema
 
-    from hacer.asyncapi import parameter
-    from hacer.schemadoc import ASYNCAPI, asyncapi_json
+    from ops.asyncapi import parameter
+    from ops.schemadoc import ASYNCAPI, asyncapi_json
 
     assert ASYNCAPI.read_text() == asyncapi_json(), "docs/asyncapi.json is stale: run `manage.py schemas --write`"
     document = json.loads(ASYNCAPI.read_text())

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from hacer.broker import port_answers
 from hacer.settings import PROJECT_DIR
+from ops.broker import port_answers
 
 from conftest import free_port, wait_until
 

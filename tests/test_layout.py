@@ -4,7 +4,7 @@ import ast
 
 from hacer.settings import PROJECT_DIR
 
-FIRST_PARTY = ("hacer", "bridge", "runner", "recorder", "api", "scheduler", "emulator")
+FIRST_PARTY = ("hacer", "ops", "bridge", "runner", "recorder", "api", "scheduler", "emulator")
 
 
 def imports_of(path) -> set[str]:
@@ -46,4 +46,4 @@ def test_no_module_imports_itself_back():
 def test_the_graph_sees_imports_inside_functions():
     graph = module_graph()
     assert "hacer.automations" in graph["hacer.schemas"]  # at the top
-    assert "hacer.asyncapi" in graph["hacer.schemadoc"]  # inside a function
+    assert "ops.asyncapi" in graph["ops.schemadoc"]  # inside a function

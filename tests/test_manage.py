@@ -12,12 +12,12 @@ import pytest
 import requests
 import socketio
 
-from hacer.broker import port_answers
 from hacer.bus import Bus
 from hacer.messages import CommandResult, Presence, RunnerState
 from hacer.models import Database
 from hacer.settings import PROJECT_DIR, Settings, SettingsError
 from hacer.topics import Topics
+from ops.broker import port_answers
 
 from conftest import Watcher, free_port, wait_until
 
@@ -56,7 +56,7 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
 IN_A_NAMESPACE = """
 import os, signal, subprocess, sys, time, urllib.request
 sys.path.insert(0, os.getcwd())
-from hacer.broker import port_answers
+from ops.broker import port_answers
 work = sys.argv[1]
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 system_broker = subprocess.Popen(["mosquitto", "-p", "1883"], stderr=subprocess.DEVNULL)

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from hacer.broker import port_answers
 from hacer.models import Database
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
+from ops.broker import port_answers
 
 from conftest import free_port, wait_until
 

@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy import func, select
 
 from hacer import runstates
-from hacer.broker import CONFIG_DIR
 from hacer.bus import Bus
 from hacer.messages import RunRequest
 from hacer.models import Database, Run, ScriptLogEntry
 from hacer.runrequest import request_until_claimed
 from hacer.topics import Topics
+from ops.broker import CONFIG_DIR
 
 from conftest import start_broker, wait_until
 

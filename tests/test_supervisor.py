@@ -11,7 +11,7 @@ from hacer.settings import PROJECT_DIR
 
 SUPERVISOR = """
 import os, signal, sys
-from hacer.supervisor import Part, Supervisor
+from ops.supervisor import Part, Supervisor
 
 def short():
     os.write(1, b"first\\nhalf a ")
@@ -73,7 +73,7 @@ def test_sigterm_ends_every_part():
 
 RACE = """
 import os, signal, sys, time
-from hacer.supervisor import Part, Supervisor
+from ops.supervisor import Part, Supervisor
 
 part = Part("sleeper", lambda: time.sleep(30))
 supervisor = Supervisor([part], prefixed=False)

@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from bench.common import free_port
-from hacer.broker import port_answers
 from hacer.messages import Presence, RunRequest, bus_time
 from hacer.topics import Topics
+from ops.broker import port_answers
 
 from conftest import API_MODES, wait_until
 

@@ -22,9 +22,9 @@ from hacer.automations import (
     next_due,
     upcoming,
 )
-from hacer.broker import port_answers
 from hacer.messages import MessageError
 from hacer.models import Automation, AutomationFire
+from ops.broker import port_answers
 
 from conftest import API_MODES, wait_until
 

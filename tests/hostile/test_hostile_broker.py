@@ -65,7 +65,7 @@ def test_a_script_cannot_pose_as_a_runner_or_write_a_runs_log(connect):
 
 
 def test_the_home_network_gets_tls_and_plain_mqtt_stays_on_loopback(production_broker):
-    from hacer.broker import render_config
+    from ops.broker import render_config
 
     tls_port = production_broker.ports[1]
     certificate = production_broker.tls_files[0]

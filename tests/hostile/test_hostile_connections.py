@@ -14,9 +14,9 @@ import requests
 from test_manage import status
 
 from bench.common import free_port
-from hacer.broker import port_answers
 from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
+from ops.broker import port_answers
 
 from conftest import API_MODES, wait_until
 

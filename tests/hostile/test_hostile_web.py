@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_control_app import CHROMIUM, CHROMIUM_FLAGS
 
-from hacer.broker import CONFIG_DIR, BrokerProcess, port_answers
 from hacer.bus import Bus
 from hacer.topics import Topics
+from ops.broker import CONFIG_DIR, BrokerProcess, port_answers
 
 from conftest import Watcher, wait_until
 

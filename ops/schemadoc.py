@@ -29,7 +29,7 @@ ASYNCAPI = PROJECT_DIR / "docs" / "asyncapi.json"
 
 def asyncapi_json() -> str:
     """docs/asyncapi.json as it should read."""
-    from hacer.asyncapi import document
+    from ops.asyncapi import document
 
     return json.dumps(document(), indent=2, ensure_ascii=False) + "\n"
 
