@@ -7,7 +7,7 @@ a thermostat. Commands go to `hacer/nodes/<id>/set`, state comes from `hacer/nod
 and an entity is available only while the bridge is online, the node beacons and it answers.
 A config is published when it changes (a new node, a new type or name), all of them again when
 Home Assistant starts or the broker connection returns, and cleared when the node is deleted.
-docs/topics.md shows the payloads; tests/test_discovery.py checks them against Home
+docs/topics.md shows the payloads; tests/unit/test_discovery.py checks them against Home
 Assistant's discovery schemas.
 """
 

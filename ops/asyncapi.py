@@ -2,7 +2,7 @@
 
 Every topic is a channel; its publishing is an operation with the MQTT binding's QoS and retain
 flag and says who publishes; payloads are the declared schemas. `manage.py schemas --write`
-renews the file; tests/test_docs.py fails while it is stale.
+renews the file; tests/unit/test_docs.py fails while it is stale.
 """
 
 from __future__ import annotations

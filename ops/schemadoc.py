@@ -1,6 +1,6 @@
 """The payload schemas of docs/topics.md, derived from the declarations in hacer/messages.py.
 
-`manage.py schemas --write` renews that section and docs/asyncapi.json; tests/test_docs.py fails
+`manage.py schemas --write` renews that section and docs/asyncapi.json; tests/unit/test_docs.py fails
 while either is stale.
 """
 

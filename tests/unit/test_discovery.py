@@ -17,7 +17,7 @@ from hacer.topics import DiscoveryTopics, Topics, is_wildcard
 
 from conftest import presence_of, target
 
-SCHEMA = json.loads((Path(__file__).parent / "data" / "ha-mqtt-discovery.json").read_text())
+SCHEMA = json.loads((Path(__file__).parent.parent / "data" / "ha-mqtt-discovery.json").read_text())
 TOPICS = Topics()
 NODE = 1234567
 TYPES = ("toggle", "light_rgb", "sensor_temp", "thermostat")
