@@ -1,6 +1,8 @@
 """The code's layout as a newcomer meets it: no module imports itself back through others."""
 
 import ast
+import importlib
+import tomllib
 
 from hacer.settings import PROJECT_DIR
 
@@ -47,3 +49,12 @@ def test_the_graph_sees_imports_inside_functions():
     graph = module_graph()
     assert "hacer.automations" in graph["hacer.schemas"]  # at the top
     assert "ops.asyncapi" in graph["ops.schemadoc"]  # inside a function
+
+
+def test_the_project_table_installs_every_folder_and_the_hacer_command():
+    project = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
+    included = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert sorted(f"{folder}*" for folder in FIRST_PARTY) == sorted(included)
+    module, function = project["project"]["scripts"]["hacer"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
