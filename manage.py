@@ -222,13 +222,14 @@ def cmd_shell(args: argparse.Namespace) -> None:
 
 
 def cmd_schemas(args: argparse.Namespace) -> None:
-    from ops.schemadoc import ASYNCAPI, asyncapi_json, schemas_markdown, with_schemas
+    from ops.schemadoc import ASYNCAPI, SETTINGS_DOC, asyncapi_json, schemas_markdown, with_schemas, with_settings_table
 
     if args.write:
         doc = PROJECT_DIR / "docs" / "topics.md"
         doc.write_text(with_schemas(doc.read_text()))
         ASYNCAPI.write_text(asyncapi_json())
-        log.info("renewed the payload schemas of %s and %s", doc, ASYNCAPI)
+        SETTINGS_DOC.write_text(with_settings_table(SETTINGS_DOC.read_text()))
+        log.info("renewed the payload schemas of %s and %s, and the table of %s", doc, ASYNCAPI, SETTINGS_DOC)
     else:
         print(schemas_markdown())
 
@@ -407,7 +408,11 @@ def main(argv: list[str] | None = None) -> None:
         func=cmd_shell
     )
     schemas = commands.add_parser("schemas", help="the bus payloads' JSON schemas, derived from hacer/messages.py")
-    schemas.add_argument("--write", action="store_true", help="renew them in docs/topics.md, and docs/asyncapi.json")
+    schemas.add_argument(
+        "--write",
+        action="store_true",
+        help="renew them in docs/topics.md and docs/asyncapi.json, and docs/settings.md's table",
+    )
     schemas.set_defaults(func=cmd_schemas)
     commands.add_parser("emulate", help="emulated nodes (see `emulate -h`)", add_help=False).set_defaults(
         func=cmd_emulate

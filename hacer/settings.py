@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -93,8 +94,8 @@ def parse_poll_plans(spec: str) -> dict[str, PollPlan]:
     return plans
 
 
-def _discovery_prefix(env: Mapping[str, str], name: str) -> str:
-    raw = env.get(name, "").strip().strip("/") or "homeassistant"
+def _discovery_prefix(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip().strip("/") or default
     if raw.lower() == "off":
         return ""
     if any(c in raw for c in "+#\0"):
@@ -102,7 +103,7 @@ def _discovery_prefix(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
-def _deadbands(env: Mapping[str, str], name: str) -> dict[str, float]:
+def _deadbands(env: Mapping[str, str], name: str, default: dict[str, float]) -> dict[str, float]:
     deadbands = {}
     for item in _list(env, name):
         key, _, raw = item.partition("=")
@@ -115,81 +116,416 @@ def _deadbands(env: Mapping[str, str], name: str) -> dict[str, float]:
     return deadbands
 
 
+Reader = Callable[[Mapping[str, str], str, Any], Any]  # (environment, variable, default) -> value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one environment variable becomes a setting, and what docs/settings.md says of it."""
+
+    env: str
+    read: Reader
+    meaning: str
+    shown: str | None = None  # the default as people read it, where it is not the value itself
+    also: tuple[str, ...] = ()  # other variables it reads
+
+
+def setting(
+    env: str,
+    default: Any,
+    read: Reader,
+    meaning: str,
+    shown: str | None = None,
+    also: tuple[str, ...] = (),
+    factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A Settings field read from `env` by `read` (`factory` makes the default, if given)."""
+    metadata = {"setting": Setting(env, read, meaning, shown, also)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def integer(low: int, high: int) -> Reader:
+    return lambda env, name, default: _int(env, name, default, low, high)
+
+
+def number(low: float) -> Reader:
+    return lambda env, name, default: _float(env, name, default, low)
+
+
+def degrees(bound: float) -> Reader:
+    return lambda env, name, default: _degrees(env, name, bound)
+
+
+def choice(*choices: str) -> Reader:
+    return lambda env, name, default: _choice(env, name, default, choices)
+
+
+def text(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(name, "").strip() or default
+
+
+def names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    return _list(env, name)
+
+
+def switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    return _int(env, name, int(default), 0, 1) == 1
+
+
+def folder(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
+    # Resolved now: a relative folder would otherwise be read from each script's own folder.
+    raw = env.get(name, "").strip()
+    return Path(raw).resolve() if raw else default
+
+
+def _prefix(env: Mapping[str, str], name: str, default: str) -> str:
+    prefix = env.get(name, default).strip().strip("/")
+    if not prefix or any(c in prefix for c in "+#\0"):
+        raise SettingsError(f"{name}={prefix!r} must be a non-empty topic without wildcards")
+    return prefix
+
+
+def _database(env: Mapping[str, str], name: str, default: str) -> str:
+    db_path = env.get("HADB_PATH", "").strip()
+    return env.get(name, "").strip() or (sqlite_url(Path(db_path)) if db_path else default)
+
+
+def _poll(env: Mapping[str, str], name: str, default: dict[str, PollPlan]) -> dict[str, PollPlan]:
+    return parse_poll_plans(env.get(name, "").strip() or DEFAULT_POLL)
+
+
+HOST_NAME = "the host name"
+UNSET = "(unset)"
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The configuration of one hacer process."""
+    """The configuration of one hacer process: each field declares its variable, default and meaning."""
 
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    topic_prefix: str = "hacer"
-    database_url: str = field(default_factory=lambda: sqlite_url(PROJECT_DIR / "hacer.db"))
-    discovery_host: str = "0.0.0.0"
-    discovery_port: int = 7775
-    node_port: int = 7777
-    # None: three times the interval the node announces (60 s when it does not say).
-    offline_after: float | None = None
-    node_timeout: float = 3.0
-    # A flood of made-up node ids is refused past these (counted as node_limit, new_node_rate).
-    max_nodes: int = 10_000
-    new_nodes_per_second: float = 50.0
-    stats_interval: float = 10.0
-    lastseen_interval: float = 2.0
-    # What the bridge reads of each node type and how often (bridge/poller.py).
-    poll: dict[str, PollPlan] = field(default_factory=lambda: parse_poll_plans(DEFAULT_POLL))
-    # Per key: a reading is announced when it moves more than this from the one announced.
-    deadbands: dict[str, float] = field(default_factory=dict)
-    # Home Assistant's MQTT discovery prefix the bridge publishes configs under; "": none.
-    ha_discovery: str = "homeassistant"
-    state_dir: Path = PROJECT_DIR / "var"
-    scripts_dir: Path = PROJECT_DIR / "scripts"
-    runner_id: str = field(default_factory=socket.gethostname)
-    runner_capacity: int = 4
-    # Runs are forked from a warm interpreter (runner/forkserver.py); off: each starts its own.
-    runner_fork_server: bool = True
-    run_timeout: float = 300.0
-    cancel_grace: float = 5.0
-    runner_takeover: float = 10.0
-    http_host: str = "127.0.0.1"
-    http_port: int = 5000
-    # Connections the api holds at most (in all, from one address) and seconds one may send nothing.
-    http_max_connections: int = 1000
-    http_max_per_client: int = 100
-    http_idle_timeout: float = 60.0
-    api_token: str = ""
-    # Names the api is reached by beyond localhost, IP literals and this machine's own names
-    # ("*": any), and other origins whose pages may change things (DNS rebinding, CSRF).
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    recorder_id: str = field(default_factory=socket.gethostname)
-    rescue_after: float = 5.0
-    node_data_every: float = 60.0
-    run_data_every: float = 1.0
-    # History kept (recorder/retention.py): finished runs, their logs and claims, fires, dead letters.
-    keep_days: float = 30.0
-    keep_runs: int = 100_000
-    purge_every: float = 3600.0
-    # Node history: raw samples for days, then rolled up into buckets of history_step seconds.
-    history_raw_days: float = 7.0
-    history_keep_days: float = 730.0
-    history_step: int = 300
-    resend_after: float = 5.0
-    database_timeout: float = 10.0
-    runner_outbox_bytes: int = 64 * 1024 * 1024
-    # How scripts reach the broker (their own role, `hacer-script`); "" means the runner's URL
-    # without its credentials. Scripts never get the runner's password.
-    script_mqtt_url: str = ""
-    # Variables of the runner's environment scripts see besides SCRIPT_ENV_ALLOWED.
-    script_env_names: tuple[str, ...] = ()
-    scheduler_id: str = field(default_factory=socket.gethostname)
-    max_automations: int = 1000
-    # Logging (hacer/logs.py): a level name, `text` or `json` lines, stderr or a rotated file per part.
-    log_level: str = "INFO"
-    log_format: str = "text"
-    log_dir: Path | None = None
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = 5
-    # Where sun triggers are computed for (degrees; north and east positive); none: refused.
-    latitude: float | None = None
-    longitude: float | None = None
+    mqtt_url: str = setting(
+        "HACER_MQTT_URL",
+        "mqtt://127.0.0.1:1883",
+        text,
+        "broker; `mqtt://user:password@host:port`, `mqtts://`, `ws://`, `wss://`",
+    )
+    topic_prefix: str = setting("HACER_TOPIC_PREFIX", "hacer", _prefix, "first level of every topic")
+    database_url: str = setting(
+        "HACER_DATABASE_URL",
+        None,
+        _database,
+        "any SQLAlchemy URL (`postgresql://...`); else `HADB_PATH`, a SQLite file, as in 2015",
+        shown="`hacer.db` in the project",
+        also=("HADB_PATH",),
+        factory=lambda: sqlite_url(PROJECT_DIR / "hacer.db"),
+    )
+    discovery_host: str = setting(
+        "HACER_DISCOVERY_HOST", "0.0.0.0", text, "address the bridge listens on (broadcasts need 0.0.0.0)"
+    )
+    discovery_port: int = setting("HACER_DISCOVERY_PORT", 7775, integer(1, 65535), "UDP port of node beacons")
+    node_port: int = setting(
+        "HACER_NODE_PORT",
+        7777,
+        integer(1, 65535),
+        "TCP port of the nodes (a beacon's `port` field overrides it per node)",
+    )
+    offline_after: float | None = setting(
+        "HACER_OFFLINE_AFTER",
+        None,
+        number(0.1),
+        "seconds without a beacon before a node is offline; unset: 3 × the interval the node announces, 180 s for"
+        " 2015 nodes (60 s interval)",
+        shown="three beacon intervals",
+    )
+    node_timeout: float = setting(
+        "HACER_NODE_TIMEOUT",
+        3.0,
+        number(0.05),
+        "seconds a node has to answer a command (the whole exchange; a reply is at most 4 KiB)",
+    )
+    poll: dict[str, PollPlan] = setting(
+        "HACER_POLL",
+        None,
+        _poll,
+        "what the bridge reads of each node type, and every how many seconds (`type:key,key@seconds`,"
+        " space-separated; `off`: nothing); see docs/topics.md `state` (bridge/poller.py)",
+        shown=f"`{DEFAULT_POLL}`",
+        factory=lambda: parse_poll_plans(DEFAULT_POLL),
+    )
+    ha_discovery: str = setting(
+        "HACER_HA_DISCOVERY",
+        "homeassistant",
+        _discovery_prefix,
+        "Home Assistant's MQTT discovery prefix the bridge publishes every node's configs under (docs/topics.md);"
+        " `off`: none",
+    )
+    deadbands: dict[str, float] = setting(
+        "HACER_DEADBAND",
+        None,
+        _deadbands,
+        "comma-separated `key=amount`: a value is announced only when it moves more than that from the one"
+        " announced (noisy sensors)",
+        shown=UNSET,
+        factory=dict,
+    )
+    max_nodes: int = setting(
+        "HACER_MAX_NODES",
+        10_000,
+        integer(1, 10_000_000),
+        "nodes the bridge keeps at most; beacons past it are counted (`node_limit`) and taken later",
+    )
+    new_nodes_per_second: float = setting(
+        "HACER_NEW_NODES_PER_SECOND",
+        50.0,
+        number(1.0),
+        "new nodes the bridge takes a second; beacons past it are counted (`new_node_rate`) and taken later",
+    )
+    state_dir: Path = setting(
+        "HACER_STATE_DIR",
+        PROJECT_DIR / "var",
+        folder,
+        "the bridge's last-seen checkpoint, runserver's broker files",
+        shown="`var/` in the project",
+    )
+    stats_interval: float = setting("HACER_STATS_INTERVAL", 10.0, number(0.1), "seconds between stats messages")
+    lastseen_interval: float = setting(
+        "HACER_LASTSEEN_INTERVAL", 2.0, number(0.1), "seconds between last-seen messages"
+    )
+    scripts_dir: Path = setting(
+        "HACER_SCRIPTS_DIR",
+        PROJECT_DIR / "scripts",
+        folder,
+        "the automation scripts (a relative path is taken from the current folder)",
+        shown="`scripts/` in the project",
+    )
+    # Scripts never get the runner's password.
+    script_mqtt_url: str = setting(
+        "HACER_SCRIPT_MQTT_URL",
+        "",
+        text,
+        "how scripts reach the broker: give them the `hacer-script` user",
+        shown="the runner's URL without its credentials",
+    )
+    script_env_names: tuple[str, ...] = setting(
+        "HACER_SCRIPT_ENV",
+        (),
+        names,
+        "comma-separated names of more variables scripts may see (they get `PATH`, `HOME`, `LANG`, `LC_*`, `TZ`"
+        " and hacer's own)",
+    )
+    runner_id: str = setting(
+        "HACER_RUNNER_ID",
+        None,
+        text,
+        "a runner's stable identity (its broker session keeps its share of requests while it restarts); give each"
+        " runner on one host its own",
+        shown=HOST_NAME,
+        factory=socket.gethostname,
+    )
+    runner_capacity: int = setting(
+        "HACER_RUNNER_CAPACITY", 4, integer(1, 256), "runs at once per runner; more wait in order"
+    )
+    runner_fork_server: bool = setting(
+        "HACER_RUNNER_FORK_SERVER",
+        True,
+        switch,
+        "`0`: every run starts its own interpreter instead of being forked from the runner's fork server (slower"
+        " start, 20 MB less at rest)",
+        shown="`1`",
+    )
+    run_timeout: float = setting(
+        "HACER_RUN_TIMEOUT", 300.0, number(0.1), "default time limit of a run, seconds (a request may set its own)"
+    )
+    cancel_grace: float = setting(
+        "HACER_CANCEL_GRACE",
+        5.0,
+        number(0.0),
+        "seconds between SIGTERM and SIGKILL when a run is cancelled or times out",
+    )
+    runner_takeover: float = setting(
+        "HACER_RUNNER_TAKEOVER",
+        10.0,
+        number(0.1),
+        "seconds another runner's heartbeat in the database must stand still before its runs are reported lost and"
+        " its queue taken over",
+    )
+    resend_after: float = setting(
+        "HACER_RESEND_AFTER",
+        5.0,
+        number(0.1),
+        "seconds a runner waits for a recorder to confirm a status or log entry before sending it again",
+    )
+    runner_outbox_bytes: int = setting(
+        "HACER_RUNNER_OUTBOX_BYTES",
+        64 * 1024 * 1024,
+        integer(1 << 16, 1 << 40),
+        "what one runner keeps unconfirmed in `run_outbox` at most (64 MiB); past it the oldest log entries are"
+        " let go, counted",
+    )
+    database_timeout: float = setting(
+        "HACER_DATABASE_TIMEOUT",
+        10.0,
+        number(0.01),
+        "seconds a SQLite call waits for a locked database before it fails (the api then answers 503)",
+    )
+    http_host: str = setting(
+        "HACER_HTTP_HOST",
+        "127.0.0.1",
+        text,
+        "where the api listens; without a token it keeps to 127.0.0.1 and says so",
+    )
+    http_port: int = setting("HACER_HTTP_PORT", 5000, integer(1, 65535), "the api's port")
+    http_max_connections: int = setting(
+        "HACER_HTTP_MAX_CONNECTIONS",
+        1000,
+        integer(1, 1_000_000),
+        "connections the api holds at most, in all (fewer when the process's descriptor limit asks it: 256 stay"
+        " for the parts); past it a connection is closed at once",
+    )
+    http_max_per_client: int = setting(
+        "HACER_HTTP_MAX_PER_CLIENT",
+        100,
+        integer(1, 1_000_000),
+        "connections the api holds at most from one address (behind nginx, every connection is nginx's: raise it"
+        " to the total)",
+    )
+    http_idle_timeout: float = setting(
+        "HACER_HTTP_IDLE_TIMEOUT",
+        60.0,
+        number(1.0),
+        "seconds a connection may send nothing before the api closes it",
+    )
+    api_token: str = setting(
+        "HACER_API_TOKEN",
+        "",
+        text,
+        "when set, REST needs `Authorization: Bearer <token>` and websockets `auth: {token}`",
+    )
+    # DNS rebinding and CSRF: the names the api answers to, the other pages that may change things.
+    allowed_hosts: tuple[str, ...] = setting(
+        "HACER_ALLOWED_HOSTS",
+        (),
+        names,
+        "comma-separated names the api is reached by, beyond `localhost`, IP addresses and this machine's own"
+        " names (`*`: any); other `Host` headers get 400 (DNS rebinding)",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        "HACER_ALLOWED_ORIGINS",
+        (),
+        names,
+        "comma-separated origins (`https://home.example`) whose pages may change things besides the api's own;"
+        " other origins get 403 on every POST, DELETE and websocket connect",
+    )
+    recorder_id: str = setting(
+        "HACER_RECORDER_ID",
+        None,
+        text,
+        "a recorder's stable identity (its durable session)",
+        shown=HOST_NAME,
+        factory=socket.gethostname,
+    )
+    node_data_every: float = setting(
+        "HACER_NODE_DATA_EVERY",
+        60.0,
+        number(0.0),
+        "seconds the recorder lets node readings and last-seen times that come alone wait, unacknowledged, to"
+        " write them in one transaction (an SD card's wear); a run's message has them written with it; `0`: each"
+        " batch at once",
+    )
+    run_data_every: float = setting(
+        "HACER_RUN_DATA_EVERY",
+        1.0,
+        number(0.0),
+        "seconds the recorder lets a run's request, statuses and log entries wait, unacknowledged, so a run is two"
+        " transactions (its first status at once, then the rest); REST reads of runs and logs lag the bus by as"
+        " much; `0`: each batch at once",
+    )
+    rescue_after: float = setting(
+        "HACER_RESCUE_AFTER",
+        5.0,
+        number(0.1),
+        "seconds after which a run request no runner took is sent again (while a runner is online)",
+    )
+    # History kept (recorder/retention.py).
+    keep_days: float = setting(
+        "HACER_KEEP_DAYS",
+        30.0,
+        number(0.001),
+        "days finished runs (with their log entries and claims), 2015 log entries, automation fires and dead"
+        " letters are kept (the recorder purges them; see docs/architecture.md, How the recorder works)",
+    )
+    keep_runs: int = setting(
+        "HACER_KEEP_RUNS",
+        100_000,
+        integer(0, 2**62),
+        "finished runs kept at most, the newest; `0`: no limit but the days",
+    )
+    purge_every: float = setting("HACER_PURGE_EVERY", 3600.0, number(1.0), "seconds between the recorder's purges")
+    history_raw_days: float = setting(
+        "HACER_HISTORY_RAW_DAYS",
+        7.0,
+        number(0.0),
+        "node history: days every value change is kept (availability changes too)",
+    )
+    history_step: int = setting(
+        "HACER_HISTORY_STEP",
+        300,
+        integer(1, 86400),
+        "node history: seconds of the buckets (low, mean, high, count) older changes are rolled up into",
+    )
+    history_keep_days: float = setting(
+        "HACER_HISTORY_KEEP_DAYS", 730.0, number(0.001), "node history: days the buckets are kept"
+    )
+    log_level: str = setting(
+        "HACER_LOG_LEVEL",
+        "INFO",
+        choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL` (`-v` on the command line: `DEBUG`)",
+    )
+    log_format: str = setting(
+        "HACER_LOG_FORMAT",
+        "text",
+        choice("text", "json"),
+        "`json`: one JSON object a line (`time` in UTC, `level`, `part`, `logger`, `message`, `exception`), which"
+        " runserver passes on unprefixed",
+    )
+    log_dir: Path | None = setting(
+        "HACER_LOG_DIR",
+        None,
+        folder,
+        "a folder where each process writes `<part>.log` (one file per process, so rotating is safe). Under"
+        " systemd, leave it unset: journald keeps and rotates stderr",
+        shown="(unset: stderr)",
+    )
+    log_max_bytes: int = setting(
+        "HACER_LOG_MAX_BYTES", 10 * 1024 * 1024, integer(1024, 2**40), "a log file's size when it is rotated"
+    )
+    log_backups: int = setting("HACER_LOG_BACKUPS", 5, integer(0, 1000), "rotated log files kept")
+    scheduler_id: str = setting(
+        "HACER_SCHEDULER_ID",
+        None,
+        text,
+        "a scheduler's name, in the fires it made",
+        shown=HOST_NAME,
+        factory=socket.gethostname,
+    )
+    max_automations: int = setting(
+        "HACER_MAX_AUTOMATIONS",
+        1000,
+        integer(1, 1_000_000),
+        "automations the api lets a user create at most (409 past it)",
+    )
+    # Where sun triggers are computed for; none: refused.
+    latitude: float | None = setting(
+        "HACER_LATITUDE", None, degrees(90.0), "degrees, north positive, sun triggers are computed for"
+    )
+    longitude: float | None = setting(
+        "HACER_LONGITUDE",
+        None,
+        degrees(180.0),
+        "degrees, east positive, sun triggers are computed for; without both, a sun trigger is refused",
+    )
 
     @property
     def served_http_host(self) -> str:
@@ -202,71 +538,30 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read settings from the environment (or the given mapping)."""
         env = os.environ if env is None else env
-        database_url = env.get("HACER_DATABASE_URL", "").strip()
-        if not database_url:
-            db_path = env.get("HADB_PATH", "").strip()
-            database_url = sqlite_url(Path(db_path) if db_path else PROJECT_DIR / "hacer.db")
-        prefix = env.get("HACER_TOPIC_PREFIX", "hacer").strip().strip("/")
-        if not prefix or any(c in prefix for c in "+#\0"):
-            raise SettingsError(f"HACER_TOPIC_PREFIX={prefix!r} must be a non-empty topic without wildcards")
-        return cls(
-            mqtt_url=env.get("HACER_MQTT_URL", "").strip() or cls.mqtt_url,
-            topic_prefix=prefix,
-            database_url=database_url,
-            discovery_host=env.get("HACER_DISCOVERY_HOST", "").strip() or cls.discovery_host,
-            discovery_port=_int(env, "HACER_DISCOVERY_PORT", 7775, 1, 65535),
-            node_port=_int(env, "HACER_NODE_PORT", 7777, 1, 65535),
-            offline_after=_float(env, "HACER_OFFLINE_AFTER", None, 0.1),
-            node_timeout=_float(env, "HACER_NODE_TIMEOUT", 3.0, 0.05) or 3.0,
-            max_nodes=_int(env, "HACER_MAX_NODES", 10_000, 1, 10_000_000),
-            new_nodes_per_second=_float(env, "HACER_NEW_NODES_PER_SECOND", 50.0, 1.0) or 50.0,
-            stats_interval=_float(env, "HACER_STATS_INTERVAL", 10.0, 0.1) or 10.0,
-            lastseen_interval=_float(env, "HACER_LASTSEEN_INTERVAL", 2.0, 0.1) or 2.0,
-            poll=parse_poll_plans(env.get("HACER_POLL", "").strip() or DEFAULT_POLL),
-            deadbands=_deadbands(env, "HACER_DEADBAND"),
-            ha_discovery=_discovery_prefix(env, "HACER_HA_DISCOVERY"),
-            # Resolved now: a relative folder would otherwise be read from each script's own folder.
-            state_dir=Path(env.get("HACER_STATE_DIR", "").strip() or PROJECT_DIR / "var").resolve(),
-            scripts_dir=Path(env.get("HACER_SCRIPTS_DIR", "").strip() or PROJECT_DIR / "scripts").resolve(),
-            runner_id=env.get("HACER_RUNNER_ID", "").strip() or socket.gethostname(),
-            runner_capacity=_int(env, "HACER_RUNNER_CAPACITY", 4, 1, 256),
-            runner_fork_server=_int(env, "HACER_RUNNER_FORK_SERVER", 1, 0, 1) == 1,
-            run_timeout=_float(env, "HACER_RUN_TIMEOUT", 300.0, 0.1) or 300.0,
-            cancel_grace=_float(env, "HACER_CANCEL_GRACE", 5.0, 0.0) or 0.0,
-            runner_takeover=_float(env, "HACER_RUNNER_TAKEOVER", 10.0, 0.1) or 10.0,
-            http_host=env.get("HACER_HTTP_HOST", "").strip() or "127.0.0.1",
-            http_port=_int(env, "HACER_HTTP_PORT", 5000, 1, 65535),
-            http_max_connections=_int(env, "HACER_HTTP_MAX_CONNECTIONS", 1000, 1, 1_000_000),
-            http_max_per_client=_int(env, "HACER_HTTP_MAX_PER_CLIENT", 100, 1, 1_000_000),
-            http_idle_timeout=_float(env, "HACER_HTTP_IDLE_TIMEOUT", 60.0, 1.0) or 60.0,
-            api_token=env.get("HACER_API_TOKEN", "").strip(),
-            script_mqtt_url=env.get("HACER_SCRIPT_MQTT_URL", "").strip(),
-            script_env_names=_list(env, "HACER_SCRIPT_ENV"),
-            allowed_hosts=_list(env, "HACER_ALLOWED_HOSTS"),
-            allowed_origins=_list(env, "HACER_ALLOWED_ORIGINS"),
-            recorder_id=env.get("HACER_RECORDER_ID", "").strip() or socket.gethostname(),
-            rescue_after=_float(env, "HACER_RESCUE_AFTER", 5.0, 0.1) or 5.0,
-            node_data_every=_float(env, "HACER_NODE_DATA_EVERY", 60.0, 0.0) or 0.0,
-            run_data_every=_float(env, "HACER_RUN_DATA_EVERY", 1.0, 0.0) or 0.0,
-            keep_days=_float(env, "HACER_KEEP_DAYS", 30.0, 0.001) or 30.0,
-            keep_runs=_int(env, "HACER_KEEP_RUNS", 100_000, 0, 2**62),
-            purge_every=_float(env, "HACER_PURGE_EVERY", 3600.0, 1.0) or 3600.0,
-            history_raw_days=_float(env, "HACER_HISTORY_RAW_DAYS", 7.0, 0.0) or 0.0,
-            history_keep_days=_float(env, "HACER_HISTORY_KEEP_DAYS", 730.0, 0.001) or 730.0,
-            history_step=_int(env, "HACER_HISTORY_STEP", 300, 1, 86400),
-            resend_after=_float(env, "HACER_RESEND_AFTER", 5.0, 0.1) or 5.0,
-            database_timeout=_float(env, "HACER_DATABASE_TIMEOUT", 10.0, 0.01) or 10.0,
-            runner_outbox_bytes=_int(env, "HACER_RUNNER_OUTBOX_BYTES", 64 * 1024 * 1024, 1 << 16, 1 << 40),
-            scheduler_id=env.get("HACER_SCHEDULER_ID", "").strip() or socket.gethostname(),
-            max_automations=_int(env, "HACER_MAX_AUTOMATIONS", 1000, 1, 1_000_000),
-            log_level=_choice(env, "HACER_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
-            log_format=_choice(env, "HACER_LOG_FORMAT", "text", ("text", "json")),
-            log_dir=Path(env["HACER_LOG_DIR"].strip()).resolve() if env.get("HACER_LOG_DIR", "").strip() else None,
-            log_max_bytes=_int(env, "HACER_LOG_MAX_BYTES", 10 * 1024 * 1024, 1024, 2**40),
-            log_backups=_int(env, "HACER_LOG_BACKUPS", 5, 0, 1000),
-            latitude=_degrees(env, "HACER_LATITUDE", 90.0),
-            longitude=_degrees(env, "HACER_LONGITUDE", 180.0),
-        )
+        values = {}
+        for declared in fields(cls):
+            how: Setting = declared.metadata["setting"]
+            default = declared.default if declared.default_factory is MISSING else declared.default_factory()
+            values[declared.name] = how.read(env, how.env, default)
+        return cls(**values)
+
+
+def settings_table() -> str:
+    """docs/settings.md's table of every variable, its default and its meaning, from the declarations."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for declared in fields(Settings):
+        how: Setting = declared.metadata["setting"]
+        variables = ", ".join(f"`{name}`" for name in (how.env, *how.also))
+        rows.append(f"| {variables} | {how.shown or _shown(declared.default)} | {how.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any) -> str:
+    if default is None or default == () or default == "":
+        return UNSET
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    return f"`{default}`"
 
 
 PATH_SETTINGS = ("HADB_PATH", "HACER_SCRIPTS_DIR", "HACER_STATE_DIR", "HACER_LOG_DIR")

@@ -1,11 +1,12 @@
 """docs/topics.md documents exactly the topics of hacer/topics.py and the payloads of hacer/messages.py."""
 
 import re
+from dataclasses import fields
 
 from hacer.schemas import json_schemas
-from hacer.settings import PROJECT_DIR
+from hacer.settings import PROJECT_DIR, Settings
 from hacer.topics import TOPIC_SPECS
-from ops.schemadoc import with_schemas
+from ops.schemadoc import SETTINGS_DOC, with_schemas, with_settings_table
 
 DOC = (PROJECT_DIR / "docs" / "topics.md").read_text()
 
@@ -95,3 +96,25 @@ def test_every_line_of_the_readmes_trust_section_names_tests_that_exist():
         for path, test in named:
             source = (PROJECT_DIR / path).read_text()
             assert re.search(rf"^def {test}\(", source, re.MULTILINE), f"{path}::{test} does not exist"
+
+
+def test_the_settings_table_is_the_declared_one():
+    doc = SETTINGS_DOC.read_text()
+    assert with_settings_table(doc) == doc, "stale: run `manage.py schemas --write`"
+    assert doc.count("| `HACER_") == len(fields(Settings))
+
+
+# Handed by hacer to its own children and scripts, not set by people (docs/architecture.md).
+INTERNAL_VARIABLES = {"HACER_SETTINGS", "HACER_RUN_ID", "HACER_PARENT_PID", "HACER_LAUNCH", "HACER_BUS"}
+
+
+def test_every_variable_the_code_names_is_declared():
+    declared = {
+        name for field in fields(Settings) for name in (field.metadata["setting"].env, *field.metadata["setting"].also)
+    }
+    named = set()
+    for folder in ("hacer", "ops", "api", "bridge", "runner", "recorder", "scheduler", "emulator"):
+        for path in (PROJECT_DIR / folder).glob("*.py"):
+            named.update(re.findall(r"""["'](HACER_[A-Z_]+|HADB_PATH)["']""", path.read_text()))
+    assert "HACER_MQTT_URL" in named
+    assert named - INTERNAL_VARIABLES == declared
