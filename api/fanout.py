@@ -9,7 +9,7 @@ thread, woken, writes it out (blocking, within the api's idle timeout). A client
 passes MAX_PENDING_BYTES is too slow to follow and is disconnected (it catches up when it
 reconnects: the events are numbered).
 
-It replaces two things of python-engineio's (pinned in requirements.txt; tests/test_api.py's
+It replaces two things of python-engineio's (pinned in requirements.txt; tests/system/test_api.py's
 live-event tests run through it): the server's websocket class, and each such client socket's
 `send`.
 """

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the REST API, served at /api/openapi.json.
 
-tests/test_openapi.py checks that every route is documented and that real responses validate
+tests/system/test_openapi.py checks that every route is documented and that real responses validate
 against the schemas here.
 """
 

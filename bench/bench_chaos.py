@@ -6,7 +6,7 @@ a runner and a recorder are killed, on PostgreSQL with two runners and two recor
 
 Prints how many runs were lost (never recorded finished), started twice, or recorded incomplete
 (a finished run whose log has a gap or lacks lines), and the worst time from a request to its
-run recorded whole. The short version is tests/test_chaos.py.
+run recorded whole. The short version is tests/system/test_chaos.py.
 """
 
 from __future__ import annotations

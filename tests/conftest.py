@@ -228,9 +228,9 @@ def hacer_env(broker: BrokerProcess, tmp_path: Path) -> dict[str, str]:
             "HACER_STATS_INTERVAL": "0.5",
             "HACER_LASTSEEN_INTERVAL": "0.5",
             "HACER_POLL": "off",  # the tests of the bridge's reads turn them on
-            "HACER_NODE_DATA_EVERY": "0",  # readings in the database at once (tests/test_recorder.py waits)
+            "HACER_NODE_DATA_EVERY": "0",  # readings in the database at once (tests/component/test_recorder.py waits)
             # A run's messages too: a second's wait at each run's end made the suite twice as long.
-            # tests/test_recorder.py tests the wait; tests/test_chaos.py runs with the default.
+            # tests/component/test_recorder.py tests the wait; tests/system/test_chaos.py runs with the default.
             "HACER_RUN_DATA_EVERY": "0",
             "PYTHONUNBUFFERED": "1",
         }

@@ -1,7 +1,7 @@
 """Schema migrations (Alembic): a database of any earlier hacer, or 2015's, upgraded in place, every row kept.
 
 A new revision goes in versions/ (`alembic -c hacer/migrations/alembic.ini revision -m "..."`) and
-moves HEAD; tests/test_migrations.py checks that the models and the migrated schema agree.
+moves HEAD; tests/component/test_migrations.py checks that the models and the migrated schema agree.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/bin/bash
-# tests/test_raspberry_pi.py: the namespaces' set-up and systemd's stand-ins, then the guide's
+# tests/system/test_raspberry_pi.py: the namespaces' set-up and systemd's stand-ins, then the guide's
 # commands ($work/guide.sh), then what the guide says of `manage.py status` when something is wrong.
 set -euo pipefail
 work=$1

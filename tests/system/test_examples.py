@@ -2,7 +2,7 @@
 
 Only the addresses change: the broker's and the api's ports are this test's (`-p` added to
 mosquitto_pub/sub, the port in curl's URL), and `manage.py` gets the server's environment.
-docs/deploy.md's commands set up a machine (apt, systemd): tests/test_deploy.py covers those.
+docs/deploy.md's commands set up a machine (apt, systemd): tests/system/test_deploy.py covers those.
 """
 
 from __future__ import annotations
