@@ -18,7 +18,7 @@ import msgspec
 
 from hacer import runstates
 from hacer.automations import AutomationFired, AutomationState
-from hacer.bus import Bus, Message
+from hacer.bus import Bus, Message, payload_decoder
 from hacer.messages import (
     BridgeStats,
     LastSeenBatch,
@@ -93,15 +93,25 @@ class LiveView:
         topics = self.topics
         for name in ("node_presence", "node_meta", "node_state", "node_readings"):
             self.bus.subscribe(topics.filter(name), self._on_node)
-        self.bus.subscribe(topics.filter("run_status"), self._on_run_status)
-        self.bus.subscribe(topics.filter("run_log"), self._on_run_log, qos=1)
+        self.bus.subscribe_decoded(
+            topics.filter("run_status"), payload_decoder(RunStatus.from_payload), self._on_run_status
+        )
+        self.bus.subscribe_decoded(
+            topics.filter("run_log"), payload_decoder(LogEntry.from_payload), self._on_run_log, qos=1
+        )
         self.bus.subscribe(topics.build("bridge_state"), self._on_bridge_state)
-        self.bus.subscribe(topics.filter("runner_state"), self._on_runner_state)
+        self.bus.subscribe_decoded(
+            topics.filter("runner_state"), payload_decoder(RunnerState.from_payload), self._on_runner_state
+        )
         self.bus.subscribe(topics.filter("automation"), self._on_automation)
-        self.bus.subscribe(topics.filter("automation_fired"), self._on_automation_fired)
+        self.bus.subscribe_decoded(
+            topics.filter("automation_fired"), payload_decoder(AutomationFired.from_payload), self._on_automation_fired
+        )
         for name in ("bridge_stats", "recorder_state", "scheduler_state"):
             self.bus.subscribe(topics.filter(name), self._on_part)
-        self.bus.subscribe(topics.build("bridge_lastseen"), self._on_lastseen)
+        self.bus.subscribe_decoded(
+            topics.build("bridge_lastseen"), payload_decoder(LastSeenBatch.from_payload), self._on_lastseen
+        )
         self.bus.on_drained(self.flush)
 
     def flush(self) -> None:
@@ -232,19 +242,13 @@ class LiveView:
         except (MessageError, ValueError) as exc:
             log.warning("ignored %s: %s", message.topic, exc)
 
-    def _on_lastseen(self, message: Message) -> None:
+    def _on_lastseen(self, batch: LastSeenBatch) -> None:
         """Fresh last-seen times: kept for snapshots and passed on, but not as history (no seq).
 
         They come every few seconds for every beaconing node: kept as events they would push
         out of the history what a reconnecting client needs.
         """
-        try:
-            seen = {
-                node_id: moment.timestamp()
-                for node_id, moment in LastSeenBatch.from_payload(message.payload).nodes.items()
-            }
-        except MessageError:
-            return
+        seen = {node_id: moment.timestamp() for node_id, moment in batch.nodes.items()}
         with self._lock:
             fresh = {node_id: t for node_id, t in seen.items() if node_id in self.nodes}
             for node_id, moment in fresh.items():
@@ -253,11 +257,7 @@ class LiveView:
         if fresh:
             self._tell({"seq": None, "kind": "lastseen", "data": fresh, "room": None})
 
-    def _on_run_status(self, message: Message) -> None:
-        try:
-            status = RunStatus.from_payload(message.payload)
-        except MessageError:
-            return
+    def _on_run_status(self, status: RunStatus) -> None:
         data = {
             "run_id": status.run_id,
             "script": status.script,
@@ -274,11 +274,7 @@ class LiveView:
                 self.runs[status.run_id] = data
         self._emit("run", data)
 
-    def _on_run_log(self, message: Message) -> None:
-        try:
-            entry = LogEntry.from_payload(message.payload)
-        except MessageError:
-            return
+    def _on_run_log(self, entry: LogEntry) -> None:
         self._emit(
             "log",
             {
@@ -295,11 +291,7 @@ class LiveView:
         self.bridge_state = message.payload.decode(errors="replace")
         self._emit("bridge", {"state": self.bridge_state})
 
-    def _on_runner_state(self, message: Message) -> None:
-        try:
-            state = RunnerState.from_payload(message.payload)
-        except MessageError:
-            return
+    def _on_runner_state(self, state: RunnerState) -> None:
         data = {
             "runner": state.runner,
             "state": state.state,
@@ -345,11 +337,7 @@ class LiveView:
             self.automations[state.id] = data
         self._emit("automation", data)
 
-    def _on_automation_fired(self, message: Message) -> None:
-        try:
-            fired = AutomationFired.from_payload(message.payload)
-        except MessageError:
-            return
+    def _on_automation_fired(self, fired: AutomationFired) -> None:
         self._emit(
             "automation_fired",
             {

@@ -34,6 +34,12 @@ class HacerCollector(Collector):
         yield GaugeMetricFamily(
             "hacer_api_websocket_clients", "Websocket clients of this api process", value=self.websocket_clients()
         )
+        refused = CounterMetricFamily(
+            "hacer_api_messages_refused", "Bus messages this api process refused, by subscription", labels=["topic"]
+        )
+        for topic_filter, count in sorted(dict(self.live.bus.refused).items()):
+            refused.add_metric([topic_filter], count)
+        yield refused
         yield from self._database()
 
     def _bridge(self) -> Iterator[Metric]:

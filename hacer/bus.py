@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # paho imports dnspython when it is installed (eventlet brings it), for connect_srv(), which hacer
@@ -69,6 +70,34 @@ class Message:
 
 
 Handler = Callable[[Message], None]
+T = TypeVar("T")
+
+
+def payload_decoder(from_payload: Callable[[bytes], T]) -> Callable[[Message], T]:
+    """A decoder for subscribe_decoded() that reads the payload alone (`payload_decoder(RunStatus.from_payload)`)."""
+    return lambda message: from_payload(message.payload)
+
+
+def decoding(
+    topic_filter: str, decode: Callable[[Message], T], handler: Callable[[T], None], refused: dict[str, int]
+) -> Handler:
+    """A handler that hands `handler` what `decode` makes of a message; one it refuses is logged and counted, once.
+
+    `decode` checks the payload (and that the topic agrees with it), raising ValueError (MessageError,
+    TopicError) for one it will not have: the handler only ever sees a decoded message. Refusals
+    are counted in `refused` by `topic_filter` (a subscription's, so the count stays bounded).
+    """
+
+    def handle(message: Message) -> None:
+        try:
+            decoded = decode(message)
+        except ValueError as exc:
+            refused[topic_filter] = refused.get(topic_filter, 0) + 1  # one thread delivers: paho's network thread
+            log.warning("refused %.200s: %s (%r)", message.topic, exc, message.payload[:100])
+            return
+        handler(decoded)
+
+    return handle
 
 
 @dataclass(frozen=True)
@@ -332,6 +361,7 @@ class Bus:
         # of plain threads whose latency it serves (the runner); eventlet's api keeps paho's way.
         self.send_from_caller = send_from_caller
         self.handler_errors = 0
+        self.refused: dict[str, int] = {}  # by subscription: messages their decoder refused (subscribe_decoded)
         self.messages_received = 0
         self.too_large = 0
         self.max_packet = MQTT_MAX_PACKET
@@ -475,6 +505,12 @@ class Bus:
             self._subscriptions.append(sub)
         if self.connected and self._client is not None:
             self._client.subscribe(topic_filter, options=self._options(sub))
+
+    def subscribe_decoded(
+        self, topic_filter: str, decode: Callable[[Message], T], handler: Callable[[T], None], **options: Any
+    ) -> None:
+        """Register `handler` for what `decode` makes of each message (see decoding()), renewed on reconnect."""
+        self.subscribe(topic_filter, decoding(topic_filter, decode, handler, self.refused), **options)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Drop every registration of `topic_filter`."""

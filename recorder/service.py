@@ -53,6 +53,7 @@ from hacer.messages import (
     RunsRecorded,
     RunStatus,
     bus_time,
+    check_named,
     decode,
 )
 from hacer.models import (
@@ -166,8 +167,8 @@ class Recorder:
                 self._inbox.put,
                 manual_ack=True,
             )
-        self.bus.subscribe(self.topics.filter("runner_state"), self._on_runner_state)
-        self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
+        self.bus.subscribe_decoded(self.topics.filter("runner_state"), self._runner_state, self._on_runner_state)
+        self.bus.subscribe_decoded(self.topics.filter("recorder_state"), self._recorder_state, self._on_recorder_state)
         self.bus.birth = self._state_payload()
         loops = [(self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")]
         if self.purge is not None:
@@ -190,13 +191,12 @@ class Recorder:
             log.info("recorder(s) %s online: ending this recorder's broker session", ", ".join(sorted(others)))
         self.bus.stop(end_session=bool(others))
 
-    def _on_recorder_state(self, message: Message) -> None:
-        try:
-            state = RecorderState.from_payload(message.payload)
-        except MessageError:
-            return
-        if self.topics.build("recorder_state", state.recorder) != message.topic:
-            return
+    def _recorder_state(self, message: Message) -> RecorderState:
+        state = RecorderState.from_payload(message.payload)
+        check_named(self.topics.parse(message.topic)[1], state.recorder, "recorder")
+        return state
+
+    def _on_recorder_state(self, state: RecorderState) -> None:
         if state.state == "online":
             self._online_recorders.add(state.recorder)
         else:
@@ -205,13 +205,12 @@ class Recorder:
     def _state_payload(self) -> bytes:
         return RecorderState(self.recorder_id, "online", self.written, self.set_aside).to_payload()
 
-    def _on_runner_state(self, message: Message) -> None:
-        try:
-            state = RunnerState.from_payload(message.payload)
-            if self.topics.parse(message.topic)[1] != state.runner:
-                raise MessageError("the topic names another runner")
-        except (MessageError, TopicError):
-            return
+    def _runner_state(self, message: Message) -> RunnerState:
+        state = RunnerState.from_payload(message.payload)
+        check_named(self.topics.parse(message.topic)[1], state.runner, "runner")
+        return state
+
+    def _on_runner_state(self, state: RunnerState) -> None:
         if state.state == "online":
             self._online_runners.add(state.runner)
         else:

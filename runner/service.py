@@ -40,7 +40,7 @@ from msgspec.structs import replace
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
-from hacer.bus import Bus, BusError, Message
+from hacer.bus import Bus, BusError, Message, payload_decoder
 from hacer.messages import (
     FIRE_RUN_PREFIX,
     Entry,
@@ -53,6 +53,7 @@ from hacer.messages import (
     RunsRecorded,
     RunStatus,
     bus_time,
+    check_named,
 )
 from hacer.parentdeath import kill_with_group
 from hacer.runstates import RunState
@@ -173,8 +174,10 @@ class Runner:
             manual_ack=True,
         )
         self.bus.subscribe(self.topics.filter("run_cancel"), self._on_cancel)
-        self.bus.subscribe(self.topics.build("runs_recorded"), self._on_recorded, qos=0)
-        self.bus.subscribe(self.topics.filter("recorder_state"), self._on_recorder_state)
+        self.bus.subscribe_decoded(
+            self.topics.build("runs_recorded"), payload_decoder(RunsRecorded.from_payload), self._on_recorded, qos=0
+        )
+        self.bus.subscribe_decoded(self.topics.filter("recorder_state"), self._recorder_state, self._on_recorder_state)
         self.bus.on_connect(lambda session_present: self._resend_all.set())
         self._spawn_thread(self._dispatch, "runner-dispatch")
         for index in range(self.config.capacity):
@@ -222,22 +225,16 @@ class Runner:
         if run_id:
             self._inbox.put(lambda: self._cancel_by_id(run_id))
 
-    def _on_recorded(self, message: Message) -> None:
-        try:
-            recorded = RunsRecorded.from_payload(message.payload)
-        except MessageError as exc:
-            log.warning("ignored %s: %s (%r)", message.topic, exc, message.payload[:100])
-            return
+    def _on_recorded(self, recorded: RunsRecorded) -> None:
         for run in recorded.recorded():
             self.outbox.confirm(run)
 
-    def _on_recorder_state(self, message: Message) -> None:
-        try:
-            state = RecorderState.from_payload(message.payload)
-            if self.topics.parse(message.topic)[1] != state.recorder:
-                raise MessageError("the topic names another recorder")
-        except (MessageError, TopicError):
-            return
+    def _recorder_state(self, message: Message) -> RecorderState:
+        state = RecorderState.from_payload(message.payload)
+        check_named(self.topics.parse(message.topic)[1], state.recorder, "recorder")
+        return state
+
+    def _on_recorder_state(self, state: RecorderState) -> None:
         if state.state == "online":
             self._recorders_online.add(state.recorder)
         else:

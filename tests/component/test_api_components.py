@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from api.app import create_app
-from hacer.bus import Message
+from hacer.bus import Message, decoding
 from hacer.messages import Presence, RunRequest, bus_time
 from hacer.models import Database, Node
 from hacer.settings import Settings
@@ -31,9 +31,13 @@ class RecordingBus:
         self.drained_hooks: list[object] = []
         self.connected = True
         self.client_id = "recording-bus"
+        self.refused: dict[str, int] = {}
 
     def subscribe(self, topic_filter, handler, **options) -> None:
         self.handlers.append((topic_filter, handler))
+
+    def subscribe_decoded(self, topic_filter, decode, handler, **options) -> None:
+        self.subscribe(topic_filter, decoding(topic_filter, decode, handler, self.refused))
 
     def on_drained(self, hook) -> None:
         self.drained_hooks.append(hook)
@@ -298,3 +302,12 @@ def test_a_run_asked_for_again_with_its_key_or_run_id_runs_once(app):
     assert requests == [first["run_id"], "mine-1"]  # each published once
     fire = client.post("/api/scripts/exec/name/lamp", data=json.dumps({"run_id": "auto-1-20261207T000000Z"}))
     assert fire.status_code == 400 and "scheduler" in fire.get_json()["message"]
+
+
+def test_a_refused_bus_message_is_counted_by_subscription_in_the_metrics(app):
+    client = app.test_client()
+    app.bus.deliver("hacer/runs/r1/status", b'{"run_id": "r1", "state": "maybe"}')
+    app.bus.deliver("hacer/runs/r1/log", b"not json")
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'hacer_api_messages_refused_total{topic="hacer/runs/+/status"} 1.0' in metrics
+    assert 'hacer_api_messages_refused_total{topic="hacer/runs/+/log"} 1.0' in metrics

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from hacer.bus import Message
+from hacer.messages import RunnerState, check_named
 
 from conftest import Watcher, wait_until
 
@@ -172,3 +173,27 @@ def test_a_burst_of_messages_is_handled_whole_before_the_drained_hooks(make_bus)
     assert marks.count("drained") < 10  # paho alone reads one packet per poll: 100 drains
     for index in range(100):
         publisher.publish(f"hacer/test/burst/{index}", b"", retain=True)
+
+
+def test_a_decoded_subscription_hands_on_only_what_it_decodes_and_counts_the_rest(make_bus, caplog):
+    bus = make_bus()
+    decoded: list[RunnerState] = []
+    subscription = "hacer/test/runners/+"
+
+    def runner_state(message: Message) -> RunnerState:
+        state = RunnerState.from_payload(message.payload)
+        check_named(message.topic.rsplit("/", 1)[1], state.runner, "runner")
+        return state
+
+    bus.subscribe_decoded(subscription, runner_state, decoded.append)
+    bus.sync()
+    good = RunnerState("r1", "online", 4, (), 0).to_payload()
+    bus.publish("hacer/test/runners/r1", b'{"runner": "r1"')  # cut short
+    bus.publish("hacer/test/runners/r2", good)  # the topic names another runner
+    bus.publish("hacer/test/runners/r1", good)
+    wait_until(lambda: decoded, 10, "the good state")
+    bus.sync()
+    assert decoded == [RunnerState.from_payload(good)]
+    assert bus.refused == {subscription: 2}
+    refusals = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused ")]
+    assert len(refusals) == 2 and "another runner" in refusals[1]
