@@ -201,8 +201,8 @@ UNSET = "(unset)"
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The configuration of one hacer process: each field declares its variable, default and meaning."""
+class SharedSettings:
+    """Every part: the broker, the database, logging."""
 
     mqtt_url: str = setting(
         "HACER_MQTT_URL",
@@ -220,6 +220,43 @@ class Settings:
         also=("HADB_PATH",),
         factory=lambda: sqlite_url(PROJECT_DIR / "hacer.db"),
     )
+    database_timeout: float = setting(
+        "HACER_DATABASE_TIMEOUT",
+        10.0,
+        number(0.01),
+        "seconds a SQLite call waits for a locked database before it fails (the api then answers 503)",
+    )
+    log_level: str = setting(
+        "HACER_LOG_LEVEL",
+        "INFO",
+        choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL` (`-v` on the command line: `DEBUG`)",
+    )
+    log_format: str = setting(
+        "HACER_LOG_FORMAT",
+        "text",
+        choice("text", "json"),
+        "`json`: one JSON object a line (`time` in UTC, `level`, `part`, `logger`, `message`, `exception`), which"
+        " runserver passes on unprefixed",
+    )
+    log_dir: Path | None = setting(
+        "HACER_LOG_DIR",
+        None,
+        folder,
+        "a folder where each process writes `<part>.log` (one file per process, so rotating is safe). Under"
+        " systemd, leave it unset: journald keeps and rotates stderr",
+        shown="(unset: stderr)",
+    )
+    log_max_bytes: int = setting(
+        "HACER_LOG_MAX_BYTES", 10 * 1024 * 1024, integer(1024, 2**40), "a log file's size when it is rotated"
+    )
+    log_backups: int = setting("HACER_LOG_BACKUPS", 5, integer(0, 1000), "rotated log files kept")
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """The bridge: beacons, nodes, what it reads of them."""
+
     discovery_host: str = setting(
         "HACER_DISCOVERY_HOST", "0.0.0.0", text, "address the bridge listens on (broadcasts need 0.0.0.0)"
     )
@@ -292,6 +329,12 @@ class Settings:
     lastseen_interval: float = setting(
         "HACER_LASTSEEN_INTERVAL", 2.0, number(0.1), "seconds between last-seen messages"
     )
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """Runners and the scripts they run."""
+
     scripts_dir: Path = setting(
         "HACER_SCRIPTS_DIR",
         PROJECT_DIR / "scripts",
@@ -363,12 +406,12 @@ class Settings:
         "what one runner keeps unconfirmed in `run_outbox` at most (64 MiB); past it the oldest log entries are"
         " let go, counted",
     )
-    database_timeout: float = setting(
-        "HACER_DATABASE_TIMEOUT",
-        10.0,
-        number(0.01),
-        "seconds a SQLite call waits for a locked database before it fails (the api then answers 503)",
-    )
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The api: where it listens, who may reach it."""
+
     http_host: str = setting(
         "HACER_HTTP_HOST",
         "127.0.0.1",
@@ -417,6 +460,25 @@ class Settings:
         "comma-separated origins (`https://home.example`) whose pages may change things besides the api's own;"
         " other origins get 403 on every POST, DELETE and websocket connect",
     )
+    max_automations: int = setting(
+        "HACER_MAX_AUTOMATIONS",
+        1000,
+        integer(1, 1_000_000),
+        "automations the api lets a user create at most (409 past it)",
+    )
+
+    @property
+    def served_http_host(self) -> str:
+        """Where the api listens: HACER_HTTP_HOST, but loopback only while no API token is set."""
+        if not self.api_token and self.http_host not in ("127.0.0.1", "localhost", "::1"):
+            return "127.0.0.1"
+        return self.http_host
+
+
+@dataclass(frozen=True)
+class RecorderSettings:
+    """Recorders: when they write, what history they keep."""
+
     recorder_id: str = setting(
         "HACER_RECORDER_ID",
         None,
@@ -477,31 +539,12 @@ class Settings:
     history_keep_days: float = setting(
         "HACER_HISTORY_KEEP_DAYS", 730.0, number(0.001), "node history: days the buckets are kept"
     )
-    log_level: str = setting(
-        "HACER_LOG_LEVEL",
-        "INFO",
-        choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL` (`-v` on the command line: `DEBUG`)",
-    )
-    log_format: str = setting(
-        "HACER_LOG_FORMAT",
-        "text",
-        choice("text", "json"),
-        "`json`: one JSON object a line (`time` in UTC, `level`, `part`, `logger`, `message`, `exception`), which"
-        " runserver passes on unprefixed",
-    )
-    log_dir: Path | None = setting(
-        "HACER_LOG_DIR",
-        None,
-        folder,
-        "a folder where each process writes `<part>.log` (one file per process, so rotating is safe). Under"
-        " systemd, leave it unset: journald keeps and rotates stderr",
-        shown="(unset: stderr)",
-    )
-    log_max_bytes: int = setting(
-        "HACER_LOG_MAX_BYTES", 10 * 1024 * 1024, integer(1024, 2**40), "a log file's size when it is rotated"
-    )
-    log_backups: int = setting("HACER_LOG_BACKUPS", 5, integer(0, 1000), "rotated log files kept")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Schedulers: automations."""
+
     scheduler_id: str = setting(
         "HACER_SCHEDULER_ID",
         None,
@@ -509,12 +552,6 @@ class Settings:
         "a scheduler's name, in the fires it made",
         shown=HOST_NAME,
         factory=socket.gethostname,
-    )
-    max_automations: int = setting(
-        "HACER_MAX_AUTOMATIONS",
-        1000,
-        integer(1, 1_000_000),
-        "automations the api lets a user create at most (409 past it)",
     )
     # Where sun triggers are computed for; none: refused.
     latitude: float | None = setting(
@@ -527,12 +564,14 @@ class Settings:
         "degrees, east positive, sun triggers are computed for; without both, a sun trigger is refused",
     )
 
-    @property
-    def served_http_host(self) -> str:
-        """Where the api listens: HACER_HTTP_HOST, but loopback only while no API token is set."""
-        if not self.api_token and self.http_host not in ("127.0.0.1", "localhost", "::1"):
-            return "127.0.0.1"
-        return self.http_host
+
+# Fields in this order: the shared ones first (a dataclass takes its bases' fields from the last).
+GROUPS = (SharedSettings, BridgeSettings, RunnerSettings, ApiSettings, RecorderSettings, SchedulerSettings)
+
+
+@dataclass(frozen=True)
+class Settings(SchedulerSettings, RecorderSettings, ApiSettings, RunnerSettings, BridgeSettings, SharedSettings):
+    """The configuration of one hacer process: every group's fields, each declaring its variable, default, meaning."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -547,13 +586,17 @@ class Settings:
 
 
 def settings_table() -> str:
-    """docs/settings.md's table of every variable, its default and its meaning, from the declarations."""
-    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for declared in fields(Settings):
-        how: Setting = declared.metadata["setting"]
-        variables = ", ".join(f"`{name}`" for name in (how.env, *how.also))
-        rows.append(f"| {variables} | {how.shown or _shown(declared.default)} | {how.meaning} |")
-    return "\n".join(rows) + "\n"
+    """docs/settings.md's tables, one a group: every variable, its default and its meaning, from the declarations."""
+    parts = []
+    for group in GROUPS:
+        rows = [f"### {(group.__doc__ or '').split(':')[0].rstrip('.')}", "", "| variable | default | meaning |"]
+        rows.append("| --- | --- | --- |")
+        for declared in fields(group):
+            how: Setting = declared.metadata["setting"]
+            variables = ", ".join(f"`{name}`" for name in (how.env, *how.also))
+            rows.append(f"| {variables} | {how.shown or _shown(declared.default)} | {how.meaning} |")
+        parts.append("\n".join(rows) + "\n")
+    return "\n".join(parts)
 
 
 def _shown(default: Any) -> str:
