@@ -314,7 +314,7 @@ def command_reply(node_id: int, command: SetCommand | GetCommand) -> ResponseRet
 @api.post(f"/nodes/id/<{NODE_ID}:node_id>/set")
 def set_values(node_id: int) -> ResponseReturnValue:
     try:
-        command = SetCommand.from_payload(json.dumps(json_body()))
+        command = SetCommand.from_body(json_body())
     except MessageError as exc:
         raise bad_request(str(exc)) from None
     return command_reply(node_id, command)
@@ -323,7 +323,7 @@ def set_values(node_id: int) -> ResponseReturnValue:
 @api.get(f"/nodes/id/<{NODE_ID}:node_id>/get/<key>")
 def get_value(node_id: int, key: str) -> ResponseReturnValue:
     try:
-        command = GetCommand.from_payload(json.dumps(key))
+        command = GetCommand.of_key(key)
     except MessageError as exc:
         raise bad_request(str(exc)) from None
     return command_reply(node_id, command)
@@ -365,16 +365,14 @@ def exec_script(script: Script) -> ResponseReturnValue:
     if isinstance(run_id, str) and run_id.startswith(FIRE_RUN_PREFIX):
         raise bad_request(f"run ids starting with {FIRE_RUN_PREFIX!r} are the scheduler's")
     try:
-        request_payload = RunRequest.from_payload(
-            json.dumps(
-                {
-                    "script": script.name,
-                    "params": params,
-                    "run_id": run_id,
-                    "requested_by": "rest",
-                    **({"timeout": timeout} if timeout is not None else {}),
-                }
-            )
+        request_payload = RunRequest.from_body(
+            {
+                "script": script.name,
+                "params": params,
+                "run_id": run_id,
+                "requested_by": "rest",
+                **({"timeout": timeout} if timeout is not None else {}),
+            }
         ).to_payload()
     except MessageError as exc:
         raise bad_request(str(exc)) from None

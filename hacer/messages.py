@@ -112,6 +112,14 @@ def decode(kind: Any, payload: bytes | str, what: str) -> Any:
         raise MessageError(json_decode_error(exc)) from None
 
 
+def convert(kind: Any, body: Any, what: str) -> Any:
+    """Check an already parsed JSON value (a REST body) as the declared `kind`, as decode() checks JSON text."""
+    try:
+        return msgspec.convert(body, kind)
+    except msgspec.ValidationError as exc:
+        raise MessageError(f"bad {what}: {exc}") from None
+
+
 class Payload(Struct, frozen=True):
     """A bus payload: a JSON object of the declared fields (unknown fields are ignored)."""
 
@@ -229,6 +237,11 @@ class SetCommand(Struct, frozen=True):
         return cls.of(decode(SetBody, payload, "set"))
 
     @classmethod
+    def from_body(cls, body: Any) -> SetCommand:
+        """The command of a parsed set object (a REST body), checked as from_payload() checks JSON."""
+        return cls.of(convert(SetBody, body, "set"))
+
+    @classmethod
     def of(cls, body: dict[str, bool | int | float | str]) -> SetCommand:
         """A decoded set body's command, with values a node can hold."""
         return cls({key: _command_value(value) for key, value in body.items()})
@@ -254,6 +267,11 @@ class GetCommand(Struct, frozen=True):
             text = payload.decode(errors="replace") if isinstance(payload, bytes) else payload
             body = decode(Key, _ENCODER.encode(text.strip()), "get")
         return cls.of(body)
+
+    @classmethod
+    def of_key(cls, key: str) -> GetCommand:
+        """The command getting one key (a REST path's)."""
+        return cls.of(convert(Key, key, "get"))
 
     @classmethod
     def of(cls, body: str | list[str]) -> GetCommand:
@@ -346,7 +364,16 @@ class RunRequest(Payload, frozen=True, omit_defaults=True):
     @classmethod
     def from_payload(cls, payload: bytes | str) -> RunRequest:
         """Decode a request; numbers among the params and a numeric run id become text."""
-        body: RunRequestPayload = decode(RunRequestPayload, payload, "request")
+        return cls.of(decode(RunRequestPayload, payload, "request"))
+
+    @classmethod
+    def from_body(cls, body: Any) -> RunRequest:
+        """The request of a parsed JSON object (a REST body's), checked as from_payload() checks JSON."""
+        return cls.of(convert(RunRequestPayload, body, "request"))
+
+    @classmethod
+    def of(cls, body: RunRequestPayload) -> RunRequest:
+        """The request of a checked body: numbers among the params and a numeric run id as text."""
         return cls(
             body.script,
             tuple(str(param) for param in body.params),

@@ -190,3 +190,28 @@ def test_the_decoder_accepts_nothing_its_schema_refuses(name, body):
     except MessageError:
         return
     jsonschema.validate(body, schema_of(name))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"script": "toggle", "params": ["lamp", 1], "run_id": 7},
+        {"script": "toggle", "params": ["lamp", 1.5]},
+        {"script": "../etc", "params": []},
+        {"script": "toggle", "timeout": "soon"},
+        {"params": ["x"]},
+    ],
+)
+def test_a_rest_body_is_checked_as_the_same_json_on_the_bus_is(body):
+    def outcome(read):
+        try:
+            return read()
+        except MessageError as exc:
+            return str(exc)
+
+    from_bus = outcome(lambda: RunRequest.from_payload(json.dumps(body)))
+    assert outcome(lambda: RunRequest.from_body(body)) == from_bus
+    for values in ({"on": 1, "name": "lamp"}, {}, {"on": [1]}, {"x" * 100: 1}):
+        assert outcome(lambda: SetCommand.from_body(values)) == outcome(  # noqa: B023
+            lambda: SetCommand.from_payload(json.dumps(values))  # noqa: B023
+        )
