@@ -1,4 +1,4 @@
-"""The bridge: wires the beacon listener, the presence tracker and the command relay to the bus.
+"""The bridge: wires the beacon listener, the presence tracker, the command intake and relay to the bus.
 
 It also owns the bridge's housekeeping thread (offline deadlines, last-seen batches, stats,
 the last-seen checkpoint) and the repair done on every broker connect: read the retained
@@ -14,25 +14,23 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-from bridge.commands import Command, CommandRelay, correlation_text
+from bridge.commands import Command, CommandRelay
 from bridge.discovery import Discovery
+from bridge.intake import CommandIntake
 from bridge.listener import BeaconListener
 from bridge.poller import Poller
 from bridge.presence import PresenceTracker
 from hacer.bus import Bus, BusError, Message, MessageTooLarge
 from hacer.messages import (
     BridgeStats,
-    ClientCommand,
     CommandResult,
-    GetCommand,
     LastSeenBatch,
     MessageError,
     NodeReadings,
     NodeValues,
     Presence,
-    SetCommand,
     bus_time,
 )
 from hacer.nodewire import Value
@@ -45,7 +43,6 @@ T = TypeVar("T")
 # Last-seen times saved for a restart: a restored node gets a beacon interval from the start anyway
 # (PresenceTracker.reconcile), so a minute-old copy is enough, and 720 file writes an hour fewer spare an SD card.
 CHECKPOINT_EVERY = 60.0
-MAX_HELD_COMMANDS = 10_000  # commands that came before the node table was restored, kept to run after
 POLL_TICK = 1.0  # how often due polls are looked for
 # Command outcomes that say the node did not answer at all (a node's error reply is an answer).
 NOT_ANSWERED = frozenset({"timeout", "unreachable", "bad_reply"})
@@ -150,11 +147,9 @@ class Bridge:
         )
         self.listener = BeaconListener(discovery_host, discovery_port, self.tracker.observe, clock)
         self.relay = CommandRelay(self._address_of, self._publish_result, node_timeout, clock)
+        self.intake = CommandIntake(bus, topics, self.relay, clock)
         self.poller = Poller(poll_plans or {}, lambda polls: self.relay.poll(polls, over=POLL_TICK))
         self.started_at = 0.0
-        self.restored = threading.Event()
-        self._held: list[Command] = []  # commands that came before the node table was restored
-        self._held_lock = threading.Lock()
         self._stopping = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._polling: threading.Thread | None = None
@@ -171,9 +166,7 @@ class Bridge:
         self.started_at = self.clock()
         self.listener.bind()
         self.relay.start()
-        self.bus.subscribe(self.topics.filter("node_set"), self._on_set, send_retained=False)
-        self.bus.subscribe(self.topics.filter("node_get"), self._on_get, send_retained=False)
-        self.bus.subscribe(self.topics.filter("client_command"), self._on_client_command, send_retained=False)
+        self.intake.subscribe()
         # Every (re)subscription brings the retained table, which the repair after each connect
         # reads; live messages on these topics are our own, except an empty presence: a delete.
         self.bus.subscribe(self.topics.filter("node_presence"), self._on_presence)
@@ -183,7 +176,7 @@ class Bridge:
             self.discovery.subscribe()
         self.bus.on_connect(self._on_connect)
         self.bus.start()
-        if not self.restored.wait(restore_timeout):
+        if not self.intake.restored.wait(restore_timeout):
             log.warning(
                 "no broker within %s s: listening anyway; the node table is restored when the broker answers",
                 restore_timeout,
@@ -206,86 +199,6 @@ class Bridge:
         self._save_checkpoint()
         self.relay.stop()
         self.bus.stop()
-
-    # --- commands ---------------------------------------------------------------------------
-
-    def _on_set(self, message: Message) -> None:
-        self._on_command(message, "set")
-
-    def _on_get(self, message: Message) -> None:
-        self._on_command(message, "get")
-
-    def _on_command(self, message: Message, op: Literal["set", "get"]) -> None:
-        self._refuse_response_topic(message.response_topic, "a command on a node's own topic")
-        try:
-            node_id: int | None = self.topics.node_id(message.topic)
-            items = (
-                SetCommand.from_payload(message.payload).values.items()
-                if op == "set"
-                else [(key, None) for key in GetCommand.from_payload(message.payload).keys]
-            )
-        except (TopicError, MessageError) as exc:
-            if isinstance(exc, TopicError):
-                node_id, exc = None, MessageError("the node id must be ASCII digits")
-            self._bad_request(node_id, op, exc, message.correlation, self.topics.result_of_command(message.topic), None)
-            return
-        assert node_id is not None
-        for key, value in items:
-            self._submit(Command(node_id, op, key, value, message.correlation))
-
-    def _on_client_command(self, message: Message) -> None:
-        """A command answered on its sender's own reply topics (the ACL binds the topic's client id to the sender)."""
-        client_id = self.topics.parse(message.topic)[1]
-        assert client_id is not None
-        reply_to = message.response_topic
-        if reply_to is not None and not self.topics.is_reply_topic(reply_to, client_id):
-            self._refuse_response_topic(reply_to, f"not under {self.topics.build('reply', client_id)}")
-            reply_to = None
-        try:
-            command = ClientCommand.from_payload(message.payload)
-            op, items = command.items()
-        except MessageError as exc:
-            self._bad_request(None, "set", exc, message.correlation, None, reply_to)
-            return
-        for key, value in items:
-            self._submit(Command(command.node, op, key, value, message.correlation, reply_to))
-
-    def _submit(self, command: Command) -> None:
-        """Relay a command, or hold it until the node table is restored (one sent while the bridge was away)."""
-        with self._held_lock:
-            if not self.restored.is_set() and len(self._held) < MAX_HELD_COMMANDS:
-                self._held.append(command)
-                return
-        self.relay.submit(command)
-
-    def _refuse_response_topic(self, response_topic: str | None, why: str) -> None:
-        if response_topic is not None:
-            self.relay.counts["bad_response_topic"] += 1
-            log.warning("will not answer on response topic %.80r: %s", response_topic, why)
-
-    def _bad_request(
-        self,
-        node_id: int | None,
-        op: Literal["set", "get"],
-        error: Exception,
-        correlation: bytes | None,
-        result_topic: str | None,
-        response_topic: str | None,
-    ) -> None:
-        self.relay.counts["bad_request"] += 1
-        result = CommandResult(
-            node_id,
-            op,
-            "",
-            False,
-            None,
-            "",
-            f"bad request: {error}",
-            correlation_text(correlation),
-            bus_time(self.clock()),
-            "bad_request",
-        )
-        self._answer(result, result_topic, correlation, response_topic)
 
     def _on_presence(self, message: Message) -> None:
         if message.retain and message.payload:
@@ -342,7 +255,7 @@ class Bridge:
 
     def _publish_result(self, result: CommandResult, command: Command) -> None:
         if not command.poll:  # the bridge's own reads are not anyone's results
-            self._answer(
+            self.intake.answer(
                 result, self.topics.build("node_result", command.node_id), command.correlation, command.response_topic
             )
         now = result.at.timestamp()
@@ -354,16 +267,6 @@ class Bridge:
             self.tracker.update_values(command.node_id, {result.key: result.value}, now)
             if command.op == "set" and not command.poll:
                 self.poller.read_back(command.node_id, command.key, now)
-
-    def _answer(
-        self, result: CommandResult, result_topic: str | None, correlation: bytes | None, response_topic: str | None
-    ) -> None:
-        """Publish a result on its node's result topic, and on the sender's response topic (checked before)."""
-        payload = result.to_payload()
-        if result_topic is not None:
-            self.bus.publish(result_topic, payload, correlation=correlation)
-        if response_topic is not None:
-            self.bus.publish(response_topic, payload, correlation=correlation)
 
     # --- repair on connect ------------------------------------------------------------------
 
@@ -387,11 +290,7 @@ class Bridge:
         log.info("node table: %d retained presence(s) read, %d republished", len(presences), republished)
         if self.discovery is not None:
             self.discovery.sync(self.tracker.node_types())
-        with self._held_lock:
-            self.restored.set()
-            held, self._held = self._held, []
-        for command in held:
-            self.relay.submit(command)
+        self.intake.release_held()
 
     # --- housekeeping -----------------------------------------------------------------------
 
