@@ -4,10 +4,13 @@ The broker acknowledges a publish before it saves it, so a broker that dies can 
 last status or log lines after the runner saw them acknowledged; and a runner that dies takes
 its memory with it. So a runner writes each log entry and each run's latest status into
 `run_outbox` before it publishes them, and deletes them when a recorder says (on
-`runs/recorded`) that it has written them: log entries 1..seq, and which state. What is
-still held is sent again after every reconnect and, while a recorder is online, once it has
-waited `resend_after` seconds; a runner that takes over a dead one adopts its rows and sends
-them, so a run that ended just before its runner died still reaches the database whole.
+`runs/recorded`) that it has written them: log entries 1..seq, and which state. The delete waits
+for the outbox's next write (the next run's output or end), or `let_go_after` seconds: a commit
+of its own for each run was a sixth of a run's disk writes (an SD card's wear), and a confirmed
+row that outlives a crash is only sent once more. What is still held and not confirmed is sent
+again after every reconnect and, while a recorder is online, once it has waited `resend_after`
+seconds; a runner that takes over a dead one adopts its rows and sends them, so a run that ended
+just before its runner died still reaches the database whole.
 
 Bounded: past `max_bytes` held by one runner, its oldest log entries are let go (counted in
 `dropped`; they were published once and may still wait in a recorder's broker session); a row
@@ -18,6 +21,7 @@ recorder can write is never sent forever.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +49,7 @@ class Outbox:
         resend_after: float = 5.0,
         max_bytes: int = 64 * 1024 * 1024,
         max_sends: int = 20,
+        let_go_after: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
@@ -52,6 +57,7 @@ class Outbox:
         self.resend_after = resend_after
         self.max_bytes = max_bytes
         self.max_sends = max_sends
+        self.let_go_after = let_go_after
         self.clock = clock
         self.dropped = 0
         self.gave_up = 0
@@ -61,6 +67,24 @@ class Outbox:
         self._let_go_of_status = DriverStatement(
             delete(RunOutbox).where(RunOutbox.run_id == bindparam("run"), RunOutbox.seq == STATUS_SEQ), engine.dialect
         )
+        self._let_go_of_entries = DriverStatement(
+            delete(RunOutbox).where(
+                RunOutbox.run_id == bindparam("run"), RunOutbox.seq > STATUS_SEQ, RunOutbox.seq <= bindparam("upto")
+            ),
+            engine.dialect,
+        )
+        # A finished row never changes again (the recorder keeps the first end): it confirms any status.
+        self._let_go_of_confirmed_status = DriverStatement(
+            delete(RunOutbox).where(
+                RunOutbox.run_id == bindparam("run"),
+                RunOutbox.seq == STATUS_SEQ,
+                (RunOutbox.state == bindparam("state")) | bindparam("finished"),
+            ),
+            engine.dialect,
+        )
+        self._confirmed: dict[str, RunRecorded] = {}  # applied, not yet let go of (deleted)
+        self._confirmed_at: float | None = None  # when the oldest of them was applied
+        self._confirmed_lock = threading.Lock()
 
     def hold(
         self,
@@ -68,10 +92,12 @@ class Outbox:
         entries: Sequence[tuple[int, str, bytes]] = (),
         status: tuple[str, str, bytes] | None = None,
         driver: Any = None,
+        let_go: bool = True,
     ) -> None:
         """Keep (seq, topic, payload) log entries and the run's (state, topic, payload) status about to be published.
 
-        A status replaces the one held before. In the transaction of `driver` (a driver's connection) if given.
+        A status replaces the one held before. In the transaction of `driver` (a driver's connection) if given;
+        with `let_go`, the same transaction deletes what recorders confirmed since the last write.
         """
         now = self.clock()
 
@@ -98,6 +124,8 @@ class Outbox:
             if status is not None:
                 self._let_go_of_status.execute(transaction, [{"run": run_id}])
             self._hold.execute(transaction, rows)  # one statement: a run's start holds its status and launch entry
+            if let_go:
+                self._let_go(transaction)
 
     @contextmanager
     def _transaction(self, driver: Any) -> Iterator[Any]:
@@ -114,32 +142,44 @@ class Outbox:
             self._confirmations.put(recorded)
 
     def apply(self) -> None:
-        """Let go of what recorders confirmed since the last call."""
-        confirmed: dict[str, RunRecorded] = {}
-        while True:
-            try:
-                recorded = self._confirmations.get_nowait()
-            except queue.Empty:
-                break
-            known = confirmed.get(recorded.run_id)
-            if known is None or recorded.seq >= known.seq:
-                confirmed[recorded.run_id] = recorded
-        if not confirmed:
-            return
+        """Take in what recorders confirmed since the last call; let go of it once it has waited let_go_after."""
+        with self._confirmed_lock:
+            while True:
+                try:
+                    recorded = self._confirmations.get_nowait()
+                except queue.Empty:
+                    break
+                known = self._confirmed.get(recorded.run_id)
+                if known is None or recorded.seq >= known.seq:
+                    self._confirmed[recorded.run_id] = recorded
+                if self._confirmed_at is None:
+                    self._confirmed_at = self.clock()
+            due = self._confirmed_at is not None and self.clock() - self._confirmed_at >= self.let_go_after
+        if due:
+            self.let_go()
+
+    def let_go(self) -> None:
+        """Delete now, in a transaction of its own, what recorders confirmed."""
+        with driver_transaction(self.engine) as driver:
+            let_go = self._let_go(driver)
         with self.engine.begin() as connection:
-            for recorded in confirmed.values():
-                connection.execute(
-                    delete(RunOutbox).where(
-                        RunOutbox.run_id == recorded.run_id, RunOutbox.seq > STATUS_SEQ, RunOutbox.seq <= recorded.seq
-                    )
-                )
-                status = delete(RunOutbox).where(RunOutbox.run_id == recorded.run_id, RunOutbox.seq == STATUS_SEQ)
-                # A finished row never changes again (the recorder keeps the first end): it confirms any status.
-                if recorded.state not in runstates.FINISHED_STATES:
-                    status = status.where(RunOutbox.state == recorded.state)
-                connection.execute(status)
-            left = set(connection.scalars(select(RunOutbox.run_id).where(RunOutbox.run_id.in_(list(confirmed)))))
-        self._held_runs -= set(confirmed) - left
+            left = set(connection.scalars(select(RunOutbox.run_id).where(RunOutbox.run_id.in_(list(let_go)))))
+        self._held_runs -= set(let_go) - left
+
+    def _let_go(self, driver: Any) -> set[str]:
+        """Delete, in `driver`'s transaction, what recorders confirmed; return the runs it was of."""
+        with self._confirmed_lock:
+            confirmed, self._confirmed, self._confirmed_at = self._confirmed, {}, None
+        if confirmed:
+            self._let_go_of_entries.execute(driver, [{"run": r.run_id, "upto": r.seq} for r in confirmed.values()])
+            self._let_go_of_confirmed_status.execute(
+                driver,
+                [
+                    {"run": r.run_id, "state": r.state, "finished": r.state in runstates.FINISHED_STATES}
+                    for r in confirmed.values()
+                ],
+            )
+        return set(confirmed)
 
     def forget(self, run_id: str) -> None:
         """Stop holding a run (another runner owns it now)."""
@@ -165,15 +205,25 @@ class Outbox:
     def due(self, everything: bool = False) -> list[tuple[str, bytes]]:
         """The (topic, payload) pairs to send again now, in the order they were held, counted as sent."""
         now = self.clock()
+        with self._confirmed_lock:
+            confirmed = dict(self._confirmed)
         with self.engine.begin() as connection:
             query = (
-                select(RunOutbox.id, RunOutbox.topic, RunOutbox.payload, RunOutbox.sends)
+                select(
+                    RunOutbox.id,
+                    RunOutbox.run_id,
+                    RunOutbox.seq,
+                    RunOutbox.state,
+                    RunOutbox.topic,
+                    RunOutbox.payload,
+                    RunOutbox.sends,
+                )
                 .where(RunOutbox.runner_id == self.runner_id)
                 .order_by(RunOutbox.run_id, RunOutbox.seq == STATUS_SEQ, RunOutbox.seq)
             )
             if not everything:
                 query = query.where(RunOutbox.sent_at <= now - self.resend_after)
-            rows = connection.execute(query).all()
+            rows = [row for row in connection.execute(query) if not _covered(confirmed, row.run_id, row.seq, row.state)]
             if not rows:
                 return []
             given_up = [row.id for row in rows if row.sends >= self.max_sends]
@@ -189,9 +239,14 @@ class Outbox:
 
     def bound(self) -> None:
         """Let go of this runner's oldest log entries past max_bytes (statuses are small and kept)."""
+        mine = RunOutbox.runner_id == self.runner_id
+        total_held = select(func.coalesce(func.sum(RunOutbox.size), 0)).where(mine)
         with self.engine.begin() as connection:
-            mine = RunOutbox.runner_id == self.runner_id
-            total = connection.scalar(select(func.coalesce(func.sum(RunOutbox.size), 0)).where(mine)) or 0
+            over = (connection.scalar(total_held) or 0) > self.max_bytes
+        if over:
+            self.let_go()  # what is confirmed goes first, uncounted
+        with self.engine.begin() as connection:
+            total = connection.scalar(total_held) or 0
             if total <= self.max_bytes:
                 return
             doomed, excess = [], total - self.max_bytes
@@ -206,9 +261,25 @@ class Outbox:
         self.dropped += len(doomed)
 
     def held(self, run_id: str) -> tuple[list[int], str | None]:
-        """The seqs of the log entries and the state of the status held for a run."""
+        """The seqs of the log entries and the state of the status held for a run, not confirmed yet."""
+        with self._confirmed_lock:
+            confirmed = dict(self._confirmed)
         with self.engine.begin() as connection:
-            rows = connection.execute(
-                select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id).order_by(RunOutbox.seq)
-            ).all()
+            rows = [
+                (seq, state)
+                for seq, state in connection.execute(
+                    select(RunOutbox.seq, RunOutbox.state).where(RunOutbox.run_id == run_id).order_by(RunOutbox.seq)
+                )
+                if not _covered(confirmed, run_id, seq, state)
+            ]
         return [seq for seq, _ in rows if seq != STATUS_SEQ], next((s for q, s in rows if q == STATUS_SEQ), None)
+
+
+def _covered(confirmed: dict[str, RunRecorded], run_id: str, seq: int, state: str) -> bool:
+    """Whether a held row is among what recorders confirmed (the deletes of _let_go, in Python)."""
+    recorded = confirmed.get(run_id)
+    if recorded is None:
+        return False
+    if seq != STATUS_SEQ:
+        return seq <= recorded.seq
+    return recorded.state in runstates.FINISHED_STATES or state == recorded.state

@@ -562,7 +562,8 @@ class Runner:
         launch = self._entry_messages(run, ("launch", Launch(request.script, request.params).to_data()))
 
         def hold_start(driver: Any) -> None:
-            self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), driver)
+            # Letting go of confirmed rows waits for a later write: this commit is synced, before the start.
+            self.outbox.hold(run.run_id, launch, (runstates.RUNNING, *status), driver, let_go=False)
 
         start = (run.run_id, run.script_path, request.params)
 

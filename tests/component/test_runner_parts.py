@@ -106,6 +106,36 @@ def test_the_outbox_holds_until_recorded_and_resends_what_waited(outbox_of):
     assert outbox.held("r") == ([], None) and outbox.due(everything=True) == []
 
 
+def test_what_is_confirmed_is_deleted_with_the_next_write_or_after_a_while(outbox_of):
+    from sqlalchemy import func, select
+
+    from hacer.messages import RunRecorded
+    from hacer.models import RunOutbox
+
+    def rows(outbox) -> int:
+        with outbox.engine.begin() as connection:
+            return connection.scalar(select(func.count()).select_from(RunOutbox))
+
+    outbox = outbox_of(resend_after=0.0, let_go_after=60.0)
+    outbox.hold("one", [(1, "t/log", b"e1")], status=("succeeded", "t/status", b"succeeded"))
+    outbox.confirm(RunRecorded("one", 1, "succeeded"))
+    outbox.apply()
+    assert rows(outbox) == 2  # confirmed, kept until a later write: no commit of its own
+    assert outbox.held("one") == ([], None) and outbox.due() == []  # and never sent again
+    outbox.hold("two", [(1, "t/log", b"f1")], driver=None, let_go=False)  # a run's start lets nothing go
+    assert rows(outbox) == 3
+    outbox.hold("two", [(2, "t/log", b"f2")])  # its next write does, in the same transaction
+    assert rows(outbox) == 2 and outbox.held("two") == ([1, 2], None)
+    outbox.confirm(RunRecorded("two", 2, "running"))
+    outbox.apply()
+    outbox_of.now[0] = 59.0
+    outbox.apply()
+    assert rows(outbox) == 2
+    outbox_of.now[0] = 61.0
+    outbox.apply()  # nothing written for a minute: let go in a transaction of its own
+    assert rows(outbox) == 0
+
+
 def test_a_recorded_end_confirms_any_status_held(outbox_of):
     from hacer.messages import RunRecorded
 
