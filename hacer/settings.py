@@ -399,6 +399,14 @@ class RunnerSettings:
         number(0.1),
         "seconds a runner waits for a recorder to confirm a status or log entry before sending it again",
     )
+    let_go_after: float = setting(
+        "HACER_RUNNER_LET_GO_AFTER",
+        300.0,
+        number(0.0),
+        "seconds a runner keeps what recorders confirmed before deleting it in a commit of its own, when no"
+        " later write of its (a run's output or end) has taken it along (an SD card's wear); until then a"
+        " finished run is not purged",
+    )
     runner_outbox_bytes: int = setting(
         "HACER_RUNNER_OUTBOX_BYTES",
         64 * 1024 * 1024,

@@ -120,7 +120,11 @@ def build_runner(settings: Settings) -> Runner:
         script_env=script_env,
     )
     outbox = Outbox(
-        database.engine, settings.runner_id, resend_after=settings.resend_after, max_bytes=settings.runner_outbox_bytes
+        database.engine,
+        settings.runner_id,
+        resend_after=settings.resend_after,
+        max_bytes=settings.runner_outbox_bytes,
+        let_go_after=settings.let_go_after,
     )
     return Runner(
         bus,

@@ -134,6 +134,9 @@ class PublishingBus:
     def subscribe(self, topic_filter, handler, **options) -> None:
         pass
 
+    def subscribe_decoded(self, topic_filter, decode, handler, **options) -> None:
+        pass
+
     def on_drained(self, hook) -> None:
         pass
 

@@ -366,7 +366,7 @@ def test_the_recorder_purges_finished_runs_never_a_running_one(
 ):
     env = {**runner_env, "HACER_KEEP_RUNS": "1", "HACER_PURGE_EVERY": "1"}  # one finished run kept
     start_recorder(env)
-    start_runner()
+    start_runner(HACER_RUNNER_LET_GO_AFTER="1")  # a run still in the outbox, even confirmed, is not purged
     pipe = fifo(tmp_path, "held")
     running = requester("block", [str(pipe)])
     runs.wait_state(running, runstates.RUNNING)
