@@ -129,7 +129,8 @@ class HacerCollector(Collector):
         yield runs
         yield GaugeMetricFamily(
             "hacer_unconfirmed_messages",
-            "Run statuses and log entries runners hold that no recorder confirmed yet (the recorders' lag)",
+            "Run statuses and log entries in runners' outboxes: not confirmed by a recorder yet (the recorders' lag),"
+            " or confirmed and waiting, HACER_RUNNER_LET_GO_AFTER at most, for the runner's next write",
             value=held,
         )
         yield GaugeMetricFamily("hacer_unconfirmed_bytes", "Their size in bytes", value=held_bytes)
