@@ -276,11 +276,15 @@ def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system,
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
     expect(page.locator("#automations tbody tr", has_text="phone check")).to_have_count(1, timeout=10_000)
     expect(page.locator("#runs tbody tr").first).to_be_visible(timeout=10_000)
-    buttons = page.locator("#runs tbody button, #automations tbody button")
-    assert buttons.count() >= 3  # a run's log, an automation's on and delete
-    for index in range(buttons.count()):
-        box = buttons.nth(index).bounding_box()
-        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    # Every button's box at one moment: live events re-render the runs table, so a button read
+    # one at a time may be gone between the count and its box.
+    boxes = page.eval_on_selector_all(
+        "#runs tbody button, #automations tbody button",
+        "(buttons) => buttons.map((b) => { const r = b.getBoundingClientRect(); return {x: r.x, width: r.width}; })",
+    )
+    assert len(boxes) >= 3  # a run's log, an automation's on and delete
+    for box in boxes:
+        assert box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
     assert page.evaluate("() => [...document.querySelectorAll('.scroll')].every((s) => s.scrollWidth <= s.clientWidth)")
     # Each value says which column it is, as the header row is not shown.
     expect(page.locator("#automations tbody tr", has_text="phone check").locator("td").first).to_have_attribute(
