@@ -172,7 +172,11 @@ def requester(make_bus):
 def named_nodes(spawn, runner_env, make_bus, watch):
     """The bridge and one emulated node of each type, named as the api would name them."""
     presence = watch("hacer/nodes/+/presence")
+    bridge_state = watch("hacer/bridge/state")
     spawn(["bridge"], runner_env)
+    # Online once its beacon socket is bound: the emulator's first beacons are then heard, not
+    # the ones a beacon interval later.
+    bridge_state.wait_for(lambda m: m.payload == b"online", timeout=20)
     nodes = make_nodes(
         4,
         ["toggle", "light_rgb", "thermostat", "sensor_temp"],
