@@ -78,6 +78,20 @@ def payload_decoder(from_payload: Callable[[bytes], T]) -> Callable[[Message], T
     return lambda message: from_payload(message.payload)
 
 
+def named_decoder(
+    topics: Topics, from_payload: Callable[[bytes], T], id_of: Callable[[T], str], what: str
+) -> Callable[[Message], T]:
+    """A decoder for subscribe_decoded() that also refuses a payload whose id is not the one its topic names."""
+
+    def decode(message: Message) -> T:
+        decoded = from_payload(message.payload)
+        if topics.parse(message.topic)[1] != id_of(decoded):
+            raise ValueError(f"the topic names another {what}")
+        return decoded
+
+    return decode
+
+
 def decoding(
     topic_filter: str, decode: Callable[[Message], T], handler: Callable[[T], None], refused: dict[str, int]
 ) -> Handler:

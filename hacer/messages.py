@@ -75,12 +75,6 @@ class MessageError(ValueError):
     """A payload that is not the message it should be."""
 
 
-def check_named(named: str | None, payload_id: str, what: str) -> None:
-    """Refuse a payload whose id is not the one its topic names: topic and payload agree, or neither is taken."""
-    if named != payload_id:
-        raise MessageError(f"the topic names another {what}")
-
-
 def bus_time(timestamp: float) -> datetime:
     """The bus's time of a Unix time."""
     return datetime.fromtimestamp(timestamp, UTC)

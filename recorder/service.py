@@ -36,7 +36,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.bus import Bus, BusError, Message
+from hacer.bus import Bus, BusError, Message, named_decoder
 from hacer.history import availability_of_presence, availability_of_readings, sample_rows
 from hacer.messages import (
     LastSeenBatch,
@@ -53,7 +53,6 @@ from hacer.messages import (
     RunsRecorded,
     RunStatus,
     bus_time,
-    check_named,
     decode,
 )
 from hacer.models import (
@@ -167,8 +166,16 @@ class Recorder:
                 self._inbox.put,
                 manual_ack=True,
             )
-        self.bus.subscribe_decoded(self.topics.filter("runner_state"), self._runner_state, self._on_runner_state)
-        self.bus.subscribe_decoded(self.topics.filter("recorder_state"), self._recorder_state, self._on_recorder_state)
+        self.bus.subscribe_decoded(
+            self.topics.filter("runner_state"),
+            named_decoder(self.topics, RunnerState.from_payload, lambda state: state.runner, "runner"),
+            self._on_runner_state,
+        )
+        self.bus.subscribe_decoded(
+            self.topics.filter("recorder_state"),
+            named_decoder(self.topics, RecorderState.from_payload, lambda state: state.recorder, "recorder"),
+            self._on_recorder_state,
+        )
         self.bus.birth = self._state_payload()
         loops = [(self._write_loop, "recorder-writer"), (self._rescue_loop, "recorder-rescue")]
         if self.purge is not None:
@@ -191,11 +198,6 @@ class Recorder:
             log.info("recorder(s) %s online: ending this recorder's broker session", ", ".join(sorted(others)))
         self.bus.stop(end_session=bool(others))
 
-    def _recorder_state(self, message: Message) -> RecorderState:
-        state = RecorderState.from_payload(message.payload)
-        check_named(self.topics.parse(message.topic)[1], state.recorder, "recorder")
-        return state
-
     def _on_recorder_state(self, state: RecorderState) -> None:
         if state.state == "online":
             self._online_recorders.add(state.recorder)
@@ -204,11 +206,6 @@ class Recorder:
 
     def _state_payload(self) -> bytes:
         return RecorderState(self.recorder_id, "online", self.written, self.set_aside).to_payload()
-
-    def _runner_state(self, message: Message) -> RunnerState:
-        state = RunnerState.from_payload(message.payload)
-        check_named(self.topics.parse(message.topic)[1], state.runner, "runner")
-        return state
 
     def _on_runner_state(self, state: RunnerState) -> None:
         if state.state == "online":

@@ -40,7 +40,7 @@ from msgspec.structs import replace
 from sqlalchemy.exc import SQLAlchemyError
 
 from hacer import runstates
-from hacer.bus import Bus, BusError, Message, payload_decoder
+from hacer.bus import Bus, BusError, Message, named_decoder, payload_decoder
 from hacer.messages import (
     FIRE_RUN_PREFIX,
     Entry,
@@ -53,7 +53,6 @@ from hacer.messages import (
     RunsRecorded,
     RunStatus,
     bus_time,
-    check_named,
 )
 from hacer.parentdeath import kill_with_group
 from hacer.runstates import RunState
@@ -177,7 +176,11 @@ class Runner:
         self.bus.subscribe_decoded(
             self.topics.build("runs_recorded"), payload_decoder(RunsRecorded.from_payload), self._on_recorded, qos=0
         )
-        self.bus.subscribe_decoded(self.topics.filter("recorder_state"), self._recorder_state, self._on_recorder_state)
+        self.bus.subscribe_decoded(
+            self.topics.filter("recorder_state"),
+            named_decoder(self.topics, RecorderState.from_payload, lambda state: state.recorder, "recorder"),
+            self._on_recorder_state,
+        )
         self.bus.on_connect(lambda session_present: self._resend_all.set())
         self._spawn_thread(self._dispatch, "runner-dispatch")
         for index in range(self.config.capacity):
@@ -228,11 +231,6 @@ class Runner:
     def _on_recorded(self, recorded: RunsRecorded) -> None:
         for run in recorded.recorded():
             self.outbox.confirm(run)
-
-    def _recorder_state(self, message: Message) -> RecorderState:
-        state = RecorderState.from_payload(message.payload)
-        check_named(self.topics.parse(message.topic)[1], state.recorder, "recorder")
-        return state
 
     def _on_recorder_state(self, state: RecorderState) -> None:
         if state.state == "online":

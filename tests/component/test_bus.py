@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from hacer.bus import Message
-from hacer.messages import RunnerState, check_named
+from hacer.bus import Message, named_decoder
+from hacer.messages import RunnerState
 
 from conftest import Watcher, wait_until
 
@@ -175,22 +175,17 @@ def test_a_burst_of_messages_is_handled_whole_before_the_drained_hooks(make_bus)
         publisher.publish(f"hacer/test/burst/{index}", b"", retain=True)
 
 
-def test_a_decoded_subscription_hands_on_only_what_it_decodes_and_counts_the_rest(make_bus, caplog):
+def test_a_decoded_subscription_hands_on_only_what_it_decodes_and_counts_the_rest(make_bus, topics, caplog):
     bus = make_bus()
     decoded: list[RunnerState] = []
-    subscription = "hacer/test/runners/+"
-
-    def runner_state(message: Message) -> RunnerState:
-        state = RunnerState.from_payload(message.payload)
-        check_named(message.topic.rsplit("/", 1)[1], state.runner, "runner")
-        return state
-
+    subscription = topics.filter("runner_state")
+    runner_state = named_decoder(topics, RunnerState.from_payload, lambda state: state.runner, "runner")
     bus.subscribe_decoded(subscription, runner_state, decoded.append)
     bus.sync()
     good = RunnerState("r1", "online", 4, (), 0).to_payload()
-    bus.publish("hacer/test/runners/r1", b'{"runner": "r1"')  # cut short
-    bus.publish("hacer/test/runners/r2", good)  # the topic names another runner
-    bus.publish("hacer/test/runners/r1", good)
+    bus.publish(topics.build("runner_state", "r1"), b'{"runner": "r1"')  # cut short
+    bus.publish(topics.build("runner_state", "r2"), good)  # the topic names another runner
+    bus.publish(topics.build("runner_state", "r1"), good)
     wait_until(lambda: decoded, 10, "the good state")
     bus.sync()
     assert decoded == [RunnerState.from_payload(good)]
