@@ -255,7 +255,7 @@ def test_a_late_status_never_reopens_a_run_another_recorder_finished_meanwhile(t
     url = request.getfixturevalue("postgres_url") if database == "postgresql" else f"sqlite:///{tmp_path / 'r.db'}"
     database = Database(url)
     database.init()
-    first, second = (Recorder(RecordingBus(), Topics(), database.session) for _ in range(2))
+    first, second = (Recorder(RecordingBus(), Topics(), database.session).rows for _ in range(2))
     running = RunStatus("r1", "lamp", ("hall",), runstates.RUNNING, "runner-a", queued_at=T1, started_at=bus_time(2.0))
     succeeded = RunStatus(
         "r1",

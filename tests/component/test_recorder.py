@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -24,6 +25,8 @@ from hacer.messages import (
     bus_time,
 )
 from hacer.models import Database, DeadLetter, Node, NodeSample, Run, ScriptLogEntry, utc_datetime
+from recorder.rescue import Rescuer
+from recorder.rows import RowWriter
 from recorder.service import Recorder
 
 from conftest import wait_until
@@ -212,14 +215,14 @@ def test_the_database_refusing_one_message_sets_aside_that_one_only(recorder, da
     # one in, a status the database refuses, among good ones in one batch.
     from sqlalchemy.exc import DataError
 
-    apply = Recorder._status
+    apply = RowWriter._status
 
     def refusing(self, session, runs, run_status):
         if run_status.run_id == "refused":
             raise DataError("UPDATE run ...", {}, Exception("value out of range"))
         return apply(self, session, runs, run_status)
 
-    monkeypatch.setattr(Recorder, "_status", refusing)
+    monkeypatch.setattr(RowWriter, "_status", refusing)
     deliver_all(recorder, [status("ok", runstates.QUEUED), status("refused", runstates.QUEUED), entry("ok", 1)])
     with database.session() as session:
         assert session.scalar(select(Run.state).where(Run.run_id == "ok")) == runstates.QUEUED
@@ -400,7 +403,7 @@ def test_a_requester_that_missed_every_status_learns_how_its_run_ended(
 def test_a_request_no_runner_takes_is_sent_again_ever_less_often_and_keeps_its_time(database):
     clock = [1000.0]
     bus = AckingBus()
-    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", rescue_after=5.0, clock=lambda: clock[0])
+    rescuer = Rescuer(bus, bus.topics, database.session, rescue_after=5.0, clock=lambda: clock[0])
     asked_at = utc_datetime(990.0)
     with database.session() as session:
         session.add(Run(run_id="waits", script="test", state="queued", runner="", request='{"script":"test"}',
@@ -409,7 +412,7 @@ def test_a_request_no_runner_takes_is_sent_again_ever_less_often_and_keeps_its_t
     sent_at = []
     for _ in range(200):  # 200 s in steps of 1 s
         before = len(bus.published)
-        recorder._rescue()
+        rescuer.rescue()
         if len(bus.published) > before:
             sent_at.append(clock[0] - 1000.0)
         clock[0] += 1.0
@@ -420,15 +423,15 @@ def test_a_request_no_runner_takes_is_sent_again_ever_less_often_and_keeps_its_t
 
 def test_no_request_is_sent_again_while_the_broker_is_away(database):
     bus = AckingBus()
-    recorder = Recorder(bus, bus.topics, database.session, recorder_id="test", rescue_after=0.1)
+    rescuer = Rescuer(bus, bus.topics, database.session, rescue_after=0.1, clock=time.time)
     with database.session() as session:
         session.add(Run(run_id="waits", script="test", state="queued", runner="", request='{"script":"test"}',
                         requested_at=utc_datetime(0.0)))  # fmt: skip
         session.commit()
-    recorder._online_runners.add("r1")
+    rescuer.online_runners.add("r1")
     bus.connected = False
-    recorder._rescue_round()
+    rescuer.round()
     assert [t for t, _, _ in bus.published if t == "hacer/runs/request"] == []
     bus.connected = True
-    recorder._rescue_round()
+    rescuer.round()
     assert [t for t, _, _ in bus.published if t == "hacer/runs/request"] == ["hacer/runs/request"]
