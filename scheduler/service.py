@@ -11,66 +11,41 @@ sent twice.
 The database is the truth: automations are read from it (every `poll_every` seconds, cheaply:
 ids and change times), the next due time from the last fire; the bus carries each automation's
 plan (retained) and its fires, for people and programs to watch.
+
+The Scheduler plans time triggers and wakes for them; its parts fire (scheduler/firing.py) and
+take bus triggers (scheduler/triggers.py).
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
 
 from astral import Observer
-from sqlalchemy import String, cast, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy import String, cast, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hacer import runstates
-from hacer.automations import (
-    AutomationFired,
-    AutomationSpec,
-    AutomationState,
-    Every,
-    NodePresence,
-    NodeValue,
-    RunFinished,
-    anchor,
-    automation_of_run,
-    conditions_hold,
-    crossing,
-    fire_run_id,
-    next_due,
-    plan_start,
-)
+from hacer.automations import AutomationSpec, AutomationState, Every, anchor, next_due, plan_start
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import MessageError, NodeValues, Presence, RunRequest, RunStatus, bus_time
-from hacer.models import Automation, AutomationFire, AutomationTrigger, Run, aware_utc, naive_utc
-from hacer.topics import TopicError, Topics
+from hacer.messages import MessageError, bus_time
+from hacer.models import Automation, AutomationFire, aware_utc
+from hacer.topics import Topics
+from scheduler.firing import Firer
+from scheduler.plans import Counts, Planned
+from scheduler.triggers import BusTriggers
+
+__all__ = ["Planned", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
 MAX_CATCH_UP_STEPS = 100_000  # due times walked to find the latest missed one
-MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
 BUS_TOPICS = ("node_presence", "node_state", "run_status")
-Fence = Callable[[Session], bool]
-Verdict = Literal["fire", "hold", "queue"]
-
-
-@dataclass
-class Planned:
-    """An automation as planned here: its definition and next due time."""
-
-    id: int
-    spec: AutomationSpec
-    since: datetime  # what `every` counts from: when it last changed (aware UTC, whole seconds)
-    next_due: datetime | None
-    version: datetime  # its row's changed_at, as the database holds it
 
 
 class Scheduler:
@@ -93,19 +68,12 @@ class Scheduler:
         self.location = location
         self.clock = clock
         self.poll_every = poll_every
-        self.fired = 0
-        self.fired_elsewhere = 0
-        self.skipped = 0
-        self.held_back = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
-        self.failed = 0  # automations whose due times could not be computed: marked failed, never fired
-        self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
+        self.counts = Counts()
+        self.firer = Firer(bus, topics, sessions, scheduler_id, self.now, self.counts)
+        self.triggers = BusTriggers(
+            topics, sessions, self.firer, lambda automation_id: self._planned.get(automation_id), self.now, self.counts
+        )
         self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self.queued = 0
-        self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
-        self._by_script: dict[str, list[Planned]] = {}
-        # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
-        # A message that changes nothing there needs no database; a stale copy only costs a failed fence.
-        self._seen: dict[int, tuple[datetime, bool, str]] = {}
         self._planned: dict[int, Planned] = {}
         self._heap: list[tuple[datetime, int]] = []  # (next due, automation id); stale entries skipped
         self._versions: dict[int, str] = {}
@@ -143,13 +111,13 @@ class Scheduler:
             self._refresh()
             for plan in self._planned.values():  # a run's end missed (the broker away): its queue moves on anyway
                 if plan.spec.mode == "queued":
-                    self._drain(plan)
+                    self.firer.drain(plan)
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._handle(message)
+            self.triggers.handle(message)
         self._fire_due()
 
     def _loop(self) -> None:
@@ -213,16 +181,7 @@ class Scheduler:
         self._planned, self._versions = planned, versions
         self._heap = [(plan.next_due, plan.id) for plan in planned.values() if plan.next_due is not None]
         heapq.heapify(self._heap)
-        self._by_node, self._by_script = {}, {}
-        for plan in planned.values():
-            trigger = plan.spec.trigger
-            if isinstance(trigger, NodePresence | NodeValue):
-                self._by_node.setdefault(trigger.node, []).append(plan)
-            elif isinstance(trigger, RunFinished):
-                self._by_script.setdefault(trigger.script, []).append(plan)
-        for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
-            if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
-                self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
+        self.triggers.index(planned.values(), fresh)
 
     def _next(self, plan: Planned, after: datetime) -> datetime | None:
         """The plan's first due time after `after`; a trigger that cannot say is marked failed, it alone."""
@@ -234,7 +193,7 @@ class Scheduler:
 
     def _mark_failed(self, automation_id: int, name: str, version: datetime, why: str) -> None:
         """Keep an automation from firing and say why, in the log and on its row (for that definition only)."""
-        self.failed += 1
+        self.counts.failed += 1
         log.error("automation %s (%s) cannot be planned, and will not fire: %s", automation_id, name, why)
         try:
             with self.sessions() as session:
@@ -259,7 +218,7 @@ class Scheduler:
                 batch.append((plan, *fire))
             moved.append(plan)
         if batch:
-            self._fire_batch(batch)
+            self.firer.fire_batch(batch)
         for plan in moved:
             if plan.next_due is not None:
                 heapq.heappush(self._heap, (plan.next_due, plan.id))
@@ -287,7 +246,7 @@ class Scheduler:
         latest, missed = self._latest_missed(plan, now)
         plan.next_due = self._next(plan, now)
         run_once = spec.missed == "run_once" and (now - latest).total_seconds() <= spec.catch_up
-        self.skipped += missed - run_once
+        self.counts.skipped += missed - run_once
         log.warning(
             "automation %s (%s): %d due time(s) missed up to %s, not run", plan.id, spec.name, missed - run_once, latest
         )
@@ -308,347 +267,9 @@ class Scheduler:
             latest, count = following, count + 1
         return latest, count
 
-    def _fire_batch(self, batch: list[tuple[Planned, datetime, bool]]) -> None:
-        """Fire time triggers due together in one transaction (a burst at :00 costs one commit).
-
-        If any of them was fired by another scheduler the batch is undone and each is fired alone.
-        """
-        fired_at = naive_utc(self.now())
-        fires = [self._fire_rows(plan, due, late, fired_at) for plan, due, late in batch]
-        with self.sessions() as session:
-            try:
-                session.execute(insert(AutomationFire), [fire for fire, _, _ in fires])
-                session.execute(insert(Run), [run for _, run, _ in fires])
-                session.commit()
-            except IntegrityError:
-                session.rollback()
-                for plan, due, late in batch:
-                    self._fire(plan, due, late)
-                return
-        for (plan, due, late), (_, run, payload) in zip(batch, fires, strict=True):
-            self._fired(plan, due, late, run["run_id"], payload)
-
-    def _fire(self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None) -> bool:
-        """Fire one due time, unless another scheduler did (the unique fire row decides) or a fence holds.
-
-        `fence` runs first in the same transaction: False ends it there (its own changes kept).
-        """
-        fired_at = naive_utc(self.now())
-        fire, run, payload = self._fire_rows(plan, due, late, fired_at)
-        verdict, replaced = "fire", None
-        with self.sessions() as session:
-            if fence is not None:
-                verdict, replaced = (
-                    self._bus_fences(session, plan, run["run_id"], fired_at) if fence(session) else ("hold", None)
-                )
-            if verdict != "fire":
-                try:
-                    if verdict == "queue":
-                        self._queue(session, plan, fire)
-                    session.commit()  # what the fences spent (a disarmed crossing) stays spent
-                except IntegrityError:  # another scheduler queued this very fire
-                    self.fired_elsewhere += 1
-                return False
-            try:
-                session.execute(insert(AutomationFire).values(fire))
-                session.execute(insert(Run).values(run))
-                session.commit()
-            except IntegrityError:
-                self.fired_elsewhere += 1
-                log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
-                return False
-        self._fired(plan, due, late, run["run_id"], payload)
-        if replaced is not None:  # mode restart: the run this one replaces is cancelled
-            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, replaced)
-            try:
-                self.bus.publish(self.topics.build("run_cancel", replaced), b"", block=False)
-            except BusError as exc:
-                log.warning("run %s not cancelled (%s)", replaced, exc)
-        return True
-
-    def _fire_rows(
-        self, plan: Planned, due: datetime, late: bool, fired_at: datetime
-    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        """A fire's row, its run's row (holding the request) and the request's payload."""
-        spec = plan.spec
-        run_id = fire_run_id(plan.id, due)
-        request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
-        payload = request.to_payload()
-        fire = {
-            "automation_id": plan.id,
-            "due_at": naive_utc(due),
-            "fired_at": fired_at,
-            "run_id": run_id,
-            "scheduler": self.scheduler_id,
-            "late": late,
-        }
-        run = {
-            "run_id": run_id,
-            "script": spec.script,
-            "params": json.dumps(list(spec.params)),
-            "state": runstates.QUEUED,
-            "runner": "",
-            "requested_by": request.requested_by,
-            "request": payload.decode(),
-            "requested_at": fired_at,
-        }
-        return fire, run, payload
-
-    def _fired(self, plan: Planned, due: datetime, late: bool, run_id: str, payload: bytes) -> None:
-        """Tell a committed fire: its run request, and the fire itself."""
-        self.fired += 1
-        log.info("automation %s (%s): fired run %s for %s", plan.id, plan.spec.name, run_id, due.isoformat())
-        fired = AutomationFired(plan.id, plan.spec.name, due, run_id, self.scheduler_id, late)
-        try:
-            self.bus.publish(self.topics.build("run_request"), payload, block=False)
-            self.bus.publish(self.topics.build("automation_fired", plan.id), fired.to_payload(), block=False)
-        except BusError as exc:  # the run's row holds the request: the recorders send it again
-            log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
-
-    @staticmethod
-    def _busy(session: Session, run_id: str) -> bool:
-        state = session.scalar(select(Run.state).where(Run.run_id == run_id))
-        return state is not None and state not in runstates.FINISHED_STATES
-
-    def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> None:
-        """Keep a `queued` automation's fire, without its run, until the runs before it end."""
-        waiting = session.scalar(
-            select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
-        )
-        if (waiting or 0) >= MAX_QUEUED:
-            self.held_back += 1
-            log.warning("automation %s (%s): %d fires wait already, this one dropped", plan.id, plan.spec.name, waiting)
-            return
-        session.execute(insert(AutomationFire).values({**fire, "pending": True}))
-        self.queued += 1
-
-    def _drain(self, plan: Planned) -> None:
-        """Start a `queued` automation's oldest waiting fire once its last run has ended (one scheduler does)."""
-        fired_at = naive_utc(self.now())
-        with self.sessions() as session:
-            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
-            if active is not None and self._busy(session, active):
-                return
-            waiting = session.scalars(
-                select(AutomationFire)
-                .where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
-                .order_by(AutomationFire.due_at)
-                .limit(1)
-            ).first()
-            if waiting is None:
-                return
-            row = Automation.__table__.c
-            guard = (row.id == plan.id) & (row.active_run.is_(None) if active is None else row.active_run == active)
-            if not session.execute(
-                update(Automation).where(guard).values(active_run=waiting.run_id, last_fired_at=fired_at)
-            ).rowcount:  # type: ignore[attr-defined]
-                return  # another scheduler started it
-            due = aware_utc(waiting.due_at)
-            _, run, payload = self._fire_rows(plan, due, waiting.late, fired_at)
-            waiting.pending = False
-            session.execute(insert(Run).values(run))
-            session.commit()
-        self._fired(plan, due, waiting.late, run["run_id"], payload)
-
-    def _bus_fences(
-        self, session: Session, plan: Planned, run_id: str, fired_at: datetime
-    ) -> tuple[Verdict, str | None]:
-        """Cooldown and modes, decided by one conditional UPDATE of the automation's row.
-
-        Returns what to do with the fire, and (mode `restart`) the run it replaces.
-        """
-        spec, row = plan.spec, Automation.__table__.c
-        if not spec.cooldown and spec.mode == "parallel":
-            return "fire", None  # nothing to fence
-        guard, replaced = row.id == plan.id, None
-        if spec.cooldown:
-            cutoff = fired_at - timedelta(seconds=spec.cooldown)
-            guard &= row.last_fired_at.is_(None) | (row.last_fired_at <= cutoff)
-        if spec.mode != "parallel":
-            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
-            waiting = spec.mode == "queued" and session.scalar(
-                select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
-            )
-            if waiting or (active is not None and self._busy(session, active)):
-                if spec.mode == "queued":
-                    return "queue", None  # it waits for the runs before it
-                if spec.mode == "single":
-                    self.held_back += 1
-                    return "hold", None
-                replaced = active
-            guard &= row.active_run.is_(None) if active is None else row.active_run == active
-        moved = session.execute(
-            update(Automation).where(guard).values(last_fired_at=fired_at, active_run=run_id)
-        ).rowcount  # type: ignore[attr-defined]
-        if not moved:
-            self.held_back += 1
-            return "hold", None
-        return "fire", replaced
-
-    # --- bus triggers -----------------------------------------------------------------------
-
     def _on_bus(self, message: Message) -> None:
         self._inbox.put(message)
         self._wake.set()
-
-    def _handle(self, message: Message) -> None:
-        """Feed a bus event to the automations it may trigger."""
-        try:
-            name, arg = self.topics.parse(message.topic)
-            if not message.payload:
-                return
-            if name == "node_state":
-                self._on_values(self.topics.node_id(message.topic), NodeValues.from_payload(message.payload).values)
-            elif name == "node_presence":
-                presence = Presence.from_payload(message.payload)
-                if presence.id != self.topics.node_id(message.topic):
-                    raise MessageError("the topic names another node")
-                self._on_presence(presence)
-            elif name == "run_status":
-                status = RunStatus.from_payload(message.payload)
-                if status.run_id != arg:
-                    raise MessageError("the topic names another run")
-                self._on_run_status(status)
-        except (TopicError, MessageError) as exc:
-            log.debug("ignored %s: %s", message.topic, exc)
-
-    def _event(self, plan: Planned, due: datetime, fence: Fence | None = None) -> None:
-        """A bus event for `plan` at `due`: fired within grace, else as its `missed` policy says."""
-        now = self.now()
-        if due <= plan.since:
-            return  # before the automation (or its last change) existed
-        lateness = (now - due).total_seconds()
-        if lateness > plan.spec.grace and not (plan.spec.missed == "run_once" and lateness <= plan.spec.catch_up):
-            self.skipped += 1
-            return
-        if not conditions_hold(plan.spec, now, self._values):
-            self.held_back += 1
-            if fence is not None:  # the event is still spent: a crossing fires again only after re-arming
-                with self.sessions() as session:
-                    fence(session)
-                    session.commit()
-            return
-        self._fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True))
-
-    def _on_presence(self, presence: Presence) -> None:
-        for plan in self._by_node.get(presence.id, ()):
-            trigger = plan.spec.trigger
-            if isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
-                # `since` is the transition's own time, the same in every copy: one fire row per transition.
-                self._event(plan, presence.since)
-
-    def _on_run_status(self, status: RunStatus) -> None:
-        if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
-            return
-        owner = automation_of_run(status.run_id)  # one of ours ended: a queued fire may start
-        plan = None if owner is None else self._planned.get(owner)
-        if plan is not None and plan.spec.mode == "queued":
-            self._drain(plan)  # the database says whether its run really ended
-        for plan in self._by_script.get(status.script, ()):
-            trigger = plan.spec.trigger
-            assert isinstance(trigger, RunFinished)
-            if status.state in trigger.states:
-                self._event(plan, status.finished_at)
-
-    def _on_values(self, node_id: int, values: dict[str, Any]) -> None:
-        self._values[node_id] = values
-        for plan in self._by_node.get(node_id, ()):
-            trigger = plan.spec.trigger
-            if isinstance(trigger, NodeValue):
-                self._on_value(plan, trigger, values)
-
-    def _on_value(self, plan: Planned, trigger: NodeValue, values: dict[str, Any]) -> None:
-        if trigger.key not in values:
-            return
-        value = values[trigger.key]
-        if trigger.below is None and trigger.above is None:
-            self._value_changed(plan, value)
-        elif type(value) is int:
-            self._value_crossed(plan, trigger, value)
-
-    def _trigger_row(self, session: Session, plan: Planned, armed: bool, value: Any) -> AutomationTrigger | None:
-        """The trigger's row; None at its first sight of this definition (then written, and nothing fires)."""
-        row = session.get(AutomationTrigger, plan.id)
-        if row is None:
-            session.add(
-                AutomationTrigger(automation_id=plan.id, armed=armed, value=json.dumps(value), version=plan.version)
-            )
-            try:
-                session.commit()
-            except IntegrityError:  # another scheduler saw it first
-                session.rollback()
-                return session.get(AutomationTrigger, plan.id)
-            return None
-        if row.version != plan.version:  # the definition changed: its threshold is seen afresh
-            table = AutomationTrigger.__table__.c
-            session.execute(
-                update(AutomationTrigger)
-                .where((table.automation_id == plan.id) & (table.version == row.version))
-                .values(armed=armed, value=json.dumps(value), version=plan.version)
-            )
-            session.commit()
-            return None
-        return row
-
-    def _value_changed(self, plan: Planned, value: Any) -> None:
-        seen = json.dumps(value)
-        known = self._seen.get(plan.id)
-        if known is not None and known[0] == plan.version and known[2] == seen:
-            return
-        self._seen[plan.id] = (plan.version, True, seen)  # whoever writes it, the row holds `seen` after this
-        with self.sessions() as session:
-            row = self._trigger_row(session, plan, True, value)
-            if row is None or row.value == seen:
-                return
-            before = row.value
-
-        def fence(session: Session) -> bool:  # from what this scheduler saw to the new value: once
-            table = AutomationTrigger.__table__.c
-            moved = session.execute(
-                update(AutomationTrigger)
-                .where((table.automation_id == plan.id) & (table.value == before))
-                .values(value=seen)
-            ).rowcount  # type: ignore[attr-defined]
-            return bool(moved)
-
-        self._event(plan, self.now(), fence)
-
-    def _value_crossed(self, plan: Planned, trigger: NodeValue, value: int) -> None:
-        known = self._seen.get(plan.id)
-        if known is not None and known[0] == plan.version:
-            was_armed = known[1]  # as this scheduler last left the row: the fences below check it
-        else:
-            with self.sessions() as session:
-                past, _ = crossing(trigger, value, True)
-                row = self._trigger_row(session, plan, not past, value)
-                if row is None:
-                    self._seen[plan.id] = (plan.version, not past, "")
-                    return  # first sight: already past the threshold is no crossing
-                was_armed = row.armed
-        fires, armed = crossing(trigger, value, was_armed)
-        self._seen[plan.id] = (plan.version, armed, "")
-        if not fires:
-            if armed != was_armed:  # back past the hysteresis: armed again
-                with self.sessions() as session:
-                    table = AutomationTrigger.__table__.c
-                    session.execute(
-                        update(AutomationTrigger)
-                        .where((table.automation_id == plan.id) & (table.armed == was_armed))
-                        .values(armed=armed)
-                    )
-                    session.commit()
-            return
-
-        def fence(session: Session) -> bool:  # the crossing that disarms it: one scheduler's
-            table = AutomationTrigger.__table__.c
-            moved = session.execute(
-                update(AutomationTrigger)
-                .where((table.automation_id == plan.id) & table.armed)
-                .values(armed=False, value=json.dumps(value))
-            ).rowcount  # type: ignore[attr-defined]
-            return bool(moved)
-
-        self._event(plan, self.now(), fence)
 
     def _publish_plan(self, plan: Planned) -> None:
         state = AutomationState(plan.id, plan.spec, plan.next_due)

@@ -187,7 +187,7 @@ def test_two_schedulers_fire_each_due_time_once(database):
     assert sorted(r.run_id for r in requests) == sorted(f.run_id for f in fires(database))  # each once
     assert {r.requested_by for r in requests} == {"automation:tick"} and requests[0].params == ("lamp", "on")
     # The second scheduler's first plan starts after the first fire; each later due time it tried too.
-    assert sum(s.fired for s, _ in pair) == 10 and sum(s.fired_elsewhere for s, _ in pair) == 9
+    assert sum(s.counts.fired for s, _ in pair) == 10 and sum(s.counts.fired_elsewhere for s, _ in pair) == 9
     with database.session() as session:  # the run rows hold the requests, for the recorders to resend
         runs = session.scalars(select(Run).where(Run.run_id.like(f"auto-{automation_id}-%"))).all()
         assert len(runs) == 10 and all(run.state == "queued" and run.request for run in runs)

@@ -65,7 +65,7 @@ def test_one_automation_that_cannot_be_planned_fails_alone(database, monkeypatch
         clock.advance(60)
     planner.tick()
     assert {fire.automation_id for fire in fires(database)} == {healthy}
-    assert len(fires(database)) == 3 and planner.failed == 1
+    assert len(fires(database)) == 3 and planner.counts.failed == 1
     with database.session() as session:
         shown = {a["name"]: a for a in describe_all(session, None, START)}
         assert "OverflowError" in shown["broken"]["failure"]

@@ -62,7 +62,7 @@ def test_the_project_table_installs_every_folder_and_the_hacer_command():
 
 # Classes being taken apart into parts with one job each (issue 29), at their size then: they may
 # only shrink, and no other class may pass 300 lines.
-BEING_SPLIT = {"scheduler/service.py:Scheduler": 589, "hacer/bus.py:Bus": 434}
+BEING_SPLIT = {"hacer/bus.py:Bus": 434}
 
 
 def test_no_class_passes_300_lines():

@@ -1,0 +1,229 @@
+"""A fire in the database: one transaction, an `automation_fire` row unique per (automation, due
+time) and its run's row holding the request; the request is published after the commit.
+
+Cooldown and modes are fences: one conditional UPDATE of the automation's row decides, however
+many schedulers see the same event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hacer import runstates
+from hacer.automations import AutomationFired, fire_run_id
+from hacer.bus import Bus, BusError
+from hacer.messages import RunRequest
+from hacer.models import Automation, AutomationFire, Run, aware_utc, naive_utc
+from hacer.topics import Topics
+from scheduler.plans import Counts, Planned
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
+Fence = Callable[[Session], bool]
+Verdict = Literal["fire", "hold", "queue"]
+
+
+class Firer:
+    """Fires automations' due times, each once whichever scheduler gets there first."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        topics: Topics,
+        sessions: sessionmaker[Session],
+        scheduler_id: str,
+        now: Callable[[], datetime],
+        counts: Counts,
+    ) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.sessions = sessions
+        self.scheduler_id = scheduler_id
+        self.now = now
+        self.counts = counts
+
+    def fire_batch(self, batch: list[tuple[Planned, datetime, bool]]) -> None:
+        """Fire time triggers due together in one transaction (a burst at :00 costs one commit).
+
+        If any of them was fired by another scheduler the batch is undone and each is fired alone.
+        """
+        fired_at = naive_utc(self.now())
+        fires = [self._fire_rows(plan, due, late, fired_at) for plan, due, late in batch]
+        with self.sessions() as session:
+            try:
+                session.execute(insert(AutomationFire), [fire for fire, _, _ in fires])
+                session.execute(insert(Run), [run for _, run, _ in fires])
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                for plan, due, late in batch:
+                    self.fire(plan, due, late)
+                return
+        for (plan, due, late), (_, run, payload) in zip(batch, fires, strict=True):
+            self._fired(plan, due, late, run["run_id"], payload)
+
+    def fire(self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None) -> bool:
+        """Fire one due time, unless another scheduler did (the unique fire row decides) or a fence holds.
+
+        `fence` runs first in the same transaction: False ends it there (its own changes kept).
+        """
+        fired_at = naive_utc(self.now())
+        fire, run, payload = self._fire_rows(plan, due, late, fired_at)
+        verdict, replaced = "fire", None
+        with self.sessions() as session:
+            if fence is not None:
+                verdict, replaced = (
+                    self._bus_fences(session, plan, run["run_id"], fired_at) if fence(session) else ("hold", None)
+                )
+            if verdict != "fire":
+                try:
+                    if verdict == "queue":
+                        self._queue(session, plan, fire)
+                    session.commit()  # what the fences spent (a disarmed crossing) stays spent
+                except IntegrityError:  # another scheduler queued this very fire
+                    self.counts.fired_elsewhere += 1
+                return False
+            try:
+                session.execute(insert(AutomationFire).values(fire))
+                session.execute(insert(Run).values(run))
+                session.commit()
+            except IntegrityError:
+                self.counts.fired_elsewhere += 1
+                log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
+                return False
+        self._fired(plan, due, late, run["run_id"], payload)
+        if replaced is not None:  # mode restart: the run this one replaces is cancelled
+            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, replaced)
+            try:
+                self.bus.publish(self.topics.build("run_cancel", replaced), b"", block=False)
+            except BusError as exc:
+                log.warning("run %s not cancelled (%s)", replaced, exc)
+        return True
+
+    def drain(self, plan: Planned) -> None:
+        """Start a `queued` automation's oldest waiting fire once its last run has ended (one scheduler does)."""
+        fired_at = naive_utc(self.now())
+        with self.sessions() as session:
+            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
+            if active is not None and self._busy(session, active):
+                return
+            waiting = session.scalars(
+                select(AutomationFire)
+                .where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+                .order_by(AutomationFire.due_at)
+                .limit(1)
+            ).first()
+            if waiting is None:
+                return
+            row = Automation.__table__.c
+            guard = (row.id == plan.id) & (row.active_run.is_(None) if active is None else row.active_run == active)
+            if not session.execute(
+                update(Automation).where(guard).values(active_run=waiting.run_id, last_fired_at=fired_at)
+            ).rowcount:  # type: ignore[attr-defined]
+                return  # another scheduler started it
+            due = aware_utc(waiting.due_at)
+            _, run, payload = self._fire_rows(plan, due, waiting.late, fired_at)
+            waiting.pending = False
+            session.execute(insert(Run).values(run))
+            session.commit()
+        self._fired(plan, due, waiting.late, run["run_id"], payload)
+
+    def _fire_rows(
+        self, plan: Planned, due: datetime, late: bool, fired_at: datetime
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        """A fire's row, its run's row (holding the request) and the request's payload."""
+        spec = plan.spec
+        run_id = fire_run_id(plan.id, due)
+        request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
+        payload = request.to_payload()
+        fire = {
+            "automation_id": plan.id,
+            "due_at": naive_utc(due),
+            "fired_at": fired_at,
+            "run_id": run_id,
+            "scheduler": self.scheduler_id,
+            "late": late,
+        }
+        run = {
+            "run_id": run_id,
+            "script": spec.script,
+            "params": json.dumps(list(spec.params)),
+            "state": runstates.QUEUED,
+            "runner": "",
+            "requested_by": request.requested_by,
+            "request": payload.decode(),
+            "requested_at": fired_at,
+        }
+        return fire, run, payload
+
+    def _fired(self, plan: Planned, due: datetime, late: bool, run_id: str, payload: bytes) -> None:
+        """Tell a committed fire: its run request, and the fire itself."""
+        self.counts.fired += 1
+        log.info("automation %s (%s): fired run %s for %s", plan.id, plan.spec.name, run_id, due.isoformat())
+        fired = AutomationFired(plan.id, plan.spec.name, due, run_id, self.scheduler_id, late)
+        try:
+            self.bus.publish(self.topics.build("run_request"), payload, block=False)
+            self.bus.publish(self.topics.build("automation_fired", plan.id), fired.to_payload(), block=False)
+        except BusError as exc:  # the run's row holds the request: the recorders send it again
+            log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
+
+    @staticmethod
+    def _busy(session: Session, run_id: str) -> bool:
+        state = session.scalar(select(Run.state).where(Run.run_id == run_id))
+        return state is not None and state not in runstates.FINISHED_STATES
+
+    def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> None:
+        """Keep a `queued` automation's fire, without its run, until the runs before it end."""
+        waiting = session.scalar(
+            select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+        )
+        if (waiting or 0) >= MAX_QUEUED:
+            self.counts.held_back += 1
+            log.warning("automation %s (%s): %d fires wait already, this one dropped", plan.id, plan.spec.name, waiting)
+            return
+        session.execute(insert(AutomationFire).values({**fire, "pending": True}))
+        self.counts.queued += 1
+
+    def _bus_fences(
+        self, session: Session, plan: Planned, run_id: str, fired_at: datetime
+    ) -> tuple[Verdict, str | None]:
+        """Cooldown and modes, decided by one conditional UPDATE of the automation's row.
+
+        Returns what to do with the fire, and (mode `restart`) the run it replaces.
+        """
+        spec, row = plan.spec, Automation.__table__.c
+        if not spec.cooldown and spec.mode == "parallel":
+            return "fire", None  # nothing to fence
+        guard, replaced = row.id == plan.id, None
+        if spec.cooldown:
+            cutoff = fired_at - timedelta(seconds=spec.cooldown)
+            guard &= row.last_fired_at.is_(None) | (row.last_fired_at <= cutoff)
+        if spec.mode != "parallel":
+            active = session.scalar(select(Automation.active_run).where(Automation.id == plan.id))
+            waiting = spec.mode == "queued" and session.scalar(
+                select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
+            )
+            if waiting or (active is not None and self._busy(session, active)):
+                if spec.mode == "queued":
+                    return "queue", None  # it waits for the runs before it
+                if spec.mode == "single":
+                    self.counts.held_back += 1
+                    return "hold", None
+                replaced = active
+            guard &= row.active_run.is_(None) if active is None else row.active_run == active
+        moved = session.execute(
+            update(Automation).where(guard).values(last_fired_at=fired_at, active_run=run_id)
+        ).rowcount  # type: ignore[attr-defined]
+        if not moved:
+            self.counts.held_back += 1
+            return "hold", None
+        return "fire", replaced

@@ -1,0 +1,226 @@
+"""Bus triggers: a node's presence or value, a run's end, fed to the automations they concern.
+
+A value trigger keeps its last value and its hysteresis (armed or not) in `automation_trigger`,
+moved by conditional UPDATEs: one scheduler's crossing, one fire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hacer import runstates
+from hacer.automations import NodePresence, NodeValue, RunFinished, automation_of_run, conditions_hold, crossing
+from hacer.bus import Message
+from hacer.messages import MessageError, NodeValues, Presence, RunStatus
+from hacer.models import AutomationTrigger
+from hacer.topics import TopicError, Topics
+from scheduler.firing import Fence, Firer
+from scheduler.plans import Counts, Planned
+
+log = logging.getLogger(__name__)
+
+
+class BusTriggers:
+    """Feeds bus events to the automations they may trigger, through the Firer."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        sessions: sessionmaker[Session],
+        firer: Firer,
+        planned: Callable[[int], Planned | None],
+        now: Callable[[], datetime],
+        counts: Counts,
+    ) -> None:
+        self.topics = topics
+        self.sessions = sessions
+        self.firer = firer
+        self.planned = planned
+        self.now = now
+        self.counts = counts
+        self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
+        self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
+        self._by_script: dict[str, list[Planned]] = {}
+        # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
+        # A message that changes nothing there needs no database; a stale copy only costs a failed fence.
+        self._seen: dict[int, tuple[datetime, bool, str]] = {}
+
+    def index(self, planned: Iterable[Planned], fresh: Iterable[Planned]) -> None:
+        """Know which plans each node and script concern; `fresh` ones see a node's known value now."""
+        self._by_node, self._by_script = {}, {}
+        for plan in planned:
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodePresence | NodeValue):
+                self._by_node.setdefault(trigger.node, []).append(plan)
+            elif isinstance(trigger, RunFinished):
+                self._by_script.setdefault(trigger.script, []).append(plan)
+        for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
+            if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
+                self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
+
+    def handle(self, message: Message) -> None:
+        """Feed a bus event to the automations it may trigger."""
+        try:
+            name, arg = self.topics.parse(message.topic)
+            if not message.payload:
+                return
+            if name == "node_state":
+                self._on_values(self.topics.node_id(message.topic), NodeValues.from_payload(message.payload).values)
+            elif name == "node_presence":
+                presence = Presence.from_payload(message.payload)
+                if presence.id != self.topics.node_id(message.topic):
+                    raise MessageError("the topic names another node")
+                self._on_presence(presence)
+            elif name == "run_status":
+                status = RunStatus.from_payload(message.payload)
+                if status.run_id != arg:
+                    raise MessageError("the topic names another run")
+                self._on_run_status(status)
+        except (TopicError, MessageError) as exc:
+            log.debug("ignored %s: %s", message.topic, exc)
+
+    def _event(self, plan: Planned, due: datetime, fence: Fence | None = None) -> None:
+        """A bus event for `plan` at `due`: fired within grace, else as its `missed` policy says."""
+        now = self.now()
+        if due <= plan.since:
+            return  # before the automation (or its last change) existed
+        lateness = (now - due).total_seconds()
+        if lateness > plan.spec.grace and not (plan.spec.missed == "run_once" and lateness <= plan.spec.catch_up):
+            self.counts.skipped += 1
+            return
+        if not conditions_hold(plan.spec, now, self._values):
+            self.counts.held_back += 1
+            if fence is not None:  # the event is still spent: a crossing fires again only after re-arming
+                with self.sessions() as session:
+                    fence(session)
+                    session.commit()
+            return
+        self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True))
+
+    def _on_presence(self, presence: Presence) -> None:
+        for plan in self._by_node.get(presence.id, ()):
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
+                # `since` is the transition's own time, the same in every copy: one fire row per transition.
+                self._event(plan, presence.since)
+
+    def _on_run_status(self, status: RunStatus) -> None:
+        if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
+            return
+        owner = automation_of_run(status.run_id)  # one of ours ended: a queued fire may start
+        plan = None if owner is None else self.planned(owner)
+        if plan is not None and plan.spec.mode == "queued":
+            self.firer.drain(plan)  # the database says whether its run really ended
+        for plan in self._by_script.get(status.script, ()):
+            trigger = plan.spec.trigger
+            assert isinstance(trigger, RunFinished)
+            if status.state in trigger.states:
+                self._event(plan, status.finished_at)
+
+    def _on_values(self, node_id: int, values: dict[str, Any]) -> None:
+        self._values[node_id] = values
+        for plan in self._by_node.get(node_id, ()):
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodeValue):
+                self._on_value(plan, trigger, values)
+
+    def _on_value(self, plan: Planned, trigger: NodeValue, values: dict[str, Any]) -> None:
+        if trigger.key not in values:
+            return
+        value = values[trigger.key]
+        if trigger.below is None and trigger.above is None:
+            self._value_changed(plan, value)
+        elif type(value) is int:
+            self._value_crossed(plan, trigger, value)
+
+    def _trigger_row(self, session: Session, plan: Planned, armed: bool, value: Any) -> AutomationTrigger | None:
+        """The trigger's row; None at its first sight of this definition (then written, and nothing fires)."""
+        row = session.get(AutomationTrigger, plan.id)
+        if row is None:
+            session.add(
+                AutomationTrigger(automation_id=plan.id, armed=armed, value=json.dumps(value), version=plan.version)
+            )
+            try:
+                session.commit()
+            except IntegrityError:  # another scheduler saw it first
+                session.rollback()
+                return session.get(AutomationTrigger, plan.id)
+            return None
+        if row.version != plan.version:  # the definition changed: its threshold is seen afresh
+            table = AutomationTrigger.__table__.c
+            session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & (table.version == row.version))
+                .values(armed=armed, value=json.dumps(value), version=plan.version)
+            )
+            session.commit()
+            return None
+        return row
+
+    def _value_changed(self, plan: Planned, value: Any) -> None:
+        seen = json.dumps(value)
+        known = self._seen.get(plan.id)
+        if known is not None and known[0] == plan.version and known[2] == seen:
+            return
+        self._seen[plan.id] = (plan.version, True, seen)  # whoever writes it, the row holds `seen` after this
+        with self.sessions() as session:
+            row = self._trigger_row(session, plan, True, value)
+            if row is None or row.value == seen:
+                return
+            before = row.value
+
+        def fence(session: Session) -> bool:  # from what this scheduler saw to the new value: once
+            table = AutomationTrigger.__table__.c
+            moved = session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & (table.value == before))
+                .values(value=seen)
+            ).rowcount  # type: ignore[attr-defined]
+            return bool(moved)
+
+        self._event(plan, self.now(), fence)
+
+    def _value_crossed(self, plan: Planned, trigger: NodeValue, value: int) -> None:
+        known = self._seen.get(plan.id)
+        if known is not None and known[0] == plan.version:
+            was_armed = known[1]  # as this scheduler last left the row: the fences below check it
+        else:
+            with self.sessions() as session:
+                past, _ = crossing(trigger, value, True)
+                row = self._trigger_row(session, plan, not past, value)
+                if row is None:
+                    self._seen[plan.id] = (plan.version, not past, "")
+                    return  # first sight: already past the threshold is no crossing
+                was_armed = row.armed
+        fires, armed = crossing(trigger, value, was_armed)
+        self._seen[plan.id] = (plan.version, armed, "")
+        if not fires:
+            if armed != was_armed:  # back past the hysteresis: armed again
+                with self.sessions() as session:
+                    table = AutomationTrigger.__table__.c
+                    session.execute(
+                        update(AutomationTrigger)
+                        .where((table.automation_id == plan.id) & (table.armed == was_armed))
+                        .values(armed=armed)
+                    )
+                    session.commit()
+            return
+
+        def fence(session: Session) -> bool:  # the crossing that disarms it: one scheduler's
+            table = AutomationTrigger.__table__.c
+            moved = session.execute(
+                update(AutomationTrigger)
+                .where((table.automation_id == plan.id) & table.armed)
+                .values(armed=False, value=json.dumps(value))
+            ).rowcount  # type: ignore[attr-defined]
+            return bool(moved)
+
+        self._event(plan, self.now(), fence)
