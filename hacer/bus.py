@@ -9,6 +9,8 @@ logged and counted, never raised into paho.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -20,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # paho imports dnspython when it is installed (eventlet brings it), for connect_srv(), which hacer
@@ -71,6 +73,7 @@ class Message:
 
 Handler = Callable[[Message], None]
 T = TypeVar("T")
+H = TypeVar("H")
 
 
 def payload_decoder(from_payload: Callable[[bytes], T]) -> Callable[[Message], T]:
@@ -180,6 +183,7 @@ class _Client(paho.Client):
     """
 
     quickack = False
+    connect_properties: Properties | None = None  # CONNECT's, as connect_async takes them
     direct_writes = False  # a plain TCP socket: other threads may write to it (see _packet_queue)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -341,6 +345,165 @@ class _Subscription:
     send_retained: bool
     manual_ack: bool = False
 
+    def options(self) -> SubscribeOptions:
+        return SubscribeOptions(
+            qos=self.qos,
+            noLocal=self.no_local,
+            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+            if self.send_retained
+            else SubscribeOptions.RETAIN_DO_NOT_SEND,
+        )
+
+
+class _Subscriptions:
+    """The registered subscriptions (renewed on each connect), and the dispatch of a message to each match."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._all: list[_Subscription] = []
+
+    def add(self, sub: _Subscription) -> None:
+        with self._lock:
+            self._all.append(sub)
+
+    def remove(self, topic_filter: str) -> None:
+        with self._lock:
+            self._all = [s for s in self._all if s.topic_filter != topic_filter]
+
+    def all(self) -> list[_Subscription]:
+        with self._lock:
+            return list(self._all)
+
+    def dispatch(self, message: Message) -> tuple[bool, int]:
+        """Hand a message to every matching handler: (whether one acknowledges it itself, handlers that failed)."""
+        acked_by_handler, failed = False, 0
+        for sub in self.all():
+            if not paho.topic_matches_sub(sub.match_filter, message.topic):
+                continue
+            acked_by_handler |= sub.manual_ack
+            try:
+                sub.handler(message)
+            except Exception:
+                failed += 1
+                log.exception("handler for %s failed on payload %r", message.topic, message.payload[:200])
+        return acked_by_handler, failed
+
+
+class _Hooks(Generic[H]):
+    """Callbacks for an event; one that raises is logged and counted, and the others still run."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self._hooks: list[Callable[[H], None]] = []
+
+    def add(self, hook: Callable[[H], None]) -> None:
+        self._hooks.append(hook)
+
+    def remove(self, hook: Callable[[H], None]) -> None:
+        self._hooks.remove(hook)
+
+    def call(self, argument: H) -> int:
+        """Call each hook with `argument`; return how many failed."""
+        failed = 0
+        for hook in list(self._hooks):  # a requester may remove its hook meanwhile
+            try:
+                hook(argument)
+            except Exception:
+                failed += 1
+                log.exception("%s hook %r failed", self.event, hook)
+        return failed
+
+
+class _SyncMarkers:
+    """Markers a client publishes to itself: one back says every message queued before it was handled."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, threading.Event] = {}
+
+    def wait(self, send: Callable[[str], object], received: Callable[[], int], timeout: float) -> None:
+        """`send` a new marker and wait for it; BusError when `timeout` seconds pass with nothing `received`."""
+        token, arrived = uuid.uuid4().hex, threading.Event()
+        self._waiting[token] = arrived
+        try:
+            send(token)
+            seen = -1
+            while not arrived.wait(timeout):
+                if received() == seen:
+                    raise BusError(f"sync marker not back and nothing received for {timeout} s")
+                seen = received()
+        finally:
+            self._waiting.pop(token, None)
+
+    def arrived(self, message: Message) -> None:
+        waiter = self._waiting.get(message.payload.decode(errors="replace"))
+        if waiter is not None:
+            waiter.set()
+
+
+class _InFlight:
+    """The QoS 1 publishes waiting for the broker's acknowledgement, at most `limit` of them.
+
+    Never hold the lock while calling paho: paho holds its own while calling on_publish, which
+    may even run before publish() returns the mid; `_early_acks` catches those.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._pending: set[int] = set()
+        self._pending_qos0: set[int] = set()
+        self._early_acks: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def publish(
+        self,
+        client: paho.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None,
+        block: bool,
+        timeout: float,
+    ) -> paho.MQTTMessageInfo | None:
+        """Publish through `client` once a place is free: None if none freed at once (without block)."""
+        if qos > 0 and not self._free.acquire(blocking=block, timeout=timeout if block else None):
+            if block:
+                raise BusError(f"broker confirmed nothing for {timeout} s")
+            return None
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0 and info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            self._free.release()
+            raise BusError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
+        with self._lock:
+            if info.mid in self._early_acks:
+                self._early_acks.discard(info.mid)
+                if qos > 0:
+                    self._free.release()
+            elif qos > 0:
+                self._pending.add(info.mid)
+            elif info.rc == paho.MQTT_ERR_SUCCESS:
+                self._pending_qos0.add(info.mid)
+        return info
+
+    def acknowledged(self, mid: int) -> None:
+        """The broker acknowledged `mid` (or paho sent a QoS 0 one)."""
+        with self._lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+                self._free.release()
+            elif mid in self._pending_qos0:
+                self._pending_qos0.discard(mid)
+            else:
+                self._early_acks.add(mid)
+
+    def disconnected(self) -> None:
+        """Unsent QoS 0 messages are dropped without a callback: forget them."""
+        with self._lock:
+            self._pending_qos0.clear()
+
 
 class Bus:
     """One MQTT connection with its subscriptions, birth and will; see the module docstring."""
@@ -379,57 +542,31 @@ class Bus:
         self.messages_received = 0
         self.too_large = 0
         self.max_packet = MQTT_MAX_PACKET
-        self._subscriptions: list[_Subscription] = []
-        self._connect_hooks: list[Callable[[bool], None]] = []
-        self._drained_hooks: list[Callable[[], None]] = []
-        self._unconfirmed = threading.BoundedSemaphore(max_unconfirmed)
-        self._pending_mids: set[int] = set()
-        self._pending_qos0: set[int] = set()
-        self._early_acks: set[int] = set()
-        self._lock = threading.RLock()
+        self._subscriptions = _Subscriptions()
+        self._connect_hooks: _Hooks[bool] = _Hooks("connect")
+        self._drained_hooks: _Hooks[None] = _Hooks("drained")
+        self._in_flight = _InFlight(max_unconfirmed)
         self._connected = threading.Event()
-        self._sync_waiters: dict[str, threading.Event] = {}
+        self._markers = _SyncMarkers()
         self._client: paho.Client | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect in the background; reconnects by itself until stop()."""
-        client = _Client(
-            paho.CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv5,
-            transport="websockets" if self.address.transport == "websockets" else "tcp",
-            reconnect_on_failure=True,
-            manual_ack=self.manual_ack,
-        )
-        if self.address.transport == "websockets":
-            client.ws_set_options(path=self.address.path)
-        if self.address.tls:
-            client.tls_set(ca_certs=self.address.ca_file, cert_reqs=ssl.CERT_REQUIRED)
-        if self.address.username:
-            client.username_pw_set(self.address.username, self.address.password)
+        client = _new_client(self.address, self.client_id, self.manual_ack, self.session_expiry)
         if self.presence_topic:
             client.will_set(self.presence_topic, self.will, qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=0.1, max_delay=5)  # type: ignore[arg-type]
-        client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
-        client.on_socket_open = self._on_socket_open
-        client.on_drained = self._drained
+        client.on_socket_open = functools.partial(_tune_socket, self.send_from_caller)
+        client.on_drained = lambda: self._call(self._drained_hooks, None)
         self._client = client
-        self.subscribe(self.topics.build("client_sync", self.client_id), self._on_sync, qos=1)
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = self.session_expiry
-        client.connect_async(
-            self.address.host,
-            self.address.port,
-            keepalive=self.keepalive,
-            clean_start=self.clean_start,
-            properties=properties,
-        )
+        self.subscribe(self.topics.build("client_sync", self.client_id), self._markers.arrived, qos=1)
+        client.connect_async(self.address.host, self.address.port, self.keepalive, clean_start=self.clean_start,
+                             properties=client.connect_properties)  # fmt: skip
         client.loop_start()
 
     def stop(self, timeout: float = 5.0, end_session: bool = False) -> None:
@@ -443,10 +580,8 @@ class Bus:
             return
         if self.presence_topic and self.connected:
             info = client.publish(self.presence_topic, self.will, qos=1, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
         properties = None
         if end_session:
             properties = Properties(PacketTypes.DISCONNECT)
@@ -467,7 +602,7 @@ class Bus:
 
     def on_connect(self, hook: Callable[[bool], None]) -> None:
         """Call `hook(session_present)` after every connect, once subscriptions are renewed."""
-        self._connect_hooks.append(hook)
+        self._connect_hooks.add(hook)
 
     def remove_connect_hook(self, hook: Callable[[bool], None]) -> None:
         """Stop calling a hook given to on_connect."""
@@ -475,15 +610,10 @@ class Bus:
 
     def on_drained(self, hook: Callable[[], None]) -> None:
         """Call `hook()` after each burst of messages, once every message already received is handled."""
-        self._drained_hooks.append(hook)
+        self._drained_hooks.add(lambda _: hook())
 
-    def _drained(self) -> None:
-        for hook in self._drained_hooks:
-            try:
-                hook()
-            except Exception:
-                self.handler_errors += 1
-                log.exception("drained hook %r failed", hook)
+    def _call(self, hooks: _Hooks[H], argument: H) -> None:
+        self.handler_errors += hooks.call(argument)
 
     # --- subscribe / publish ---------------------------------------------------------------
 
@@ -515,10 +645,9 @@ class Bus:
             raise BusError("manual_ack subscriptions need a Bus made with manual_ack=True")
         match_filter = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
         sub = _Subscription(topic_filter, match_filter, qos, handler, no_local, send_retained, manual_ack)
-        with self._lock:
-            self._subscriptions.append(sub)
+        self._subscriptions.add(sub)
         if self.connected and self._client is not None:
-            self._client.subscribe(topic_filter, options=self._options(sub))
+            self._client.subscribe(topic_filter, options=sub.options())
 
     def subscribe_decoded(
         self, topic_filter: str, decode: Callable[[Message], T], handler: Callable[[T], None], **options: Any
@@ -528,8 +657,7 @@ class Bus:
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Drop every registration of `topic_filter`."""
-        with self._lock:
-            self._subscriptions = [s for s in self._subscriptions if s.topic_filter != topic_filter]
+        self._subscriptions.remove(topic_filter)
         if self._client is not None:
             self._client.unsubscribe(topic_filter)
 
@@ -563,15 +691,7 @@ class Bus:
         if not self.connected:  # not queued for the reconnect: a caller that retries would pile them up
             raise BusError("publish not confirmed: not connected")
         sent = [(topic, self._publish(topic, payload, 1, retain, None, True, timeout)) for topic, payload in messages]
-        deadline = time.monotonic() + timeout
-        for topic, info in sent:
-            assert info is not None  # blocking publishes return one or raise
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError) as exc:  # disconnected since: paho sends it on reconnect
-                raise BusError(f"publish to {topic} not confirmed: {exc}") from None
-            if not info.is_published():
-                raise BusError(f"publish to {topic} not confirmed within {timeout} s")
+        _wait_published(sent, timeout)
 
     def _publish(
         self,
@@ -592,9 +712,8 @@ class Bus:
             raise BusError("bus is not started")
         if isinstance(payload, str):
             payload = payload.encode()
-        size = len(payload) + len(correlation or b"") + len(response_topic or "") * 4 + PUBLISH_OVERHEAD
-        # 4 bytes a character bound the topic's UTF-8 length: encode it only when that may matter.
-        if size + 4 * len(topic) > self.max_packet and (size := size + len(topic.encode())) > self.max_packet:
+        size = _size_over(self.max_packet, topic, payload, correlation, response_topic)
+        if size:
             self.too_large += 1
             log.warning(
                 "dropped a %d-byte publish to %s: the broker accepts at most %d bytes", size, topic, self.max_packet
@@ -602,35 +721,8 @@ class Bus:
             raise MessageTooLarge(
                 f"{size} bytes for {topic} is more than the broker's limit of {self.max_packet} bytes"
             )
-        properties = None
-        if correlation is not None or response_topic is not None or expiry is not None:
-            properties = Properties(PacketTypes.PUBLISH)
-            if correlation is not None:
-                properties.CorrelationData = correlation
-            if response_topic is not None:
-                properties.ResponseTopic = response_topic
-            if expiry is not None:  # seconds the broker keeps it for an absent subscriber
-                properties.MessageExpiryInterval = expiry
-        if qos > 0 and not self._unconfirmed.acquire(blocking=block, timeout=timeout if block else None):
-            if block:
-                raise BusError(f"broker confirmed nothing for {timeout} s")
-            return None
-        # Never hold our lock while calling paho: paho holds its own while calling on_publish,
-        # which may even run before publish() returns the mid; `_early_acks` catches those.
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if qos > 0 and info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-            self._unconfirmed.release()
-            raise BusError(f"publish to {topic} refused: {paho.error_string(info.rc)}")
-        with self._lock:
-            if info.mid in self._early_acks:
-                self._early_acks.discard(info.mid)
-                if qos > 0:
-                    self._unconfirmed.release()
-            elif qos > 0:
-                self._pending_mids.add(info.mid)
-            elif info.rc == paho.MQTT_ERR_SUCCESS:
-                self._pending_qos0.add(info.mid)
-        return info
+        properties = _publish_properties(correlation, response_topic, expiry)
+        return self._in_flight.publish(client, topic, payload, qos, retain, properties, block, timeout)
 
     def ack(self, message: Message) -> None:
         """Acknowledge a message received through a manual_ack subscription."""
@@ -641,7 +733,7 @@ class Bus:
     @property
     def unconfirmed(self) -> int:
         """How many QoS 1 publishes wait for the broker's acknowledgement."""
-        return len(self._pending_mids)
+        return len(self._in_flight)
 
     def sync(self, timeout: float = 10.0) -> None:
         """Wait until every message the broker queued for us before this call has been handled.
@@ -651,37 +743,10 @@ class Bus:
         Raises BusError when `timeout` seconds pass with no message arriving at all (a big
         retained table may take longer than that in total).
         """
-        token = uuid.uuid4().hex
-        arrived = threading.Event()
-        self._sync_waiters[token] = arrived
-        try:
-            self.publish(self.topics.build("client_sync", self.client_id), token, qos=1)
-            seen = -1
-            while not arrived.wait(timeout):
-                if self.messages_received == seen:
-                    raise BusError(f"sync marker not back and nothing received for {timeout} s")
-                seen = self.messages_received
-        finally:
-            self._sync_waiters.pop(token, None)
+        topic = self.topics.build("client_sync", self.client_id)
+        self._markers.wait(lambda token: self.publish(topic, token, qos=1), lambda: self.messages_received, timeout)
 
     # --- paho callbacks (paho's thread: never block, never raise) --------------------------
-
-    def _options(self, sub: _Subscription) -> SubscribeOptions:
-        return SubscribeOptions(
-            qos=sub.qos,
-            noLocal=sub.no_local,
-            retainHandling=SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
-            if sub.send_retained
-            else SubscribeOptions.RETAIN_DO_NOT_SEND,
-        )
-
-    def _on_socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
-        # paho leaves Nagle on, which stalls the first messages of a stream by ~40 ms.
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if isinstance(client, _Client):
-                client.quickack = True
-                client.direct_writes = self.send_from_caller and type(sock) is socket.socket
 
     def _on_connect(
         self,
@@ -695,10 +760,9 @@ class Bus:
             log.warning("broker %s:%s refused %s: %s", self.address.host, self.address.port, self.client_id, reason)
             return
         self.max_packet = getattr(properties, "MaximumPacketSize", None) or MQTT_MAX_PACKET
-        with self._lock:
-            subscriptions = list(self._subscriptions)
+        subscriptions = self._subscriptions.all()
         if subscriptions:
-            client.subscribe([(s.topic_filter, self._options(s)) for s in subscriptions])
+            client.subscribe([(s.topic_filter, s.options()) for s in subscriptions])
         if self.presence_topic:
             client.publish(self.presence_topic, self.birth, qos=1, retain=True)
         log.info(
@@ -709,41 +773,21 @@ class Bus:
             flags.session_present,
         )
         self._connected.set()
-        for hook in list(self._connect_hooks):  # a requester may remove its hook meanwhile
-            try:
-                hook(flags.session_present)
-            except Exception:
-                self.handler_errors += 1
-                log.exception("connect hook %r failed", hook)
+        self._call(self._connect_hooks, flags.session_present)
 
     def _on_disconnect(
         self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, properties: Properties | None
     ) -> None:
         self._connected.clear()
-        with self._lock:
-            self._pending_qos0.clear()  # unsent QoS 0 messages are dropped without a callback
+        self._in_flight.disconnected()
         if self._client is None:
             return
-        if reason == "Session taken over":
-            log.error(
-                "another client connected with the id %s: each process needs its own id "
-                "(set HACER_RUNNER_ID for a second runner on one host)",
-                self.client_id,
-            )
-        else:
-            log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason)
+        _log_disconnect(self.client_id, reason)
 
     def _on_publish(
         self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, properties: Properties | None
     ) -> None:
-        with self._lock:
-            if mid in self._pending_mids:
-                self._pending_mids.discard(mid)
-                self._unconfirmed.release()
-            elif mid in self._pending_qos0:
-                self._pending_qos0.discard(mid)
-            else:
-                self._early_acks.add(mid)
+        self._in_flight.acknowledged(mid)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         self.messages_received += 1
@@ -757,22 +801,86 @@ class Bus:
             response_topic=getattr(props, "ResponseTopic", None),
             mid=msg.mid,
         )
-        with self._lock:
-            subscriptions = list(self._subscriptions)
-        acked_by_handler = False
-        for sub in subscriptions:
-            if not paho.topic_matches_sub(sub.match_filter, message.topic):
-                continue
-            acked_by_handler |= sub.manual_ack
-            try:
-                sub.handler(message)
-            except Exception:
-                self.handler_errors += 1
-                log.exception("handler for %s failed on payload %r", message.topic, message.payload[:200])
+        acked_by_handler, failed = self._subscriptions.dispatch(message)
+        self.handler_errors += failed
         if self.manual_ack and not acked_by_handler and message.qos > 0:
             client.ack(msg.mid, msg.qos)
 
-    def _on_sync(self, message: Message) -> None:
-        waiter = self._sync_waiters.get(message.payload.decode(errors="replace"))
-        if waiter is not None:
-            waiter.set()
+
+def _new_client(address: BrokerAddress, client_id: str, manual_ack: bool, session_expiry: int) -> _Client:
+    """A paho client for `address`, not connected yet."""
+    client = _Client(
+        paho.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+        transport="websockets" if address.transport == "websockets" else "tcp",
+        reconnect_on_failure=True,
+        manual_ack=manual_ack,
+    )
+    if address.transport == "websockets":
+        client.ws_set_options(path=address.path)
+    if address.tls:
+        client.tls_set(ca_certs=address.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    if address.username:
+        client.username_pw_set(address.username, address.password)
+    client.reconnect_delay_set(min_delay=0.1, max_delay=5)  # type: ignore[arg-type]
+    client.max_inflight_messages_set(1000)
+    client.connect_properties = Properties(PacketTypes.CONNECT)
+    client.connect_properties.SessionExpiryInterval = session_expiry
+    return client
+
+
+def _log_disconnect(client_id: str, reason: ReasonCode) -> None:
+    if reason == "Session taken over":
+        log.error(
+            "another client connected with the id %s: each process needs its own id "
+            "(set HACER_RUNNER_ID for a second runner on one host)",
+            client_id,
+        )
+    else:
+        log.warning("%s lost the broker (%s); reconnecting", client_id, reason)
+
+
+def _publish_properties(correlation: bytes | None, response_topic: str | None, expiry: int | None) -> Properties | None:
+    """A publish's MQTT 5 properties; None when it has none."""
+    if correlation is None and response_topic is None and expiry is None:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    if correlation is not None:
+        properties.CorrelationData = correlation
+    if response_topic is not None:
+        properties.ResponseTopic = response_topic
+    if expiry is not None:  # seconds the broker keeps it for an absent subscriber
+        properties.MessageExpiryInterval = expiry
+    return properties
+
+
+def _tune_socket(send_from_caller: bool, client: paho.Client, userdata: object, sock: object) -> None:
+    """paho's on_socket_open: Nagle off (it stalled the first messages of a stream by ~40 ms), quick acks."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(client, _Client):
+            client.quickack = True
+            client.direct_writes = send_from_caller and type(sock) is socket.socket
+
+
+def _size_over(limit: int, topic: str, payload: bytes, correlation: bytes | None, response_topic: str | None) -> int:
+    """A publish's size in bytes if it is over the broker's `limit`, else 0."""
+    size = len(payload) + len(correlation or b"") + len(response_topic or "") * 4 + PUBLISH_OVERHEAD
+    # 4 bytes a character bound the topic's UTF-8 length: encode it only when that may matter.
+    if size + 4 * len(topic) > limit and (size := size + len(topic.encode())) > limit:
+        return size
+    return 0
+
+
+def _wait_published(sent: list[tuple[str, paho.MQTTMessageInfo | None]], timeout: float) -> None:
+    """Wait until the broker acknowledged every (topic, publish); BusError when one is not within `timeout`."""
+    deadline = time.monotonic() + timeout
+    for topic, info in sent:
+        assert info is not None  # blocking publishes return one or raise
+        try:
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as exc:  # disconnected since: paho sends it on reconnect
+            raise BusError(f"publish to {topic} not confirmed: {exc}") from None
+        if not info.is_published():
+            raise BusError(f"publish to {topic} not confirmed within {timeout} s")
