@@ -16,7 +16,7 @@ import sys
 from types import TracebackType
 from typing import Any
 
-from hacer import scripting
+import scripting
 from hacer.nodewire import ReplyDecoder, WireError
 
 

@@ -35,9 +35,9 @@ from hacer.bus import Bus  # noqa: E402
 from hacer.messages import RunRequest  # noqa: E402
 from hacer.models import Database, Run, ScriptLogEntry  # noqa: E402
 from hacer.parentdeath import child_env  # noqa: E402
-from hacer.runrequest import request_until_claimed  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 from ops.broker import BrokerProcess, port_answers  # noqa: E402
+from scripting.runrequest import request_until_claimed  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 POSTGRES = os.environ.get("HACER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

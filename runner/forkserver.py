@@ -12,7 +12,7 @@ imported pages copy-on-write.
 
 On the SOCK_SEQPACKET socket at <fd>, one message each:
     server -> runner   b"spare <pid>" with the spare's socket (SCM_RIGHTS): the runner sends the
-                       run's hand-off (hacer/scriptmain.py) and output pipe on it while the
+                       run's hand-off (scripting/child.py) and output pipe on it while the
                        run's claim is being synced to disk, then b"go" once it is; the spare
                        becomes the run and compiles the script meanwhile, and without the go
                        (the socket closed) exits having run none of it;
@@ -35,8 +35,8 @@ import signal
 import socket
 import sys
 
-from hacer import scriptmain
 from hacer.parentdeath import die_with_parent, die_with_parent_from_env
+from scripting import child as scriptmain
 
 PLACEHOLDER = "0" * scriptmain.LAUNCH_TOKEN_LENGTH  # the launch token, written over per run
 # Seconds of quiet after a run is handed over before the next spare is forked: the fork's 1-2 ms

@@ -27,14 +27,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol
 
-from hacer import scriptmain
 from hacer.parentdeath import PARENT_ENV
 from hacer.settings import PROJECT_DIR
 from runner.leftovers import Birth, birth
+from scripting import child as scriptmain
 
 log = logging.getLogger(__name__)
 
-SCRIPT_MAIN = PROJECT_DIR / "hacer" / "scriptmain.py"
+SCRIPT_MAIN = PROJECT_DIR / "scripting" / "child.py"
 FORK_SERVER = PROJECT_DIR / "runner" / "forkserver.py"
 REPLY_TIMEOUT = 10.0  # seconds the fork server has to offer a spare asked for (it takes 1-2 ms)
 READY_TIMEOUT = 10.0  # seconds the runner's start waits for the fork server's imports (0.3 s here)

@@ -14,7 +14,7 @@ import os
 from typing import NamedTuple
 
 from hacer.parentdeath import children_of, kill_with_group
-from hacer.scriptmain import LAUNCH_ENV, RUN_ID_ENV
+from scripting.child import LAUNCH_ENV, RUN_ID_ENV
 
 PROC = "/proc"
 RESERVED_PIDS = 300  # where the kernel's pid counter starts again after pid_max

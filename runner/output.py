@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import cast
 
 from hacer.messages import Entry, EntryType
-from hacer.scripting import decode_line
+from scripting import decode_line
 
 POLL_MS = 500  # how often a quiet pipe's reader looks at its deadline
 HELD_OPEN = "[hacer: output closed: a process outside the run still held it]"

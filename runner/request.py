@@ -16,8 +16,8 @@ from typing import TextIO
 from hacer import runstates
 from hacer.bus import Bus, Message
 from hacer.messages import LogEntry, MessageError, RunRequest, RunStatus
-from hacer.runrequest import RESEND_EVERY, request_until_claimed
 from hacer.topics import TopicError
+from scripting.runrequest import RESEND_EVERY, request_until_claimed
 
 NO_RUNNER_NOTICE_AFTER = 5.0  # seconds without a status before saying why nothing happens
 EXIT_ENTRY_WAIT = 2.0  # the exit_status entry is published just before the final status

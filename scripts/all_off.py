@@ -1,6 +1,6 @@
 # Switch off every online node of a type: all_off [toggle|light_rgb]   (default: toggle)
 # Outlets get on=0, lights colour 0. Logs each node it switched, and fails if any refused.
-from hacer import scripting
+import scripting
 
 node_type = (scripting.params() or ["toggle"])[0]
 key, off = ("color", 0) if node_type == "light_rgb" else ("on", 0)

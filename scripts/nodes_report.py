@@ -1,5 +1,5 @@
 # Log every node the bus knows, with its presence: nodes_report
-from hacer import scripting
+import scripting
 
 for node in scripting.nodes():
     state = "online" if node.online else "offline"

@@ -5,7 +5,19 @@ import sys
 
 from hacer.settings import PROJECT_DIR
 
-SOURCES = ["hacer", "ops", "bridge", "runner", "recorder", "scheduler", "api", "emulator", "manage.py", "hasapi.py"]
+SOURCES = [
+    "hacer",
+    "ops",
+    "scripting",
+    "bridge",
+    "runner",
+    "recorder",
+    "scheduler",
+    "api",
+    "emulator",
+    "manage.py",
+    "hasapi.py",
+]
 
 
 def test_mypy_is_clean():

@@ -20,7 +20,7 @@ from conftest import wait_until
 
 PROBE = """\
 import json, os, random, sys
-import hacer.scripting as scripting
+import scripting
 seen = {
     "argv": sys.argv,
     "cwd": os.getcwd(),

@@ -387,7 +387,7 @@ def test_a_requester_that_missed_every_status_learns_how_its_run_ended(
     start_recorder, runner_env, start_runner, requester, make_bus
 ):
     from hacer.messages import RunRequest
-    from hacer.runrequest import request_until_claimed
+    from scripting.runrequest import request_until_claimed
 
     start_recorder(runner_env)
     runner = start_runner()

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from hacer.scriptdir import ScriptDir, script_id
-from hacer.scripting import decode_line, encode_entry
 from runner.output import HELD_OPEN, OutputSplitter, read_output
 from runner.threads import ThreadPool
+from scripting import decode_line, encode_entry
 
 from conftest import wait_until
 

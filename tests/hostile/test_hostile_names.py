@@ -9,7 +9,7 @@ import pytest
 from test_api import module_postgres_url, node_of, system, wait_run  # noqa: F401 - the whole-system fixtures
 
 from hacer import runstates
-from hacer.scripting import AmbiguousNode, Hub
+from scripting import AmbiguousNode, Hub
 
 from conftest import wait_until
 

@@ -18,8 +18,8 @@ from hacer import runstates
 from hacer.bus import Bus
 from hacer.messages import RunRequest
 from hacer.models import Database, Run, ScriptLogEntry
-from hacer.runrequest import request_until_claimed
 from ops.broker import port_answers
+from scripting.runrequest import request_until_claimed
 
 from conftest import free_port, wait_until
 

@@ -17,9 +17,9 @@ from hacer import runstates
 from hacer.bus import Bus
 from hacer.messages import RunRequest
 from hacer.models import Database, Run, ScriptLogEntry
-from hacer.runrequest import request_until_claimed
 from hacer.topics import Topics
 from ops.broker import CONFIG_DIR
+from scripting.runrequest import request_until_claimed
 
 from conftest import start_broker, wait_until
 

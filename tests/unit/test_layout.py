@@ -6,7 +6,7 @@ import tomllib
 
 from hacer.settings import PROJECT_DIR
 
-FIRST_PARTY = ("hacer", "ops", "bridge", "runner", "recorder", "api", "scheduler", "emulator")
+FIRST_PARTY = ("hacer", "ops", "scripting", "bridge", "runner", "recorder", "api", "scheduler", "emulator")
 
 
 def imports_of(path) -> set[str]:

@@ -2,7 +2,7 @@
 
 Two ways in, one outcome. The runner's fork server (runner/forkserver.py) forks a process per
 run and makes it the run's with `become()`; without the fork server the runner starts
-`python hacer/scriptmain.py <script.py> <params...>` with the run id in the environment. Either
+`python scripting/child.py <script.py> <params...>` with the run id in the environment. Either
 way the script runs as `__main__` with the usual argv; an exception it does not catch becomes an
 `exception` entry ("<type>: <message>") after its traceback, and the exit code is 1 then, or when
 the script's `with NodeConnection()` block failed.
@@ -14,7 +14,7 @@ import os
 import sys
 
 # Run as a file (not -m, which costs runpy), so the project folder comes from PYTHONPATH.
-from hacer import scripting
+import scripting
 from hacer.parentdeath import adopt_orphans, die_with_parent_from_env, end_children
 
 TYPE_CHECKING = False  # typing's import alone would cost a cold script 20 ms
