@@ -205,7 +205,7 @@ def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_
     from hacer.messages import NodeMeta
     from recorder.service import Recorder
 
-    from conftest import wait_until
+    from support import wait_until
 
     database = Database(f"sqlite:///{tmp_path / 'recorder.db'}")
     database.init()

@@ -85,7 +85,12 @@ def test_sun_triggers_follow_the_sun_and_survive_the_polar_night():
         ({"script": ""}, "$.script"),
         ({"params": ["a\u0000"]}, "$.params[0]"),
         ({"missed": "sometimes"}, "$.missed"),
-        ({"colour": "blue"}, "colour"),
+        ({"colour": "blue"}, "$.colour"),
+        ({"trigger": {"kind": "every", "seconds": 60, "colour": "blue"}}, "$.trigger.colour"),
+        (
+            {"conditions": [{"kind": "time", "after": "08:00", "before": "09:00", "colour": 1}]},
+            r"$.conditions[0].colour",
+        ),
     ],
 )
 def test_bad_definitions_name_the_field_at_fault(definition, field):
@@ -301,7 +306,7 @@ def test_rest_automations_are_checked_saved_switched_and_deleted(tmp_path):
 
 def test_two_scheduler_processes_fire_every_due_time_once_through_a_kill(spawn, runner_env, start_runner, runs, watch):
     """Real schedulers, broker and runner: one scheduler SIGKILLed mid-way, no due time lost or run twice."""
-    from conftest import wait_until
+    from support import wait_until
 
     database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
     database.init()
@@ -463,7 +468,7 @@ def test_a_value_trigger_sees_each_crossing_through_broker_and_scheduler_restart
     from hacer.automations import NodeValue
     from hacer.models import AutomationTrigger
 
-    from conftest import wait_until
+    from support import wait_until
 
     database = Database(f"sqlite:///{hacer_env['HADB_PATH']}")
     database.init()

@@ -9,10 +9,12 @@ import uuid
 
 import pytest
 
+from bridge.discovery import entity_configs
 from emulator.nodes import EmulatedNode, Emulator, make_nodes
-from hacer.messages import BridgeStats, ClientCommand, CommandResult, NodeReadings, NodeValues
+from hacer.messages import BridgeStats, ClientCommand, CommandResult, NodeMeta, NodeReadings, NodeValues
+from hacer.topics import DiscoveryTopics
 
-from conftest import presence_of, target, wait_until
+from support import presence_of, target, wait_until
 
 
 @pytest.fixture
@@ -369,7 +371,7 @@ def test_a_command_arriving_while_an_idle_connection_closes_is_answered(monkeypa
 
     from bridge import commands
 
-    from conftest import free_port
+    from support import free_port
 
     node = EmulatedNode(7, "toggle", "127.0.0.31", free_port())
     emulator = Emulator([node], ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
@@ -410,7 +412,7 @@ def test_polls_due_together_are_spread_over_their_period():
 
     from bridge import commands
 
-    from conftest import free_port
+    from support import free_port
 
     nodes = [EmulatedNode(20 + i, "toggle", f"127.0.0.{40 + i}", free_port()) for i in range(5)]
     emulator = Emulator(nodes, ("127.0.0.1", free_port(socket.SOCK_DGRAM)))
@@ -450,3 +452,53 @@ def test_a_command_sent_while_the_bridge_restarts_is_answered_when_it_is_back(
     start_bridge()
     result = result_of(results.wait_for(lambda m: m.correlation == b"while away", timeout=20))
     assert result.ok and made[0].values["on"] == 1
+
+
+# --- the bridge publishing them --------------------------------------------------------------------
+
+
+def test_the_bridge_publishes_configs_renames_clears_and_answers_home_assistants_birth(
+    start_bridge, bridge_env, watch, topics, make_bus
+):
+    start_bridge()
+    types = ["toggle", "light_rgb", "sensor_temp", "thermostat"]
+    nodes = make_nodes(4, types, port=int(bridge_env["HACER_NODE_PORT"]), base_id=uuid.uuid4().int % 10**9)
+    presence = watch(topics.filter("node_presence"))
+    configs = watch("homeassistant/#")
+    emulator = Emulator(nodes, target(bridge_env), serve_tcp=False)
+    for node in nodes:
+        emulator.send_beacon(node)
+        presence.wait_for(lambda m, n=node: presence_of(m).id == n.id)
+
+    def latest(topic):
+        message = configs.wait_for(lambda m: m.topic == topic)
+        return [m for m in configs.messages if m.topic == topic][-1] if message else None
+
+    toggle, light, sensor, thermostat = nodes
+    expected = {  # which entities each type has: tests/unit/test_discovery.py
+        DiscoveryTopics().config(component, node.id, object_id)
+        for node in nodes
+        for component, object_id in entity_configs(topics, node.id, node.type, "")
+    }
+    for topic in expected:
+        latest(topic)
+    switch_topic = DiscoveryTopics().config("switch", toggle.id, "on")
+    assert json.loads(latest(switch_topic).payload)["device"]["name"] == f"toggle {toggle.id}"
+
+    bus = make_bus()
+    bus.publish(
+        topics.build("node_meta", toggle.id), NodeMeta(toggle.id, "hall lamp", "toggle").to_payload(), retain=True
+    )
+    configs.wait_for(lambda m: m.topic == switch_topic and b"hall lamp" in m.payload)
+
+    seen = len(configs.messages)
+    bus.publish("homeassistant/status", b"online")  # Home Assistant (re)started
+    configs.wait_for(lambda m: {x.topic for x in configs.messages[seen:]} >= expected, start=seen)
+
+    bus.publish(topics.build("node_presence", thermostat.id), b"", retain=True)  # the api deleting it
+    for object_id, component in (("temperature", "sensor"), ("target", "number")):
+        topic = DiscoveryTopics().config(component, thermostat.id, object_id)
+        configs.wait_for(lambda m, t=topic: m.topic == t and m.payload == b"", start=seen)
+    late = watch("homeassistant/#")
+    assert {m.topic for m in late.messages} == {t for t in expected if f"hacer_{thermostat.id}/" not in t}
+    assert all(m.retain for m in late.messages)

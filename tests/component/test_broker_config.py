@@ -14,7 +14,7 @@ from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 from ops.brokerusers import USERS
 
-from conftest import Watcher, free_port, start_production_broker, url, wait_until
+from support import Watcher, free_port, start_production_broker, url, wait_until
 
 
 def test_anonymous_and_wrong_password_refused(connect, production_broker):

@@ -8,7 +8,7 @@ import pytest
 from hacer.bus import Message, named_decoder
 from hacer.messages import RunnerState
 
-from conftest import Watcher, wait_until
+from support import Watcher, wait_until
 
 
 def test_a_publish_goes_out_from_its_own_thread_while_the_network_thread_is_busy(make_bus, watch):

@@ -16,7 +16,7 @@ import pytest
 
 from runner.launcher import ForkedProcess, Launcher
 
-from conftest import wait_until
+from support import wait_until
 
 PROBE = """\
 import json, os, random, sys

@@ -8,7 +8,7 @@ import sys
 from hacer.messages import CommandResult
 from hacer.settings import PROJECT_DIR
 
-from conftest import free_port, presence_of, target
+from support import free_port, presence_of, target
 
 MARK = "<!-- the example node: tests/component/test_node_example.py runs this block -->"
 

@@ -29,7 +29,7 @@ from recorder.rescue import Rescuer
 from recorder.rows import RowWriter
 from recorder.service import Recorder
 
-from conftest import wait_until
+from support import wait_until
 from test_runner import fifo, release, requester, runner_env, runs, scripts_dir, start_runner  # noqa: F401
 
 T1 = bus_time(1.0)

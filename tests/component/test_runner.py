@@ -20,7 +20,7 @@ from hacer import runstates
 from hacer.messages import LogEntry, Presence, RunnerState, RunRequest, RunStatus
 from hacer.settings import PROJECT_DIR, Settings
 
-from conftest import wait_until
+from support import wait_until
 
 TEST_SCRIPTS = {
     "crash": "raise ValueError('boom')\n",
@@ -126,7 +126,7 @@ class Runs:
 def runs(make_bus):
     # A durable session, so what the runner publishes while this watcher is away (a broker
     # restart) still reaches it.
-    from conftest import Watcher
+    from support import Watcher
 
     bus = make_bus(clean_start=False, session_expiry=600)
     watcher = Watcher(bus, "hacer/runs/#")

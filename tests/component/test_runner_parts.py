@@ -14,7 +14,7 @@ from runner.output import HELD_OPEN, OutputSplitter, read_output
 from runner.threads import ThreadPool
 from scripting import decode_line, encode_entry
 
-from conftest import wait_until
+from support import wait_until
 
 
 def test_lines_split_across_reads():

@@ -17,7 +17,7 @@ from hacer.messages import Presence, RunRequest, bus_time
 from hacer.topics import Topics
 from ops.broker import port_answers
 
-from conftest import API_MODES, wait_until
+from support import API_MODES, wait_until
 
 
 @pytest.fixture(scope="module")

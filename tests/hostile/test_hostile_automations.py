@@ -26,7 +26,7 @@ from hacer.messages import MessageError
 from hacer.models import Automation, AutomationFire
 from ops.broker import port_answers
 
-from conftest import API_MODES, wait_until
+from support import API_MODES, wait_until
 
 END_OF_TIME = {"kind": "at", "at": "9999-12-31T23:59", "tz": "America/Los_Angeles"}
 

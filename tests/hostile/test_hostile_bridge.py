@@ -14,7 +14,7 @@ from emulator.nodes import EmulatedNode, Emulator
 from hacer.bus import MessageTooLarge
 from hacer.messages import BridgeStats, CommandResult
 
-from conftest import presence_of, target, wait_until
+from support import presence_of, target, wait_until
 
 
 class HostileNode:

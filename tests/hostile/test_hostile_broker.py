@@ -10,7 +10,7 @@ from hacer.bus import Bus, BusError
 from hacer.messages import RunRequest
 from hacer.topics import Topics
 
-from conftest import Watcher, url, wait_until
+from support import Watcher, url, wait_until
 
 
 def test_a_viewer_cannot_join_the_runners_group_so_a_request_sent_once_still_runs(

@@ -18,7 +18,7 @@ from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from ops.broker import port_answers
 
-from conftest import API_MODES, wait_until
+from support import API_MODES, wait_until
 
 HALF_A_REQUEST = b"GET /api/nodes HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # and never the blank line
 

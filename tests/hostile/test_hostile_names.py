@@ -11,7 +11,7 @@ from test_api import module_postgres_url, node_of, system, wait_run  # noqa: F40
 from hacer import runstates
 from scripting import AmbiguousNode, Hub
 
-from conftest import wait_until
+from support import wait_until
 
 
 def beacon(system, node_id: int, ip: str, **fields) -> None:

@@ -12,7 +12,7 @@ import pytest
 from hacer import runstates
 from hacer.settings import PROJECT_DIR
 
-from conftest import wait_until
+from support import wait_until
 from test_runner import requester, runner_env, runs, scripts_dir, start_runner  # noqa: F401 - fixtures
 
 ESCAPE = (  # a child in a session of its own keeps the run's stdout open; its pid goes to a file

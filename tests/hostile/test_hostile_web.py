@@ -13,7 +13,7 @@ from hacer.bus import Bus
 from hacer.topics import Topics
 from ops.broker import CONFIG_DIR, BrokerProcess, port_answers
 
-from conftest import Watcher, wait_until
+from support import Watcher, wait_until
 
 FOREIGN_PAGE = "http://evil.example/"
 # The page opens MQTT over websockets to each port, connects and publishes a run request.

@@ -27,7 +27,7 @@ from hacer.settings import PROJECT_DIR
 from hacer.topics import Topics
 from ops.broker import port_answers
 
-from conftest import Watcher, free_port, start_broker, wait_until
+from support import Watcher, free_port, start_broker, wait_until
 
 
 class System:
@@ -139,7 +139,7 @@ def module_postgres_url():
 
     from hacer.models import Database
 
-    from conftest import POSTGRES_URL
+    from support import POSTGRES_URL
 
     schema = f"test_{uuid.uuid4().hex[:10]}"
     admin = Database(POSTGRES_URL)

@@ -21,7 +21,7 @@ from hacer.models import Database, Run, ScriptLogEntry
 from ops.broker import port_answers
 from scripting.runrequest import request_until_claimed
 
-from conftest import free_port, wait_until
+from support import free_port, wait_until
 
 LINES = 5
 CHAOS_SCRIPT = (  # prints its lines, and notes each start in a file: a run started twice shows there

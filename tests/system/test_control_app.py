@@ -59,7 +59,7 @@ def page(browser):
 def test_node_appears_is_renamed_and_a_script_runs_live(system, page):  # noqa: F811
     from playwright.sync_api import expect
 
-    from conftest import wait_until
+    from support import wait_until
 
     page.goto(system.url + "/")
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
@@ -104,7 +104,7 @@ def test_the_page_keeps_working_through_an_api_and_a_broker_restart(system, page
 
     from ops.broker import port_answers
 
-    from conftest import wait_until
+    from support import wait_until
 
     page.goto(system.url + "/")
     expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
@@ -168,7 +168,7 @@ def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(syste
 
     from hacer.models import Automation, Database
 
-    from conftest import wait_until
+    from support import wait_until
 
     end_of_time = {"kind": "at", "at": "9999-12-31T23:59", "tz": "America/Los_Angeles"}
     with Database(f"sqlite:///{system.env['HADB_PATH']}").session() as session:
@@ -195,7 +195,7 @@ def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(syste
 def test_each_node_type_has_its_control_and_a_chart_of_what_the_api_returns(system, browser, viewport):  # noqa: F811
     from playwright.sync_api import expect
 
-    from conftest import wait_until
+    from support import wait_until
 
     page = browser.new_context(viewport=viewport).new_page()
     page.goto(system.url + "/")

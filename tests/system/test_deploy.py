@@ -17,7 +17,7 @@ import websocket
 from hacer.settings import PROJECT_DIR
 from ops.broker import port_answers
 
-from conftest import free_port, wait_until
+from support import free_port, wait_until
 
 DEPLOY = PROJECT_DIR / "deploy"
 INSTALLED = "/opt/hacer"  # where docs/deploy.md installs the project

@@ -18,7 +18,7 @@ import requests
 from hacer.settings import PROJECT_DIR
 from ops.broker import port_answers
 
-from conftest import free_port, wait_until
+from support import free_port, wait_until
 
 DOCUMENTS = ("README.md", "docs/automations.md", "docs/topics.md")
 PROGRAMS = ("mosquitto_pub", "mosquitto_sub", "mosquitto_rr", "curl", ".venv/bin/python")

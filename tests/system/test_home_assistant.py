@@ -18,7 +18,7 @@ import pytest
 from emulator.nodes import Emulator, make_nodes
 from hacer.settings import PROJECT_DIR
 
-from conftest import target, wait_until
+from support import target, wait_until
 
 HA_PYTHON = PROJECT_DIR / ".venv-ha" / "bin" / "python"
 STATES = "hastates"  # mqtt_statestream's base topic

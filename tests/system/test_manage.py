@@ -19,7 +19,7 @@ from hacer.settings import PROJECT_DIR, Settings, SettingsError
 from hacer.topics import Topics
 from ops.broker import port_answers
 
-from conftest import Watcher, free_port, wait_until
+from support import Watcher, free_port, wait_until
 
 
 def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path):

@@ -26,7 +26,7 @@ from hacer.parentdeath import child_env
 from hacer.settings import PROJECT_DIR
 from ops.broker import port_answers
 
-from conftest import free_port, wait_until
+from support import free_port, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 

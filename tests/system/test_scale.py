@@ -21,7 +21,7 @@ from hacer.topics import Topics
 from ops.broker import CONFIG_DIR
 from scripting.runrequest import request_until_claimed
 
-from conftest import start_broker, wait_until
+from support import start_broker, wait_until
 
 RUNS = 1000
 SCRIPT = (  # notes each start in a file (a run started twice shows there) and prints one line

@@ -1,21 +1,18 @@
-"""Home Assistant discovery: configs checked against its schemas, their templates run, the bridge publishing them."""
+"""Home Assistant discovery: configs checked against its schemas, their templates run (the bridge publishing them:
+tests/component/test_bridge.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
 
 import jinja2
 import pytest
 
 from bridge.discovery import entity_configs
-from emulator.nodes import Emulator, make_nodes
-from hacer.messages import NodeMeta, SetCommand
+from hacer.messages import SetCommand
 from hacer.topics import DiscoveryTopics, Topics, is_wildcard
-
-from conftest import presence_of, target
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "data" / "ha-mqtt-discovery.json").read_text())
 TOPICS = Topics()
@@ -124,52 +121,3 @@ def test_availability_needs_the_bridge_the_beacons_and_the_answers():
     assert render(presence["value_template"], {"state": "offline"}) == "offline"
     assert render(readings["value_template"], {"answering": True}) == "online"
     assert render(readings["value_template"], {"answering": False}) == "offline"
-
-
-# --- the bridge publishing them --------------------------------------------------------------------
-
-
-def test_the_bridge_publishes_configs_renames_clears_and_answers_home_assistants_birth(
-    start_bridge, bridge_env, watch, topics, make_bus
-):
-    start_bridge()
-    nodes = make_nodes(4, list(TYPES), port=int(bridge_env["HACER_NODE_PORT"]), base_id=uuid.uuid4().int % 10**9)
-    presence = watch(topics.filter("node_presence"))
-    configs = watch("homeassistant/#")
-    emulator = Emulator(nodes, target(bridge_env), serve_tcp=False)
-    for node in nodes:
-        emulator.send_beacon(node)
-        presence.wait_for(lambda m, n=node: presence_of(m).id == n.id)
-
-    def latest(topic):
-        message = configs.wait_for(lambda m: m.topic == topic)
-        return [m for m in configs.messages if m.topic == topic][-1] if message else None
-
-    toggle, light, sensor, thermostat = nodes
-    expected = {
-        DiscoveryTopics().config(component, node.id, object_id)
-        for node in nodes
-        for component, object_id in EXPECTED[node.type]
-    }
-    for topic in expected:
-        latest(topic)
-    switch_topic = DiscoveryTopics().config("switch", toggle.id, "on")
-    assert json.loads(latest(switch_topic).payload)["device"]["name"] == f"toggle {toggle.id}"
-
-    bus = make_bus()
-    bus.publish(
-        topics.build("node_meta", toggle.id), NodeMeta(toggle.id, "hall lamp", "toggle").to_payload(), retain=True
-    )
-    configs.wait_for(lambda m: m.topic == switch_topic and b"hall lamp" in m.payload)
-
-    seen = len(configs.messages)
-    bus.publish("homeassistant/status", b"online")  # Home Assistant (re)started
-    configs.wait_for(lambda m: {x.topic for x in configs.messages[seen:]} >= expected, start=seen)
-
-    bus.publish(topics.build("node_presence", thermostat.id), b"", retain=True)  # the api deleting it
-    for object_id, component in (("temperature", "sensor"), ("target", "number")):
-        topic = DiscoveryTopics().config(component, thermostat.id, object_id)
-        configs.wait_for(lambda m, t=topic: m.topic == t and m.payload == b"", start=seen)
-    late = watch("homeassistant/#")
-    assert {m.topic for m in late.messages} == {t for t in expected if f"hacer_{thermostat.id}/" not in t}
-    assert all(m.retain for m in late.messages)

@@ -118,3 +118,12 @@ def test_every_variable_the_code_names_is_declared():
             named.update(re.findall(r"""["'](HACER_[A-Z_]+|HADB_PATH)["']""", path.read_text()))
     assert "HACER_MQTT_URL" in named
     assert named - INTERNAL_VARIABLES == declared
+
+
+def test_every_relative_link_of_the_readme_and_docs_names_a_file_that_exists():
+    broken = []
+    for document in [PROJECT_DIR / "README.md", *(PROJECT_DIR / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text()):
+            if "://" not in target and not (document.parent / target).exists():
+                broken.append(f"{document.relative_to(PROJECT_DIR)}: {target}")
+    assert broken == []
