@@ -51,27 +51,27 @@ ZoneName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-
 SECONDS_PER_YEAR = 366 * 86400
 
 
-class Cron(Struct, frozen=True, tag="cron", tag_field="kind"):
+class Cron(Struct, frozen=True, tag="cron", tag_field="kind", forbid_unknown_fields=True):
     """A cron expression (five fields) in a time zone."""
 
     cron: Annotated[str, Meta(min_length=9, max_length=128, pattern=NO_NUL)]
     tz: ZoneName = "UTC"
 
 
-class Every(Struct, frozen=True, tag="every", tag_field="kind"):
+class Every(Struct, frozen=True, tag="every", tag_field="kind", forbid_unknown_fields=True):
     """Every `seconds`, counted from when the automation was last changed."""
 
     seconds: Annotated[int, Meta(ge=1, le=SECONDS_PER_YEAR)]
 
 
-class At(Struct, frozen=True, tag="at", tag_field="kind"):
+class At(Struct, frozen=True, tag="at", tag_field="kind", forbid_unknown_fields=True):
     """Once, at a local time ("2026-12-24T18:00") in a time zone."""
 
     at: Annotated[str, Meta(min_length=16, max_length=32, pattern=r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?$")]
     tz: ZoneName = "UTC"
 
 
-class Sun(Struct, frozen=True, tag="sun", tag_field="kind"):
+class Sun(Struct, frozen=True, tag="sun", tag_field="kind", forbid_unknown_fields=True):
     """Daily at a moment of the sun, moved by `offset` seconds (negative: before)."""
 
     event: Literal["dawn", "sunrise", "noon", "sunset", "dusk"]
@@ -79,14 +79,14 @@ class Sun(Struct, frozen=True, tag="sun", tag_field="kind"):
     tz: ZoneName = "UTC"
 
 
-class NodePresence(Struct, frozen=True, tag="presence", tag_field="kind"):
+class NodePresence(Struct, frozen=True, tag="presence", tag_field="kind", forbid_unknown_fields=True):
     """A node going online or offline."""
 
     node: NodeId
     becomes: Literal["online", "offline"]
 
 
-class NodeValue(Struct, frozen=True, tag="value", tag_field="kind"):
+class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unknown_fields=True):
     """A node's value changing, or crossing a threshold (`below` or `above`).
 
     A crossing fires once; it fires again only after the value went back past the threshold by
@@ -100,7 +100,7 @@ class NodeValue(Struct, frozen=True, tag="value", tag_field="kind"):
     hysteresis: Annotated[float, Meta(ge=0)] = 0.0
 
 
-class RunFinished(Struct, frozen=True, tag="run", tag_field="kind"):
+class RunFinished(Struct, frozen=True, tag="run", tag_field="kind", forbid_unknown_fields=True):
     """A run of `script` ending in one of `states`."""
 
     script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
@@ -114,7 +114,7 @@ BUS_TRIGGERS = (NodePresence, NodeValue, RunFinished)
 ClockTime = Annotated[str, Meta(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")]
 
 
-class TimeWindow(Struct, frozen=True, tag="time", tag_field="kind"):
+class TimeWindow(Struct, frozen=True, tag="time", tag_field="kind", forbid_unknown_fields=True):
     """Only between `after` and `before` (local "HH:MM"; a window may span midnight)."""
 
     after: ClockTime
@@ -122,7 +122,7 @@ class TimeWindow(Struct, frozen=True, tag="time", tag_field="kind"):
     tz: ZoneName = "UTC"
 
 
-class ValueIs(Struct, frozen=True, tag="value", tag_field="kind"):
+class ValueIs(Struct, frozen=True, tag="value", tag_field="kind", forbid_unknown_fields=True):
     """Only while a node's value is below, above or equal to something."""
 
     node: NodeId

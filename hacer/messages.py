@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar, Union, get_args
 
@@ -101,7 +102,7 @@ def decode(kind: Any, payload: bytes | str, what: str) -> Any:
     try:
         return _decoder(kind).decode(payload)
     except msgspec.ValidationError as exc:
-        raise MessageError(f"bad {what}: {exc}") from None
+        raise MessageError(f"bad {what}: {validation_error(exc)}") from None
     except msgspec.DecodeError as exc:
         raise MessageError(json_decode_error(exc)) from None
 
@@ -111,7 +112,18 @@ def convert(kind: Any, body: Any, what: str) -> Any:
     try:
         return msgspec.convert(body, kind)
     except msgspec.ValidationError as exc:
-        raise MessageError(f"bad {what}: {exc}") from None
+        raise MessageError(f"bad {what}: {validation_error(exc)}") from None
+
+
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]+)`(?: - at `(\$[^`]*)`)?$")
+
+
+def validation_error(exc: msgspec.ValidationError) -> str:
+    """msgspec's message, with the path of an unknown field named like every other field's (`$.trigger.colour`)."""
+    unknown = _UNKNOWN_FIELD.match(str(exc))
+    if unknown is None:
+        return str(exc)
+    return f"unknown field `{unknown[1]}` - at `{unknown[2] or '$'}.{unknown[1]}`"
 
 
 class Payload(Struct, frozen=True):
