@@ -104,7 +104,13 @@ def cmd_automation(args: argparse.Namespace) -> None:
             session.delete(found)
             session.commit()
             return
-        view = automations.describe(session, found, location, now, count=args.count)
+        start = None
+        if args.start is not None:
+            try:
+                start = automations.start_time(args.start, automations.AutomationSpec.from_json(found.definition))
+            except MessageError as exc:
+                raise SystemExit(str(exc)) from None
+        view = automations.describe(session, found, location, now, count=args.count, start=start)
         print(json.dumps(view, indent=2))
 
 
@@ -369,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     upcoming = actions.add_parser("next", help="its definition, next fires and last runs")
     upcoming.add_argument("key", help="id or name")
     upcoming.add_argument("--count", type=int, default=5, help="how many next fires (5)")
+    upcoming.add_argument(
+        "--from", dest="start", metavar="TIME", help="list fires from this time (2027-03-27T00:00, the trigger's zone)"
+    )
     automation.set_defaults(func=cmd_automation)
     run = commands.add_parser("run", help="request a run of a script and follow its log (exit code: the run's)")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")

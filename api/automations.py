@@ -26,6 +26,7 @@ from hacer.automations import (
     location_of,
     missing_references,
     save,
+    start_time,
 )
 from hacer.messages import MessageError
 from hacer.models import Automation
@@ -83,10 +84,24 @@ def add_automation() -> ResponseReturnValue:
         return jsonify(describe(session, row, location(), now())), 201
 
 
+MAX_LISTED_FIRES = 100
+
+
 @automations.get(f"/<{ROW_ID}:automation_id>")
 def get_automation(automation_id: int) -> ResponseReturnValue:
+    """An automation; `?from=2027-03-27T00:00&count=10` lists its due times from then (the trigger's zone)."""
+    count = request.args.get("count", "5")
+    if not (count.isascii() and count.isdigit() and 1 <= int(count) <= MAX_LISTED_FIRES):
+        raise bad_request(f"count must be a whole number from 1 to {MAX_LISTED_FIRES}")
     with services().sessions() as session:
-        return jsonify(describe(session, find_row(session, automation_id), location(), now()))
+        row = find_row(session, automation_id)
+        start = None
+        if "from" in request.args:
+            try:
+                start = start_time(request.args["from"], AutomationSpec.from_json(row.definition))
+            except MessageError as exc:
+                raise bad_request(str(exc)) from None
+        return jsonify(describe(session, row, location(), now(), int(count), start))
 
 
 @automations.put(f"/<{ROW_ID}:automation_id>")

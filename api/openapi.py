@@ -415,7 +415,21 @@ PATHS: dict[str, Any] = {
         "parameters": [AUTOMATION_ID],
         "get": {
             "summary": "An automation: definition, next fires, last runs",
-            "responses": {"200": body("Automation"), "404": ERROR},
+            "parameters": [
+                {
+                    "name": "from",
+                    "in": "query",
+                    "description": "list due times from this ISO 8601 time (in the trigger's zone without an offset)",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "count",
+                    "in": "query",
+                    "description": "how many due times (5)",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                },
+            ],
+            "responses": {"200": body("Automation"), "400": ERROR, "404": ERROR},
         },
         "put": {
             "summary": "Replace an automation's definition (its count starts again)",

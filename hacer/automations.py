@@ -372,6 +372,17 @@ def anchor(changed_at: datetime) -> datetime:
     return changed_at.replace(microsecond=0)
 
 
+def start_time(text: str, spec: AutomationSpec) -> datetime:
+    """A time to list due times from ("2027-03-27T00:00"): in the trigger's time zone unless it names an offset."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise MessageError(f"bad start time {text[:40]!r}: not an ISO 8601 date and time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone(getattr(spec.trigger, "tz", "UTC")))
+    return moment.astimezone(UTC)
+
+
 class NameTaken(ValueError):
     """Another automation has this name."""
 
@@ -400,9 +411,15 @@ FireRow = tuple[AutomationFire, str | None, int | None]  # a fire, its run's sta
 
 
 def describe(
-    session: Session, row: Automation, location: Observer | None, now: datetime, count: int = 5
+    session: Session,
+    row: Automation,
+    location: Observer | None,
+    now: datetime,
+    count: int = 5,
+    start: datetime | None = None,
 ) -> dict[str, Any]:
-    """An automation for people and programs: its definition, next due times and last fires with their runs."""
+    """An automation for people and programs: its definition, next due times (from `start`, if given: at
+    or after it) and last fires with their runs."""
     fires = session.execute(
         select(AutomationFire, Run.state, Run.exit_code)
         .outerjoin(Run, Run.run_id == AutomationFire.run_id)
@@ -410,7 +427,7 @@ def describe(
         .order_by(AutomationFire.due_at.desc())
         .limit(10)
     ).all()
-    return _described(row, [(fire, state, code) for fire, state, code in fires], location, now, count)
+    return _described(row, [(fire, state, code) for fire, state, code in fires], location, now, count, start)
 
 
 def describe_all(session: Session, location: Observer | None, now: datetime) -> list[dict[str, Any]]:
@@ -436,12 +453,18 @@ def describe_all(session: Session, location: Observer | None, now: datetime) -> 
 
 
 def _described(
-    row: Automation, fires: list[FireRow], location: Observer | None, now: datetime, count: int
+    row: Automation,
+    fires: list[FireRow],
+    location: Observer | None,
+    now: datetime,
+    count: int,
+    start: datetime | None = None,
 ) -> dict[str, Any]:
     spec = decode(AutomationSpec, row.definition, "automation")
     changed_at = aware_utc(row.changed_at)
     last_due = aware_utc(fires[0][0].due_at) if fires else None
-    start = max(plan_start(changed_at, last_due), now)
+    # A start asked for counts itself in: a due time at 00:00 is listed `from` 00:00.
+    start = max(plan_start(changed_at, last_due), now) if start is None else start - timedelta(microseconds=1)
     failure = row.failure
     next_fires: list[datetime] = []
     if row.enabled and failure is None:

@@ -293,6 +293,20 @@ def test_rest_automations_are_checked_saved_switched_and_deleted(tmp_path):
     refused = client.post("/api/automations", data=json.dumps({**lamp, "trigger": {"kind": "cron", "cron": "x"}}))
     assert refused.status_code == 400 and "$.trigger.cron" in refused.get_json()["message"]
     assert client.post("/api/automations", data=json.dumps(lamp)).status_code == 409  # the name is taken
+    # The due times from a day asked for, in the trigger's zone: Madrid's clocks skip 02:00-03:00 on
+    # 28 March 2027, and the 02:30 fire comes at 03:00 then, as Debian's cron does.
+    madrid = {**lamp, "name": "night", "trigger": {"kind": "cron", "cron": "30 2 * * *", "tz": "Europe/Madrid"}}
+    night = check(client.post("/api/automations", data=json.dumps(madrid)), 201, "/api/automations", "post")
+    path = "/api/automations/{automation_id}"
+    listed = check(client.get(f"/api/automations/{night['id']}?from=2027-03-27T02:30&count=3"), 200, path, "get")
+    assert listed["next_fires"] == [
+        "2027-03-27T01:30:00+00:00",
+        "2027-03-28T01:00:00+00:00",
+        "2027-03-29T00:30:00+00:00",
+    ]
+    for query in ("from=27%20March", "count=0", "count=x"):
+        assert client.get(f"/api/automations/{night['id']}?{query}").status_code == 400, query
+    client.delete(f"/api/automations/{night['id']}")
     changed = {**lamp, "trigger": {"kind": "every", "seconds": 600}}
     check(client.put(one, data=json.dumps(changed)), 200, "/api/automations/{automation_id}", "put")
     disabled = check(client.post(f"{one}/disable"), 200, "/api/automations/{automation_id}/disable", "post")

@@ -384,3 +384,23 @@ def test_what_a_killed_runners_scripts_left_running_ends_under_runserver(
     wait_until(lambda: not os.path.exists(f"/proc/{hidden}"), 20, "the sleep the killed runner's script left")
     assert "left behind by a part that died" in server.output()
     assert server.stop() == 0, server.output()
+
+
+def test_automation_next_lists_the_fires_from_a_time_asked_for(hacer_env):
+    def manage(*words):
+        return subprocess.run(
+            [sys.executable, "manage.py", "automation", *words], env=hacer_env, cwd=PROJECT_DIR, capture_output=True
+        )
+
+    night = {"name": "night", "script": "toggle", "params": ["1000", "0"],
+             "trigger": {"kind": "cron", "cron": "30 2 * * *", "tz": "Europe/Madrid"}}  # fmt: skip
+    assert manage("add", json.dumps(night)).returncode == 0
+    # Madrid skips 02:00-03:00 on 28 March 2027: that night's fire comes at 03:00, as Debian's cron does.
+    listed = manage("next", "night", "--from", "2027-03-27T02:30", "--count", "3")
+    assert json.loads(listed.stdout)["next_fires"] == [
+        "2027-03-27T01:30:00+00:00",
+        "2027-03-28T01:00:00+00:00",
+        "2027-03-29T00:30:00+00:00",
+    ]
+    refused = manage("next", "night", "--from", "27 March")
+    assert refused.returncode == 1 and b"bad start time '27 March'" in refused.stderr
