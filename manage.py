@@ -107,7 +107,8 @@ def cmd_automation(args: argparse.Namespace) -> None:
         start = None
         if args.start is not None:
             try:
-                start = automations.start_time(args.start, automations.AutomationSpec.from_json(found.definition))
+                spec = automations.AutomationSpec.from_json(found.definition, location)
+                start = automations.start_time(args.start, spec)
             except MessageError as exc:
                 raise SystemExit(str(exc)) from None
         view = automations.describe(session, found, location, now, count=args.count, start=start)

@@ -98,7 +98,7 @@ def get_automation(automation_id: int) -> ResponseReturnValue:
         start = None
         if "from" in request.args:
             try:
-                start = start_time(request.args["from"], AutomationSpec.from_json(row.definition))
+                start = start_time(request.args["from"], AutomationSpec.from_json(row.definition, location()))
             except MessageError as exc:
                 raise bad_request(str(exc)) from None
         return jsonify(describe(session, row, location(), now(), int(count), start))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,18 @@ def run_example(command: str, env: dict[str, str], mqtt_port: int, http_port: in
 def test_every_example_command_runs_against_a_running_server(server, document):
     env, mqtt_port, http_port, url = server
     failures = []
-    for command in example_commands((PROJECT_DIR / document).read_text()):
-        outcome = run_example(command, env, mqtt_port, http_port)
+    commands = example_commands((PROJECT_DIR / document).read_text())
+    # Each mosquitto_sub listens its 2 s: all at once, beside the other commands (run in order).
+    watching = [command for command in commands if command.startswith("mosquitto_sub")]
+    with ThreadPoolExecutor(max(1, len(watching))) as pool:
+        watched = [pool.submit(run_example, command, env, mqtt_port, http_port) for command in watching]
+        ran = [
+            (command, run_example(command, env, mqtt_port, http_port))
+            for command in commands
+            if command not in watching
+        ]
+        ran += [(command, future.result()) for command, future in zip(watching, watched, strict=True)]
+    for command, outcome in ran:
         allowed = (0, 27) if command.startswith("mosquitto_sub") else (0,)  # 27: nothing within -W
         if outcome.returncode not in allowed:
             failures.append(f"{command}\n  exit {outcome.returncode}: {outcome.stdout[-300:]} {outcome.stderr[-300:]}")
