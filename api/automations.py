@@ -27,6 +27,7 @@ from hacer.automations import (
     missing_references,
     save,
     start_time,
+    traces,
 )
 from hacer.messages import MessageError
 from hacer.models import Automation
@@ -87,12 +88,18 @@ def add_automation() -> ResponseReturnValue:
 MAX_LISTED_FIRES = 100
 
 
+def listed_count(name: str, default: str) -> int:
+    """A count of things to list from the query (?count=5), 1 to MAX_LISTED_FIRES; 400 otherwise."""
+    count = request.args.get(name, default)
+    if not (count.isascii() and count.isdigit() and 1 <= int(count) <= MAX_LISTED_FIRES):
+        raise bad_request(f"{name} must be a whole number from 1 to {MAX_LISTED_FIRES}")
+    return int(count)
+
+
 @automations.get(f"/<{ROW_ID}:automation_id>")
 def get_automation(automation_id: int) -> ResponseReturnValue:
     """An automation; `?from=2027-03-27T00:00&count=10` lists its due times from then (the trigger's zone)."""
-    count = request.args.get("count", "5")
-    if not (count.isascii() and count.isdigit() and 1 <= int(count) <= MAX_LISTED_FIRES):
-        raise bad_request(f"count must be a whole number from 1 to {MAX_LISTED_FIRES}")
+    count = listed_count("count", "5")
     with services().sessions() as session:
         row = find_row(session, automation_id)
         start = None
@@ -101,7 +108,15 @@ def get_automation(automation_id: int) -> ResponseReturnValue:
                 start = start_time(request.args["from"], AutomationSpec.from_json(row.definition, location()))
             except MessageError as exc:
                 raise bad_request(str(exc)) from None
-        return jsonify(describe(session, row, location(), now(), int(count), start))
+        return jsonify(describe(session, row, location(), now(), count, start))
+
+
+@automations.get(f"/<{ROW_ID}:automation_id>/traces")
+def automation_traces(automation_id: int) -> ResponseReturnValue:
+    """Its last fires as people read them (`?limit=20`): trigger, conditions seen, run, definition then."""
+    limit = listed_count("limit", "20")
+    with services().sessions() as session:
+        return jsonify({"traces": traces(session, find_row(session, automation_id).id, limit)})
 
 
 @automations.put(f"/<{ROW_ID}:automation_id>")

@@ -170,6 +170,56 @@ SCHEMAS: dict[str, Any] = {
         "required": ["automations"],
         "properties": {"automations": {"type": "array", "items": ref("Automation")}},
     },
+    "AutomationTraces": {
+        "type": "object",
+        "required": ["traces"],
+        "properties": {
+            "traces": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": [
+                        *("due", "fired_at", "late", "scheduler"),
+                        *("trigger", "conditions", "steps", "definition"),
+                    ],
+                    "properties": {
+                        "due": {"type": "string", "format": "date-time"},
+                        "fired_at": {"type": "string", "format": "date-time"},
+                        "late": {"type": "boolean"},
+                        "scheduler": TEXT,
+                        # What triggered it: {"kind": "time", "due"}, or the bus event with the values it
+                        # carried (presence, value, run); null for fires made before traces were kept.
+                        "trigger": {"type": ["object", "null"], "required": ["kind"]},
+                        "conditions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["condition", "seen", "held"],
+                                "properties": {"condition": {"type": "object"}, "held": {"type": "boolean"}},
+                            },
+                        },
+                        "steps": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["kind", "run_id", "state", "exit_code", "started_at", "finished_at"],
+                                "properties": {
+                                    "kind": {"const": "run"},
+                                    "run_id": TEXT,
+                                    "state": TEXT,
+                                    "exit_code": {"type": ["integer", "null"]},
+                                    "error": {"type": ["string", "null"]},
+                                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                                    "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                                },
+                            },
+                        },
+                        "definition": {"anyOf": [ref("AutomationSpec"), {"type": "null"}]},
+                    },
+                },
+            },
+        },
+    },
     "CommandResults": {
         "type": "object",
         "required": ["results"],
@@ -439,6 +489,22 @@ PATHS: dict[str, Any] = {
         "delete": {
             "summary": "Delete an automation (its runs stay)",
             "responses": {"200": body("Success"), "404": ERROR},
+        },
+    },
+    "/api/automations/{automation_id}/traces": {
+        "parameters": [AUTOMATION_ID],
+        "get": {
+            "summary": "Its last fires, newest first: the trigger, the conditions with the values seen, the run, "
+            "the definition then",
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "description": "how many fires (20)",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                }
+            ],
+            "responses": {"200": body("AutomationTraces"), "400": ERROR, "404": ERROR},
         },
     },
     "/api/automations/{automation_id}/enable": {

@@ -17,6 +17,7 @@ a threshold, with hysteresis) and `run` (a script's run ending in given states).
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
@@ -285,27 +286,30 @@ def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]
     return False, armed or back
 
 
-def conditions_hold(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> bool:
-    """Whether every condition holds now, with these node values."""
+def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each condition with what it saw (the local time, or the node's value) and whether it held: a trace's."""
+    seen: list[dict[str, Any]] = []
     for condition in spec.conditions:
         if isinstance(condition, TimeWindow):
-            clock = now.astimezone(zone(condition.tz)).strftime("%H:%M")
+            value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
             after, before = condition.after, condition.before
-            inside = after <= clock < before if after <= before else clock >= after or clock < before
-            if not inside:
-                return False
+            held = after <= value < before if after <= before else value >= after or value < before
         else:
             value = values.get(condition.node, {}).get(condition.key)
-            if value is None:
-                return False
-            if condition.equals is not None and value != condition.equals:
-                return False
             number = value if type(value) is int else None
-            if condition.below is not None and (number is None or not number < condition.below):
-                return False
-            if condition.above is not None and (number is None or not number > condition.above):
-                return False
-    return True
+            held = (
+                value is not None
+                and (condition.equals is None or value == condition.equals)
+                and (condition.below is None or (number is not None and number < condition.below))
+                and (condition.above is None or (number is not None and number > condition.above))
+            )
+        seen.append({"condition": msgspec.to_builtins(condition), "seen": value, "held": held})
+    return seen
+
+
+def conditions_hold(seen: list[dict[str, Any]]) -> bool:
+    """Whether every condition held, as conditions_seen() saw them."""
+    return all(condition["held"] for condition in seen)
 
 
 def location_of(latitude: float | None, longitude: float | None) -> Observer | None:
@@ -491,6 +495,45 @@ def _described(
             for fire, state, exit_code in fires
         ],
     }
+
+
+def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """An automation's last fires as people read them, newest first: what triggered each, its conditions
+    with the values they saw, its steps (the run it made, with its state and times), the definition then."""
+
+    def moment(value: datetime | None) -> str | None:
+        return None if value is None else aware_utc(value).isoformat()
+
+    rows = session.execute(
+        select(AutomationFire, Run)
+        .outerjoin(Run, Run.run_id == AutomationFire.run_id)
+        .where(AutomationFire.automation_id == automation_id)
+        .order_by(AutomationFire.due_at.desc())
+        .limit(limit)
+    ).all()
+    return [
+        {
+            "due": moment(fire.due_at),
+            "fired_at": moment(fire.fired_at),
+            "late": fire.late,
+            "scheduler": fire.scheduler,
+            "trigger": None if fire.cause is None else json.loads(fire.cause),  # None: fired before traces
+            "conditions": json.loads(fire.conditions or "[]"),
+            "steps": [
+                {
+                    "kind": "run",
+                    "run_id": fire.run_id,
+                    "state": "pending" if fire.pending else runstates.QUEUED if run is None else run.state,
+                    "exit_code": None if run is None else run.exit_code,
+                    "error": None if run is None else run.error,
+                    "started_at": None if run is None else moment(run.started_at),
+                    "finished_at": None if run is None else moment(run.finished_at),
+                }
+            ],
+            "definition": None if fire.definition is None else json.loads(fire.definition),
+        }
+        for fire, run in rows
+    ]
 
 
 def missing_references(session: Session, spec: AutomationSpec, scripts: ScriptDir) -> str | None:

@@ -291,6 +291,11 @@ class AutomationFire(Base):
     scheduler: Mapped[str] = mapped_column(String(128), default="")
     late: Mapped[bool] = mapped_column(Boolean, default=False)  # a missed due time run on start (run_once)
     pending: Mapped[bool] = mapped_column(Boolean, default=False)  # mode `queued`: waits for the runs before it
+    # Its trace (JSON; NULL on fires older than traces): what triggered it, each condition with the
+    # value it saw, the definition as it was. The run it made is the run row of `run_id`.
+    cause: Mapped[str | None] = mapped_column(Text, nullable=True)
+    conditions: Mapped[str | None] = mapped_column(Text, nullable=True)
+    definition: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Database:

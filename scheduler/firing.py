@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.automations import AutomationFired, fire_run_id
+from hacer.automations import AutomationFired, AutomationSpec, fire_run_id
 from hacer.bus import Bus, BusError
 from hacer.messages import RunRequest
 from hacer.models import Automation, AutomationFire, Run, aware_utc, naive_utc
@@ -30,6 +31,22 @@ log = logging.getLogger(__name__)
 MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
 Fence = Callable[[Session], bool]
 Verdict = Literal["fire", "hold", "queue"]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What a fire's trace holds beside its row: what triggered it, each condition as it was seen."""
+
+    cause: dict[str, Any]
+    conditions: list[dict[str, Any]]
+
+    def columns(self, spec: AutomationSpec) -> dict[str, str]:
+        """The fire row's trace columns, with the definition as it is now."""
+        return {
+            "cause": json.dumps(self.cause),
+            "conditions": json.dumps(self.conditions),
+            "definition": spec.to_json().decode(),
+        }
 
 
 class Firer:
@@ -71,13 +88,15 @@ class Firer:
         for (plan, due, late), (_, run, payload) in zip(batch, fires, strict=True):
             self._fired(plan, due, late, run["run_id"], payload)
 
-    def fire(self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None) -> bool:
+    def fire(
+        self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None, trace: Trace | None = None
+    ) -> bool:
         """Fire one due time, unless another scheduler did (the unique fire row decides) or a fence holds.
 
         `fence` runs first in the same transaction: False ends it there (its own changes kept).
         """
         fired_at = naive_utc(self.now())
-        fire, run, payload = self._fire_rows(plan, due, late, fired_at)
+        fire, run, payload = self._fire_rows(plan, due, late, fired_at, trace)
         verdict, replaced = "fire", None
         with self.sessions() as session:
             if fence is not None:
@@ -138,9 +157,10 @@ class Firer:
         self._fired(plan, due, waiting.late, run["run_id"], payload)
 
     def _fire_rows(
-        self, plan: Planned, due: datetime, late: bool, fired_at: datetime
+        self, plan: Planned, due: datetime, late: bool, fired_at: datetime, trace: Trace | None = None
     ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        """A fire's row, its run's row (holding the request) and the request's payload."""
+        """A fire's row (with its trace: a time trigger's if none is given), its run's row (holding the
+        request) and the request's payload."""
         spec = plan.spec
         run_id = fire_run_id(plan.id, due)
         request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
@@ -152,6 +172,7 @@ class Firer:
             "run_id": run_id,
             "scheduler": self.scheduler_id,
             "late": late,
+            **(trace or Trace({"kind": "time", "due": due.isoformat()}, [])).columns(spec),
         }
         run = {
             "run_id": run_id,

@@ -17,12 +17,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.automations import NodePresence, NodeValue, RunFinished, automation_of_run, conditions_hold, crossing
+from hacer.automations import (
+    NodePresence,
+    NodeValue,
+    RunFinished,
+    automation_of_run,
+    conditions_hold,
+    conditions_seen,
+    crossing,
+)
 from hacer.bus import Message
 from hacer.messages import MessageError, NodeValues, Presence, RunStatus
 from hacer.models import AutomationTrigger
 from hacer.topics import TopicError, Topics
-from scheduler.firing import Fence, Firer
+from scheduler.firing import Fence, Firer, Trace
 from scheduler.plans import Counts, Planned
 
 log = logging.getLogger(__name__)
@@ -87,8 +95,8 @@ class BusTriggers:
         except (TopicError, MessageError) as exc:
             log.debug("ignored %s: %s", message.topic, exc)
 
-    def _event(self, plan: Planned, due: datetime, fence: Fence | None = None) -> None:
-        """A bus event for `plan` at `due`: fired within grace, else as its `missed` policy says."""
+    def _event(self, plan: Planned, due: datetime, cause: dict[str, Any], fence: Fence | None = None) -> None:
+        """A bus event for `plan` at `due` (`cause` says what it was): fired within grace, else as `missed` says."""
         now = self.now()
         if due <= plan.since:
             return  # before the automation (or its last change) existed
@@ -96,21 +104,24 @@ class BusTriggers:
         if lateness > plan.spec.grace and not (plan.spec.missed == "run_once" and lateness <= plan.spec.catch_up):
             self.counts.skipped += 1
             return
-        if not conditions_hold(plan.spec, now, self._values):
+        seen = conditions_seen(plan.spec, now, self._values)
+        if not conditions_hold(seen):
             self.counts.held_back += 1
             if fence is not None:  # the event is still spent: a crossing fires again only after re-arming
                 with self.sessions() as session:
                     fence(session)
                     session.commit()
             return
-        self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True))
+        trace = Trace(cause, seen)
+        self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True), trace=trace)
 
     def _on_presence(self, presence: Presence) -> None:
         for plan in self._by_node.get(presence.id, ()):
             trigger = plan.spec.trigger
             if isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
                 # `since` is the transition's own time, the same in every copy: one fire row per transition.
-                self._event(plan, presence.since)
+                cause = {"kind": "presence", "node": presence.id, "state": presence.state}
+                self._event(plan, presence.since, {**cause, "since": presence.since.isoformat()})
 
     def _on_run_status(self, status: RunStatus) -> None:
         if status.state not in runstates.FINISHED_STATES or status.finished_at is None:
@@ -123,7 +134,8 @@ class BusTriggers:
             trigger = plan.spec.trigger
             assert isinstance(trigger, RunFinished)
             if status.state in trigger.states:
-                self._event(plan, status.finished_at)
+                cause = {"kind": "run", "run_id": status.run_id, "script": status.script, "state": status.state}
+                self._event(plan, status.finished_at, {**cause, "finished_at": status.finished_at.isoformat()})
 
     def _on_values(self, node_id: int, values: dict[str, Any]) -> None:
         self._values[node_id] = values
@@ -186,7 +198,7 @@ class BusTriggers:
             ).rowcount  # type: ignore[attr-defined]
             return bool(moved)
 
-        self._event(plan, self.now(), fence)
+        self._event(plan, self.now(), value_cause(plan, value, before=json.loads(before)), fence)
 
     def _value_crossed(self, plan: Planned, trigger: NodeValue, value: int) -> None:
         known = self._seen.get(plan.id)
@@ -223,4 +235,11 @@ class BusTriggers:
             ).rowcount  # type: ignore[attr-defined]
             return bool(moved)
 
-        self._event(plan, self.now(), fence)
+        self._event(plan, self.now(), value_cause(plan, value), fence)
+
+
+def value_cause(plan: Planned, value: Any, **more: Any) -> dict[str, Any]:
+    """A value trigger's cause, for the fire's trace: the node, the key and the value it saw."""
+    trigger = plan.spec.trigger
+    assert isinstance(trigger, NodeValue)
+    return {"kind": "value", "node": trigger.node, "key": trigger.key, "value": value, **more}

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from hacer.automations import AutomationSpec, Cron, Every, Sun, location_of, next_due, upcoming
 from hacer.messages import MessageError, RunRequest
@@ -307,6 +307,18 @@ def test_rest_automations_are_checked_saved_switched_and_deleted(tmp_path):
     for query in ("from=27%20March", "count=0", "count=x"):
         assert client.get(f"/api/automations/{night['id']}?{query}").status_code == 400, query
     client.delete(f"/api/automations/{night['id']}")
+    # A fire's trace, as the scheduler wrote it.
+    every = {**lamp, "name": "tick", "trigger": {"kind": "every", "seconds": 60}}
+    ticking = check(client.post("/api/automations", data=json.dumps(every)), 201, "/api/automations", "post")
+    ((scheduler, _),) = schedulers(Database(settings.database_url), Clock(datetime.now(UTC) + timedelta(seconds=61)), 1)
+    scheduler.tick()
+    path = "/api/automations/{automation_id}/traces"
+    (trace,) = check(client.get(f"/api/automations/{ticking['id']}/traces"), 200, path, "get")["traces"]
+    assert trace["trigger"] == {"kind": "time", "due": trace["due"]} and trace["definition"]["name"] == "tick"
+    assert trace["steps"][0]["state"] == "queued" and trace["steps"][0]["run_id"].startswith("auto")
+    assert client.get(f"/api/automations/{ticking['id']}/traces?limit=0").status_code == 400
+    assert client.get("/api/automations/999999/traces").status_code == 404
+    client.delete(f"/api/automations/{ticking['id']}")
     changed = {**lamp, "trigger": {"kind": "every", "seconds": 600}}
     check(client.put(one, data=json.dumps(changed)), 200, "/api/automations/{automation_id}", "put")
     disabled = check(client.post(f"{one}/disable"), 200, "/api/automations/{automation_id}/disable", "post")
@@ -473,6 +485,47 @@ def test_conditions_gate_a_trigger(database):
     for value in (20, 17):
         deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
     assert len(run_ids(pair)) == 1
+
+
+def test_a_fire_keeps_its_trace_the_trigger_the_values_its_conditions_saw_its_run_and_the_definition(database):
+    from hacer.automations import NodeValue, TimeWindow, ValueIs, traces
+
+    with_node(database, 6)
+    spec = AutomationSpec(
+        "cold at night",
+        NodeValue(5, "temperature", below=18),
+        "heater",
+        conditions=(TimeWindow("22:00", "07:00", "Europe/Madrid"), ValueIs(6, "on", equals=1)),
+        mode="parallel",
+    )
+    cold = add(database, spec)
+    tick = add(database, AutomationSpec("tick", Every(60), "toggle", ("lamp", "on")))
+    clock = Clock(datetime(2026, 12, 1, 23, 0, tzinfo=UTC))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/6/state", b'{"on": 1}')
+    for value in (20, 17):
+        deliver(pair, "hacer/nodes/5/state", json.dumps({"temperature": value}).encode())
+    clock.advance(60)
+    pair[0][0].tick()
+    with database.session() as session:
+        (fired,) = traces(session, cold)
+        session.execute(
+            update(Run).where(Run.run_id == fired["steps"][0]["run_id"]).values(state="succeeded", exit_code=0)
+        )
+        session.commit()
+        (fired,) = traces(session, cold)
+        (ticked,) = traces(session, tick)
+    assert fired["trigger"] == {"kind": "value", "node": 5, "key": "temperature", "value": 17}
+    assert fired["conditions"] == [
+        {"condition": {"kind": "time", "after": "22:00", "before": "07:00", "tz": "Europe/Madrid"}, "seen": "00:00",
+         "held": True},
+        {"condition": {"kind": "value", "node": 6, "key": "on", "below": None, "above": None, "equals": 1}, "seen": 1,
+         "held": True},
+    ]  # fmt: skip
+    assert (fired["steps"][0]["state"], fired["steps"][0]["exit_code"]) == ("succeeded", 0)
+    assert fired["definition"] == json.loads(spec.to_json()) and fired["late"] is False
+    assert ticked["trigger"] == {"kind": "time", "due": ticked["due"]} and ticked["conditions"] == []
+    assert ticked["steps"][0]["state"] == "queued"
 
 
 def test_a_value_trigger_sees_each_crossing_through_broker_and_scheduler_restarts(
