@@ -403,12 +403,74 @@ function renderAutomations() {
     toggle.className = enabled ? "on" : "off";
     toggle.addEventListener("click", () => changeAutomation("POST", `/automations/${id}/${enabled ? "disable" : "enable"}`));
     row.insertCell().append(toggle);
+    const traces = element("button", { type: "button", textContent: "traces", attrs: { "aria-label": `traces of ${name}` } });
+    traces.addEventListener("click", () => openTraces(id));
+    row.insertCell().append(traces);
     const remove = document.createElement("button");
     remove.textContent = "delete";
     remove.addEventListener("click", () => confirm(`Delete ${name}?`) && changeAutomation("DELETE", `/automations/${id}`));
     row.insertCell().append(remove);
   }
 }
+
+// An automation's traces: what triggered each fire, what its conditions saw, what its run did.
+state.traces = null;  // the automation whose traces are open
+
+function describeCause(cause) {
+  if (!cause) return "fired before traces were kept";
+  const json = JSON.stringify;
+  switch (cause.kind) {
+    case "time": return "its time came";
+    case "presence": return `node ${cause.node} ${cause.state} since ${localTime(cause.since)}`;
+    case "value": return `node ${cause.node} ${cause.key} ${json(cause.value)}` + ("before" in cause ? ` (was ${json(cause.before)})` : "");
+    case "run": return `run ${cause.run_id} of ${cause.script} ended ${cause.state}`;
+    default: return cause.kind;
+  }
+}
+
+function describeCondition({ condition: c, seen, held }) {
+  const what = c.kind === "time" ? `time ${c.after}–${c.before}${c.tz !== "UTC" ? ` (${c.tz})` : ""}`
+    : `node ${c.node} ${c.key}` + (c.equals != null ? ` = ${c.equals}` : c.below != null ? ` < ${c.below}` : ` > ${c.above}`);
+  return `${held ? "✓" : "✗"} ${what}: saw ${JSON.stringify(seen)}`;
+}
+
+async function openTraces(id) {
+  state.traces = id;
+  if (!$("#traces").open) $("#traces").showModal();
+  await loadTraces();
+}
+
+async function loadTraces() {
+  const id = state.traces;
+  if (id == null) return;
+  $("#traces-title").textContent = `${state.automations.get(id)?.name ?? id}: last fires`;
+  const { traces } = await api("GET", `/automations/${id}/traces?limit=20`);
+  const list = $("#trace-list");
+  list.replaceChildren(...(traces.length ? [] : [element("li", { textContent: "no fire yet" })]));
+  for (const trace of traces) {
+    const item = element("li", { className: "trace" },
+      element("p", { className: "trigger", textContent: `${localTime(trace.due)}${trace.late ? " (late)" : ""}: ${describeCause(trace.trigger)}` }),
+      ...trace.conditions.map((condition) =>
+        element("p", { className: "condition " + (condition.held ? "held" : "not-held"), textContent: describeCondition(condition) })));
+    for (const step of trace.steps) {
+      const log = element("button", { type: "button", textContent: "log", attrs: { "aria-label": `log of ${step.run_id}` } });
+      log.addEventListener("click", () => { $("#traces").close(); watch(step.run_id); });
+      const exit = step.exit_code != null ? ` (exit ${step.exit_code})` : "";
+      item.append(element("p", { className: `step state-${step.state}`, textContent: `run ${step.run_id}: ${step.state}${exit} ` }, log));
+    }
+    list.append(item);
+  }
+}
+
+let tracesReload = null;
+function reloadTracesSoon(runId) {  // a fire of the open automation, or a run of one of its fires, moved
+  if (state.traces == null || (runId && !runId.startsWith(`auto-${state.traces}-`))) return;
+  clearTimeout(tracesReload);
+  tracesReload = setTimeout(loadTraces, 200);
+}
+
+$("#traces-close").addEventListener("click", () => $("#traces").close());
+$("#traces").addEventListener("close", () => { state.traces = null; });
 
 async function changeAutomation(method, path) {
   try { await api(method, path); } catch (error) { alert(error.message); }
@@ -463,8 +525,12 @@ function applyEvent(event) {
   else if (event.kind === "node_removed") { state.nodes.delete(data.id); renderNodes(); }
   else if (event.kind === "bridge") showBridge(data.state);
   else if (event.kind === "runner") showRunners([data]);
-  else if (event.kind === "run") updateRun(data);
-  else if (event.kind === "automation_fired") { state.lastFires.set(data.id, data); renderAutomations(); }
+  else if (event.kind === "run") { updateRun(data); reloadTracesSoon(data.run_id); }
+  else if (event.kind === "automation_fired") {
+    state.lastFires.set(data.id, data);
+    renderAutomations();
+    if (data.id === state.traces) reloadTracesSoon();
+  }
   else if (event.kind.startsWith("automation")) reloadAutomationsSoon();
   else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
     state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice

@@ -153,8 +153,16 @@ def test_an_automation_is_added_fires_live_and_is_switched_off_and_deleted(syste
     row = page.locator("#automations tbody tr", has_text="each second")
     expect(row).to_contain_text("every 1 s", timeout=10_000)
     expect(row.locator("td.last-fire")).not_to_have_text("", timeout=15_000)  # the scheduler's fire, live
-    row.get_by_role("button", name="on").click()
-    expect(row.get_by_role("button", name="off")).to_be_visible(timeout=10_000)
+    # Its traces: what triggered each fire and the run it made, the run's end arriving live.
+    row.get_by_role("button", name="traces of each second").click()
+    traces = page.locator("#trace-list li.trace")
+    expect(traces.first.locator(".trigger")).to_contain_text("its time came", timeout=10_000)
+    expect(traces.first.locator(".step")).to_contain_text("succeeded (exit 0)", timeout=20_000)
+    traces.first.get_by_role("button", name="log").click()
+    expect(page.locator("#traces")).not_to_be_visible()
+    expect(page.locator("#log")).to_contain_text("[exit_status] success", timeout=10_000)
+    row.get_by_role("button", name="on", exact=True).click()
+    expect(row.get_by_role("button", name="off", exact=True)).to_be_visible(timeout=10_000)
     automation_id = int(row.get_attribute("data-id"))
     assert system.get(f"/api/automations/{automation_id}").json()["enabled"] is False
     page.on("dialog", lambda dialog: dialog.accept())
@@ -291,3 +299,7 @@ def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system,
         "data-label", "name"
     )
     page.screenshot(path=str(artifacts() / "control-app-tables-390.png"), full_page=True)
+    page.locator("#automations tbody tr", has_text="phone check").get_by_role("button", name="traces").click()
+    expect(page.locator("#trace-list")).to_contain_text("no fire yet", timeout=10_000)
+    box = page.locator("#traces").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
