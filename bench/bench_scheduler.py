@@ -7,7 +7,8 @@
    `manage.py scheduler` process on SQLite: lateness of each fire (fired_at - due_at, from the
    fire rows), against a bare loop that only sleeps until each of the same due times.
 2. idle: the same process with N automations due in an hour: CPU and memory over 20 s, against
-   a bare `python -c` interpreter's memory.
+   a bare `python -c` interpreter's memory; then N presence automations `for` an hour, each node
+   offline, so N waits pending: CPU against the time triggers'.
 3. triggers: M value automations on M nodes, state changes published at R a second (one in ten
    a threshold crossing, the next one of that node re-arming it): crossing published -> its run
    request at a subscriber, against the same state messages' own trip to a plain subscriber.
@@ -23,15 +24,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile, wait_for  # noqa: E402
-from hacer.automations import AutomationSpec, Every, NodeValue  # noqa: E402
+from hacer.automations import AutomationSpec, Every, NodePresence, NodeValue  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
-from hacer.models import Automation, AutomationFire, Database, Node  # noqa: E402
+from hacer.messages import Presence  # noqa: E402
+from hacer.models import Automation, AutomationFire, AutomationWait, Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 from ops.broker import BrokerProcess  # noqa: E402
 
@@ -118,26 +121,61 @@ def fire_count(database: Database) -> int:
 
 
 def idle(work: Path, count: int) -> None:
-    print(f"2. idle: {count} automations, none due for an hour, for 20 s")
+    print(f"2. idle: {count} automations, none due for an hour, for 20 s; then {count} `for` waits pending")
     broker, db_path, database = broker_and_database(work, "idle")
     add_time_automations(database, count, 3600, datetime.now(UTC) + timedelta(hours=1))
+    try:
+        timed, rss = idle_cpu(broker, db_path, lambda: True)
+    finally:
+        broker.stop()
+    bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    time.sleep(1)
+    bare_rss = rss_mb(bare.pid)
+    bare.wait()
+    print(f"   time triggers: scheduler CPU {100 * timed / 20:.1f} % of a core, memory {rss:.1f} MB")
+    print(f"   bare interpreter memory {bare_rss:.1f} MB")
+
+    broker, db_path, database = broker_and_database(work, "waits")
+    went = datetime.now(UTC).replace(microsecond=0)
+    with database.session() as session:
+        for n in range(count):
+            spec = AutomationSpec(f"w{n}", NodePresence(10_000 + n, "offline", 3600), "toggle")
+            session.add(Automation(name=spec.name, definition=spec.to_json().decode(), enabled=True,
+                                   changed_at=(went - timedelta(minutes=1)).replace(tzinfo=None)))  # fmt: skip
+        session.commit()
+    bus = Bus(broker.url, Topics(), "bench-presence")
+    bus.start()
+    bus.wait_connected(10)
+    for n in range(count):  # each node offline, retained as the bridge leaves it: a wait each, due in an hour
+        presence = Presence(10_000 + n, "toggle", "10.0.0.1", "offline", went, went)
+        bus.publish(f"hacer/nodes/{10_000 + n}/presence", presence.to_payload(), retain=True)
+    bus.sync(60)
+    bus.stop()
+    try:
+        waiting, rss = idle_cpu(broker, db_path, lambda: wait_count(database) == count)
+    finally:
+        broker.stop()
+    print(f"   {count} waits pending: scheduler CPU {100 * waiting / 20:.1f} % of a core, memory {rss:.1f} MB")
+    print(f"   ratio CPU waits / time triggers {waiting / max(timed, 0.01):.2f}")
+
+
+def wait_count(database: Database) -> int:
+    with database.session() as session:
+        return session.query(AutomationWait).count()
+
+
+def idle_cpu(broker: BrokerProcess, db_path: Path, ready: Callable[[], bool]) -> tuple[float, float]:
+    """A scheduler's CPU seconds over 20 s once `ready`, and its memory."""
     process = scheduler_process(broker, db_path)
     try:
+        wait_for(ready, 120, "the scheduler's start")
         time.sleep(5)  # start-up and the first plan
         before = cpu_seconds(process.pid)
         time.sleep(20)
-        used = cpu_seconds(process.pid) - before
-        rss = rss_mb(process.pid)
-        bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
-        time.sleep(1)
-        bare_rss = rss_mb(bare.pid)
-        bare.wait()
-        print(f"   scheduler CPU {100 * used / 20:.1f} % of a core, memory {rss:.1f} MB")
-        print(f"   bare interpreter memory {bare_rss:.1f} MB")
+        return cpu_seconds(process.pid) - before, rss_mb(process.pid)
     finally:
         process.terminate()
         process.wait(20)
-        broker.stop()
 
 
 def cpu_seconds(pid: int) -> float:

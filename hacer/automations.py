@@ -81,10 +81,11 @@ class Sun(Struct, frozen=True, tag="sun", tag_field="kind", forbid_unknown_field
 
 
 class NodePresence(Struct, frozen=True, tag="presence", tag_field="kind", forbid_unknown_fields=True):
-    """A node going online or offline."""
+    """A node going online or offline; with `for`, once it has stayed so that many seconds (from its `since`)."""
 
     node: NodeId
     becomes: Literal["online", "offline"]
+    lasting: Annotated[int, Meta(ge=0, le=7 * 86400)] = msgspec.field(default=0, name="for")
 
 
 class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unknown_fields=True):

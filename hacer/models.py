@@ -298,6 +298,15 @@ class AutomationFire(Base):
     definition: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class AutomationWait(Base):
+    """A `for` trigger's condition as a scheduler saw it begin: due `for` seconds later, if it lasts."""
+
+    __tablename__ = "automation_wait"
+    automation_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # no foreign key, as fires
+    began_at: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Database:
     """An engine and its session factory for one database URL."""
 

@@ -119,6 +119,7 @@ class Scheduler:
                 break
             self.triggers.handle(message)
         self._fire_due()
+        self.triggers.fire_waits()
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -182,6 +183,7 @@ class Scheduler:
         self._heap = [(plan.next_due, plan.id) for plan in planned.values() if plan.next_due is not None]
         heapq.heapify(self._heap)
         self.triggers.index(planned.values(), fresh)
+        self.triggers.waits.load(fresh)  # what a wait of theirs began before this scheduler saw them
 
     def _next(self, plan: Planned, after: datetime) -> datetime | None:
         """The plan's first due time after `after`; a trigger that cannot say is marked failed, it alone."""
@@ -225,12 +227,13 @@ class Scheduler:
             self._publish_plan(plan)
 
     def _next_wake(self) -> float:
-        """Seconds until the earliest due time, at most `poll_every`."""
+        """Seconds until the earliest due time or wait, at most `poll_every`."""
         while self._heap and self._planned.get(self._heap[0][1]) is None:
             heapq.heappop(self._heap)
-        if not self._heap:
+        earliest = [due for due in (self._heap[0][0] if self._heap else None, self.triggers.waits.earliest()) if due]
+        if not earliest:
             return self.poll_every
-        return min(self.poll_every, max(0.0, self._heap[0][0].timestamp() - self.clock()))
+        return min(self.poll_every, max(0.0, min(earliest).timestamp() - self.clock()))
 
     def _due_or_missed(self, plan: Planned, now: datetime) -> tuple[datetime, bool] | None:
         """The (due time, late) to fire for a due plan, which moves on to its next due time.

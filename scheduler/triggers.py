@@ -32,6 +32,7 @@ from hacer.models import AutomationTrigger
 from hacer.topics import TopicError, Topics
 from scheduler.firing import Fence, Firer, Trace
 from scheduler.plans import Counts, Planned
+from scheduler.waits import Waits, lasting
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class BusTriggers:
         # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
         # A message that changes nothing there needs no database; a stale copy only costs a failed fence.
         self._seen: dict[int, tuple[datetime, bool, str]] = {}
+        self._presence: dict[int, Presence] = {}  # each node's as last seen, for `for` triggers
+        self.waits = Waits(sessions)
 
     def index(self, planned: Iterable[Planned], fresh: Iterable[Planned]) -> None:
         """Know which plans each node and script concern; `fresh` ones see a node's known value now."""
@@ -115,10 +118,34 @@ class BusTriggers:
         trace = Trace(cause, seen)
         self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True), trace=trace)
 
+    def fire_waits(self) -> None:
+        """Judge the `for` waits that are due: fired if their condition lasted, else cancelled."""
+        for wait in self.waits.due(self.now()):
+            due, automation_id, began = wait
+            plan = self.planned(automation_id)
+            trigger = None if plan is None else lasting(plan)
+            if plan is None or trigger is None:  # gone, disabled, or no `for` any more
+                self.waits.cancel(wait)
+                continue
+            lasted = self.waits.verdict(trigger, self._presence.get(trigger.node), wait)
+            if lasted is None:
+                self.waits.undecided(wait)
+                continue
+            if lasted:
+                cause = {"kind": "presence", "node": trigger.node, "state": trigger.becomes}
+                self._event(
+                    plan, due, {**cause, "since": began.isoformat(), "for": trigger.lasting}, self.waits.fence(wait)
+                )
+            self.waits.cancel(wait)  # fired (its row went with the fire), held back, too late, or not lasted
+
     def _on_presence(self, presence: Presence) -> None:
+        self._presence[presence.id] = presence
         for plan in self._by_node.get(presence.id, ()):
             trigger = plan.spec.trigger
-            if isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
+            if isinstance(trigger, NodePresence) and trigger.lasting:
+                if presence.state == trigger.becomes:
+                    self.waits.begin(plan, presence.since)
+            elif isinstance(trigger, NodePresence) and presence.state == trigger.becomes:
                 # `since` is the transition's own time, the same in every copy: one fire row per transition.
                 cause = {"kind": "presence", "node": presence.id, "state": presence.state}
                 self._event(plan, presence.since, {**cause, "since": presence.since.isoformat()})

@@ -362,7 +362,7 @@ function describeTrigger(t) {
     case "every": return `every ${t.seconds} s`;
     case "at": return `at ${t.at}${zone}`;
     case "sun": return `${t.event}${t.offset ? ` ${t.offset > 0 ? "+" : ""}${t.offset} s` : ""}${zone}`;
-    case "presence": return `node ${t.node} goes ${t.becomes}`;
+    case "presence": return `node ${t.node} goes ${t.becomes}` + (t.for ? ` for ${t.for} s` : "");
     case "value":
       return `node ${t.node} ${t.key}` + (t.below != null ? ` < ${t.below}` : t.above != null ? ` > ${t.above}` : " changes");
     case "run": return `${t.script} ends ${t.states.join("/")}`;
@@ -421,7 +421,7 @@ function describeCause(cause) {
   const json = JSON.stringify;
   switch (cause.kind) {
     case "time": return "its time came";
-    case "presence": return `node ${cause.node} ${cause.state} since ${localTime(cause.since)}`;
+    case "presence": return `node ${cause.node} ${cause.state} since ${localTime(cause.since)}` + (cause.for ? `, for ${cause.for} s` : "");
     case "value": return `node ${cause.node} ${cause.key} ${json(cause.value)}` + ("before" in cause ? ` (was ${json(cause.before)})` : "");
     case "run": return `run ${cause.run_id} of ${cause.script} ended ${cause.state}`;
     default: return cause.kind;

@@ -1,6 +1,7 @@
 """Automations: the definition format, due times (daylight saving, the sun), and exactly-once fires."""
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -361,6 +362,52 @@ def test_two_scheduler_processes_fire_every_due_time_once_through_a_kill(spawn, 
     assert rows[-1].scheduler == "second"  # the survivor went on alone
 
 
+def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_not_for_a_node_back(
+    spawn, hacer_env, broker, make_bus, watch
+):
+    """Real scheduler processes and broker: the waits live in the database, not in a process."""
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence
+    from hacer.models import AutomationWait
+
+    from support import wait_until
+
+    database = Database(f"sqlite:///{hacer_env['HADB_PATH']}")
+    database.init()
+    now = datetime.now(UTC)
+    stays = add(database, AutomationSpec("5 gone", NodePresence(5, "offline", 10), "alert"), now)
+    comes_back = add(database, AutomationSpec("6 gone", NodePresence(6, "offline", 10), "alert"), now)
+    fired = watch("hacer/automations/+/fired")
+    went = datetime.fromtimestamp(int(time.time()) + 1, UTC)
+
+    def presence(node: int, state: str, since: datetime) -> None:  # as the bridge publishes it, retained
+        make_bus().publish(
+            f"hacer/nodes/{node}/presence",
+            Presence(node, "toggle", "ip", state, since, since).to_payload(),
+            retain=True,
+        )
+
+    for node in (5, 6):
+        presence(node, "offline", went)
+    scheduler = spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "first"})
+    with database.session() as session:
+        wait_until(lambda: len(session.scalars(select(AutomationWait)).all()) == 2, 20, "both waits written")
+    scheduler.stop(kill=True)
+    killed_before_due = time.time() < went.timestamp() + 10
+    broker.restart()
+    presence(6, "online", went + timedelta(seconds=1))  # node 6 back before its 10 s
+    spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "second"})
+    message = fired.wait_for(lambda m: True, timeout=30)
+    assert message.topic == f"hacer/automations/{stays}/fired"
+    assert json.loads(message.payload)["due"] == (went + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
+    with database.session() as session:  # node 6's wait judged at its due time too: cancelled
+        wait_until(lambda: session.scalars(select(AutomationWait)).all() == [], 20, "node 6's wait cancelled")
+    rows = fires(database)
+    assert [row.automation_id for row in rows] == [stays] and len(fired.messages) == 1 and comes_back != stays
+    if killed_before_due:  # (a machine that took 10 s to start a scheduler tests less, and still passes)
+        assert rows[0].scheduler == "second"  # the wait outlived the process that saw it begin
+
+
 # --- bus triggers ---------------------------------------------------------------------------
 
 
@@ -429,6 +476,88 @@ def test_a_presence_transition_fires_once_however_often_it_is_seen(database):
     stale = START - timedelta(hours=1)  # a transition older than the automation: not its business
     deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "10.0.0.5", "offline", stale, stale).to_payload())
     assert len(run_ids(pair)) == 1
+
+
+def offline_since(moment: datetime, state: str = "offline") -> bytes:
+    from hacer.messages import Presence
+
+    return Presence(5, "toggle", "10.0.0.5", state, moment, moment).to_payload()
+
+
+def test_a_for_wait_fires_once_from_the_conditions_own_time_across_a_scheduler_restart(database):
+    from hacer.automations import NodePresence, traces
+    from hacer.models import AutomationWait
+
+    automation_id = add(database, AutomationSpec("gone 10 min", NodePresence(5, "offline", 600), "alert"))
+    went = START + timedelta(seconds=20)
+    clock = Clock(went + timedelta(seconds=90))  # the scheduler sees it 90 s after it began
+    first = schedulers(database, clock, 1)
+    deliver(first, "hacer/nodes/5/presence", offline_since(went))
+    clock.advance(300)
+    first[0][0].tick()
+    assert run_ids(first) == []
+    # The scheduler is gone (killed); another starts, and the broker gives it the retained presence.
+    second = schedulers(database, clock, 1)
+    deliver(second, "hacer/nodes/5/presence", offline_since(went))
+    clock.advance(209)  # 599 s after the node went
+    second[0][0].tick()
+    assert run_ids(second) == []
+    clock.advance(2)
+    for _ in range(3):
+        second[0][0].tick()
+        first[0][0].tick()  # had it lived on, it would find the wait spent
+    assert run_ids(first) == [] and len(run_ids(second)) == 1
+    (fired,) = fires(database)
+    assert fired.due_at == (went + timedelta(seconds=600)).replace(tzinfo=None) and not fired.late
+    with database.session() as session:
+        assert session.scalars(select(AutomationWait)).all() == []
+        (trace,) = traces(session, automation_id)
+    assert trace["trigger"] == {
+        "kind": "presence",
+        "node": 5,
+        "state": "offline",
+        "since": went.isoformat(),
+        "for": 600,
+    }
+
+
+def test_a_for_wait_is_cancelled_when_the_node_came_back_and_judged_on_return_when_nobody_watched(database):
+    from hacer.automations import NodePresence
+
+    add(database, AutomationSpec("gone 10 min", NodePresence(5, "offline", 600), "alert", grace=300, mode="parallel"))
+    went = START + timedelta(seconds=20)
+    clock = Clock(went + timedelta(seconds=1))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/5/presence", offline_since(went))
+    clock.advance(299)
+    deliver(pair, "hacer/nodes/5/presence", offline_since(went + timedelta(seconds=300), "online"))  # back
+    clock.advance(400)
+    pair[0][0].tick()
+    assert run_ids(pair) == []
+    # Gone again: a new wait from the new `since`. The scheduler dies; the node comes back 650 s after
+    # it went, while no scheduler runs: it lasted its 600 s, so the wait fires on return (within grace).
+    again = went + timedelta(seconds=700)
+    deliver(pair, "hacer/nodes/5/presence", offline_since(again))
+    clock.advance(800)
+    back = schedulers(database, clock, 1)
+    deliver(back, "hacer/nodes/5/presence", offline_since(again + timedelta(seconds=650), "online"))
+    assert len(run_ids(back)) == 1 and fires(database)[0].due_at == (again + timedelta(seconds=600)).replace(
+        tzinfo=None
+    )
+    # Gone, back and gone again while nobody watched (a newer `since`): the first wait did not last.
+    third = datetime.fromtimestamp(clock.now, UTC) + timedelta(seconds=10)
+    restarted = schedulers(database, clock, 1)
+    clock.advance(10)
+    deliver(restarted, "hacer/nodes/5/presence", offline_since(third))
+    clock.advance(640)  # 40 s past its due time: within grace
+    later = schedulers(database, clock, 1)
+    deliver(later, "hacer/nodes/5/presence", offline_since(third + timedelta(seconds=400)))
+    assert len(fires(database)) == 1
+    clock.advance(400)  # the new wait's due time
+    later[0][0].tick()
+    assert len(fires(database)) == 2 and fires(database)[1].due_at == (third + timedelta(seconds=1000)).replace(
+        tzinfo=None
+    )
 
 
 def test_cooldown_and_single_mode_hold_back_a_storm(database):

@@ -1,0 +1,152 @@
+"""The waits of `for` triggers ("node offline for 10 minutes"), kept in the database.
+
+A wait is a row (automation, began) written when a scheduler sees its condition begin, due `for`
+seconds after the condition's own time (a presence's `since`), not after when a scheduler saw it:
+a scheduler, broker or whole-server restart in the middle neither restarts nor loses it. At its
+due time (or when a scheduler comes back after it) it is judged by the node's presence as this
+scheduler last saw it: still in the state since the wait began, or left it at or after the due
+time, it fires; else it is cancelled. A presence not seen since this scheduler started is waited
+for (the retained one comes at connect). Transitions no scheduler saw (a node back and gone again
+while none ran) are read from the recorder's availability history: one out of the state before the
+due time cancels it. Firing deletes the row in the fire's transaction, and the fire row is unique
+per (automation, due time): the fire comes once, whichever scheduler judges it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, exists, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hacer.automations import NodePresence
+from hacer.messages import Presence
+from hacer.models import Automation, AutomationWait, NodeAvailability, aware_utc, naive_utc
+from scheduler.plans import Planned
+
+log = logging.getLogger(__name__)
+
+Wait = tuple[datetime, int, datetime]  # (due, automation id, began), aware UTC
+
+
+def lasting(plan: Planned) -> NodePresence | None:
+    """The plan's presence trigger if it has a `for`, else None."""
+    trigger = plan.spec.trigger
+    return trigger if isinstance(trigger, NodePresence) and trigger.lasting else None
+
+
+class Waits:
+    """The waits this scheduler knows, earliest first; the database holds them for every scheduler."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self._heap: list[Wait] = []
+        self._known: set[tuple[int, datetime]] = set()
+        self._undecided: list[Wait] = []  # due, but the node's presence is not seen yet
+
+    def load(self, plans: Iterable[Planned]) -> None:
+        """Know the waits the database holds for these plans (at start, and when plans change); drop those
+        of automations deleted or disabled (a disabled automation's waits end with it)."""
+        ids = [plan.id for plan in plans if lasting(plan)]
+        with self.sessions() as session:
+            enabled = select(Automation.id).where(Automation.enabled)
+            session.execute(delete(AutomationWait).where(AutomationWait.automation_id.not_in(enabled)))
+            session.commit()
+            if not ids:
+                return
+            rows = session.execute(
+                select(AutomationWait.automation_id, AutomationWait.began_at, AutomationWait.due_at).where(
+                    AutomationWait.automation_id.in_(ids)
+                )
+            ).all()
+        for automation_id, began, due in rows:
+            self._know((aware_utc(due), automation_id, aware_utc(began)))
+
+    def begin(self, plan: Planned, began: datetime) -> None:
+        """The plan's condition began at `began` (its own time): wait for it, once whoever saw it first."""
+        trigger = lasting(plan)
+        assert trigger is not None
+        wait = (began + timedelta(seconds=trigger.lasting), plan.id, began)
+        if (plan.id, began) in self._known:
+            return
+        with self.sessions() as session:
+            session.add(AutomationWait(automation_id=plan.id, began_at=naive_utc(began), due_at=naive_utc(wait[0])))
+            try:
+                session.commit()
+            except IntegrityError:  # another scheduler (or this one, before a restart) wrote it
+                session.rollback()
+        self._know(wait)
+
+    def earliest(self) -> datetime | None:
+        """When the next wait is due."""
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: datetime) -> list[Wait]:
+        """The waits due by `now`, and those due earlier whose node's presence was not seen yet."""
+        ready, self._undecided = self._undecided, []
+        while self._heap and self._heap[0][0] <= now:
+            ready.append(heapq.heappop(self._heap))
+        return ready
+
+    def undecided(self, wait: Wait) -> None:
+        """Judge this wait again at the next round (its node's presence is not seen yet)."""
+        self._undecided.append(wait)
+
+    def verdict(self, trigger: NodePresence, presence: Presence | None, wait: Wait) -> bool | None:
+        """Whether the condition lasted until the wait's due time; None: not known yet."""
+        due, _, began = wait
+        if presence is None:
+            return None
+        if presence.state == trigger.becomes:
+            if presence.since.timestamp() != began.timestamp():
+                return False  # began anew: this one ended meanwhile
+        elif presence.since < due:
+            return False  # ended before it was due
+        opposite = "online" if trigger.becomes == "offline" else "offline"
+        with self.sessions() as session:  # a transition no scheduler saw, as the recorder wrote it
+            broken = session.scalar(
+                select(
+                    exists().where(
+                        NodeAvailability.node_id == trigger.node,
+                        NodeAvailability.state == opposite,
+                        NodeAvailability.at_ms > int(began.timestamp() * 1000),
+                        NodeAvailability.at_ms < int(due.timestamp() * 1000),
+                    )
+                )
+            )
+        return not broken
+
+    def fence(self, wait: Wait) -> Callable[[Session], bool]:
+        """A fire's fence: the wait's row deleted in the fire's transaction; False when it is gone already."""
+        _, automation_id, began = wait
+
+        def spend(session: Session) -> bool:
+            gone = session.execute(
+                delete(AutomationWait).where(
+                    AutomationWait.automation_id == automation_id, AutomationWait.began_at == naive_utc(began)
+                )
+            )
+            return bool(gone.rowcount)  # type: ignore[attr-defined]
+
+        return spend
+
+    def cancel(self, wait: Wait) -> None:
+        """Drop a wait whose condition did not last (or whose automation is gone or changed)."""
+        with self.sessions() as session:
+            self.fence(wait)(session)
+            session.commit()
+        self._known.discard((wait[1], wait[2]))
+
+    def done(self, wait: Wait) -> None:
+        """Forget a wait that fired (its row went with the fire)."""
+        self._known.discard((wait[1], wait[2]))
+
+    def _know(self, wait: Wait) -> None:
+        key = (wait[1], wait[2])
+        if key not in self._known:
+            self._known.add(key)
+            heapq.heappush(self._heap, wait)
