@@ -73,9 +73,14 @@ class BusTriggers:
                 self._by_node.setdefault(trigger.node, []).append(plan)
             elif isinstance(trigger, RunFinished):
                 self._by_script.setdefault(trigger.script, []).append(plan)
-        for plan in fresh:  # a value trigger whose node's value is known sees it now, not at its next change
-            if isinstance(plan.spec.trigger, NodeValue) and plan.spec.trigger.node in self._values:
-                self._on_value(plan, plan.spec.trigger, self._values[plan.spec.trigger.node])
+        for plan in fresh:  # a trigger whose node's value or presence is known sees it now, not at its next change
+            trigger = plan.spec.trigger
+            if isinstance(trigger, NodeValue) and trigger.node in self._values:
+                self._on_value(plan, trigger, self._values[trigger.node])
+            if isinstance(trigger, NodePresence) and trigger.lasting:
+                seen = self._presence.get(trigger.node)
+                if seen is not None and seen.state == trigger.becomes:
+                    self.waits.begin(plan, seen.since)
 
     def handle(self, message: Message) -> None:
         """Feed a bus event to the automations it may trigger."""

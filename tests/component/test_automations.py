@@ -521,6 +521,22 @@ def test_a_for_wait_fires_once_from_the_conditions_own_time_across_a_scheduler_r
     }
 
 
+def test_a_for_automation_added_while_its_node_is_away_counts_from_the_nodes_since(database):
+    from hacer.automations import NodePresence
+
+    went = START + timedelta(seconds=20)
+    clock = Clock(went + timedelta(seconds=60))
+    pair = schedulers(database, clock, 1)
+    deliver(pair, "hacer/nodes/5/presence", offline_since(went))
+    add(database, AutomationSpec("gone 10 min", NodePresence(5, "offline", 600), "alert"), went + timedelta(seconds=30))
+    clock.advance(2)
+    pair[0][0].tick()  # the new automation planned: the node is away already
+    clock.advance(539)  # 601 s after the node went
+    pair[0][0].tick()
+    (fired,) = fires(database)
+    assert fired.due_at == (went + timedelta(seconds=600)).replace(tzinfo=None)
+
+
 def test_a_for_wait_is_cancelled_when_the_node_came_back_and_judged_on_return_when_nobody_watched(database):
     from hacer.automations import NodePresence
 

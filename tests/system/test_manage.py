@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from datetime import datetime, timedelta
 
 import pytest
 import requests
@@ -404,3 +405,51 @@ def test_automation_next_lists_the_fires_from_a_time_asked_for(hacer_env):
     ]
     refused = manage("next", "night", "--from", "27 March")
     assert refused.returncode == 1 and b"bad start time '27 March'" in refused.stderr
+
+
+def test_a_for_wait_fires_once_across_a_whole_server_restart(spawn, hacer_env, watch, tmp_path):
+    """A node silent for its `for`: runserver stopped and started again in the middle, one fire at its time."""
+    from sqlalchemy import select
+
+    from hacer.models import AutomationFire, AutomationWait
+
+    env = {**hacer_env, "HACER_HTTP_PORT": str(free_port()), "HACER_OFFLINE_AFTER": "1.5"}
+    presence = watch("hacer/nodes/5100/presence")
+    fired = watch("hacer/automations/+/fired")
+    node = spawn(["emulate", "--count", "1", "--types", "toggle", "--interval", "0.5", "--first-ip", "127.0.0.40",
+                  "--base-id", "5100"], env, name="emulate")  # fmt: skip
+    server = spawn(["runserver"], env, name="runserver")
+    presence.wait_for(lambda m: Presence.from_payload(m.payload).state == "online", timeout=30)
+    gone = {
+        "name": "gone",
+        "script": "test",
+        "trigger": {"kind": "presence", "node": 5100, "becomes": "offline", "for": 8},
+    }
+    added = subprocess.run([sys.executable, "manage.py", "automation", "add", json.dumps(gone)], env=env,
+                           cwd=PROJECT_DIR, capture_output=True)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    node.stop(kill=True)  # the node falls silent
+    since = Presence.from_payload(
+        presence.wait_for(lambda m: Presence.from_payload(m.payload).state == "offline", timeout=30).payload
+    ).since
+    database = Database(f"sqlite:///{env['HADB_PATH']}")
+    with database.session() as session:
+        wait_until(lambda: session.scalars(select(AutomationWait)).all(), 20, "the wait written")
+    server.stop()  # the whole server, in the middle of the wait
+    spawn(["runserver"], env, name="runserver-again")
+    message = fired.wait_for(lambda m: True, timeout=60)
+    assert datetime.fromisoformat(json.loads(message.payload)["due"]) == since + timedelta(seconds=8)
+    wait_until(lambda: runs_ended(env), 30, "the fire's run to end")
+    with database.session() as session:
+        assert len(session.scalars(select(AutomationFire)).all()) == 1
+    assert len(fired.messages) == 1
+
+
+def runs_ended(env: dict[str, str]) -> bool:
+    from sqlalchemy import select
+
+    from hacer.models import Run
+
+    with Database(f"sqlite:///{env['HADB_PATH']}").session() as session:
+        states = session.scalars(select(Run.state)).all()
+    return bool(states) and all(state == "succeeded" for state in states)
