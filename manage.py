@@ -68,7 +68,7 @@ def cmd_automation(args: argparse.Namespace) -> None:
     from sqlalchemy import select
 
     from hacer import automations
-    from hacer.messages import MessageError
+    from hacer.messages import MessageError, decode
     from hacer.models import Automation, Database
     from hacer.scriptdir import ScriptDir
 
@@ -107,7 +107,7 @@ def cmd_automation(args: argparse.Namespace) -> None:
         start = None
         if args.start is not None:
             try:
-                spec = automations.AutomationSpec.from_json(found.definition, location)
+                spec = decode(automations.AutomationSpec, found.definition, "automation")
                 start = automations.start_time(args.start, spec)
             except MessageError as exc:
                 raise SystemExit(str(exc)) from None

@@ -29,7 +29,7 @@ from hacer.automations import (
     start_time,
     traces,
 )
-from hacer.messages import MessageError
+from hacer.messages import MessageError, decode
 from hacer.models import Automation
 
 automations = Blueprint("automations", __name__, url_prefix="/automations")
@@ -105,7 +105,7 @@ def get_automation(automation_id: int) -> ResponseReturnValue:
         start = None
         if "from" in request.args:
             try:
-                start = start_time(request.args["from"], AutomationSpec.from_json(row.definition, location()))
+                start = start_time(request.args["from"], decode(AutomationSpec, row.definition, "automation"))
             except MessageError as exc:
                 raise bad_request(str(exc)) from None
         return jsonify(describe(session, row, location(), now(), count, start))

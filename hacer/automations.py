@@ -381,11 +381,14 @@ def start_time(text: str, spec: AutomationSpec) -> datetime:
     """A time to list due times from ("2027-03-27T00:00"): in the trigger's time zone unless it names an offset."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=zone(getattr(spec.trigger, "tz", "UTC")))
+        moment = moment.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise MessageError(f"bad start time {text[:40]!r}: not an ISO 8601 date and time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=zone(getattr(spec.trigger, "tz", "UTC")))
-    return moment.astimezone(UTC)
+    if moment.year < 2:  # due times are listed from a moment before it
+        raise MessageError(f"bad start time {text[:40]!r}: before the year 2")
+    return moment
 
 
 class NameTaken(ValueError):

@@ -15,7 +15,6 @@ per (automation, due time): the fire comes once, whichever scheduler judges it.
 from __future__ import annotations
 
 import heapq
-import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
@@ -24,11 +23,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer.automations import NodePresence
+from hacer.history import millis
 from hacer.messages import Presence
 from hacer.models import Automation, AutomationWait, NodeAvailability, aware_utc, naive_utc
 from scheduler.plans import Planned
-
-log = logging.getLogger(__name__)
 
 Wait = tuple[datetime, int, datetime]  # (due, automation id, began), aware UTC
 
@@ -101,20 +99,20 @@ class Waits:
         due, _, began = wait
         if presence is None:
             return None
-        if presence.state == trigger.becomes:
-            if presence.since.timestamp() != began.timestamp():
-                return False  # began anew: this one ended meanwhile
-        elif presence.since < due:
+        if presence.state == trigger.becomes:  # the same `since`: it never left the state; a later one: began anew
+            return presence.since.timestamp() == began.timestamp()
+        if presence.since < due:
             return False  # ended before it was due
+        # Ended at or after its due time; unless it left and came back before, while no scheduler watched.
         opposite = "online" if trigger.becomes == "offline" else "offline"
-        with self.sessions() as session:  # a transition no scheduler saw, as the recorder wrote it
+        with self.sessions() as session:  # as the recorder wrote the transitions
             broken = session.scalar(
                 select(
                     exists().where(
                         NodeAvailability.node_id == trigger.node,
                         NodeAvailability.state == opposite,
-                        NodeAvailability.at_ms > int(began.timestamp() * 1000),
-                        NodeAvailability.at_ms < int(due.timestamp() * 1000),
+                        NodeAvailability.at_ms > millis(began.timestamp()),
+                        NodeAvailability.at_ms < millis(due.timestamp()),
                     )
                 )
             )
@@ -139,10 +137,6 @@ class Waits:
         with self.sessions() as session:
             self.fence(wait)(session)
             session.commit()
-        self._known.discard((wait[1], wait[2]))
-
-    def done(self, wait: Wait) -> None:
-        """Forget a wait that fired (its row went with the fire)."""
         self._known.discard((wait[1], wait[2]))
 
     def _know(self, wait: Wait) -> None:
