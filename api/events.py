@@ -49,12 +49,13 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
 
     def catch_up(seq: Any) -> None:
         """Send the events after `seq`, or a snapshot when they are not all kept any more."""
-        missed = live.since(seq) if isinstance(seq, int) else None
-        if missed is None:
-            socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
-            return
-        for event in missed:
-            socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
+        with live.held_back():  # nothing newer overtakes what this client is sent
+            missed = live.since(seq) if isinstance(seq, int) else None
+            if missed is None:
+                socketio.emit("snapshot", live.snapshot(), to=request.sid)  # type: ignore[attr-defined]
+                return
+            for event in missed:
+                socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("connect")
     def connect(auth: Any = None) -> bool:
@@ -74,11 +75,12 @@ def attach(socketio: SocketIO, live: LiveView, token: str) -> None:
     def watch_run(data: Any = None) -> None:
         if isinstance(data, dict) and isinstance(data.get("run_id"), str):
             room = run_room(data["run_id"])
-            join_room(room)
-            # What the run logged before the client asked (a short run may be over already);
-            # joined first, so nothing falls between; clients drop entries they already have.
-            for event in live.room_events(room):
-                socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
+            # What the run logged before the client asked (a short run may be over already),
+            # then what it logs from now on: held back meanwhile, nothing falls between or ahead.
+            with live.held_back():
+                join_room(room)
+                for event in live.room_events(room):
+                    socketio.emit("event", {k: v for k, v in event.items() if k != "room"}, to=request.sid)  # type: ignore[attr-defined]
 
     @socketio.on("unwatch_run")
     def unwatch_run(data: Any = None) -> None:

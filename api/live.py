@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,6 +84,10 @@ class LiveView:
         self._room_bytes = 0
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
+        # Held while an event is numbered and told, and while a client is brought up to date
+        # (`held_back`): told from the bus's thread, a live event could otherwise reach a client
+        # before what an api thread replays to it, on a server whose senders write themselves.
+        self._telling = threading.Lock()
         # Nodes changed by the burst of messages being handled (None: removed), sent on as one
         # event each when the bus has drained it: a new node's presence, readings and values
         # arrive as three messages but are one change to a client.
@@ -157,7 +162,18 @@ class LiveView:
         with self._lock:
             return list(self._room_history.get(room, ()))
 
+    @contextmanager
+    def held_back(self) -> Iterator[None]:
+        """No event is told meanwhile: what a client is sent inside comes before any told after."""
+        with self._telling:
+            yield
+
     def _emit(self, kind: str, data: dict[str, Any], room: str | None = None) -> None:
+        with self._telling:
+            self._tell(self._keep(kind, data, room))
+
+    def _keep(self, kind: str, data: dict[str, Any], room: str | None) -> Event:
+        """Number an event and keep it for clients that resume or join its room late."""
         with self._lock:
             self.seq += 1
             event = {"seq": self.seq, "kind": kind, "data": data, "room": room}
@@ -175,7 +191,7 @@ class LiveView:
                     self._room_bytes -= _size(oldest.popleft())
                     if not oldest:
                         self._room_history.popitem(last=False)
-        self._tell(event)
+        return event
 
     def _tell(self, event: Event) -> None:
         for listener in self._listeners:

@@ -181,6 +181,32 @@ def test_a_late_watcher_gets_the_runs_kept_log(app):
     ws.disconnect()
 
 
+def test_a_log_entry_told_during_a_late_watchers_replay_comes_after_it():
+    """The bus's thread tells a new entry while the api's thread replays the kept ones: in order."""
+    import threading
+
+    from api import live as live_module
+    from hacer.messages import LogEntry
+
+    bus = RecordingBus()
+    view = live_module.LiveView(bus, bus.topics)  # type: ignore[arg-type]
+    view.subscribe()
+    sent: list[object] = []
+    view.add_listener(lambda event: sent.append(event["seq"]))
+    bus.deliver("hacer/runs/r1/log", LogEntry("r1", 1, T1, "launch", "").to_payload())
+    sent.clear()
+    live_entry = threading.Thread(
+        target=bus.deliver, args=("hacer/runs/r1/log", LogEntry("r1", 2, T1, "output", "x").to_payload())
+    )
+    with view.held_back():
+        live_entry.start()
+        live_entry.join(timeout=0.5)  # without the hold it is told within this
+        sent.extend(("replayed", event["seq"]) for event in view.room_events("run:r1"))
+    live_entry.join()
+    assert sent[0] == ("replayed", 1)
+    assert sent[-1] == 2  # told after the replay, whether the replay included it or not
+
+
 def test_the_kept_run_logs_are_bounded_in_bytes_the_latest_runs_first_kept():
     from api import live as live_module
     from hacer.messages import LogEntry
