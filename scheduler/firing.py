@@ -68,13 +68,13 @@ class Firer:
         self.now = now
         self.counts = counts
 
-    def fire_batch(self, batch: list[tuple[Planned, datetime, bool]]) -> None:
+    def fire_batch(self, batch: list[tuple[Planned, datetime, bool, Trace]]) -> None:
         """Fire time triggers due together in one transaction (a burst at :00 costs one commit).
 
         If any of them was fired by another scheduler the batch is undone and each is fired alone.
         """
         fired_at = naive_utc(self.now())
-        fires = [self._fire_rows(plan, due, late, fired_at) for plan, due, late in batch]
+        fires = [self._fire_rows(plan, due, late, fired_at, trace) for plan, due, late, trace in batch]
         with self.sessions() as session:
             try:
                 session.execute(insert(AutomationFire), [fire for fire, _, _ in fires])
@@ -82,10 +82,10 @@ class Firer:
                 session.commit()
             except IntegrityError:
                 session.rollback()
-                for plan, due, late in batch:
-                    self.fire(plan, due, late)
+                for plan, due, late, trace in batch:
+                    self.fire(plan, due, late, trace=trace)
                 return
-        for (plan, due, late), (_, run, payload) in zip(batch, fires, strict=True):
+        for (plan, due, late, _), (_, run, payload) in zip(batch, fires, strict=True):
             self._fired(plan, due, late, run["run_id"], payload)
 
     def fire(

@@ -26,6 +26,6 @@ class Counts:
     fired: int = 0
     fired_elsewhere: int = 0  # fires another scheduler made first
     skipped: int = 0  # due times missed and not run, as their `missed` policy says
-    held_back: int = 0  # bus events that fired nothing: cooldown, mode, a condition, a lost race
+    held_back: int = 0  # events and due times that fired nothing: cooldown, mode, a condition, a lost race
     failed: int = 0  # automations whose due times could not be computed: marked failed, never fired
     queued: int = 0  # fires of `queued` automations kept until the runs before them end

@@ -216,8 +216,9 @@ class Scheduler:
             if plan is None or plan.next_due != moment:
                 continue  # changed or gone since it was pushed
             fire = self._due_or_missed(plan, now)
-            if fire is not None:
-                batch.append((plan, *fire))
+            trace = None if fire is None else self.triggers.time_trace(plan, fire[0])
+            if fire is not None and trace is not None:
+                batch.append((plan, *fire, trace))
             moved.append(plan)
         if batch:
             self.firer.fire_batch(batch)

@@ -123,6 +123,15 @@ class BusTriggers:
         trace = Trace(cause, seen)
         self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True), trace=trace)
 
+    def time_trace(self, plan: Planned, due: datetime) -> Trace | None:
+        """A due time's trace, with its conditions as they are now; None when they do not hold (not fired)."""
+        seen = conditions_seen(plan.spec, self.now(), self._values)
+        if not conditions_hold(seen):
+            self.counts.held_back += 1
+            log.info("automation %s (%s): due at %s, held back by its conditions", plan.id, plan.spec.name, due)
+            return None
+        return Trace({"kind": "time", "due": due.isoformat()}, seen)
+
     def fire_waits(self) -> None:
         """Judge the `for` waits that are due: fired if their condition lasted, else cancelled."""
         for wait in self.waits.due(self.now()):

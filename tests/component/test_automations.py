@@ -632,6 +632,33 @@ def test_conditions_gate_a_trigger(database):
     assert len(run_ids(pair)) == 1
 
 
+def test_a_time_trigger_fires_only_while_its_conditions_hold(database):
+    from hacer.automations import TimeWindow, ValueIs, traces
+
+    with_node(database, 6)
+    spec = AutomationSpec(
+        "heat while home",
+        Every(3600),
+        "heater",
+        conditions=(TimeWindow("08:00", "20:00", "UTC"), ValueIs(6, "on", equals=1)),
+    )
+    tick = add(database, spec, changed_at=datetime(2026, 12, 1, 5, 0, tzinfo=UTC))
+    clock = Clock(datetime(2026, 12, 1, 5, 0, tzinfo=UTC))
+    pair = schedulers(database, clock, 1)
+    scheduler = pair[0][0]
+    deliver(pair, "hacer/nodes/6/state", b'{"on": 1}')
+    for hour in range(6, 11):  # 06:00 and 07:00 outside the window; 08:00 on; 09:00 the node off; 10:00 on
+        clock.advance(3600)
+        deliver(pair, "hacer/nodes/6/state", b'{"on": 0}' if hour == 9 else b'{"on": 1}')
+        scheduler.tick()
+    assert [f.due_at.hour for f in fires(database)] == [8, 10]
+    assert scheduler.counts.held_back == 3
+    with database.session() as session:
+        latest = traces(session, tick)[0]
+    assert latest["trigger"] == {"kind": "time", "due": "2026-12-01T10:00:00+00:00"}
+    assert [(c["seen"], c["held"]) for c in latest["conditions"]] == [("10:00", True), (1, True)]
+
+
 def test_a_fire_keeps_its_trace_the_trigger_the_values_its_conditions_saw_its_run_and_the_definition(database):
     from hacer.automations import NodeValue, TimeWindow, ValueIs, traces
 
