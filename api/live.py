@@ -60,6 +60,28 @@ def run_room(run_id: str) -> str:
     return f"run:{run_id}"
 
 
+class RoomLogs:
+    """The latest runs' log events, for clients that watch a run late: bounded in runs, events and bytes."""
+
+    def __init__(self) -> None:
+        self.rooms: OrderedDict[str, deque[Event]] = OrderedDict()  # most recently active last
+        self.bytes = 0
+
+    def keep(self, room: str, event: Event) -> None:
+        """Keep a room's event; the oldest rooms' events go first past the bounds."""
+        kept = self.rooms.pop(room, None) or deque()
+        kept.append(event)
+        self.bytes += _size(event)
+        self.rooms[room] = kept
+        if len(kept) > ROOM_HISTORY:
+            self.bytes -= _size(kept.popleft())
+        while len(self.rooms) > ROOMS_KEPT or self.bytes > ROOM_BYTES:
+            oldest = next(iter(self.rooms.values()))
+            self.bytes -= _size(oldest.popleft())
+            if not oldest:
+                self.rooms.popitem(last=False)
+
+
 class LiveView:
     """See the module docstring."""
 
@@ -80,8 +102,7 @@ class LiveView:
         self.schedulers: dict[str, str] = {}
         self.seq = 0
         self.history: deque[Event] = deque(maxlen=HISTORY)
-        self._room_history: OrderedDict[str, deque[Event]] = OrderedDict()
-        self._room_bytes = 0
+        self.room_logs = RoomLogs()
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
         # Held while an event is numbered and told, and while a client is brought up to date
@@ -160,7 +181,7 @@ class LiveView:
     def room_events(self, room: str) -> list[Event]:
         """The kept events of a room (a run's log), for a client that joins it late."""
         with self._lock:
-            return list(self._room_history.get(room, ()))
+            return list(self.room_logs.rooms.get(room, ()))
 
     @contextmanager
     def held_back(self) -> Iterator[None]:
@@ -180,17 +201,7 @@ class LiveView:
             if room is None:
                 self.history.append(event)
             else:
-                kept = self._room_history.pop(room, None) or deque()
-                kept.append(event)
-                self._room_bytes += _size(event)
-                self._room_history[room] = kept  # most recently active last
-                if len(kept) > ROOM_HISTORY:
-                    self._room_bytes -= _size(kept.popleft())
-                while len(self._room_history) > ROOMS_KEPT or self._room_bytes > ROOM_BYTES:
-                    oldest = next(iter(self._room_history.values()))
-                    self._room_bytes -= _size(oldest.popleft())
-                    if not oldest:
-                        self._room_history.popitem(last=False)
+                self.room_logs.keep(room, event)
         return event
 
     def _tell(self, event: Event) -> None:

@@ -222,7 +222,7 @@ def test_the_kept_run_logs_are_bounded_in_bytes_the_latest_runs_first_kept():
     held = sum(count for count in kept.values()) * (len(line) + live_module.ENTRY_OVERHEAD)
     assert held <= live_module.ROOM_BYTES
     assert kept["run:run399"] == 10 and kept["run:run0"] == 0  # the latest runs whole, the oldest gone
-    assert view._room_bytes == held
+    assert view.room_logs.bytes == held
 
 
 def test_the_recorder_has_a_new_nodes_meta_confirmed_before_the_api_can_see_the_node(tmp_path):
