@@ -92,7 +92,9 @@ class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unkno
     """A node's value changing, or crossing a threshold (`below` or `above`).
 
     A crossing fires once; it fires again only after the value went back past the threshold by
-    `hysteresis` (so 17.9, 18.0, 17.9 around `below: 18` with `hysteresis: 0.5` fires once).
+    `hysteresis` (so 17.9, 18.0, 17.9 around `below: 18` with `hysteresis: 0.5` fires once). With
+    `for`, a crossing fires once the value has stayed past the threshold that many seconds (from
+    when a scheduler saw it cross); going back past the hysteresis meanwhile cancels it.
     """
 
     node: NodeId
@@ -100,6 +102,7 @@ class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unkno
     below: float | None = None
     above: float | None = None
     hysteresis: Annotated[float, Meta(ge=0)] = 0.0
+    lasting: Annotated[int, Meta(ge=0, le=7 * 86400)] = msgspec.field(default=0, name="for")
 
 
 class RunFinished(Struct, frozen=True, tag="run", tag_field="kind", forbid_unknown_fields=True):
@@ -195,6 +198,8 @@ def check_trigger(trigger: Trigger, location: Observer | None, conditions: tuple
             zone(condition.tz)
     if isinstance(trigger, NodeValue) and trigger.below is not None and trigger.above is not None:
         raise MessageError("bad automation: a value trigger has `below` or `above`, not both - at `$.trigger`")
+    if isinstance(trigger, NodeValue) and trigger.lasting and trigger.below is None and trigger.above is None:
+        raise MessageError("bad automation: `for` needs a threshold, `below` or `above` - at `$.trigger.for`")
     if isinstance(trigger, Cron | At | Sun):
         zone(trigger.tz)
     if isinstance(trigger, Cron):
@@ -277,14 +282,26 @@ def automation_of_run(run_id: str) -> int | None:
 
 def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
     """(fires, armed after) for a threshold trigger seeing `value` while `armed`."""
-    if trigger.below is not None:
-        past, back = value < trigger.below, value >= trigger.below + trigger.hysteresis
-    else:
-        assert trigger.above is not None
-        past, back = value > trigger.above, value <= trigger.above - trigger.hysteresis
+    past, back = value_past(trigger, value), value_back(trigger, value)
     if armed and past:
         return True, False
     return False, armed or back
+
+
+def value_past(trigger: NodeValue, value: float) -> bool:
+    """Whether `value` is past a threshold trigger's threshold."""
+    if trigger.below is not None:
+        return value < trigger.below
+    assert trigger.above is not None
+    return value > trigger.above
+
+
+def value_back(trigger: NodeValue, value: float) -> bool:
+    """Whether `value` is back past a threshold trigger's hysteresis (the trigger armed again)."""
+    if trigger.below is not None:
+        return value >= trigger.below + trigger.hysteresis
+    assert trigger.above is not None
+    return value <= trigger.above - trigger.hysteresis
 
 
 def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:

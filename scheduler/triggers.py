@@ -141,12 +141,17 @@ class BusTriggers:
             if plan is None or trigger is None:  # gone, disabled, or no `for` any more
                 self.waits.cancel(wait)
                 continue
-            lasted = self.waits.verdict(trigger, self._presence.get(trigger.node), wait)
+            if isinstance(trigger, NodePresence):
+                lasted = self.waits.verdict(trigger, self._presence.get(trigger.node), wait)
+                cause = {"kind": "presence", "node": trigger.node, "state": trigger.becomes}
+            else:
+                latest = self._values.get(trigger.node, {}).get(trigger.key)
+                lasted = self.waits.value_verdict(trigger, latest, wait)
+                cause = value_cause(plan, latest)
             if lasted is None:
                 self.waits.undecided(wait)
                 continue
             if lasted:
-                cause = {"kind": "presence", "node": trigger.node, "state": trigger.becomes}
                 self._event(
                     plan, due, {**cause, "since": began.isoformat(), "for": trigger.lasting}, self.waits.fence(wait)
                 )
@@ -264,6 +269,8 @@ class BusTriggers:
                         .where((table.automation_id == plan.id) & (table.armed == was_armed))
                         .values(armed=armed)
                     )
+                    if trigger.lasting:
+                        self.waits.end_before_due(session, plan.id, self.now())
                     session.commit()
             return
 
@@ -276,7 +283,10 @@ class BusTriggers:
             ).rowcount  # type: ignore[attr-defined]
             return bool(moved)
 
-        self._event(plan, self.now(), value_cause(plan, value), fence)
+        if trigger.lasting:
+            self.waits.begin_crossed(plan, self.now(), fence)
+        else:
+            self._event(plan, self.now(), value_cause(plan, value), fence)
 
 
 def value_cause(plan: Planned, value: Any, **more: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The waits of `for` triggers ("node offline for 10 minutes"), kept in the database.
+"""The waits of `for` triggers ("node offline for 10 minutes", "above 25 for 5 minutes"), kept in the database.
 
 A wait is a row (automation, began) written when a scheduler sees its condition begin, due `for`
 seconds after the condition's own time (a presence's `since`), not after when a scheduler saw it:
@@ -10,6 +10,11 @@ for (the retained one comes at connect). Transitions no scheduler saw (a node ba
 while none ran) are read from the recorder's availability history: one out of the state before the
 due time cancels it. Firing deletes the row in the fire's transaction, and the fire row is unique
 per (automation, due time): the fire comes once, whichever scheduler judges it.
+
+A value threshold's wait begins when a scheduler sees the value cross (the crossing's fence and
+the wait's row in one transaction: one scheduler's). The value going back past the hysteresis
+before the due time deletes it, in the transaction that arms the trigger again; a wait due by then
+is judged instead: by the recorder's samples of the value between its beginning and its due time.
 """
 
 from __future__ import annotations
@@ -22,19 +27,20 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hacer.automations import NodePresence
+from hacer.automations import NodePresence, NodeValue, value_back
 from hacer.history import millis
 from hacer.messages import Presence
-from hacer.models import Automation, AutomationWait, NodeAvailability, aware_utc, naive_utc
+from hacer.models import Automation, AutomationWait, NodeAvailability, NodeSample, aware_utc, naive_utc
 from scheduler.plans import Planned
 
 Wait = tuple[datetime, int, datetime]  # (due, automation id, began), aware UTC
+Fence = Callable[[Session], bool]
 
 
-def lasting(plan: Planned) -> NodePresence | None:
-    """The plan's presence trigger if it has a `for`, else None."""
+def lasting(plan: Planned) -> NodePresence | NodeValue | None:
+    """The plan's presence or value trigger if it has a `for`, else None."""
     trigger = plan.spec.trigger
-    return trigger if isinstance(trigger, NodePresence) and trigger.lasting else None
+    return trigger if isinstance(trigger, NodePresence | NodeValue) and trigger.lasting else None
 
 
 class Waits:
@@ -44,7 +50,7 @@ class Waits:
         self.sessions = sessions
         self._heap: list[Wait] = []
         self._known: set[tuple[int, datetime]] = set()
-        self._undecided: list[Wait] = []  # due, but the node's presence is not seen yet
+        self._undecided: list[Wait] = []  # due, but the node's presence or value is not seen yet
 
     def load(self, plans: Iterable[Planned]) -> None:
         """Know the waits the database holds for these plans (at start, and when plans change); drop those
@@ -78,6 +84,34 @@ class Waits:
             except IntegrityError:  # another scheduler (or this one, before a restart) wrote it
                 session.rollback()
         self._know(wait)
+
+    def begin_crossed(self, plan: Planned, began: datetime, crossed: Fence) -> None:
+        """A value crossed the plan's threshold at `began`: wait, if `crossed` (its fence) says it is this
+        scheduler's crossing; else know the wait of the scheduler that crossed it first."""
+        trigger = lasting(plan)
+        assert trigger is not None
+        wait = (began + timedelta(seconds=trigger.lasting), plan.id, began)
+        with self.sessions() as session:
+            if crossed(session):
+                session.add(AutomationWait(automation_id=plan.id, began_at=naive_utc(began), due_at=naive_utc(wait[0])))
+                session.commit()
+                self._know(wait)
+                return
+            session.rollback()
+            rows = session.execute(
+                select(AutomationWait.due_at, AutomationWait.began_at).where(AutomationWait.automation_id == plan.id)
+            ).all()
+        for due, other in rows:
+            self._know((aware_utc(due), plan.id, aware_utc(other)))
+
+    def end_before_due(self, session: Session, automation_id: int, now: datetime) -> None:
+        """The condition ended at `now` (in `session`'s transaction): the waits not due yet are cancelled
+        (those known here come due still, and find their row gone)."""
+        session.execute(
+            delete(AutomationWait).where(
+                AutomationWait.automation_id == automation_id, AutomationWait.due_at > naive_utc(now)
+            )
+        )
 
     def earliest(self) -> datetime | None:
         """When the next wait is due."""
@@ -118,7 +152,27 @@ class Waits:
             )
         return not broken
 
-    def fence(self, wait: Wait) -> Callable[[Session], bool]:
+    def value_verdict(self, trigger: NodeValue, latest: object, wait: Wait) -> bool | None:
+        """Whether the value stayed past the threshold until the wait's due time; None: no value seen yet.
+
+        A return a scheduler saw cancelled the wait already; one none saw is in the recorder's samples.
+        """
+        if latest is None:
+            return None
+        due, _, began = wait
+        with self.sessions() as session:
+            samples = session.scalars(
+                select(NodeSample.value).where(
+                    NodeSample.node_id == trigger.node,
+                    NodeSample.key == trigger.key,
+                    NodeSample.at_ms > millis(began.timestamp()),
+                    NodeSample.at_ms < millis(due.timestamp()),
+                    NodeSample.value.is_not(None),
+                )
+            )
+            return not any(value_back(trigger, value) for value in samples if value is not None)
+
+    def fence(self, wait: Wait) -> Fence:
         """A fire's fence: the wait's row deleted in the fire's transaction; False when it is gone already."""
         _, automation_id, began = wait
 

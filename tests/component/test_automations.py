@@ -366,9 +366,9 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
     spawn, hacer_env, broker, make_bus, watch
 ):
     """Real scheduler processes and broker: the waits live in the database, not in a process."""
-    from hacer.automations import NodePresence
-    from hacer.messages import Presence
-    from hacer.models import AutomationWait
+    from hacer.automations import NodePresence, NodeValue
+    from hacer.messages import NodeValues, Presence
+    from hacer.models import AutomationTrigger, AutomationWait
 
     from support import wait_until
 
@@ -377,6 +377,7 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
     now = datetime.now(UTC)
     stays = add(database, AutomationSpec("5 gone", NodePresence(5, "offline", 10), "alert"), now)
     comes_back = add(database, AutomationSpec("6 gone", NodePresence(6, "offline", 10), "alert"), now)
+    hot = add(database, AutomationSpec("7 hot", NodeValue(7, "temperature", above=25, lasting=10), "fan"), now)
     fired = watch("hacer/automations/+/fired")
     went = datetime.fromtimestamp(int(time.time()) + 1, UTC)
 
@@ -387,23 +388,30 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
             retain=True,
         )
 
+    def temperature(value: int) -> None:
+        make_bus().publish("hacer/nodes/7/state", NodeValues({"temperature": value}).to_payload(), retain=True)
+
     for node in (5, 6):
         presence(node, "offline", went)
+    temperature(20)
     scheduler = spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "first"})
     with database.session() as session:
-        wait_until(lambda: len(session.scalars(select(AutomationWait)).all()) == 2, 20, "both waits written")
+        wait_until(lambda: session.scalar(select(AutomationTrigger.armed)), 20, "node 7's value seen, under 25")
+        temperature(30)
+        wait_until(lambda: len(session.scalars(select(AutomationWait)).all()) == 3, 20, "the three waits written")
     scheduler.stop(kill=True)
     killed_before_due = time.time() < went.timestamp() + 10
     broker.restart()
     presence(6, "online", went + timedelta(seconds=1))  # node 6 back before its 10 s
     spawn(["scheduler"], {**hacer_env, "HACER_SCHEDULER_ID": "second"})
-    message = fired.wait_for(lambda m: True, timeout=30)
-    assert message.topic == f"hacer/automations/{stays}/fired"
+    message = fired.wait_for(lambda m: m.topic == f"hacer/automations/{stays}/fired", timeout=30)
     assert json.loads(message.payload)["due"] == (went + timedelta(seconds=10)).isoformat().replace("+00:00", "Z")
+    fired.wait_for(lambda m: m.topic == f"hacer/automations/{hot}/fired", timeout=30)  # still 30 after 10 s
     with database.session() as session:  # node 6's wait judged at its due time too: cancelled
         wait_until(lambda: session.scalars(select(AutomationWait)).all() == [], 20, "node 6's wait cancelled")
     rows = fires(database)
-    assert [row.automation_id for row in rows] == [stays] and len(fired.messages) == 1 and comes_back != stays
+    assert sorted(row.automation_id for row in rows) == [stays, hot] and len(fired.messages) == 2
+    assert comes_back not in (stays, hot)
     if killed_before_due:  # (a machine that took 10 s to start a scheduler tests less, and still passes)
         assert rows[0].scheduler == "second"  # the wait outlived the process that saw it begin
 
@@ -574,6 +582,92 @@ def test_a_for_wait_is_cancelled_when_the_node_came_back_and_judged_on_return_wh
     assert len(fires(database)) == 2 and fires(database)[1].due_at == (third + timedelta(seconds=1000)).replace(
         tzinfo=None
     )
+
+
+def temperature(value: float) -> bytes:
+    return json.dumps({"temperature": value}).encode()
+
+
+def test_a_value_held_past_its_threshold_for_its_time_fires_once_and_a_return_cancels_it(database):
+    from hacer.automations import NodeValue, traces
+    from hacer.models import AutomationWait
+
+    hot = NodeValue(5, "temperature", above=25, hysteresis=1, lasting=300)
+    automation_id = add(database, AutomationSpec("hot 5 min", hot, "fan", mode="parallel"))
+    clock = Clock(START + timedelta(seconds=10))
+    pair = schedulers(database, clock, 2)
+    deliver(pair, "hacer/nodes/5/state", temperature(20))
+    clock.advance(10)
+    deliver(pair, "hacer/nodes/5/state", temperature(26))  # crossed: both see it, one waits
+    crossed = datetime.fromtimestamp(clock.now, UTC)
+    clock.advance(100)
+    deliver(pair, "hacer/nodes/5/state", temperature(25))  # within the hysteresis: still waiting
+    clock.advance(150)
+    deliver(pair, "hacer/nodes/5/state", temperature(23))  # back, 250 s in: cancelled
+    clock.advance(100)
+    deliver(pair, "hacer/nodes/5/state", temperature(27))  # a new crossing, a new wait
+    again = datetime.fromtimestamp(clock.now, UTC)
+    clock.advance(299)
+    deliver(pair, "hacer/nodes/5/state", temperature(28))
+    assert run_ids(pair) == []
+    clock.advance(1)
+    for scheduler, _ in pair:
+        scheduler.tick()
+    assert len(run_ids(pair)) == 1
+    (fired,) = fires(database)
+    assert fired.due_at == (again + timedelta(seconds=300)).replace(tzinfo=None) and crossed < again
+    with database.session() as session:
+        assert session.scalars(select(AutomationWait)).all() == []
+        (trace,) = traces(session, automation_id)
+    assert trace["trigger"] == {
+        "kind": "value",
+        "node": 5,
+        "key": "temperature",
+        "value": 28,
+        "since": again.isoformat(),
+        "for": 300,
+    }
+
+
+def test_a_value_wait_outlives_its_scheduler_and_a_return_nobody_saw_is_read_from_the_samples(database):
+    from hacer.automations import NodeValue
+    from hacer.history import millis
+    from hacer.models import NodeSample
+
+    add(database, AutomationSpec("hot 5 min", NodeValue(5, "temperature", above=25, lasting=300), "fan", grace=600, mode="parallel"))
+    clock = Clock(START + timedelta(seconds=10))
+    first = schedulers(database, clock, 1)
+    deliver(first, "hacer/nodes/5/state", temperature(20))
+    deliver(first, "hacer/nodes/5/state", temperature(30))
+    began = clock.now
+    clock.advance(120)  # the scheduler dies; another starts and gets the retained value
+    second = schedulers(database, clock, 1)
+    deliver(second, "hacer/nodes/5/state", temperature(30))
+    clock.advance(179)
+    second[0][0].tick()
+    assert run_ids(second) == []
+    clock.advance(1)
+    second[0][0].tick()
+    assert len(run_ids(second)) == 1  # the wait was the dead scheduler's: fired at its due time
+    # Back and hot again while no scheduler ran: the recorder's samples show the value went back.
+    deliver(second, "hacer/nodes/5/state", temperature(20))
+    deliver(second, "hacer/nodes/5/state", temperature(30))
+    began = clock.now
+    with database.session() as session:
+        for at, value in ((began + 100, 22.0), (began + 110, 31.0)):
+            session.add(NodeSample(node_id=5, key="temperature", at_ms=millis(at), value=value))
+        session.commit()
+    clock.advance(400)
+    third = schedulers(database, clock, 1)
+    deliver(third, "hacer/nodes/5/state", temperature(31))
+    assert run_ids(third) == [] and len(fires(database)) == 1
+
+
+def test_for_needs_a_threshold_on_a_value_trigger():
+    from hacer.automations import NodeValue, check_trigger
+
+    with pytest.raises(MessageError, match=r"`for` needs a threshold.*\$\.trigger\.for"):
+        check_trigger(NodeValue(5, "on", lasting=60), None)
 
 
 def test_cooldown_and_single_mode_hold_back_a_storm(database):
