@@ -634,7 +634,12 @@ def test_a_value_wait_outlives_its_scheduler_and_a_return_nobody_saw_is_read_fro
     from hacer.history import millis
     from hacer.models import NodeSample
 
-    add(database, AutomationSpec("hot 5 min", NodeValue(5, "temperature", above=25, lasting=300), "fan", grace=600, mode="parallel"))
+    add(
+        database,
+        AutomationSpec(
+            "hot 5 min", NodeValue(5, "temperature", above=25, lasting=300), "fan", grace=600, mode="parallel"
+        ),
+    )
     clock = Clock(START + timedelta(seconds=10))
     first = schedulers(database, clock, 1)
     deliver(first, "hacer/nodes/5/state", temperature(20))
