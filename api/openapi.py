@@ -179,14 +179,17 @@ SCHEMAS: dict[str, Any] = {
                 "items": {
                     "type": "object",
                     "required": [
-                        *("due", "fired_at", "late", "scheduler"),
+                        *("due", "fired_at", "late", "scheduler", "outcome", "why"),
                         *("trigger", "conditions", "steps", "definition"),
                     ],
                     "properties": {
                         "due": {"type": "string", "format": "date-time"},
-                        "fired_at": {"type": "string", "format": "date-time"},
+                        "fired_at": {"type": ["string", "null"], "format": "date-time"},  # null: not run
                         "late": {"type": "boolean"},
                         "scheduler": TEXT,
+                        # Held back (no steps): by a condition, the cooldown, mode single or a full queue.
+                        "outcome": {"enum": ["fired", "held back"]},
+                        "why": {"enum": ["conditions", "cooldown", "single", "queue full", None]},
                         # What triggered it: {"kind": "time", "due"}, or the bus event with the values it
                         # carried (presence, value, run); null for fires made before traces were kept.
                         "trigger": {"type": ["object", "null"], "required": ["kind"]},

@@ -44,7 +44,7 @@ from hacer.messages import (
     Time,
     decode,
 )
-from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
+from hacer.models import Automation, AutomationFire, AutomationHeld, Node, Run, aware_utc, naive_utc
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 
@@ -519,8 +519,9 @@ def _described(
 
 
 def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[str, Any]]:
-    """An automation's last fires as people read them, newest first: what triggered each, its conditions
-    with the values they saw, its steps (the run it made, with its state and times), the definition then."""
+    """An automation's last fires and holds as people read them, newest first: what triggered each, its
+    conditions with the values they saw, its steps (the run it made, with its state and times) or why
+    it did not run, the definition then."""
 
     def moment(value: datetime | None) -> str | None:
         return None if value is None else aware_utc(value).isoformat()
@@ -532,12 +533,35 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
         .order_by(AutomationFire.due_at.desc())
         .limit(limit)
     ).all()
-    return [
+    held = session.scalars(
+        select(AutomationHeld)
+        .where(AutomationHeld.automation_id == automation_id)
+        .order_by(AutomationHeld.due_at.desc())
+        .limit(limit)
+    ).all()
+    not_run = [
+        {
+            "due": moment(row.due_at),
+            "fired_at": None,
+            "late": False,
+            "scheduler": row.scheduler,
+            "outcome": "held back",
+            "why": row.why,
+            "trigger": json.loads(row.cause),
+            "conditions": json.loads(row.conditions),
+            "steps": [],
+            "definition": json.loads(row.definition),
+        }
+        for row in held
+    ]
+    fired = [
         {
             "due": moment(fire.due_at),
             "fired_at": moment(fire.fired_at),
             "late": fire.late,
             "scheduler": fire.scheduler,
+            "outcome": "fired",
+            "why": None,
             "trigger": None if fire.cause is None else json.loads(fire.cause),  # None: fired before traces
             "conditions": json.loads(fire.conditions or "[]"),
             "steps": [
@@ -555,6 +579,7 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
         }
         for fire, run in rows
     ]
+    return sorted(fired + not_run, key=lambda trace: datetime.fromisoformat(trace["due"]), reverse=True)[:limit]
 
 
 def missing_references(session: Session, spec: AutomationSpec, scripts: ScriptDir) -> str | None:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -298,6 +299,21 @@ class AutomationFire(Base):
     definition: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class AutomationHeld(Base):
+    """A due time or bus event an automation did not run for (a condition, its cooldown, its mode):
+    its trace, the latest `HELD_KEPT` an automation's (scheduler/firing.py)."""
+
+    __tablename__ = "automation_held"
+    automation_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # no foreign key, as fires
+    due_at: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)
+    scheduler: Mapped[str] = mapped_column(String(128), default="")
+    why: Mapped[str] = mapped_column(String(32))
+    cause: Mapped[str] = mapped_column(Text)
+    conditions: Mapped[str] = mapped_column(Text)
+    definition: Mapped[str] = mapped_column(Text)
+
+
 class AutomationWait(Base):
     """A `for` trigger's condition as a scheduler saw it begin: due `for` seconds later, if it lasts."""
 
@@ -305,6 +321,15 @@ class AutomationWait(Base):
     automation_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # no foreign key, as fires
     began_at: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
     due_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """INSERT rows, skipping those whose `keys` already exist (SQLite and PostgreSQL)."""
+    if not rows:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    # Rows as parameters (executemany), not a VALUES list: the statement compiles once, cached.
+    session.execute(dialect.insert(table).on_conflict_do_nothing(index_elements=keys), rows)
 
 
 class Database:

@@ -27,7 +27,16 @@ from sqlalchemy.orm import aliased
 
 from hacer import runstates
 from hacer.history import HistoryRetention, millis, roll_up
-from hacer.models import AutomationFire, DeadLetter, Run, RunClaim, RunOutbox, ScriptLogEntry, utc_datetime
+from hacer.models import (
+    AutomationFire,
+    AutomationHeld,
+    DeadLetter,
+    Run,
+    RunClaim,
+    RunOutbox,
+    ScriptLogEntry,
+    utc_datetime,
+)
 from hacer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,6 +128,8 @@ def purge(engine: Engine, retention: Retention, now: float, batch: int = BATCH) 
             (AutomationFire.fired_at < cutoff) & AutomationFire.pending.is_(False) & superseded,
             batch,
         )
+        # What automations did not run for: an automation keeps its latest few, a deleted one's go by age.
+        purged.automation_fires += _purge_all(connection, AutomationHeld.due_at, AutomationHeld.seen_at < cutoff, batch)
         purged.dead_letters += _purge_all(connection, DeadLetter.id, DeadLetter.at < cutoff, batch)
         purged.samples_rolled_up, purged.node_history = roll_up(connection, retention.history, millis(now))
         if purged and connection.dialect.name == "sqlite":

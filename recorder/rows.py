@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
@@ -38,6 +37,7 @@ from hacer.models import (
     Run,
     ScriptLogEntry,
     ScriptLogEntryType,
+    insert_ignoring_duplicates,
     naive_utc,
     utc_datetime,
 )
@@ -53,15 +53,6 @@ DEAD_LETTER_BYTES = 1000  # of a set-aside payload kept for people to look at
 def utc(moment: datetime | None) -> datetime | None:
     """The database's naive UTC datetime of a bus time that may be missing."""
     return None if moment is None else naive_utc(moment)
-
-
-def insert_ignoring_duplicates(session: Session, table: Any, rows: list[dict[str, Any]], keys: list[str]) -> None:
-    """INSERT rows, skipping those whose `keys` already exist (SQLite and PostgreSQL)."""
-    if not rows:
-        return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    # Rows as parameters (executemany), not a VALUES list: the statement compiles once, cached.
-    session.execute(dialect.insert(table).on_conflict_do_nothing(index_elements=keys), rows)
 
 
 class RowWriter:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,13 +22,22 @@ from hacer import runstates
 from hacer.automations import AutomationFired, AutomationSpec, fire_run_id
 from hacer.bus import Bus, BusError
 from hacer.messages import RunRequest
-from hacer.models import Automation, AutomationFire, Run, aware_utc, naive_utc
+from hacer.models import (
+    Automation,
+    AutomationFire,
+    AutomationHeld,
+    Run,
+    aware_utc,
+    insert_ignoring_duplicates,
+    naive_utc,
+)
 from hacer.topics import Topics
 from scheduler.plans import Counts, Planned
 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 10  # fires of a `queued` automation waiting for its runs, as Home Assistant's max
+HELD_KEPT = 20  # traces of what an automation did not run for, kept (its latest)
 Fence = Callable[[Session], bool]
 Verdict = Literal["fire", "hold", "queue"]
 
@@ -103,10 +112,12 @@ class Firer:
                 verdict, replaced = (
                     self._bus_fences(session, plan, run["run_id"], fired_at) if fence(session) else ("hold", None)
                 )
+                if verdict == "hold" and replaced is not None and trace is not None:  # this event's, held back
+                    self.held(session, plan, due, trace, replaced)
             if verdict != "fire":
                 try:
-                    if verdict == "queue":
-                        self._queue(session, plan, fire)
+                    if verdict == "queue" and not self._queue(session, plan, fire) and trace is not None:
+                        self.held(session, plan, due, trace, "queue full")
                     session.commit()  # what the fences spent (a disarmed crossing) stays spent
                 except IntegrityError:  # another scheduler queued this very fire
                     self.counts.fired_elsewhere += 1
@@ -186,6 +197,38 @@ class Firer:
         }
         return fire, run, payload
 
+    def held(self, session: Session, plan: Planned, due: datetime, trace: Trace, why: str) -> None:
+        """Keep, in `session`'s transaction, the trace of a due time or event not run (`why`): once, and
+        not beside a fire of the same time (another scheduler's); an automation's latest HELD_KEPT."""
+        fired = session.scalar(
+            select(AutomationFire.id).where(
+                AutomationFire.automation_id == plan.id, AutomationFire.due_at == naive_utc(due)
+            )
+        )
+        if fired is not None:
+            return
+        row = {
+            "automation_id": plan.id,
+            "due_at": naive_utc(due),
+            "seen_at": naive_utc(self.now()),
+            "scheduler": self.scheduler_id,
+            "why": why,
+            **trace.columns(plan.spec),
+        }
+        insert_ignoring_duplicates(session, AutomationHeld.__table__, [row], ["automation_id", "due_at"])
+        oldest_kept = (
+            select(AutomationHeld.due_at)
+            .where(AutomationHeld.automation_id == plan.id)
+            .order_by(AutomationHeld.due_at.desc())
+            .offset(HELD_KEPT - 1)
+            .limit(1)
+            .scalar_subquery()
+        )
+        session.execute(
+            delete(AutomationHeld).where(AutomationHeld.automation_id == plan.id, AutomationHeld.due_at < oldest_kept)
+        )
+        log.info("automation %s (%s): %s not run (%s)", plan.id, plan.spec.name, due.isoformat(), why)
+
     def _fired(self, plan: Planned, due: datetime, late: bool, run_id: str, payload: bytes) -> None:
         """Tell a committed fire: its run request, and the fire itself."""
         self.counts.fired += 1
@@ -202,24 +245,25 @@ class Firer:
         state = session.scalar(select(Run.state).where(Run.run_id == run_id))
         return state is not None and state not in runstates.FINISHED_STATES
 
-    def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> None:
-        """Keep a `queued` automation's fire, without its run, until the runs before it end."""
+    def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> bool:
+        """Keep a `queued` automation's fire, without its run, until the runs before it end; False if full."""
         waiting = session.scalar(
             select(func.count()).where(AutomationFire.automation_id == plan.id, AutomationFire.pending)
         )
         if (waiting or 0) >= MAX_QUEUED:
             self.counts.held_back += 1
             log.warning("automation %s (%s): %d fires wait already, this one dropped", plan.id, plan.spec.name, waiting)
-            return
+            return False
         session.execute(insert(AutomationFire).values({**fire, "pending": True}))
         self.counts.queued += 1
+        return True
 
     def _bus_fences(
         self, session: Session, plan: Planned, run_id: str, fired_at: datetime
     ) -> tuple[Verdict, str | None]:
         """Cooldown and modes, decided by one conditional UPDATE of the automation's row.
 
-        Returns what to do with the fire, and (mode `restart`) the run it replaces.
+        Returns what to do with the fire, and (mode `restart`) the run it replaces, or why it is held.
         """
         spec, row = plan.spec, Automation.__table__.c
         if not spec.cooldown and spec.mode == "parallel":
@@ -238,7 +282,7 @@ class Firer:
                     return "queue", None  # it waits for the runs before it
                 if spec.mode == "single":
                     self.counts.held_back += 1
-                    return "hold", None
+                    return "hold", "single"  # its last run still runs
                 replaced = active
             guard &= row.active_run.is_(None) if active is None else row.active_run == active
         moved = session.execute(
@@ -246,5 +290,5 @@ class Firer:
         ).rowcount  # type: ignore[attr-defined]
         if not moved:
             self.counts.held_back += 1
-            return "hold", None
+            return "hold", "cooldown" if spec.cooldown else None  # else: another scheduler's fire
         return "fire", replaced

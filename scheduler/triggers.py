@@ -113,24 +113,28 @@ class BusTriggers:
             self.counts.skipped += 1
             return
         seen = conditions_seen(plan.spec, now, self._values)
+        trace = Trace(cause, seen)
         if not conditions_hold(seen):
             self.counts.held_back += 1
-            if fence is not None:  # the event is still spent: a crossing fires again only after re-arming
-                with self.sessions() as session:
-                    fence(session)
-                    session.commit()
+            with self.sessions() as session:
+                # The event is still spent (a crossing fires again only after re-arming); its trace is
+                # kept by the scheduler that spent it.
+                if fence is None or fence(session):
+                    self.firer.held(session, plan, due, trace, "conditions")
+                session.commit()
             return
-        trace = Trace(cause, seen)
         self.firer.fire(plan, due, late=lateness > plan.spec.grace, fence=fence or (lambda session: True), trace=trace)
 
     def time_trace(self, plan: Planned, due: datetime) -> Trace | None:
         """A due time's trace, with its conditions as they are now; None when they do not hold (not fired)."""
-        seen = conditions_seen(plan.spec, self.now(), self._values)
-        if not conditions_hold(seen):
+        trace = Trace({"kind": "time", "due": due.isoformat()}, conditions_seen(plan.spec, self.now(), self._values))
+        if not conditions_hold(trace.conditions):
             self.counts.held_back += 1
-            log.info("automation %s (%s): due at %s, held back by its conditions", plan.id, plan.spec.name, due)
+            with self.sessions() as session:
+                self.firer.held(session, plan, due, trace, "conditions")
+                session.commit()
             return None
-        return Trace({"kind": "time", "due": due.isoformat()}, seen)
+        return trace
 
     def fire_waits(self) -> None:
         """Judge the `for` waits that are due: fired if their condition lasted, else cancelled."""

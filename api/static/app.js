@@ -422,11 +422,19 @@ function describeCause(cause) {
   switch (cause.kind) {
     case "time": return "its time came";
     case "presence": return `node ${cause.node} ${cause.state} since ${localTime(cause.since)}` + (cause.for ? `, for ${cause.for} s` : "");
-    case "value": return `node ${cause.node} ${cause.key} ${json(cause.value)}` + ("before" in cause ? ` (was ${json(cause.before)})` : "");
+    case "value": return `node ${cause.node} ${cause.key} ${json(cause.value)}` + ("before" in cause ? ` (was ${json(cause.before)})` : "")
+      + (cause.for ? `, past its threshold since ${localTime(cause.since)}, for ${cause.for} s` : "");
     case "run": return `run ${cause.run_id} of ${cause.script} ended ${cause.state}`;
     default: return cause.kind;
   }
 }
+
+const HELD_BECAUSE = {
+  conditions: "not run: a condition did not hold",
+  cooldown: "not run: within its cooldown",
+  single: "not run: its last run was still going (mode single)",
+  "queue full": "not run: 10 fires waited already (mode queued)",
+};
 
 function describeCondition({ condition: c, seen, held }) {
   const what = c.kind === "time" ? `time ${c.after}–${c.before}${c.tz !== "UTC" ? ` (${c.tz})` : ""}`
@@ -443,15 +451,18 @@ async function openTraces(id) {
 async function loadTraces() {
   const id = state.traces;
   if (id == null) return;
-  $("#traces-title").textContent = `${state.automations.get(id)?.name ?? id}: last fires`;
+  $("#traces-title").textContent = `${state.automations.get(id)?.name ?? id}: what triggered it`;
   const { traces } = await api("GET", `/automations/${id}/traces?limit=20`);
   const list = $("#trace-list");
-  list.replaceChildren(...(traces.length ? [] : [element("li", { textContent: "no fire yet" })]));
+  list.replaceChildren(...(traces.length ? [] : [element("li", { textContent: "not triggered yet" })]));
   for (const trace of traces) {
     const item = element("li", { className: "trace" },
       element("p", { className: "trigger", textContent: `${localTime(trace.due)}${trace.late ? " (late)" : ""}: ${describeCause(trace.trigger)}` }),
       ...trace.conditions.map((condition) =>
         element("p", { className: "condition " + (condition.held ? "held" : "not-held"), textContent: describeCondition(condition) })));
+    if (trace.outcome === "held back") {
+      item.append(element("p", { className: "held-back", textContent: HELD_BECAUSE[trace.why] ?? `not run: ${trace.why}` }));
+    }
     for (const step of trace.steps) {
       const log = element("button", { type: "button", textContent: "log", attrs: { "aria-label": `log of ${step.run_id}` } });
       log.addEventListener("click", () => { $("#traces").close(); watch(step.run_id); });

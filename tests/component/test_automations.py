@@ -12,6 +12,7 @@ from hacer.automations import AutomationSpec, Cron, Every, Sun, location_of, nex
 from hacer.messages import MessageError, RunRequest
 from hacer.models import Automation, AutomationFire, Database, Run
 from hacer.topics import Topics
+from scheduler.firing import HELD_KEPT
 from scheduler.service import Scheduler
 
 from test_runner import runner_env, runs, scripts_dir, start_runner  # noqa: F401
@@ -676,7 +677,7 @@ def test_for_needs_a_threshold_on_a_value_trigger():
 
 
 def test_cooldown_and_single_mode_hold_back_a_storm(database):
-    from hacer.automations import RunFinished
+    from hacer.automations import RunFinished, traces
     from hacer.messages import RunStatus, bus_time
 
     automation_id = add(database, AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60))
@@ -702,6 +703,28 @@ def test_cooldown_and_single_mode_hold_back_a_storm(database):
     assert len(run_ids(pair)) == 2
     with database.session() as session:
         assert session.get(Automation, automation_id).active_run == run_ids(pair)[1]
+        outcomes = [(t["trigger"]["run_id"], t["outcome"], t["why"]) for t in traces(session, automation_id)]
+    held = [(f"c{n}", "held back", "single") for n in (9, 4, 3, 2, 1)]  # each once, seen by two schedulers
+    assert outcomes == [("c10", "fired", None), *held, ("c0", "fired", None)]
+
+
+def test_what_the_cooldown_held_back_is_traced_once_beside_the_fires(database):
+    from hacer.automations import RunFinished, traces
+    from hacer.messages import RunStatus, bus_time
+
+    spec = AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60, mode="parallel")
+    automation_id = add(database, spec)
+    clock = Clock(START + timedelta(seconds=1))
+    pair = schedulers(database, clock, 2)
+    for n in range(3):
+        clock.advance(30)
+        at = bus_time(clock.now)
+        deliver(
+            pair, f"hacer/runs/c{n}/status", RunStatus(f"c{n}", "crash", (), "failed", "r", 1, at, at, at).to_payload()
+        )
+    with database.session() as session:
+        outcomes = [(t["trigger"]["run_id"], t["outcome"], t["why"]) for t in traces(session, automation_id)]
+    assert outcomes == [("c2", "fired", None), ("c1", "held back", "cooldown"), ("c0", "fired", None)]
 
 
 def test_conditions_gate_a_trigger(database):
@@ -753,9 +776,25 @@ def test_a_time_trigger_fires_only_while_its_conditions_hold(database):
     assert [f.due_at.hour for f in fires(database)] == [8, 10]
     assert scheduler.counts.held_back == 3
     with database.session() as session:
-        latest = traces(session, tick)[0]
+        latest, held, *_ = traces(session, tick)
+        outcomes = [(aware_hour(t["due"]), t["outcome"], t["why"]) for t in traces(session, tick)]
     assert latest["trigger"] == {"kind": "time", "due": "2026-12-01T10:00:00+00:00"}
     assert [(c["seen"], c["held"]) for c in latest["conditions"]] == [("10:00", True), (1, True)]
+    assert [(c["seen"], c["held"]) for c in held["conditions"]] == [("09:00", True), (0, False)]
+    assert outcomes == [(10, "fired", None), (9, "held back", "conditions"), (8, "fired", None)] + [
+        (hour, "held back", "conditions") for hour in (7, 6)
+    ]
+    deliver(pair, "hacer/nodes/6/state", b'{"on": 0}')
+    for _ in range(30):  # a day and more held back: the latest 20 are kept
+        clock.advance(3600)
+        scheduler.tick()
+    with database.session() as session:
+        kept = [t for t in traces(session, tick, limit=100) if t["outcome"] == "held back"]
+    assert len(kept) == HELD_KEPT and aware_hour(kept[0]["due"]) == 16  # 10:00 and 30 hours
+
+
+def aware_hour(moment: str) -> int:
+    return datetime.fromisoformat(moment).hour
 
 
 def test_a_fire_keeps_its_trace_the_trigger_the_values_its_conditions_saw_its_run_and_the_definition(database):

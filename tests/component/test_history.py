@@ -7,8 +7,7 @@ from sqlalchemy import func, select
 
 from hacer.history import HistoryRetention, availability_of_readings, choose_step, history, roll_up, sample_rows
 from hacer.messages import NodeReadings, Reading, bus_time
-from hacer.models import NodeAvailability, NodeRollup, NodeSample
-from recorder.rows import insert_ignoring_duplicates
+from hacer.models import NodeAvailability, NodeRollup, NodeSample, insert_ignoring_duplicates
 
 DAY = 86400
 NOW = 1_800_000_000  # a Unix time on a 5-minute boundary

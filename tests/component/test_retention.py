@@ -8,6 +8,7 @@ from sqlalchemy import func, insert, select
 
 from hacer.models import (
     AutomationFire,
+    AutomationHeld,
     Database,
     DeadLetter,
     Run,
@@ -118,10 +119,12 @@ def test_a_purge_keeps_what_runs_or_is_not_fully_recorded(database):
         )
         for days in (40, 1):
             connection.execute(insert(DeadLetter), {"topic": "t", "payload": "p", "error": "e", "at": ago(days)})
+            held = {"automation_id": 3, "due_at": ago(days), "seen_at": ago(days), "scheduler": "s", "why": "cooldown"}
+            connection.execute(insert(AutomationHeld), {**held, "cause": "{}", "conditions": "[]", "definition": "{}"})
 
     purged = purge(database.engine, Retention(keep_days=30, keep_runs=0), NOW, batch=2)
 
-    assert purged == Purged(runs=2, log_entries=5, claims=3, automation_fires=2, dead_letters=1)
+    assert purged == Purged(runs=2, log_entries=5, claims=3, automation_fires=3, dead_letters=1)
     with database.engine.connect() as connection:
         assert run_ids(connection) == ["new-done", "old-held", "old-queued", "old-running"]
         assert count(connection, ScriptLogEntry, ScriptLogEntry.thread_id == old_done) == 0

@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -271,11 +272,15 @@ def test_each_node_type_has_its_control_and_a_chart_of_what_the_api_returns(syst
 def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system, browser):  # noqa: F811
     from playwright.sync_api import expect
 
+    later = datetime.now(UTC) + timedelta(hours=2)  # a window that excludes now: every due time held back
     definition = {
         "name": "phone check",
         "script": "test",
         "params": ["phone"],
-        "trigger": {"kind": "every", "seconds": 3600},
+        "trigger": {"kind": "every", "seconds": 1},
+        "conditions": [
+            {"kind": "time", "after": f"{later:%H}:00", "before": f"{later.hour + 1 if later.hour < 23 else 0:02d}:00"}
+        ],
     }
     assert system.post("/api/automations", json=definition).status_code in (200, 201)
     assert system.post("/api/scripts/exec/name/test", json={"params": ["phone"]}).status_code == 200
@@ -300,6 +305,8 @@ def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system,
     )
     page.screenshot(path=str(artifacts() / "control-app-tables-390.png"), full_page=True)
     page.locator("#automations tbody tr", has_text="phone check").get_by_role("button", name="traces").click()
-    expect(page.locator("#trace-list")).to_contain_text("no fire yet", timeout=10_000)
+    held = page.locator("#trace-list li.trace").first
+    expect(held.locator(".held-back")).to_have_text("not run: a condition did not hold", timeout=10_000)
+    expect(held.locator(".condition.not-held")).to_contain_text(f"time {later:%H}:00")
     box = page.locator("#traces").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
