@@ -120,6 +120,12 @@ class Scheduler:
             self.triggers.handle(message)
         self._fire_due()
         self.triggers.fire_waits()
+        waits = self.triggers.waits
+        for automation_id in list(waits.changed):  # a wait's due shown as the next fire
+            waits.changed.discard(automation_id)
+            plan = self._planned.get(automation_id)
+            if plan is not None:
+                self._publish_plan(plan)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -176,7 +182,6 @@ class Scheduler:
             plan.next_due = self._next(plan, start)
             planned[row.id] = plan
             fresh.append(plan)
-            self._publish_plan(plan)
         for gone in set(self._planned) - set(planned):
             self._clear_plan(gone)
         self._planned, self._versions = planned, versions
@@ -184,6 +189,9 @@ class Scheduler:
         heapq.heapify(self._heap)
         self.triggers.index(planned.values(), fresh)
         self.triggers.waits.load(fresh)  # what a wait of theirs began before this scheduler saw them
+        for plan in fresh:
+            self._publish_plan(plan)  # with the due time of a wait it has
+            self.triggers.waits.changed.discard(plan.id)
 
     def _next(self, plan: Planned, after: datetime) -> datetime | None:
         """The plan's first due time after `after`; a trigger that cannot say is marked failed, it alone."""
@@ -276,7 +284,7 @@ class Scheduler:
         self._wake.set()
 
     def _publish_plan(self, plan: Planned) -> None:
-        state = AutomationState(plan.id, plan.spec, plan.next_due)
+        state = AutomationState(plan.id, plan.spec, plan.next_due or self.triggers.waits.next_due(plan.id))
         try:
             self.bus.publish(self.topics.build("automation", plan.id), state.to_payload(), retain=True, block=False)
         except BusError:

@@ -49,7 +49,8 @@ class Waits:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
         self._heap: list[Wait] = []
-        self._known: set[tuple[int, datetime]] = set()
+        self._known: dict[int, dict[datetime, datetime]] = {}  # automation -> began -> due
+        self.changed: set[int] = set()  # automations whose waits began or ended since the scheduler last looked
         self._undecided: list[Wait] = []  # due, but the node's presence or value is not seen yet
 
     def load(self, plans: Iterable[Planned]) -> None:
@@ -75,7 +76,7 @@ class Waits:
         trigger = lasting(plan)
         assert trigger is not None
         wait = (began + timedelta(seconds=trigger.lasting), plan.id, began)
-        if (plan.id, began) in self._known:
+        if began in self._known.get(plan.id, {}):
             return
         with self.sessions() as session:
             session.add(AutomationWait(automation_id=plan.id, began_at=naive_utc(began), due_at=naive_utc(wait[0])))
@@ -112,6 +113,7 @@ class Waits:
                 AutomationWait.automation_id == automation_id, AutomationWait.due_at > naive_utc(now)
             )
         )
+        self._forget(automation_id, lambda began, due: due > now)
 
     def earliest(self) -> datetime | None:
         """When the next wait is due."""
@@ -191,10 +193,26 @@ class Waits:
         with self.sessions() as session:
             self.fence(wait)(session)
             session.commit()
-        self._known.discard((wait[1], wait[2]))
+        self._forget(wait[1], lambda began, due: began == wait[2])
+
+    def next_due(self, automation_id: int) -> datetime | None:
+        """When the automation's earliest known wait is due: its next fire, if the condition lasts."""
+        return min(self._known.get(automation_id, {}).values(), default=None)
 
     def _know(self, wait: Wait) -> None:
-        key = (wait[1], wait[2])
-        if key not in self._known:
-            self._known.add(key)
+        due, automation_id, began = wait
+        waits = self._known.setdefault(automation_id, {})
+        if began not in waits:
+            waits[began] = due
             heapq.heappush(self._heap, wait)
+            self.changed.add(automation_id)
+
+    def _forget(self, automation_id: int, which: Callable[[datetime, datetime], bool]) -> None:
+        """Forget the automation's waits `which(began, due)` says (their heap entries stay till due, harmless)."""
+        waits = self._known.get(automation_id, {})
+        for began, due in list(waits.items()):
+            if which(began, due):
+                del waits[began]
+                self.changed.add(automation_id)
+        if not waits:
+            self._known.pop(automation_id, None)

@@ -530,6 +530,41 @@ def test_a_for_wait_fires_once_from_the_conditions_own_time_across_a_scheduler_r
     }
 
 
+def test_a_pending_wait_is_shown_as_the_next_fire_until_it_ends(database):
+    from hacer.automations import AutomationState, NodePresence, NodeValue
+
+    gone = add(database, AutomationSpec("gone 10 min", NodePresence(5, "offline", 600), "alert"))
+    hot = add(database, AutomationSpec("hot 5 min", NodeValue(5, "temperature", above=25, lasting=300), "fan"))
+    went = START + timedelta(seconds=20)
+    clock = Clock(went + timedelta(seconds=5))
+    pair = schedulers(database, clock, 1)
+    bus = pair[0][1]
+
+    def next_fire(automation_id: int) -> datetime | None:
+        topic = f"hacer/automations/{automation_id}"
+        return AutomationState.from_payload([p for t, p in bus.published if t == topic][-1]).next_fire
+
+    deliver(pair, "hacer/nodes/5/state", temperature(20))
+    assert next_fire(gone) is None and next_fire(hot) is None
+    deliver(pair, "hacer/nodes/5/presence", offline_since(went))
+    deliver(pair, "hacer/nodes/5/state", temperature(30))
+    assert next_fire(gone) == went + timedelta(seconds=600)
+    assert next_fire(hot) == datetime.fromtimestamp(clock.now, UTC) + timedelta(seconds=300)
+    clock.advance(60)
+    deliver(pair, "hacer/nodes/5/presence", offline_since(went + timedelta(seconds=65), "online"))
+    deliver(pair, "hacer/nodes/5/state", temperature(20))
+    clock.advance(600)  # the presence wait judged at its due time: cancelled
+    pair[0][0].tick()
+    assert next_fire(gone) is None and next_fire(hot) is None and run_ids(pair) == []
+    # A scheduler started while a wait is pending shows it at once.
+    deliver(pair, "hacer/nodes/5/presence", offline_since(datetime.fromtimestamp(clock.now, UTC)))
+    due = next_fire(gone)
+    restarted = schedulers(database, clock, 1)
+    restarted[0][0].tick()
+    states = [AutomationState.from_payload(p) for t, p in restarted[0][1].published if t == f"hacer/automations/{gone}"]
+    assert due is not None and [state.next_fire for state in states] == [due]
+
+
 def test_a_for_automation_added_while_its_node_is_away_counts_from_the_nodes_since(database):
     from hacer.automations import NodePresence
 
