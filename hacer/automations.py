@@ -106,10 +106,12 @@ class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unkno
 
 
 class RunFinished(Struct, frozen=True, tag="run", tag_field="kind", forbid_unknown_fields=True):
-    """A run of `script` ending in one of `states`."""
+    """A run of `script` ending in one of `states`; with `for`, once no run of it has ended otherwise
+    (succeeded, say) for that many seconds after the first such end (failed, and nothing succeeded for an hour)."""
 
     script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
     states: Annotated[tuple[RunState, ...], Meta(min_length=1)] = ("failed", "timed_out", "lost")
+    lasting: Annotated[int, Meta(ge=0, le=7 * 86400)] = msgspec.field(default=0, name="for")
 
 
 TimeTrigger = Cron | Every | At | Sun

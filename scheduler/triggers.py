@@ -148,6 +148,9 @@ class BusTriggers:
             if isinstance(trigger, NodePresence):
                 lasted = self.waits.verdict(trigger, self._presence.get(trigger.node), wait)
                 cause = {"kind": "presence", "node": trigger.node, "state": trigger.becomes}
+            elif isinstance(trigger, RunFinished):
+                lasted = self.waits.run_verdict(trigger, wait)
+                cause = {"kind": "run", "script": trigger.script, "states": list(trigger.states)}
             else:
                 latest = self._values.get(trigger.node, {}).get(trigger.key)
                 lasted = self.waits.value_verdict(trigger, latest, wait)
@@ -183,7 +186,16 @@ class BusTriggers:
         for plan in self._by_script.get(status.script, ()):
             trigger = plan.spec.trigger
             assert isinstance(trigger, RunFinished)
-            if status.state in trigger.states:
+            if trigger.lasting and status.finished_at <= plan.since:
+                continue  # ended before the automation (or its last change) existed
+            if trigger.lasting and status.state in trigger.states:
+                if self.waits.next_due(plan.id) is None:  # the first of a streak starts the clock
+                    self.waits.begin(plan, status.finished_at)
+            elif trigger.lasting:  # ended otherwise: the streak is over
+                with self.sessions() as session:
+                    self.waits.end_before_due(session, plan.id, status.finished_at)
+                    session.commit()
+            elif status.state in trigger.states:
                 cause = {"kind": "run", "run_id": status.run_id, "script": status.script, "state": status.state}
                 self._event(plan, status.finished_at, {**cause, "finished_at": status.finished_at.isoformat()})
 

@@ -15,6 +15,9 @@ A value threshold's wait begins when a scheduler sees the value cross (the cross
 the wait's row in one transaction: one scheduler's). The value going back past the hysteresis
 before the due time deletes it, in the transaction that arms the trigger again; a wait due by then
 is judged instead: by the recorder's samples of the value between its beginning and its due time.
+A run trigger's wait begins at the end (its `finished_at`) of the first run in its states while
+none is pending, and a run of the script ending otherwise ends it the same way (the run rows
+standing in for the samples).
 """
 
 from __future__ import annotations
@@ -27,20 +30,21 @@ from sqlalchemy import delete, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hacer.automations import NodePresence, NodeValue, value_back
+from hacer import runstates
+from hacer.automations import NodePresence, NodeValue, RunFinished, value_back
 from hacer.history import millis
 from hacer.messages import Presence
-from hacer.models import Automation, AutomationWait, NodeAvailability, NodeSample, aware_utc, naive_utc
+from hacer.models import Automation, AutomationWait, NodeAvailability, NodeSample, Run, aware_utc, naive_utc
 from scheduler.plans import Planned
 
 Wait = tuple[datetime, int, datetime]  # (due, automation id, began), aware UTC
 Fence = Callable[[Session], bool]
 
 
-def lasting(plan: Planned) -> NodePresence | NodeValue | None:
-    """The plan's presence or value trigger if it has a `for`, else None."""
+def lasting(plan: Planned) -> NodePresence | NodeValue | RunFinished | None:
+    """The plan's bus trigger if it has a `for`, else None."""
     trigger = plan.spec.trigger
-    return trigger if isinstance(trigger, NodePresence | NodeValue) and trigger.lasting else None
+    return trigger if isinstance(trigger, NodePresence | NodeValue | RunFinished) and trigger.lasting else None
 
 
 class Waits:
@@ -106,14 +110,16 @@ class Waits:
             self._know((aware_utc(due), plan.id, aware_utc(other)))
 
     def end_before_due(self, session: Session, automation_id: int, now: datetime) -> None:
-        """The condition ended at `now` (in `session`'s transaction): the waits not due yet are cancelled
-        (those known here come due still, and find their row gone)."""
+        """The condition ended at `now` (in `session`'s transaction): the waits begun by then and not due
+        yet are cancelled (those known here come due still, and find their row gone)."""
         session.execute(
             delete(AutomationWait).where(
-                AutomationWait.automation_id == automation_id, AutomationWait.due_at > naive_utc(now)
+                AutomationWait.automation_id == automation_id,
+                AutomationWait.began_at <= naive_utc(now),
+                AutomationWait.due_at > naive_utc(now),
             )
         )
-        self._forget(automation_id, lambda began, due: due > now)
+        self._forget(automation_id, lambda began, due: began <= now < due)
 
     def earliest(self) -> datetime | None:
         """When the next wait is due."""
@@ -173,6 +179,24 @@ class Waits:
                 )
             )
             return not any(value_back(trigger, value) for value in samples if value is not None)
+
+    def run_verdict(self, trigger: RunFinished, wait: Wait) -> bool:
+        """Whether no run of the script ended otherwise between the wait's beginning and its due time
+        (one a scheduler saw cancelled the wait already; the recorder's rows hold the rest)."""
+        due, _, began = wait
+        with self.sessions() as session:
+            ended_otherwise = session.scalar(
+                select(
+                    exists().where(
+                        Run.script == trigger.script,
+                        Run.state.in_(runstates.FINISHED_STATES),
+                        Run.state.not_in(trigger.states),
+                        Run.finished_at > naive_utc(began),
+                        Run.finished_at < naive_utc(due),
+                    )
+                )
+            )
+        return not ended_otherwise
 
     def fence(self, wait: Wait) -> Fence:
         """A fire's fence: the wait's row deleted in the fire's transaction; False when it is gone already."""

@@ -424,7 +424,8 @@ function describeCause(cause) {
     case "presence": return `node ${cause.node} ${cause.state} since ${localTime(cause.since)}` + (cause.for ? `, for ${cause.for} s` : "");
     case "value": return `node ${cause.node} ${cause.key} ${json(cause.value)}` + ("before" in cause ? ` (was ${json(cause.before)})` : "")
       + (cause.for ? `, past its threshold since ${localTime(cause.since)}, for ${cause.for} s` : "");
-    case "run": return `run ${cause.run_id} of ${cause.script} ended ${cause.state}`;
+    case "run": return cause.for ? `no run of ${cause.script} ended otherwise than ${cause.states.join("/")} since ${localTime(cause.since)}, for ${cause.for} s`
+      : `run ${cause.run_id} of ${cause.script} ended ${cause.state}`;
     default: return cause.kind;
   }
 }

@@ -704,6 +704,63 @@ def test_a_value_wait_outlives_its_scheduler_and_a_return_nobody_saw_is_read_fro
     assert run_ids(third) == [] and len(fires(database)) == 1
 
 
+def run_ended(run_id: str, state: str, at: float, script: str = "backup") -> tuple[str, bytes]:
+    from hacer.messages import RunStatus, bus_time
+
+    moment = bus_time(at)
+    return f"hacer/runs/{run_id}/status", RunStatus(
+        run_id, script, (), state, "r", 1, moment, moment, moment
+    ).to_payload()
+
+
+def test_a_run_failing_with_no_success_for_its_time_fires_once_a_streak(database):
+    from hacer.automations import RunFinished, traces
+
+    automation_id = add(database, AutomationSpec("backup broken", RunFinished("backup", lasting=3600), "alert"))
+    clock = Clock(START + timedelta(seconds=10))
+    pair = schedulers(database, clock, 2)
+    for run_id, state in (("b1", "failed"), ("b2", "timed_out"), ("b3", "succeeded"), ("b4", "failed"), ("b5", "lost")):
+        clock.advance(600)  # b1 starts a streak, b2 is in it, b3 ends it; b4 starts another, b5 is in it
+        deliver(pair, *run_ended(run_id, state, clock.now))
+        if run_id == "b4":
+            streak = datetime.fromtimestamp(clock.now, UTC)
+    clock.advance(3600 - 601)
+    deliver(pair, *run_ended("other", "succeeded", clock.now, script="another"))  # another script's: no matter
+    assert run_ids(pair) == []
+    clock.advance(1)
+    for scheduler, _ in pair:
+        scheduler.tick()
+    assert len(run_ids(pair)) == 1
+    (fired,) = fires(database)
+    assert fired.due_at == (streak + timedelta(seconds=3600)).replace(tzinfo=None)
+    with database.session() as session:
+        (trace,) = traces(session, automation_id)
+    assert trace["trigger"] == {
+        "kind": "run",
+        "script": "backup",
+        "states": ["failed", "timed_out", "lost"],
+        "since": streak.isoformat(),
+        "for": 3600,
+    }
+
+
+def test_a_success_no_scheduler_saw_ends_a_run_wait_from_the_recorded_runs(database):
+    from hacer.automations import RunFinished
+
+    add(database, AutomationSpec("backup broken", RunFinished("backup", lasting=3600), "alert", grace=600))
+    clock = Clock(START + timedelta(seconds=10))
+    first = schedulers(database, clock, 1)
+    deliver(first, *run_ended("b1", "failed", clock.now))
+    with database.session() as session:  # the scheduler is gone; a run succeeds, as the recorder writes it
+        finished = datetime.fromtimestamp(clock.now + 1800, UTC).replace(tzinfo=None)
+        session.add(Run(run_id="b2", script="backup", state="succeeded", requested_at=finished, finished_at=finished))
+        session.commit()
+    clock.advance(3700)
+    later = schedulers(database, clock, 1)
+    later[0][0].tick()
+    assert run_ids(later) == [] and fires(database) == []
+
+
 def test_for_needs_a_threshold_on_a_value_trigger():
     from hacer.automations import NodeValue, check_trigger
 
