@@ -94,7 +94,7 @@ class NodeValue(Struct, frozen=True, tag="value", tag_field="kind", forbid_unkno
     A crossing fires once; it fires again only after the value went back past the threshold by
     `hysteresis` (so 17.9, 18.0, 17.9 around `below: 18` with `hysteresis: 0.5` fires once). With
     `for`, a crossing fires once the value has stayed past the threshold that many seconds (from
-    when a scheduler saw it cross); going back past the hysteresis meanwhile cancels it.
+    when the bridge read it so); going back past the hysteresis meanwhile cancels it.
     """
 
     node: NodeId

@@ -45,7 +45,7 @@ __all__ = ["Planned", "Scheduler"]
 log = logging.getLogger(__name__)
 
 MAX_CATCH_UP_STEPS = 100_000  # due times walked to find the latest missed one
-BUS_TOPICS = ("node_presence", "node_state", "run_status")
+BUS_TOPICS = ("node_presence", "node_readings", "run_status")  # readings: values with the times they were read
 
 
 class Scheduler:

@@ -27,7 +27,7 @@ from hacer.automations import (
     crossing,
 )
 from hacer.bus import Message
-from hacer.messages import MessageError, NodeValues, Presence, RunStatus
+from hacer.messages import MessageError, NodeReadings, Presence, RunStatus
 from hacer.models import AutomationTrigger
 from hacer.topics import TopicError, Topics
 from scheduler.firing import Fence, Firer, Trace
@@ -56,6 +56,7 @@ class BusTriggers:
         self.now = now
         self.counts = counts
         self._values: dict[int, dict[str, Any]] = {}  # node values as last seen, for conditions
+        self._read_at: dict[int, dict[str, datetime]] = {}  # and when each was read: a value wait's beginning
         self._by_node: dict[int, list[Planned]] = {}  # the bus plans each node's messages concern
         self._by_script: dict[str, list[Planned]] = {}
         # What this scheduler last read or wrote of each value trigger's row: (version, armed, value).
@@ -88,8 +89,12 @@ class BusTriggers:
             name, arg = self.topics.parse(message.topic)
             if not message.payload:
                 return
-            if name == "node_state":
-                self._on_values(self.topics.node_id(message.topic), NodeValues.from_payload(message.payload).values)
+            if name == "node_readings":
+                readings = NodeReadings.from_payload(message.payload)
+                if readings.node_id != self.topics.node_id(message.topic):
+                    raise MessageError("the topic names another node")
+                self._read_at[readings.node_id] = {key: reading.at for key, reading in readings.values.items()}
+                self._on_values(readings.node_id, {key: reading.value for key, reading in readings.values.items()})
             elif name == "node_presence":
                 presence = Presence.from_payload(message.payload)
                 if presence.id != self.topics.node_id(message.topic):
@@ -299,8 +304,8 @@ class BusTriggers:
             ).rowcount  # type: ignore[attr-defined]
             return bool(moved)
 
-        if trigger.lasting:
-            self.waits.begin_crossed(plan, self.now(), fence)
+        if trigger.lasting:  # from when the bridge read the value that crossed
+            self.waits.begin_crossed(plan, self._read_at.get(trigger.node, {}).get(trigger.key) or self.now(), fence)
         else:
             self._event(plan, self.now(), value_cause(plan, value), fence)
 

@@ -11,8 +11,8 @@ while none ran) are read from the recorder's availability history: one out of th
 due time cancels it. Firing deletes the row in the fire's transaction, and the fire row is unique
 per (automation, due time): the fire comes once, whichever scheduler judges it.
 
-A value threshold's wait begins when a scheduler sees the value cross (the crossing's fence and
-the wait's row in one transaction: one scheduler's). The value going back past the hysteresis
+A value threshold's wait begins at the reading's time of the value that crossed (the crossing's
+fence and the wait's row in one transaction: one scheduler's). The value going back past the hysteresis
 before the due time deletes it, in the transaction that arms the trigger again; a wait due by then
 is judged instead: by the recorder's samples of the value between its beginning and its due time.
 A run trigger's wait begins at the end (its `finished_at`) of the first run in its states while

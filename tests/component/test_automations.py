@@ -368,7 +368,7 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
 ):
     """Real scheduler processes and broker: the waits live in the database, not in a process."""
     from hacer.automations import NodePresence, NodeValue
-    from hacer.messages import NodeValues, Presence
+    from hacer.messages import NodeReadings, Presence, Reading
     from hacer.models import AutomationTrigger, AutomationWait
 
     from support import wait_until
@@ -389,8 +389,10 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
             retain=True,
         )
 
-    def temperature(value: int) -> None:
-        make_bus().publish("hacer/nodes/7/state", NodeValues({"temperature": value}).to_payload(), retain=True)
+    def temperature(value: int) -> None:  # as the bridge publishes it, retained, read now
+        at = datetime.now(UTC)
+        readings = NodeReadings(7, {"temperature": Reading(value, at)}, True, at)
+        make_bus().publish("hacer/nodes/7/readings", readings.to_payload(), retain=True)
 
     for node in (5, 6):
         presence(node, "offline", went)
@@ -421,8 +423,15 @@ def test_a_for_wait_fires_once_across_a_scheduler_kill_and_a_broker_restart_and_
 
 
 def deliver(pair, topic: str, payload: bytes) -> None:
+    """Hand each scheduler a bus message; a node's values (`nodes/<id>/state`) come as the bridge's
+    readings of them, read now."""
     from hacer.bus import Message
+    from hacer.messages import NodeReadings, Reading, bus_time
 
+    if topic.endswith("/state"):
+        node_id, at = int(topic.split("/")[2]), bus_time(pair[0][0].clock())
+        readings = {key: Reading(value, at) for key, value in json.loads(payload).items()}
+        topic, payload = topic.replace("/state", "/readings"), NodeReadings(node_id, readings, True, at).to_payload()
     for scheduler, _ in pair:
         scheduler._on_bus(Message(topic, payload, True, 1))
         scheduler.tick()
@@ -761,6 +770,28 @@ def test_a_success_no_scheduler_saw_ends_a_run_wait_from_the_recorded_runs(datab
     assert run_ids(later) == [] and fires(database) == []
 
 
+def test_a_value_wait_counts_from_when_the_value_was_read_not_from_when_a_scheduler_saw_it(database):
+    from hacer.automations import NodeValue
+    from hacer.messages import NodeReadings, Reading
+
+    add(database, AutomationSpec("hot 5 min", NodeValue(5, "temperature", above=25, lasting=300), "fan"))
+    clock = Clock(START + timedelta(seconds=10))
+    first = schedulers(database, clock, 1)
+    deliver(first, "hacer/nodes/5/state", temperature(20))  # seen under the threshold, then the scheduler dies
+    read = START + timedelta(seconds=60)  # the bridge reads 30 while no scheduler runs
+    clock.advance(170)
+    second = schedulers(database, clock, 1)  # started 120 s later: the retained readings say when
+    crossed = NodeReadings(5, {"temperature": Reading(30, read)}, True, read).to_payload()
+    deliver(second, "hacer/nodes/5/readings", crossed)
+    clock.advance(179)  # 299 s after the read
+    second[0][0].tick()
+    assert run_ids(second) == []
+    clock.advance(1)
+    second[0][0].tick()
+    (fired,) = fires(database)
+    assert fired.due_at == (read + timedelta(seconds=300)).replace(tzinfo=None) and not fired.late
+
+
 def test_for_needs_a_threshold_on_a_value_trigger():
     from hacer.automations import NodeValue, check_trigger
 
@@ -933,8 +964,9 @@ def test_a_fire_keeps_its_trace_the_trigger_the_values_its_conditions_saw_its_ru
 def test_a_value_trigger_sees_each_crossing_through_broker_and_scheduler_restarts(
     spawn, hacer_env, make_bus, watch, broker
 ):
-    """Retained state re-read on every (re)connect and compared with the trigger's row in the database."""
+    """Retained readings re-read on every (re)connect and compared with the trigger's row in the database."""
     from hacer.automations import NodeValue
+    from hacer.messages import NodeReadings, Reading
     from hacer.models import AutomationTrigger
 
     from support import wait_until
@@ -947,8 +979,10 @@ def test_a_value_trigger_sees_each_crossing_through_broker_and_scheduler_restart
     fired = watch(f"hacer/automations/{automation_id}/fired")
     node = make_bus()
 
-    def value(temperature: int) -> None:
-        node.publish("hacer/nodes/5/state", json.dumps({"temperature": temperature}).encode(), retain=True)
+    def value(temperature: int) -> None:  # as the bridge publishes it, retained, read now
+        at = datetime.now(UTC)
+        readings = NodeReadings(5, {"temperature": Reading(temperature, at)}, True, at)
+        node.publish("hacer/nodes/5/readings", readings.to_payload(), retain=True)
 
     def armed() -> bool | None:
         with database.session() as session:
