@@ -28,6 +28,7 @@ from hacer.automations import (
     save,
     start_time,
     traces,
+    upcoming,
 )
 from hacer.messages import MessageError, decode
 from hacer.models import Automation
@@ -83,6 +84,15 @@ def add_automation() -> ResponseReturnValue:
             raise ApiError(409, str(exc)) from None
         session.commit()
         return jsonify(describe(session, row, location(), now())), 201
+
+
+@automations.post("/preview")
+def preview_automation() -> ResponseReturnValue:
+    """A definition checked as saving it would (400 naming the field), with its next five due times: not saved."""
+    spec = spec_of_body(request.get_data(cache=True))
+    moment = now()
+    next_fires = upcoming(spec, moment, moment, location(), 5)
+    return jsonify({"definition": msgspec.to_builtins(spec), "next_fires": [due.isoformat() for due in next_fires]})
 
 
 MAX_LISTED_FIRES = 100

@@ -137,6 +137,15 @@ SCHEMAS: dict[str, Any] = {
     "CommandResult": BUS_SCHEMAS["CommandResult"],
     "SetCommand": BUS_SCHEMAS["SetCommand"],
     **AUTOMATION_SCHEMAS,  # AutomationSpec and the triggers and conditions it refers to
+    "AutomationPreview": {
+        "type": "object",
+        "required": ["definition", "next_fires"],
+        "properties": {
+            "definition": ref("AutomationSpec"),
+            # Empty for bus triggers: they fire on an event, not at a time.
+            "next_fires": {"type": "array", "items": {"type": "string", "format": "date-time"}},
+        },
+    },
     "Automation": {
         "type": "object",
         "required": ["id", "name", "enabled", "definition", "changed_at", "failure", "next_fires", "last_runs"],
@@ -462,6 +471,13 @@ PATHS: dict[str, Any] = {
             "summary": "Add an automation (see docs/automations.md)",
             "requestBody": AUTOMATION_BODY,
             "responses": {"201": body("Automation"), "400": ERROR, "409": ERROR},
+        },
+    },
+    "/api/automations/preview": {
+        "post": {
+            "summary": "Check a definition as adding it would, and list its next five due times; nothing is saved",
+            "requestBody": AUTOMATION_BODY,
+            "responses": {"200": body("AutomationPreview"), "400": ERROR},
         },
     },
     "/api/automations/{automation_id}": {

@@ -309,6 +309,17 @@ def test_rest_automations_are_checked_saved_switched_and_deleted(tmp_path):
     for query in ("from=27%20March", "from=0001-01-01T00:00%2B00:00", "count=0", "count=x"):
         assert client.get(f"/api/automations/{night['id']}?{query}").status_code == 400, query
     client.delete(f"/api/automations/{night['id']}")
+    # A definition previewed: checked as saving it would, its next five due times, nothing saved.
+    before = client.get("/api/automations").get_json()["automations"]
+    path = "/api/automations/preview"
+    shown = check(client.post(path, data=json.dumps({**madrid, "name": "preview"})), 200, path, "post")
+    assert len(shown["next_fires"]) == 5 and shown["definition"]["name"] == "preview"
+    dues = [datetime.fromisoformat(due) for due in shown["next_fires"]]
+    assert dues == sorted(set(dues)) and dues[0] > datetime.now(UTC)  # daily from now (02:30, but on a DST night)
+    bad = {**madrid, "trigger": {"kind": "cron", "cron": "61 * * * *"}}
+    refused = check(client.post(path, data=json.dumps(bad)), 400, path, "post")
+    assert "$.trigger.cron" in refused["message"]
+    assert client.get("/api/automations").get_json()["automations"] == before
     # A fire's trace, as the scheduler wrote it.
     every = {**lamp, "name": "tick", "trigger": {"kind": "every", "seconds": 60}}
     ticking = check(client.post("/api/automations", data=json.dumps(every)), 201, "/api/automations", "post")
