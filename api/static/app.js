@@ -179,6 +179,7 @@ function renderNodePicker() {
   const nodes = [...state.nodes.values()].sort((a, b) => key(a).localeCompare(key(b), undefined, { numeric: true }));
   picker.replaceChildren(new Option("(none)", ""), ...nodes.map((n) => new Option(`${key(n)} (${n.type})`, key(n))));
   picker.value = nodes.some((n) => key(n) === chosen) ? chosen : "";
+  renderBuilderChoices();
 }
 
 // --- a node's history: a chart of its value and its availability strip ----------------------------
@@ -262,6 +263,11 @@ $("#history-close").addEventListener("click", () => $("#history").close());
 async function loadScripts() {
   const { script_list } = await api("GET", "/scripts/list");
   $("#script").replaceChildren(...script_list.map((s) => new Option(s.name, s.name)));
+  for (const picker of document.querySelectorAll("#builder .script-choice")) {
+    const chosen = picker.value;
+    picker.replaceChildren(...script_list.map((s) => new Option(s.name, s.name)));
+    if (script_list.some((s) => s.name === chosen)) picker.value = chosen;
+  }
 }
 
 // Runs: history from REST, kept current by run events (the database may lag the bus a little).
@@ -503,6 +509,105 @@ $("#automation-form").addEventListener("submit", async (event) => {
     loadAutomations();
   } catch (error) { $("#automation-error").textContent = error.message; }
 });
+
+// --- the automation builder: a form that makes the JSON, checked and previewed by the api ---------
+
+const builder = $("#builder");
+const ZONE = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+for (const zone of builder.querySelectorAll(".zone")) zone.value = ZONE;
+
+function showKind() {
+  for (const fieldset of builder.querySelectorAll("fieldset[data-kind]")) {
+    const shown = fieldset.dataset.kind === builder.elements.kind.value;
+    fieldset.hidden = !shown;
+    fieldset.disabled = !shown;
+  }
+}
+
+function builtDefinition() {
+  const f = builder.elements, number = (name) => Number(f[name].value || 0);
+  const kind = f.kind.value, trigger = { kind };
+  if (kind === "cron") Object.assign(trigger, { cron: f.cron.value.trim(), tz: f["cron-tz"].value.trim() || "UTC" });
+  if (kind === "every") trigger.seconds = number("seconds");
+  if (kind === "sun") Object.assign(trigger, { event: f.event.value, offset: number("offset"), tz: f["sun-tz"].value.trim() || "UTC" });
+  if (kind === "presence") Object.assign(trigger, { node: number("presence-node"), becomes: f.becomes.value });
+  if (kind === "value") {
+    Object.assign(trigger, { node: number("value-node"), key: f.key.value });
+    if (f.compare.value !== "changes") trigger[f.compare.value] = number("threshold");
+  }
+  if (kind === "run") Object.assign(trigger, { script: f["run-script"].value, states: f.ended.value.split(" ") });
+  const lasting = { presence: "presence-for", value: "value-for", run: "run-for" }[kind];
+  if (lasting && number(lasting) > 0) trigger.for = number(lasting);
+  const definition = { name: f.name.value.trim(), trigger, script: f.script.value, params: f.params.value.split(/\s+/).filter(Boolean) };
+  if (f.after.value || f.before.value) definition.conditions = [{ kind: "time", after: f.after.value, before: f.before.value, tz: ZONE }];
+  return definition;
+}
+
+function clearFieldErrors() {
+  for (const error of builder.querySelectorAll(".field-error")) error.remove();
+  for (const field of builder.querySelectorAll("[aria-invalid]")) { field.removeAttribute("aria-invalid"); field.removeAttribute("aria-errormessage"); }
+  $("#builder-error").textContent = "";
+}
+
+// The api names the field at fault (`... - at `$.trigger.cron``): its message goes next to that field.
+function showError(message) {
+  const path = /at `([^`]+)`/.exec(message)?.[1];
+  const fields = [...builder.querySelectorAll("[data-path]")].filter((field) => !field.disabled && !field.closest("fieldset:disabled"));
+  const field = path && (fields.find((f) => f.dataset.path === path) || fields.find((f) => path.startsWith(f.dataset.path + ".") || path.startsWith(f.dataset.path + "[")));
+  if (!field) { $("#builder-error").textContent = message; return; }
+  const error = element("span", { className: "field-error", id: `error-${field.name}`, textContent: message.replace(/^bad automation: /, "") });
+  field.closest("label").after(error);  // beside the field, outside its label: its name stays its own
+  field.setAttribute("aria-invalid", "true");
+  field.setAttribute("aria-errormessage", error.id);
+}
+
+let previewing = null;
+async function previewDefinition() {
+  const definition = builtDefinition();
+  $("#automation-definition").value = JSON.stringify(definition);  // the JSON it makes, to see or copy
+  const asked = previewing = Symbol();
+  let answer, failure;
+  try { answer = await api("POST", "/automations/preview", definition); } catch (error) { failure = error; }
+  if (asked !== previewing) return;  // a later change asked again
+  clearFieldErrors();
+  if (failure) { $("#builder-preview").replaceChildren(); showError(failure.message); return; }
+  $("#builder-preview").replaceChildren(answer.next_fires.length
+    ? element("p", { textContent: "next fires:" }, element("ol", {}, ...answer.next_fires.map((due) => element("li", { textContent: localTime(due) }))))
+    : element("p", { textContent: "fires when that happens (no set times)" }));
+}
+
+let previewSoon = null;
+builder.addEventListener("input", () => { clearTimeout(previewSoon); previewSoon = setTimeout(previewDefinition, 300); });
+builder.elements.kind.addEventListener("change", showKind);
+builder.elements["value-node"].addEventListener("change", renderKeyChoice);
+builder.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  clearFieldErrors();
+  try {
+    await api("POST", "/automations", builtDefinition());
+    builder.elements.name.value = "";
+    $("#builder-error").textContent = "";
+    loadAutomations();
+  } catch (error) { showError(error.message); }
+});
+
+function renderBuilderChoices() {
+  for (const picker of builder.querySelectorAll(".node-choice")) {
+    const chosen = picker.value;
+    const nodes = [...state.nodes.values()].sort((a, b) => a.id - b.id);
+    picker.replaceChildren(...nodes.map((n) => new Option(`${labelOf(n)} (${n.id})`, String(n.id))));
+    if (nodes.some((n) => String(n.id) === chosen)) picker.value = chosen;
+  }
+  renderKeyChoice();
+}
+
+function renderKeyChoice() {
+  const picker = builder.elements.key, chosen = picker.value;
+  const node = state.nodes.get(Number(builder.elements["value-node"].value));
+  const keys = Object.keys({ ...(node?.values || {}), ...(node?.readings || {}) }).sort();
+  picker.replaceChildren(...keys.map((key) => new Option(key, key)));
+  if (keys.includes(chosen)) picker.value = chosen;
+}
 
 function applySnapshot(snapshot) {
   state.seq = snapshot.seq;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -10,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
 from test_api import System, module_postgres_url, node_of, system  # noqa: F401 - the whole-system fixtures
 
 from emulator.nodes import EmulatedNode
@@ -316,3 +318,64 @@ def test_on_a_phone_runs_and_automations_fit_with_their_buttons_in_reach(system,
     page.screenshot(path=str(artifacts() / "control-app-traces-390.png"))
     box = page.locator("#traces").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280", "390"])
+def test_an_automation_is_built_in_the_form_previewed_corrected_and_saved(system, browser, viewport):  # noqa: F811
+    import json
+
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport=viewport).new_page()
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    form = page.locator("#builder")
+    name = f"built {viewport['width']}"
+    form.get_by_label("name").fill(name)
+    form.locator("select[name=script]").select_option("test")
+    form.get_by_label("with").fill("built")
+    # A time trigger: its next five fires before saving; a bad cron gets the api's message beside it.
+    form.get_by_label("cron", exact=True).fill("61 * * * *")
+    cron = form.get_by_label("cron", exact=True)
+    expect(cron).to_have_attribute("aria-invalid", "true", timeout=10_000)
+    expect(form.locator("#error-cron")).to_contain_text("Bad minute - at `$.trigger.cron`")
+    assert cron.get_attribute("aria-errormessage") == "error-cron"
+    cron.fill("*/5 * * * *")
+    expect(form.locator("#builder-preview li")).to_have_count(5, timeout=10_000)
+    expect(cron).not_to_have_attribute("aria-invalid", "true")
+    # A node's value: the key picker offers the keys the chosen node has.
+    form.locator("select[name=kind]").select_option("value")
+    thermostat = form.locator("select[name=value-node] option", has_text="thermostat").get_attribute("value")
+    form.locator("select[name=value-node]").select_option(thermostat)
+    expect(form.locator("select[name=key] option", has_text="temperature")).to_have_count(1, timeout=10_000)
+    form.locator("select[name=key]").select_option("temperature")
+    form.locator("select[name=compare]").select_option("above")
+    form.locator("input[name=threshold]").fill("25")
+    form.locator("input[name=value-for]").fill("300")
+    expect(page.locator("#automation-definition")).to_have_value(re.compile('"above":25,"for":300'), timeout=10_000)
+    expect(form.locator("#builder-preview")).to_contain_text("no set times", timeout=10_000)
+    made = json.loads(page.locator("#automation-definition").input_value())
+    assert made["trigger"] == {"kind": "value", "node": int(thermostat), "key": "temperature", "above": 25, "for": 300}
+    # A node's presence, held 10 minutes: the node picker has the live nodes; the JSON shows what it makes.
+    form.locator("select[name=kind]").select_option("presence")
+    node = form.locator("select[name=presence-node]")
+    expect(node.locator("option")).not_to_have_count(0, timeout=10_000)
+    node.select_option(index=0)
+    form.locator("select[name=becomes]").select_option("offline")
+    form.locator("input[name=presence-for]").fill("600")
+    expect(page.locator("#automation-definition")).to_have_value(
+        re.compile('"becomes":"offline","for":600'), timeout=10_000
+    )
+    expect(form.locator("#builder-preview")).to_contain_text("no set times", timeout=10_000)
+    made = json.loads(page.locator("#automation-definition").input_value())
+    assert made["trigger"] == {"kind": "presence", "node": int(node.input_value()), "becomes": "offline", "for": 600}
+    assert made["script"] == "test" and made["params"] == ["built"] and made["name"] == name
+    form.get_by_role("button", name="Save").click()
+    row = page.locator("#automations tbody tr", has_text=name)
+    expect(row).to_have_count(1, timeout=10_000)
+    saved = [a for a in system.get("/api/automations").json()["automations"] if a["name"] == name]
+    assert saved[0]["definition"]["trigger"]["for"] == 600
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
+    page.screenshot(path=str(artifacts() / f"control-app-builder-{viewport['width']}.png"), full_page=True)
+    requests.delete(f"{system.url}/api/automations/{saved[0]['id']}", timeout=10)
