@@ -201,13 +201,14 @@ class ThreadedApi:
 
     def start(self) -> None:
         """Connect the bus and serve."""
-        self.app.extensions["hacer"].bus.start()
         settings = self.settings
         host = served_host(settings)
         limits = ConnectionLimits(
             settings.http_max_connections, settings.http_max_per_client, settings.http_idle_timeout
         )
+        # Bound before the bus says the api is online: from then on its port takes connections.
         listener = socket.create_server((host, settings.http_port), backlog=2048)
+        self.app.extensions["hacer"].bus.start()
         self.worker = LimitedWorker(self.app, listener, limits)
         self.thread = threading.Thread(target=self.worker.run, name="api-server", daemon=True)
         self.thread.start()
