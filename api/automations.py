@@ -7,7 +7,9 @@ hacer/automations.py, and a script must exist in the scripts folder.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from astral import Observer
@@ -18,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, bad_request, not_found
 from api.rest import ROW_ID, api, services
+from hacer import runstates
 from hacer.automations import (
     AutomationSpec,
     NameTaken,
@@ -27,13 +30,76 @@ from hacer.automations import (
     missing_references,
     save,
     start_time,
-    traces,
     upcoming,
 )
 from hacer.messages import MessageError, decode
-from hacer.models import Automation
+from hacer.models import Automation, AutomationFire, AutomationHeld, Run, aware_utc
 
 automations = Blueprint("automations", __name__, url_prefix="/automations")
+
+
+def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[str, Any]]:
+    """An automation's last fires and holds as people read them, newest first: what triggered each, its
+    conditions with the values they saw, its steps (the run it made, with its state and times) or why
+    it did not run, the definition then."""
+
+    def moment(value: datetime | None) -> str | None:
+        return None if value is None else aware_utc(value).isoformat()
+
+    rows = session.execute(
+        select(AutomationFire, Run)
+        .outerjoin(Run, Run.run_id == AutomationFire.run_id)
+        .where(AutomationFire.automation_id == automation_id)
+        .order_by(AutomationFire.due_at.desc())
+        .limit(limit)
+    ).all()
+    held = session.scalars(
+        select(AutomationHeld)
+        .where(AutomationHeld.automation_id == automation_id)
+        .order_by(AutomationHeld.due_at.desc())
+        .limit(limit)
+    ).all()
+    not_run = [
+        {
+            "due": moment(row.due_at),
+            "fired_at": None,
+            "late": False,
+            "scheduler": row.scheduler,
+            "outcome": "held back",
+            "why": row.why,
+            "trigger": json.loads(row.cause),
+            "conditions": json.loads(row.conditions),
+            "steps": [],
+            "definition": json.loads(row.definition),
+        }
+        for row in held
+    ]
+    fired = [
+        {
+            "due": moment(fire.due_at),
+            "fired_at": moment(fire.fired_at),
+            "late": fire.late,
+            "scheduler": fire.scheduler,
+            "outcome": "fired",
+            "why": None,
+            "trigger": None if fire.cause is None else json.loads(fire.cause),  # None: fired before traces
+            "conditions": json.loads(fire.conditions or "[]"),
+            "steps": [
+                {
+                    "kind": "run",
+                    "run_id": fire.run_id,
+                    "state": "pending" if fire.pending else runstates.QUEUED if run is None else run.state,
+                    "exit_code": None if run is None else run.exit_code,
+                    "error": None if run is None else run.error,
+                    "started_at": None if run is None else moment(run.started_at),
+                    "finished_at": None if run is None else moment(run.finished_at),
+                }
+            ],
+            "definition": None if fire.definition is None else json.loads(fire.definition),
+        }
+        for fire, run in rows
+    ]
+    return sorted(fired + not_run, key=lambda trace: datetime.fromisoformat(trace["due"]), reverse=True)[:limit]
 
 
 def location() -> Observer | None:

@@ -17,7 +17,6 @@ a threshold, with hysteresis) and `run` (a script's run ending in given states).
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
@@ -44,7 +43,7 @@ from hacer.messages import (
     Time,
     decode,
 )
-from hacer.models import Automation, AutomationFire, AutomationHeld, Node, Run, aware_utc, naive_utc
+from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 
@@ -282,56 +281,6 @@ def automation_of_run(run_id: str) -> int | None:
     return int(automation_id) if automation_id.isascii() and automation_id.isdigit() else None
 
 
-def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
-    """(fires, armed after) for a threshold trigger seeing `value` while `armed`."""
-    past, back = value_past(trigger, value), value_back(trigger, value)
-    if armed and past:
-        return True, False
-    return False, armed or back
-
-
-def value_past(trigger: NodeValue, value: float) -> bool:
-    """Whether `value` is past a threshold trigger's threshold."""
-    if trigger.below is not None:
-        return value < trigger.below
-    assert trigger.above is not None
-    return value > trigger.above
-
-
-def value_back(trigger: NodeValue, value: float) -> bool:
-    """Whether `value` is back past a threshold trigger's hysteresis (the trigger armed again)."""
-    if trigger.below is not None:
-        return value >= trigger.below + trigger.hysteresis
-    assert trigger.above is not None
-    return value <= trigger.above - trigger.hysteresis
-
-
-def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each condition with what it saw (the local time, or the node's value) and whether it held: a trace's."""
-    seen: list[dict[str, Any]] = []
-    for condition in spec.conditions:
-        if isinstance(condition, TimeWindow):
-            value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
-            after, before = condition.after, condition.before
-            held = after <= value < before if after <= before else value >= after or value < before
-        else:
-            value = values.get(condition.node, {}).get(condition.key)
-            number = value if type(value) is int else None
-            held = (
-                value is not None
-                and (condition.equals is None or value == condition.equals)
-                and (condition.below is None or (number is not None and number < condition.below))
-                and (condition.above is None or (number is not None and number > condition.above))
-            )
-        seen.append({"condition": msgspec.to_builtins(condition), "seen": value, "held": held})
-    return seen
-
-
-def conditions_hold(seen: list[dict[str, Any]]) -> bool:
-    """Whether every condition held, as conditions_seen() saw them."""
-    return all(condition["held"] for condition in seen)
-
-
 def location_of(latitude: float | None, longitude: float | None) -> Observer | None:
     """The place sun triggers are computed for, when the settings give one."""
     if latitude is None or longitude is None:
@@ -518,70 +467,6 @@ def _described(
             for fire, state, exit_code in fires
         ],
     }
-
-
-def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[str, Any]]:
-    """An automation's last fires and holds as people read them, newest first: what triggered each, its
-    conditions with the values they saw, its steps (the run it made, with its state and times) or why
-    it did not run, the definition then."""
-
-    def moment(value: datetime | None) -> str | None:
-        return None if value is None else aware_utc(value).isoformat()
-
-    rows = session.execute(
-        select(AutomationFire, Run)
-        .outerjoin(Run, Run.run_id == AutomationFire.run_id)
-        .where(AutomationFire.automation_id == automation_id)
-        .order_by(AutomationFire.due_at.desc())
-        .limit(limit)
-    ).all()
-    held = session.scalars(
-        select(AutomationHeld)
-        .where(AutomationHeld.automation_id == automation_id)
-        .order_by(AutomationHeld.due_at.desc())
-        .limit(limit)
-    ).all()
-    not_run = [
-        {
-            "due": moment(row.due_at),
-            "fired_at": None,
-            "late": False,
-            "scheduler": row.scheduler,
-            "outcome": "held back",
-            "why": row.why,
-            "trigger": json.loads(row.cause),
-            "conditions": json.loads(row.conditions),
-            "steps": [],
-            "definition": json.loads(row.definition),
-        }
-        for row in held
-    ]
-    fired = [
-        {
-            "due": moment(fire.due_at),
-            "fired_at": moment(fire.fired_at),
-            "late": fire.late,
-            "scheduler": fire.scheduler,
-            "outcome": "fired",
-            "why": None,
-            "trigger": None if fire.cause is None else json.loads(fire.cause),  # None: fired before traces
-            "conditions": json.loads(fire.conditions or "[]"),
-            "steps": [
-                {
-                    "kind": "run",
-                    "run_id": fire.run_id,
-                    "state": "pending" if fire.pending else runstates.QUEUED if run is None else run.state,
-                    "exit_code": None if run is None else run.exit_code,
-                    "error": None if run is None else run.error,
-                    "started_at": None if run is None else moment(run.started_at),
-                    "finished_at": None if run is None else moment(run.finished_at),
-                }
-            ],
-            "definition": None if fire.definition is None else json.loads(fire.definition),
-        }
-        for fire, run in rows
-    ]
-    return sorted(fired + not_run, key=lambda trace: datetime.fromisoformat(trace["due"]), reverse=True)[:limit]
 
 
 def missing_references(session: Session, spec: AutomationSpec, scripts: ScriptDir) -> str | None:

@@ -123,9 +123,8 @@ class Scheduler:
         waits = self.triggers.waits
         for automation_id in list(waits.changed):  # a wait's due shown as the next fire
             waits.changed.discard(automation_id)
-            plan = self._planned.get(automation_id)
-            if plan is not None:
-                self._publish_plan(plan)
+            if (changed := self._planned.get(automation_id)) is not None:
+                self._publish_plan(changed)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

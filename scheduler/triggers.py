@@ -17,20 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.automations import (
-    NodePresence,
-    NodeValue,
-    RunFinished,
-    automation_of_run,
-    conditions_hold,
-    conditions_seen,
-    crossing,
-)
+from hacer.automations import NodePresence, NodeValue, RunFinished, automation_of_run
 from hacer.bus import Message
 from hacer.messages import MessageError, NodeReadings, Presence, RunStatus
 from hacer.models import AutomationTrigger
 from hacer.topics import TopicError, Topics
 from scheduler.firing import Fence, Firer, Trace
+from scheduler.judging import conditions_hold, conditions_seen, crossing
 from scheduler.plans import Counts, Planned
 from scheduler.waits import Waits, lasting
 

@@ -31,10 +31,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.automations import NodePresence, NodeValue, RunFinished, value_back
+from hacer.automations import NodePresence, NodeValue, RunFinished
 from hacer.history import millis
 from hacer.messages import Presence
 from hacer.models import Automation, AutomationWait, NodeAvailability, NodeSample, Run, aware_utc, naive_utc
+from scheduler.judging import value_back
 from scheduler.plans import Planned
 
 Wait = tuple[datetime, int, datetime]  # (due, automation id, began), aware UTC

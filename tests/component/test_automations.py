@@ -514,7 +514,8 @@ def offline_since(moment: datetime, state: str = "offline") -> bytes:
 
 
 def test_a_for_wait_fires_once_from_the_conditions_own_time_across_a_scheduler_restart(database):
-    from hacer.automations import NodePresence, traces
+    from api.automations import traces
+    from hacer.automations import NodePresence
     from hacer.models import AutomationWait
 
     automation_id = add(database, AutomationSpec("gone 10 min", NodePresence(5, "offline", 600), "alert"))
@@ -645,7 +646,8 @@ def temperature(value: float) -> bytes:
 
 
 def test_a_value_held_past_its_threshold_for_its_time_fires_once_and_a_return_cancels_it(database):
-    from hacer.automations import NodeValue, traces
+    from api.automations import traces
+    from hacer.automations import NodeValue
     from hacer.models import AutomationWait
 
     hot = NodeValue(5, "temperature", above=25, hysteresis=1, lasting=300)
@@ -734,7 +736,8 @@ def run_ended(run_id: str, state: str, at: float, script: str = "backup") -> tup
 
 
 def test_a_run_failing_with_no_success_for_its_time_fires_once_a_streak(database):
-    from hacer.automations import RunFinished, traces
+    from api.automations import traces
+    from hacer.automations import RunFinished
 
     automation_id = add(database, AutomationSpec("backup broken", RunFinished("backup", lasting=3600), "alert"))
     clock = Clock(START + timedelta(seconds=10))
@@ -811,7 +814,8 @@ def test_for_needs_a_threshold_on_a_value_trigger():
 
 
 def test_cooldown_and_single_mode_hold_back_a_storm(database):
-    from hacer.automations import RunFinished, traces
+    from api.automations import traces
+    from hacer.automations import RunFinished
     from hacer.messages import RunStatus, bus_time
 
     automation_id = add(database, AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60))
@@ -843,7 +847,8 @@ def test_cooldown_and_single_mode_hold_back_a_storm(database):
 
 
 def test_what_the_cooldown_held_back_is_traced_once_beside_the_fires(database):
-    from hacer.automations import RunFinished, traces
+    from api.automations import traces
+    from hacer.automations import RunFinished
     from hacer.messages import RunStatus, bus_time
 
     spec = AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60, mode="parallel")
@@ -889,7 +894,8 @@ def test_conditions_gate_a_trigger(database):
 
 
 def test_a_time_trigger_fires_only_while_its_conditions_hold(database):
-    from hacer.automations import TimeWindow, ValueIs, traces
+    from api.automations import traces
+    from hacer.automations import TimeWindow, ValueIs
 
     with_node(database, 6)
     spec = AutomationSpec(
@@ -932,7 +938,8 @@ def aware_hour(moment: str) -> int:
 
 
 def test_a_fire_keeps_its_trace_the_trigger_the_values_its_conditions_saw_its_run_and_the_definition(database):
-    from hacer.automations import NodeValue, TimeWindow, ValueIs, traces
+    from api.automations import traces
+    from hacer.automations import NodeValue, TimeWindow, ValueIs
 
     with_node(database, 6)
     spec = AutomationSpec(

@@ -1,0 +1,61 @@
+"""How the scheduler judges a bus event: a value crossing a threshold (with hysteresis), and an
+automation's conditions as they are now, each with what it saw (a trace keeps them)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from hacer.automations import AutomationSpec, NodeValue, TimeWindow, zone
+
+
+def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
+    """(fires, armed after) for a threshold trigger seeing `value` while `armed`."""
+    past, back = value_past(trigger, value), value_back(trigger, value)
+    if armed and past:
+        return True, False
+    return False, armed or back
+
+
+def value_past(trigger: NodeValue, value: float) -> bool:
+    """Whether `value` is past a threshold trigger's threshold."""
+    if trigger.below is not None:
+        return value < trigger.below
+    assert trigger.above is not None
+    return value > trigger.above
+
+
+def value_back(trigger: NodeValue, value: float) -> bool:
+    """Whether `value` is back past a threshold trigger's hysteresis (the trigger armed again)."""
+    if trigger.below is not None:
+        return value >= trigger.below + trigger.hysteresis
+    assert trigger.above is not None
+    return value <= trigger.above - trigger.hysteresis
+
+
+def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each condition with what it saw (the local time, or the node's value) and whether it held: a trace's."""
+    seen: list[dict[str, Any]] = []
+    for condition in spec.conditions:
+        if isinstance(condition, TimeWindow):
+            value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
+            after, before = condition.after, condition.before
+            held = after <= value < before if after <= before else value >= after or value < before
+        else:
+            value = values.get(condition.node, {}).get(condition.key)
+            number = value if type(value) is int else None
+            held = (
+                value is not None
+                and (condition.equals is None or value == condition.equals)
+                and (condition.below is None or (number is not None and number < condition.below))
+                and (condition.above is None or (number is not None and number > condition.above))
+            )
+        seen.append({"condition": msgspec.to_builtins(condition), "seen": value, "held": held})
+    return seen
+
+
+def conditions_hold(seen: list[dict[str, Any]]) -> bool:
+    """Whether every condition held, as conditions_seen() saw them."""
+    return all(condition["held"] for condition in seen)
