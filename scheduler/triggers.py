@@ -283,8 +283,8 @@ class BusTriggers:
                         .where((table.automation_id == plan.id) & (table.armed == was_armed))
                         .values(armed=armed)
                     )
-                    if trigger.lasting:
-                        self.waits.end_before_due(session, plan.id, self.now())
+                    if trigger.lasting:  # back when the bridge read it so
+                        self.waits.end_before_due(session, plan.id, self._read_at_or_now(trigger))
                     session.commit()
             return
 
@@ -298,9 +298,13 @@ class BusTriggers:
             return bool(moved)
 
         if trigger.lasting:  # from when the bridge read the value that crossed
-            self.waits.begin_crossed(plan, self._read_at.get(trigger.node, {}).get(trigger.key) or self.now(), fence)
+            self.waits.begin_crossed(plan, self._read_at_or_now(trigger), fence)
         else:
             self._event(plan, self.now(), value_cause(plan, value), fence)
+
+    def _read_at_or_now(self, trigger: NodeValue) -> datetime:
+        """When the bridge read the trigger's value as it is now (now, for a value without its reading)."""
+        return self._read_at.get(trigger.node, {}).get(trigger.key) or self.now()
 
 
 def value_cause(plan: Planned, value: Any, **more: Any) -> dict[str, Any]:
