@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from hacer import runstates
-from hacer.automations import AutomationFired, AutomationState
+from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState
 from hacer.bus import Bus, Message, payload_decoder
 from hacer.messages import (
     BridgeStats,
@@ -132,6 +132,9 @@ class LiveView:
         self.bus.subscribe(topics.filter("automation"), self._on_automation)
         self.bus.subscribe_decoded(
             topics.filter("automation_fired"), payload_decoder(AutomationFired.from_payload), self._on_automation_fired
+        )
+        self.bus.subscribe_decoded(
+            topics.filter("automation_held"), payload_decoder(AutomationHeldBack.from_payload), self._on_automation_held
         )
         for name in ("bridge_stats", "recorder_state", "scheduler_state"):
             self.bus.subscribe(topics.filter(name), self._on_part)
@@ -363,6 +366,9 @@ class LiveView:
         with self._lock:
             self.automations[state.id] = data
         self._emit("automation", data)
+
+    def _on_automation_held(self, held: AutomationHeldBack) -> None:
+        self._emit("automation_held", {"id": held.id, "name": held.name, "due": held.due.isoformat(), "why": held.why})
 
     def _on_automation_fired(self, fired: AutomationFired) -> None:
         self._emit(

@@ -312,10 +312,22 @@ class AutomationFired(Payload, frozen=True):
     late: bool = False
 
 
+class AutomationHeldBack(Payload, frozen=True):
+    """A due time or event an automation did not run for, and why: its trace is in the api's."""
+
+    what: ClassVar[str] = "held"
+    id: Annotated[int, Meta(ge=1)]
+    name: Annotated[str, Meta(max_length=64, pattern=NO_NUL)]
+    due: Time
+    why: Literal["conditions", "cooldown", "single", "queue full"]
+    scheduler: Annotated[str, Meta(max_length=128, pattern=NO_NUL)]
+
+
 DECLARATIONS = {
     "AutomationSpec": AutomationSpec,
     "AutomationState": AutomationState,
     "AutomationFired": AutomationFired,
+    "AutomationHeldBack": AutomationHeldBack,
 }
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hacer import runstates
-from hacer.automations import AutomationFired, AutomationSpec, fire_run_id
+from hacer.automations import AutomationFired, AutomationHeldBack, AutomationSpec, fire_run_id
 from hacer.bus import Bus, BusError
 from hacer.messages import RunRequest
 from hacer.models import (
@@ -76,6 +76,7 @@ class Firer:
         self.scheduler_id = scheduler_id
         self.now = now
         self.counts = counts
+        self._held: list[AutomationHeldBack] = []  # traced in a transaction; told once it is committed
 
     def fire_batch(self, batch: list[tuple[Planned, datetime, bool, Trace]]) -> None:
         """Fire time triggers due together in one transaction (a burst at :00 costs one commit).
@@ -228,6 +229,16 @@ class Firer:
             delete(AutomationHeld).where(AutomationHeld.automation_id == plan.id, AutomationHeld.due_at < oldest_kept)
         )
         log.info("automation %s (%s): %s not run (%s)", plan.id, plan.spec.name, due.isoformat(), why)
+        self._held.append(AutomationHeldBack(plan.id, plan.spec.name, due, why, self.scheduler_id))  # type: ignore[arg-type]
+
+    def tell_held(self) -> None:
+        """Publish what was held back since the last call (its traces committed by now)."""
+        held, self._held = self._held, []
+        for event in held:
+            try:
+                self.bus.publish(self.topics.build("automation_held", event.id), event.to_payload(), block=False)
+            except BusError as exc:  # only a hint to reread the traces: the database has them
+                log.debug("automation %s: held back, not told (%s)", event.id, exc)
 
     def _fired(self, plan: Planned, due: datetime, late: bool, run_id: str, payload: bytes) -> None:
         """Tell a committed fire: its run request, and the fire itself."""

@@ -120,6 +120,7 @@ class Scheduler:
             self.triggers.handle(message)
         self._fire_due()
         self.triggers.fire_waits()
+        self.firer.tell_held()
         waits = self.triggers.waits
         for automation_id in list(waits.changed):  # a wait's due shown as the next fire
             waits.changed.discard(automation_id)

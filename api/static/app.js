@@ -648,6 +648,7 @@ function applyEvent(event) {
     renderAutomations();
     if (data.id === state.traces) reloadTracesSoon();
   }
+  else if (event.kind === "automation_held") { if (data.id === state.traces) reloadTracesSoon(); }
   else if (event.kind.startsWith("automation")) reloadAutomationsSoon();
   else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
     state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice

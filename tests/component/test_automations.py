@@ -815,7 +815,7 @@ def test_for_needs_a_threshold_on_a_value_trigger():
 
 def test_cooldown_and_single_mode_hold_back_a_storm(database):
     from api.automations import traces
-    from hacer.automations import RunFinished
+    from hacer.automations import AutomationHeldBack, RunFinished
     from hacer.messages import RunStatus, bus_time
 
     automation_id = add(database, AutomationSpec("on failure", RunFinished("crash"), "alert", cooldown=60))
@@ -844,6 +844,8 @@ def test_cooldown_and_single_mode_hold_back_a_storm(database):
         outcomes = [(t["trigger"]["run_id"], t["outcome"], t["why"]) for t in traces(session, automation_id)]
     held = [(f"c{n}", "held back", "single") for n in (9, 4, 3, 2, 1)]  # each once, seen by two schedulers
     assert outcomes == [("c10", "fired", None), *held, ("c0", "fired", None)]
+    told = [AutomationHeldBack.from_payload(p) for _, bus in pair for t, p in bus.published if t.endswith("/held")]
+    assert {(event.id, event.why) for event in told} == {(automation_id, "single")} and len(told) >= 5
 
 
 def test_what_the_cooldown_held_back_is_traced_once_beside_the_fires(database):
@@ -1089,7 +1091,7 @@ def test_the_live_view_relays_automation_plans_and_fires(tmp_path):
     from test_api_components import RecordingBus
 
     from api.live import LiveView
-    from hacer.automations import AutomationFired, AutomationState
+    from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState
 
     bus = RecordingBus()
     live = LiveView(bus, Topics())  # type: ignore[arg-type]
@@ -1105,6 +1107,8 @@ def test_the_live_view_relays_automation_plans_and_fires(tmp_path):
     ]
     assert [e["kind"] for e in events] == ["automation", "automation_fired"]
     assert events[1]["data"]["run_id"] == "auto-3-x"
+    bus.deliver("hacer/automations/3/held", AutomationHeldBack(3, "tick", due, "cooldown", "s").to_payload())
+    assert events[-1]["kind"] == "automation_held" and events[-1]["data"]["why"] == "cooldown"
     bus.deliver("hacer/automations/3", b"", retain=True)  # disabled
     assert live.snapshot()["automations"] == [] and events[-1]["kind"] == "automation_removed"
 

@@ -122,15 +122,14 @@ def test_scheduler_works_under_its_role(production_broker, spawn, hacer_env, con
     viewer.sync()
     spawn(["scheduler"], env)
     state.wait_for(lambda m: m.payload == b"online", timeout=15)
-    # What its bus triggers read, each published by the role that owns it.
+    # What its bus triggers read (the topics it subscribes to), each published by the role that owns it.
+    from scheduler.service import BUS_TOPICS
+
     scheduler = connect("hacer-scheduler")
     read = Watcher(scheduler, "hacer/#")
     scheduler.sync()
-    sent = [
-        ("hacer-bridge", topics.build("node_presence", 7)),
-        ("hacer-bridge", topics.build("node_state", 7)),
-        ("hacer-runner", topics.build("run_status", "r7")),
-    ]
+    owner = {"node_presence": "hacer-bridge", "node_readings": "hacer-bridge", "run_status": "hacer-runner"}
+    sent = [(owner[name], topics.build(name, 7)) for name in BUS_TOPICS]
     for role, topic in sent:
         connect(role).publish(topic, b"{}", qos=1)
     for _, topic in sent:
