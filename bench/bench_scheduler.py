@@ -9,9 +9,9 @@
 2. idle: the same process with N automations due in an hour: CPU and memory over 20 s, against
    a bare `python -c` interpreter's memory; then N presence automations `for` an hour, each node
    offline, so N waits pending: CPU against the time triggers'.
-3. triggers: M value automations on M nodes, state changes published at R a second (one in ten
+3. triggers: M value automations on M nodes, readings published at R a second (one in ten
    a threshold crossing, the next one of that node re-arming it): crossing published -> its run
-   request at a subscriber, against the same state messages' own trip to a plain subscriber.
+   request at a subscriber, against the same readings messages' own trip to a plain subscriber.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import free_port, percentile, wait_for  # noqa: E402
 from hacer.automations import AutomationSpec, Every, NodePresence, NodeValue  # noqa: E402
 from hacer.bus import Bus, Message  # noqa: E402
-from hacer.messages import Presence  # noqa: E402
+from hacer.messages import NodeReadings, Presence, Reading  # noqa: E402
 from hacer.models import Automation, AutomationFire, AutomationWait, Database, Node  # noqa: E402
 from hacer.topics import Topics  # noqa: E402
 from ops.broker import BrokerProcess  # noqa: E402
@@ -191,7 +191,7 @@ def rss_mb(pid: int) -> float:
 
 
 def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
-    print(f"3. triggers: {nodes} value automations on {nodes} nodes, {rate} state changes/s for {seconds:g} s")
+    print(f"3. triggers: {nodes} value automations on {nodes} nodes, {rate} readings/s for {seconds:g} s")
     broker, db_path, database = broker_and_database(work, "triggers")
     topics = Topics()
     with database.session() as session:
@@ -218,20 +218,24 @@ def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
         if node in sent:
             requested.append((time.perf_counter() - sent.pop(node)) * 1000)
 
-    def on_state(message: Message) -> None:
-        stamp = json.loads(message.payload).get("t")
+    def on_readings(message: Message) -> None:
+        stamp = json.loads(message.payload)["values"].get("t")
         if stamp:
-            plain.append((time.perf_counter() - stamp / 1e6) * 1000)
+            plain.append((time.perf_counter() - stamp["value"] / 1e6) * 1000)
+
+    def readings(node: int, **values: int) -> bytes:  # as the bridge publishes a node's values
+        at = datetime.now(UTC)
+        return NodeReadings(node, {key: Reading(value, at) for key, value in values.items()}, True, at).to_payload()
 
     watcher.subscribe(topics.build("run_request"), on_request)
-    watcher.subscribe(topics.filter("node_state"), on_state)
+    watcher.subscribe(topics.filter("node_readings"), on_readings)
     for bus in (publisher, watcher):
         bus.start()
         bus.wait_connected(10)
     process = scheduler_process(broker, db_path)
     try:
         for n in range(nodes):  # every node above the threshold first: armed
-            publisher.publish(topics.build("node_state", n + 1), b'{"v": 60}', retain=True)
+            publisher.publish(topics.build("node_readings", n + 1), readings(n + 1, v=60), retain=True)
         time.sleep(5)  # the scheduler's first plan and first sight of every node
         total, started = int(rate * seconds), time.perf_counter()
         for i in range(total):
@@ -240,12 +244,12 @@ def triggers(work: Path, nodes: int, rate: int, seconds: float) -> None:
             value = 40 if crossing else 60
             if crossing:
                 sent[node] = time.perf_counter()
-            body = {"v": value, "t": int(time.perf_counter() * 1e6)}  # node values are integers or strings
-            publisher.publish(topics.build("node_state", node), json.dumps(body).encode(), retain=True)
+            body = readings(node, v=value, t=int(time.perf_counter() * 1e6))  # node values are integers or strings
+            publisher.publish(topics.build("node_readings", node), body, retain=True)
             time.sleep(max(0.0, started + (i + 1) / rate - time.perf_counter()))
         time.sleep(2)
         print(f"   crossing -> run request: {spread(requested)}  ({len(requested)} of {total // 10} crossings)")
-        print(f"   state message -> plain subscriber: {spread(plain)}")
+        print(f"   readings message -> plain subscriber: {spread(plain)}")
         print(f"   goal p99 < 20 ms; ratio p99 {ratio(requested, plain):.1f}")
     finally:
         process.terminate()
