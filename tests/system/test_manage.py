@@ -52,6 +52,15 @@ def test_runserver_starts_mosquitto_when_none_answers(spawn, hacer_env, tmp_path
     assert orphans == "", "processes outlived runserver"
 
 
+def test_the_eventlet_api_takes_connections_once_it_says_it_is_online(spawn, hacer_env, watch):
+    """`manage.py api` (the split layout's): its port is bound before the bus announces it."""
+    port = free_port()
+    online = watch("hacer/api/state")
+    spawn(["api"], {**hacer_env, "HACER_HTTP_PORT": str(port)})
+    online.wait_for(lambda m: m.payload == b"online", timeout=30)
+    assert requests.get(f"http://127.0.0.1:{port}/api/health", timeout=10).status_code in (200, 503)
+
+
 # Run in a network namespace of the test's own, where 127.0.0.1:1883 (the default) is free for a
 # stand-in of the system's mosquitto, whatever this machine runs on its own 1883.
 IN_A_NAMESPACE = """
