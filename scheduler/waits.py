@@ -66,25 +66,16 @@ class Waits:
             enabled = select(Automation.id).where(Automation.enabled)
             session.execute(delete(AutomationWait).where(AutomationWait.automation_id.not_in(enabled)))
             session.commit()
-            if not ids:
-                return
-            rows = session.execute(
-                select(AutomationWait.automation_id, AutomationWait.began_at, AutomationWait.due_at).where(
-                    AutomationWait.automation_id.in_(ids)
-                )
-            ).all()
-        for automation_id, began, due in rows:
-            self._know((aware_utc(due), automation_id, aware_utc(began)))
+            if ids:
+                self._read(session, ids)
 
     def begin(self, plan: Planned, began: datetime) -> None:
         """The plan's condition began at `began` (its own time): wait for it, once whoever saw it first."""
-        trigger = lasting(plan)
-        assert trigger is not None
-        wait = (began + timedelta(seconds=trigger.lasting), plan.id, began)
         if began in self._known.get(plan.id, {}):
             return
+        wait = _wait(plan, began)
         with self.sessions() as session:
-            session.add(AutomationWait(automation_id=plan.id, began_at=naive_utc(began), due_at=naive_utc(wait[0])))
+            session.add(_row(wait))
             try:
                 session.commit()
             except IntegrityError:  # another scheduler (or this one, before a restart) wrote it
@@ -94,21 +85,25 @@ class Waits:
     def begin_crossed(self, plan: Planned, began: datetime, crossed: Fence) -> None:
         """A value crossed the plan's threshold at `began`: wait, if `crossed` (its fence) says it is this
         scheduler's crossing; else know the wait of the scheduler that crossed it first."""
-        trigger = lasting(plan)
-        assert trigger is not None
-        wait = (began + timedelta(seconds=trigger.lasting), plan.id, began)
+        wait = _wait(plan, began)
         with self.sessions() as session:
             if crossed(session):
-                session.add(AutomationWait(automation_id=plan.id, began_at=naive_utc(began), due_at=naive_utc(wait[0])))
+                session.add(_row(wait))
                 session.commit()
                 self._know(wait)
                 return
             session.rollback()
-            rows = session.execute(
-                select(AutomationWait.due_at, AutomationWait.began_at).where(AutomationWait.automation_id == plan.id)
-            ).all()
-        for due, other in rows:
-            self._know((aware_utc(due), plan.id, aware_utc(other)))
+            self._read(session, [plan.id])
+
+    def _read(self, session: Session, automation_ids: list[int]) -> None:
+        """Know the waits the database holds for these automations."""
+        rows = session.execute(
+            select(AutomationWait.automation_id, AutomationWait.began_at, AutomationWait.due_at).where(
+                AutomationWait.automation_id.in_(automation_ids)
+            )
+        ).all()
+        for automation_id, began, due in rows:
+            self._know((aware_utc(due), automation_id, aware_utc(began)))
 
     def end_before_due(self, session: Session, automation_id: int, now: datetime) -> None:
         """The condition ended at `now` (in `session`'s transaction): the waits begun by then and not due
@@ -241,3 +236,15 @@ class Waits:
                 self.changed.add(automation_id)
         if not waits:
             self._known.pop(automation_id, None)
+
+
+def _wait(plan: Planned, began: datetime) -> Wait:
+    """The plan's wait for a condition that began at `began`."""
+    trigger = lasting(plan)
+    assert trigger is not None
+    return (began + timedelta(seconds=trigger.lasting), plan.id, began)
+
+
+def _row(wait: Wait) -> AutomationWait:
+    due, automation_id, began = wait
+    return AutomationWait(automation_id=automation_id, began_at=naive_utc(began), due_at=naive_utc(due))
