@@ -6,11 +6,11 @@ against the schemas here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 
-from hacer.automations import AutomationSpec
+from hacer.automations import AutomationSpec, HeldWhy
 from hacer.models import MAX_ROW_ID
 from hacer.nodewire import MAX_NODE_ID
 from hacer.schemas import json_schemas
@@ -198,7 +198,7 @@ SCHEMAS: dict[str, Any] = {
                         "scheduler": TEXT,
                         # Held back (no steps): by a condition, the cooldown, mode single or a full queue.
                         "outcome": {"enum": ["fired", "held back"]},
-                        "why": {"enum": ["conditions", "cooldown", "single", "queue full", None]},
+                        "why": {"enum": [*get_args(HeldWhy), None]},
                         # What triggered it: {"kind": "time", "due"}, or the bus event with the values it
                         # carried (presence, value, run); null for fires made before traces were kept.
                         "trigger": {"type": ["object", "null"], "required": ["kind"]},

@@ -312,6 +312,9 @@ class AutomationFired(Payload, frozen=True):
     late: bool = False
 
 
+HeldWhy = Literal["conditions", "cooldown", "single", "queue full"]  # why a due time or event did not run
+
+
 class AutomationHeldBack(Payload, frozen=True):
     """A due time or event an automation did not run for, and why: its trace is in the api's."""
 
@@ -319,7 +322,7 @@ class AutomationHeldBack(Payload, frozen=True):
     id: Annotated[int, Meta(ge=1)]
     name: Annotated[str, Meta(max_length=64, pattern=NO_NUL)]
     due: Time
-    why: Literal["conditions", "cooldown", "single", "queue full"]
+    why: HeldWhy
     scheduler: Annotated[str, Meta(max_length=128, pattern=NO_NUL)]
 
 
