@@ -33,7 +33,7 @@ from hacer.automations import (
     upcoming,
 )
 from hacer.messages import MessageError, decode
-from hacer.models import Automation, AutomationFire, AutomationHeld, Run, aware_utc
+from hacer.models import Automation, AutomationFire, AutomationHeld, AutomationStep, Run, aware_utc
 
 automations = Blueprint("automations", __name__, url_prefix="/automations")
 
@@ -42,10 +42,6 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
     """An automation's last fires and holds as people read them, newest first: what triggered each, its
     conditions with the values they saw, its steps (the run it made, with its state and times) or why
     it did not run, the definition then."""
-
-    def moment(value: datetime | None) -> str | None:
-        return None if value is None else aware_utc(value).isoformat()
-
     rows = session.execute(
         select(AutomationFire, Run)
         .outerjoin(Run, Run.run_id == AutomationFire.run_id)
@@ -59,6 +55,7 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
         .order_by(AutomationHeld.due_at.desc())
         .limit(limit)
     ).all()
+    steps = steps_of(session, [fire.run_id for fire, _ in rows])
     not_run = [
         {
             "due": moment(row.due_at),
@@ -84,22 +81,57 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
             "why": None,
             "trigger": None if fire.cause is None else json.loads(fire.cause),  # None: fired before traces
             "conditions": json.loads(fire.conditions or "[]"),
-            "steps": [
-                {
-                    "kind": "run",
-                    "run_id": fire.run_id,
-                    "state": "pending" if fire.pending else runstates.QUEUED if run is None else run.state,
-                    "exit_code": None if run is None else run.exit_code,
-                    "error": None if run is None else run.error,
-                    "started_at": None if run is None else moment(run.started_at),
-                    "finished_at": None if run is None else moment(run.finished_at),
-                }
-            ],
+            "steps": steps.get(fire.run_id) or [run_trace(fire.run_id, run, "pending" if fire.pending else None)],
             "definition": None if fire.definition is None else json.loads(fire.definition),
         }
         for fire, run in rows
     ]
     return sorted(fired + not_run, key=lambda trace: datetime.fromisoformat(trace["due"]), reverse=True)[:limit]
+
+
+def moment(value: datetime | None) -> str | None:
+    return None if value is None else aware_utc(value).isoformat()
+
+
+def run_trace(run_id: str, run: Run | None, state: str | None = None) -> dict[str, Any]:
+    """A run a fire or step made, as a trace shows it: its state and times."""
+    return {
+        "kind": "run",
+        "run_id": run_id,
+        "state": state or (runstates.QUEUED if run is None else run.state),
+        "exit_code": None if run is None else run.exit_code,
+        "error": None if run is None else run.error,
+        "started_at": None if run is None else moment(run.started_at),
+        "finished_at": None if run is None else moment(run.finished_at),
+    }
+
+
+def steps_of(session: Session, fires: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The steps of fires that have steps, in order: each its state, times and what came of it."""
+    rows = session.scalars(
+        select(AutomationStep).where(AutomationStep.run_id.in_(fires)).order_by(AutomationStep.position)
+    ).all()
+    outcomes = {(row.run_id, row.position): json.loads(row.outcome or "{}") for row in rows}
+    run_ids = [outcome["run_id"] for outcome in outcomes.values() if "run_id" in outcome]
+    runs = {run.run_id: run for run in session.scalars(select(Run).where(Run.run_id.in_(run_ids)))}
+    traced: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        outcome = outcomes[row.run_id, row.position]
+        run = run_trace(outcome["run_id"], runs.get(outcome["run_id"])) if "run_id" in outcome else {}
+        traced.setdefault(row.run_id, []).append(
+            {
+                "state": row.state,  # a run step's: its run's
+                **run,
+                **outcome,
+                "kind": row.kind,
+                "position": row.position,
+                "step_state": row.state,
+                "began_at": moment(row.started_at),
+                "due_at": moment(row.due_at),
+                "ended_at": moment(row.ended_at),
+            }
+        )
+    return traced
 
 
 def location() -> Observer | None:

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from hacer import runstates
-from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState
+from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState, AutomationStepEnded
 from hacer.bus import Bus, Message, payload_decoder
 from hacer.messages import (
     BridgeStats,
@@ -120,22 +120,19 @@ class LiveView:
         for name in ("node_presence", "node_meta", "node_state", "node_readings"):
             self.bus.subscribe(topics.filter(name), self._on_node)
         self.bus.subscribe_decoded(
-            topics.filter("run_status"), payload_decoder(RunStatus.from_payload), self._on_run_status
-        )
-        self.bus.subscribe_decoded(
             topics.filter("run_log"), payload_decoder(LogEntry.from_payload), self._on_run_log, qos=1
         )
         self.bus.subscribe(topics.build("bridge_state"), self._on_bridge_state)
-        self.bus.subscribe_decoded(
-            topics.filter("runner_state"), payload_decoder(RunnerState.from_payload), self._on_runner_state
-        )
         self.bus.subscribe(topics.filter("automation"), self._on_automation)
-        self.bus.subscribe_decoded(
-            topics.filter("automation_fired"), payload_decoder(AutomationFired.from_payload), self._on_automation_fired
+        decoded: tuple[tuple[str, Callable[[bytes], Any], Callable[[Any], None]], ...] = (
+            ("run_status", RunStatus.from_payload, self._on_run_status),
+            ("runner_state", RunnerState.from_payload, self._on_runner_state),
+            ("automation_fired", AutomationFired.from_payload, self._on_automation_fired),
+            ("automation_held", AutomationHeldBack.from_payload, self._on_automation_held),
+            ("automation_step", AutomationStepEnded.from_payload, self._on_automation_step),
         )
-        self.bus.subscribe_decoded(
-            topics.filter("automation_held"), payload_decoder(AutomationHeldBack.from_payload), self._on_automation_held
-        )
+        for name, decode, handler in decoded:
+            self.bus.subscribe_decoded(topics.filter(name), payload_decoder(decode), handler)
         for name in ("bridge_stats", "recorder_state", "scheduler_state"):
             self.bus.subscribe(topics.filter(name), self._on_part)
         self.bus.subscribe_decoded(
@@ -369,6 +366,9 @@ class LiveView:
 
     def _on_automation_held(self, held: AutomationHeldBack) -> None:
         self._emit("automation_held", {"id": held.id, "name": held.name, "due": held.due.isoformat(), "why": held.why})
+
+    def _on_automation_step(self, step: AutomationStepEnded) -> None:
+        self._emit("automation_step", msgspec.to_builtins(step))
 
     def _on_automation_fired(self, fired: AutomationFired) -> None:
         self._emit(

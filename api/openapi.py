@@ -10,7 +10,7 @@ from typing import Any, get_args
 
 import msgspec
 
-from hacer.automations import AutomationSpec, HeldWhy
+from hacer.automations import AutomationSpec, HeldWhy, StepKind, StepState
 from hacer.models import MAX_ROW_ID
 from hacer.nodewire import MAX_NODE_ID
 from hacer.schemas import json_schemas
@@ -214,9 +214,19 @@ SCHEMAS: dict[str, Any] = {
                             "type": "array",
                             "items": {
                                 "type": "object",
-                                "required": ["kind", "run_id", "state", "exit_code", "started_at", "finished_at"],
+                                # A run (the fire's own, or a `run` step's) has its run's state and
+                                # times; a step of `steps` also its place, its own state and times,
+                                # a `set`'s results, a `wait_for`'s condition as seen.
+                                "required": ["kind", "state"],
                                 "properties": {
-                                    "kind": {"const": "run"},
+                                    "kind": {"enum": list(get_args(StepKind))},
+                                    "position": {"type": "integer"},
+                                    "step_state": {"enum": list(get_args(StepState))},
+                                    "began_at": {"type": "string", "format": "date-time"},
+                                    "due_at": {"type": ["string", "null"], "format": "date-time"},
+                                    "ended_at": {"type": ["string", "null"], "format": "date-time"},
+                                    "results": {"type": "array", "items": {"type": "object"}},
+                                    "seen": {"type": "object"},
                                     "run_id": TEXT,
                                     "state": TEXT,
                                     "exit_code": {"type": ["integer", "null"]},

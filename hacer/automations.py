@@ -40,10 +40,12 @@ from hacer.messages import (
     Param,
     Payload,
     RunId,
+    SetBody,
     Time,
     decode,
 )
 from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
+from hacer.nodewire import MAX_NODE_ID
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
 
@@ -139,10 +141,53 @@ class ValueIs(Struct, frozen=True, tag="value", tag_field="kind", forbid_unknown
 
 
 Condition = TimeWindow | ValueIs
+MAX_STEP_SECONDS = 7 * 86400
+MAX_STEPS = 32
+StepKind = Literal["set", "run", "wait", "wait_for"]
+StepState = Literal["waiting", "done", "failed", "timed_out"]
+
+
+class RunStep(Struct, frozen=True, forbid_unknown_fields=True):
+    """Start a script and wait for its run's end; a run that does not succeed ends the steps."""
+
+    script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+    params: Annotated[tuple[Param, ...], Meta(max_length=MAX_PARAMS)] = ()
+    timeout: Annotated[float, Meta(gt=0, lt=1e9)] | None = None
+
+
+class WaitFor(Struct, frozen=True, forbid_unknown_fields=True):
+    """Wait until `condition` holds, at most `timeout` seconds; then go on (`on_timeout: "stop"` ends the steps)."""
+
+    condition: Condition
+    timeout: Annotated[int, Meta(ge=1, le=MAX_STEP_SECONDS)]
+    on_timeout: Literal["continue", "stop"] = "continue"
+
+
+class Step(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One step, exactly one of: `set` a node's keys (`{"node": 7, "on": 1}`), `run` a script, `wait`
+    seconds, `wait_for` a condition."""
+
+    set: SetBody | None = None
+    run: RunStep | None = None
+    wait: Annotated[int, Meta(ge=1, le=MAX_STEP_SECONDS)] | None = None
+    wait_for: WaitFor | None = None
+
+    @property
+    def kind(self) -> StepKind:
+        """Which of the four it is."""
+        kinds: tuple[StepKind, ...] = ("set", "run", "wait", "wait_for")
+        return next(kind for kind in kinds if getattr(self, kind) is not None)
+
+    def set_node(self) -> int:
+        """The node a `set` step names."""
+        assert self.set is not None
+        node = self.set["node"]
+        assert isinstance(node, int)
+        return node
 
 
 class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
-    """What a user defines: when (`trigger`), what (`script`, `params`), and what a late fire does.
+    """What a user defines: when (`trigger`), what (`script` with `params`, or `steps`), and what a late fire does.
 
     A fire up to `grace` seconds late still happens (a restart, a slow moment); older due times
     are skipped (`missed: "skip"`), or the latest of them runs once (`"run_once"`) if it is at
@@ -151,8 +196,9 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
 
     name: Annotated[str, Meta(min_length=1, max_length=64, pattern=NO_NUL)]
     trigger: Trigger
-    script: Annotated[str, Meta(min_length=1, max_length=255, pattern=NO_NUL)]
+    script: Annotated[str, Meta(max_length=255, pattern=NO_NUL)] = ""  # or `steps`
     params: Annotated[tuple[Param, ...], Meta(max_length=MAX_PARAMS)] = ()
+    steps: Annotated[tuple[Step, ...], Meta(max_length=MAX_STEPS)] = ()
     enabled: bool = True
     missed: Literal["skip", "run_once"] = "skip"
     conditions: Annotated[tuple[Condition, ...], Meta(max_length=16)] = ()
@@ -170,11 +216,19 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
         """Decode and check a definition; MessageError names the field at fault."""
         spec: AutomationSpec = decode(cls, payload, "automation")
         check_trigger(spec.trigger, location, spec.conditions)
+        check_steps(spec)
         return spec
 
+    def scripts(self) -> list[tuple[str, str]]:
+        """The scripts it runs, each with the path of the field naming it."""
+        named = [(self.script, "$.script")] if self.script else []
+        return named + [(s.run.script, f"$.steps[{i}].run.script") for i, s in enumerate(self.steps) if s.run]
+
     def nodes(self) -> set[int]:
-        """The nodes its trigger and conditions name (each must exist when it is saved)."""
-        named = {c.node for c in self.conditions if isinstance(c, ValueIs)}
+        """The nodes its trigger, conditions and steps name (each must exist when it is saved)."""
+        conditions = [*self.conditions, *(step.wait_for.condition for step in self.steps if step.wait_for)]
+        named = {c.node for c in conditions if isinstance(c, ValueIs)}
+        named |= {step.set_node() for step in self.steps if step.set is not None}
         if isinstance(self.trigger, NodePresence | NodeValue):
             named.add(self.trigger.node)
         return named
@@ -190,6 +244,28 @@ def zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise MessageError(f"bad automation: unknown time zone {name!r} - at `$.trigger.tz`") from None
+
+
+def check_steps(spec: AutomationSpec) -> None:
+    """Refuse what the declaration cannot: a script and steps both or neither, a step of no or two kinds,
+    a `set` without a node id or keys."""
+    if bool(spec.script) == bool(spec.steps):
+        raise MessageError("bad automation: give `script` or `steps`, one of them - at `$.script`")
+    if spec.steps and spec.params:
+        raise MessageError("bad automation: `params` go with `script`; a run step has its own - at `$.params`")
+    for index, step in enumerate(spec.steps):
+        path = f"$.steps[{index}]"
+        given = [name for name in step.__struct_fields__ if getattr(step, name) is not None]
+        if len(given) != 1:
+            raise MessageError(f"bad automation: a step is one of `set`, `run`, `wait`, `wait_for` - at `{path}`")
+        if step.set is not None:
+            node = step.set.get("node")
+            if type(node) is not int or not 0 <= node <= MAX_NODE_ID:
+                raise MessageError(f"bad automation: `set` needs a node id - at `{path}.set.node`")
+            if len(step.set) < 2:
+                raise MessageError(f"bad automation: `set` needs a key to set - at `{path}.set`")
+        if step.wait_for is not None and isinstance(step.wait_for.condition, TimeWindow):
+            zone(step.wait_for.condition.tz)
 
 
 def check_trigger(trigger: Trigger, location: Observer | None, conditions: tuple[Condition, ...] = ()) -> None:
@@ -326,11 +402,28 @@ class AutomationHeldBack(Payload, frozen=True):
     scheduler: Annotated[str, Meta(max_length=128, pattern=NO_NUL)]
 
 
+class AutomationStepEnded(Payload, frozen=True):
+    """A step of a fire ended (`fire`: the fire's run id), with what came of it: its run and the run's
+    state, the node's results, the condition as seen."""
+
+    what: ClassVar[str] = "step"
+    id: Annotated[int, Meta(ge=1)]
+    name: Annotated[str, Meta(max_length=64, pattern=NO_NUL)]
+    fire: RunId
+    position: Annotated[int, Meta(ge=0, lt=MAX_STEPS)]
+    kind: StepKind
+    state: StepState
+    started: Time
+    ended: Time
+    outcome: dict[str, Any] = {}
+
+
 DECLARATIONS = {
     "AutomationSpec": AutomationSpec,
     "AutomationState": AutomationState,
     "AutomationFired": AutomationFired,
     "AutomationHeldBack": AutomationHeldBack,
+    "AutomationStepEnded": AutomationStepEnded,
 }
 
 
@@ -486,9 +579,10 @@ def _described(
 
 def missing_references(session: Session, spec: AutomationSpec, scripts: ScriptDir) -> str | None:
     """What a definition names that does not exist (a script, a node), as a refusal; None when all do."""
-    if scripts.find(spec.script) is None:
-        return f"bad automation: no script named {spec.script!r} - at `$.script`"
+    for script, path in spec.scripts():
+        if scripts.find(script) is None:
+            return f"bad automation: no script named {script!r} - at `{path}`"
     for node_id in sorted(spec.nodes()):
         if session.get(Node, node_id) is None:
-            return f"bad automation: no node {node_id} - at `$.trigger.node` or `$.conditions`"
+            return f"bad automation: no node {node_id} - at `$.trigger.node`, `$.conditions` or `$.steps`"
     return None

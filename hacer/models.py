@@ -314,6 +314,23 @@ class AutomationHeld(Base):
     definition: Mapped[str] = mapped_column(Text)
 
 
+class AutomationStep(Base):
+    """One step of a fire (the fire's `run_id`, its place): begun in the transaction that ended the one
+    before, ended by a conditional UPDATE of its state, so each is done once whatever scheduler gets there."""
+
+    __tablename__ = "automation_step"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the fire's
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    automation_id: Mapped[int] = mapped_column(Integer)  # no foreign key, as fires
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # waiting, done, failed, timed_out
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    due_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # a wait's end, a timeout
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # a `set`'s command, last sent
+    outcome: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: its run, the node's results, ...
+
+
 class AutomationWait(Base):
     """A `for` trigger's condition as a scheduler saw it begin: due `for` seconds later, if it lasts."""
 

@@ -571,6 +571,12 @@ class SchedulerSettings:
         degrees(180.0),
         "degrees, east positive, sun triggers are computed for; without both, a sun trigger is refused",
     )
+    step_resend_after: float = setting(
+        "HACER_STEP_RESEND_AFTER",
+        10.0,
+        number(0.1),
+        "seconds an automation's `set` step waits for the node's results before it is sent again",
+    )
 
 
 # Fields in this order: the shared ones first (a dataclass takes its bases' fields from the last).

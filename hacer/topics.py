@@ -48,6 +48,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec("automation", "automations/{arg}", True, 1, "scheduler", "AutomationState"),
     TopicSpec("automation_fired", "automations/{arg}/fired", False, 1, "scheduler", "AutomationFired"),
     TopicSpec("automation_held", "automations/{arg}/held", False, 1, "scheduler", "AutomationHeldBack"),
+    TopicSpec("automation_step", "automations/{arg}/step", False, 1, "scheduler", "AutomationStepEnded"),
     TopicSpec("client_sync", "clients/{arg}/sync", False, 1, "any hacer process, to itself"),
     # A node command answered on its sender's response topic: the broker's ACL lets a client
     # publish here under its own client id only, so the answer goes to that client alone.

@@ -21,18 +21,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from hacer import runstates
 from hacer.automations import AutomationFired, AutomationHeldBack, AutomationSpec, fire_run_id
 from hacer.bus import Bus, BusError
-from hacer.messages import RunRequest
 from hacer.models import (
     Automation,
     AutomationFire,
     AutomationHeld,
+    AutomationStep,
     Run,
     aware_utc,
     insert_ignoring_duplicates,
     naive_utc,
 )
 from hacer.topics import Topics
-from scheduler.plans import Counts, Planned
+from scheduler.plans import Counts, Planned, requested_run
+from scheduler.steps import Steps
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ class Firer:
         scheduler_id: str,
         now: Callable[[], datetime],
         counts: Counts,
+        steps: Steps,
     ) -> None:
         self.bus = bus
+        self.steps = steps
         self.topics = topics
         self.sessions = sessions
         self.scheduler_id = scheduler_id
@@ -88,15 +91,19 @@ class Firer:
         with self.sessions() as session:
             try:
                 session.execute(insert(AutomationFire), [fire for fire, _, _ in fires])
-                session.execute(insert(Run), [run for _, run, _ in fires])
+                if runs := [run for _, run, _ in fires if run is not None]:
+                    session.execute(insert(Run), runs)
+                for (plan, _, _, _), (fire, run, _) in zip(batch, fires, strict=True):
+                    if run is None:
+                        self.steps.begin(session, plan.id, plan.spec, fire["run_id"], 0)
                 session.commit()
             except IntegrityError:
                 session.rollback()
                 for plan, due, late, trace in batch:
                     self.fire(plan, due, late, trace=trace)
                 return
-        for (plan, due, late, _), (_, run, payload) in zip(batch, fires, strict=True):
-            self._fired(plan, due, late, run["run_id"], payload)
+        for (plan, due, late, _), (fire, _, payload) in zip(batch, fires, strict=True):
+            self._fired(plan, due, late, fire["run_id"], payload)
 
     def fire(
         self, plan: Planned, due: datetime, late: bool, fence: Fence | None = None, trace: Trace | None = None
@@ -111,7 +118,7 @@ class Firer:
         with self.sessions() as session:
             if fence is not None:
                 verdict, replaced = (
-                    self._bus_fences(session, plan, run["run_id"], fired_at) if fence(session) else ("hold", None)
+                    self._bus_fences(session, plan, fire["run_id"], fired_at) if fence(session) else ("hold", None)
                 )
                 if verdict == "hold" and replaced is not None and trace is not None:  # this event's, held back
                     self.held(session, plan, due, trace, replaced)
@@ -125,13 +132,13 @@ class Firer:
                 return False
             try:
                 session.execute(insert(AutomationFire).values(fire))
-                session.execute(insert(Run).values(run))
+                self._begin(session, plan, fire["run_id"], run)
                 session.commit()
             except IntegrityError:
                 self.counts.fired_elsewhere += 1
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
                 return False
-        self._fired(plan, due, late, run["run_id"], payload)
+        self._fired(plan, due, late, fire["run_id"], payload)
         if replaced is not None:  # mode restart: the run this one replaces is cancelled
             log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, replaced)
             try:
@@ -164,19 +171,24 @@ class Firer:
             due = aware_utc(waiting.due_at)
             _, run, payload = self._fire_rows(plan, due, waiting.late, fired_at)
             waiting.pending = False
-            session.execute(insert(Run).values(run))
+            self._begin(session, plan, waiting.run_id, run)
             session.commit()
-        self._fired(plan, due, waiting.late, run["run_id"], payload)
+        self._fired(plan, due, waiting.late, waiting.run_id, payload)
+
+    def _begin(self, session: Session, plan: Planned, run_id: str, run: dict[str, Any] | None) -> None:
+        """What a fire starts, in its transaction: its run's row, or its first step."""
+        if run is not None:
+            session.execute(insert(Run).values(run))
+        else:
+            self.steps.begin(session, plan.id, plan.spec, run_id, 0)
 
     def _fire_rows(
         self, plan: Planned, due: datetime, late: bool, fired_at: datetime, trace: Trace | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, bytes]:
         """A fire's row (with its trace: a time trigger's if none is given), its run's row (holding the
-        request) and the request's payload."""
+        request) and the request's payload; no run (None, b"") when it has steps."""
         spec = plan.spec
         run_id = fire_run_id(plan.id, due)
-        request = RunRequest(spec.script, spec.params, run_id, f"automation:{spec.name}"[:64], spec.timeout)
-        payload = request.to_payload()
         fire = {
             "automation_id": plan.id,
             "due_at": naive_utc(due),
@@ -186,16 +198,9 @@ class Firer:
             "late": late,
             **(trace or Trace({"kind": "time", "due": due.isoformat()}, [])).columns(spec),
         }
-        run = {
-            "run_id": run_id,
-            "script": spec.script,
-            "params": json.dumps(list(spec.params)),
-            "state": runstates.QUEUED,
-            "runner": "",
-            "requested_by": request.requested_by,
-            "request": payload.decode(),
-            "requested_at": fired_at,
-        }
+        if spec.steps:
+            return fire, None, b""
+        run, payload = requested_run(spec, run_id, spec.script, spec.params, spec.timeout, fired_at)
         return fire, run, payload
 
     def held(self, session: Session, plan: Planned, due: datetime, trace: Trace, why: str) -> None:
@@ -245,16 +250,23 @@ class Firer:
         self.counts.fired += 1
         log.info("automation %s (%s): fired run %s for %s", plan.id, plan.spec.name, run_id, due.isoformat())
         fired = AutomationFired(plan.id, plan.spec.name, due, run_id, self.scheduler_id, late)
+        if plan.spec.steps:
+            self.steps.started(plan.spec, run_id, 0)
         try:
-            self.bus.publish(self.topics.build("run_request"), payload, block=False)
+            if payload:
+                self.bus.publish(self.topics.build("run_request"), payload, block=False)
             self.bus.publish(self.topics.build("automation_fired", plan.id), fired.to_payload(), block=False)
         except BusError as exc:  # the run's row holds the request: the recorders send it again
             log.warning("run %s not published now (%s): its request waits in the database", run_id, exc)
 
     @staticmethod
     def _busy(session: Session, run_id: str) -> bool:
+        """Whether a fire's run, or a step of its, is still going."""
         state = session.scalar(select(Run.state).where(Run.run_id == run_id))
-        return state is not None and state not in runstates.FINISHED_STATES
+        if state is not None:
+            return state not in runstates.FINISHED_STATES
+        step = AutomationStep.__table__.c
+        return session.scalar(select(step.position).where(step.run_id == run_id, step.state == "waiting")) is not None
 
     def _queue(self, session: Session, plan: Planned, fire: dict[str, Any]) -> bool:
         """Keep a `queued` automation's fire, without its run, until the runs before it end; False if full."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from hacer.automations import AutomationSpec, NodeValue, TimeWindow, zone
+from hacer.automations import AutomationSpec, Condition, NodeValue, TimeWindow, zone
 
 
 def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
@@ -37,23 +37,25 @@ def value_back(trigger: NodeValue, value: float) -> bool:
 
 def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each condition with what it saw (the local time, or the node's value) and whether it held: a trace's."""
-    seen: list[dict[str, Any]] = []
-    for condition in spec.conditions:
-        if isinstance(condition, TimeWindow):
-            value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
-            after, before = condition.after, condition.before
-            held = after <= value < before if after <= before else value >= after or value < before
-        else:
-            value = values.get(condition.node, {}).get(condition.key)
-            number = value if type(value) is int else None
-            held = (
-                value is not None
-                and (condition.equals is None or value == condition.equals)
-                and (condition.below is None or (number is not None and number < condition.below))
-                and (condition.above is None or (number is not None and number > condition.above))
-            )
-        seen.append({"condition": msgspec.to_builtins(condition), "seen": value, "held": held})
-    return seen
+    return [condition_seen(condition, now, values) for condition in spec.conditions]
+
+
+def condition_seen(condition: Condition, now: datetime, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A condition with what it saw and whether it held."""
+    if isinstance(condition, TimeWindow):
+        value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
+        after, before = condition.after, condition.before
+        held = after <= value < before if after <= before else value >= after or value < before
+    else:
+        value = values.get(condition.node, {}).get(condition.key)
+        number = value if type(value) is int else None
+        held = (
+            value is not None
+            and (condition.equals is None or value == condition.equals)
+            and (condition.below is None or (number is not None and number < condition.below))
+            and (condition.above is None or (number is not None and number > condition.above))
+        )
+    return {"condition": msgspec.to_builtins(condition), "seen": value, "held": held}
 
 
 def conditions_hold(seen: list[dict[str, Any]]) -> bool:

@@ -32,6 +32,7 @@ def build_scheduler(settings: Settings) -> Scheduler:
         database.session,
         settings.scheduler_id,
         location=location_of(settings.latitude, settings.longitude),
+        step_resend_after=settings.step_resend_after,
     )
 
 

@@ -35,9 +35,10 @@ from hacer.automations import AutomationSpec, AutomationState, Every, anchor, ne
 from hacer.bus import Bus, BusError, Message
 from hacer.messages import MessageError, bus_time
 from hacer.models import Automation, AutomationFire, aware_utc
-from hacer.topics import Topics
+from hacer.topics import TopicError, Topics
 from scheduler.firing import Firer
 from scheduler.plans import Counts, Planned
+from scheduler.steps import RESEND_AFTER, Steps
 from scheduler.triggers import BusTriggers
 
 __all__ = ["Planned", "Scheduler"]
@@ -60,6 +61,7 @@ class Scheduler:
         location: Observer | None = None,
         clock: Callable[[], float] = time.time,
         poll_every: float = 1.0,
+        step_resend_after: float = RESEND_AFTER,
     ) -> None:
         self.bus = bus
         self.topics = topics
@@ -69,7 +71,8 @@ class Scheduler:
         self.clock = clock
         self.poll_every = poll_every
         self.counts = Counts()
-        self.firer = Firer(bus, topics, sessions, scheduler_id, self.now, self.counts)
+        self.steps = Steps(bus, topics, sessions, self.now, lambda: self.triggers.values, poll_every, step_resend_after)
+        self.firer = Firer(bus, topics, sessions, scheduler_id, self.now, self.counts, self.steps)
         self.triggers = BusTriggers(
             topics, sessions, self.firer, lambda automation_id: self._planned.get(automation_id), self.now, self.counts
         )
@@ -84,8 +87,8 @@ class Scheduler:
 
     def start(self) -> None:
         """Connect and start planning."""
-        for name in BUS_TOPICS:
-            self.bus.subscribe(self.topics.filter(name), self._on_bus)
+        for topic in [*(self.topics.filter(name) for name in BUS_TOPICS), *self.steps.topics_to_follow()]:
+            self.bus.subscribe(topic, self._on_bus)
         self.bus.start()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
@@ -117,15 +120,26 @@ class Scheduler:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self.triggers.handle(message)
+            self._handle(message)
         self._fire_due()
         self.triggers.fire_waits()
+        self.steps.advance()
         self.firer.tell_held()
         waits = self.triggers.waits
         for automation_id in list(waits.changed):  # a wait's due shown as the next fire
             waits.changed.discard(automation_id)
             if (changed := self._planned.get(automation_id)) is not None:
                 self._publish_plan(changed)
+
+    def _handle(self, message: Message) -> None:
+        try:
+            name, _ = self.topics.parse(message.topic)
+        except TopicError:
+            return
+        if name in ("reply", "run_status"):
+            self.steps.handle(name, message)
+        if name != "reply":
+            self.triggers.handle(message)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -239,7 +253,8 @@ class Scheduler:
         """Seconds until the earliest due time or wait, at most `poll_every`."""
         while self._heap and self._planned.get(self._heap[0][1]) is None:
             heapq.heappop(self._heap)
-        earliest = [due for due in (self._heap[0][0] if self._heap else None, self.triggers.waits.earliest()) if due]
+        soonest = (self._heap[0][0] if self._heap else None, self.triggers.waits.earliest(), self.steps.earliest())
+        earliest = [due for due in soonest if due]
         if not earliest:
             return self.poll_every
         return min(self.poll_every, max(0.0, min(earliest).timestamp() - self.clock()))

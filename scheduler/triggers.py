@@ -76,6 +76,11 @@ class BusTriggers:
                 if seen is not None and seen.state == trigger.becomes:
                     self.waits.begin(plan, seen.since)
 
+    @property
+    def values(self) -> dict[int, dict[str, Any]]:
+        """Each node's values as last seen."""
+        return self._values
+
     def handle(self, message: Message) -> None:
         """Feed a bus event to the automations it may trigger."""
         try:

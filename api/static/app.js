@@ -449,6 +449,21 @@ function describeCondition({ condition: c, seen, held }) {
   return `${held ? "✓" : "✗"} ${what}: saw ${JSON.stringify(seen)}`;
 }
 
+// A step other than a run, as its trace says it went: what it was (from the definition it fired
+// with), its state, and what came of it (the node's results, the value its condition saw).
+function describeStep(step, definition) {
+  const spec = definition?.steps?.[step.position] ?? {};
+  const when = step.state === "waiting" && step.due_at ? ` until ${localTime(step.due_at)}` : "";
+  if (step.kind === "set") {
+    const { node, ...values } = spec.set ?? {};
+    const results = (step.results ?? []).map((r) => `${r.key} ${r.ok ? "ok" : r.error ?? "failed"}`).join(", ");
+    return `set node ${node} ${JSON.stringify(values)}: ${step.state}${results ? ` (${results})` : ""}`;
+  }
+  if (step.kind === "wait") return `wait ${spec.wait} s: ${step.state}${when}`;
+  const seen = step.seen ? ` (${describeCondition(step.seen)})` : "";
+  return `wait for a condition: ${step.state}${when}${seen}`;
+}
+
 async function openTraces(id) {
   state.traces = id;
   if (!$("#traces").open) $("#traces").showModal();
@@ -471,6 +486,10 @@ async function loadTraces() {
       item.append(element("p", { className: "held-back", textContent: HELD_BECAUSE[trace.why] ?? `not run: ${trace.why}` }));
     }
     for (const step of trace.steps) {
+      if (step.kind !== "run") {
+        item.append(element("p", { className: `step state-${step.state}`, textContent: describeStep(step, trace.definition) }));
+        continue;
+      }
       const log = element("button", { type: "button", textContent: "log", attrs: { "aria-label": `log of ${step.run_id}` } });
       log.addEventListener("click", () => { $("#traces").close(); watch(step.run_id); });
       const exit = step.exit_code != null ? ` (exit ${step.exit_code})` : "";
@@ -648,7 +667,9 @@ function applyEvent(event) {
     renderAutomations();
     if (data.id === state.traces) reloadTracesSoon();
   }
-  else if (event.kind === "automation_held") { if (data.id === state.traces) reloadTracesSoon(); }
+  else if (event.kind === "automation_held" || event.kind === "automation_step") {
+    if (data.id === state.traces) reloadTracesSoon();
+  }
   else if (event.kind.startsWith("automation")) reloadAutomationsSoon();
   else if (event.kind === "log" && data.run_id === state.watching && !state.logShown.has(data.seq)) {
     state.logShown.add(data.seq);  // a late watcher gets the run's kept entries, maybe twice

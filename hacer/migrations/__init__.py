@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-HEAD = "0008"  # the newest revision; a database here needs no Alembic import at start-up
+HEAD = "0009"  # the newest revision; a database here needs no Alembic import at start-up
 VERSION_TABLE = "alembic_version"
 
 

@@ -1,0 +1,196 @@
+"""An automation's steps (`set`, `run`, `wait`, `wait_for`): in order, each once, across schedulers."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from api.automations import traces
+from hacer.automations import AutomationSpec, Every, RunStep, Step, ValueIs, WaitFor
+from hacer.bus import Message
+from hacer.messages import ClientCommand, CommandResult, MessageError, RunRequest, RunStatus
+from hacer.models import AutomationStep, Run
+from scheduler.steps import RESEND_AFTER, step_run_id
+
+from test_automations import START, Clock, add, deliver, schedulers, with_node
+
+HOUR = 3600
+
+
+def hall(*steps: Step) -> AutomationSpec:
+    return AutomationSpec("hall", Every(HOUR), steps=steps)
+
+
+def commands(pair) -> list[tuple[str, ClientCommand]]:
+    return [
+        (bus.client_id, ClientCommand.from_payload(payload))  # type: ignore[attr-defined]
+        for _, bus in pair
+        for topic, payload in bus.published
+        if topic.endswith("/command")
+    ]
+
+
+def told_steps(pair) -> list[dict]:
+    return [json.loads(payload) for _, bus in pair for topic, payload in bus.published if topic.endswith("/step")]
+
+
+def step_rows(database) -> list[AutomationStep]:
+    with database.session() as session:
+        return list(session.scalars(select(AutomationStep).order_by(AutomationStep.position)))
+
+
+def reply(pair, correlation: bytes, key: str, value, ok: bool = True) -> None:
+    """The bridge's result of a `set`, on the schedulers' reply topic."""
+    result = CommandResult(5, "set", key, ok, value if ok else None, error=None if ok else "Invalid Value")
+    for scheduler, bus in pair:
+        scheduler._on_bus(Message(f"hacer/replies/{bus.client_id}", result.to_payload(), False, 1, correlation))
+        scheduler.tick()
+
+
+def run_ended(pair, run_id: str, state: str) -> None:
+    status = RunStatus(run_id, "fan", (), state, "r1", 0 if state == "succeeded" else 1)
+    deliver(pair, f"hacer/runs/{run_id}/status", status.to_payload())
+
+
+def tick(pair, clock: Clock, seconds: float) -> None:
+    clock.advance(seconds)
+    for scheduler, _ in pair:
+        scheduler.tick()
+
+
+def test_steps_run_in_order_each_once_across_two_schedulers_and_are_traced(database):
+    with_node(database, 5)
+    automation_id = add(
+        database,
+        hall(
+            Step(set={"node": 5, "on": 1}),
+            Step(wait=60),
+            Step(run=RunStep("fan", ("hall",))),
+            Step(wait_for=WaitFor(ValueIs(5, "temperature", below=20), timeout=300)),
+        ),
+    )
+    clock = Clock(START + timedelta(seconds=HOUR))
+    pair = schedulers(database, clock, 2)
+    tick(pair, clock, 0)
+    rows = step_rows(database)
+    assert [(row.position, row.kind, row.state) for row in rows] == [(0, "set", "waiting")]
+    fire = rows[0].run_id
+    assert [command.set for _, command in commands(pair)] == [{"on": 1}]  # one scheduler fired, and sent it
+    assert not [p for _, bus in pair for t, p in bus.published if t == "hacer/runs/request"]  # no run of its own
+
+    reply(pair, f"{fire}/0".encode(), "on", 1)
+    assert [(row.kind, row.state) for row in step_rows(database)] == [("set", "done"), ("wait", "waiting")]
+    tick(pair, clock, 59)
+    assert step_rows(database)[1].state == "waiting"
+    tick(pair, clock, 1)
+    assert [row.state for row in step_rows(database)] == ["done", "done", "waiting"]
+    requests = [RunRequest.from_payload(p) for _, bus in pair for t, p in bus.published if t == "hacer/runs/request"]
+    assert [(r.script, r.params, r.run_id) for r in requests] == [("fan", ("hall",), step_run_id(fire, 2))]
+    with database.session() as session:  # its run's row holds the request: the recorders send it again if lost
+        assert session.scalar(select(Run.state).where(Run.run_id == step_run_id(fire, 2))) == "queued"
+
+    run_ended(pair, step_run_id(fire, 2), "succeeded")
+    assert [row.state for row in step_rows(database)] == ["done", "done", "done", "waiting"]
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 22}')
+    assert step_rows(database)[3].state == "waiting"
+    deliver(pair, "hacer/nodes/5/state", b'{"temperature": 19}')
+    assert [row.state for row in step_rows(database)] == ["done"] * 4
+    tick(pair, clock, 600)  # nothing begins again, nothing is sent again
+    assert len(step_rows(database)) == 4 and len(commands(pair)) == 1
+
+    told = told_steps(pair)
+    assert [(t["position"], t["kind"], t["state"]) for t in told] == [
+        (0, "set", "done"),
+        (1, "wait", "done"),
+        (2, "run", "done"),
+        (3, "wait_for", "done"),
+    ]
+    assert {t["fire"] for t in told} == {fire} and {t["id"] for t in told} == {automation_id}
+    with database.session() as session:
+        [trace] = traces(session, automation_id)
+    steps = trace["steps"]
+    assert [step["kind"] for step in steps] == ["set", "wait", "run", "wait_for"]
+    assert steps[0]["results"] == [{"key": "on", "ok": True, "value": 1, "error": None}]
+    assert steps[2]["run_id"] == step_run_id(fire, 2) and steps[2]["exit_code"] == 0
+    assert steps[3]["seen"]["seen"] == 19 and steps[3]["seen"]["held"] is True
+    assert trace["definition"]["steps"][1] == {"wait": 60}
+
+
+def test_a_set_nobody_answered_is_sent_again_by_one_scheduler_then_times_out_and_ends_the_steps(database):
+    with_node(database, 5)
+    add(database, hall(Step(set={"node": 5, "on": 1}), Step(wait=10)))
+    clock = Clock(START + timedelta(seconds=HOUR))
+    pair = schedulers(database, clock, 2)
+    tick(pair, clock, 0)
+    assert len(commands(pair)) == 1
+    tick(pair, clock, RESEND_AFTER)
+    assert len(commands(pair)) == 2  # sent again once, by whichever took the send fence
+    tick(pair, clock, 30 - RESEND_AFTER)
+    rows = step_rows(database)
+    assert [(row.kind, row.state) for row in rows] == [("set", "timed_out")]
+    tick(pair, clock, 60)
+    assert len(step_rows(database)) == 1  # the steps after it never begin
+
+
+def test_a_failed_run_or_a_refused_set_ends_the_steps_and_a_wait_for_timeout_goes_on_unless_told_to_stop(database):
+    with_node(database, 5)
+    add(
+        database,
+        hall(
+            Step(wait_for=WaitFor(ValueIs(5, "on", equals=1), timeout=30)),
+            Step(set={"node": 5, "on": 7}),
+            Step(wait=5),
+        ),
+    )
+    clock = Clock(START + timedelta(seconds=HOUR))
+    pair = schedulers(database, clock, 2)
+    tick(pair, clock, 0)
+    tick(pair, clock, 30)  # the condition never held: timed out, and on (`on_timeout: continue`)
+    assert [(row.kind, row.state) for row in step_rows(database)] == [("wait_for", "timed_out"), ("set", "waiting")]
+    fire = step_rows(database)[0].run_id
+    reply(pair, f"{fire}/1".encode(), "on", None, ok=False)
+    assert [row.state for row in step_rows(database)] == ["timed_out", "failed"]
+    tick(pair, clock, 60)
+    assert len(step_rows(database)) == 2
+
+
+def test_a_step_begun_by_a_scheduler_that_died_is_ended_by_another(database):
+    add(database, hall(Step(wait=60), Step(run=RunStep("fan"))))
+    clock = Clock(START + timedelta(seconds=HOUR))
+    [(first, _)] = schedulers(database, clock, 1)
+    first.tick()
+    assert [(row.kind, row.state) for row in step_rows(database)] == [("wait", "waiting")]
+    # `first` is gone; a scheduler started later reads the wait's due time from its row.
+    clock.advance(61)
+    later = schedulers(database, clock, 1)
+    later[0][0].tick()
+    assert [(row.kind, row.state) for row in step_rows(database)] == [("wait", "done"), ("run", "waiting")]
+    fire = step_rows(database)[0].run_id
+    with database.session() as session:  # the run ended while no scheduler watched: read from its row
+        session.execute(update(Run).where(Run.run_id == step_run_id(fire, 1)).values(state="failed"))
+        session.commit()
+    tick(later, clock, 1)
+    assert [row.state for row in step_rows(database)] == ["done", "failed"]
+
+
+@pytest.mark.parametrize(
+    "definition, field",
+    [
+        ({"script": "fan", "steps": [{"wait": 5}]}, "$.script"),
+        ({}, "$.script"),
+        ({"steps": [{"wait": 5, "run": {"script": "fan"}}]}, "$.steps[0]"),
+        ({"steps": [{"wait": 5}, {}]}, "$.steps[1]"),
+        ({"steps": [{"set": {"on": 1}}]}, "$.steps[0].set.node"),
+        ({"steps": [{"set": {"node": 5}}]}, "$.steps[0].set"),
+        ({"steps": [{"wait": 0}]}, "$.steps[0].wait"),
+        ({"steps": [{"wait_for": {"condition": {"kind": "value", "node": 5, "key": "on"}}}]}, "$.steps[0].wait_for"),
+        ({"steps": [{"run": {"script": "fan", "colour": 1}}]}, "$.steps[0].run.colour"),
+        ({"steps": [{"wait": 5}], "params": ["x"]}, "$.params"),
+    ],
+)
+def test_bad_steps_name_the_field_at_fault(definition, field):
+    body = {"name": "hall", "trigger": {"kind": "every", "seconds": 60}, **definition}
+    with pytest.raises(MessageError) as refused:
+        AutomationSpec.from_json(json.dumps(body))
+    assert f"`{field}`" in str(refused.value)
