@@ -58,6 +58,7 @@ Key = Annotated[str, Meta(min_length=1, max_length=MAX_KEY_CHARS)]
 RunId = Annotated[str, Meta(pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,64}$")]
 # The run ids of automation fires (hacer/automations.py fire_run_id): runners run one only as the scheduler stored it.
 FIRE_RUN_PREFIX = "auto-"
+STEP_RUN_MARK = "-step"  # a `run` step's run id: its fire's, this, its place
 Seq = Annotated[int, Meta(ge=1, le=MAX_SEQ)]
 Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 # A value as the database keeps it: a 64-bit integer (history stores numbers as doubles) or a text.
@@ -550,3 +551,16 @@ DECLARATIONS: dict[str, Any] = {
 # Built now, so a declaration msgspec cannot check fails at import rather than at the first message.
 for _kind in (*DECLARATIONS.values(), RunRequestPayload, _RunIdOnly, LogEntrySeq, Key):
     _decoder(_kind)
+
+
+def step_run_id(fire_run_id: str, position: int) -> str:
+    """The run id of a `run` step: its fire's, and its place."""
+    return f"{fire_run_id}{STEP_RUN_MARK}{position}"
+
+
+def step_of_run(run_id: str) -> tuple[str, int] | None:
+    """The fire's run id and the place of the `run` step a run id names (see step_run_id), or None."""
+    fire, mark, position = run_id.rpartition(STEP_RUN_MARK)
+    if not mark or not fire.startswith(FIRE_RUN_PREFIX) or not (position.isascii() and position.isdigit()):
+        return None
+    return fire, int(position)

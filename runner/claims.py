@@ -24,9 +24,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hacer import runstates
-from hacer.messages import LogEntry, MessageError, RunStatus
+from hacer.messages import LogEntry, MessageError, RunStatus, step_of_run
 from hacer.models import (
     AutomationFire,
+    AutomationStep,
     CommitSync,
     DriverStatement,
     Run,
@@ -245,12 +246,17 @@ class ClaimStore:
 
     def fire_request(self, run_id: str) -> str | None:
         """The request a scheduler stored with the automation fire of `run_id`; None when no fire has that run."""
-        with self.engine.begin() as connection:
-            return connection.scalar(
-                select(Run.request)
-                .join(AutomationFire, AutomationFire.run_id == Run.run_id)
-                .where(Run.run_id == run_id, AutomationFire.pending.is_(False))
+        step = step_of_run(run_id)
+        if step is not None:  # a `run` step's: its step row was written with it
+            fired = select(AutomationStep.run_id).where(
+                AutomationStep.run_id == step[0], AutomationStep.position == step[1], AutomationStep.kind == "run"
             )
+        else:
+            fired = select(AutomationFire.run_id).where(
+                AutomationFire.run_id == run_id, AutomationFire.pending.is_(False)
+            )
+        with self.engine.begin() as connection:
+            return connection.scalar(select(Run.request).where(Run.run_id == run_id, fired.exists()))
 
     def taken(self, run_ids: list[str]) -> list[str]:
         """Those of `run_ids` taken from this runner: another runner owns them, or reported them lost."""

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hacer import runstates
 from hacer.automations import AutomationSpec, AutomationStepEnded, Step, StepState
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import ClientCommand, CommandResult, MessageError, RunStatus, decode
+from hacer.messages import ClientCommand, CommandResult, MessageError, RunStatus, decode, step_run_id
 from hacer.models import AutomationFire, AutomationStep, Run, aware_utc, naive_utc
 from hacer.topics import Topics
 from scheduler.judging import condition_seen
@@ -40,11 +40,6 @@ log = logging.getLogger(__name__)
 RESEND_AFTER = 10.0  # seconds a `set` waits for its results before it is sent again
 COMMAND_TIMEOUT = 30.0  # seconds a `set` waits for its results in all
 Verdict = tuple[StepState, dict[str, Any], bool]  # how a step ended, what came of it, whether the next begins
-
-
-def step_run_id(fire_run_id: str, position: int) -> str:
-    """The run id of a `run` step: its fire's, and its place."""
-    return f"{fire_run_id}-step{position}"
 
 
 @dataclass

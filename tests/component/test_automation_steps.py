@@ -5,15 +5,16 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
+from test_automations import START, Clock, add, deliver, schedulers, with_node
 
 from api.automations import traces
 from hacer.automations import AutomationSpec, Every, RunStep, Step, ValueIs, WaitFor
 from hacer.bus import Message
-from hacer.messages import ClientCommand, CommandResult, MessageError, RunRequest, RunStatus
+from hacer.messages import ClientCommand, CommandResult, MessageError, RunRequest, RunStatus, step_run_id
 from hacer.models import AutomationStep, Run
-from scheduler.steps import RESEND_AFTER, step_run_id
+from scheduler.steps import RESEND_AFTER
 
-from test_automations import START, Clock, add, deliver, schedulers, with_node
+from test_runner import runner_env, runs, scripts_dir, start_runner  # noqa: F401
 
 HOUR = 3600
 
@@ -194,3 +195,79 @@ def test_bad_steps_name_the_field_at_fault(definition, field):
     with pytest.raises(MessageError) as refused:
         AutomationSpec.from_json(json.dumps(body))
     assert f"`{field}`" in str(refused.value)
+
+
+# --- real processes -----------------------------------------------------------------------------
+
+
+def test_steps_run_each_once_across_a_scheduler_kill_at_every_step_boundary(
+    spawn, runner_env, start_runner, start_bridge, runs, watch, tmp_path
+):
+    """Real scheduler processes, broker, bridge, node, runner and recorder: the scheduler is SIGKILLed
+    as each step begins (five times) and another started; every step ends once, in order."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from emulator.nodes import EmulatedNode, Emulator
+    from hacer.models import Database
+
+    from support import presence_of, target, wait_until
+
+    runner_env["HACER_OFFLINE_AFTER"] = "30"
+    runner_env["HACER_STEP_RESEND_AFTER"] = "2"
+    node_id = uuid.uuid4().int % 10**9
+    node = EmulatedNode(node_id, "toggle", "127.0.0.6", int(runner_env["HACER_NODE_PORT"]), interval=0.5)
+    node.values["on"] = 0
+    emulator = Emulator([node], target(runner_env))
+    database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
+    database.init()
+    marked = tmp_path / "marked"
+    steps = (
+        Step(set={"node": node_id, "on": 1}),
+        Step(wait=2),
+        Step(run=RunStep("mark", (str(marked),))),
+        Step(wait=2),
+        Step(set={"node": node_id, "on": 0}),
+    )
+    presence = watch(f"hacer/nodes/{node_id}/presence")
+    told = watch("hacer/automations/+/step")
+    start_bridge()
+    emulator.start()
+    try:
+        presence.wait_for(lambda m: presence_of(m).state == "online", timeout=20)
+        start_runner()
+        spawn(["recorder"], runner_env)
+        # Due 2 s from now, then a day later: one fire.
+        automation_id = add(
+            database, AutomationSpec("hall", Every(86400), steps=steps), datetime.now(UTC) - timedelta(seconds=86398)
+        )
+        scheduler = spawn(["scheduler"], {**runner_env, "HACER_SCHEDULER_ID": "s0"})
+        for position in range(len(steps)):
+            wait_until(lambda p=position: len(step_rows(database)) > p, 40, f"step {position} begun")
+            scheduler.stop(kill=True)
+            scheduler = spawn(["scheduler"], {**runner_env, "HACER_SCHEDULER_ID": f"s{position + 1}"})
+        wait_until(lambda: step_rows(database)[-1].state != "waiting", 40, "the last step ended")
+        rows = step_rows(database)
+        assert [(row.position, row.kind, row.state) for row in rows] == [
+            (0, "set", "done"),
+            (1, "wait", "done"),
+            (2, "run", "done"),
+            (3, "wait", "done"),
+            (4, "set", "done"),
+        ]
+        for before, after in zip(rows, rows[1:], strict=False):  # each began once the one before it ended
+            assert before.ended_at <= after.started_at
+        assert rows[1].ended_at - rows[1].started_at >= timedelta(seconds=2)
+        assert node.values["on"] == 0 and marked.read_text() == "ran"
+        fire = rows[0].run_id
+        run = runs.wait_finished(step_run_id(fire, 2))
+        assert run.state == "succeeded" and [s.state for s in runs.statuses(run.run_id)].count("running") == 1
+        for row in (rows[0], rows[4]):
+            assert [r["ok"] for r in json.loads(row.outcome)["results"]] == [True]
+        positions = [json.loads(m.payload)["position"] for m in told.messages]
+        assert len(positions) == len(set(positions))  # each told at most once (a kill may lose a telling)
+        with database.session() as session:
+            [trace] = traces(session, automation_id)
+        assert [step["state"] for step in trace["steps"]] == ["done", "done", "succeeded", "done", "done"]
+    finally:
+        emulator.stop()
