@@ -1,7 +1,7 @@
 // The hacer control app: REST for actions, Socket.IO for live state. Plain JS, no build step.
 "use strict";
 
-const state = { nodes: new Map(), runs: new Map(), seq: 0, watching: null,
+const state = { nodes: new Map(), runs: new Map(), seq: 0, watching: null, scriptNames: [],
                 token: localStorage.getItem("hacerToken") || "" };
 const $ = (selector) => document.querySelector(selector);
 
@@ -262,6 +262,7 @@ $("#history-close").addEventListener("click", () => $("#history").close());
 
 async function loadScripts() {
   const { script_list } = await api("GET", "/scripts/list");
+  state.scriptNames = script_list.map((s) => s.name);
   $("#script").replaceChildren(...script_list.map((s) => new Option(s.name, s.name)));
   for (const picker of document.querySelectorAll("#builder .script-choice")) {
     const chosen = picker.value;
@@ -557,9 +558,76 @@ function builtDefinition() {
   if (kind === "run") Object.assign(trigger, { script: f["run-script"].value, states: f.ended.value.split(" ") });
   const lasting = { presence: "presence-for", value: "value-for", run: "run-for" }[kind];
   if (lasting && number(lasting) > 0) trigger.for = number(lasting);
-  const definition = { name: f.name.value.trim(), trigger, script: f.script.value, params: f.params.value.split(/\s+/).filter(Boolean) };
+  const definition = { name: f.name.value.trim(), trigger };
+  if (f.then.value === "steps") definition.steps = [...$("#builder-steps").children].map(builtStep);
+  else Object.assign(definition, { script: f.script.value, params: words(f.params.value) });
   if (f.after.value || f.before.value) definition.conditions = [{ kind: "time", after: f.after.value, before: f.before.value, tz: ZONE }];
   return definition;
+}
+
+const words = (text) => text.split(/\s+/).filter(Boolean);
+const nodeValue = (text) => (text.trim() !== "" && !Number.isNaN(Number(text)) ? Number(text) : text);
+
+// --- its steps: a row each, the fields its kind needs; each field names its path for the api's errors
+
+function builtStep(row) {
+  const field = (name) => row.querySelector(`.step-${name}`).value;
+  const kind = field("kind");
+  if (kind === "set") return { set: { node: Number(field("node")), [field("key")]: nodeValue(field("value")) } };
+  if (kind === "run") return { run: { script: field("script"), params: words(field("params")) } };
+  if (kind === "wait") return { wait: Number(field("seconds") || 0) };
+  const compare = field("compare"), value = field("value");
+  const condition = { kind: "value", node: Number(field("node")), key: field("key"), [compare]: compare === "equals" ? nodeValue(value) : Number(value) };
+  return { wait_for: { condition, timeout: Number(field("timeout") || 0) } };
+}
+
+const STEP_PATHS = {  // a field's path in the definition, by the step's kind (`$.steps[i]` before it)
+  set: { node: ".set.node", key: ".set", value: ".set" },
+  wait_for: { node: ".wait_for.condition.node", key: ".wait_for.condition.key", value: ".wait_for.condition", timeout: ".wait_for.timeout" },
+  run: { script: ".run.script", params: ".run.params" },
+  wait: { seconds: ".wait" },
+};
+
+function numberSteps() {
+  [...$("#builder-steps").children].forEach((row, index) => {
+    const kind = row.querySelector(".step-kind").value;
+    row.querySelector(".step-kind").dataset.path = `$.steps[${index}]`;
+    for (const span of row.querySelectorAll("[data-step]")) {
+      const shown = span.dataset.step.split(" ").includes(kind);
+      span.hidden = !shown;
+      for (const field of span.querySelectorAll("input, select")) field.disabled = !shown;
+    }
+    row.querySelector(".step-keys").id = `step${index}-keys`;
+    row.querySelector(".step-key").setAttribute("list", `step${index}-keys`);
+    for (const field of row.querySelectorAll("input, select")) {
+      const name = [...field.classList].find((c) => c.startsWith("step-")).slice(5);
+      field.name = `step${index}-${name}`;
+      const path = STEP_PATHS[kind][name];
+      if (path) field.dataset.path = `$.steps[${index}]${path}`;
+      else if (name !== "kind") delete field.dataset.path;
+    }
+  });
+}
+
+function addStep(kind) {
+  const row = $("#step-template").content.firstElementChild.cloneNode(true);
+  row.querySelector(".step-kind").value = kind;
+  row.querySelector(".step-script").replaceChildren(...state.scriptNames.map((name) => new Option(name, name)));
+  row.querySelector(".step-kind").addEventListener("change", numberSteps);
+  row.querySelector(".step-node").addEventListener("change", () => renderKeyChoice());
+  row.querySelector(".remove-step").addEventListener("click", () => { row.remove(); numberSteps(); previewDefinition(); });
+  $("#builder-steps").append(row);
+  renderBuilderChoices();
+  numberSteps();
+}
+
+function showThen() {
+  for (const fieldset of builder.querySelectorAll("fieldset[data-then]")) {
+    const shown = fieldset.dataset.then === builder.elements.then.value;
+    fieldset.hidden = !shown;
+    fieldset.disabled = !shown;
+  }
+  if (builder.elements.then.value === "steps" && !$("#builder-steps").children.length) addStep("set");
 }
 
 function clearFieldErrors() {
@@ -598,6 +666,8 @@ async function previewDefinition() {
 let previewSoon = null;
 builder.addEventListener("input", () => { clearTimeout(previewSoon); previewSoon = setTimeout(previewDefinition, 300); });
 builder.elements.kind.addEventListener("change", showKind);
+builder.elements.then.addEventListener("change", showThen);
+$("#add-step").addEventListener("click", () => { addStep("wait"); previewDefinition(); });
 builder.elements["value-node"].addEventListener("change", renderKeyChoice);
 builder.addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -620,12 +690,17 @@ function renderBuilderChoices() {
   renderKeyChoice();
 }
 
+// Each key picker offers the keys its node is known to have: the trigger's a choice, a step's a
+// suggestion (a node's keys are known once read; a `set` may name one not read yet).
 function renderKeyChoice() {
-  const picker = builder.elements.key, chosen = picker.value;
-  const node = state.nodes.get(Number(builder.elements["value-node"].value));
-  const keys = Object.keys({ ...(node?.values || {}), ...(node?.readings || {}) }).sort();
-  picker.replaceChildren(...keys.map((key) => new Option(key, key)));
-  if (keys.includes(chosen)) picker.value = chosen;
+  const pairs = [[builder.elements["value-node"], builder.elements.key],
+    ...[...$("#builder-steps").children].map((row) => [row.querySelector(".step-node"), row.querySelector(".step-keys")])];
+  for (const [nodePicker, picker] of pairs) {
+    const chosen = picker.value, node = state.nodes.get(Number(nodePicker.value));
+    const keys = Object.keys({ ...(node?.values || {}), ...(node?.readings || {}) }).sort();
+    picker.replaceChildren(...keys.map((key) => new Option(key, key)));
+    if (keys.includes(chosen)) picker.value = chosen;
+  }
 }
 
 function applySnapshot(snapshot) {

@@ -376,3 +376,69 @@ def test_an_automation_is_built_in_the_form_previewed_corrected_and_saved(system
     assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
     page.screenshot(path=str(artifacts() / f"control-app-builder-{viewport['width']}.png"), full_page=True)
     requests.delete(f"{system.url}/api/automations/{saved[0]['id']}", timeout=10)
+
+
+@pytest.mark.parametrize("system", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["1280", "390"])
+def test_an_automation_with_steps_is_built_from_pickers_corrected_and_saved(system, browser, viewport):  # noqa: F811
+    import json
+
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport=viewport).new_page()
+    page.goto(system.url + "/")
+    expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
+    form = page.locator("#builder")
+    name = f"stepped {viewport['width']}"
+    form.get_by_label("name").fill(name)
+    form.locator("select[name=kind]").select_option("every")
+    form.locator("select[name=then]").select_option("steps")
+    # The first step: set the toggle's `on`, the node from the live node list.
+    toggle = form.locator("select[name=step0-node] option", has_text="toggle").first.get_attribute("value")
+    form.locator("select[name=step0-node]").select_option(toggle)
+    form.locator("input[name=step0-key]").fill("on")  # a key the node has not been read for yet
+    form.locator("input[name=step0-value]").fill("1")
+    # A wait of 0 s: the api's message goes beside that step's field; corrected, it is previewed.
+    form.get_by_role("button", name="add a step").click()
+    seconds = form.locator("input[name=step1-seconds]")
+    seconds.fill("0")
+    expect(seconds).to_have_attribute("aria-invalid", "true", timeout=10_000)
+    expect(form.locator("#error-step1-seconds")).to_contain_text("at `$.steps[1].wait`")
+    seconds.fill("300")
+    expect(form.locator("#builder-preview li")).to_have_count(5, timeout=10_000)
+    expect(seconds).not_to_have_attribute("aria-invalid", "true")
+    # A run, then a wait for the thermostat's temperature: the step's fields follow its kind.
+    form.get_by_role("button", name="add a step").click()
+    form.locator("select[name=step2-kind]").select_option("run")
+    form.locator("select[name=step2-script]").select_option("test")
+    form.locator("input[name=step2-params]").fill("porch")
+    form.get_by_role("button", name="add a step").click()
+    form.locator("select[name=step3-kind]").select_option("wait_for")
+    expect(form.locator("input[name=step3-seconds]")).to_be_hidden()
+    thermostat = form.locator("select[name=step3-node] option", has_text="thermostat").first.get_attribute("value")
+    form.locator("select[name=step3-node]").select_option(thermostat)
+    expect(form.locator("#step3-keys option[value=temperature]")).to_have_count(1, timeout=10_000)  # as read
+    form.locator("input[name=step3-key]").fill("temperature")
+    form.locator("select[name=step3-compare]").select_option("below")
+    form.locator("input[name=step3-value]").fill("18")
+    expect(page.locator("#automation-definition")).to_have_value(re.compile('"timeout":600'), timeout=10_000)
+    made = json.loads(page.locator("#automation-definition").input_value())
+    assert made["steps"] == [
+        {"set": {"node": int(toggle), "on": 1}},
+        {"wait": 300},
+        {"run": {"script": "test", "params": ["porch"]}},
+        {
+            "wait_for": {
+                "condition": {"kind": "value", "node": int(thermostat), "key": "temperature", "below": 18},
+                "timeout": 600,
+            }
+        },
+    ]
+    assert "script" not in made
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
+    page.screenshot(path=str(artifacts() / f"control-app-steps-{viewport['width']}.png"), full_page=True)
+    form.get_by_role("button", name="Save").click()
+    expect(page.locator("#automations tbody tr", has_text=name)).to_have_count(1, timeout=10_000)
+    saved = [a for a in system.get("/api/automations").json()["automations"] if a["name"] == name]
+    assert [list(step) for step in saved[0]["definition"]["steps"]] == [["set"], ["wait"], ["run"], ["wait_for"]]
+    requests.delete(f"{system.url}/api/automations/{saved[0]['id']}", timeout=10)
