@@ -57,7 +57,9 @@ def test_the_readme_automation_examples_are_valid_definitions():
     scripts = ScriptDir(PROJECT_DIR / "scripts")
     for example in examples:
         spec = AutomationSpec.from_json(example, location_of(40.4, -3.7))
-        assert scripts.find(spec.script) is not None, spec.script
+        for script, path in spec.scripts():
+            assert scripts.find(script) is not None, (script, path)
+    assert any(AutomationSpec.from_json(example, location_of(40.4, -3.7)).steps for example in examples)
 
 
 def test_the_asyncapi_document_is_current_and_valid():
