@@ -27,7 +27,7 @@ from astral import Observer
 from astral.sun import sun
 from cronsim import CronSim, CronSimError
 from msgspec import Meta, Struct
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from hacer import runstates
@@ -44,7 +44,7 @@ from hacer.messages import (
     Time,
     decode,
 )
-from hacer.models import Automation, AutomationFire, Node, Run, aware_utc, naive_utc
+from hacer.models import Automation, AutomationFire, AutomationStep, Node, Run, aware_utc, naive_utc
 from hacer.nodewire import MAX_NODE_ID
 from hacer.runstates import RunState
 from hacer.scriptdir import ScriptDir
@@ -505,13 +505,32 @@ def describe(
     """An automation for people and programs: its definition, next due times (from `start`, if given: at
     or after it) and last fires with their runs."""
     fires = session.execute(
-        select(AutomationFire, Run.state, Run.exit_code)
+        select(AutomationFire, func.coalesce(Run.state, _steps_state()), Run.exit_code)
         .outerjoin(Run, Run.run_id == AutomationFire.run_id)
         .where(AutomationFire.automation_id == row.id)
         .order_by(AutomationFire.due_at.desc())
         .limit(10)
     ).all()
     return _described(row, [(fire, state, code) for fire, state, code in fires], location, now, count, start)
+
+
+def _steps_state() -> Any:
+    """A fire with steps as a run's state: running while its last step begun waits, succeeded when that
+    one was done (it was the last: a step done begins the next), failed when it failed or timed out."""
+    last = (
+        select(AutomationStep.state)
+        .where(AutomationStep.run_id == AutomationFire.run_id)
+        .order_by(AutomationStep.position.desc())
+        .limit(1)
+        .correlate(AutomationFire)
+        .scalar_subquery()
+    )
+    return case(
+        (last == "waiting", runstates.RUNNING),
+        (last == "done", runstates.SUCCEEDED),
+        (last.is_not(None), runstates.FAILED),
+        else_=None,
+    )
 
 
 def describe_all(session: Session, location: Observer | None, now: datetime) -> list[dict[str, Any]]:
@@ -524,7 +543,7 @@ def describe_all(session: Session, location: Observer | None, now: datetime) -> 
     last_fires = {
         fire.automation_id: (fire, state, exit_code)
         for fire, state, exit_code in session.execute(
-            select(AutomationFire, Run.state, Run.exit_code)
+            select(AutomationFire, func.coalesce(Run.state, _steps_state()), Run.exit_code)
             .join(
                 latest,
                 (latest.c.automation_id == AutomationFire.automation_id) & (latest.c.due_at == AutomationFire.due_at),

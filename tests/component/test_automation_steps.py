@@ -8,10 +8,10 @@ from sqlalchemy import select, update
 from test_automations import START, Clock, add, deliver, schedulers, with_node
 
 from api.automations import traces
-from hacer.automations import AutomationSpec, Every, RunStep, Step, ValueIs, WaitFor
+from hacer.automations import AutomationSpec, Every, RunStep, Step, ValueIs, WaitFor, describe
 from hacer.bus import Message
 from hacer.messages import ClientCommand, CommandResult, MessageError, RunRequest, RunStatus, step_run_id
-from hacer.models import AutomationStep, Run
+from hacer.models import Automation, AutomationStep, Run
 from scheduler.steps import RESEND_AFTER
 
 from test_runner import runner_env, runs, scripts_dir, start_runner  # noqa: F401
@@ -54,6 +54,13 @@ def run_ended(pair, run_id: str, state: str) -> None:
     deliver(pair, f"hacer/runs/{run_id}/status", status.to_payload())
 
 
+def last_run_state(database, automation_id: int) -> str:
+    """The state `manage.py automation next` and the api show for the automation's last fire."""
+    with database.session() as session:
+        row = session.get(Automation, automation_id)
+        return describe(session, row, None, START)["last_runs"][0]["state"]
+
+
 def tick(pair, clock: Clock, seconds: float) -> None:
     clock.advance(seconds)
     for scheduler, _ in pair:
@@ -91,6 +98,7 @@ def test_steps_run_in_order_each_once_across_two_schedulers_and_are_traced(datab
     with database.session() as session:  # its run's row holds the request: the recorders send it again if lost
         assert session.scalar(select(Run.state).where(Run.run_id == step_run_id(fire, 2))) == "queued"
 
+    assert last_run_state(database, automation_id) == "running"
     run_ended(pair, step_run_id(fire, 2), "succeeded")
     assert [row.state for row in step_rows(database)] == ["done", "done", "done", "waiting"]
     deliver(pair, "hacer/nodes/5/state", b'{"temperature": 22}')
@@ -99,6 +107,7 @@ def test_steps_run_in_order_each_once_across_two_schedulers_and_are_traced(datab
     assert [row.state for row in step_rows(database)] == ["done"] * 4
     tick(pair, clock, 600)  # nothing begins again, nothing is sent again
     assert len(step_rows(database)) == 4 and len(commands(pair)) == 1
+    assert last_run_state(database, automation_id) == "succeeded"
 
     told = told_steps(pair)
     assert [(t["position"], t["kind"], t["state"]) for t in told] == [
@@ -132,6 +141,7 @@ def test_a_set_nobody_answered_is_sent_again_by_one_scheduler_then_times_out_and
     assert [(row.kind, row.state) for row in rows] == [("set", "timed_out")]
     tick(pair, clock, 60)
     assert len(step_rows(database)) == 1  # the steps after it never begin
+    assert last_run_state(database, 1) == "failed"
 
 
 def test_a_failed_run_or_a_refused_set_ends_the_steps_and_a_wait_for_timeout_goes_on_unless_told_to_stop(database):
