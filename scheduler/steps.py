@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -155,7 +156,7 @@ class Steps:
             ClientCommand(step.set_node(), set=values).to_payload(),
             correlation=correlation,
             response_topic=self.topics.build("reply", self.bus.client_id),
-            expiry=int(self.resend_after.total_seconds()),  # not done after another copy is sent
+            expiry=math.ceil(self.resend_after.total_seconds()),  # not done after another copy is sent
             block=False,
         )
 
@@ -165,14 +166,15 @@ class Steps:
         """Keep what may end a waiting step: a `set`'s result, a step run's end."""
         try:
             if name == "reply" and message.correlation is not None:
-                if any(w.correlation == message.correlation for w in self._waiting.values()):
-                    self._results.setdefault(message.correlation, []).append(
-                        CommandResult.from_payload(message.payload)
-                    )
+                asked = [w for w in self._waiting.values() if w.correlation == message.correlation]
+                result = CommandResult.from_payload(message.payload)
+                if asked and result.node_id == asked[0].step.set_node():
+                    self._results.setdefault(message.correlation, []).append(result)
             elif name == "run_status" and message.payload:
                 status = RunStatus.from_payload(message.payload)
                 runs = {step_run_id(w.fire, w.position) for w in self._waiting.values() if w.step.run is not None}
-                if status.state in runstates.FINISHED_STATES and status.run_id in runs:
+                ended = status.state in runstates.FINISHED_STATES and status.run_id in runs
+                if ended and message.topic == self.topics.build("run_status", status.run_id):
                     self._run_ends[status.run_id] = (status.state, status.exit_code)
         except MessageError as exc:
             log.debug("ignored %s: %s", message.topic, exc)
