@@ -144,7 +144,7 @@ Condition = TimeWindow | ValueIs
 MAX_STEP_SECONDS = 7 * 86400
 MAX_STEPS = 32
 StepKind = Literal["set", "run", "wait", "wait_for"]
-StepState = Literal["waiting", "done", "failed", "timed_out"]
+StepState = Literal["waiting", "done", "failed", "timed_out", "cancelled"]
 
 
 class RunStep(Struct, frozen=True, forbid_unknown_fields=True):
@@ -516,7 +516,7 @@ def describe(
 
 def _steps_state() -> Any:
     """A fire with steps as a run's state: running while its last step begun waits, succeeded when that
-    one was done (it was the last: a step done begins the next), failed when it failed or timed out."""
+    one was done (it was the last: a step done begins the next), cancelled (mode restart), else failed."""
     last = (
         select(AutomationStep.state)
         .where(AutomationStep.run_id == AutomationFire.run_id)
@@ -528,6 +528,7 @@ def _steps_state() -> Any:
     return case(
         (last == "waiting", runstates.RUNNING),
         (last == "done", runstates.SUCCEEDED),
+        (last == "cancelled", runstates.CANCELLED),
         (last.is_not(None), runstates.FAILED),
         else_=None,
     )

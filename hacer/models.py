@@ -323,7 +323,7 @@ class AutomationStep(Base):
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     automation_id: Mapped[int] = mapped_column(Integer)  # no foreign key, as fires
     kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # waiting, done, failed, timed_out
+    state: Mapped[str] = mapped_column(String(16), index=True)  # waiting, done, failed, timed_out, cancelled
     started_at: Mapped[datetime] = mapped_column(DateTime)
     due_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # a wait's end, a timeout
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

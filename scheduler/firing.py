@@ -130,21 +130,24 @@ class Firer:
                 except IntegrityError:  # another scheduler queued this very fire
                     self.counts.fired_elsewhere += 1
                 return False
+            cancelled = [replaced] if replaced is not None else []
             try:
                 session.execute(insert(AutomationFire).values(fire))
                 self._begin(session, plan, fire["run_id"], run)
+                if replaced is not None:  # a fire with steps: its waiting step ends, its run is cancelled
+                    cancelled += self.steps.cancel(session, replaced)
                 session.commit()
             except IntegrityError:
                 self.counts.fired_elsewhere += 1
                 log.debug("automation %s at %s: fired by another scheduler", plan.id, due)
                 return False
         self._fired(plan, due, late, fire["run_id"], payload)
-        if replaced is not None:  # mode restart: the run this one replaces is cancelled
-            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, replaced)
+        for run_id in cancelled:  # mode restart: the run this one replaces is cancelled
+            log.info("automation %s (%s): cancelling run %s, replaced", plan.id, plan.spec.name, run_id)
             try:
-                self.bus.publish(self.topics.build("run_cancel", replaced), b"", block=False)
+                self.bus.publish(self.topics.build("run_cancel", run_id), b"", block=False)
             except BusError as exc:
-                log.warning("run %s not cancelled (%s)", replaced, exc)
+                log.warning("run %s not cancelled (%s)", run_id, exc)
         return True
 
     def drain(self, plan: Planned) -> None:

@@ -280,6 +280,18 @@ class Steps:
         if following is not None:
             self.started(waiting.spec, waiting.fire, following)
 
+    def cancel(self, session: Session, fire: str) -> list[str]:
+        """End a replaced fire's waiting step as cancelled, in `session`'s transaction (mode `restart`):
+        the steps after it never begin. Returns the run to cancel, if that step is a run."""
+        row = AutomationStep.__table__.c
+        waiting = session.execute(
+            update(AutomationStep)
+            .where(row.run_id == fire, row.state == "waiting")
+            .values(state="cancelled", ended_at=naive_utc(self.now()), outcome=row.outcome)
+            .returning(row.position, row.kind)
+        ).all()
+        return [step_run_id(fire, position) for position, kind in waiting if kind == "run"]
+
     def _forget(self, waiting: Waiting) -> None:
         self._waiting.pop((waiting.fire, waiting.position), None)
         self._results.pop(waiting.correlation, None)

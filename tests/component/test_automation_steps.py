@@ -185,6 +185,27 @@ def test_a_step_begun_by_a_scheduler_that_died_is_ended_by_another(database):
     assert [row.state for row in step_rows(database)] == ["done", "failed"]
 
 
+def test_restart_mode_cancels_the_waiting_step_of_the_fire_it_replaces_and_its_run(database):
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence
+
+    steps = (Step(run=RunStep("fan")), Step(wait=600))
+    add(database, AutomationSpec("gone", NodePresence(5, "offline"), steps=steps, mode="restart"))
+    clock = Clock(START + timedelta(seconds=10))
+    pair = schedulers(database, clock, 2)
+    for seconds in (2, 6):  # two transitions while the first fire's run is still going
+        went = START + timedelta(seconds=seconds)
+        deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "ip", "offline", went, went).to_payload())
+    rows = step_rows(database)
+    assert sorted((row.position, row.state) for row in rows) == [(0, "cancelled"), (0, "waiting")]
+    [cancelled] = [row.run_id for row in rows if row.state == "cancelled"]
+    cancels = [t for _, bus in pair for t, _ in bus.published if t.endswith("/cancel")]
+    assert cancels == [f"hacer/runs/{cancelled}/cancel", f"hacer/runs/{step_run_id(cancelled, 0)}/cancel"]
+    run_ended(pair, step_run_id(cancelled, 0), "cancelled")  # the cancelled fire's wait never begins
+    assert len(step_rows(database)) == 2
+    assert last_run_state(database, 1) == "running"  # the new fire's
+
+
 @pytest.mark.parametrize(
     "definition, field",
     [
