@@ -104,15 +104,27 @@ def test_bad_definitions_name_the_field_at_fault(definition, field):
 def test_the_automation_payloads_fit_their_schemas():
     import jsonschema
 
-    from hacer.automations import AutomationFired, AutomationState
+    from hacer.automations import AutomationFired, AutomationState, AutomationStepEnded, RunStep, Step, ValueIs, WaitFor
     from hacer.schemas import json_schemas
 
     schemas = json_schemas()
     spec = AutomationSpec("porch", Sun("sunset", -600, "Europe/Madrid"), "toggle", ("porch", "on"))
+    steps = (
+        Step(set={"node": 7, "on": 1}),
+        Step(run=RunStep("fan", ("hall",), 60.0)),
+        Step(wait=30),
+        Step(wait_for=WaitFor(ValueIs(7, "temperature", below=20), 600, "stop")),
+    )
+    stepped = AutomationSpec("hall", Every(60), steps=steps)
     due = datetime(2026, 12, 2, 16, 38, 29, tzinfo=UTC)
     for name, payload in (
         ("AutomationState", AutomationState(3, spec, due)),
         ("AutomationFired", AutomationFired(3, "porch", due, "auto-3-20261202T163829Z", "s1")),
+        ("AutomationState", AutomationState(4, stepped, due)),
+        (
+            "AutomationStepEnded",
+            AutomationStepEnded(4, "hall", "auto-4-20261202T163829Z", 0, "set", "done", due, due, {"results": []}),
+        ),
     ):
         jsonschema.validate(json.loads(payload.to_payload()), {**schemas[name], "$defs": schemas})
         assert type(payload).from_payload(payload.to_payload()) == payload
@@ -1091,7 +1103,7 @@ def test_the_live_view_relays_automation_plans_and_fires(tmp_path):
     from test_api_components import RecordingBus
 
     from api.live import LiveView
-    from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState
+    from hacer.automations import AutomationFired, AutomationHeldBack, AutomationState, AutomationStepEnded
 
     bus = RecordingBus()
     live = LiveView(bus, Topics())  # type: ignore[arg-type]
@@ -1109,6 +1121,10 @@ def test_the_live_view_relays_automation_plans_and_fires(tmp_path):
     assert events[1]["data"]["run_id"] == "auto-3-x"
     bus.deliver("hacer/automations/3/held", AutomationHeldBack(3, "tick", due, "cooldown", "s").to_payload())
     assert events[-1]["kind"] == "automation_held" and events[-1]["data"]["why"] == "cooldown"
+    ended = AutomationStepEnded(3, "tick", "auto-3-x", 1, "wait", "done", due, due + timedelta(seconds=5))
+    bus.deliver("hacer/automations/3/step", ended.to_payload())
+    assert events[-1]["kind"] == "automation_step"
+    assert json.loads(json.dumps(events[-1]["data"])) == json.loads(ended.to_payload())  # as the websocket sends it
     bus.deliver("hacer/automations/3", b"", retain=True)  # disabled
     assert live.snapshot()["automations"] == [] and events[-1]["kind"] == "automation_removed"
 
