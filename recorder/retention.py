@@ -30,6 +30,7 @@ from hacer.history import HistoryRetention, millis, roll_up
 from hacer.models import (
     AutomationFire,
     AutomationHeld,
+    AutomationStep,
     DeadLetter,
     Run,
     RunClaim,
@@ -128,6 +129,8 @@ def purge(engine: Engine, retention: Retention, now: float, batch: int = BATCH) 
             (AutomationFire.fired_at < cutoff) & AutomationFire.pending.is_(False) & superseded,
             batch,
         )
+        fired = exists().where(AutomationFire.run_id == AutomationStep.run_id)  # steps go with their fire
+        purged.automation_fires += _purge_all(connection, AutomationStep.run_id, ~fired, batch)
         # What automations did not run for: an automation keeps its latest few, a deleted one's go by age.
         purged.automation_fires += _purge_all(connection, AutomationHeld.due_at, AutomationHeld.seen_at < cutoff, batch)
         purged.dead_letters += _purge_all(connection, DeadLetter.id, DeadLetter.at < cutoff, batch)

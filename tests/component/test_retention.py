@@ -9,6 +9,7 @@ from sqlalchemy import func, insert, select
 from hacer.models import (
     AutomationFire,
     AutomationHeld,
+    AutomationStep,
     Database,
     DeadLetter,
     Run,
@@ -117,6 +118,9 @@ def test_a_purge_keeps_what_runs_or_is_not_fully_recorded(database):
             insert(AutomationFire),
             {"automation_id": 2, "due_at": ago(50), "fired_at": ago(50), "run_id": "fire-only", "scheduler": "s"},
         )
+        for fire, position in (("fire-43", 0), ("fire-43", 1), ("fire-41", 0)):  # a purged fire's steps go with it
+            step = {"run_id": fire, "position": position, "automation_id": 1, "kind": "wait", "state": "done"}
+            connection.execute(insert(AutomationStep), {**step, "started_at": ago(43)})
         for days in (40, 1):
             connection.execute(insert(DeadLetter), {"topic": "t", "payload": "p", "error": "e", "at": ago(days)})
             held = {"automation_id": 3, "due_at": ago(days), "seen_at": ago(days), "scheduler": "s", "why": "cooldown"}
@@ -124,7 +128,7 @@ def test_a_purge_keeps_what_runs_or_is_not_fully_recorded(database):
 
     purged = purge(database.engine, Retention(keep_days=30, keep_runs=0), NOW, batch=2)
 
-    assert purged == Purged(runs=2, log_entries=5, claims=3, automation_fires=3, dead_letters=1)
+    assert purged == Purged(runs=2, log_entries=5, claims=3, automation_fires=5, dead_letters=1)
     with database.engine.connect() as connection:
         assert run_ids(connection) == ["new-done", "old-held", "old-queued", "old-running"]
         assert count(connection, ScriptLogEntry, ScriptLogEntry.thread_id == old_done) == 0
@@ -137,6 +141,7 @@ def test_a_purge_keeps_what_runs_or_is_not_fully_recorded(database):
             "old-running",
         ]
         assert sorted(connection.scalars(select(AutomationFire.run_id))) == ["fire-41", "fire-42", "fire-only"]
+        assert list(connection.execute(select(AutomationStep.run_id, AutomationStep.position))) == [("fire-41", 0)]
         assert count(connection, DeadLetter) == 1
     assert not purge(database.engine, Retention(keep_days=30, keep_runs=0), NOW)
 
