@@ -41,6 +41,7 @@ from hacer.messages import (
     Payload,
     RunId,
     SetBody,
+    SetCommand,
     Time,
     decode,
 )
@@ -264,6 +265,10 @@ def check_steps(spec: AutomationSpec) -> None:
                 raise MessageError(f"bad automation: `set` needs a node id - at `{path}.set.node`")
             if len(step.set) < 2:
                 raise MessageError(f"bad automation: `set` needs a key to set - at `{path}.set`")
+            try:
+                SetCommand.of({key: value for key, value in step.set.items() if key != "node"})
+            except MessageError as exc:
+                raise MessageError(f"bad automation: {exc} - at `{path}.set`") from None
         if step.wait_for is not None and isinstance(step.wait_for.condition, TimeWindow):
             zone(step.wait_for.condition.tz)
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hacer import runstates
 from hacer.automations import AutomationSpec, AutomationStepEnded, Step, StepState
 from hacer.bus import Bus, BusError, Message
-from hacer.messages import ClientCommand, CommandResult, MessageError, RunStatus, decode, step_run_id
+from hacer.messages import ClientCommand, CommandResult, MessageError, RunStatus, SetCommand, decode, step_run_id
 from hacer.models import AutomationFire, AutomationStep, Run, aware_utc, naive_utc
 from hacer.topics import Topics
 from scheduler.judging import condition_seen
@@ -54,6 +54,7 @@ class Waiting:
     started_at: datetime
     due_at: datetime | None
     sent_at: datetime | None
+    reading: bool = False  # a `set` not answered: the node's keys asked for, to see whether it took
 
     @property
     def step(self) -> Step:
@@ -62,6 +63,10 @@ class Waiting:
     @property
     def correlation(self) -> bytes:
         return f"{self.fire}/{self.position}".encode()
+
+    @property
+    def read_correlation(self) -> bytes:
+        return self.correlation + b"/read"
 
 
 class Steps:
@@ -148,12 +153,16 @@ class Steps:
         except BusError as exc:  # a run's row holds its request; a command is sent again after resend_after
             log.warning("automation step %s/%d not sent now (%s)", fire, position, exc)
 
-    def _send(self, step: Step, correlation: bytes) -> None:
+    def _send(self, step: Step, correlation: bytes, read: bool = False) -> None:
+        """Send a `set` step's command, or (`read`) a `get` of its keys."""
         assert step.set is not None
         values = {key: value for key, value in step.set.items() if key != "node"}
+        command = (
+            ClientCommand(step.set_node(), get=list(values)) if read else ClientCommand(step.set_node(), set=values)
+        )
         self.bus.publish(
             self.topics.build("client_command", self.bus.client_id),
-            ClientCommand(step.set_node(), set=values).to_payload(),
+            command.to_payload(),
             correlation=correlation,
             response_topic=self.topics.build("reply", self.bus.client_id),
             expiry=math.ceil(self.resend_after.total_seconds()),  # not done after another copy is sent
@@ -166,7 +175,9 @@ class Steps:
         """Keep what may end a waiting step: a `set`'s result, a step run's end."""
         try:
             if name == "reply" and message.correlation is not None:
-                asked = [w for w in self._waiting.values() if w.correlation == message.correlation]
+                asked = [
+                    w for w in self._waiting.values() if message.correlation in (w.correlation, w.read_correlation)
+                ]
                 result = CommandResult.from_payload(message.payload)
                 if asked and result.node_id == asked[0].step.set_node():
                     self._results.setdefault(message.correlation, []).append(result)
@@ -209,16 +220,7 @@ class Steps:
             outcome = {"run_id": run_id, "state": state, "exit_code": exit_code}
             return ("done" if succeeded else "failed"), outcome, succeeded
         if step.set is not None:
-            results = self._results.get(waiting.correlation, [])
-            told = [result_seen(result) for result in results]
-            if len(results) >= len(step.set) - 1:
-                succeeded = all(result.ok for result in results)
-                return ("done" if succeeded else "failed"), {"results": told}, succeeded
-            if waiting.due_at is not None and waiting.due_at <= now:
-                return "timed_out", {"results": told}, False
-            if waiting.sent_at is None or waiting.sent_at + self.resend_after <= now:
-                self._resend(waiting, now)
-            return None
+            return self._judge_set(waiting, now)
         assert step.wait_for is not None
         seen = condition_seen(step.wait_for.condition, now, self.values())
         if seen["held"]:
@@ -227,8 +229,39 @@ class Steps:
             return "timed_out", {"seen": seen}, step.wait_for.on_timeout == "continue"
         return None
 
+    def _judge_set(self, waiting: Waiting, now: datetime) -> Verdict | None:
+        """Ended by its results; not answered in time, by what the node has (read once its sender has
+        given up on it: the keys set already, it is done, else it is sent again); else it times out."""
+        step = waiting.step
+        assert step.set is not None
+        wanted = SetCommand.of({key: value for key, value in step.set.items() if key != "node"}).values
+        results = self._results.get(waiting.correlation, [])
+        if len(results) >= len(wanted):
+            succeeded = all(result.ok for result in results)
+            return ("done" if succeeded else "failed"), {"results": [result_seen(r) for r in results]}, succeeded
+        read = self._results.get(waiting.read_correlation, [])
+        if waiting.reading and len(read) >= len(wanted):
+            if all(r.ok and r.value == wanted.get(r.key) for r in read):
+                return "done", {"results": [result_seen(r) for r in read], "read_back": True}, True
+            waiting.reading = False
+            self._results.pop(waiting.read_correlation, None)
+            self._send_logged(waiting, read=False)  # the node has not got it: sent again, under the same fence
+        if waiting.due_at is not None and waiting.due_at <= now:
+            return "timed_out", {"results": [result_seen(r) for r in results]}, False
+        if waiting.sent_at is None or waiting.sent_at + self.resend_after <= now:
+            self._resend(waiting, now)
+        return None
+
+    def _send_logged(self, waiting: Waiting, read: bool) -> None:
+        log.info("automation step %s/%d: %s", waiting.fire, waiting.position, "read back" if read else "sent again")
+        try:
+            self._send(waiting.step, waiting.read_correlation if read else waiting.correlation, read)
+        except BusError as exc:
+            log.warning("automation step %s/%d not sent (%s)", waiting.fire, waiting.position, exc)
+
     def _resend(self, waiting: Waiting, now: datetime) -> None:
-        """Send a `set` again, if this scheduler takes its send fence (none sent it lately)."""
+        """Read a `set`'s keys back from the node, if this scheduler takes its send fence (none sent or
+        read it lately): a sender that died may or may not have got it there."""
         row = AutomationStep.__table__.c
         cutoff = naive_utc(now - self.resend_after)
         with self.sessions() as session:
@@ -241,11 +274,9 @@ class Steps:
             session.commit()
         waiting.sent_at = now
         if moved:
-            log.info("automation step %s/%d: its command sent again", waiting.fire, waiting.position)
-            try:
-                self._send(waiting.step, waiting.correlation)
-            except BusError as exc:
-                log.warning("automation step %s/%d not sent again (%s)", waiting.fire, waiting.position, exc)
+            waiting.reading = True
+            self._results.pop(waiting.read_correlation, None)
+            self._send_logged(waiting, read=True)
 
     def _end(self, waiting: Waiting, state: StepState, outcome: dict[str, Any], go_on: bool) -> None:
         """End a step (if no scheduler did) and begin the next, in one transaction."""
@@ -295,6 +326,7 @@ class Steps:
     def _forget(self, waiting: Waiting) -> None:
         self._waiting.pop((waiting.fire, waiting.position), None)
         self._results.pop(waiting.correlation, None)
+        self._results.pop(waiting.read_correlation, None)
         self._run_ends.pop(step_run_id(waiting.fire, waiting.position), None)
 
     def _tell(self) -> None:
@@ -346,7 +378,7 @@ class Steps:
                 None if step.sent_at is None else aware_utc(step.sent_at),
             )
         self._waiting, self._begun = waiting, {}
-        asked = {w.correlation for w in waiting.values()}
+        asked = {c for w in waiting.values() for c in (w.correlation, w.read_correlation)}
         self._results = {key: results for key, results in self._results.items() if key in asked}
         for run_id, state, exit_code in ended:
             self._run_ends[run_id] = (state, exit_code)

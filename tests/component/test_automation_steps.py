@@ -41,9 +41,9 @@ def step_rows(database) -> list[AutomationStep]:
         return list(session.scalars(select(AutomationStep).order_by(AutomationStep.position)))
 
 
-def reply(pair, correlation: bytes, key: str, value, ok: bool = True) -> None:
-    """The bridge's result of a `set`, on the schedulers' reply topic."""
-    result = CommandResult(5, "set", key, ok, value if ok else None, error=None if ok else "Invalid Value")
+def reply(pair, correlation: bytes, key: str, value, ok: bool = True, op: str = "set") -> None:
+    """The bridge's result of a command, on the schedulers' reply topic."""
+    result = CommandResult(5, op, key, ok, value if ok else None, error=None if ok else "Invalid Value")
     for scheduler, bus in pair:
         scheduler._on_bus(Message(f"hacer/replies/{bus.client_id}", result.to_payload(), False, 1, correlation))
         scheduler.tick()
@@ -127,21 +127,41 @@ def test_steps_run_in_order_each_once_across_two_schedulers_and_are_traced(datab
     assert trace["definition"]["steps"][1] == {"wait": 60}
 
 
-def test_a_set_nobody_answered_is_sent_again_by_one_scheduler_then_times_out_and_ends_the_steps(database):
+def test_a_set_nobody_answered_is_read_back_by_one_scheduler_then_times_out_and_ends_the_steps(database):
     with_node(database, 5)
     add(database, hall(Step(set={"node": 5, "on": 1}), Step(wait=10)))
     clock = Clock(START + timedelta(seconds=HOUR))
     pair = schedulers(database, clock, 2)
     tick(pair, clock, 0)
-    assert len(commands(pair)) == 1
+    assert [(c.set, c.get) for _, c in commands(pair)] == [({"on": 1}, None)]
+    tick(pair, clock, RESEND_AFTER)  # its sender may have died: whichever takes the send fence reads the key
+    assert [(c.set, c.get) for _, c in commands(pair)] == [({"on": 1}, None), (None, ["on"])]
     tick(pair, clock, RESEND_AFTER)
-    assert len(commands(pair)) == 2  # sent again once, by whichever took the send fence
-    tick(pair, clock, 30 - RESEND_AFTER)
+    assert len(commands(pair)) == 3
+    tick(pair, clock, 30 - 2 * RESEND_AFTER)
     rows = step_rows(database)
     assert [(row.kind, row.state) for row in rows] == [("set", "timed_out")]
     tick(pair, clock, 60)
     assert len(step_rows(database)) == 1  # the steps after it never begin
     assert last_run_state(database, 1) == "failed"
+
+
+@pytest.mark.parametrize("node_has, sets", [(1, 1), (0, 2)])
+def test_a_set_read_back_is_done_if_the_node_has_it_and_sent_again_only_if_not(database, node_has, sets):
+    with_node(database, 5)
+    add(database, hall(Step(set={"node": 5, "on": True})))  # a boolean is what the node holds as 1
+    clock = Clock(START + timedelta(seconds=HOUR))
+    pair = schedulers(database, clock, 2)
+    tick(pair, clock, 0)
+    tick(pair, clock, RESEND_AFTER)
+    fire = step_rows(database)[0].run_id
+    reply(pair, f"{fire}/0/read".encode(), "on", node_has, op="get")
+    assert [c.set for _, c in commands(pair) if c.set] == [{"on": True}] * sets
+    if sets == 2:
+        reply(pair, f"{fire}/0".encode(), "on", 1)
+    [row] = step_rows(database)
+    assert row.state == "done"
+    assert json.loads(row.outcome).get("read_back", False) == (sets == 1)
 
 
 def test_a_failed_run_or_a_refused_set_ends_the_steps_and_a_wait_for_timeout_goes_on_unless_told_to_stop(database):
@@ -219,6 +239,7 @@ def test_restart_mode_cancels_the_waiting_step_of_the_fire_it_replaces_and_its_r
         ({"steps": [{"wait_for": {"condition": {"kind": "value", "node": 5, "key": "on"}}}]}, "$.steps[0].wait_for"),
         ({"steps": [{"run": {"script": "fan", "colour": 1}}]}, "$.steps[0].run.colour"),
         ({"steps": [{"wait": 5}], "params": ["x"]}, "$.params"),
+        ({"steps": [{"set": {"node": 5, "level": 1.5}}]}, "$.steps[0].set"),
     ],
 )
 def test_bad_steps_name_the_field_at_fault(definition, field):
@@ -249,6 +270,14 @@ def test_steps_run_each_once_across_a_scheduler_kill_at_every_step_boundary(
     node_id = uuid.uuid4().int % 10**9
     node = EmulatedNode(node_id, "toggle", "127.0.0.6", int(runner_env["HACER_NODE_PORT"]), interval=0.5)
     node.values["on"] = 0
+    answered: list[tuple[str, str, object]] = []  # every command the node got
+    answer = node.answer
+
+    def recording(op, key, value):
+        answered.append((op, key, value))
+        return answer(op, key, value)
+
+    node.answer = recording  # type: ignore[method-assign]
     emulator = Emulator([node], target(runner_env))
     database = Database(f"sqlite:///{runner_env['HADB_PATH']}")
     database.init()
@@ -290,11 +319,13 @@ def test_steps_run_each_once_across_a_scheduler_kill_at_every_step_boundary(
             assert before.ended_at <= after.started_at
         assert rows[1].ended_at - rows[1].started_at >= timedelta(seconds=2)
         assert node.values["on"] == 0 and marked.read_text() == "ran"
+        # Each set reached the node once: a scheduler that took over one read the key back first.
+        assert [command for command in answered if command[0] == "set"] == [("set", "on", 1), ("set", "on", 0)]
         fire = rows[0].run_id
         run = runs.wait_finished(step_run_id(fire, 2))
         assert run.state == "succeeded" and [s.state for s in runs.statuses(run.run_id)].count("running") == 1
-        for row in (rows[0], rows[4]):
-            assert [r["ok"] for r in json.loads(row.outcome)["results"]] == [True]
+        for row, value in ((rows[0], 1), (rows[4], 0)):
+            assert [(r["ok"], r["value"]) for r in json.loads(row.outcome)["results"]] == [(True, value)]
         positions = [json.loads(m.payload)["position"] for m in told.messages]
         assert len(positions) == len(set(positions))  # each told at most once (a kill may lose a telling)
         with database.session() as session:
