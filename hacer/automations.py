@@ -141,7 +141,14 @@ class ValueIs(Struct, frozen=True, tag="value", tag_field="kind", forbid_unknown
     equals: int | str | None = None
 
 
-Condition = TimeWindow | ValueIs
+class PresenceIs(Struct, frozen=True, tag="presence", tag_field="kind", forbid_unknown_fields=True):
+    """Only while a node is online (or offline)."""
+
+    node: NodeId
+    state: Literal["online", "offline"] = "online"
+
+
+Condition = TimeWindow | ValueIs | PresenceIs
 MAX_STEP_SECONDS = 7 * 86400
 MAX_STEPS = 32
 StepKind = Literal["set", "run", "wait", "wait_for"]
@@ -228,7 +235,7 @@ class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
     def nodes(self) -> set[int]:
         """The nodes its trigger, conditions and steps name (each must exist when it is saved)."""
         conditions = [*self.conditions, *(step.wait_for.condition for step in self.steps if step.wait_for)]
-        named = {c.node for c in conditions if isinstance(c, ValueIs)}
+        named = {c.node for c in conditions if isinstance(c, ValueIs | PresenceIs)}
         named |= {step.set_node() for step in self.steps if step.set is not None}
         if isinstance(self.trigger, NodePresence | NodeValue):
             named.add(self.trigger.node)

@@ -3,12 +3,14 @@ automation's conditions as they are now, each with what it saw (a trace keeps th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from hacer.automations import AutomationSpec, Condition, NodeValue, TimeWindow, zone
+from hacer.automations import AutomationSpec, Condition, NodeValue, PresenceIs, TimeWindow, zone
+from hacer.messages import Presence
 
 
 def crossing(trigger: NodeValue, value: float, armed: bool) -> tuple[bool, bool]:
@@ -35,19 +37,31 @@ def value_back(trigger: NodeValue, value: float) -> bool:
     return value <= trigger.above - trigger.hysteresis
 
 
-def conditions_seen(spec: AutomationSpec, now: datetime, values: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class NodesSeen:
+    """What a scheduler last saw of the nodes: their values and their presence."""
+
+    values: dict[int, dict[str, Any]]
+    presence: dict[int, Presence]
+
+
+def conditions_seen(spec: AutomationSpec, now: datetime, seen: NodesSeen) -> list[dict[str, Any]]:
     """Each condition with what it saw (the local time, or the node's value) and whether it held: a trace's."""
-    return [condition_seen(condition, now, values) for condition in spec.conditions]
+    return [condition_seen(condition, now, seen) for condition in spec.conditions]
 
 
-def condition_seen(condition: Condition, now: datetime, values: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """A condition with what it saw and whether it held."""
+def condition_seen(condition: Condition, now: datetime, seen: NodesSeen) -> dict[str, Any]:
+    """A condition with what it saw (the local time, a node's value or presence) and whether it held."""
     if isinstance(condition, TimeWindow):
         value: Any = now.astimezone(zone(condition.tz)).strftime("%H:%M")
         after, before = condition.after, condition.before
         held = after <= value < before if after <= before else value >= after or value < before
+    elif isinstance(condition, PresenceIs):
+        presence = seen.presence.get(condition.node)
+        value = None if presence is None else presence.state
+        held = value == condition.state
     else:
-        value = values.get(condition.node, {}).get(condition.key)
+        value = seen.values.get(condition.node, {}).get(condition.key)
         number = value if type(value) is int else None
         held = (
             value is not None

@@ -71,7 +71,7 @@ class Scheduler:
         self.clock = clock
         self.poll_every = poll_every
         self.counts = Counts()
-        self.steps = Steps(bus, topics, sessions, self.now, lambda: self.triggers.values, poll_every, step_resend_after)
+        self.steps = Steps(bus, topics, sessions, self.now, lambda: self.triggers.seen, poll_every, step_resend_after)
         self.firer = Firer(bus, topics, sessions, scheduler_id, self.now, self.counts, self.steps)
         self.triggers = BusTriggers(
             topics, sessions, self.firer, lambda automation_id: self._planned.get(automation_id), self.now, self.counts

@@ -33,7 +33,7 @@ from hacer.bus import Bus, BusError, Message
 from hacer.messages import ClientCommand, CommandResult, MessageError, RunStatus, SetCommand, decode, step_run_id
 from hacer.models import AutomationFire, AutomationStep, Run, aware_utc, naive_utc
 from hacer.topics import Topics
-from scheduler.judging import condition_seen
+from scheduler.judging import NodesSeen, condition_seen
 from scheduler.plans import requested_run
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class Steps:
         topics: Topics,
         sessions: sessionmaker[Session],
         now: Callable[[], datetime],
-        values: Callable[[], dict[int, dict[str, Any]]],
+        seen: Callable[[], NodesSeen],
         poll_every: float = 1.0,
         resend_after: float = RESEND_AFTER,
         command_timeout: float = COMMAND_TIMEOUT,
@@ -87,7 +87,7 @@ class Steps:
         self.topics = topics
         self.sessions = sessions
         self.now = now
-        self.values = values
+        self.seen = seen
         self.poll_every = poll_every
         self.resend_after = timedelta(seconds=resend_after)
         self.command_timeout = timedelta(seconds=command_timeout)
@@ -222,7 +222,7 @@ class Steps:
         if step.set is not None:
             return self._judge_set(waiting, now)
         assert step.wait_for is not None
-        seen = condition_seen(step.wait_for.condition, now, self.values())
+        seen = condition_seen(step.wait_for.condition, now, self.seen())
         if seen["held"]:
             return "done", {"seen": seen}, True
         if waiting.due_at is not None and waiting.due_at <= now:

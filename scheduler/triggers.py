@@ -23,7 +23,7 @@ from hacer.messages import MessageError, NodeReadings, Presence, RunStatus
 from hacer.models import AutomationTrigger
 from hacer.topics import TopicError, Topics
 from scheduler.firing import Fence, Firer, Trace
-from scheduler.judging import conditions_hold, conditions_seen, crossing
+from scheduler.judging import NodesSeen, conditions_hold, conditions_seen, crossing
 from scheduler.plans import Counts, Planned
 from scheduler.waits import Waits, lasting
 
@@ -77,9 +77,9 @@ class BusTriggers:
                     self.waits.begin(plan, seen.since)
 
     @property
-    def values(self) -> dict[int, dict[str, Any]]:
-        """Each node's values as last seen."""
-        return self._values
+    def seen(self) -> NodesSeen:
+        """Each node's values and presence as last seen."""
+        return NodesSeen(self._values, self._presence)
 
     def handle(self, message: Message) -> None:
         """Feed a bus event to the automations it may trigger."""
@@ -115,7 +115,7 @@ class BusTriggers:
         if lateness > plan.spec.grace and not (plan.spec.missed == "run_once" and lateness <= plan.spec.catch_up):
             self.counts.skipped += 1
             return
-        seen = conditions_seen(plan.spec, now, self._values)
+        seen = conditions_seen(plan.spec, now, self.seen)
         trace = Trace(cause, seen)
         if not conditions_hold(seen):
             self.counts.held_back += 1
@@ -130,7 +130,7 @@ class BusTriggers:
 
     def time_trace(self, plan: Planned, due: datetime) -> Trace | None:
         """A due time's trace, with its conditions as they are now; None when they do not hold (not fired)."""
-        trace = Trace({"kind": "time", "due": due.isoformat()}, conditions_seen(plan.spec, self.now(), self._values))
+        trace = Trace({"kind": "time", "due": due.isoformat()}, conditions_seen(plan.spec, self.now(), self.seen))
         if not conditions_hold(trace.conditions):
             self.counts.held_back += 1
             with self.sessions() as session:

@@ -446,6 +446,7 @@ const HELD_BECAUSE = {
 
 function describeCondition({ condition: c, seen, held }) {
   const what = c.kind === "time" ? `time ${c.after}–${c.before}${c.tz !== "UTC" ? ` (${c.tz})` : ""}`
+    : c.kind === "presence" ? `node ${c.node} ${c.state}`
     : `node ${c.node} ${c.key}` + (c.equals != null ? ` = ${c.equals}` : c.below != null ? ` < ${c.below}` : ` > ${c.above}`);
   return `${held ? "✓" : "✗"} ${what}: saw ${JSON.stringify(seen)}`;
 }

@@ -1,7 +1,7 @@
 """An automation's steps (`set`, `run`, `wait`, `wait_for`): in order, each once, across schedulers."""
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
@@ -186,6 +186,30 @@ def test_a_failed_run_or_a_refused_set_ends_the_steps_and_a_wait_for_timeout_goe
     assert len(step_rows(database)) == 2
 
 
+def test_a_wait_for_a_nodes_presence_ends_when_the_node_comes_online_and_sees_it(database):
+    from hacer.automations import PresenceIs
+    from hacer.messages import Presence
+
+    with_node(database, 5)
+    add(database, hall(Step(wait_for=WaitFor(PresenceIs(5, "online"), timeout=600)), Step(wait=5)))
+    clock = Clock(START + timedelta(seconds=HOUR))
+    pair = schedulers(database, clock, 2)
+
+    def presence(state: str) -> None:
+        at = datetime.fromtimestamp(clock.now, UTC)
+        deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "ip", state, at, at).to_payload())
+
+    presence("offline")
+    tick(pair, clock, 0)
+    assert [row.state for row in step_rows(database)] == ["waiting"]
+    clock.advance(30)
+    presence("online")
+    rows = step_rows(database)
+    assert [row.state for row in rows] == ["done", "waiting"]
+    seen = json.loads(rows[0].outcome)["seen"]
+    assert seen == {"condition": {"kind": "presence", "node": 5, "state": "online"}, "seen": "online", "held": True}
+
+
 def test_a_step_begun_by_a_scheduler_that_died_is_ended_by_another(database):
     add(database, hall(Step(wait=60), Step(run=RunStep("fan"))))
     clock = Clock(START + timedelta(seconds=HOUR))
@@ -240,6 +264,10 @@ def test_restart_mode_cancels_the_waiting_step_of_the_fire_it_replaces_and_its_r
         ({"steps": [{"run": {"script": "fan", "colour": 1}}]}, "$.steps[0].run.colour"),
         ({"steps": [{"wait": 5}], "params": ["x"]}, "$.params"),
         ({"steps": [{"set": {"node": 5, "level": 1.5}}]}, "$.steps[0].set"),
+        (
+            {"steps": [{"wait_for": {"condition": {"kind": "presence", "node": 5, "state": "away"}, "timeout": 9}}]},
+            "$.steps[0].wait_for.condition.state",
+        ),
     ],
 )
 def test_bad_steps_name_the_field_at_fault(definition, field):
@@ -258,7 +286,6 @@ def test_steps_run_each_once_across_a_scheduler_kill_at_every_step_boundary(
     """Real scheduler processes, broker, bridge, node, runner and recorder: the scheduler is SIGKILLed
     as each step begins (five times) and another started; every step ends once, in order."""
     import uuid
-    from datetime import UTC, datetime
 
     from emulator.nodes import EmulatedNode, Emulator
     from hacer.models import Database
