@@ -250,6 +250,23 @@ def test_restart_mode_cancels_the_waiting_step_of_the_fire_it_replaces_and_its_r
     assert last_run_state(database, 1) == "running"  # the new fire's
 
 
+def test_queued_mode_begins_a_fires_steps_once_the_steps_before_it_ended(database):
+    from hacer.automations import NodePresence
+    from hacer.messages import Presence
+
+    add(database, AutomationSpec("gone", NodePresence(5, "offline"), steps=(Step(wait=60),), mode="queued"))
+    clock = Clock(START + timedelta(seconds=10))
+    pair = schedulers(database, clock, 2)
+    for seconds in (2, 6):  # two transitions while the first fire's wait waits
+        went = START + timedelta(seconds=seconds)
+        deliver(pair, "hacer/nodes/5/presence", Presence(5, "toggle", "ip", "offline", went, went).to_payload())
+    assert [row.state for row in step_rows(database)] == ["waiting"]
+    tick(pair, clock, 60)  # the first wait ends; the queued fire's wait begins, once
+    tick(pair, clock, 1)
+    assert sorted(row.state for row in step_rows(database)) == ["done", "waiting"]
+    assert len({row.run_id for row in step_rows(database)}) == 2
+
+
 @pytest.mark.parametrize(
     "definition, field",
     [
