@@ -24,7 +24,9 @@ from typing import Any
 
 from engineio import packet
 from engineio.async_drivers._websocket_wsgi import SimpleWebSocketWSGI
+from simple_websocket import ConnectionClosed
 from wsproto.events import BytesMessage, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,13 @@ class DirectWebSocket(SimpleWebSocketWSGI):
             raise OSError("the websocket client did not take its events") from None
 
     def close(self) -> None:
-        """Close, between two writes."""
+        """Close, between two writes; a client already gone (reset, timed out, its own close frame sent)
+        has nothing left to be told, which is not an error of the api's."""
         with self.lock:
-            super().close()
+            try:
+                super().close()
+            except (OSError, LocalProtocolError, ConnectionClosed) as exc:
+                log.debug("websocket client %s gone before its close: %r", self.engine_socket.sid, exc)
 
     def _frame(self, message: str | bytes) -> bytes:
         event = BytesMessage(data=message) if isinstance(message, bytes) else TextMessage(data=message)

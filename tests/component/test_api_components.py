@@ -337,3 +337,35 @@ def test_a_refused_bus_message_is_counted_by_subscription_in_the_metrics(app):
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'hacer_api_messages_refused_total{topic="hacer/runs/+/status"} 1.0' in metrics
     assert 'hacer_api_messages_refused_total{topic="hacer/runs/+/log"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("gone", ["reset", "closed by the client", "timed out", "closed already"])
+def test_closing_a_websocket_whose_client_is_gone_raises_nothing_in_engineios_writer(gone):
+    """engineio's writer thread closes a client's websocket when its queue ends; a client that went
+    first (reset, its own close frame, a timeout) made that close raise, a traceback in the api's log."""
+    import threading
+    import types
+
+    from simple_websocket import ConnectionClosed
+    from wsproto.utilities import LocalProtocolError
+
+    from api.fanout import DirectWebSocket
+
+    failure = {
+        "reset": ConnectionResetError(104, "Connection reset by peer"),
+        "closed by the client": LocalProtocolError("Connection cannot be closed in state REMOTE_CLOSING"),
+        "timed out": TimeoutError("timed out"),
+        "closed already": ConnectionClosed(),
+    }[gone]
+
+    class GoneClient:
+        connected = True
+
+        def close(self) -> None:
+            raise failure
+
+    websocket = DirectWebSocket.__new__(DirectWebSocket)
+    websocket.lock = threading.Lock()
+    websocket.engine_socket = types.SimpleNamespace(sid="s1")
+    websocket.ws = GoneClient()
+    websocket.close()  # no exception
