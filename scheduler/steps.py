@@ -7,8 +7,9 @@ so whichever scheduler gets there first ends it and begins the next, once; a sch
 between two steps leaves a row that any scheduler ends. What a step starts is sent after the
 commit: a run's request (lost, the recorders send it again from its row), a `set`'s command on
 this scheduler's own command topic, answered on its own reply topic. A `set` not answered within
-`resend_after` is sent again by the scheduler that takes its row's send fence (the sender may have
-died): a key set twice to one value leaves the node as once.
+`resend_after` (its sender may have died before or after sending it) is read back by the scheduler
+that takes its row's send fence: the node has the values, the step is done; it has not, the `set`
+is sent again. So a `set` reaches its node once across scheduler crashes.
 
 Waits are due times in the rows, so they outlive every process. A fire's steps follow its
 definition as it fired (the fire's trace), not a later edit.
@@ -69,6 +70,59 @@ class Waiting:
         return self.correlation + b"/read"
 
 
+class SetSender:
+    """Sends `set` steps' commands on this scheduler's own command topic (answered on its own reply
+    topic), and reads a step's keys back under the step's send fence."""
+
+    def __init__(self, bus: Bus, topics: Topics, sessions: sessionmaker[Session], resend_after: timedelta) -> None:
+        self.bus = bus
+        self.topics = topics
+        self.sessions = sessions
+        self.resend_after = resend_after
+
+    @property
+    def reply_topic(self) -> str:
+        return self.topics.build("reply", self.bus.client_id)
+
+    def send(self, step: Step, correlation: bytes, read: bool = False) -> None:
+        """Send a `set` step's command, or (`read`) a `get` of its keys."""
+        assert step.set is not None
+        values = {key: value for key, value in step.set.items() if key != "node"}
+        node = step.set_node()
+        command = ClientCommand(node, get=list(values)) if read else ClientCommand(node, set=values)
+        self.bus.publish(
+            self.topics.build("client_command", self.bus.client_id),
+            command.to_payload(),
+            correlation=correlation,
+            response_topic=self.reply_topic,
+            expiry=math.ceil(self.resend_after.total_seconds()),  # not done after another copy is sent
+            block=False,
+        )
+
+    def send_logged(self, waiting: Waiting, read: bool) -> None:
+        """Send again (or read back) a waiting `set`, saying so."""
+        log.info("automation step %s/%d: %s", waiting.fire, waiting.position, "read back" if read else "sent again")
+        try:
+            self.send(waiting.step, waiting.read_correlation if read else waiting.correlation, read)
+        except BusError as exc:
+            log.warning("automation step %s/%d not sent (%s)", waiting.fire, waiting.position, exc)
+
+    def take_fence(self, waiting: Waiting, now: datetime) -> bool:
+        """Whether this scheduler may send or read a `set` now: none did for `resend_after` (its row's fence)."""
+        row = AutomationStep.__table__.c
+        cutoff = naive_utc(now - self.resend_after)
+        with self.sessions() as session:
+            moved = session.execute(
+                update(AutomationStep)
+                .where(row.run_id == waiting.fire, row.position == waiting.position, row.state == "waiting")
+                .where(row.sent_at.is_(None) | (row.sent_at <= cutoff))
+                .values(sent_at=naive_utc(now))
+            ).rowcount  # type: ignore[attr-defined]
+            session.commit()
+        waiting.sent_at = now
+        return bool(moved)
+
+
 class Steps:
     """Begins, judges and ends automations' steps; `advance()` each scheduler round."""
 
@@ -90,6 +144,7 @@ class Steps:
         self.seen = seen
         self.poll_every = poll_every
         self.resend_after = timedelta(seconds=resend_after)
+        self.sender = SetSender(bus, topics, sessions, self.resend_after)
         self.command_timeout = timedelta(seconds=command_timeout)
         self._waiting: dict[tuple[str, int], Waiting] = {}
         self._results: dict[bytes, list[CommandResult]] = {}  # a `set`'s, by correlation
@@ -101,7 +156,7 @@ class Steps:
 
     def topics_to_follow(self) -> list[str]:
         """Its own reply topic: a `set`'s results come there."""
-        return [self.topics.build("reply", self.bus.client_id)]
+        return [self.sender.reply_topic]
 
     # --- beginning -----------------------------------------------------------------------------
 
@@ -149,25 +204,9 @@ class Steps:
                 _, payload = requested_run(spec, run_id, step.run.script, step.run.params, step.run.timeout, self.now())
                 self.bus.publish(self.topics.build("run_request"), payload, block=False)
             elif step.set is not None:
-                self._send(step, f"{fire}/{position}".encode())
+                self.sender.send(step, f"{fire}/{position}".encode())
         except BusError as exc:  # a run's row holds its request; a command is sent again after resend_after
             log.warning("automation step %s/%d not sent now (%s)", fire, position, exc)
-
-    def _send(self, step: Step, correlation: bytes, read: bool = False) -> None:
-        """Send a `set` step's command, or (`read`) a `get` of its keys."""
-        assert step.set is not None
-        values = {key: value for key, value in step.set.items() if key != "node"}
-        command = (
-            ClientCommand(step.set_node(), get=list(values)) if read else ClientCommand(step.set_node(), set=values)
-        )
-        self.bus.publish(
-            self.topics.build("client_command", self.bus.client_id),
-            command.to_payload(),
-            correlation=correlation,
-            response_topic=self.topics.build("reply", self.bus.client_id),
-            expiry=math.ceil(self.resend_after.total_seconds()),  # not done after another copy is sent
-            block=False,
-        )
 
     # --- what the bus says ---------------------------------------------------------------------
 
@@ -245,38 +284,16 @@ class Steps:
                 return "done", {"results": [result_seen(r) for r in read], "read_back": True}, True
             waiting.reading = False
             self._results.pop(waiting.read_correlation, None)
-            self._send_logged(waiting, read=False)  # the node has not got it: sent again, under the same fence
+            self.sender.send_logged(waiting, read=False)  # the node has not got it: sent again, under the same fence
         if waiting.due_at is not None and waiting.due_at <= now:
             return "timed_out", {"results": [result_seen(r) for r in results]}, False
-        if waiting.sent_at is None or waiting.sent_at + self.resend_after <= now:
-            self._resend(waiting, now)
-        return None
-
-    def _send_logged(self, waiting: Waiting, read: bool) -> None:
-        log.info("automation step %s/%d: %s", waiting.fire, waiting.position, "read back" if read else "sent again")
-        try:
-            self._send(waiting.step, waiting.read_correlation if read else waiting.correlation, read)
-        except BusError as exc:
-            log.warning("automation step %s/%d not sent (%s)", waiting.fire, waiting.position, exc)
-
-    def _resend(self, waiting: Waiting, now: datetime) -> None:
-        """Read a `set`'s keys back from the node, if this scheduler takes its send fence (none sent or
-        read it lately): a sender that died may or may not have got it there."""
-        row = AutomationStep.__table__.c
-        cutoff = naive_utc(now - self.resend_after)
-        with self.sessions() as session:
-            moved = session.execute(
-                update(AutomationStep)
-                .where(row.run_id == waiting.fire, row.position == waiting.position, row.state == "waiting")
-                .where(row.sent_at.is_(None) | (row.sent_at <= cutoff))
-                .values(sent_at=naive_utc(now))
-            ).rowcount  # type: ignore[attr-defined]
-            session.commit()
-        waiting.sent_at = now
-        if moved:
+        if (waiting.sent_at is None or waiting.sent_at + self.resend_after <= now) and self.sender.take_fence(
+            waiting, now
+        ):  # its sender may have died before or after sending it: read what the node has
             waiting.reading = True
             self._results.pop(waiting.read_correlation, None)
-            self._send_logged(waiting, read=True)
+            self.sender.send_logged(waiting, read=True)
+        return None
 
     def _end(self, waiting: Waiting, state: StepState, outcome: dict[str, Any], go_on: bool) -> None:
         """End a step (if no scheduler did) and begin the next, in one transaction."""
