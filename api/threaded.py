@@ -14,6 +14,7 @@ parts block in C (SQLite commits, fsync) where every green thread would wait on 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -27,6 +28,13 @@ from typing import Any
 
 from gunicorn.config import Config
 from gunicorn.http.body import Body, ChunkedReader
+from gunicorn.http.errors import (
+    ConfigurationProblem,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    ParseException,
+    UnsupportedTransferCoding,
+)
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import TConn, ThreadWorker
@@ -114,6 +122,14 @@ class _GunicornLog:
         """Nothing."""
 
 
+# gunicorn's refusals that are not a plain 400 (the others are).
+PARSE_ERRORS: dict[type[ParseException], tuple[int, str]] = {
+    LimitRequestLine: (414, "URI Too Long"),
+    LimitRequestHeaders: (431, "Request Header Fields Too Large"),
+    UnsupportedTransferCoding: (501, "Not Implemented"),
+}
+
+
 class LimitedWorker(ThreadWorker):
     """gunicorn's threaded worker serving `app` on `listener` within `limits`, from a thread of its own."""
 
@@ -171,6 +187,22 @@ class LimitedWorker(ThreadWorker):
             return keep
         linger(conn.sock)
         return False
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """A request gunicorn could not read answered as JSON, as every api error is (gunicorn writes a
+        page of HTML), and a request line past its limit as 414, as eventlet's server answers it."""
+        if not isinstance(exc, ParseException) or isinstance(exc, ConfigurationProblem):
+            super().handle_error(req, client, addr, exc)  # a server error: gunicorn logs it
+            return
+        status, reason = PARSE_ERRORS.get(type(exc), (400, "Bad Request"))
+        log.warning("refused a request from %s: %s", (addr or ("?",))[0], exc)
+        body = json.dumps({"error": reason.lower(), "message": f"{reason}: {exc}"}).encode()
+        head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        try:
+            client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        except OSError:
+            return  # the client went: nothing to tell it
+        linger(client)  # the rest of a line too long is unread: closed at once, the answer would be reset
 
     def notify(self) -> None:
         """Nothing: there is no arbiter to tell (gunicorn's touches a file each second)."""
