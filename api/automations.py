@@ -40,8 +40,8 @@ automations = Blueprint("automations", __name__, url_prefix="/automations")
 
 def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[str, Any]]:
     """An automation's last fires and holds as people read them, newest first: what triggered each, its
-    conditions with the values they saw, its steps (the run it made, with its state and times) or why
-    it did not run, the definition then."""
+    conditions with the values they saw, its steps (the run it made, with its state and times, or each
+    of its `steps`) or why it did not run, the definition then."""
     rows = session.execute(
         select(AutomationFire, Run)
         .outerjoin(Run, Run.run_id == AutomationFire.run_id)
@@ -90,6 +90,7 @@ def traces(session: Session, automation_id: int, limit: int = 20) -> list[dict[s
 
 
 def moment(value: datetime | None) -> str | None:
+    """A database time as the api writes times (ISO 8601, UTC)."""
     return None if value is None else aware_utc(value).isoformat()
 
 
