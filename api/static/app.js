@@ -577,14 +577,17 @@ function builtStep(row) {
   if (kind === "set") return { set: { node: Number(field("node")), [field("key")]: nodeValue(field("value")) } };
   if (kind === "run") return { run: { script: field("script"), params: words(field("params")) } };
   if (kind === "wait") return { wait: Number(field("seconds") || 0) };
+  const timeout = Number(field("timeout") || 0);
+  if (kind === "wait_presence") return { wait_for: { condition: { kind: "presence", node: Number(field("node")), state: field("state") }, timeout } };
   const compare = field("compare"), value = field("value");
   const condition = { kind: "value", node: Number(field("node")), key: field("key"), [compare]: compare === "equals" ? nodeValue(value) : Number(value) };
-  return { wait_for: { condition, timeout: Number(field("timeout") || 0) } };
+  return { wait_for: { condition, timeout } };
 }
 
 const STEP_PATHS = {  // a field's path in the definition, by the step's kind (`$.steps[i]` before it)
   set: { node: ".set.node", key: ".set", value: ".set" },
   wait_for: { node: ".wait_for.condition.node", key: ".wait_for.condition.key", value: ".wait_for.condition", timeout: ".wait_for.timeout" },
+  wait_presence: { node: ".wait_for.condition.node", state: ".wait_for.condition.state", timeout: ".wait_for.timeout" },
   run: { script: ".run.script", params: ".run.params" },
   wait: { seconds: ".wait" },
 };

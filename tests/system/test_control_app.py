@@ -421,7 +421,14 @@ def test_an_automation_with_steps_is_built_from_pickers_corrected_and_saved(syst
     form.locator("input[name=step3-key]").fill("temperature")
     form.locator("select[name=step3-compare]").select_option("below")
     form.locator("input[name=step3-value]").fill("18")
-    expect(page.locator("#automation-definition")).to_have_value(re.compile('"timeout":600'), timeout=10_000)
+    # And a wait for the toggle to be offline: the node picker stays, the key gives way to the state.
+    form.get_by_role("button", name="add a step").click()
+    form.locator("select[name=step4-kind]").select_option("wait_presence")
+    expect(form.locator("input[name=step4-key]")).to_be_hidden()
+    form.locator("select[name=step4-node]").select_option(toggle)
+    form.locator("select[name=step4-state]").select_option("offline")
+    form.locator("input[name=step4-timeout]").fill("60")
+    expect(page.locator("#automation-definition")).to_have_value(re.compile('"timeout":60}}]'), timeout=10_000)
     made = json.loads(page.locator("#automation-definition").input_value())
     assert made["steps"] == [
         {"set": {"node": int(toggle), "on": 1}},
@@ -433,12 +440,15 @@ def test_an_automation_with_steps_is_built_from_pickers_corrected_and_saved(syst
                 "timeout": 600,
             }
         },
+        {"wait_for": {"condition": {"kind": "presence", "node": int(toggle), "state": "offline"}, "timeout": 60}},
     ]
     assert "script" not in made
     assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
-    page.screenshot(path=str(artifacts() / f"control-app-steps-{viewport['width']}.png"), full_page=True)
     form.get_by_role("button", name="Save").click()
     expect(page.locator("#automations tbody tr", has_text=name)).to_have_count(1, timeout=10_000)
     saved = [a for a in system.get("/api/automations").json()["automations"] if a["name"] == name]
-    assert [list(step) for step in saved[0]["definition"]["steps"]] == [["set"], ["wait"], ["run"], ["wait_for"]]
+    kinds = [list(step) for step in saved[0]["definition"]["steps"]]
+    assert kinds == [["set"], ["wait"], ["run"], ["wait_for"], ["wait_for"]]
+    # Taken after the save: a full-page screenshot just before it once left the Save button's click nowhere.
+    page.screenshot(path=str(artifacts() / f"control-app-steps-{viewport['width']}.png"), full_page=True)
     requests.delete(f"{system.url}/api/automations/{saved[0]['id']}", timeout=10)
