@@ -193,6 +193,11 @@ class Step(Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
         assert isinstance(node, int)
         return node
 
+    def set_values(self) -> dict[str, bool | int | float | str]:
+        """The keys a `set` step sets, with their values as written."""
+        assert self.set is not None
+        return {key: value for key, value in self.set.items() if key != "node"}
+
 
 class AutomationSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """What a user defines: when (`trigger`), what (`script` with `params`, or `steps`), and what a late fire does.
@@ -273,7 +278,7 @@ def check_steps(spec: AutomationSpec) -> None:
             if len(step.set) < 2:
                 raise MessageError(f"bad automation: `set` needs a key to set - at `{path}.set`")
             try:
-                SetCommand.of({key: value for key, value in step.set.items() if key != "node"})
+                SetCommand.of(step.set_values())
             except MessageError as exc:
                 raise MessageError(f"bad automation: {exc} - at `{path}.set`") from None
         if step.wait_for is not None and isinstance(step.wait_for.condition, TimeWindow):

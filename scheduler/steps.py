@@ -44,6 +44,11 @@ COMMAND_TIMEOUT = 30.0  # seconds a `set` waits for its results in all
 Verdict = tuple[StepState, dict[str, Any], bool]  # how a step ended, what came of it, whether the next begins
 
 
+def step_correlation(fire: str, position: int) -> bytes:
+    """The correlation data of a `set` step's command: the bridge's results carry it back."""
+    return f"{fire}/{position}".encode()
+
+
 @dataclass
 class Waiting:
     """A step begun and not yet ended, as its row says."""
@@ -63,7 +68,12 @@ class Waiting:
 
     @property
     def correlation(self) -> bytes:
-        return f"{self.fire}/{self.position}".encode()
+        return step_correlation(self.fire, self.position)
+
+    @property
+    def run_id(self) -> str:
+        """A `run` step's run."""
+        return step_run_id(self.fire, self.position)
 
     @property
     def read_correlation(self) -> bytes:
@@ -86,9 +96,7 @@ class SetSender:
 
     def send(self, step: Step, correlation: bytes, read: bool = False) -> None:
         """Send a `set` step's command, or (`read`) a `get` of its keys."""
-        assert step.set is not None
-        values = {key: value for key, value in step.set.items() if key != "node"}
-        node = step.set_node()
+        values, node = step.set_values(), step.set_node()
         command = ClientCommand(node, get=list(values)) if read else ClientCommand(node, set=values)
         self.bus.publish(
             self.topics.build("client_command", self.bus.client_id),
@@ -204,7 +212,7 @@ class Steps:
                 _, payload = requested_run(spec, run_id, step.run.script, step.run.params, step.run.timeout, self.now())
                 self.bus.publish(self.topics.build("run_request"), payload, block=False)
             elif step.set is not None:
-                self.sender.send(step, f"{fire}/{position}".encode())
+                self.sender.send(step, step_correlation(fire, position))
         except BusError as exc:  # a run's row holds its request; a command is sent again after resend_after
             log.warning("automation step %s/%d not sent now (%s)", fire, position, exc)
 
@@ -222,7 +230,7 @@ class Steps:
                     self._results.setdefault(message.correlation, []).append(result)
             elif name == "run_status" and message.payload:
                 status = RunStatus.from_payload(message.payload)
-                runs = {step_run_id(w.fire, w.position) for w in self._waiting.values() if w.step.run is not None}
+                runs = {w.run_id for w in self._waiting.values() if w.step.run is not None}
                 ended = status.state in runstates.FINISHED_STATES and status.run_id in runs
                 if ended and message.topic == self.topics.build("run_status", status.run_id):
                     self._run_ends[status.run_id] = (status.state, status.exit_code)
@@ -251,7 +259,7 @@ class Steps:
         if step.wait is not None:
             return ("done", {}, True) if waiting.due_at is not None and waiting.due_at <= now else None
         if step.run is not None:
-            run_id = step_run_id(waiting.fire, waiting.position)
+            run_id = waiting.run_id
             if run_id not in self._run_ends:
                 return None
             state, exit_code = self._run_ends[run_id]
@@ -273,13 +281,13 @@ class Steps:
         given up on it: the keys set already, it is done, else it is sent again); else it times out."""
         step = waiting.step
         assert step.set is not None
-        wanted = SetCommand.of({key: value for key, value in step.set.items() if key != "node"}).values
+        wanted = SetCommand.of(step.set_values()).values
         results = self._results.get(waiting.correlation, [])
-        if len(results) >= len(wanted):
+        if {result.key for result in results} >= wanted.keys():  # (a copy sent again may answer a key twice)
             succeeded = all(result.ok for result in results)
             return ("done" if succeeded else "failed"), {"results": [result_seen(r) for r in results]}, succeeded
         read = self._results.get(waiting.read_correlation, [])
-        if waiting.reading and len(read) >= len(wanted):
+        if waiting.reading and {result.key for result in read} >= wanted.keys():
             if all(r.ok and r.value == wanted.get(r.key) for r in read):
                 return "done", {"results": [result_seen(r) for r in read], "read_back": True}, True
             waiting.reading = False
@@ -344,7 +352,7 @@ class Steps:
         self._waiting.pop((waiting.fire, waiting.position), None)
         self._results.pop(waiting.correlation, None)
         self._results.pop(waiting.read_correlation, None)
-        self._run_ends.pop(step_run_id(waiting.fire, waiting.position), None)
+        self._run_ends.pop(waiting.run_id, None)
 
     def _tell(self) -> None:
         ended, self._ended = self._ended, []
